@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX export, FP16 conversion and TensorRT engine building (installed as sdk.export)."""

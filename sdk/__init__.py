@@ -1,0 +1,41 @@
+"""ctsdk - chest-CT triage SDK (research use only).
+
+    import sdk
+    result = sdk.Triage().run("path/to/series")
+    print(result.label, result.probabilities)
+
+Heavy and optional packages (onnxruntime, xgboost, torch, tensorrt, pycuda) are imported lazily,
+so ``import sdk`` is fast and works on a CPU-only core install.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "Triage": "sdk.triage",
+    "TriageResult": "sdk.triage",
+    "load_series": "sdk.io",
+    "list_series": "sdk.io",
+    "Volume": "sdk.volume",
+    "create_model": "sdk.models",
+    "load_bundle": "sdk.bundle",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,68 @@
+"""The ``ctsdk`` command line.
+
+Every command lives in its own module (``sdk/cli/<name>.py``) and is imported only when invoked,
+so ``ctsdk --help`` stays fast on a core install. Each command: parses arguments, calls one API
+function, prints ``to_dict()`` as one JSON object on stdout with ``--json``, logs to stderr, and
+exits 2 with one line on stderr for any CtsdkError.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional, Tuple
+
+import click
+
+from .. import __version__
+
+# command name -> (module, attribute, one-line help shown by `ctsdk --help`)
+COMMANDS: Dict[str, Tuple[str, str, str]] = {
+    "inspect": ("sdk.cli.inspect_cmd", "inspect", "List the series in a DICOM source and describe the chosen one."),
+    "triage": ("sdk.cli.triage_cmd", "triage", "Triage one CT series: label, probabilities, slice scores, timings."),
+    "train": ("sdk.cli.train_cmd", "train", "Train the lung segmenter, slice classifier or aggregator (needs ctsdk[train])."),
+    "export": ("sdk.cli.export_cmd", "export", "Export a checkpoint to ONNX (FP32/FP16) with a parity check (needs ctsdk[train])."),
+    "calibrate": ("sdk.cli.calibrate_cmd", "calibrate", "INT8 QDQ calibration on real slices, with an accuracy report."),
+    "build-engine": ("sdk.cli.build_engine_cmd", "build_engine", "Build a TensorRT engine on this GPU (needs ctsdk[gpu])."),
+    "evaluate": ("sdk.cli.evaluate_cmd", "evaluate", "Evaluate a bundle on labelled images or series: AUC, sens/spec, CIs, ROC."),
+    "bench": ("sdk.cli.bench_cmd", "bench", "Per-stage latency of every usable runtime against a naive baseline."),
+    "listen": ("sdk.cli.listen_cmd", "listen", "DICOM C-STORE listener that triages each complete series."),
+    "triage-batch": ("sdk.cli.batch_cmd", "triage_batch", "Triage every series under an archive folder into JSONL."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return sorted(n for n, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None)
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        spec = COMMANDS.get(name)
+        if spec is None:
+            return None
+        module, attr, _ = spec
+        if importlib.util.find_spec(module) is None:
+            return None
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+import importlib.util  # noqa: E402  (used by LazyGroup)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ctsdk")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """ctsdk - chest-CT triage SDK (research use only, not for diagnosis)."""
+    from ._common import setup_logging
+
+    setup_logging(verbose)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    cli.main(args=argv, prog_name="ctsdk")

@@ -1,0 +1,112 @@
+"""Typed errors of ctsdk.
+
+Every error derives from :class:`CtsdkError`. Messages name the file (or series UID), what was
+expected, what was found, and what to do. The CLI maps any ``CtsdkError`` to exit code 2 and one
+line on stderr.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+PathLike = Union[str, Path]
+
+
+class CtsdkError(Exception):
+    """Base class of every error ctsdk raises on purpose."""
+
+    exit_code = 2
+
+
+# --- ingest -------------------------------------------------------------------------------------
+class SeriesError(CtsdkError):
+    """A DICOM input cannot become a CT volume. ``path`` names the offending file or folder."""
+
+    def __init__(self, message: str, path: Optional[PathLike] = None, hint: str = ""):
+        self.path = None if path is None else str(path)
+        self.problem = message
+        self.hint = hint
+        text = f"{self.path}: {message}" if self.path else message
+        if hint:
+            text = f"{text} ({hint})"
+        super().__init__(text)
+
+
+class NotDicomError(SeriesError):
+    """The file is not DICOM at all (text, JPEG, empty...)."""
+
+
+class CorruptFileError(SeriesError):
+    """DICOM that cannot be parsed or whose pixel data is truncated/inconsistent."""
+
+
+class NotCTError(SeriesError):
+    """DICOM that is not a CT image (SR, SEG, RTSTRUCT, MR, DICOMDIR...)."""
+
+
+class NoImageSeriesError(SeriesError):
+    """No usable CT image series was found in the input."""
+
+
+class MixedSeriesError(SeriesError):
+    """The input mixes series (or geometries) and none was chosen explicitly."""
+
+
+class MissingSlicesError(SeriesError):
+    """Gaps in slice positions larger than 1.5 x the median spacing."""
+
+
+class UnsupportedTransferSyntaxError(SeriesError):
+    """No installed decoder handles the file's transfer syntax."""
+
+
+class GantryTiltError(SeriesError):
+    """The series was acquired with gantry tilt and tilt correction was not allowed."""
+
+
+class GeometryError(SeriesError):
+    """Inconsistent geometry inside one series (orientation, pixel spacing or matrix differ)."""
+
+
+# --- models / bundles / runtime ----------------------------------------------------------------
+class BundleError(CtsdkError):
+    """A model bundle is missing, malformed, or a file in it does not match its sha256."""
+
+
+class ModelNotFoundError(CtsdkError):
+    """Unknown model name in a registry; the message lists the valid names."""
+
+    def __init__(self, name: str, valid: Sequence[str], kind: str = "model"):
+        self.name = name
+        self.valid = list(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(valid)) or '(none)'}")
+
+
+class MissingDependencyError(CtsdkError):
+    """An optional package is needed for this feature; the message says what to install."""
+
+    def __init__(self, package: str, feature: str, extra: str = ""):
+        self.package = package
+        self.feature = feature
+        install = f"pip install 'ctsdk[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{feature} needs {package}: {install}")
+
+
+class RuntimeUnavailableError(CtsdkError):
+    """The requested device/precision cannot run here; the message lists what was tried."""
+
+
+class EngineBuildError(CtsdkError):
+    """TensorRT engine building failed."""
+
+
+class EngineMismatchError(CtsdkError):
+    """An engine was built for another GPU / TensorRT version / precision: rebuild it."""
+
+
+class KernelError(CtsdkError):
+    """Compiling or launching a ctsdk CUDA kernel failed."""
+
+
+class ConfigError(CtsdkError):
+    """Invalid arguments or configuration values."""

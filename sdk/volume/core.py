@@ -1,0 +1,137 @@
+"""The one volume type that flows through every stage.
+
+Conventions (see docs/conventions.md):
+- ``hu`` is indexed (z, y, x). Canonical orientation: x (columns) increases towards the patient's
+  Left, y (rows) towards Posterior, z (slices) towards Superior - i.e. LPS, slices sorted by their
+  position along the slice normal, ascending.
+- ``z_mm`` holds each slice's position along the normal (mm); spacing in z may be uneven.
+- ``affine`` maps (x, y, z) voxel indices (homogeneous, column vector [i, j, k, 1]) to patient LPS mm.
+Spacing and shape are derived from the arrays, never stored twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SeriesMeta:
+    """Identity-free summary of the series (no patient name, id, birth date...)."""
+
+    modality: str = ""
+    manufacturer: str = ""
+    model: str = ""
+    kvp: Optional[float] = None
+    kernel: str = ""
+    slice_thickness_mm: Optional[float] = None
+    contrast_agent: str = ""          # ContrastBolusAgent and friends, joined; "" when none
+    series_description: str = ""
+    body_part: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    frame_of_reference_uid: str = ""
+    transfer_syntaxes: Tuple[str, ...] = ()
+    image_type: Tuple[str, ...] = ()
+    gantry_tilt_deg: float = 0.0
+    n_files: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dict(self.__dict__)
+        d["transfer_syntaxes"] = list(self.transfer_syntaxes)
+        d["image_type"] = list(self.image_type)
+        return d
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A CT volume in Hounsfield units with its geometry.
+
+    Attributes:
+        hu: (z, y, x) array; int16 when every slice's rescale maps exactly to integers in range,
+            float32 otherwise.
+        z_mm: (z,) slice positions along the slice normal in mm, ascending (may be uneven).
+        pixel_spacing_mm: (row spacing = y, column spacing = x) in mm.
+        origin: LPS position (mm) of voxel (x=0, y=0, z=0).
+        direction: 3x3, columns are the unit LPS directions of the x, y and z index axes.
+        meta: identity-free series summary.
+        warnings: every skipped file or fixed quirk, with its reason.
+        files: source file per slice, in slice order ("" for in-memory datasets).
+    """
+
+    hu: np.ndarray
+    z_mm: np.ndarray
+    pixel_spacing_mm: Tuple[float, float]
+    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    meta: SeriesMeta = field(default_factory=SeriesMeta)
+    warnings: Tuple[str, ...] = ()
+    files: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.hu.ndim != 3:
+            raise ValueError(f"Volume.hu must be 3-D (z, y, x), not shape {self.hu.shape}")
+        if len(self.z_mm) != self.hu.shape[0]:
+            raise ValueError(f"z_mm has {len(self.z_mm)} positions for {self.hu.shape[0]} slices")
+
+    # --- derived geometry ---------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def slice_spacings_mm(self) -> np.ndarray:
+        """Distances between consecutive slices (len z-1)."""
+        return np.diff(np.asarray(self.z_mm, dtype=np.float64))
+
+    @property
+    def spacing(self) -> Tuple[float, float, float]:
+        """(z, y, x) spacing in mm; z is the median slice spacing (or the thickness for 1 slice)."""
+        d = self.slice_spacings_mm
+        if d.size:
+            dz = float(np.median(d))
+        else:
+            dz = float(self.meta.slice_thickness_mm or 1.0)
+        return (dz, float(self.pixel_spacing_mm[0]), float(self.pixel_spacing_mm[1]))
+
+    @property
+    def uniform_z(self) -> bool:
+        d = self.slice_spacings_mm
+        return bool(d.size == 0 or np.allclose(d, d[0], rtol=0.01, atol=0.01))
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 voxel (x, y, z, 1) -> LPS mm, using the median z spacing."""
+        dz, dy, dx = self.spacing
+        a = np.eye(4)
+        a[:3, :3] = np.asarray(self.direction, dtype=np.float64) @ np.diag([dx, dy, dz])
+        a[:3, 3] = self.origin
+        return a
+
+    @property
+    def extent_mm(self) -> Tuple[float, float, float]:
+        """Physical (z, y, x) extent covered by the voxels, edge to edge."""
+        dz, dy, dx = self.spacing
+        z = np.asarray(self.z_mm, dtype=np.float64)
+        ez = float(z[-1] - z[0] + dz) if z.size > 1 else dz
+        return (ez, self.hu.shape[1] * dy, self.hu.shape[2] * dx)
+
+    def with_hu(self, hu: np.ndarray, **changes: Any) -> "Volume":
+        return replace(self, hu=hu, **changes)
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-safe description (no pixel data, no patient identity)."""
+        hu = self.hu
+        return {
+            "shape": list(self.shape),
+            "spacing_mm": [round(s, 4) for s in self.spacing],
+            "uniform_z": self.uniform_z,
+            "z_range_mm": [float(self.z_mm[0]), float(self.z_mm[-1])],
+            "origin": [float(v) for v in self.origin],
+            "direction": np.asarray(self.direction).round(6).tolist(),
+            "hu_dtype": str(hu.dtype),
+            "hu_range": [float(hu.min()), float(hu.max())] if hu.size else [0.0, 0.0],
+            "meta": self.meta.to_dict(),
+            "warnings": list(self.warnings),
+        }
