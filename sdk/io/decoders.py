@@ -1,0 +1,224 @@
+"""Pluggable pixel-data decoders (in the manner of pydicom's decoder plugins).
+
+Each transfer syntax has an ordered chain of plugins. A plugin declares ``is_available(uid)`` and
+``REQUIRES`` (pip names); an unavailable plugin stays in the chain so that the error can say what
+to install. :func:`decode_pixels` tries the available plugins in order, collects ``"name: error"``
+from each failure and raises one typed error:
+
+- no plugin can handle the syntax -> :class:`~sdk.errors.UnsupportedTransferSyntaxError` naming the
+  syntax UID, its name and the packages to install;
+- every available plugin failed -> :class:`~sdk.errors.CorruptFileError` with each failure.
+
+Default chain: ``native`` for uncompressed syntaxes (incl. deflate and big endian), then
+``pylibjpeg`` (pydicom's pylibjpeg plugins: libjpeg, openjpeg, rle), then ``gdcm`` (python-gdcm
+through pydicom), then pydicom's own ``rle`` decoder. python-gdcm is the fallback for JPEG files
+libjpeg rejects. The decoders are C extensions that release the GIL, so slices are decoded in a
+thread pool by :mod:`sdk.io.reader`.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..errors import CorruptFileError, UnsupportedTransferSyntaxError
+
+# --- transfer syntaxes --------------------------------------------------------------------------
+NATIVE_SYNTAXES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
+    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
+}
+JPEG_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline (Process 1)",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended (Process 2 & 4)",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless (Process 14)",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1 (Process 14, Selection Value 1)",
+}
+JPEGLS_SYNTAXES = {
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
+}
+J2K_SYNTAXES = {
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+    "1.2.840.10008.1.2.4.201": "HTJ2K Lossless",
+    "1.2.840.10008.1.2.4.202": "HTJ2K Lossless RPCL",
+    "1.2.840.10008.1.2.4.203": "HTJ2K",
+}
+RLE_SYNTAXES = {"1.2.840.10008.1.2.5": "RLE Lossless"}
+RETIRED_SYNTAXES = {
+    "1.2.840.10008.1.2.4.52": "JPEG Extended (Process 3 & 5) (retired)",
+    "1.2.840.10008.1.2.4.53": "JPEG Spectral Selection, Non-Hierarchical (Process 6 & 8) (retired)",
+    "1.2.840.10008.1.2.4.54": "JPEG Spectral Selection, Non-Hierarchical (Process 7 & 9) (retired)",
+    "1.2.840.10008.1.2.4.55": "JPEG Full Progression, Non-Hierarchical (Process 10 & 12) (retired)",
+    "1.2.840.10008.1.2.4.56": "JPEG Full Progression, Non-Hierarchical (Process 11 & 13) (retired)",
+    "1.2.840.10008.1.2.4.58": "JPEG Lossless, Non-Hierarchical (Process 15) (retired)",
+    "1.2.840.10008.1.2.4.59": "JPEG Extended, Hierarchical (Process 16 & 18) (retired)",
+}
+ALL_SYNTAXES: Dict[str, str] = {
+    **NATIVE_SYNTAXES, **JPEG_SYNTAXES, **JPEGLS_SYNTAXES, **J2K_SYNTAXES, **RLE_SYNTAXES, **RETIRED_SYNTAXES,
+}
+
+
+def syntax_name(uid: str) -> str:
+    """Human name of a transfer syntax UID (pydicom's registry first, then ours)."""
+    try:
+        from pydicom.uid import UID
+
+        name = UID(uid).name
+        if name and name != uid:
+            return name
+    except Exception:  # pragma: no cover - pydicom always importable in core
+        pass
+    return ALL_SYNTAXES.get(uid, "unknown transfer syntax")
+
+
+# --- plugins ------------------------------------------------------------------------------------
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class DecoderPlugin:
+    """One way to decode pixel data.
+
+    Attributes:
+        name: label used in messages and in ``decoder_chain``.
+        syntaxes: transfer syntax UIDs this plugin handles.
+        requires: pip packages per syntax group (reported when missing).
+        modules: import names that must be importable for the plugin to work.
+        pydicom_plugin: the ``decoding_plugin`` name passed to ``pydicom.pixels.pixel_array``
+            ("" = pydicom's native decoder).
+    """
+
+    name: str
+    syntaxes: Tuple[str, ...]
+    requires: Tuple[str, ...]
+    modules: Tuple[str, ...]
+    pydicom_plugin: str
+
+    def handles(self, uid: str) -> bool:
+        return uid in self.syntaxes
+
+    def is_available(self, uid: str) -> bool:
+        """True when the plugin handles ``uid`` and its packages are importable."""
+        return self.handles(uid) and all(_has(m) for m in self.modules)
+
+    def decode(self, ds) -> np.ndarray:
+        """Stored values (no rescale) as an ndarray: (rows, cols) or (frames, rows, cols)."""
+        from pydicom.pixels import pixel_array
+
+        return pixel_array(ds, decoding_plugin=self.pydicom_plugin, raw=False)
+
+
+def _libjpeg_syntaxes() -> Tuple[str, ...]:
+    return tuple(JPEG_SYNTAXES) + tuple(JPEGLS_SYNTAXES)
+
+
+_PLUGINS: Dict[str, DecoderPlugin] = {}
+_ORDER: List[str] = []
+
+
+def register_decoder(plugin: DecoderPlugin, *, first: bool = False) -> None:
+    """Add (or replace) a decoder plugin; ``first`` puts it at the head of the chain."""
+    if plugin.name in _PLUGINS:
+        _ORDER.remove(plugin.name)
+    _PLUGINS[plugin.name] = plugin
+    if first:
+        _ORDER.insert(0, plugin.name)
+    else:
+        _ORDER.append(plugin.name)
+
+
+register_decoder(DecoderPlugin("native", tuple(NATIVE_SYNTAXES), (), ("pydicom",), ""))
+register_decoder(DecoderPlugin(
+    "pylibjpeg", _libjpeg_syntaxes() + tuple(J2K_SYNTAXES) + tuple(RLE_SYNTAXES),
+    ("pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3", "pylibjpeg-rle>=2.0"),
+    ("pylibjpeg",), "pylibjpeg",
+))
+register_decoder(DecoderPlugin(
+    "gdcm", _libjpeg_syntaxes() + tuple(J2K_SYNTAXES)[:2], ("python-gdcm>=3.0.22",), ("gdcm",), "gdcm",
+))
+register_decoder(DecoderPlugin("rle", tuple(RLE_SYNTAXES), (), ("pydicom",), "pydicom"))
+
+
+def unregister_decoder(name: str) -> None:
+    """Remove a plugin added with :func:`register_decoder` (no error when absent)."""
+    if name in _PLUGINS:
+        del _PLUGINS[name]
+        _ORDER.remove(name)
+
+
+def decoder_chain(uid: str) -> List[DecoderPlugin]:
+    """Every registered plugin that handles ``uid``, in order (available or not)."""
+    return [_PLUGINS[n] for n in _ORDER if _PLUGINS[n].handles(uid)]
+
+
+def available_decoders(uid: str) -> List[str]:
+    """Names of the plugins that can decode ``uid`` here."""
+    return [p.name for p in decoder_chain(uid) if p.is_available(uid)]
+
+
+def _unsupported(uid: str, path: str) -> UnsupportedTransferSyntaxError:
+    chain = decoder_chain(uid)
+    name = syntax_name(uid)
+    if chain:
+        needs = "; ".join(f"{p.name} - requires {', '.join(p.requires) or 'pydicom'}" for p in chain)
+        hint = f"install one of: {needs} (pip install 'ctsdk' pulls them in)"
+    elif uid in RETIRED_SYNTAXES or ".4.5" in uid:
+        hint = ("no Python decoder (pydicom, pylibjpeg, python-gdcm) supports this retired JPEG process; "
+                "convert the file first, e.g. `dcmdjpeg in.dcm out.dcm` (DCMTK) or `gdcmconv --raw`")
+    else:
+        hint = "no installed decoder knows this syntax; re-export the series uncompressed or as JPEG-LS / JPEG 2000"
+    return UnsupportedTransferSyntaxError(
+        f"cannot decode transfer syntax {uid} ({name})", path, hint)
+
+
+def decode_pixels(ds, path: str = "", *, chain: Optional[List[str]] = None) -> Tuple[np.ndarray, str]:
+    """Decode ``ds``'s pixel data with the first plugin that works.
+
+    Args:
+        ds: pydicom Dataset with pixel data.
+        path: file name used in error messages.
+        chain: plugin names to try instead of the registered order.
+
+    Returns:
+        (stored values as ndarray in native byte order, name of the plugin that decoded it).
+
+    Raises:
+        UnsupportedTransferSyntaxError: no installed plugin handles the syntax.
+        CorruptFileError: every available plugin failed (message lists each failure).
+    """
+    uid = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else ""
+    if not uid:
+        raise CorruptFileError("no Transfer Syntax UID in the file meta", path,
+                               "read the file with force=True and set file_meta.TransferSyntaxUID")
+    plugins = decoder_chain(uid) if chain is None else [_PLUGINS[n] for n in chain if _PLUGINS[n].handles(uid)]
+    usable = [p for p in plugins if p.is_available(uid)]
+    if not usable:
+        raise _unsupported(uid, path)
+    failures: List[str] = []
+    for plugin in usable:
+        try:
+            arr = plugin.decode(ds)
+        except NotImplementedError:
+            raise _unsupported(uid, path) from None
+        except Exception as exc:  # collect and try the next plugin
+            failures.append(f"{plugin.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        return arr, plugin.name
+    raise CorruptFileError(
+        f"pixel data ({syntax_name(uid)}) could not be decoded: " + "; ".join(failures), path,
+        "the file is probably truncated or corrupt; re-export it from the PACS")
+
+
+DecodeFn = Callable[[object, str], Tuple[np.ndarray, str]]

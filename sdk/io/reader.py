@@ -1,0 +1,873 @@
+"""DICOM series ingest: scan -> group -> choose -> decode -> HU -> canonical geometry.
+
+Public entry points are :func:`list_series` and :func:`load_series` (re-exported by ``sdk.io``).
+The rules (series selection, orientation, tilt, gaps) are documented in docs/ingest.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings as _pywarnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import (
+    CorruptFileError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
+    NoImageSeriesError, NotCTError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError,
+)
+from ..volume.core import SeriesMeta, Volume
+from . import geometry as geo
+from .decoders import decode_pixels, syntax_name
+
+log = logging.getLogger("sdk.io")
+
+Source = Union[str, os.PathLike, "Any", Sequence[Any]]
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+NON_IMAGE_MODALITIES = {"SR", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "KO", "PR", "DOC", "REG", "RWV"}
+NOT_DICOM_SUFFIXES = {".md", ".txt", ".csv", ".npy", ".npz", ".json", ".xml", ".png", ".jpg", ".jpeg",
+                      ".nrrd", ".nii", ".gz", ".zip", ".pdf", ".py", ".html", ".tsv", ".log"}
+DEFAULT_WORKERS = 4
+
+
+# --- records ------------------------------------------------------------------------------------
+@dataclass
+class _Slice:
+    """One image plane found in the source (a file, or one frame of a multi-frame file)."""
+
+    path: str
+    ds: Any
+    frame: Optional[int]
+    series_uid: str
+    sop_uid: str
+    modality: str
+    iop: Optional[Tuple[float, ...]]
+    ipp: Optional[Tuple[float, float, float]]
+    spacing: Tuple[float, float]
+    rows: int
+    cols: int
+    slope: float
+    intercept: float
+    syntax: str
+    image_type: Tuple[str, ...]
+    acquisition: str
+    thickness: Optional[float]
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def geometry_key(self) -> Tuple[Any, ...]:
+        iop = None if self.iop is None else tuple(round(v, 3) for v in self.iop)
+        return (iop, self.rows, self.cols, round(self.spacing[0], 4), round(self.spacing[1], 4))
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One candidate series found in a source (see :func:`list_series`).
+
+    Attributes:
+        uid: id to pass as ``series_uid``: the SeriesInstanceUID, suffixed ``#k`` when one UID holds
+            several geometries/acquisitions, or ``unnamed-k`` when the files have no UID.
+        description: SeriesDescription ("" when absent).
+        modality: Modality ("" when absent).
+        n_files: number of image planes (files or frames).
+        orientation: "axial", "coronal", "sagittal", "oblique" or "unknown".
+        shape: (z, y, x) before any de-duplication.
+        transfer_syntaxes: syntax UIDs used by the files.
+        chosen: True for the series :func:`load_series` loads by default.
+        reason: why it was (not) chosen.
+        errors: problems inside this series (duplicates, missing headers...).
+        skipped: files under the source that belong to no series, each with its reason.
+    """
+
+    uid: str
+    description: str
+    modality: str
+    n_files: int
+    orientation: str
+    shape: Tuple[int, int, int]
+    transfer_syntaxes: Tuple[str, ...]
+    chosen: bool
+    reason: str
+    errors: Tuple[str, ...] = ()
+    skipped: Tuple[str, ...] = ()
+    image_type: Tuple[str, ...] = ()
+    slice_thickness_mm: Optional[float] = None
+    pixel_spacing_mm: Tuple[float, float] = (0.0, 0.0)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dict(self.__dict__)
+        for k in ("shape", "transfer_syntaxes", "errors", "skipped", "image_type", "pixel_spacing_mm"):
+            d[k] = list(d[k])
+        return d
+
+
+@dataclass
+class _Scan:
+    slices: List[_Slice]
+    bad: List[Tuple[str, SeriesError]]
+    notes: List[str]
+    single_file: bool
+
+
+# --- input --------------------------------------------------------------------------------------
+def _is_dataset(obj: Any) -> bool:
+    try:
+        from pydicom.dataset import Dataset
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, Dataset)
+
+
+def _expand(source: Source) -> Tuple[List[Any], bool, List[str]]:
+    """Source -> list of paths / datasets; whether it was one file; notes on skipped names."""
+    notes: List[str] = []
+    if _is_dataset(source):
+        return [source], True, notes
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.is_dir():
+            items: List[Any] = []
+            for f in sorted(p.rglob("*")):
+                if not f.is_file() or f.name.startswith("."):
+                    continue
+                if f.suffix.lower() in NOT_DICOM_SUFFIXES:
+                    notes.append(f"{f}: skipped: not DICOM ({f.suffix} file)")
+                    continue
+                items.append(str(f))
+            if not items:
+                raise NoImageSeriesError("folder holds no candidate DICOM files", p,
+                                         "point at the folder that holds the series' .dcm files")
+            return items, False, notes
+        if p.is_file():
+            return [str(p)], True, notes
+        raise NotDicomError("no such file or folder", p, "check the path")
+    items = list(source)
+    if not items:
+        raise NoImageSeriesError("empty list of files / datasets given", None, "pass a folder or a non-empty list")
+    out: List[Any] = []
+    for it in items:
+        if _is_dataset(it):
+            out.append(it)
+        elif isinstance(it, (str, os.PathLike)):
+            out.append(str(it))
+        else:
+            raise NotDicomError(f"unsupported source item of type {type(it).__name__}", None,
+                                "pass paths or pydicom Datasets")
+    return out, len(out) == 1, notes
+
+
+def _read(path: str) -> Tuple[Any, List[str]]:
+    """dcmread with deferred pixel data; ACR-NEMA headless files are read with force=True."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    notes: List[str] = []
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise NotDicomError(f"cannot read file: {exc}", path, "check permissions") from None
+    if size == 0:
+        raise NotDicomError("empty file (0 bytes)", path, "re-copy the file from the source")
+    try:
+        with _pywarnings.catch_warnings():
+            _pywarnings.simplefilter("ignore")
+            return pydicom.dcmread(path, defer_size=2048), notes
+    except InvalidDicomError:
+        pass
+    except Exception as exc:
+        raise CorruptFileError(f"DICOM header cannot be parsed ({type(exc).__name__}: {exc})", path,
+                               "the file is truncated or corrupt; re-export it") from None
+    try:
+        with _pywarnings.catch_warnings():
+            _pywarnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, defer_size=2048, force=True)
+            for _elem in ds:   # convert raw elements now, so their (old-style) VR warnings stay silent
+                pass
+    except Exception:
+        ds = None
+    if ds is None or "Rows" not in ds or "PixelData" not in ds:
+        raise NotDicomError("not a DICOM file (no preamble/DICM prefix and no image elements)", path,
+                            "pass DICOM files only")
+    _fix_headless(ds)
+    notes.append(f"{path}: ACR-NEMA style file without DICOM preamble/file meta; read with force=True, "
+                 "assumed Implicit VR Little Endian, MONOCHROME2")
+    return ds, notes
+
+
+def _fix_headless(ds: Any) -> None:
+    """Supply the file meta and image-pixel elements a headless ACR-NEMA file lacks."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.file_meta = meta
+    if "PhotometricInterpretation" not in ds:
+        ds.PhotometricInterpretation = "MONOCHROME2"
+    if "SamplesPerPixel" not in ds:
+        ds.SamplesPerPixel = 1
+    if "PixelRepresentation" not in ds:
+        ds.PixelRepresentation = 0
+    if "BitsStored" not in ds and "BitsAllocated" in ds:
+        ds.BitsStored = ds.BitsAllocated
+    if "HighBit" not in ds and "BitsStored" in ds:
+        ds.HighBit = int(ds.BitsStored) - 1
+
+
+def _floats(value: Any, n: int) -> Optional[Tuple[float, ...]]:
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def _seq_item(ds: Any, *names: str) -> Any:
+    """ds.names[0][0].names[1][0]... or None."""
+    cur = ds
+    for name in names:
+        seq = getattr(cur, name, None)
+        if not seq:
+            return None
+        cur = seq[0]
+    return cur
+
+
+def _slices_from(ds: Any, path: str, label: str) -> List[_Slice]:
+    """Validate one dataset and turn it into image planes (one per frame)."""
+    sop_class = str(getattr(ds, "SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    modality = str(getattr(ds, "Modality", "") or "").upper()
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        raise NotCTError("a DICOMDIR (media directory), not an image", label,
+                         "point at the folder holding the image files instead")
+    if "PixelData" not in ds:
+        if modality in NON_IMAGE_MODALITIES or not modality:
+            raise NotCTError(f"not an image (Modality {modality or 'absent'}, no Pixel Data)", label,
+                             "pass the CT image series, not reports or annotations")
+        raise CorruptFileError(f"Modality {modality} file has no Pixel Data (truncated header?)", label,
+                               "re-export the file")
+    if modality in NON_IMAGE_MODALITIES:
+        raise NotCTError(f"not a CT image (Modality {modality})", label, "pass the CT image series")
+    for tag in ("Rows", "Columns"):
+        if tag not in ds:
+            raise CorruptFileError(f"missing {tag} element (0028,{'0010' if tag == 'Rows' else '0011'})", label,
+                                   "the image header is incomplete; re-export the file")
+    notes: List[str] = []
+    if not modality:
+        notes.append(f"{label}: no Modality element; assumed CT")
+    sop = str(getattr(ds, "SOPInstanceUID", "") or "")
+    if not sop:
+        sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "")
+        notes.append(f"{label}: no SOPInstanceUID; " + ("used MediaStorageSOPInstanceUID" if sop else "used the file name"))
+        sop = sop or f"file:{label}"
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    image_type = tuple(str(v).upper() for v in (getattr(ds, "ImageType", None) or ()))
+    common = dict(
+        path=path, ds=ds, series_uid=str(getattr(ds, "SeriesInstanceUID", "") or ""), modality=modality,
+        rows=int(ds.Rows), cols=int(ds.Columns), syntax=syntax, image_type=image_type,
+        acquisition=str(getattr(ds, "AcquisitionNumber", "") or ""),
+    )
+    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return _frames_from(ds, label, sop, notes, n_frames, common)
+    spacing = _floats(getattr(ds, "PixelSpacing", None), 2)
+    if spacing is None:
+        spacing = (1.0, 1.0)
+        notes.append(f"{label}: no PixelSpacing; assumed 1 mm")
+    iop = _floats(getattr(ds, "ImageOrientationPatient", None), 6)
+    ipp = _floats(getattr(ds, "ImagePositionPatient", None), 3)
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    thick = getattr(ds, "SliceThickness", None)
+    return [_Slice(frame=None, sop_uid=sop, iop=iop, ipp=ipp, spacing=spacing, slope=slope, intercept=intercept,
+                   thickness=float(thick) if thick not in (None, "") else None, notes=notes, **common)]
+
+
+def _frames_from(ds: Any, label: str, sop: str, notes: List[str], n_frames: int, common: Dict[str, Any]) -> List[_Slice]:
+    """Enhanced (multi-frame) image: one plane per frame from the functional groups."""
+    per = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    if not per or len(per) != n_frames:
+        if common["modality"] not in ("CT", ""):
+            raise NotCTError(f"not a CT image (Modality {common['modality']}, {n_frames} frames)", label,
+                             "pass a CT image series")
+        raise GeometryError(f"multi-frame image ({n_frames} frames) without per-frame positions", label,
+                            "export the series as single-frame images")
+    shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
+    out = []
+    for k, fr in enumerate(per):
+        def pick(*names: str) -> Any:
+            item = _seq_item(fr, *names)
+            return item if item is not None else (_seq_item(shared, *names) if shared is not None else None)
+
+        pos, ori = pick("PlanePositionSequence"), pick("PlaneOrientationSequence")
+        meas, pvt = pick("PixelMeasuresSequence"), pick("PixelValueTransformationSequence")
+        ipp = _floats(getattr(pos, "ImagePositionPatient", None), 3) if pos is not None else None
+        iop = _floats(getattr(ori, "ImageOrientationPatient", None), 6) if ori is not None else None
+        spacing = _floats(getattr(meas, "PixelSpacing", None), 2) if meas is not None else None
+        if ipp is None or iop is None or spacing is None:
+            raise GeometryError(f"frame {k + 1} of {n_frames} lacks position, orientation or pixel spacing", label,
+                                "export the series as single-frame images")
+        thick = getattr(meas, "SliceThickness", None) if meas is not None else None
+        slope = float(getattr(pvt, "RescaleSlope", 1) or 1) if pvt is not None else float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(pvt, "RescaleIntercept", 0) or 0) if pvt is not None else float(getattr(ds, "RescaleIntercept", 0) or 0)
+        out.append(_Slice(frame=k, sop_uid=f"{sop}#{k + 1}", iop=iop, ipp=ipp, spacing=spacing, slope=slope,
+                          intercept=intercept, thickness=float(thick) if thick not in (None, "") else None,
+                          notes=notes if k == 0 else [], **common))
+    return out
+
+
+def _scan(source: Source) -> _Scan:
+    items, single, notes = _expand(source)
+    slices: List[_Slice] = []
+    bad: List[Tuple[str, SeriesError]] = []
+    for idx, item in enumerate(items):
+        if isinstance(item, str):
+            label = item
+            try:
+                ds, read_notes = _read(item)
+                found = _slices_from(ds, item, label)
+            except SeriesError as exc:
+                bad.append((label, exc))
+                continue
+            notes.extend(read_notes)
+        else:
+            label = str(getattr(item, "filename", "") or f"<dataset {idx}>")
+            try:
+                found = _slices_from(item, "", label)
+            except SeriesError as exc:
+                bad.append((label, exc))
+                continue
+        slices.extend(found)
+    return _Scan(slices, bad, notes, single)
+
+
+# --- grouping and choice --------------------------------------------------------------------------
+@dataclass
+class _Group:
+    uid: str
+    slices: List[_Slice]
+    errors: List[str] = field(default_factory=list)
+
+    @property
+    def first(self) -> _Slice:
+        return self.slices[0]
+
+    @property
+    def modality(self) -> str:
+        return self.first.modality
+
+    @property
+    def orientation(self) -> str:
+        return "unknown" if self.first.iop is None else geo.orientation_label(self.first.iop)
+
+    @property
+    def description(self) -> str:
+        v = getattr(self.first.ds, "SeriesDescription", None)
+        return "" if v is None else str(v)
+
+    @property
+    def thickness(self) -> Optional[float]:
+        vals = [s.thickness for s in self.slices if s.thickness]
+        return float(np.median(vals)) if vals else None
+
+    @property
+    def syntaxes(self) -> Tuple[str, ...]:
+        return tuple(sorted({s.syntax for s in self.slices}))
+
+    @property
+    def derived(self) -> bool:
+        it = self.first.image_type
+        return bool(it) and (it[0] == "DERIVED" or "LOCALIZER" in it or "SECONDARY" in it)
+
+    @property
+    def is_ct(self) -> bool:
+        return self.modality in ("CT", "")
+
+    def rank(self) -> Tuple[Any, ...]:
+        """Higher is better: CT, axial, ORIGINAL, most planes, thinnest."""
+        return (self.is_ct, self.orientation == "axial", not self.derived, len(self.slices),
+                -(self.thickness or 1e9))
+
+
+def _group(slices: List[_Slice]) -> List[_Group]:
+    """SeriesInstanceUID first; split by geometry, then by acquisition where positions collide."""
+    by_uid: Dict[str, List[_Slice]] = {}
+    for s in slices:
+        by_uid.setdefault(s.series_uid, []).append(s)
+    groups: List[_Group] = []
+    unnamed = 0
+    for uid, members in by_uid.items():
+        by_geo: Dict[Tuple[Any, ...], List[_Slice]] = {}
+        for s in members:
+            by_geo.setdefault(s.geometry_key, []).append(s)
+        parts: List[List[_Slice]] = []
+        for part in by_geo.values():
+            parts.extend(_split_acquisitions(part))
+        for k, part in enumerate(parts):
+            if uid:
+                gid = uid if len(parts) == 1 else f"{uid}#{k + 1}"
+            else:
+                unnamed += 1
+                gid = f"unnamed-{unnamed}"
+            groups.append(_Group(gid, part))
+    return groups
+
+
+def _split_acquisitions(part: List[_Slice]) -> List[List[_Slice]]:
+    """Split by AcquisitionNumber only when distinct images share a position."""
+    seen: Dict[Tuple[float, ...], str] = {}
+    collide = False
+    for s in part:
+        if s.ipp is None:
+            continue
+        key = tuple(round(v, 2) for v in s.ipp)
+        if key in seen and seen[key] != s.sop_uid:
+            collide = True
+            break
+        seen[key] = s.sop_uid
+    acqs = sorted({s.acquisition for s in part})
+    if not collide or len(acqs) < 2:
+        return [part]
+    return [[s for s in part if s.acquisition == a] for a in acqs]
+
+
+def _describe_rank(g: _Group) -> str:
+    it = "\\".join(g.first.image_type[:2]) or "no ImageType"
+    thick = f"{g.thickness:g} mm" if g.thickness else "thickness unknown"
+    return f"{g.modality or 'no modality'}, {g.orientation}, {it}, {len(g.slices)} planes, {thick}"
+
+
+def _choose(groups: List[_Group], series_uid: Optional[str], where: str) -> Tuple[_Group, str]:
+    if series_uid is not None:
+        exact = [g for g in groups if g.uid == series_uid]
+        if not exact:
+            split = [g for g in groups if g.uid.split("#")[0] == series_uid]
+            if len(split) == 1:
+                exact = split
+            elif split:
+                raise MixedSeriesError(
+                    f"SeriesInstanceUID {series_uid} holds {len(split)} geometries/acquisitions: "
+                    + ", ".join(g.uid for g in split), where, "pass one of those ids as series_uid")
+        if not exact:
+            raise NoImageSeriesError(f"no series {series_uid!r}; found: " + ", ".join(g.uid for g in groups), where,
+                                     "run `ctsdk inspect` to list the series")
+        return exact[0], f"selected by series_uid {series_uid}"
+    ct = [g for g in groups if g.is_ct]
+    if not ct:
+        mods = sorted({g.modality for g in groups})
+        files = ", ".join(g.first.path or g.uid for g in groups[:3])
+        raise NotCTError(f"no CT image series (found Modality {', '.join(mods)} in {files})", where,
+                         "pass a CT series")
+    ranked = sorted(ct, key=lambda g: g.rank(), reverse=True)
+    best = ranked[0]
+    ties = [g for g in ranked[1:] if g.rank() == best.rank()]
+    if ties:
+        raise MixedSeriesError(
+            f"{len(ties) + 1} equally ranked series ({_describe_rank(best)}): "
+            + ", ".join(g.uid for g in [best] + ties), where, "choose one with series_uid (see `ctsdk inspect`)")
+    reason = f"best by rule CT > axial > ORIGINAL > most planes > thinnest: {_describe_rank(best)}"
+    if len(groups) > 1:
+        reason += f"; {len(groups) - 1} other series not loaded"
+    return best, reason
+
+
+# --- public API ----------------------------------------------------------------------------------
+def _where(source: Source) -> Optional[str]:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return None
+
+
+def _raise_nothing_usable(scan: _Scan, where: Optional[str]) -> None:
+    """No image planes at all: raise the most specific error naming the files."""
+    if scan.single_file and len(scan.bad) == 1:
+        raise scan.bad[0][1]
+    if not scan.bad:
+        raise NoImageSeriesError("no DICOM image files found", where, "point at a folder of CT .dcm files")
+    kinds = {type(e) for _, e in scan.bad}
+    listing = "; ".join(f"{Path(p).name}: {e.problem}" for p, e in scan.bad[:6])
+    more = f" (+{len(scan.bad) - 6} more)" if len(scan.bad) > 6 else ""
+    cls = kinds.pop() if len(kinds) == 1 else NoImageSeriesError
+    raise cls(f"no usable CT image file among {len(scan.bad)}: {listing}{more}", where,
+              "pass a folder with a CT image series")
+
+
+def _skipped(scan: _Scan) -> List[str]:
+    return list(scan.notes) + [f"{p}: skipped: {e.problem}" + (f" ({e.hint})" if e.hint else "")
+                               for p, e in scan.bad]
+
+
+def _infos(scan: _Scan, groups: List[_Group], where: Optional[str]) -> List[SeriesInfo]:
+    try:
+        chosen, reason = _choose(groups, None, where or "")
+        choice_error = ""
+    except SeriesError as exc:
+        chosen, reason, choice_error = None, "", exc.problem
+    skipped = tuple(_skipped(scan))
+    ordered = sorted(groups, key=lambda g: g.rank(), reverse=True)
+    ordered.sort(key=lambda g: g is not chosen)
+    infos = []
+    for g in ordered:
+        f = g.first
+        if g is chosen:
+            why = reason
+        elif choice_error:
+            why = f"not chosen: {choice_error}"
+        else:
+            why = f"not chosen: {_describe_rank(g)}"
+        dup = len(g.slices) - len({s.sop_uid for s in g.slices})
+        errs = tuple(n for s in g.slices for n in s.notes) + ((f"{dup} duplicate SOPInstanceUID(s)",) if dup else ())
+        infos.append(SeriesInfo(
+            uid=g.uid, description=g.description, modality=g.modality, n_files=len(g.slices),
+            orientation=g.orientation, shape=(len(g.slices), f.rows, f.cols), transfer_syntaxes=g.syntaxes,
+            chosen=g is chosen, reason=why, errors=errs, skipped=skipped, image_type=f.image_type,
+            slice_thickness_mm=g.thickness, pixel_spacing_mm=f.spacing,
+        ))
+    return infos
+
+
+def _scan_groups(source: Source) -> Tuple[_Scan, List[_Group], Optional[str]]:
+    where = _where(source)
+    scan = _scan(source)
+    if not scan.slices:
+        _raise_nothing_usable(scan, where)
+    return scan, _group(scan.slices), where
+
+
+def list_series(source: Source) -> List[SeriesInfo]:
+    """Every image series in ``source`` with the default choice marked.
+
+    Args:
+        source: folder (searched recursively), file path, list of paths, or pydicom Datasets.
+
+    Returns:
+        One :class:`SeriesInfo` per series (split by geometry/acquisition), the chosen one first.
+        When no series can be chosen (no CT, or a tie) every entry says why in ``reason``.
+
+    Raises:
+        SeriesError subclass: nothing in the source is a DICOM image (the most specific error).
+    """
+    scan, groups, where = _scan_groups(source)
+    return _infos(scan, groups, where)
+
+
+def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
+                allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False) -> Volume:
+    """Load one CT series as a :class:`~sdk.volume.Volume` in HU, canonical LPS orientation.
+
+    Args:
+        source: folder (recursive), file path, list of paths, or pydicom Datasets.
+        series_uid: pick this series (a SeriesInfo.uid) instead of the default choice.
+        allow_tilt: correct gantry tilt by shearing each slice in-plane (else raise GantryTiltError).
+        allow_gaps: keep series with missing slices (a warning) instead of raising MissingSlicesError.
+        workers: decoding threads (None: min(4, cpu count); 1: no thread pool).
+        progress: show a tqdm bar on stderr while decoding.
+
+    Raises:
+        SeriesError subclass naming the file(s) and the problem (see sdk.errors).
+    """
+    return inspect_and_load(source, series_uid, allow_tilt=allow_tilt, allow_gaps=allow_gaps,
+                            workers=workers, progress=progress)[1]
+
+
+def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
+                     allow_gaps: bool = False, workers: Optional[int] = None,
+                     progress: bool = False) -> Tuple[List[SeriesInfo], Volume]:
+    """:func:`list_series` and :func:`load_series` from one scan of the source."""
+    scan, groups, where = _scan_groups(source)
+    infos = _infos(scan, groups, where)
+    group, reason = _choose(groups, series_uid, where or "")
+    warnings = _skipped(scan)
+    warnings.append(f"series {group.uid}: {reason}")
+    for g in groups:
+        if g is not group:
+            warnings.append(f"series {g.uid} not loaded ({_describe_rank(g)})")
+    vol = _load_group(group, warnings, allow_tilt=allow_tilt, allow_gaps=allow_gaps, workers=workers,
+                      progress=progress, single=scan.single_file)
+    return infos, vol
+
+
+def _dedupe(slices: List[_Slice], warnings: List[str]) -> List[_Slice]:
+    seen: Dict[str, _Slice] = {}
+    out = []
+    for s in slices:
+        if s.sop_uid in seen:
+            warnings.append(f"{s.path or s.sop_uid}: skipped: duplicate SOPInstanceUID {s.sop_uid} "
+                            f"(kept {seen[s.sop_uid].path or 'the first'})")
+            continue
+        seen[s.sop_uid] = s
+        out.append(s)
+    return out
+
+
+def _decode_one(s: _Slice) -> np.ndarray:
+    arr, _plugin = decode_pixels(s.ds, s.path or s.sop_uid)
+    if s.frame is not None:
+        arr = arr[s.frame] if arr.ndim == 3 else arr
+    if arr.shape != (s.rows, s.cols):
+        raise CorruptFileError(f"decoded pixels have shape {arr.shape}, header says {(s.rows, s.cols)}",
+                               s.path or s.sop_uid, "the file is not a single-channel image; re-export it")
+    return arr
+
+
+def _hu_dtype(slices: List[_Slice]) -> np.dtype:
+    """int16 when every slope and intercept is an integer (exact HU), else float32."""
+    exact = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
+    return np.dtype(np.int16) if exact else np.dtype(np.float32)
+
+
+def _store_hu(out: np.ndarray, k: int, stored: np.ndarray, s: _Slice) -> bool:
+    """out[k] = stored * slope + intercept; False when an int16 volume would overflow."""
+    if out.dtype == np.int16:
+        v = stored.astype(np.int32)
+        if s.slope != 1:
+            v *= int(s.slope)
+        if s.intercept:
+            v += int(s.intercept)
+        if v.size and (v.min() < -32768 or v.max() > 32767):
+            return False
+        out[k] = v
+    else:
+        out[k] = stored.astype(np.float64) * s.slope + s.intercept
+    return True
+
+
+def _decode_into(slices: List[_Slice], out: np.ndarray, workers: Optional[int],
+                 progress: bool) -> Tuple[Dict[int, SeriesError], List[int]]:
+    """Decode every plane straight into ``out`` (HU), in a thread pool.
+
+    Returns (failures by slice index, indices that overflowed int16). The decoders and NumPy release
+    the GIL, so threads overlap decoding and rescaling.
+    """
+    failures: Dict[int, SeriesError] = {}
+    overflow: List[int] = []
+
+    def job(k: int) -> None:
+        s = slices[k]
+        try:
+            if not _store_hu(out, k, _decode_one(s), s):
+                overflow.append(k)
+        except SeriesError as exc:
+            failures[k] = exc
+        except Exception as exc:  # decoders raise many types; keep it typed and named
+            failures[k] = CorruptFileError(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})",
+                                           s.path or s.sop_uid, "re-export the file")
+        finally:
+            if s.frame is None and s.path:   # drop the raw bytes as soon as the plane is done
+                try:
+                    del s.ds.PixelData
+                except Exception:
+                    pass
+
+    n = workers if workers is not None else min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(slices), desc="decode", unit="slice", leave=False)
+    if any(s.frame is not None for s in slices):
+        # frames of multi-frame files: decode each file once, sequentially
+        cache: Dict[str, np.ndarray] = {}
+        for k, s in enumerate(slices):
+            try:
+                if s.path not in cache:
+                    full, _ = decode_pixels(s.ds, s.path)
+                    cache[s.path] = full.reshape((-1, s.rows, s.cols))
+                if not _store_hu(out, k, cache[s.path][s.frame or 0], s):
+                    overflow.append(k)
+            except SeriesError as exc:
+                failures[k] = exc
+            if bar is not None:
+                bar.update(1)
+    elif n <= 1 or len(slices) < 4:
+        for k in range(len(slices)):
+            job(k)
+            if bar is not None:
+                bar.update(1)
+    else:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            for _ in pool.map(job, range(len(slices))):
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return failures, overflow
+
+
+def _order(slices: List[_Slice], warnings: List[str]) -> Tuple[List[_Slice], geo.StackGeometry]:
+    """Sort along the normal; drop planes that share a position with an earlier one."""
+    iop = slices[0].iop
+    spacing = slices[0].spacing
+    sg = geo.stack_geometry(np.array([s.ipp for s in slices]), iop, spacing)
+    ordered = [slices[i] for i in sg.order]
+    keep = [0]
+    for m in range(1, len(ordered)):
+        if abs(sg.w_mm[m] - sg.w_mm[keep[-1]]) < 1e-3 and abs(sg.b_px[m] - sg.b_px[keep[-1]]) < 1e-3:
+            s = ordered[m]
+            warnings.append(f"{s.path or s.sop_uid}: skipped: same position as "
+                            f"{ordered[keep[-1]].path or 'another image'} (duplicate slice)")
+            continue
+        keep.append(m)
+    if len(keep) == len(ordered):
+        return ordered, sg
+    kept = [ordered[m] for m in keep]
+    return kept, geo.stack_geometry(np.array([s.ipp for s in kept]), iop, spacing)
+
+
+def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allow_gaps: bool,
+                warnings: List[str]) -> None:
+    gaps = geo.find_gaps(sg.w_mm, [s.thickness for s in slices])
+    if not gaps:
+        return
+    k, gap, thr = gaps[0]
+    name = lambda i: Path(slices[i].path).name if slices[i].path else f"slice {i}"  # noqa: E731
+    msg = (f"{len(gaps)} gap(s) in slice positions, first {gap:.2f} mm between {name(k)} and {name(k + 1)} "
+           f"(> {thr:.2f} mm = 1.5 x reference spacing)")
+    if not allow_gaps:
+        raise MissingSlicesError(msg, slices[k].path or group.uid,
+                                 "slices are missing: re-send the complete series, or pass allow_gaps=True")
+    warnings.append(f"series {group.uid}: missing slices: {msg}")
+
+
+def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_gaps: bool,
+                workers: Optional[int], progress: bool, single: bool) -> Volume:
+    slices = _dedupe(group.slices, warnings)
+    for s in slices:
+        warnings.extend(s.notes)
+    # geometry needs IOP + IPP on every plane (one plane may fall back to identity)
+    lacking = [s for s in slices if s.iop is None or s.ipp is None]
+    if lacking:
+        if len(slices) == 1:
+            s = slices[0]
+            s.iop = s.iop or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+            s.ipp = s.ipp or (0.0, 0.0, 0.0)
+            warnings.append(f"{s.path or s.sop_uid}: no ImageOrientation/PositionPatient; assumed axial at the origin")
+        else:
+            raise GeometryError(f"{len(lacking)} of {len(slices)} images lack ImagePositionPatient or "
+                                "ImageOrientationPatient, so slices cannot be ordered",
+                                lacking[0].path or group.uid, "re-export the series with full image plane headers")
+    # order and check gaps from the headers alone (fail fast), then decode in slice order
+    slices, sg = _order(slices, warnings)
+    _check_gaps(slices, sg, group, allow_gaps, [])
+    hu = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=_hu_dtype(slices))
+    failures, overflow = _decode_into(slices, hu, workers, progress)
+    if overflow and not failures:
+        # an integer rescale left int16: redo as float32 (rare; stored values are decoded again)
+        warnings.append(f"series {group.uid}: HU exceed int16; stored as float32")
+        hu = hu.astype(np.float32)
+        failures, _ = _redo_float(slices, hu, workers)
+    if failures:
+        for k in sorted(failures):
+            r = failures[k]
+            warnings.append(f"{r.path}: skipped: {r.problem}" + (f" ({r.hint})" if r.hint else ""))
+        bad = [failures[k] for k in sorted(failures)]
+        if len(bad) == len(slices):
+            _raise_undecodable(bad, group, warnings, single)
+        keep = [k for k in range(len(slices)) if k not in failures]
+        hu = hu[keep]
+        slices = [slices[k] for k in keep]
+        sg = geo.stack_geometry(np.array([s.ipp for s in slices]), slices[0].iop, slices[0].spacing)
+    _check_gaps(slices, sg, group, allow_gaps, warnings)
+    d = np.diff(sg.w_mm)
+    if d.size > 1 and not np.allclose(d, np.median(d), rtol=0.01, atol=0.01):
+        warnings.append(f"series {group.uid}: uneven slice spacing {d.min():.3f}-{d.max():.3f} mm "
+                        "(z_mm keeps the true positions)")
+    iop = slices[0].iop
+    dy, dx = slices[0].spacing
+    r, c, n = geo.frame(iop)
+    header_tilt = _header_tilt(slices[0].ds)
+    if sg.sheared:
+        if not allow_tilt:
+            raise GantryTiltError(f"gantry tilt {sg.tilt_deg:.2f} deg (slices shifted in-plane up to "
+                                  f"{np.max(np.abs(sg.b_px)):.1f} px)", slices[0].path or group.uid,
+                                  "pass allow_tilt=True to correct it by shearing")
+        fill = float(hu.min())
+        hu = geo.shear_correct(hu, sg.a_px, sg.b_px, fill)
+        warnings.append(f"series {group.uid}: gantry tilt {sg.tilt_deg:.2f} deg corrected by shearing each "
+                        f"slice in-plane (up to {np.max(np.abs(sg.b_px)):.1f} px); HU interpolated linearly")
+    canon = geo.canonicalise(hu, np.asarray(slices[0].ipp), r, c, n, sg.w_mm, (dy, dx))
+    files = [slices[i].path for i in canon.z_order]
+    meta = _meta(group, slices, header_tilt if header_tilt is not None else sg.tilt_deg)
+    return Volume(hu=canon.hu, z_mm=canon.z_mm, pixel_spacing_mm=canon.pixel_spacing_mm, origin=canon.origin,
+                  direction=canon.direction, meta=meta, warnings=tuple(warnings), files=tuple(files))
+
+
+def _redo_float(slices: List[_Slice], hu: np.ndarray, workers: Optional[int]) -> Tuple[Dict[int, SeriesError], List[int]]:
+    """Re-read pixel data (it was dropped after the first decode) and fill a float32 volume."""
+    for s in slices:
+        if s.frame is None and s.path:
+            s.ds, _ = _read(s.path)
+    return _decode_into(slices, hu, workers, False)
+
+
+def _raise_undecodable(bad: List[SeriesError], group: _Group, warnings: List[str], single: bool) -> None:
+    """Every plane of the chosen series failed to decode: raise the most specific error."""
+    first = bad[0]
+    if len(bad) > 1 and not single:
+        names = ", ".join(Path(f.path or "").name or "?" for f in bad[:6])
+        raise type(first)(f"none of the {len(bad)} images of series {group.uid} could be decoded ({names}); "
+                          f"first: {first.problem}", first.path, first.hint)
+    others = [w.split(": skipped: ")[0] for w in warnings if ": skipped: " in w and (first.path or "") not in w]
+    if others:
+        raise type(first)(
+            f"{first.problem}; no other usable image either ({len(others)} skipped: "
+            + ", ".join(Path(o).name for o in others[:8]) + ("..." if len(others) > 8 else "") + ")",
+            first.path, first.hint)
+    raise first
+
+
+def _header_tilt(ds: Any) -> Optional[float]:
+    try:
+        v = getattr(ds, "GantryDetectorTilt", None)
+        return None if v in (None, "") else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _contrast(ds: Any) -> str:
+    parts = []
+    for kw in ("ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusIngredient", "ContrastBolusVolume"):
+        v = getattr(ds, kw, None)
+        if v not in (None, ""):
+            parts.append(f"{kw}={v}")
+    seq = getattr(ds, "ContrastBolusAgentSequence", None)
+    if seq:
+        parts.append("ContrastBolusAgentSequence=" + ",".join(str(getattr(i, "CodeMeaning", "?")) for i in seq))
+    return "; ".join(parts)
+
+
+def _meta(group: _Group, slices: List[_Slice], tilt: float) -> SeriesMeta:
+    ds = slices[0].ds
+
+    def s(kw: str) -> str:
+        v = getattr(ds, kw, "")
+        return "" if v is None else str(v)
+
+    kvp = getattr(ds, "KVP", None)
+    try:
+        kvp_f = float(kvp) if kvp not in (None, "") else None
+    except (TypeError, ValueError):
+        kvp_f = None
+    kernel = getattr(ds, "ConvolutionKernel", "")
+    if not isinstance(kernel, str):
+        kernel = "\\".join(str(k) for k in kernel)
+    return SeriesMeta(
+        modality=group.modality or "CT", manufacturer=s("Manufacturer"), model=s("ManufacturerModelName"),
+        kvp=kvp_f, kernel=kernel, slice_thickness_mm=group.thickness, contrast_agent=_contrast(ds),
+        series_description=s("SeriesDescription"), body_part=s("BodyPartExamined"), study_uid=s("StudyInstanceUID"),
+        series_uid=group.uid, frame_of_reference_uid=s("FrameOfReferenceUID"),
+        transfer_syntaxes=tuple(sorted({x.syntax for x in slices})), image_type=slices[0].image_type,
+        gantry_tilt_deg=float(tilt), n_files=len({x.path or x.sop_uid for x in slices}),
+    )
+
+
+def describe_syntaxes(uids: Iterable[str]) -> List[str]:
+    """``["1.2.840.10008.1.2.4.70 (JPEG Lossless SV1)", ...]`` for display."""
+    return [f"{u} ({syntax_name(u)})" for u in uids]

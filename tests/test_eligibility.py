@@ -1,0 +1,77 @@
+"""Eligibility criteria (paper 000) on phantoms and hand-built volumes; references are NumPy counts."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from sdk.eligibility import MIN_SLICES, check, contrast_given, lung_fraction
+from sdk.io import load_series
+from sdk.phantom import make_phantom_hu, write_phantom_series
+from sdk.volume.core import SeriesMeta, Volume
+
+
+def _volume(hu, dz=2.0, **meta) -> Volume:
+    m = SeriesMeta(modality="CT", slice_thickness_mm=dz, **meta)
+    return Volume(hu=hu, z_mm=np.arange(hu.shape[0]) * dz, pixel_spacing_mm=(0.7, 0.7), meta=m)
+
+
+@pytest.fixture(scope="module")
+def phantom_hu():
+    return make_phantom_hu(32, 96, (2.0, 0.9, 0.9))
+
+
+def test_phantom_series_is_eligible(tmp_path):
+    write_phantom_series(tmp_path, n_slices=32, size=96, spacing=(2.0, 0.9, 0.9))
+    res = check(load_series(tmp_path))
+    assert res.eligible, res.reasons
+    assert res.reasons == [] and all(c["ok"] for c in res.checks.values())
+
+
+def test_lung_fraction_matches_numpy_count(phantom_hu):
+    body = phantom_hu > -1000                      # phantom: air outside is exactly -1000
+    lung = (phantom_hu >= -950) & (phantom_hu <= -500)
+    ref = lung.sum() / body.sum()
+    assert lung_fraction(phantom_hu) == pytest.approx(ref, abs=0.02)
+    assert ref > 0.2
+
+
+def test_thick_slices(tmp_path):
+    write_phantom_series(tmp_path, n_slices=24, size=64, spacing=(5.0, 0.9, 0.9))
+    res = check(load_series(tmp_path))
+    assert not res.eligible
+    assert res.checks["slice_thickness_mm"] == {"ok": False, "value": 5.0, "limit": 3.0}
+    assert any("thickness 5.0 mm > 3 mm" in r for r in res.reasons)
+
+
+def test_contrast(tmp_path, phantom_hu):
+    write_phantom_series(tmp_path, n_slices=24, size=64, spacing=(2.0, 0.9, 0.9), contrast_agent="OMNIPAQUE 350")
+    vol = load_series(tmp_path)
+    assert "ContrastBolusAgent=OMNIPAQUE 350" in vol.meta.contrast_agent
+    res = check(vol)
+    assert not res.eligible and res.reasons == [r for r in res.reasons if "contrast" in r]
+    assert check(_volume(phantom_hu, contrast_agent="ContrastBolusAgent=NONE")).checks["contrast"]["ok"] is True
+
+
+@pytest.mark.parametrize("agent,desc,expected", [
+    ("ContrastBolusAgent=C-", "", False), ("ContrastBolusAgent=NONE", "", False),
+    ("ContrastBolusAgent=CE", "", True), ("ContrastBolusRoute=IV", "", True), ("", "Body 1.0 CE", True),
+    ("", "CHEST 2.5 MM", False), ("ContrastBolusIngredient=IODINE", "", True), ("", "", False),
+])
+def test_contrast_rules(agent, desc, expected):
+    assert contrast_given(agent, desc) is expected
+
+
+def test_too_few_slices_not_ct_non_axial_no_lungs(phantom_hu):
+    few = check(_volume(phantom_hu[: MIN_SLICES - 1]))
+    assert not few.eligible and any("too few slices" in r for r in few.reasons)
+    mr = check(replace(_volume(phantom_hu), meta=SeriesMeta(modality="MR", slice_thickness_mm=2.0)))
+    assert not mr.eligible and any("not CT" in r for r in mr.reasons)
+    cor = check(replace(_volume(phantom_hu), direction=np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])))
+    assert cor.checks["orientation"]["value"] == "coronal" and not cor.eligible
+    head = np.where(phantom_hu < -500, np.where(phantom_hu == -1000, -1000, 40), phantom_hu).astype(np.int16)
+    nolung = check(_volume(head))
+    assert not nolung.eligible and any("without lungs" in r for r in nolung.reasons)
+    assert nolung.checks["lung_fraction"]["value"] == 0.0
+    assert check(_volume(phantom_hu)).eligible

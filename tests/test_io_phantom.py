@@ -1,0 +1,305 @@
+"""Ingest end to end on synthetic DICOM phantoms (runs on a fresh clone, no shared data needed).
+
+References are independent of sdk.io: the analytic phantom (sdk.phantom.make_phantom_hu) and
+pydicom's own decode of each written file.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from sdk.errors import (
+    CorruptFileError, GantryTiltError, MissingDependencyError, MissingSlicesError, MixedSeriesError,
+    NoImageSeriesError, NotCTError, NotDicomError, SeriesError,
+)
+from sdk.io import (
+    DecoderPlugin, decode_pixels, decoder_chain, list_series, load_series, register_decoder, unregister_decoder,
+)
+from sdk.phantom import PHANTOM_SYNTAXES, make_phantom_hu, write_phantom_series
+
+N, S = 24, 64                 # small phantoms keep the suite fast
+SP = (2.0, 0.7, 0.7)
+
+
+@pytest.fixture(scope="module")
+def truth() -> np.ndarray:
+    return make_phantom_hu(N, S, SP)
+
+
+@pytest.fixture(scope="module")
+def explicit_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("explicit")
+    write_phantom_series(d, n_slices=N, size=S, spacing=SP)
+    return d
+
+
+def _pydicom_hu(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+@pytest.mark.parametrize("syntax", list(PHANTOM_SYNTAXES))
+def test_round_trip_every_syntax_is_exact(tmp_path, truth, syntax):
+    try:
+        paths = write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, transfer_syntax=syntax)
+    except MissingDependencyError as exc:  # encoder plugins are dev extras (pyjpegls, openjpeg, rle)
+        pytest.skip(str(exc))
+    assert all(str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) == syntax for p in paths)
+    vol = load_series(tmp_path)
+    assert vol.hu.dtype == np.int16
+    np.testing.assert_array_equal(vol.hu, truth)
+    # independent reference: pydicom decode x slope + intercept of each file, in slice order
+    ref = np.stack([_pydicom_hu(p) for p in paths])
+    np.testing.assert_array_equal(vol.hu, ref)
+    assert vol.meta.transfer_syntaxes == (syntax,)
+    np.testing.assert_allclose(vol.z_mm, -100.0 + 2.0 * np.arange(N))
+    np.testing.assert_allclose(vol.spacing, SP)
+    np.testing.assert_allclose(vol.direction, np.eye(3), atol=1e-9)
+
+
+def test_shuffled_inputs_give_same_volume(explicit_dir, truth):
+    files = sorted(explicit_dir.glob("*.dcm"))
+    random.Random(3).shuffle(files)
+    vol = load_series(files)
+    np.testing.assert_array_equal(vol.hu, truth)
+    # file names are not in slice order, so sorting must come from the positions
+    by_name = [pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber for f in sorted(explicit_dir.glob("*.dcm"))]
+    assert by_name != sorted(by_name)
+    assert [int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber) for f in vol.files] == list(range(1, N + 1))
+
+
+def test_datasets_input(explicit_dir, truth):
+    dsets = [pydicom.dcmread(f) for f in explicit_dir.glob("*.dcm")]
+    random.Random(1).shuffle(dsets)
+    vol = load_series(dsets)
+    np.testing.assert_array_equal(vol.hu, truth)
+
+
+def test_per_slice_rescale_and_float_slope(tmp_path, truth):
+    paths = write_phantom_series(tmp_path / "a", n_slices=N, size=S, spacing=SP, per_slice_rescale=True)
+    slopes = {float(pydicom.dcmread(p, stop_before_pixels=True).RescaleSlope) for p in paths}
+    assert slopes == {1.0, 2.0}
+    vol = load_series(tmp_path / "a")
+    ref = np.stack([_pydicom_hu(p) for p in paths])
+    np.testing.assert_array_equal(vol.hu, ref)
+    # a non-integer slope makes HU float32, still equal to pydicom's stored x slope + intercept
+    paths = write_phantom_series(tmp_path / "b", n_slices=N, size=S, spacing=SP, slope=0.5, intercept=-1000.5)
+    vol = load_series(tmp_path / "b")
+    assert vol.hu.dtype == np.float32
+    np.testing.assert_allclose(vol.hu, np.stack([_pydicom_hu(p) for p in paths]), atol=1e-3)
+
+
+def test_no_double_rescale(explicit_dir):
+    """pydicom 3's pixel_array returns stored values: HU of air must be -1000, not -2024."""
+    vol = load_series(explicit_dir)
+    assert vol.hu.min() == -1000
+
+
+@pytest.mark.parametrize("flips", [dict(flip_x=True), dict(flip_y=True), dict(flip_x=True, flip_y=True)])
+def test_canonical_orientation(tmp_path, truth, flips):
+    write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, **flips)
+    vol = load_series(tmp_path)
+    np.testing.assert_array_equal(vol.hu, truth)
+    np.testing.assert_allclose(vol.direction, np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(vol.origin, (-0.5 * S * 0.7 + 0.35, -0.5 * S * 0.7 + 0.35, -100.0), atol=1e-6)
+    assert np.all(np.diff(vol.z_mm) > 0)
+
+
+def test_missing_slice_detected(tmp_path, truth):
+    write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, missing=[10])
+    with pytest.raises(MissingSlicesError) as exc:
+        load_series(tmp_path)
+    assert "4.00 mm" in str(exc.value) and exc.value.path
+    vol = load_series(tmp_path, allow_gaps=True)
+    assert vol.shape[0] == N - 1
+    assert any("missing slices" in w for w in vol.warnings)
+    np.testing.assert_allclose(np.diff(vol.z_mm)[9], 4.0)
+    np.testing.assert_array_equal(vol.hu, np.delete(truth, 10, axis=0))
+
+
+def test_gantry_tilt_corrected_against_truth(tmp_path, truth):
+    tilt = 15.0
+    paths = write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, tilt_deg=tilt)
+    with pytest.raises(GantryTiltError):
+        load_series(tmp_path, allow_tilt=False)
+    vol = load_series(tmp_path)
+    assert vol.meta.gantry_tilt_deg == pytest.approx(tilt)
+    # corrected slices are spaced dz along the (tilted) normal
+    np.testing.assert_allclose(np.diff(vol.z_mm), 2.0, atol=1e-6)
+    # compare with the analytic truth where the shifted source rows exist
+    raw = np.stack([_pydicom_hu(p) for p in paths])
+    # raw slice k row j holds truth row j - shift_k; corrected row j' reads raw row j' + shift_k
+    shift = np.arange(N) * 2.0 * np.tan(np.radians(tilt)) / 0.7
+    valid = np.zeros(truth.shape, dtype=bool)
+    for k in range(N):
+        valid[k, : S - 1 - int(np.ceil(shift[k])), :] = True
+    err_corrected = np.abs(vol.hu.astype(np.float64) - truth)[valid].mean()
+    err_raw = np.abs(raw - truth)[valid].mean()
+    assert err_corrected < 0.15 * err_raw, (err_corrected, err_raw)
+    assert np.median(np.abs(vol.hu.astype(np.float64) - truth)[valid]) == 0.0
+
+
+def test_tilt_geometry_matches_headers(tmp_path):
+    """Each corrected voxel's LPS position, from the Volume geometry, samples the source file at the
+    in-plane point the headers put there (independent bilinear sampling of pydicom's pixels)."""
+    paths = write_phantom_series(tmp_path, n_slices=12, size=48, spacing=(3.0, 0.9, 0.9), tilt_deg=20.0)
+    vol = load_series(tmp_path)
+    _check_geometry_against_headers(vol, paths, n_points=400)
+
+
+def _check_geometry_against_headers(vol, paths, n_points: int) -> None:
+    from scipy import ndimage
+
+    headers = {str(p): pydicom.dcmread(p) for p in paths}
+    rng = np.random.default_rng(0)
+    dy, dx = vol.pixel_spacing_mm
+    ex, ey, ez = (np.asarray(vol.direction)[:, i] for i in range(3))
+    errs, n_used = [], 0
+    for _ in range(n_points):
+        k = int(rng.integers(0, vol.shape[0]))
+        j = float(rng.integers(0, vol.shape[1]))
+        i = float(rng.integers(0, vol.shape[2]))
+        p = np.asarray(vol.origin) + i * dx * ex + j * dy * ey + (vol.z_mm[k] - vol.z_mm[0]) * ez
+        ds = headers[vol.files[k]]
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        r, c = iop[:3], iop[3:]
+        sy, sx = (float(v) for v in ds.PixelSpacing)
+        n = np.cross(r, c)
+        assert abs((p - ipp) @ n) < 1e-4, "voxel is not in its source slice plane"
+        u, v = (p - ipp) @ r / sx, (p - ipp) @ c / sy
+        if not (1 <= u <= ds.Columns - 2 and 1 <= v <= ds.Rows - 2):
+            continue
+        img = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        ref = ndimage.map_coordinates(img, [[v], [u]], order=1)[0]
+        errs.append(abs(float(vol.hu[k, int(j), int(i)]) - ref))
+        n_used += 1
+    assert n_used > n_points // 4
+    assert max(errs) < 0.05, max(errs)   # HU; position rounding in the headers (1e-6) at 900 HU/px edges
+
+
+def test_bad_files_in_folder_are_skipped_with_warning(tmp_path, truth):
+    write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP)
+    (tmp_path / "notes.dcm").write_text("not dicom")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    first = sorted(tmp_path.glob("IM*.dcm"))[0]
+    shutil.copy(first, tmp_path / "zz_duplicate.dcm")
+    vol = load_series(tmp_path)
+    np.testing.assert_array_equal(vol.hu, truth)
+    text = "\n".join(vol.warnings)
+    assert "notes.dcm" in text and "empty.dcm" in text and "zz_duplicate.dcm" in text
+    assert "duplicate SOPInstanceUID" in text
+
+
+def test_single_bad_file_raises_its_own_error(tmp_path):
+    bad = tmp_path / "x.dcm"
+    bad.write_text("hello")
+    with pytest.raises(NotDicomError) as exc:
+        load_series(bad)
+    assert str(bad) in str(exc.value)
+    good = write_phantom_series(tmp_path / "s", n_slices=2, size=16, spacing=SP)[0]
+    data = good.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) - 200])
+    with pytest.raises(CorruptFileError) as exc:
+        load_series(cut)
+    assert "cut.dcm" in str(exc.value)
+
+
+def test_folder_of_only_bad_files(tmp_path):
+    (tmp_path / "a.dcm").write_text("x")
+    (tmp_path / "b.dcm").write_bytes(b"")
+    with pytest.raises(NotDicomError) as exc:
+        load_series(tmp_path)
+    assert "a.dcm" in str(exc.value) and "b.dcm" in str(exc.value)
+    (tmp_path / "README.md").write_text("x")
+    with pytest.raises(SeriesError):
+        list_series(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NoImageSeriesError):
+        load_series(empty)
+
+
+def test_not_ct(tmp_path):
+    write_phantom_series(tmp_path, n_slices=3, size=16, spacing=SP, modality="MR")
+    with pytest.raises(NotCTError):
+        load_series(tmp_path)
+    assert list_series(tmp_path)[0].modality == "MR"
+
+
+def test_series_choice_and_override(tmp_path):
+    write_phantom_series(tmp_path / "thick", n_slices=10, size=32, spacing=(5.0, 0.7, 0.7), series_uid="1.2.3.1")
+    write_phantom_series(tmp_path / "thin", n_slices=20, size=32, spacing=(2.0, 0.7, 0.7), series_uid="1.2.3.2")
+    infos = list_series(tmp_path)
+    assert [i.uid for i in infos] == ["1.2.3.2", "1.2.3.1"]
+    assert infos[0].chosen and not infos[1].chosen and "most planes" in infos[0].reason
+    assert load_series(tmp_path).meta.series_uid == "1.2.3.2"
+    assert load_series(tmp_path, "1.2.3.1").shape == (10, 32, 32)
+    with pytest.raises(NoImageSeriesError):
+        load_series(tmp_path, "9.9.9")
+
+
+def test_equal_series_need_a_choice(tmp_path):
+    write_phantom_series(tmp_path / "a", n_slices=6, size=16, spacing=SP, series_uid="1.2.5.1")
+    write_phantom_series(tmp_path / "b", n_slices=6, size=16, spacing=SP, series_uid="1.2.5.2")
+    with pytest.raises(MixedSeriesError) as exc:
+        load_series(tmp_path)
+    assert "1.2.5.1" in str(exc.value) and "1.2.5.2" in str(exc.value)
+    assert load_series(tmp_path, "1.2.5.2").meta.series_uid == "1.2.5.2"
+
+
+def test_one_uid_two_geometries_is_split(tmp_path):
+    write_phantom_series(tmp_path / "a", n_slices=8, size=16, spacing=SP, series_uid="1.2.7", z0_mm=0)
+    write_phantom_series(tmp_path / "b", n_slices=5, size=24, spacing=SP, series_uid="1.2.7", seed=5, z0_mm=0)
+    infos = list_series(tmp_path)
+    assert sorted(i.uid for i in infos) == ["1.2.7#1", "1.2.7#2"]
+    vol = load_series(tmp_path)
+    assert vol.shape == (8, 16, 16)                       # never mixed: the larger stack wins
+    assert load_series(tmp_path, [i.uid for i in infos if i.n_files == 5][0]).shape == (5, 24, 24)
+    with pytest.raises(MixedSeriesError):
+        load_series(tmp_path, "1.2.7")
+
+
+def test_threads_match_single_thread(tmp_path):
+    write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, transfer_syntax="j2k", noise_hu=20)
+    a = load_series(tmp_path, workers=1)
+    b = load_series(tmp_path, workers=4, progress=True)
+    np.testing.assert_array_equal(a.hu, b.hu)
+
+
+class _Broken(DecoderPlugin):
+    def decode(self, ds):
+        raise RuntimeError("boom")
+
+
+def test_decoder_chain_falls_back_and_reports(explicit_dir):
+    uid = "1.2.840.10008.1.2.4.70"
+    names = [p.name for p in decoder_chain(uid)]
+    assert names.index("pylibjpeg") < names.index("gdcm")
+    ds = pydicom.dcmread(next(explicit_dir.glob("*.dcm")))
+    register_decoder(_Broken("broken", ("1.2.840.10008.1.2.1",), ("nothing",), ("numpy",), ""), first=True)
+    try:
+        arr, used = decode_pixels(ds, "f.dcm")
+        assert used == "native" and arr.shape == (S, S)
+        with pytest.raises(CorruptFileError) as exc:
+            decode_pixels(ds, "f.dcm", chain=["broken"])
+        assert "broken: RuntimeError: boom" in str(exc.value) and "f.dcm" in str(exc.value)
+    finally:
+        unregister_decoder("broken")
+
+
+def test_int16_overflow_falls_back_to_float32(tmp_path, truth):
+    paths = write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP)
+    ds = pydicom.dcmread(paths[3])
+    ds.RescaleIntercept = "32000"            # integer rescale whose HU leave the int16 range
+    ds.save_as(paths[3])
+    vol = load_series(tmp_path)
+    assert vol.hu.dtype == np.float32
+    np.testing.assert_array_equal(vol.hu, np.stack([_pydicom_hu(p) for p in paths]))
+    assert any("exceed int16" in w for w in vol.warnings)
