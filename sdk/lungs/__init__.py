@@ -1,1 +1,293 @@
-"""(placeholder: filled in by its issue)"""
+"""Lung segmentation: classical 3D (no weights) and a learned 2D U-Net (ONNX Runtime).
+
+    from sdk.lungs import segment, segment_slices_2d
+    seg = segment(volume)                     # method="auto": the measured default
+    seg.mask, seg.labels, seg.lung_volume_ml, seg.timings_ms
+    masks = segment_slices_2d(grey01, session)   # (N, H, W) [0, 1] images -> (N, H, W) uint8
+
+Both methods return a mask at the volume's native grid, split into left / right lungs (labels
+``1 = left``, ``2 = right``; x increases towards the patient's Left). The default method is
+chosen by measured Dice (docs/segmentation.md); the other stays selectable. Everything here is
+torch-free: the learned path runs the exported ONNX graph.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings as _warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from ..errors import BundleError, ConfigError, MissingDependencyError
+from .classical import LEFT, RIGHT, ClassicalConfig, segment_classical_2d, segment_classical_hu
+from .unet2d import DEFAULT_ONNX, open_session, segment_slices_2d
+
+__all__ = [
+    "LungSegmentation",
+    "segment",
+    "segment_slices_2d",
+    "segment_classical_hu",
+    "segment_classical_2d",
+    "ClassicalConfig",
+    "slice_thickness_mm",
+    "METHODS",
+    "DEFAULT_METHOD",
+    "LEFT",
+    "RIGHT",
+]
+
+METHODS = ("auto", "classical", "unet2d", "hybrid")
+#: method used by ``method="auto"`` (chosen by Dice on diseased lungs, docs/segmentation.md)
+DEFAULT_METHOD = "hybrid"
+
+
+@dataclass(frozen=True)
+class LungSegmentation:
+    """Result of :func:`segment`.
+
+    Attributes:
+        mask: (z, y, x) bool, both lungs, at the volume's native grid.
+        labels: (z, y, x) uint8, 0 background, 1 left lung, 2 right lung (None if not split).
+        lung_volume_ml: volume of ``mask`` in millilitres (per-slice thickness from ``z_mm``).
+        left_volume_ml / right_volume_ml: per lung (None without ``labels``).
+        method: the method that ran ("classical" or "unet2d").
+        timings_ms: per-step wall times in milliseconds, ``total`` included.
+        z_range: (first, last) slice index containing lung, or None when the mask is empty.
+        warnings: fallbacks and oddities (e.g. auto fell back to classical, and why).
+        info: numbers describing the run (working resolution, airway removal, ...).
+    """
+
+    mask: np.ndarray
+    labels: Optional[np.ndarray]
+    lung_volume_ml: float
+    left_volume_ml: Optional[float]
+    right_volume_ml: Optional[float]
+    method: str
+    timings_ms: Dict[str, float]
+    z_range: Optional[Tuple[int, int]]
+    warnings: Tuple[str, ...] = ()
+    info: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe summary (no arrays)."""
+        return {
+            "method": self.method,
+            "lung_volume_ml": round(self.lung_volume_ml, 1),
+            "left_volume_ml": None if self.left_volume_ml is None else round(self.left_volume_ml, 1),
+            "right_volume_ml": None if self.right_volume_ml is None else round(self.right_volume_ml, 1),
+            "z_range": None if self.z_range is None else list(self.z_range),
+            "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+            "warnings": list(self.warnings),
+        }
+
+
+def slice_thickness_mm(z_mm: np.ndarray, fallback: float = 1.0) -> np.ndarray:
+    """Per-slice z footprint (mm): between the midpoints to the neighbours; the end slices extend
+    half the median spacing outwards. Works for uneven z."""
+    z = np.asarray(z_mm, dtype=np.float64)
+    if z.size == 1:
+        return np.array([fallback])
+    d = np.diff(z)
+    half = np.median(d) / 2.0
+    lo = np.concatenate([[z[0] - half], (z[:-1] + z[1:]) / 2.0])
+    hi = np.concatenate([(z[:-1] + z[1:]) / 2.0, [z[-1] + half]])
+    return hi - lo
+
+
+def _volume_ml(mask: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: Tuple[float, float], fallback_dz: float) -> float:
+    area_mm2 = mask.reshape(mask.shape[0], -1).sum(1) * float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
+    return float((area_mm2 * slice_thickness_mm(z_mm, fallback_dz)).sum() / 1000.0)
+
+
+_SESSIONS: Dict[str, Any] = {}
+
+
+def _session_for(session: Any, onnx_path: Optional[Union[str, os.PathLike]]) -> Any:
+    if session is not None:
+        return session
+    key = str(Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = open_session(key)
+    return _SESSIONS[key]
+
+
+def _body_z_range(hu: np.ndarray, margin: int = 2) -> Optional[Tuple[int, int]]:
+    """Cheap z range of the largest air region inside the body (lungs + airways), on a strided
+    in-plane subsample (every 4th pixel of a 512 matrix)."""
+    from scipy import ndimage as ndi
+
+    from .classical import _interior_air
+
+    step = max(1, min(hu.shape[1:]) // 128)
+    inner = _interior_air(hu[:, ::step, ::step] < -320)
+    lab, n = ndi.label(inner)
+    if n == 0:
+        return None
+    sizes = np.bincount(lab.ravel())[1:]
+    zs = np.nonzero((lab == int(np.argmax(sizes)) + 1).any(axis=(1, 2)))[0]
+    return max(0, int(zs[0]) - margin), min(hu.shape[0] - 1, int(zs[-1]) + margin)
+
+
+#: the U-Net runs on slices about this far apart (mm); logits in between are interpolated in z
+NET_Z_STEP_MM = 4.0
+#: hybrid: the U-Net may add lung only within this in-plane distance (mm) of the classical
+#: candidates (dense lung next to aerated lung; chosen on cip-ct64, see docs/segmentation.md)
+HYBRID_REACH_MM = 20.0
+
+
+def _net_slices(z_mm: np.ndarray, z0: int, z1: int, step_mm: float) -> np.ndarray:
+    """Indices in [z0, z1] at least ``step_mm`` apart (both ends included)."""
+    keep = [z0]
+    for k in range(z0 + 1, z1 + 1):
+        if z_mm[k] - z_mm[keep[-1]] >= step_mm - 1e-6:
+            keep.append(k)
+    if keep[-1] != z1:
+        keep.append(z1)
+    return np.asarray(keep)
+
+
+def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, timings: Dict[str, float], step_mm: Optional[float] = None) -> Tuple[np.ndarray, int]:
+    """U-Net lung mask on slices ``zr`` (inclusive), at the classical working grid (z, h, w).
+
+    The network runs on slices about ``step_mm`` apart; the logits of the slices in between are
+    linearly interpolated along z (positions from ``z_mm``, so uneven spacing is respected)."""
+    import cv2
+
+    from ..volume.resample import SEGMENTER_WINDOW, window_hu
+    from .unet2d import predict_logits, prepare_slices
+
+    hu = volume.hu
+    z_mm = np.asarray(volume.z_mm, dtype=np.float64)
+    t0 = time.perf_counter()
+    z0, z1 = zr
+    run = _net_slices(z_mm, z0, z1, NET_Z_STEP_MM if step_mm is None else step_mm)
+    x = prepare_slices(window_hu(hu[run], SEGMENTER_WINDOW))
+    t1 = time.perf_counter()
+    logits = predict_logits(x, session)
+    t2 = time.perf_counter()
+    if logits.shape[1:] != (grid.h, grid.w):
+        interp = cv2.INTER_AREA if grid.h < logits.shape[1] else cv2.INTER_LINEAR
+        logits = np.stack([cv2.resize(lg, (grid.w, grid.h), interpolation=interp) for lg in logits])
+    out = np.zeros((hu.shape[0], grid.h, grid.w), bool)
+    pos = np.searchsorted(run, np.arange(z0, z1 + 1))          # index of the run slice at / above k
+    for k, j in zip(range(z0, z1 + 1), pos):
+        if run[j] == k:
+            out[k] = logits[j] > 0
+        else:
+            a, b = run[j - 1], run[j]
+            wb = (z_mm[k] - z_mm[a]) / (z_mm[b] - z_mm[a])
+            out[k] = (1 - wb) * logits[j - 1] + wb * logits[j] > 0
+    timings.update(net_prepare_ms=(t1 - t0) * 1e3, net_ms=(t2 - t1) * 1e3, net_resize_ms=(time.perf_counter() - t2) * 1e3)
+    return out, int(run.size)
+
+
+def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bool, timings: Dict[str, float]) -> Tuple[np.ndarray, Dict[str, float]]:
+    """``unet2d``: U-Net on the body z range, then the classical finishing steps (two largest
+    components, left / right, closing, hole filling, up-sampling). ``hybrid``: the union of the
+    U-Net mask and the classical candidates (dark lung the net misses, e.g. emphysema, plus dense
+    lung the threshold misses, e.g. consolidation) goes through the same finishing steps."""
+    from .classical import finish_lungs, lung_candidates, work_grid
+
+    hu = np.asarray(volume.hu)
+    info: Dict[str, float] = {}
+    if hybrid:
+        _, cand, grid, info = lung_candidates(hu, volume.spacing, cfg, timings)
+        zs = np.nonzero(cand.any(axis=(1, 2)))[0]
+        zr = (max(0, int(zs[0]) - 2), min(hu.shape[0] - 1, int(zs[-1]) + 2)) if zs.size else None
+    else:
+        t0 = time.perf_counter()
+        grid = work_grid(hu.shape, volume.spacing, cfg.work_size)
+        cand = np.zeros((hu.shape[0], grid.h, grid.w), bool)
+        zr = _body_z_range(hu)
+        timings["z_range_ms"] = (time.perf_counter() - t0) * 1e3
+    if zr is None:
+        return np.zeros(hu.shape, np.uint8), {"net_slices": 0.0, "n_components": 0.0}
+    learned, n_run = _learned_small(volume, zr, session, grid, timings)
+    if hybrid:
+        from scipy import ndimage as ndi
+
+        t0 = time.perf_counter()
+        reach = max(1, int(round(HYBRID_REACH_MM / grid.spacing[1])))
+        plane = np.zeros((3, 3, 3), bool)
+        plane[1] = ndi.generate_binary_structure(2, 1)
+        learned &= ndi.binary_dilation(cand, structure=plane, iterations=reach)
+        timings["hybrid_reach_ms"] = (time.perf_counter() - t0) * 1e3
+    labels, n = finish_lungs(learned | cand, grid, cfg, timings)
+    info.update(n_components=float(n), net_slices=float(n_run))
+    return labels, info
+
+
+def segment(
+    volume: Any,
+    method: str = "auto",
+    *,
+    session: Any = None,
+    onnx_path: Optional[Union[str, os.PathLike]] = None,
+    config: Optional[ClassicalConfig] = None,
+) -> LungSegmentation:
+    """Segment both lungs of a CT volume.
+
+    Args:
+        volume: :class:`sdk.volume.Volume` (HU (z, y, x), ``z_mm``, ``pixel_spacing_mm``).
+        method: ``"auto"`` (the measured default, :data:`DEFAULT_METHOD`; falls back to the
+            classical method with a warning when the ONNX model or onnxruntime is missing),
+            ``"classical"`` or ``"unet2d"``.
+        session: a ctsdk Session / ``onnxruntime.InferenceSession`` for the 2D U-Net (reused
+            across calls); otherwise one is opened from ``onnx_path`` (default
+            ``runs/seg/unet2d_lung.onnx``) and cached.
+        onnx_path: the 2D U-Net ONNX file.
+        config: classical parameters.
+
+    Returns:
+        :class:`LungSegmentation` at the native grid.
+
+    Raises:
+        ConfigError: unknown method or malformed volume.
+        BundleError: ``method="unet2d"`` and the ONNX file is missing.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown lung segmentation method {method!r}; valid: {', '.join(METHODS)}")
+    hu = getattr(volume, "hu", None)
+    if hu is None or np.asarray(hu).ndim != 3:
+        raise ConfigError(f"segment() needs an sdk.volume.Volume with a (z, y, x) HU array, got {type(volume).__name__}")
+    warns = []
+    t0 = time.perf_counter()
+    timings: Dict[str, float] = {}
+    chosen = DEFAULT_METHOD if method == "auto" else method
+    sess = None
+    if chosen in ("unet2d", "hybrid"):
+        try:
+            sess = _session_for(session, onnx_path)
+        except (BundleError, MissingDependencyError, ImportError) as exc:
+            if method != "auto":
+                raise
+            warns.append(f"learned lung segmenter unavailable ({exc}); used the classical method")
+            chosen = "classical"
+    cfg = config or ClassicalConfig()
+    if chosen in ("unet2d", "hybrid"):
+        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings)
+    else:
+        labels, info = segment_classical_hu(hu, volume.spacing, cfg, timings)
+    mask = labels > 0
+    fallback_dz = float(getattr(volume.meta, "slice_thickness_mm", None) or volume.spacing[0] or 1.0)
+    ps = volume.pixel_spacing_mm
+    zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+    t1 = time.perf_counter()
+    timings["total"] = (t1 - t0) * 1e3
+    for w in warns:
+        _warnings.warn(w, stacklevel=2)
+    return LungSegmentation(
+        mask=mask,
+        labels=labels,
+        lung_volume_ml=_volume_ml(mask, volume.z_mm, ps, fallback_dz),
+        left_volume_ml=_volume_ml(labels == LEFT, volume.z_mm, ps, fallback_dz),
+        right_volume_ml=_volume_ml(labels == RIGHT, volume.z_mm, ps, fallback_dz),
+        method=chosen,
+        timings_ms=timings,
+        z_range=(int(zs[0]), int(zs[-1])) if zs.size else None,
+        warnings=tuple(warns),
+        info=info,
+    )

@@ -1,0 +1,284 @@
+"""Train the 2D lung U-Net on seg2d (``/work/shared/data/seg2d``) and export it to ONNX.
+
+    python -m sdk.train.seg --out runs/seg            # ~5-9 min on 2 CPU cores
+
+Data: 404 slices (256^2, min-max + CLAHE by the source) with manual lung masks of COVID-19
+lungs. Consecutive file numbers are consecutive slices of one volume, so the split is by
+contiguous number blocks: ``val`` = numbers in [0, 260), ``test`` = numbers >= 1320 (held out,
+nothing is tuned on it), ``train`` = the rest.
+
+Augmentation (NumPy/OpenCV) makes the net work on lung-windowed HU slices and 8-bit screenshots:
+random window / contrast / gamma, re-preparation with or without CLAHE, flips, small affine
+(rotation, scale, shift, with black borders), blur and Gaussian noise. Loss: Dice + BCE. Early
+stopping on validation Dice. Outputs in ``out``: ``unet2d_lung.pt`` (best state dict),
+``unet2d_lung.onnx`` (opset 17, dynamic batch, parity-checked vs eager), ``config.json``,
+``metrics.json``, ``train.log`` lines via the caller's redirection.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..lungs.unet2d import CLAHE_SIZE, INPUT_NAME, NET_SIZE, OUTPUT_NAME, prepare_slice
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "seg2d"
+
+
+@dataclass
+class SegTrainConfig:
+    """Everything that decides a training run (saved as config.json beside the weights)."""
+
+    data_dir: str = str(DEFAULT_DATA)
+    out_dir: str = str(REPO / "runs" / "seg")
+    size: int = NET_SIZE
+    base: int = 16
+    levels: int = 4
+    val_block: Tuple[int, int] = (0, 260)       # file numbers [lo, hi)
+    test_block: Tuple[int, int] = (1320, 10000)
+    epochs: int = 80
+    patience: int = 12
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    max_minutes: float = 9.0
+    threads: int = 2
+    seed: int = 0
+    p_reclahe: float = 0.5
+    opset: int = 17
+    notes: List[str] = field(default_factory=list)
+
+
+# --- data ----------------------------------------------------------------------------------------
+def load_seg2d(data_dir: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read seg2d: (numbers (N,), images (N, 256, 256) uint8, lung masks (N, 256, 256) uint8 0/1)."""
+    import cv2
+
+    root = Path(data_dir)
+    index = root / "seg2d_index.csv"
+    if not index.is_file():
+        raise ConfigError(f"seg2d index not found: {index} (set --data to the seg2d folder)")
+    nums, imgs, masks = [], [], []
+    with index.open() as fh:
+        for row in csv.DictReader(fh):
+            img = cv2.imread(str(root / row["image"]), cv2.IMREAD_GRAYSCALE)
+            msk = cv2.imread(str(root / row["lung_mask"]), cv2.IMREAD_GRAYSCALE)
+            if img is None or msk is None:
+                raise ConfigError(f"cannot read {root / row['image']} or its lung mask {row['lung_mask']}")
+            nums.append(int(Path(row["image"]).stem))
+            imgs.append(img)
+            masks.append((msk > 127).astype(np.uint8))
+    order = np.argsort(nums)
+    return np.asarray(nums)[order], np.stack(imgs)[order], np.stack(masks)[order]
+
+
+def split_blocks(nums: np.ndarray, val: Tuple[int, int], test: Tuple[int, int]) -> Dict[str, np.ndarray]:
+    """Indices of the train / val / test contiguous number blocks."""
+    is_val = (nums >= val[0]) & (nums < val[1])
+    is_test = (nums >= test[0]) & (nums < test[1])
+    return {"train": np.where(~is_val & ~is_test)[0], "val": np.where(is_val)[0], "test": np.where(is_test)[0]}
+
+
+def augment(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: SegTrainConfig) -> Tuple[np.ndarray, np.ndarray]:
+    """Random intensity + geometry augmentation; returns the network input (S, S) and mask (S, S)."""
+    import cv2
+
+    g = img.astype(np.float32) / 255.0
+    m = mask.astype(np.float32)
+    # geometry: flips, rotation, scale, shift (black border like a screenshot / small FOV)
+    if rng.random() < 0.5:
+        g, m = g[:, ::-1], m[:, ::-1]
+    if rng.random() < 0.1:
+        g, m = g[::-1], m[::-1]
+    if rng.random() < 0.8:
+        ang = rng.uniform(-12, 12)
+        sc = math.exp(rng.uniform(math.log(0.7), math.log(1.25)))
+        c = CLAHE_SIZE / 2.0
+        a = cv2.getRotationMatrix2D((c, c), ang, sc)
+        a[:, 2] += rng.uniform(-0.08, 0.08, 2) * CLAHE_SIZE
+        g = cv2.warpAffine(np.ascontiguousarray(g), a, (CLAHE_SIZE, CLAHE_SIZE), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        m = cv2.warpAffine(np.ascontiguousarray(m), a, (CLAHE_SIZE, CLAHE_SIZE), flags=cv2.INTER_LINEAR, borderValue=0.0)
+    # intensity: window (contrast), gamma, blur, noise
+    if rng.random() < 0.8:
+        lo, hi = rng.uniform(0.0, 0.3), rng.uniform(0.55, 1.0)
+        g = np.clip((g - lo) / (hi - lo), 0, 1)
+    if rng.random() < 0.7:
+        g = g ** math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+    if rng.random() < 0.3:
+        g = cv2.GaussianBlur(np.ascontiguousarray(g), (0, 0), rng.uniform(0.5, 1.5))
+    if rng.random() < 0.4:
+        g = g + rng.normal(0, rng.uniform(0.005, 0.05), g.shape).astype(np.float32)
+    # re-prepare as at inference: min-max + CLAHE (p_reclahe) or min-max only
+    x = prepare_slice(np.ascontiguousarray(g), cfg.size, clahe=bool(rng.random() < cfg.p_reclahe))
+    mm = cv2.resize(np.ascontiguousarray(m), (cfg.size, cfg.size), interpolation=cv2.INTER_AREA)
+    return x, (mm > 0.5).astype(np.float32)
+
+
+def prepare_eval(img: np.ndarray, size: int) -> np.ndarray:
+    """Evaluation input: the inference preparation (min-max + CLAHE) of the unchanged image."""
+    return prepare_slice(img.astype(np.float32) / 255.0, size, clahe=True)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean arrays (1.0 when both are empty)."""
+    a, b = a.astype(bool), b.astype(bool)
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
+
+
+# --- training --------------------------------------------------------------------------------------
+def _loss(torch: Any, logits: Any, target: Any) -> Any:
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum(dim=(1, 2, 3))
+    den = p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+    soft_dice = 1 - ((2 * inter + 1) / (den + 1)).mean()
+    return bce + soft_dice
+
+
+def _predict(torch: Any, model: Any, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(model(torch.from_numpy(x[i : i + batch])).numpy()[:, 0])
+    return np.concatenate(out)
+
+
+def evaluate_dice(logits: np.ndarray, masks: np.ndarray) -> List[float]:
+    """Per-slice Dice at the masks' resolution (bilinear logits, threshold 0, hole filling)."""
+    from ..lungs.unet2d import logits_to_masks
+
+    pred = logits_to_masks(logits, masks.shape[1:])
+    return [dice(p, m) for p, m in zip(pred, masks)]
+
+
+def export_onnx(model: Any, path: Path, size: int, opset: int = 17) -> float:
+    """Export with a dynamic batch axis; returns max |ORT - eager| on a random batch of 3."""
+    import onnxruntime as ort
+    import torch
+
+    model.eval()
+    x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(1))
+    torch.onnx.export(
+        model, x[:1], str(path), opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, dynamo=False,
+    )
+    with torch.no_grad():
+        ref = model(x).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    return float(np.abs(got - ref).max())
+
+
+def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
+    """Train, early-stop on validation Dice, export ONNX, write config/metrics; returns metrics."""
+    from .._lazy import require
+
+    torch = require("torch", "training the lung U-Net")
+    from tqdm import tqdm
+
+    from ..models.unet import unet2d_lung
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+
+    nums, imgs, masks = load_seg2d(cfg.data_dir)
+    split = split_blocks(nums, cfg.val_block, cfg.test_block)
+    x_val = np.stack([prepare_eval(imgs[i], cfg.size) for i in split["val"]])[:, None]
+    model = unet2d_lung(base=cfg.base, levels=cfg.levels)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr * 0.05)
+    t_start = time.perf_counter()
+    best, best_epoch, history = -1.0, -1, []
+    tr = split["train"]
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(tr)
+        losses = []
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", leave=False, mininterval=5)
+        for b in bar:
+            idx = order[b : b + cfg.batch_size]
+            pairs = [augment(imgs[i], masks[i], rng, cfg) for i in idx]
+            xb = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
+            yb = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None])
+            opt.zero_grad()
+            loss = _loss(torch, model(xb), yb)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        sched.step()
+        val_dice = float(np.mean(evaluate_dice(_predict(torch, model, x_val), masks[split["val"]])))
+        elapsed = (time.perf_counter() - t_start) / 60
+        history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)), "val_dice": val_dice, "minutes": round(elapsed, 2)})
+        print(json.dumps(history[-1]), flush=True)
+        if val_dice > best:
+            best, best_epoch = val_dice, epoch
+            torch.save(model.state_dict(), out / "unet2d_lung.pt")
+        if epoch - best_epoch >= cfg.patience:
+            print(f"early stop at epoch {epoch} (best {best:.4f} at {best_epoch})", flush=True)
+            break
+        if elapsed > cfg.max_minutes:
+            print(f"time budget {cfg.max_minutes} min reached at epoch {epoch}", flush=True)
+            break
+    train_minutes = (time.perf_counter() - t_start) / 60
+
+    model.load_state_dict(torch.load(out / "unet2d_lung.pt"))
+    model.eval()
+    onnx_path = out / "unet2d_lung.onnx"
+    parity = export_onnx(model, onnx_path, cfg.size, cfg.opset)
+    x_test = np.stack([prepare_eval(imgs[i], cfg.size) for i in split["test"]])[:, None]
+    test_d = evaluate_dice(_predict(torch, model, x_test), masks[split["test"]])
+    val_d = evaluate_dice(_predict(torch, model, x_val), masks[split["val"]])
+    metrics = {
+        "model": "unet2d_lung",
+        "onnx": str(onnx_path),
+        "input": {"name": INPUT_NAME, "shape": ["batch", 1, cfg.size, cfg.size], "prep": "min-max + CLAHE(7) @256, area to size"},
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "split_sizes": {k: int(len(v)) for k, v in split.items()},
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "train_minutes": round(train_minutes, 2),
+        "onnx_parity_max_abs": parity,
+        "seg2d_val_dice_mean": float(np.mean(val_d)),
+        "seg2d_test_dice_mean": float(np.mean(test_d)),
+        "seg2d_test_dice_median": float(np.median(test_d)),
+        "seg2d_test_dice_min": float(np.min(test_d)),
+        "history": history,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2), flush=True)
+    if parity > 1e-4:
+        raise ConfigError(f"ONNX parity {parity:.2e} exceeds 1e-4 for {onnx_path}; do not ship this export")
+    return metrics
+
+
+def main(argv: List[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--out", default=str(REPO / "runs" / "seg"))
+    p.add_argument("--epochs", type=int, default=SegTrainConfig.epochs)
+    p.add_argument("--base", type=int, default=SegTrainConfig.base)
+    p.add_argument("--size", type=int, default=SegTrainConfig.size)
+    p.add_argument("--max-minutes", type=float, default=SegTrainConfig.max_minutes)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    train_seg(SegTrainConfig(data_dir=a.data, out_dir=a.out, epochs=a.epochs, base=a.base, size=a.size, max_minutes=a.max_minutes, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Lung segmentation: classical 3D on a synthetic phantom with known geometry, the NRRD reader,
+the learned 2D U-Net on held-out seg2d slices, and segment() on real volumes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdk.errors import BundleError, ConfigError
+from sdk.lungs import LEFT, RIGHT, segment, segment_classical_hu, slice_thickness_mm
+from sdk.lungs.unet2d import DEFAULT_ONNX
+from sdk.volume.core import Volume
+from conftest import shared_path
+
+HAVE_ONNX = DEFAULT_ONNX.is_file()
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason=f"trained 2D U-Net not found at {DEFAULT_ONNX} (run python -m sdk.train.seg)")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def phantom(separation_px: int = 32, seed: int = 0):
+    """Chest phantom: body ellipse (30 HU) in air, two lung ellipsoids (-850 HU) with a vessel and
+    a nodule inside (soft tissue), a trachea (-1000 HU) joined to both lungs by bronchi."""
+    rng = np.random.default_rng(seed)
+    z, n = 48, 160
+    zz, yy, xx = np.mgrid[0:z, 0:n, 0:n]
+    hu = np.full((z, n, n), -1000.0)
+    body = ((yy - 80) / 58.0) ** 2 + ((xx - 80) / 74.0) ** 2 <= 1
+    hu[body] = 30.0
+    truth = np.zeros((z, n, n), np.uint8)
+    for lab, cx in ((LEFT, 80 + separation_px), (RIGHT, 80 - separation_px)):  # x grows to patient Left
+        ell = ((zz - 22) / 20.0) ** 2 + ((yy - 82) / 36.0) ** 2 + ((xx - cx) / 24.0) ** 2 <= 1
+        truth[ell & (truth == 0)] = lab
+    lung = truth > 0
+    hu[lung] = -850.0
+    vessel = ((yy - 85) ** 2 + (xx - (80 + separation_px)) ** 2 <= 4) & lung
+    nodule = ((zz - 20) ** 2 + (yy - 75) ** 2 + (xx - (80 - separation_px)) ** 2 <= 16) & lung
+    hu[vessel | nodule] = 40.0
+    trachea = ((yy - 62) ** 2 + (xx - 80) ** 2 <= 25) & (zz >= 30)
+    bronchi = (zz >= 30) & (zz <= 32) & (np.abs(yy - 62) <= 3) & (np.abs(xx - 80) <= separation_px) & body
+    hu[trachea | bronchi] = -1000.0
+    hu += rng.normal(0, 15, hu.shape)
+    return hu.astype(np.int16), truth, vessel | nodule
+
+
+def as_volume(hu: np.ndarray, spacing=(2.5, 2.2, 2.2)) -> Volume:
+    return Volume(hu=hu, z_mm=np.arange(hu.shape[0]) * spacing[0], pixel_spacing_mm=(spacing[1], spacing[2]))
+
+
+def test_classical_phantom_dice_labels_and_volume() -> None:
+    hu, truth, inside = phantom()
+    vol = as_volume(hu)
+    seg = segment(vol, "classical")
+    assert seg.method == "classical" and seg.mask.shape == hu.shape and seg.mask.dtype == bool
+    assert dice(seg.mask, truth > 0) >= 0.95
+    for lab in (LEFT, RIGHT):
+        assert dice(seg.labels == lab, truth == lab) >= 0.93
+    assert seg.mask[inside].mean() >= 0.95            # vessel + nodule kept by the hole filling
+    trachea_top = hu[40:, 55:70, 75:86] < -900
+    assert not seg.mask[40:, 55:70, 75:86][trachea_top].any()   # trachea above the lungs removed
+    true_ml = (truth > 0).sum() * 2.5 * 2.2 * 2.2 / 1000
+    assert seg.lung_volume_ml == pytest.approx(true_ml, rel=0.06)
+    assert seg.left_volume_ml + seg.right_volume_ml == pytest.approx(seg.lung_volume_ml, rel=1e-6)
+
+
+def test_classical_splits_touching_lungs() -> None:
+    hu, truth, _ = phantom(separation_px=22)   # ellipsoids overlap at the midline: one component
+    labels, info = segment_classical_hu(hu, (2.5, 2.2, 2.2))
+    assert info["n_components"] == 1.0
+    ratio = (labels == LEFT).sum() / (labels == RIGHT).sum()
+    assert 0.8 < ratio < 1.25
+    xs = np.arange(hu.shape[2])
+    cx = [((labels == k).sum(axis=(0, 1)) * xs).sum() / (labels == k).sum() for k in (LEFT, RIGHT)]
+    assert cx[0] > cx[1]                        # left lung at larger x (LPS)
+    assert dice(labels > 0, truth > 0) >= 0.93
+
+
+def test_slice_thickness_uneven_z() -> None:
+    z = np.array([0.0, 2.0, 4.0, 7.0, 9.0])
+    t = slice_thickness_mm(z)
+    # footprints between midpoints; ends extend half the median spacing (2.0)
+    np.testing.assert_allclose(t, [2.0, 2.0, 2.5, 2.5, 2.0])
+    assert t.sum() == pytest.approx(z[-1] - z[0] + 2.0)
+
+
+def test_segment_rejects_bad_input(tmp_path: Path) -> None:
+    vol = as_volume(phantom()[0])
+    with pytest.raises(ConfigError, match="valid"):
+        segment(vol, "magic")
+    with pytest.raises(ConfigError):
+        segment(np.zeros((3, 4, 4)))
+    with pytest.raises(BundleError, match="not found"):
+        segment(vol, "unet2d", onnx_path=tmp_path / "missing.onnx")
+
+
+def test_auto_falls_back_openly_without_model(tmp_path: Path) -> None:
+    vol = as_volume(phantom()[0])
+    with pytest.warns(UserWarning, match="classical"):
+        seg = segment(vol, "auto", onnx_path=tmp_path / "missing.onnx")
+    assert seg.method == "classical" and seg.warnings
+
+
+def test_nrrd_reader_matches_dicom() -> None:
+    import glob
+
+    import pydicom
+
+    from sdk.lungs.nrrd import read_nrrd
+
+    folder = shared_path("dicom", "cip-ct64")
+    ct = read_nrrd(shared_path("volumes", "cip-copd-ct64", "ct-64.nrrd"))
+    ds = [pydicom.dcmread(f) for f in glob.glob(str(folder / "*")) if Path(f).is_file()]
+    ds.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    ref = np.stack([d.pixel_array.astype(np.int32) * int(d.RescaleSlope) + int(d.RescaleIntercept) for d in ds])
+    assert ct.data.shape == ref.shape == (79, 64, 64)
+    np.testing.assert_array_equal(ct.data.astype(np.int32), ref)
+    assert ct.spacing == pytest.approx((3.987, 4.1719, 4.1719), abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def cip():
+    from sdk.lungs.evaluate import load_dicom_volume
+    from sdk.lungs.nrrd import read_nrrd
+
+    vol = load_dicom_volume(str(shared_path("dicom", "cip-ct64")))
+    ref = read_nrrd(shared_path("volumes", "cip-copd-ct64", "wholeLung-64.nrrd")).data > 0
+    return vol, ref
+
+
+def test_classical_dice_on_cip_reference_mask(cip) -> None:
+    vol, ref = cip
+    seg = segment(vol, "classical")
+    assert dice(seg.mask, ref) >= 0.95
+    ref_ml = ref.sum() * np.prod(vol.spacing) / 1000
+    assert seg.lung_volume_ml == pytest.approx(ref_ml, rel=0.1)
+
+
+@needs_onnx
+def test_unet2d_on_heldout_seg2d_block() -> None:
+    from sdk.lungs import segment_slices_2d
+    from sdk.train.seg import load_seg2d, split_blocks
+
+    nums, imgs, masks = load_seg2d(str(shared_path("seg2d")))
+    test = split_blocks(nums, (0, 0), (1320, 10000))["test"][::6]   # 13 held-out slices
+    timings: dict = {}
+    pred = segment_slices_2d(imgs[test].astype(np.float32) / 255.0, timings=timings)
+    assert pred.shape == masks[test].shape and pred.dtype == np.uint8 and set(np.unique(pred)) <= {0, 1}
+    scores = [dice(p, m) for p, m in zip(pred, masks[test])]
+    assert np.mean(scores) >= 0.9
+    assert {"prepare_ms", "net_ms", "post_ms"} <= set(timings)
+    one = segment_slices_2d(imgs[test[0]].astype(np.float32) / 255.0)   # single (H, W) image
+    np.testing.assert_array_equal(one, pred[0])
+
+
+@needs_onnx
+def test_segment_slices_2d_validates_input() -> None:
+    from sdk.lungs import segment_slices_2d
+
+    with pytest.raises(ConfigError):
+        segment_slices_2d(np.zeros((1, 1, 8, 8), np.float32))
+    with pytest.raises(ConfigError, match="NaN"):
+        segment_slices_2d(np.full((1, 32, 32), np.nan, np.float32))
+
+
+@pytest.fixture(scope="module")
+def p001():
+    from sdk.lungs.evaluate import load_dicom_volume
+
+    return load_dicom_volume(str(shared_path("dicom", "covid-ct-md", "covid-P001")))
+
+
+@pytest.mark.parametrize("method", ["classical", pytest.param("hybrid", marks=needs_onnx), pytest.param("unet2d", marks=needs_onnx)])
+def test_segment_covid_p001_plausible(p001, method: str) -> None:
+    seg = segment(p001, method)
+    assert seg.method == method
+    assert 2000 <= seg.lung_volume_ml <= 8000
+    assert seg.left_volume_ml > 1000 and seg.right_volume_ml > 1000
+    assert seg.z_range is not None and seg.z_range[1] - seg.z_range[0] > 60
+    assert seg.timings_ms["total"] > 0
+    d = seg.to_dict()
+    assert d["method"] == method and isinstance(d["lung_volume_ml"], float)
