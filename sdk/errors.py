@@ -110,3 +110,12 @@ class KernelError(CtsdkError):
 
 class ConfigError(CtsdkError):
     """Invalid arguments or configuration values."""
+
+
+# --- scanner / PACS integration ----------------------------------------------------------------
+class DicomNetworkError(CtsdkError):
+    """A DICOM network operation failed (association refused, C-STORE status not Success, timeout)."""
+
+
+class ResultWriteError(CtsdkError):
+    """A result object (JSON, DICOM SR/SC, PNG, JSONL line) could not be built or written."""

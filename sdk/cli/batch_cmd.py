@@ -1,0 +1,51 @@
+"""``ctsdk triage-batch ROOT --out results.jsonl``: every series of an archive into JSON lines."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import click
+
+from ._common import emit, handle_errors, json_option
+
+
+@click.command("triage-batch")
+@click.argument("root", type=click.Path(exists=True))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
+              help="JSONL file, one line per series (appended and flushed per line).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Worker processes (local) or Ray actors (--engine ray), one model each.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a process pool here; ray: a Ray cluster (needs ctsdk[cluster], see sdk.cluster).")
+@click.option("--ray-address", default=None, help="--engine ray: 'auto', HOST:PORT of a head node, or none for a private Ray.")
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="--engine ray: logical CPUs per actor.")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="--engine ray: GPUs per actor.")
+@click.option("--resume", is_flag=True, help="Skip series whose key is already in --out (after an interruption).")
+@click.option("--overwrite", is_flag=True, help="Start --out afresh when it exists.")
+@click.option("--triage-fn", default=None, help="module:function triage hook (default: sdk.triage.Triage).")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@json_option
+@handle_errors
+def triage_batch(root: str, out_path: str, workers: int, engine: str, ray_address: Optional[str], cpus_per_worker: float,
+                 gpus_per_worker: float, resume: bool, overwrite: bool, triage_fn: Optional[str], no_progress: bool,
+                 as_json: bool) -> None:
+    """Triage every series under ROOT into JSON lines, with a summary table and a label PNG.
+
+    A folder of mixed files becomes one line per series; unreadable files become error lines.
+    Interrupted? Rerun with --resume: finished series are not redone. Research use only.
+    """
+    if engine == "ray":
+        from ..cluster import run_batch_ray  # imports Ray only when called (and says what to install)
+
+        summary = run_batch_ray(root, out_path, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
+                                gpus_per_worker=gpus_per_worker, resume=resume, overwrite=overwrite,
+                                triage_fn=triage_fn, progress=not no_progress)
+    else:
+        from ..integration.batch import run_batch
+
+        summary = run_batch(root, out_path, workers=workers, resume=resume, overwrite=overwrite, triage_fn=triage_fn,
+                            progress=not no_progress)
+    emit(summary.to_dict(), as_json, lambda d: summary.table())
+    if summary.interrupted:
+        click.echo("ctsdk: interrupted (rerun with --resume)", err=True)
+        sys.exit(130)

@@ -1,0 +1,326 @@
+"""DICOM result objects (highdicom) and their C-STORE forwarding.
+
+For each triaged series:
+
+- ``sr.dcm`` - a Comprehensive SR whose root container (LOINC 18748-4 "Diagnostic imaging
+  report") holds the research-use statement, the algorithm name and version (DCM 111001/111003),
+  the label (DCM 121071 "Finding", coded in the local scheme ``99CTSDK``), one NUM per class
+  probability (UCUM "1"), eligibility, and the prior comparison when there is one. Its evidence
+  sequence references every source instance of the series.
+- ``sc-NNN.dcm`` - Secondary Capture Image(s), RGB, of the heat-map overlays (or, when the triage
+  gave none, the lung-windowed key slice), in the source study, with a Source Image Sequence
+  pointing at the slice each was computed on.
+
+UIDs of result objects are derived from the source series and the set of instances triaged
+(``pydicom.uid.generate_uid(entropy_srcs=...)``), so re-running a series after a crash produces
+the same SOP Instance UIDs and a PACS de-duplicates instead of showing two reports.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from .._lazy import require
+from ..errors import DicomNetworkError, ResultWriteError
+from .storage import atomic_write_bytes, instance_set_digest
+from .triage_fns import RESEARCH_ONLY, Overlay
+
+log = logging.getLogger("sdk.integration.results")
+
+__all__ = ["write_dicom_results", "build_sr", "build_sc", "forward_files", "key_image_overlay",
+           "patient_orientation", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER"]
+
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+MANUFACTURER = "ctsdk"
+LOCAL_SCHEME = "99CTSDK"
+LUNG_WINDOW = (-1350.0, 150.0)
+
+
+def _read_headers(files: Sequence[Path]) -> List[Any]:
+    import pydicom
+
+    out = []
+    for f in files:
+        try:
+            out.append(pydicom.dcmread(str(f), stop_before_pixels=True))
+        except Exception as exc:
+            raise ResultWriteError(f"{f}: cannot re-read the source instance for the DICOM results ({exc})") from exc
+    return out
+
+
+#: Patient / study attributes (Type 2 in the Patient and General Study modules) that result
+#: objects copy from the source; anonymised sources often lack them, and Type 2 means "present,
+#: possibly empty", so a missing one is added empty (never invented).
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "AccessionNumber", "ReferringPhysicianName", "StudyID")
+
+
+def _with_type2(ds: Any) -> Any:
+    """A shallow copy of ``ds`` with every missing :data:`_TYPE2_COPIED` attribute added empty."""
+    import copy
+
+    out = copy.copy(ds)
+    for kw in _TYPE2_COPIED:
+        if kw not in out:
+            setattr(out, kw, "")
+    return out
+
+
+def _slice_order_key(ds: Any) -> Tuple[float, int]:
+    try:
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+        normal = np.cross(iop[:3], iop[3:])
+        pos = float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient]))
+    except (AttributeError, ValueError, TypeError):
+        pos = 0.0
+    return pos, int(ds.get("InstanceNumber", 0) or 0)
+
+
+def patient_orientation(ds: Any) -> Tuple[str, str]:
+    """PatientOrientation (row direction, column direction) letters from ImageOrientationPatient.
+
+    LPS: +x L / -x R, +y P / -y A, +z H / -z F; each direction gets its dominant axis letter.
+    An image without orientation gets ("L", "P"), the axial default.
+    """
+    try:
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+    except (AttributeError, ValueError, TypeError):
+        return ("L", "P")
+    letters = (("R", "L"), ("A", "P"), ("F", "H"))
+
+    def letter(v: Sequence[float]) -> str:
+        axis = int(np.argmax(np.abs(v)))
+        return letters[axis][1 if v[axis] > 0 else 0]
+
+    return (letter(iop[:3]), letter(iop[3:]))
+
+
+def key_image_overlay(file: Path) -> Overlay:
+    """The lung-windowed slice of ``file`` as an RGB overlay (used when no heat map exists)."""
+    import pydicom
+
+    from ..heatmap import window_to_unit
+
+    try:
+        ds = pydicom.dcmread(str(file))
+        px = ds.pixel_array.astype(np.float32)
+    except Exception as exc:
+        raise ResultWriteError(f"{file}: cannot decode the key slice for the Secondary Capture ({exc})") from exc
+    if px.ndim != 2:
+        px = px.reshape(-1, *px.shape[-2:])[0]
+    hu = px * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    grey = (window_to_unit(hu, LUNG_WINDOW) * 255.0 + 0.5).astype(np.uint8)
+    return Overlay(np.stack([grey] * 3, axis=-1), file, "key slice, lung window (no heat map available)")
+
+
+def _uid(*parts: Any) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=[str(p) for p in parts]))
+
+
+def _model_identity(result: Mapping[str, Any]) -> Tuple[str, str]:
+    """(name, version) of the model bundle named in a result dict, with ctsdk's as fallback."""
+    from .. import __version__
+
+    for key in ("model", "bundle"):
+        v = result.get(key)
+        if isinstance(v, Mapping) and v.get("name"):
+            return str(v.get("name")), str(v.get("version", "") or "unknown")
+        if isinstance(v, str) and v:
+            return v, str(result.get(f"{key}_version", "") or "unknown")
+    rt = result.get("runtime")
+    if isinstance(rt, Mapping):
+        for key in ("bundle", "model"):
+            v = rt.get(key)
+            if isinstance(v, Mapping) and v.get("name"):
+                return str(v["name"]), str(v.get("version", "") or "unknown")
+            if isinstance(v, str) and v:
+                return v, str(rt.get(f"{key}_version", "") or "unknown")
+    return "ctsdk", __version__
+
+
+def build_sr(sources: Sequence[Any], result: Mapping[str, Any], uid_seed: str) -> Any:
+    """Comprehensive SR of a triage result (see the module docstring for its content tree)."""
+    hd = require("highdicom", "DICOM SR results")
+    from pydicom.dataset import Dataset
+    from highdicom.sr import (CodeContentItem, CodedConcept, ContainerContentItem, NumContentItem,
+                              TextContentItem)
+
+    def cc(value: str, scheme: str, meaning: str) -> Any:
+        return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning[:64])
+
+    name, version = _model_identity(result)
+    label = str(result.get("label", "unknown"))
+    items: List[Any] = [
+        TextContentItem(name=cc("121106", "DCM", "Comment"), value=RESEARCH_ONLY, relationship_type="CONTAINS"),
+        TextContentItem(name=cc("111001", "DCM", "Algorithm Name"), value=name[:64], relationship_type="CONTAINS"),
+        TextContentItem(name=cc("111003", "DCM", "Algorithm Version"), value=version[:64], relationship_type="CONTAINS"),
+        CodeContentItem(name=cc("121071", "DCM", "Finding"), value=cc(label[:16], LOCAL_SCHEME, f"triage label {label}"),
+                        relationship_type="CONTAINS"),
+    ]
+    probs = result.get("probabilities") or {}
+    for cls, p in sorted(probs.items()):
+        items.append(NumContentItem(name=cc(f"P-{cls}"[:16], LOCAL_SCHEME, f"Probability of {cls}"), value=float(p),
+                                    unit=cc("1", "UCUM", "no units"), relationship_type="CONTAINS"))
+    eligible = result.get("eligible")
+    reasons = "; ".join(str(r) for r in (result.get("reasons") or []))
+    if eligible is not None:
+        text = "eligible" if eligible else "not eligible"
+        items.append(TextContentItem(name=cc("ELIGIBILITY", LOCAL_SCHEME, "Triage eligibility"),
+                                     value=(f"{text}: {reasons}" if reasons else text)[:1024], relationship_type="CONTAINS"))
+    prior = result.get("prior")
+    if isinstance(prior, Mapping) and prior.get("change"):
+        items.append(TextContentItem(name=cc("PRIOR-CHANGE", LOCAL_SCHEME, "Change since prior study"),
+                                     value=str(prior.get("summary") or prior["change"])[:1024], relationship_type="CONTAINS"))
+    root = ContainerContentItem(name=cc("18748-4", "LN", "Diagnostic imaging report"))
+    root.ContentSequence = items
+    first = sources[0]
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(sources),
+        content=root,
+        series_instance_uid=_uid(uid_seed, "sr-series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=_uid(uid_seed, "sr"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=f"ctsdk triage SR ({RESEARCH_ONLY})"[:64],
+    )
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = LOCAL_SCHEME
+    scheme.CodingSchemeName = "ctsdk local codes (triage labels and probabilities)"
+    scheme.CodingSchemeResponsibleOrganization = "ctsdk"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    if not sr.get("StudyInstanceUID"):
+        sr.StudyInstanceUID = first.get("StudyInstanceUID", "")
+    return sr
+
+
+def build_sc(ref: Any, overlay: Overlay, uid_seed: str, index: int) -> Any:
+    """RGB Secondary Capture of one overlay, in the source's study, referencing its source slice."""
+    hd = require("highdicom", "DICOM Secondary Capture results")
+    from pydicom.dataset import Dataset
+
+    rgb = np.ascontiguousarray(overlay.rgb)
+    spacing = None
+    if ref.get("PixelSpacing") is not None and (int(ref.get("Rows", 0)), int(ref.get("Columns", 0))) == rgb.shape[:2]:
+        spacing = tuple(float(v) for v in ref.PixelSpacing)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=_uid(uid_seed, "sc-series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=_uid(uid_seed, "sc", index),
+        instance_number=index,
+        manufacturer=MANUFACTURER,
+        pixel_spacing=spacing,
+        patient_orientation=patient_orientation(ref),
+        series_description=f"ctsdk heat maps ({RESEARCH_ONLY})"[:64],
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+    src = Dataset()
+    src.ReferencedSOPClassUID = ref.SOPClassUID
+    src.ReferencedSOPInstanceUID = ref.SOPInstanceUID
+    sc.SourceImageSequence = [src]
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = overlay.description[:1024]
+    sc.ImageComments = f"{RESEARCH_ONLY}. {overlay.description}"[:10240]
+    sc.BurnedInAnnotation = "NO"
+    if "Laterality" not in sc:  # Type 2C in General Series; a chest is both sides: present, empty
+        sc.Laterality = ""
+    return sc
+
+
+def write_dicom_results(files: Sequence[Path], result: Mapping[str, Any], overlays: Sequence[Overlay],
+                        out_dir: Path, max_sc: int = 3) -> List[Path]:
+    """Write ``sr.dcm`` and ``sc-NNN.dcm`` for a triaged series into ``out_dir``; return their paths.
+
+    Raises:
+        ResultWriteError: a source cannot be re-read, highdicom refuses the inputs (e.g. a source
+            with an invalid UID), or a file cannot be written. The message names the series folder.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        raise ResultWriteError(f"{out_dir}: no source instances to reference in the DICOM results")
+    sources = [_with_type2(ds) for ds in _read_headers(files)]
+    by_file = {str(f.resolve()): ds for f, ds in zip(files, sources)}
+    images = [(f, ds) for f, ds in zip(files, sources) if "PixelData" in ds or ds.get("Rows")]
+    order = sorted(images or list(zip(files, sources)), key=lambda t: _slice_order_key(t[1]))
+    seed = "|".join([str(sources[0].get("SeriesInstanceUID", "")), instance_set_digest([f.name for f in files])])
+    out_dir = Path(out_dir)
+    written: List[Path] = []
+    try:
+        sr = build_sr(sources, result, seed)
+        written.append(_save(sr, out_dir / "sr.dcm"))
+        chosen = list(overlays)[:max_sc]
+        if not chosen:
+            chosen = [key_image_overlay(order[len(order) // 2][0])]
+        positions = np.array([_slice_order_key(ds)[0] for _, ds in order])
+        spacing = float(np.median(np.abs(np.diff(positions)))) if len(positions) > 1 else 1.0
+        for i, ov in enumerate(chosen, start=1):
+            ref = by_file.get(str(Path(ov.source_file).resolve())) if ov.source_file else None
+            if ref is None and ov.z_mm is not None:
+                k = int(np.argmin(np.abs(positions - ov.z_mm)))
+                if abs(positions[k] - ov.z_mm) <= max(spacing, 1e-3) * 0.51:
+                    ref = order[k][1]
+                else:
+                    log.warning("%s: no source slice at z=%.2f mm; the SC references the middle slice", out_dir, ov.z_mm)
+            if ref is None:
+                ref = order[len(order) // 2][1]
+            written.append(_save(build_sc(ref, ov, seed, i), out_dir / f"sc-{i:03d}.dcm"))
+    except ResultWriteError:
+        raise
+    except Exception as exc:  # highdicom validates its inputs with ValueError/TypeError
+        raise ResultWriteError(f"{out_dir}: DICOM results not built: {type(exc).__name__}: {exc}") from exc
+    return written
+
+
+def _save(ds: Any, path: Path) -> Path:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def forward_files(files: Sequence[Path], target: Any, calling_ae: str = "CTSDK", timeout_s: float = 30.0) -> int:
+    """C-STORE ``files`` to ``target`` (a :class:`~sdk.integration.listener.ForwardTarget`).
+
+    Returns the number of instances stored. Raises DicomNetworkError when the association is
+    refused or any C-STORE status is not Success (0x0000).
+    """
+    require("pynetdicom", "forwarding DICOM results")
+    import pydicom
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(str(f)) for f in files]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for cls, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
+        ae.add_requested_context(cls, ts)
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        raise DicomNetworkError(f"forward to {target}: association not established "
+                                f"({'rejected' if assoc.is_rejected else 'aborted or no answer'}); check --forward and the peer's AE allow-list")
+    sent = 0
+    try:
+        for f, d in zip(files, datasets):
+            status = assoc.send_c_store(d)
+            code = getattr(status, "Status", None)
+            if code != 0x0000:
+                raise DicomNetworkError(f"forward of {f} to {target}: C-STORE status "
+                                        f"{'none (timeout/abort)' if code is None else hex(code)}")
+            sent += 1
+    finally:
+        assoc.release()
+    return sent
