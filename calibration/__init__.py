@@ -1,1 +1,30 @@
-"""INT8 calibration: calibration sets from real slices, QDQ quantisation, accuracy reports (installed as sdk.calibration)."""
+"""INT8 calibration: calibration sets from real slices, QDQ quantisation, accuracy reports
+(installed as sdk.calibration).
+
+    from sdk.calibration import calibrate
+    report = calibrate("classifier_fp32.onnx", "images_index.csv", "classifier_int8.onnx")
+
+onnxruntime.quantization and onnx are imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "calibrate": ".quantize", "CalibrationReport": ".quantize", "quantize": ".quantize", "prepare": ".quantize",
+    "benchmark": ".quantize", "sensitivity": ".quantize", "METHODS": ".quantize", "runtime_hints": ".quantize",
+    "calibrate_ranges": ".quantize",
+    "load_rows": ".dataset", "stratified_sample": ".dataset", "preprocessor": ".dataset", "Row": ".dataset",
+    "roc_auc": ".metrics", "binary_summary": ".metrics",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'sdk.calibration' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value

@@ -1,1 +1,30 @@
-"""PyTorch -> ONNX export, FP16 conversion and TensorRT engine building (installed as sdk.export)."""
+"""PyTorch -> ONNX export, FP16 conversion and TensorRT engine building (installed as sdk.export).
+
+- :func:`export_onnx` / :func:`export_fp16` (``sdk.export.onnx``): one-file ONNX with metadata,
+  onnx.checker, onnxslim and a parity check on real slices; FP16 with an FP32 head.
+- ``sdk.export.tensorrt``: ``build_engine(BuildConfig(...))`` with Polygraphy's loaders, engine
+  and timing caches (TensorRT imported lazily).
+
+Nothing heavy is imported by ``import sdk.export``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "export_onnx": ".onnx", "export_fp16": ".onnx", "classifier_metadata": ".onnx", "read_metadata": ".onnx",
+    "ExportReport": ".onnx", "ParityReport": ".onnx", "ExportError": ".onnx", "torch_parity": ".onnx",
+    "BuildConfig": ".tensorrt", "build_engine": ".tensorrt", "CachedEngine": ".tensorrt", "EngineFromOnnx": ".tensorrt",
+    "parse_batch": ".tensorrt",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'sdk.export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value

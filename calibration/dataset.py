@@ -1,0 +1,242 @@
+"""Calibration and evaluation slices: split assignment, stratified sampling, preprocessing.
+
+The calibration set comes from the TRAIN split only (default 256 slices, stratified by source and
+class); the accuracy delta is measured on the TEST split. Splits come from the classifier's own
+split file (``runs/classifier/splits.csv``: columns ``path`` and ``split``) when it exists, so
+calibration never sees a test image; without it the dataset's official split is used where one
+exists (UCSD train/val/test) and a deterministic hash of the patient id (or path) elsewhere
+(70 / 15 / 15), so one patient never straddles splits.
+
+Preprocessing equals training's evaluation transform (``sdk.train.data.eval_input``: letterbox
+to S x S, lung mask from the classifier's cache ``runs/classifier/masks/masks.npz`` or the same
+2D lung U-Net), see :class:`TrainingPreprocessor`.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import ConfigError
+
+log = logging.getLogger("sdk.calibration")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SPLITS = REPO / "runs" / "classifier" / "splits.csv"
+DEFAULT_MASKS = REPO / "runs" / "classifier" / "masks"
+POSITIVE = "covid"
+
+
+@dataclass
+class Row:
+    path: str           # as written in the CSV (relative to the CSV's folder)
+    abs_path: str
+    label: str
+    source: str
+    split: str          # train | val | test
+    patient: str = ""
+
+    @property
+    def y(self) -> int:
+        return int(self.label == POSITIVE)
+
+
+def _hash_split(key: str) -> str:
+    h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
+    return "train" if h < 70 else ("val" if h < 85 else "test")
+
+
+def load_rows(images_csv: os.PathLike, splits_csv: Optional[Any] = None) -> Tuple[List[Row], str]:
+    """All rows of an images CSV (``path,label,source,split,patient``) with a train/val/test split.
+
+    ``splits_csv``: a ``path,split`` file (rows not in it are dropped), ``"auto"`` for
+    ``runs/classifier/splits.csv`` when it exists, or None for the CSV's own split column (hash
+    split where it is empty). Returns ``(rows, how)`` where ``how`` says where the split came from.
+    """
+    csv_path = Path(images_csv)
+    if not csv_path.is_file():
+        raise ConfigError(f"{csv_path}: images CSV not found (format: path,label,source,split,patient as ../shared/data/images_index.csv)")
+    with open(csv_path, newline="") as f:
+        raw = list(csv.DictReader(f))
+    if not raw or not {"path", "label"} <= set(raw[0]):
+        raise ConfigError(f"{csv_path}: needs at least the columns path,label (found {sorted(raw[0]) if raw else 'no rows'})")
+    if splits_csv == "auto":
+        splits_csv = DEFAULT_SPLITS if DEFAULT_SPLITS.is_file() else None
+    split_file = Path(splits_csv) if splits_csv else None
+    given: Dict[str, str] = {}
+    how = "official split where present, else sha256(patient or path) 70/15/15"
+    if split_file is not None:
+        if not split_file.is_file():
+            raise ConfigError(f"{split_file}: splits CSV not found")
+        with open(split_file, newline="") as f:
+            for r in csv.DictReader(f):
+                given[r["path"]] = r["split"]
+        how = f"classifier split file {split_file}"
+    rows = []
+    for r in raw:
+        src = r.get("source", "")
+        if given:
+            split = given.get(r["path"], "")
+            if not split:
+                continue  # not part of the classifier's data: neither calibrate nor evaluate on it
+        elif r.get("split", "") in ("train", "val", "test"):
+            split = r["split"]
+        else:
+            split = _hash_split(f"{src}/{r.get('patient') or r['path']}")
+        rows.append(Row(r["path"], str((csv_path.parent / r["path"]).resolve()), r["label"], src, split, r.get("patient", "")))
+    return rows, how
+
+
+def stratified_sample(rows: Sequence[Row], n: int, seed: int = 0) -> List[Row]:
+    """``n`` rows stratified by (source, label), proportional allocation (largest remainder),
+    at least one per stratum when ``n`` allows; deterministic for a seed."""
+    if n <= 0:
+        raise ConfigError(f"--n must be positive, got {n}")
+    strata: Dict[Tuple[str, str], List[Row]] = {}
+    for r in rows:
+        strata.setdefault((r.source, r.label), []).append(r)
+    keys = sorted(strata)
+    total = sum(len(strata[k]) for k in keys)
+    if total <= n:
+        return [r for k in keys for r in strata[k]]
+    exact = {k: n * len(strata[k]) / total for k in keys}
+    alloc = {k: min(len(strata[k]), max(1 if n >= len(keys) else 0, int(exact[k]))) for k in keys}
+    rest = n - sum(alloc.values())
+    for k in sorted(keys, key=lambda k: exact[k] - int(exact[k]), reverse=True):
+        if rest <= 0:
+            break
+        if alloc[k] < len(strata[k]):
+            alloc[k] += 1
+            rest -= 1
+    while sum(alloc.values()) > n:  # the at-least-one rule overshot: trim the biggest strata
+        k = max(keys, key=lambda k: alloc[k])
+        alloc[k] -= 1
+    rng = np.random.default_rng(seed)
+    out: List[Row] = []
+    for k in keys:
+        idx = rng.choice(len(strata[k]), size=alloc[k], replace=False)
+        out.extend(strata[k][i] for i in sorted(idx))
+    return out
+
+
+def composition(rows: Sequence[Row]) -> Dict[str, int]:
+    """Counts per ``source/label``."""
+    out: Dict[str, int] = {}
+    for r in rows:
+        key = f"{r.source}/{r.label}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+Preprocessor = Callable[[Sequence[Row]], np.ndarray]
+
+
+@dataclass
+class TrainingPreprocessor:
+    """Training's evaluation transform (``sdk.train.data``): ``load_grey`` (8-bit / 255) at native
+    size, the lung mask from the classifier's cache (``<mask_dir>/masks.npz``, keyed by the CSV
+    path) or - for images not in it - the same 2D lung U-Net the cache was built with, then
+    ``eval_input`` (letterbox to S x S, channels grey / mask / grey x mask).
+
+    ``mask_sources`` counts where each mask came from (reported).
+    """
+
+    size: int = 224
+    mask_dir: Path = DEFAULT_MASKS
+    mask_sources: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._cache: Optional[Dict[str, np.ndarray]] = None
+        self._seg: Any = None
+
+    def _masks(self) -> Dict[str, np.ndarray]:
+        if self._cache is None:
+            from ..train import data as D
+
+            try:
+                self._cache = D.load_mask_cache(self.mask_dir)
+            except ConfigError as exc:
+                log.warning("%s; segmenting calibration images with the lung U-Net instead", exc)
+                self._cache = {}
+        return self._cache
+
+    def _segment(self, grey: np.ndarray) -> np.ndarray:
+        from ..lungs import unet2d
+
+        if self._seg is None:
+            if not Path(unet2d.DEFAULT_ONNX).is_file():
+                from ..export.samples import grey_lung_mask
+
+                self._seg = grey_lung_mask
+            else:
+                sess = unet2d.open_session(unet2d.DEFAULT_ONNX)
+                self._seg = lambda g, _s=sess: unet2d.segment_slices_2d(g[None], _s)[0]
+        return self._seg(grey)
+
+    def __call__(self, rows: Sequence[Row]) -> np.ndarray:
+        from ..train import data as D
+
+        out = np.zeros((len(rows), 3, self.size, self.size), np.float32)
+        cache = self._masks()
+        for i, r in enumerate(rows):
+            g = D.load_grey(r.abs_path)
+            m = cache.get(r.path)
+            if m is None or m.shape != g.shape:
+                m = self._segment(g)
+                key = "unet2d" if not getattr(self._seg, "__name__", "") == "grey_lung_mask" else "otsu"
+            else:
+                key = "cache"
+            self.mask_sources[key] = self.mask_sources.get(key, 0) + 1
+            out[i] = D.eval_input(g, m, self.size)
+        return out
+
+
+@dataclass
+class SimplePreprocessor:
+    """Fallback without ``sdk.train`` (a runtime-only install): grey resized (not letterboxed)
+    to S x S and the rough Otsu lung mask. Only for smoke runs; real calibration uses
+    :class:`TrainingPreprocessor`."""
+
+    size: int = 224
+    mask_sources: Dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, rows: Sequence[Row]) -> np.ndarray:
+        from ..export.samples import grey_lung_mask, load_grey, three_channel
+
+        self.mask_sources["otsu"] = self.mask_sources.get("otsu", 0) + len(rows)
+        out = np.zeros((len(rows), 3, self.size, self.size), np.float32)
+        for i, r in enumerate(rows):
+            g = load_grey(r.abs_path, self.size)
+            out[i] = three_channel(g, grey_lung_mask(g))
+        return out
+
+
+def preprocessor(size: int = 224, mask_dir: Optional[os.PathLike] = None) -> Preprocessor:
+    """Training's preprocessing (:class:`TrainingPreprocessor`) when ``sdk.train.data`` imports,
+    else :class:`SimplePreprocessor` (with a warning)."""
+    try:
+        from ..train import data as _  # noqa: F401
+    except ImportError as exc:
+        log.warning("sdk.train.data unavailable (%s): calibration uses the simple resize + Otsu-mask preprocessing", exc)
+        return SimplePreprocessor(size)
+    return TrainingPreprocessor(size, Path(mask_dir) if mask_dir else DEFAULT_MASKS)
+
+
+def preprocess_batched(pre: Preprocessor, rows: Sequence[Row], batch: int = 64, progress: bool = True) -> np.ndarray:
+    """Apply ``pre`` in chunks with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    parts = []
+    for i in tqdm(range(0, len(rows), batch), desc="preprocess", unit="batch", disable=not progress, leave=False):
+        parts.append(pre(rows[i:i + batch]))
+    return np.concatenate(parts) if parts else np.zeros((0, 3, 224, 224), np.float32)
+
+
+__all__ = ["SimplePreprocessor", "TrainingPreprocessor", "Row", "composition", "load_rows", "preprocess_batched", "preprocessor", "stratified_sample"]

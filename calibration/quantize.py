@@ -1,0 +1,508 @@
+"""INT8 QDQ static quantisation with ONNX Runtime, method comparison, sensitivity and report.
+
+    from sdk.calibration import calibrate
+    report = calibrate("classifier_fp32.onnx", "../shared/data/images_index.csv",
+                       "classifier_int8.onnx", n=256, method="all")
+    report.passed, report.chosen["auc_delta"], report.speed
+
+Recipe (FIELD_NOTES: only unsigned activations + signed weights pay on this CPU):
+1. ``quant_pre_process`` (symbolic + ONNX shape inference, ORT graph optimisation), nodes named;
+2. ``quantize_static`` in QDQ format, per-channel, activations QUInt8, weights QInt8, calibration
+   data from the TRAIN split in strided chunks (``CalibStridedMinMax``) so Entropy/Percentile
+   histograms do not hold every activation of 256 slices in memory;
+3. the head - mask-weight normalisation, weighted pooling (Mul + ReduceSum), classifier, softmax,
+   CAM - stays FP32 (``nodes_to_exclude`` = :func:`sdk.export.onnx.fp32_head_nodes`);
+4. MinMax, Entropy and Percentile are compared on the TEST split (AUC / accuracy delta vs FP32,
+   top-1 agreement); the most faithful (highest agreement, then smallest |AUC delta|) is kept;
+5. if its AUC drops by more than ``max_auc_drop`` (0.01) or agreement is below 99 %, per-layer
+   sensitivity (the SQNR each node loses, from ``qdq_loss_debug``) ranks layers and the worst are
+   excluded, a few at a time, until the bar is met (or the step budget ends; the report says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .._lazy import require
+from ..errors import ConfigError, CtsdkError
+from .dataset import Preprocessor, composition, load_rows, preprocess_batched, preprocessor, stratified_sample
+from .metrics import binary_summary
+
+log = logging.getLogger("sdk.calibration")
+
+PathLike = Union[str, os.PathLike]
+METHODS: Tuple[str, ...] = ("minmax", "entropy", "percentile")
+MAX_AUC_DROP = 0.01
+MIN_AGREEMENT = 0.99
+CALIB_BATCH = 8
+
+
+class CalibrationError(CtsdkError):
+    """INT8 calibration or its evaluation failed."""
+
+
+# --- data reader --------------------------------------------------------------------------------
+def _reader_class() -> Any:
+    q = require("onnxruntime.quantization", "INT8 calibration (onnxruntime.quantization)")
+
+    class ArrayReader(q.CalibrationDataReader):
+        """Feeds ``x`` in batches; supports ``set_range`` so ORT collects in strided chunks."""
+
+        def __init__(self, input_name: str, x: np.ndarray, batch: int = CALIB_BATCH) -> None:
+            self.name, self.batches = input_name, [x[i:i + batch] for i in range(0, len(x), batch)]
+            self.set_range(0, len(self.batches))
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it = iter(self.batches[start_index:end_index])
+
+        def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+            b = next(self._it, None)
+            return None if b is None else {self.name: np.ascontiguousarray(b, dtype=np.float32)}
+
+        def rewind(self) -> None:
+            self.set_range(0, len(self.batches))
+
+    return ArrayReader
+
+
+# --- steps --------------------------------------------------------------------------------------
+def prepare(fp32_onnx: PathLike, out: PathLike) -> Tuple[Path, List[str]]:
+    """Run ORT's quantisation pre-processing and name every node; returns (path, head node names)."""
+    onnx = require("onnx", "INT8 calibration")
+    q = require("onnxruntime.quantization", "INT8 calibration")
+    from ..export.onnx import fp32_head_nodes
+
+    out = Path(out)
+    try:
+        q.quant_pre_process(str(fp32_onnx), str(out), skip_symbolic_shape=False)
+    except Exception as exc:  # symbolic shape inference can fail on exotic graphs: ONNX-only then
+        log.warning("quant_pre_process with symbolic shapes failed (%s); retrying without", exc)
+        q.quant_pre_process(str(fp32_onnx), str(out), skip_symbolic_shape=True)
+    proto = onnx.load(str(out))
+    head = sorted(fp32_head_nodes(proto))  # also names unnamed nodes
+    onnx.save_model(proto, str(out))
+    return out, head
+
+
+def _method(method: str) -> Any:
+    q = require("onnxruntime.quantization", "INT8 calibration")
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {METHODS + ('all',)}, got {method!r}")
+    return {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+            "percentile": q.CalibrationMethod.Percentile}[method]
+
+
+def calibrate_ranges(prepped: PathLike, x_calib: np.ndarray, method: str, cache: PathLike, *,
+                     percentile: float = 99.999, num_bins: int = 2048, num_quantized_bins: int = 128,
+                     chunk: int = 32) -> Path:
+    """Activation ranges of ``prepped`` on ``x_calib`` with ``method``, saved as ORT's range cache.
+
+    Data is collected in chunks of ``chunk`` slices (histograms merge across chunks), so memory
+    holds one chunk's activations. Entropy uses 2048 histogram bins folded to 128 (TensorRT's
+    choice); ``quantize_static`` does not forward ``num_bins`` and its default of 128/128 makes
+    Entropy equal to MinMax, hence this function.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    ort = require("onnxruntime", "INT8 calibration")
+    cm = _method(method)
+    name = ort.InferenceSession(str(prepped), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    cache = Path(cache)
+    extra: Dict[str, Any] = {"symmetric": False}
+    if method == "entropy":
+        extra.update(num_bins=num_bins, num_quantized_bins=num_quantized_bins)
+    elif method == "percentile":
+        extra.update(num_bins=num_bins, percentile=percentile)
+    ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    with contextlib.redirect_stdout(sys.stderr):
+        cal = create_calibrator(Path(prepped), ops, augmented_model_path=str(cache.with_suffix(".aug.onnx")),
+                                calibrate_method=cm, extra_options=extra)
+        reader = _reader_class()(name, x_calib)
+        per = max(1, chunk // CALIB_BATCH)
+        for start in range(0, len(reader), per):
+            reader.set_range(start, start + per)
+            cal.collect_data(reader)
+        ranges = cal.compute_data()
+    save_tensors_data(ranges, cache)
+    aug = cache.with_suffix(".aug.onnx")
+    if aug.exists():
+        aug.unlink()
+    return cache
+
+
+def quantize(prepped: PathLike, out: PathLike, method: str, exclude: Sequence[str], ranges: PathLike, *,
+             metadata: Optional[Dict[str, Any]] = None) -> Path:
+    """QDQ static quantisation of ``prepped`` with precomputed ``ranges`` (see
+    :func:`calibrate_ranges`): per-channel QInt8 weights, QUInt8 activations; ``exclude`` nodes
+    stay FP32."""
+    q = require("onnxruntime.quantization", "INT8 calibration")
+    onnx = require("onnx", "INT8 calibration")
+    out = Path(out)
+    with contextlib.redirect_stdout(sys.stderr):
+        q.quantize_static(str(prepped), str(out), None, quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          nodes_to_exclude=list(exclude), calibrate_method=_method(method),
+                          extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                          calibration_cache_path=str(ranges))
+    proto = onnx.load(str(out))
+    from ..export.onnx import _set_metadata
+
+    src = onnx.load(str(prepped), load_external_data=False)
+    meta = {p.key[len("ctsdk."):]: p.value for p in src.metadata_props if p.key.startswith("ctsdk.")}
+    meta.update({"precision": "int8", "calibration_method": method, "activation_type": "QUInt8",
+                 "weight_type": "QInt8 per-channel", "fp32_nodes": len(exclude), **(metadata or {})})
+    _set_metadata(proto, meta)
+    onnx.save_model(proto, str(out))
+    return out
+
+
+def _session(path: PathLike, threads: int) -> Any:
+    ort = require("onnxruntime", "ONNX Runtime")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def predict(path: PathLike, x: np.ndarray, threads: int = 2, batch: int = 32) -> Dict[str, np.ndarray]:
+    """``logits`` and ``probs`` of an ONNX classifier over ``x`` (ORT CPU)."""
+    sess = _session(path, threads)
+    name = sess.get_inputs()[0].name
+    outs = [o.name for o in sess.get_outputs() if o.name in ("logits", "probs")] or [sess.get_outputs()[0].name]
+    res: Dict[str, List[np.ndarray]] = {k: [] for k in outs}
+    for i in range(0, len(x), batch):
+        for k, v in zip(outs, sess.run(outs, {name: np.ascontiguousarray(x[i:i + batch])})):
+            res[k].append(v)
+    out = {k: np.concatenate(v) for k, v in res.items()}
+    if "probs" not in out:
+        z = out[outs[0]] - out[outs[0]].max(1, keepdims=True)
+        out["probs"] = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    return out
+
+
+def evaluate(pred: Dict[str, np.ndarray], y: np.ndarray, pos_index: int) -> Dict[str, float]:
+    return binary_summary(y, pred["probs"][:, pos_index])
+
+
+def compare(fp32: Dict[str, np.ndarray], int8: Dict[str, np.ndarray], y: np.ndarray, pos_index: int) -> Dict[str, Any]:
+    a, b = evaluate(fp32, y, pos_index), evaluate(int8, y, pos_index)
+    return {
+        "auc": b["auc"], "accuracy": b["accuracy"], "sensitivity": b["sensitivity"], "specificity": b["specificity"],
+        "auc_delta": b["auc"] - a["auc"], "accuracy_delta": b["accuracy"] - a["accuracy"],
+        "top1_agreement": float(np.mean(fp32["probs"].argmax(1) == int8["probs"].argmax(1))),
+        "max_abs_prob_diff": float(np.max(np.abs(fp32["probs"] - int8["probs"]))),
+    }
+
+
+def benchmark(fp32: PathLike, int8: PathLike, x: np.ndarray, *, batches: Sequence[int] = (1, 32), threads: int = 2,
+              repeats: Optional[Dict[int, int]] = None, warmup: int = 2) -> Dict[str, Any]:
+    """FP32 vs INT8 latency on ORT CPU in one process, interleaved run by run (same thermal and
+    load conditions for both). Median ms per call and per image, and the FP32/INT8 ratio."""
+    repeats = repeats or {1: 40, 32: 6}
+    sessions = {"fp32": _session(fp32, threads), "int8": _session(int8, threads)}
+    name = sessions["fp32"].get_inputs()[0].name
+    out: Dict[str, Any] = {"threads": threads, "provider": "CPUExecutionProvider", "cpu": _cpu_name(),
+                           "load_avg_1m_before": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    for b in batches:
+        xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])).astype(np.float32))
+        times: Dict[str, List[float]] = {"fp32": [], "int8": []}
+        for _ in range(warmup):
+            for s in sessions.values():
+                s.run(None, {name: xb})
+        for _ in range(repeats.get(b, 5)):
+            for k, s in sessions.items():
+                t0 = time.perf_counter()
+                s.run(None, {name: xb})
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[f"batch{b}"] = {"fp32_ms": round(med["fp32"], 3), "int8_ms": round(med["int8"], 3),
+                            "fp32_ms_per_image": round(med["fp32"] / b, 3), "int8_ms_per_image": round(med["int8"] / b, 3),
+                            "speedup": round(med["fp32"] / med["int8"], 3), "repeats": len(times["fp32"])}
+    if hasattr(os, "getloadavg"):
+        out["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def sensitivity(prepped: PathLike, int8: PathLike, x: np.ndarray, work: Path, top: int = 20) -> List[Dict[str, Any]]:
+    """Per-layer sensitivity: how much SQNR (dB) each node loses between its input and output.
+
+    ``qdq_loss_debug`` gives, for every activation, the SQNR of the INT8 model's value against the
+    FP32 model's (``xmodel_err``, cumulative along the graph). A node's own damage is the SQNR
+    drop from its (worst) input to its output; nodes are returned worst first - the candidates
+    for ``nodes_to_exclude``.
+    """
+    dbg = require("onnxruntime.quantization.qdq_loss_debug", "INT8 sensitivity analysis")
+    onnx = require("onnx", "INT8 sensitivity analysis")
+    ort = require("onnxruntime", "INT8 sensitivity analysis")
+    f_aug, q_aug = work / "float_aug.onnx", work / "qdq_aug.onnx"
+    with contextlib.redirect_stdout(sys.stderr):
+        dbg.modify_model_output_intermediate_tensors(str(prepped), str(f_aug))
+        dbg.modify_model_output_intermediate_tensors(str(int8), str(q_aug))
+        name = ort.InferenceSession(str(prepped), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        reader_cls = _reader_class()
+        f_act = dbg.collect_activations(str(f_aug), reader_cls(name, x, 4))
+        q_act = dbg.collect_activations(str(q_aug), reader_cls(name, x, 4))
+        errs = dbg.compute_activation_error(dbg.create_activation_matching(q_act, f_act))
+    sqnr = {t: float(e["xmodel_err"]) for t, e in errs.items() if "xmodel_err" in e and np.isfinite(e["xmodel_err"])}
+    proto = onnx.load(str(prepped), load_external_data=False)
+    graph_inputs = {i.name for i in proto.graph.input}
+    rows = []
+    for n in proto.graph.node:
+        outs = [o for o in n.output if o in sqnr]
+        if not outs:
+            continue
+        ins = [sqnr[i] for i in n.input if i in sqnr]
+        if not ins and not any(i in graph_inputs for i in n.input):
+            continue
+        before = min(ins) if ins else 99.0  # the graph input itself is exact
+        after = min(sqnr[o] for o in outs)
+        rows.append({"node": n.name, "op": n.op_type, "sqnr_in_db": round(before, 3), "sqnr_out_db": round(after, 3),
+                     "sqnr_drop_db": round(before - after, 3)})
+    rows.sort(key=lambda r: -r["sqnr_drop_db"])
+    return rows[:top]
+
+
+# --- orchestration ------------------------------------------------------------------------------
+@dataclass
+class CalibrationReport:
+    fp32_onnx: str
+    int8_onnx: str
+    passed: bool
+    criteria: Dict[str, float]
+    split_source: str
+    calibration: Dict[str, Any]
+    test: Dict[str, Any]
+    fp32: Dict[str, float]
+    methods: Dict[str, Dict[str, Any]]
+    chosen: Dict[str, Any]
+    excluded_nodes: List[str]
+    sensitivity_steps: List[Dict[str, Any]] = field(default_factory=list)
+    sensitivity: List[Dict[str, Any]] = field(default_factory=list)
+    speed: Dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    versions: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _json_safe(asdict(self))
+
+    def save(self, path: PathLike) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_dict(), indent=1))
+        return p
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj
+
+
+def _positive_index(fp32_onnx: PathLike, n_classes: int) -> int:
+    from ..export.onnx import read_metadata
+
+    try:
+        classes = read_metadata(fp32_onnx).get("classes") or []
+    except Exception:
+        classes = []
+    if "covid" in classes:
+        return list(classes).index("covid")
+    return n_classes - 1
+
+
+def calibrate(
+    fp32_onnx: PathLike,
+    images_csv: PathLike,
+    out: PathLike,
+    *,
+    n: int = 256,
+    method: str = "all",
+    splits_csv: Optional[Any] = "auto",
+    max_auc_drop: float = MAX_AUC_DROP,
+    min_agreement: float = MIN_AGREEMENT,
+    max_test: Optional[int] = None,
+    sensitivity_steps: int = 4,
+    exclude_per_step: int = 3,
+    bench: bool = True,
+    threads: int = 2,
+    seed: int = 0,
+    preprocess: Optional[Preprocessor] = None,
+    report_path: Optional[PathLike] = None,
+    progress: bool = True,
+) -> CalibrationReport:
+    """Calibrate ``fp32_onnx`` to an INT8 QDQ ONNX at ``out`` and report the accuracy delta.
+
+    Args:
+        fp32_onnx: the FP32 classifier (``ctsdk export``).
+        images_csv: labelled slices (format of ../shared/data/images_index.csv).
+        out: INT8 QDQ ONNX to write.
+        n: calibration slices from the TRAIN split (stratified by source and class).
+        method: "minmax" | "entropy" | "percentile", a comma list of them, or "all" (compare all,
+            keep the best).
+        splits_csv: ``path,split`` file; "auto" (default) = ``runs/classifier/splits.csv`` when
+            present; None = the images CSV's own split column.
+        max_auc_drop / min_agreement: pass criteria on the TEST split.
+        max_test: cap on test slices (stratified), None = all.
+        sensitivity_steps / exclude_per_step: budget of the layer-exclusion loop.
+        bench: measure FP32 vs INT8 speed (batch 1 and 32, ``threads`` threads).
+        preprocess: rows -> (N, 3, S, S); default training's (see :func:`dataset.preprocessor`).
+        report_path: also write the report as JSON there.
+    """
+    t0 = time.perf_counter()
+    src, out = Path(fp32_onnx), Path(out)
+    if not src.is_file():
+        raise ConfigError(f"{src}: FP32 ONNX not found (export it with `ctsdk export`)")
+    methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise ConfigError(f"--method must be one of {METHODS + ('all',)}, got {method!r}")
+    ort = require("onnxruntime", "INT8 calibration")
+    sess = _session(src, threads)
+    shape = sess.get_inputs()[0].shape
+    size = int(shape[-1]) if isinstance(shape[-1], int) else 224
+    rows, split_how = load_rows(images_csv, splits_csv)
+    train = [r for r in rows if r.split == "train"]
+    test = [r for r in rows if r.split == "test"]
+    if not train or not test:
+        raise ConfigError(f"{images_csv}: need train and test rows (found {len(train)} train, {len(test)} test; split from {split_how})")
+    calib_rows = stratified_sample(train, n, seed)
+    test_rows = stratified_sample(test, max_test, seed) if max_test else test
+    pre = preprocess or preprocessor(size)
+    x_cal = preprocess_batched(pre, calib_rows, progress=progress)
+    x_test = preprocess_batched(pre, test_rows, progress=progress)
+    y_test = np.array([r.y for r in test_rows])
+    notes: List[str] = []
+    mask_sources = getattr(pre, "mask_sources", None)
+    if mask_sources:
+        notes.append(f"lung masks: {mask_sources}")
+
+    fp32_pred = predict(src, x_test, threads)
+    pos = _positive_index(src, fp32_pred["probs"].shape[1])
+    fp32_metrics = evaluate(fp32_pred, y_test, pos)
+    results: Dict[str, Dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="ctsdk-calib-") as tmp:
+        work = Path(tmp)
+        prepped, head = prepare(src, work / "prepped.onnx")
+        best: Optional[Tuple[str, Path]] = None
+        ranges: Dict[str, Path] = {}
+        for m in methods:
+            tm = time.perf_counter()
+            ranges[m] = calibrate_ranges(prepped, x_cal, m, work / f"ranges_{m}.json")
+            path = quantize(prepped, work / f"int8_{m}.onnx", m, head, ranges[m])
+            cmp = compare(fp32_pred, predict(path, x_test, threads), y_test, pos)
+            cmp["seconds"] = round(time.perf_counter() - tm, 2)
+            results[m] = cmp
+            log.info("INT8 %s: AUC delta %+.4f, agreement %.4f", m, cmp["auc_delta"], cmp["top1_agreement"])
+            if best is None or _rank(cmp) > _rank(results[best[0]]):
+                best = (m, path)
+        assert best is not None
+        chosen_m, chosen_path = best
+        chosen = dict(results[chosen_m], method=chosen_m)
+        exclude = list(head)
+        steps: List[Dict[str, Any]] = []
+        sens: List[Dict[str, Any]] = []
+        if -chosen["auc_delta"] > max_auc_drop or chosen["top1_agreement"] < min_agreement:
+            try:
+                sens = sensitivity(prepped, chosen_path, x_cal[:32], work)
+            except Exception as exc:
+                notes.append(f"sensitivity analysis failed: {exc}")
+            ranked = [r["node"] for r in sens if r["node"] not in exclude]
+            for step in range(sensitivity_steps):
+                add = ranked[step * exclude_per_step:(step + 1) * exclude_per_step]
+                if not add:
+                    break
+                exclude = exclude + add
+                path = quantize(prepped, work / f"int8_{chosen_m}_x{step}.onnx", chosen_m, exclude, ranges[chosen_m])
+                cmp = compare(fp32_pred, predict(path, x_test, threads), y_test, pos)
+                steps.append({"step": step + 1, "excluded_added": add, **cmp})
+                if _rank(cmp) > _rank(chosen):
+                    chosen, chosen_path = dict(cmp, method=chosen_m, extra_excluded=len(exclude) - len(head)), path
+                if -cmp["auc_delta"] <= max_auc_drop and cmp["top1_agreement"] >= min_agreement:
+                    break
+            if chosen.get("extra_excluded") is None:
+                exclude = list(head)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chosen_path, out)
+        speed = benchmark(src, out, x_test[:32] if len(x_test) >= 1 else x_cal[:32], threads=threads) if bench else {}
+    passed = bool(-chosen["auc_delta"] <= max_auc_drop and chosen["top1_agreement"] >= min_agreement)
+    import onnxruntime
+
+    versions = {"onnxruntime": onnxruntime.__version__}
+    try:
+        import onnx
+
+        versions["onnx"] = onnx.__version__
+    except ImportError:
+        pass
+    report = CalibrationReport(
+        fp32_onnx=str(src), int8_onnx=str(out), passed=passed,
+        criteria={"max_auc_drop": max_auc_drop, "min_top1_agreement": min_agreement},
+        split_source=split_how,
+        calibration={"n": len(calib_rows), "split": "train", "composition": composition(calib_rows), "seed": seed,
+                     "activation_type": "QUInt8", "weight_type": "QInt8 per-channel", "format": "QDQ"},
+        test={"n": len(test_rows), "composition": composition(test_rows), "positive_class_index": pos},
+        fp32=fp32_metrics, methods=results, chosen=chosen, excluded_nodes=exclude, sensitivity_steps=steps,
+        sensitivity=sens[:10], speed=speed, seconds=round(time.perf_counter() - t0, 1), versions=versions, notes=notes,
+    )
+    if report_path:
+        report.save(report_path)
+    return report
+
+
+def runtime_hints(report: Union[PathLike, Dict[str, Any]]) -> Dict[str, Any]:
+    """``select_runtime`` keyword arguments from a calibration report (path or dict):
+    ``calibration_passed`` and ``int8_speedup`` (the smaller of the batch-1 and batch-32 ratios,
+    None when speed was not measured).
+
+        loader, info, reasons = select_runtime("auto", "auto", files, **runtime_hints("calibration_report.json"))
+    """
+    d = json.loads(Path(report).read_text()) if not isinstance(report, dict) else report
+    ratios = [v["speedup"] for k, v in (d.get("speed") or {}).items() if k.startswith("batch") and isinstance(v, dict)]
+    return {"calibration_passed": bool(d.get("passed")), "int8_speedup": min(ratios) if ratios else None}
+
+
+def _rank(c: Dict[str, Any]) -> Tuple[float, float]:
+    """Higher is better: fidelity to FP32 first (top-1 agreement), then the smallest |AUC delta|.
+    Ranking by the AUC itself would reward noise that happens to help on the test split."""
+    d = c["auc_delta"]
+    return (round(c["top1_agreement"], 6), -abs(d) if d == d else -1.0)
+
+
+__all__ = ["CalibrationError", "CalibrationReport", "METHODS", "benchmark", "calibrate", "calibrate_ranges", "compare",
+           "predict", "prepare", "quantize", "runtime_hints", "sensitivity"]

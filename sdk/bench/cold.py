@@ -1,0 +1,87 @@
+"""Cold start of one runtime in a fresh Python process.
+
+In the bench's own process, whichever runtime is built first pays the imports (onnxruntime,
+xgboost, OpenCV, torch) for all the others, so in-process "cold" numbers depend on the order.
+The bench therefore also measures each runtime's cold start in a fresh interpreter:
+
+    python -m sdk.bench.cold --runtime ort-fp32 --source SERIES [--bundle B] [--threads N]
+
+prints one JSON object: ``setup_ms`` (imports + bundle load + session creation + the product's
+own warm-up), ``first_call_ms``, ``total_ms`` and ``max_rss_mb`` - the process's lifetime peak
+RSS from ``getrusage`` (the runtime's memory in isolation, nothing else loaded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+
+def measure_cold(runtime: str, source: str, bundle: Optional[str] = None, threads: Optional[int] = None) -> Dict[str, Any]:
+    """Build ``runtime`` and triage ``source`` once in *this* process (meant to be a fresh one)."""
+    from .pipelines import make_driver
+
+    t0 = time.perf_counter()
+    driver = make_driver(runtime, bundle=bundle, threads=threads)
+    driver.setup()
+    t1 = time.perf_counter()
+    stages, summary = driver.run(source)
+    t2 = time.perf_counter()
+    # ru_maxrss is KiB on Linux
+    max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {
+        "runtime": runtime,
+        "setup_ms": round((t1 - t0) * 1e3, 1),
+        "first_call_ms": round((t2 - t1) * 1e3, 1),
+        "total_ms": round((t2 - t0) * 1e3, 1),
+        "max_rss_mb": round(max_rss_mb, 1),
+        "label": summary.get("label"),
+        "method": "fresh python process: imports + setup + first call; max RSS from getrusage",
+    }
+
+
+def run_fresh(runtime: str, source: str, bundle: Optional[str] = None, threads: Optional[int] = None,
+              timeout_s: float = 900.0) -> Dict[str, Any]:
+    """Run :func:`measure_cold` in a child interpreter; returns its JSON or ``{"error": ...}``."""
+    cmd: List[str] = [sys.executable, "-m", "sdk.bench.cold", "--runtime", runtime, "--source", str(source)]
+    if bundle:
+        cmd += ["--bundle", str(bundle)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"runtime": runtime, "error": f"fresh-process cold start exceeded {timeout_s:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no message"]
+        return {"runtime": runtime, "error": f"fresh-process cold start failed (exit {proc.returncode}): {tail[0]}"}
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"runtime": runtime, "error": f"fresh-process cold start printed no JSON: {proc.stdout[-200:]!r}"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sdk.bench.cold", description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", required=True)
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--bundle", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    from ..errors import CtsdkError
+
+    try:
+        out = measure_cold(args.runtime, args.source, args.bundle, args.threads)
+    except CtsdkError as exc:
+        print(f"ctsdk: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through run_fresh
+    sys.exit(main())

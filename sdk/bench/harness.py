@@ -1,0 +1,508 @@
+"""The benchmark: every usable runtime in one process, interleaved, against the naive baseline.
+
+Order of work (one process, so ratios are fair on a noisy machine):
+
+1. **cold** - for each runtime in turn: build it (session creation, bundle load and the
+   product's own warm-up, under :class:`~sdk.bench.memory.PeakMemory`) and run the first series;
+   ``cold_ms = setup_ms + first call``. A runtime that fails to build is *skipped* with the
+   error's message (e.g. no GPU, no TensorRT, no INT8 model, INT8 asked but FP32 granted).
+2. **warm-up** - ``warmup`` more unrecorded calls per runtime.
+3. **measured rounds** - ``repeat`` rounds; in each, every runtime triages the series once, the
+   order rotating every round (round-robin), each call under PeakMemory. Per-stage p50/p95 come
+   from these calls.
+4. **batch sizes** - for each classifier batch size, round-robin again over the product
+   runtimes (``batch_repeat`` calls each): series per minute = 60 000 / p50 total. The naive
+   baseline is one slice at a time by definition (batch 1 only).
+5. **scaling** - the source resampled along z to each slice count (:mod:`sdk.bench.scaling`),
+   written as a temporary DICOM series, one call per runtime (round-robin), total latency and
+   peak memory recorded; the temporary series is deleted afterwards.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import ConfigError, CtsdkError, SeriesError
+from . import machine as machine_mod
+from .memory import PeakMemory
+from .pipelines import RUNTIMES, STAGES, Driver, LoadProbes, TriageDriver, make_driver, precheck
+from .stats import dominant, series_per_minute, speedup, summarize, summarize_stages
+
+log = logging.getLogger("sdk.bench")
+
+SCHEMA = "ctsdk.bench/1"
+#: the goal the CPU numbers are reported against (issue 7)
+GOAL_SPEEDUP = 5.0
+GOAL_TOTAL_MS = 3000.0
+#: field of view of the default phantom (mm), so any matrix size is an adult chest
+PHANTOM_FOV_MM = 350.0
+
+
+@dataclass
+class BenchConfig:
+    """What to benchmark.
+
+    Attributes:
+        sources: series folders / files; empty = a synthetic phantom series (sdk.phantom).
+        runtimes: runtime names (see :data:`sdk.bench.pipelines.RUNTIMES`).
+        repeat: measured calls per runtime (after warm-up), >= 1.
+        warmup: unrecorded calls per runtime after the cold call, >= 0.
+        batch_sizes: classifier batch sizes for the throughput table (empty: skip).
+        batch_repeat: calls per runtime and batch size.
+        scaling: slice counts for the scaling curve (empty: skip).
+        scaling_repeat: calls per runtime and slice count.
+        bundle: model bundle folder (None: the default bundle).
+        threads: intra-op threads for ORT sessions and torch (None: each library's default).
+        phantom_slices / phantom_size: the default phantom's slice count and matrix.
+        mem_interval_s: RSS sampling period.
+        cold_fresh: also measure each runtime's cold start in a fresh Python process
+            (:mod:`sdk.bench.cold`): imports included, independent of build order, with the
+            isolated peak RSS from getrusage.
+    """
+
+    sources: List[str] = field(default_factory=list)
+    runtimes: List[str] = field(default_factory=lambda: list(RUNTIMES))
+    repeat: int = 5
+    warmup: int = 1
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 8, 32])
+    batch_repeat: int = 2
+    scaling: List[int] = field(default_factory=list)
+    scaling_repeat: int = 1
+    bundle: Optional[str] = None
+    threads: Optional[int] = None
+    phantom_slices: int = 64
+    phantom_size: int = 256
+    mem_interval_s: float = 0.005
+    cold_fresh: bool = True
+
+    def validate(self) -> None:
+        if self.repeat < 1:
+            raise ConfigError(f"--repeat must be >= 1, got {self.repeat}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        bad = [b for b in self.batch_sizes if b < 1]
+        if bad:
+            raise ConfigError(f"--batch-sizes must be positive integers, got {bad}")
+        bad = [n for n in self.scaling if n < 2]
+        if bad:
+            raise ConfigError(f"--scaling slice counts must be >= 2, got {bad}")
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if unknown:
+            raise ConfigError(f"unknown runtime(s) {unknown}; valid: {', '.join(RUNTIMES)}")
+        if not self.runtimes:
+            raise ConfigError(f"no runtime selected; valid: {', '.join(RUNTIMES)}")
+
+
+ProgressFn = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+@dataclass
+class _Live:
+    """A built runtime and everything measured on it."""
+
+    name: str
+    driver: Driver
+    setup_ms: float
+    setup_mem: Dict[str, Any]
+    cold_stages: Dict[str, float] = field(default_factory=dict)
+    cold_total_ms: float = 0.0
+    cold_mem: Dict[str, Any] = field(default_factory=dict)
+    runs: List[Dict[str, float]] = field(default_factory=list)
+    totals: List[float] = field(default_factory=list)
+    mems: List[Dict[str, Any]] = field(default_factory=list)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    fresh: Dict[str, Any] = field(default_factory=dict)
+    batch_totals: Dict[int, List[float]] = field(default_factory=dict)
+    batch_cls: Dict[int, List[float]] = field(default_factory=dict)
+    errors: List[str] = field(default_factory=list)
+
+
+def _call(driver: Driver, source: Any, interval: float) -> Tuple[Dict[str, float], Dict[str, Any], float, Dict[str, Any]]:
+    """One measured call: (stages ms, summary, wall total ms, memory)."""
+    gc.collect()
+    with PeakMemory(interval_s=interval) as mem:
+        t0 = time.perf_counter()
+        stages, summary = driver.run(source)
+        total = (time.perf_counter() - t0) * 1000.0
+    return stages, summary, total, mem.result()
+
+
+def _phantom_source(cfg: BenchConfig, tmp: Path) -> Tuple[str, Dict[str, Any]]:
+    try:
+        from ..phantom import write_phantom_series
+    except ImportError as exc:
+        raise ConfigError(f"no SOURCE given and the synthetic phantom (sdk.phantom) is unavailable ({exc}); pass a series folder") from exc
+    out = tmp / "phantom"
+    px = PHANTOM_FOV_MM / cfg.phantom_size  # a chest-sized field of view whatever the matrix
+    write_phantom_series(out, n_slices=cfg.phantom_slices, size=cfg.phantom_size, spacing=(2.0, px, px),
+                         ground_glass=True, seed=0)
+    return str(out), {"kind": "phantom", "n_slices": cfg.phantom_slices, "size": cfg.phantom_size,
+                      "pixel_spacing_mm": round(px, 3),
+                      "note": f"synthetic chest phantom from sdk.phantom, {PHANTOM_FOV_MM:.0f} mm field of view, "
+                              "2 mm slices, ground-glass blobs, explicit VR little endian"}
+
+
+def describe_source(path: str) -> Dict[str, Any]:
+    """File count, size on disk and transfer syntax of a series folder (cheap, headers only)."""
+    import pydicom
+
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    info: Dict[str, Any] = {"path": str(path), "n_files": len(files),
+                            "bytes": int(sum(f.stat().st_size for f in files))}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except Exception:
+            continue
+        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+        try:
+            from ..io import syntax_name
+
+            ts_name = syntax_name(ts)
+        except Exception:  # an unknown UID: keep it as it is
+            ts_name = ts
+        info.update(transfer_syntax=ts, transfer_syntax_name=ts_name, rows=int(getattr(ds, "Rows", 0)),
+                    columns=int(getattr(ds, "Columns", 0)),
+                    slice_thickness_mm=float(ds.SliceThickness) if "SliceThickness" in ds else None)
+        break
+    return info
+
+
+class Bench:
+    """Runs a :class:`BenchConfig` and returns the report dict (:meth:`run`)."""
+
+    def __init__(self, config: BenchConfig, progress: ProgressFn = _noop) -> None:
+        config.validate()
+        self.cfg = config
+        self.progress = progress
+        self.probes = LoadProbes()
+
+    # --- building ----------------------------------------------------------------------------------
+    def _build(self, names: Sequence[str], source: str) -> Tuple[List[_Live], Dict[str, str]]:
+        live: List[_Live] = []
+        skipped: Dict[str, str] = {}
+        for name in names:
+            spec = RUNTIMES[name]
+            why = precheck(spec)
+            if why:
+                skipped[name] = why
+                self.progress(f"{name}: skipped ({why})")
+                continue
+            driver = make_driver(name, bundle=self.cfg.bundle, threads=self.cfg.threads)
+            if isinstance(driver, TriageDriver):
+                driver.probes = self.probes
+            self.progress(f"{name}: building (cold start)")
+            gc.collect()
+            try:
+                with PeakMemory(interval_s=self.cfg.mem_interval_s) as mem:
+                    t0 = time.perf_counter()
+                    driver.setup()
+                    setup_ms = (time.perf_counter() - t0) * 1000.0
+            except Exception as exc:  # noqa: BLE001 - reported as the skip reason, never swallowed
+                why = str(exc) if isinstance(exc, CtsdkError) else f"{type(exc).__name__}: {exc}"
+                skipped[name] = why
+                self.progress(f"{name}: skipped ({why})")
+                log.debug("%s failed to build", name, exc_info=True)
+                driver.close()
+                continue
+            item = _Live(name=name, driver=driver, setup_ms=setup_ms, setup_mem=mem.result())
+            try:
+                stages, summary, total, cmem = _call(driver, source, self.cfg.mem_interval_s)
+            except SeriesError:
+                raise  # the input is bad for everyone: stop with the product's message
+            except Exception as exc:  # noqa: BLE001 - reported as the skip reason, never swallowed
+                why = str(exc) if isinstance(exc, CtsdkError) else f"{type(exc).__name__}: {exc}"
+                skipped[name] = f"first call failed: {why}"
+                self.progress(f"{name}: skipped (first call failed: {why})")
+                log.debug("%s failed on its first call", name, exc_info=True)
+                driver.close()
+                continue
+            item.cold_stages, item.cold_total_ms, item.summary = stages, total, summary
+            item.cold_mem = {**cmem, "peak_rss_mb": max(cmem["peak_rss_mb"], item.setup_mem["peak_rss_mb"])}
+            live.append(item)
+            self.progress(f"{name}: cold {setup_ms + total:.0f} ms (setup {setup_ms:.0f} + first call {total:.0f})")
+        return live, skipped
+
+    # --- phases ------------------------------------------------------------------------------------
+    def _fresh_cold(self, live: List[_Live], source: str) -> None:
+        """Cold start of each runtime in a fresh interpreter (this process waits meanwhile)."""
+        from .cold import run_fresh
+
+        for item in live:
+            self.progress(f"{item.name}: cold start in a fresh process")
+            item.fresh = run_fresh(item.name, source, self.cfg.bundle, self.cfg.threads)
+            if "error" in item.fresh:
+                self.progress(f"{item.name}: {item.fresh['error']}")
+            else:
+                self.progress(f"{item.name}: fresh-process cold {item.fresh['total_ms']:.0f} ms, max RSS {item.fresh['max_rss_mb']:.0f} MiB")
+
+    def _rounds(self, live: List[_Live], source: str) -> None:
+        for item in live:
+            for _ in range(self.cfg.warmup):
+                item.driver.run(source)
+        for r in range(self.cfg.repeat):
+            order = live[r % len(live):] + live[: r % len(live)]
+            for item in order:
+                stages, summary, total, mem = _call(item.driver, source, self.cfg.mem_interval_s)
+                item.runs.append(stages)
+                item.totals.append(total)
+                item.mems.append(mem)
+                item.summary = summary
+            self.progress(f"round {r + 1}/{self.cfg.repeat}: " + ", ".join(f"{i.name} {i.totals[-1]:.0f} ms" for i in live))
+
+    def _batches(self, live: List[_Live], source: str) -> Dict[str, str]:
+        notes: Dict[str, str] = {}
+        product = [i for i in live if isinstance(i.driver, TriageDriver)]
+        if not product or not self.cfg.batch_sizes:
+            return notes
+        for b in self.cfg.batch_sizes:
+            for r in range(self.cfg.batch_repeat):
+                order = product[r % len(product):] + product[: r % len(product)]
+                for item in order:
+                    drv = item.driver
+                    assert isinstance(drv, TriageDriver)
+                    try:
+                        drv.set_batch(b)
+                        stages, _, total, _ = _call(drv, source, self.cfg.mem_interval_s)
+                    except ConfigError as exc:
+                        notes[item.name] = str(exc)
+                        continue
+                    finally:
+                        try:
+                            drv.set_batch(None)
+                        except ConfigError:
+                            pass
+                    item.batch_totals.setdefault(b, []).append(total)
+                    item.batch_cls.setdefault(b, []).append(stages.get("classify", 0.0))
+            self.progress(f"batch {b}: " + ", ".join(
+                f"{i.name} {summarize(i.batch_totals[b])['p50']:.0f} ms" for i in product if i.batch_totals.get(b)))
+        return notes
+
+    def _scaling(self, live: List[_Live], source: str, tmp: Path) -> Dict[str, Any]:
+        from .scaling import write_z_resampled
+
+        out: Dict[str, Any] = {
+            "method": ("source loaded with sdk.io.load_series, resampled along z only (linear, same physical "
+                       "extent) to each slice count, written as a temporary DICOM series (explicit VR little "
+                       "endian, int16); SliceThickness = min(original, new spacing)"),
+            "slice_counts": list(self.cfg.scaling),
+            "runtimes": {i.name: [] for i in live},
+        }
+        for n in self.cfg.scaling:
+            folder = tmp / f"z{n}"
+            self.progress(f"scaling: writing {n}-slice series")
+            write_z_resampled(source, n, folder)
+            gc.collect()
+            for r in range(self.cfg.scaling_repeat):
+                order = live[r % len(live):] + live[: r % len(live)]
+                for item in order:
+                    try:
+                        stages, summary, total, mem = _call(item.driver, str(folder), self.cfg.mem_interval_s)
+                    except CtsdkError as exc:
+                        out["runtimes"][item.name].append({"n_slices": n, "error": str(exc)})
+                        continue
+                    out["runtimes"][item.name].append({
+                        "n_slices": n, "total_ms": round(total, 1),
+                        "stages_ms": {k: round(v, 1) for k, v in stages.items()},
+                        "peak_rss_mb": mem["peak_rss_mb"], "delta_rss_mb": mem["delta_rss_mb"],
+                        "gpu_peak_mb": mem["gpu_peak_mb"], "n_classified": summary.get("n_classified"),
+                        "label": summary.get("label"),
+                    })
+            self.progress(f"scaling {n}: " + ", ".join(
+                f"{k} {v[-1].get('total_ms', float('nan')):.0f} ms" for k, v in out["runtimes"].items() if v))
+            shutil.rmtree(folder, ignore_errors=True)
+        return out
+
+    # --- reporting ---------------------------------------------------------------------------------
+    def _runtime_report(self, item: _Live, naive: Optional[_Live]) -> Dict[str, Any]:
+        stage_names = list(STAGES) + (["other"] if any("other" in r for r in item.runs) else [])
+        warm = summarize_stages(item.runs, stage_names)
+        warm["total"] = summarize(item.totals)
+        rep: Dict[str, Any] = {
+            "status": "ok",
+            "description": RUNTIMES[item.name].description,
+            **{k: v for k, v in item.driver.info.items() if k != "description"},
+            "cold": {
+                "setup_ms": round(item.setup_ms, 1),
+                "first_call_ms": round(item.cold_total_ms, 1),
+                "total_ms": round(item.setup_ms + item.cold_total_ms, 1),
+                "stages_ms": {k: round(v, 1) for k, v in item.cold_stages.items()},
+                "peak_rss_mb": item.cold_mem.get("peak_rss_mb"),
+                "setup_delta_rss_mb": item.setup_mem.get("delta_rss_mb"),
+                "gpu_peak_mb": item.cold_mem.get("gpu_peak_mb"),
+                "note": "in the bench process: imports already done by earlier runtimes are not counted",
+                "fresh_process": item.fresh or None,
+            },
+            "warm": {k: {kk: (round(vv, 2) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in warm.items()},
+            "warm_totals_ms": [round(t, 1) for t in item.totals],
+            "memory": {
+                "peak_rss_mb": max(m["peak_rss_mb"] for m in item.mems),
+                "delta_rss_mb": max(m["delta_rss_mb"] for m in item.mems),
+                "gpu_peak_mb": max((m["gpu_peak_mb"] for m in item.mems if m["gpu_peak_mb"] is not None), default=None),
+                "method": "psutil RSS sampled every %.0f ms in a thread during each call" % (self.cfg.mem_interval_s * 1000),
+            },
+            "dominant_stage": dominant({k: v["p50"] for k, v in warm.items() if k != "total"}),
+            "result": {k: v for k, v in item.summary.items() if k != "triage_timings_ms"},
+            "triage_timings_ms_last": item.summary.get("triage_timings_ms"),
+        }
+        tp: Dict[str, Any] = {}
+        if isinstance(item.driver, TriageDriver):
+            default_b = item.driver.default_batch
+            for b, totals in sorted(item.batch_totals.items()):
+                p50 = summarize(totals)["p50"]
+                tp[str(b)] = {"total_p50_ms": round(p50, 1), "classify_p50_ms": round(summarize(item.batch_cls[b])["p50"], 1),
+                              "series_per_min": round(series_per_minute(p50) or 0.0, 2), "n": len(totals)}
+            rep["default_batch"] = default_b
+        else:
+            p50 = warm["total"]["p50"]
+            tp["1"] = {"total_p50_ms": round(p50, 1), "classify_p50_ms": round(warm.get("classify", {}).get("p50", 0.0), 1),
+                       "series_per_min": round(series_per_minute(p50) or 0.0, 3), "n": len(item.totals),
+                       "note": "the naive baseline classifies one slice at a time (batch 1 only)"}
+        rep["throughput"] = tp
+        if naive is not None and naive is not item:
+            nwarm = summarize_stages(naive.runs, STAGES)
+            rep["speedup_vs_naive"] = {
+                "total_p50": _r(speedup(summarize(naive.totals)["p50"], warm["total"]["p50"])),
+                "cold": _r(speedup(_cold_ms(naive), _cold_ms(item))),
+                "stages_p50": {s: _r(speedup(nwarm[s]["p50"], warm[s]["p50"])) for s in STAGES if s in nwarm and s in warm},
+            }
+        return rep
+
+    def run(self) -> Dict[str, Any]:
+        """Run everything; returns the JSON-safe report (schema ``ctsdk.bench/1``)."""
+        cfg = self.cfg
+        started = _dt.datetime.now(_dt.timezone.utc)
+        load_before = machine_mod.load_snapshot()
+        busy_before = machine_mod.busy_processes()
+        tmp = Path(tempfile.mkdtemp(prefix="ctsdk-bench-"))
+        self.probes.install()
+        try:
+            if cfg.sources:
+                for s in cfg.sources:
+                    if not Path(s).exists():
+                        raise SeriesError("no such file or folder", path=s, hint="give a DICOM series folder")
+                sources = [(s, {"kind": "dicom"}) for s in cfg.sources]
+            else:
+                sources = [_phantom_source(cfg, tmp)]
+            results = []
+            all_live: List[_Live] = []
+            for idx, (src, kind) in enumerate(sources):
+                self.progress(f"series {idx + 1}/{len(sources)}: {src}")
+                live, skipped = self._build(cfg.runtimes, src)
+                all_live += live
+                if not live:
+                    raise ConfigError("no runtime could run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+                if cfg.cold_fresh:
+                    self._fresh_cold(live, src)
+                self._rounds(live, src)
+                batch_notes = self._batches(live, src)
+                naive = next((i for i in live if i.name == "naive"), None)
+                rts: Dict[str, Any] = {}
+                for name in cfg.runtimes:
+                    item = next((i for i in live if i.name == name), None)
+                    if item is None:
+                        rts[name] = {"status": "skipped", "reason": skipped.get(name, "not run"),
+                                     "description": RUNTIMES[name].description}
+                    else:
+                        rts[name] = self._runtime_report(item, naive)
+                        if name in batch_notes:
+                            rts[name]["throughput_note"] = batch_notes[name]
+                warns = consistency_warnings(rts)
+                for w in warns:
+                    self.progress(f"warning: {w}")
+                entry = {"source": {**describe_source(src), **kind}, "runtimes": rts,
+                         "goal": goal_status(rts, comparable=not warns), "warnings": warns}
+                if cfg.scaling and idx == 0:
+                    entry["scaling"] = self._scaling(live, src, tmp)
+                results.append(entry)
+                for item in live:
+                    item.driver.close()
+            finished = _dt.datetime.now(_dt.timezone.utc)
+            return {
+                "schema": SCHEMA,
+                "started_utc": started.isoformat(timespec="seconds"),
+                "finished_utc": finished.isoformat(timespec="seconds"),
+                "wall_s": round((finished - started).total_seconds(), 1),
+                "command": None,  # the CLI fills in the exact command line
+                "config": {k: v for k, v in asdict(cfg).items()},
+                "stages": list(STAGES),
+                "machine": machine_mod.machine_info(),
+                "load": {"before": {**load_before, "busy_processes": busy_before},
+                         "after": {**machine_mod.load_snapshot(), "busy_processes": machine_mod.busy_processes()}},
+                "decode_hu_split": ("product: decode = file reading + header parsing (sdk.io.reader._scan) + the pixel-"
+                                    "decoding share of the threaded decode+rescale loop (_decode_into, split by the "
+                                    "summed thread time of _decode_one vs _store_hu); hu = the rest of Triage's load "
+                                    "stage (rescale share, ordering, geometry). naive: dcmread + pixel_array vs sort + "
+                                    "rescale + stack") if self.probes.installed else "load not split (reader probes unavailable)",
+                "series": results,
+            }
+        finally:
+            self.probes.uninstall()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def consistency_warnings(runtimes: Dict[str, Any]) -> List[str]:
+    """Reasons the runtimes' timings are not comparable: a runtime that stopped early (not
+    eligible, no slice selected) while another classified slices, or different labels."""
+    ok = {k: v for k, v in runtimes.items() if v.get("status") == "ok"}
+    warns: List[str] = []
+    classified = {k: int(v["result"].get("n_classified") or 0) for k, v in ok.items()}
+    if any(classified.values()):
+        for k, n in classified.items():
+            if n == 0:
+                why = "; ".join(ok[k]["result"].get("reasons") or []) or ok[k]["result"].get("label", "")
+                warns.append(f"{k} classified no slice ({why}) while "
+                             + ", ".join(f"{o} classified {m}" for o, m in classified.items() if m)
+                             + ": its total skips the classifier and is not comparable")
+    labels = {k: v["result"].get("label") for k, v in ok.items() if k != "naive"}
+    if len(set(labels.values())) > 1:
+        warns.append("product runtimes disagree on the label: " + ", ".join(f"{k} {v}" for k, v in labels.items()))
+    return warns
+
+
+def goal_status(runtimes: Dict[str, Any], comparable: bool = True) -> Dict[str, Any]:
+    """Where the fastest CPU runtime stands against the goal (>= 5x naive, < 3 s total)."""
+    cpu = {k: v for k, v in runtimes.items() if v.get("status") == "ok" and RUNTIMES[k].device == "cpu"}
+    out: Dict[str, Any] = {"target_speedup": GOAL_SPEEDUP, "target_total_ms": GOAL_TOTAL_MS, "comparable": comparable}
+    if not cpu:
+        out["status"] = "no CPU product runtime ran"
+        return out
+    best = min(cpu, key=lambda k: cpu[k]["warm"]["total"]["p50"])
+    rep = cpu[best]
+    total = rep["warm"]["total"]["p50"]
+    sp = (rep.get("speedup_vs_naive") or {}).get("total_p50")
+    out.update(best_runtime=best, total_p50_ms=round(total, 1), speedup=sp,
+               under_time=total < GOAL_TOTAL_MS, fast_enough=None if sp is None else sp >= GOAL_SPEEDUP,
+               dominant_stage=rep.get("dominant_stage"))
+    out["met"] = bool(out["under_time"] and out["fast_enough"] and comparable)
+    return out
+
+
+def _cold_ms(item: _Live) -> float:
+    """Fresh-process cold total when measured, else the in-process one."""
+    fresh = item.fresh.get("total_ms") if item.fresh else None
+    return float(fresh) if fresh is not None else item.setup_ms + item.cold_total_ms
+
+
+def _r(v: Optional[float], nd: int = 2) -> Optional[float]:
+    return None if v is None else round(v, nd)
+
+
+def run_bench(config: BenchConfig, progress: ProgressFn = _noop) -> Dict[str, Any]:
+    """Run the benchmark described by ``config``; returns the report dict."""
+    return Bench(config, progress).run()
+
+
+__all__ = ["BenchConfig", "Bench", "run_bench", "goal_status", "consistency_warnings", "describe_source", "SCHEMA", "GOAL_SPEEDUP", "GOAL_TOTAL_MS"]

@@ -1,0 +1,396 @@
+"""The runtimes the bench compares, and how each one is driven.
+
+Runtime names (the ``--runtimes`` choices)::
+
+    naive          PyTorch eager FP32 baseline (sdk.bench.naive)
+    ort-fp32       sdk.Triage(device="cpu",      precision="fp32")   ONNX Runtime CPU EP
+    ort-int8       sdk.Triage(device="cpu",      precision="int8")   ONNX Runtime CPU EP, QDQ INT8
+    ort-cuda-fp16  sdk.Triage(device="cuda",     precision="fp16")   ONNX Runtime CUDA EP
+    trt-fp16       sdk.Triage(device="tensorrt", precision="fp16")   TensorRT engine
+    trt-int8       sdk.Triage(device="tensorrt", precision="int8")   TensorRT engine from the QDQ ONNX
+
+The optimised runtimes run the real product (:class:`sdk.triage.Triage`), so the bench measures
+what users get. Triage times ``load`` as one stage; the bench splits it into ``decode`` (file
+reading, header parsing, pixel decoding) and ``hu`` (stored -> HU, slice ordering, geometry)
+with timing probes on the reader (:class:`LoadProbes`). If the reader's internals change, the
+probes report nothing and ``load`` is shown as ``decode`` with a note that HU is included.
+
+A runtime that cannot run here is *skipped* with the reason that sdk.runtime (or the bundle)
+gives: the exception of ``Triage(...)``, or a runtime that silently ran on something else than
+requested (e.g. INT8 asked, FP32 granted).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from ..errors import ConfigError, CtsdkError
+
+#: canonical stages of the report, in pipeline order
+STAGES = ("decode", "hu", "eligibility", "resample", "lungs", "select", "classify", "aggregate")
+STAGE_LABELS = {
+    "decode": "decode", "hu": "HU", "eligibility": "eligibility", "resample": "resample",
+    "lungs": "lung segmentation", "select": "slice selection", "classify": "classification",
+    "aggregate": "aggregation", "other": "other", "total": "total",
+}
+#: Triage.timings_ms key -> canonical stage (classifier input building is resampling: window +
+#: resize of the selected slices to S x S)
+TRIAGE_STAGE_MAP = {
+    "eligibility": "eligibility", "resample": "resample", "classifier_inputs": "resample",
+    "lungs": "lungs", "slice_selection": "select", "classification": "classify",
+    "aggregation": "aggregate",
+}
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """One benchmarked runtime: how to build it and what it should report."""
+
+    name: str
+    device: str          # "naive" | "cpu" | "cuda" | "tensorrt"
+    precision: str       # "fp32" | "fp16" | "int8"
+    description: str
+
+    @property
+    def gpu(self) -> bool:
+        return self.device in ("cuda", "tensorrt")
+
+
+RUNTIMES: Dict[str, RuntimeSpec] = {
+    "naive": RuntimeSpec("naive", "naive", "fp32", "PyTorch eager FP32, pydicom one file at a time, scipy.ndimage.zoom, one slice at a time"),
+    "ort-fp32": RuntimeSpec("ort-fp32", "cpu", "fp32", "sdk.Triage on ONNX Runtime CPU, FP32"),
+    "ort-int8": RuntimeSpec("ort-int8", "cpu", "int8", "sdk.Triage on ONNX Runtime CPU, INT8 QDQ classifier"),
+    "ort-cuda-fp16": RuntimeSpec("ort-cuda-fp16", "cuda", "fp16", "sdk.Triage on ONNX Runtime CUDA EP, FP16 classifier"),
+    "trt-fp16": RuntimeSpec("trt-fp16", "tensorrt", "fp16", "sdk.Triage on a TensorRT FP16 engine"),
+    "trt-int8": RuntimeSpec("trt-int8", "tensorrt", "int8", "sdk.Triage on a TensorRT INT8 engine (QDQ ONNX)"),
+}
+DEFAULT_RUNTIMES = tuple(RUNTIMES)
+
+
+def parse_runtimes(text: Optional[str]) -> List[str]:
+    """``"naive,ort-fp32"`` -> ["naive", "ort-fp32"]; unknown names raise ConfigError listing the valid ones."""
+    if not text:
+        return list(DEFAULT_RUNTIMES)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad:
+        raise ConfigError(f"unknown runtime(s) {', '.join(bad)}; valid: {', '.join(RUNTIMES)}")
+    if not names:
+        raise ConfigError(f"--runtimes is empty; valid: {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
+
+
+# --- availability ------------------------------------------------------------------------------
+def precheck(spec: RuntimeSpec) -> Optional[str]:
+    """Why ``spec`` cannot run here, found without building anything (None: try it).
+
+    GPU runtimes ask sdk.runtime's own probes (a visible GPU, a granted CUDA provider, an
+    importable TensorRT); CPU runtimes are decided by building them (bundle, INT8 model...).
+    """
+    if spec.device == "naive":
+        from .._lazy import available
+
+        return None if available("torch") else "torch is not installed (the naive baseline is PyTorch eager): pip install 'ctsdk[train]'"
+    if not spec.gpu:
+        return None
+    reasons: List[str] = []
+    try:
+        from ..runtime.gpu import gpu_reasons
+
+        reasons += gpu_reasons()
+    except ImportError as exc:  # pragma: no cover - sdk.runtime incomplete
+        reasons.append(f"sdk.runtime.gpu unavailable ({exc})")
+    if spec.device == "cuda" and not reasons:
+        from ..runtime.ort import CUDA_EP, probe_provider
+
+        ok, why = probe_provider(CUDA_EP)
+        if not ok:
+            reasons.append(why)
+    if spec.device == "tensorrt":
+        from .._lazy import available
+
+        if not available("tensorrt"):
+            reasons.append("tensorrt is not installed (pip install 'ctsdk[gpu]'; it needs NVIDIA's package index)")
+    return "; ".join(reasons) or None
+
+
+# --- decode / HU split of Triage's "load" ---------------------------------------------------------
+class LoadProbes:
+    """Split the product's ``load`` stage into decode and HU with timing probes on the reader.
+
+    While installed, these functions of :mod:`sdk.io.reader` are replaced by timing wrappers
+    that call the originals (behaviour unchanged):
+
+    - ``_scan`` (file reading and header parsing, main thread): wall time -> decode;
+    - ``_decode_into`` (decode + rescale of every plane, in a thread pool): wall time, split
+      between decode and HU in proportion to the summed thread time of ``_decode_one``
+      (pixel decoding) and ``_store_hu`` (stored -> HU) inside it;
+    - ``_decode_all`` (older readers without the fused path): wall time -> decode.
+
+    :meth:`take` returns the decode milliseconds of the calls since :meth:`reset` (None when the
+    reader has none of these functions); HU = ``load`` minus that (rescale, ordering, geometry).
+    Calls must not overlap (the bench runs one call at a time).
+    """
+
+    WALL = ("_scan", "_decode_into", "_decode_all")
+    THREAD = ("_decode_one", "_store_hu")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._saved: Dict[str, Callable[..., Any]] = {}
+        self.ms: Dict[str, float] = {}
+        self.installed = False
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        acc, lock = self.ms, self._lock
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = (time.perf_counter() - t0) * 1000.0
+                with lock:
+                    acc[name] = acc.get(name, 0.0) + dt
+
+        return timed
+
+    def install(self) -> bool:
+        """Wrap the reader functions that exist; False when none does (load stays unsplit)."""
+        if self.installed:
+            return True
+        try:
+            from ..io import reader
+        except ImportError:
+            return False
+        for name in self.WALL + self.THREAD:
+            fn = getattr(reader, name, None)
+            if callable(fn):
+                self._saved[name] = fn
+                setattr(reader, name, self._wrap(name, fn))
+        self.installed = any(n in self._saved for n in ("_scan", "_decode_into", "_decode_all"))
+        if not self.installed:
+            self.uninstall()
+        return self.installed
+
+    def uninstall(self) -> None:
+        if self._saved:
+            from ..io import reader
+
+            for name, fn in self._saved.items():
+                setattr(reader, name, fn)
+            self._saved.clear()
+        self.installed = False
+
+    def reset(self) -> None:
+        with self._lock:
+            self.ms.clear()
+
+    def take(self) -> Optional[float]:
+        """Decode ms since the last reset (and reset); None when not installed."""
+        if not self.installed:
+            return None
+        with self._lock:
+            ms = dict(self.ms)
+            self.ms.clear()
+        decode = ms.get("_scan", 0.0) + ms.get("_decode_all", 0.0)
+        fused = ms.get("_decode_into", 0.0)
+        if fused:
+            dec, hu = ms.get("_decode_one", 0.0), ms.get("_store_hu", 0.0)
+            share = dec / (dec + hu) if dec + hu > 0 else 1.0
+            decode += fused * share
+        return decode
+
+    def __enter__(self) -> "LoadProbes":
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+
+def map_triage_timings(timings: Dict[str, float], decode_ms: Optional[float]) -> Tuple[Dict[str, float], List[str]]:
+    """Triage ``timings_ms`` -> canonical stages (ms). Returns (stages, notes).
+
+    ``load`` becomes ``decode`` (probe time) + ``hu`` (the rest); unknown keys go to ``other``.
+    """
+    notes: List[str] = []
+    out: Dict[str, float] = {s: 0.0 for s in STAGES}
+    load = float(timings.get("load", 0.0))
+    if decode_ms is None:
+        out["decode"] = load
+        notes.append("decode includes HU conversion (load could not be split)")
+    else:
+        d = min(float(decode_ms), load)
+        out["decode"] = d
+        out["hu"] = load - d
+    for key, val in timings.items():
+        if key in ("load", "total"):
+            continue
+        stage = TRIAGE_STAGE_MAP.get(key)
+        if stage is None:
+            out["other"] = out.get("other", 0.0) + float(val)
+        else:
+            out[stage] += float(val)
+    return out, notes
+
+
+# --- drivers -----------------------------------------------------------------------------------
+@dataclass
+class Driver:
+    """A runtime ready to run: ``setup()`` (cold), ``run(source)`` -> (stages ms, summary)."""
+
+    spec: RuntimeSpec
+    bundle: Any = None
+    threads: Optional[int] = None
+    batch_size: Optional[int] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def setup(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, source: Any) -> Tuple[Dict[str, float], Dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class NaiveDriver(Driver):
+    """The PyTorch-eager baseline (:class:`sdk.bench.naive.NaivePipeline`)."""
+
+    def setup(self) -> None:
+        from .naive import NaiveConfig, NaivePipeline
+
+        cfg = NaiveConfig(bundle=self.bundle, threads=self.threads or 0)
+        self._pipe = NaivePipeline(cfg)
+        self._pipe.setup()
+        self.info = {"runtime": {"backend": "torch", "provider": "eager", "precision": "fp32", "device": "cpu"},
+                     **self._pipe.describe()}
+
+    def run(self, source: Any) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        return self._pipe.run(source)
+
+    def close(self) -> None:
+        if getattr(self, "_pipe", None) is not None:
+            self._pipe.close()
+
+
+class TriageDriver(Driver):
+    """The product: :class:`sdk.triage.Triage` with the spec's device and precision."""
+
+    probes: Optional[LoadProbes] = None
+
+    def setup(self) -> None:
+        from ..triage import Triage
+
+        self._triage = Triage(self.bundle, device=self.spec.device, precision=self.spec.precision,
+                              heatmaps=False, threads=self.threads)
+        rt = dict(getattr(self._triage, "runtime", {}) or {})
+        self.info = {"runtime": rt, "init_ms": getattr(self._triage, "init_ms", None),
+                     "runtime_reasons": list(getattr(self._triage, "runtime_reasons", []) or [])}
+        mismatch = runtime_mismatch(self.spec, rt)
+        if mismatch:
+            raise RuntimeMismatch(mismatch)
+
+    def set_batch(self, batch: Optional[int]) -> None:
+        """Classifier batch size for the next calls (None: the product's default).
+
+        Uses a ``batch_size`` / ``classifier_batch`` attribute of the Triage object when it has
+        one, else sdk.triage's module-level ``CLASSIFIER_BATCH`` (read on every call); the
+        default is restored with ``set_batch(None)``.
+        """
+        from .. import triage as triage_mod
+
+        for attr in ("classifier_batch", "batch_size"):
+            if hasattr(self._triage, attr):
+                if not hasattr(self, "_default_batch"):
+                    self._default_batch = getattr(self._triage, attr)
+                setattr(self._triage, attr, int(batch) if batch else self._default_batch)
+                return
+        if not hasattr(triage_mod, "CLASSIFIER_BATCH"):
+            raise ConfigError("sdk.triage exposes no classifier batch size (CLASSIFIER_BATCH): cannot vary it")
+        if not hasattr(TriageDriver, "_module_default_batch"):
+            TriageDriver._module_default_batch = triage_mod.CLASSIFIER_BATCH
+        triage_mod.CLASSIFIER_BATCH = int(batch) if batch else TriageDriver._module_default_batch
+
+    @property
+    def default_batch(self) -> Optional[int]:
+        from .. import triage as triage_mod
+
+        for attr in ("classifier_batch", "batch_size"):
+            if hasattr(self._triage, attr):
+                return getattr(self, "_default_batch", getattr(self._triage, attr))
+        return getattr(TriageDriver, "_module_default_batch", getattr(triage_mod, "CLASSIFIER_BATCH", None))
+
+    def run(self, source: Any) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        if self.probes is not None:
+            self.probes.reset()
+        result = self._triage.run(source)
+        decode = self.probes.take() if self.probes is not None else None
+        stages, notes = map_triage_timings(dict(result.timings_ms), decode)
+        summary = {
+            "label": result.label,
+            "probabilities": dict(result.probabilities),
+            "eligible": bool(result.eligible),
+            "reasons": list(result.reasons),
+            "n_slices": (result.shape or [0])[0],
+            "n_classified": len(result.slice_scores),
+            "triage_timings_ms": {k: round(float(v), 3) for k, v in result.timings_ms.items()},
+            "notes": notes,
+        }
+        return stages, summary
+
+    def close(self) -> None:
+        self._triage = None
+
+
+class RuntimeMismatch(CtsdkError):
+    """The runtime that was granted is not the one requested (skip it, with this reason)."""
+
+
+def runtime_mismatch(spec: RuntimeSpec, runtime: Dict[str, Any]) -> Optional[str]:
+    """Why the granted runtime differs from ``spec`` (None when it matches)."""
+    provider = str(runtime.get("provider", ""))
+    precision = str(runtime.get("precision", ""))
+    backend = str(runtime.get("backend", ""))
+    problems = []
+    if precision and precision != spec.precision:
+        problems.append(f"precision {precision} granted instead of {spec.precision}")
+    if spec.device == "cpu" and provider and provider != "CPUExecutionProvider":
+        problems.append(f"provider {provider} instead of CPUExecutionProvider")
+    if spec.device == "cuda" and provider != "CUDAExecutionProvider":
+        problems.append(f"provider {provider or '?'} instead of CUDAExecutionProvider")
+    if spec.device == "tensorrt" and "tensorrt" not in (backend + provider).lower():
+        problems.append(f"backend {backend or provider or '?'} instead of TensorRT")
+    return "; ".join(problems) or None
+
+
+def make_driver(name: str, bundle: Any = None, threads: Optional[int] = None) -> Driver:
+    """The driver for a runtime name (see :data:`RUNTIMES`)."""
+    if name not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {name!r}; valid: {', '.join(RUNTIMES)}")
+    spec = RUNTIMES[name]
+    cls = NaiveDriver if spec.device == "naive" else TriageDriver
+    return cls(spec=spec, bundle=bundle, threads=threads)
+
+
+@contextlib.contextmanager
+def load_probes() -> Iterator[LoadProbes]:
+    """Install :class:`LoadProbes` for a block and remove them afterwards."""
+    p = LoadProbes()
+    p.install()
+    try:
+        yield p
+    finally:
+        p.uninstall()
+
+
+__all__ = ["STAGES", "STAGE_LABELS", "RUNTIMES", "DEFAULT_RUNTIMES", "RuntimeSpec", "parse_runtimes", "precheck",
+           "LoadProbes", "load_probes", "map_triage_timings", "Driver", "NaiveDriver", "TriageDriver",
+           "RuntimeMismatch", "runtime_mismatch", "make_driver"]

@@ -1,0 +1,396 @@
+"""Model bundles: a folder of ONNX models, the XGBoost aggregator, a model card and a manifest.
+
+Layout (the default bundle ships inside the package at ``sdk/bundles/default``)::
+
+    manifest.json        name, version, created, classes, inputs, preprocessing, thresholds,
+                         training data + licences, metrics, files {name: {path, sha256, bytes,
+                         role, precision}}
+    lungs_fp32.onnx      2D lung U-Net            (role "lungs")
+    classifier_fp32.onnx slice classifier         (role "classifier", precision "fp32")
+    classifier_int8.onnx INT8 QDQ of the same     (role "classifier", precision "int8")
+    classifier_fp16.onnx FP16 (optional)          (role "classifier", precision "fp16")
+    aggregator.json      XGBoost patient model    (role "aggregator")
+    MODEL_CARD.md        data, licences, metrics, intended use, limits (role "card")
+
+:func:`load_bundle` verifies the sha256 of every listed file and refuses a missing or changed
+file with a :class:`~sdk.errors.BundleError` naming the file and both hashes. TensorRT engines are
+never shipped: they are built on the target and cached under :meth:`Bundle.engine_cache_dir`.
+
+Assemble a bundle with :func:`write_bundle` or from the shell::
+
+    python -m sdk.bundle build --out sdk/bundles/default --meta bundle_meta.json \\
+        --file lungs=runs/seg/unet2d_lung.onnx:lungs:fp32 ... --card MODEL_CARD.md
+    python -m sdk.bundle verify sdk/bundles/default
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .errors import BundleError, ConfigError
+
+PathLike = Union[str, Path]
+
+FORMAT = "ctsdk-bundle/1"
+MANIFEST = "manifest.json"
+MAX_BUNDLE_BYTES = 40 * 1024 * 1024
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "default"
+ROLES = ("lungs", "classifier", "aggregator", "card", "report", "other")
+PRECISIONS = ("fp32", "fp16", "int8", "")
+
+__all__ = [
+    "Bundle",
+    "BundleFile",
+    "load_bundle",
+    "write_bundle",
+    "verify_bundle",
+    "sha256_file",
+    "DEFAULT_BUNDLE_DIR",
+]
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file listed in the manifest."""
+
+    name: str
+    path: str          # relative to the bundle root, POSIX separators
+    sha256: str
+    bytes: int
+    role: str
+    precision: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes, "role": self.role, "precision": self.precision}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified model bundle (see the module docstring). Plain data; sessions are built elsewhere."""
+
+    root: Path
+    manifest: Dict[str, Any]
+    files: Dict[str, BundleFile] = field(default_factory=dict)
+    verified: bool = True
+
+    # --- identity --------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", self.root.name))
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version", "0"))
+
+    @property
+    def classes(self) -> List[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def positive_class(self) -> str:
+        """The class whose probability the operating thresholds apply to ("covid")."""
+        return str(self.manifest.get("positive_class", self.classes[-1]))
+
+    @property
+    def is_default(self) -> bool:
+        return self.root.resolve() == DEFAULT_BUNDLE_DIR.resolve()
+
+    # --- preprocessing and decisions ----------------------------------------------------------
+    @property
+    def classifier_preprocessing(self) -> Dict[str, Any]:
+        pre = self.manifest.get("preprocessing", {}).get("classifier", {})
+        return {"window": [-1350.0, 150.0], "size": 224, **pre}
+
+    @property
+    def window(self) -> Tuple[float, float]:
+        lo, hi = self.classifier_preprocessing["window"]
+        return float(lo), float(hi)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.classifier_preprocessing["size"])
+
+    @property
+    def lungs_preprocessing(self) -> Dict[str, Any]:
+        return dict(self.manifest.get("preprocessing", {}).get("lungs", {}))
+
+    @property
+    def threshold(self) -> float:
+        """Series-level operating threshold on P(positive class) from the aggregator."""
+        return float(self.manifest.get("thresholds", {}).get("series", 0.5))
+
+    @property
+    def slice_threshold(self) -> float:
+        """Slice-level operating threshold on the classifier's P(positive class)."""
+        return float(self.manifest.get("thresholds", {}).get("slice", 0.5))
+
+    @property
+    def calibration_passed(self) -> bool:
+        return bool(self.manifest.get("int8", {}).get("passed", False))
+
+    # --- files -----------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Absolute path of the manifest entry ``name``."""
+        if name not in self.files:
+            raise BundleError(f"{self.root / MANIFEST}: no file named {name!r}; listed: {', '.join(sorted(self.files))}")
+        return self.root / self.files[name].path
+
+    def role(self, role: str) -> List[BundleFile]:
+        return [f for f in self.files.values() if f.role == role]
+
+    def classifier_paths(self) -> Dict[str, str]:
+        """{precision: ONNX path} of the slice classifier (the runtime picks one)."""
+        return {f.precision or "fp32": str(self.root / f.path) for f in self.role("classifier")}
+
+    @property
+    def lungs_path(self) -> Optional[Path]:
+        files = self.role("lungs")
+        return self.root / files[0].path if files else None
+
+    @property
+    def aggregator_path(self) -> Optional[Path]:
+        files = self.role("aggregator")
+        return self.root / files[0].path if files else None
+
+    @property
+    def card_path(self) -> Optional[Path]:
+        files = self.role("card")
+        return self.root / files[0].path if files else None
+
+    def load_aggregator(self) -> Any:
+        """The :class:`sdk.aggregate.Aggregator` (imports xgboost)."""
+        from .aggregate import Aggregator
+
+        p = self.aggregator_path
+        if p is None:
+            raise BundleError(f"{self.root / MANIFEST}: bundle has no aggregator (role 'aggregator')")
+        agg = Aggregator.load(p)
+        if agg.classes != self.classes:
+            raise BundleError(f"{p}: aggregator classes {agg.classes} differ from the manifest's {self.classes}")
+        return agg
+
+    def engine_cache_dir(self) -> Path:
+        """Where TensorRT engines for this bundle are cached (never shipped).
+
+        ``$CTSDK_ENGINE_CACHE/<name>-<version>`` if set; beside the bundle
+        (``<bundle>.engines/``) for a user bundle in a writable folder; else
+        ``~/.cache/ctsdk/engines/<name>-<version>`` (the packaged default bundle). Engine file
+        names inside carry the deployment cache key (GPU, compute capability, TensorRT version,
+        precision, ONNX sha256).
+        """
+        tag = f"{self.name}-{self.version}"
+        env = os.environ.get("CTSDK_ENGINE_CACHE")
+        if env:
+            return Path(env) / tag
+        if not self.is_default and os.access(self.root.parent, os.W_OK):
+            return self.root.parent / f"{self.root.name}.engines"
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctsdk" / "engines" / tag
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-safe description (name, version, classes, thresholds, files)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "path": str(self.root),
+            "classes": self.classes,
+            "thresholds": {"series": self.threshold, "slice": self.slice_threshold},
+            "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
+            "verified": self.verified,
+        }
+
+
+# --- loading -----------------------------------------------------------------------------------
+def _read_manifest(root: Path) -> Dict[str, Any]:
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle folder not found (pass a folder containing {MANIFEST}, or None for the default bundle)")
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: manifest not found; a bundle is a folder with {MANIFEST} (build one with `python -m sdk.bundle build`)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{mpath}: manifest is not valid JSON ({exc})") from exc
+    for key in ("name", "version", "classes", "files"):
+        if key not in manifest:
+            raise BundleError(f"{mpath}: manifest lacks the required key {key!r}")
+    if not isinstance(manifest["files"], dict) or not manifest["files"]:
+        raise BundleError(f"{mpath}: manifest 'files' must be a non-empty object")
+    return manifest
+
+
+def _parse_files(root: Path, manifest: Mapping[str, Any]) -> Dict[str, BundleFile]:
+    out: Dict[str, BundleFile] = {}
+    for name, spec in manifest["files"].items():
+        try:
+            rel = str(spec["path"])
+            bf = BundleFile(name=name, path=rel, sha256=str(spec["sha256"]).lower(), bytes=int(spec["bytes"]),
+                            role=str(spec.get("role", "other")), precision=str(spec.get("precision", "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{root / MANIFEST}: file entry {name!r} is malformed ({exc}); need path, sha256, bytes, role") from exc
+        target = (root / rel).resolve()
+        if root.resolve() not in target.parents:
+            raise BundleError(f"{root / MANIFEST}: file entry {name!r} points outside the bundle ({rel})")
+        out[name] = bf
+    return out
+
+
+def verify_bundle(root: PathLike, files: Optional[Mapping[str, BundleFile]] = None) -> None:
+    """Check every listed file exists with its recorded size and sha256; raise BundleError if not."""
+    root = Path(root)
+    if files is None:
+        files = _parse_files(root, _read_manifest(root))
+    for name, bf in sorted(files.items()):
+        p = root / bf.path
+        if not p.is_file():
+            raise BundleError(f"{p}: bundle file {name!r} is missing (expected sha256 {bf.sha256}); reinstall or rebuild the bundle")
+        actual = sha256_file(p)
+        if actual != bf.sha256:
+            raise BundleError(
+                f"{p}: bundle file {name!r} was changed: expected sha256 {bf.sha256}, found {actual} "
+                f"({p.stat().st_size} bytes, manifest says {bf.bytes}); refusing to load it - restore the file or rebuild the bundle"
+            )
+
+
+def load_bundle(path: Optional[PathLike] = None, *, verify: bool = True) -> Bundle:
+    """Load (and by default verify) a bundle folder; ``None`` = the default bundle in the package.
+
+    Raises:
+        BundleError: missing folder/manifest, malformed manifest, or a missing/changed file
+            (the message names the file and the expected and actual sha256).
+    """
+    root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
+    manifest = _read_manifest(root)
+    files = _parse_files(root, manifest)
+    if verify:
+        verify_bundle(root, files)
+    return Bundle(root=root.resolve(), manifest=manifest, files=files, verified=verify)
+
+
+# --- writing -----------------------------------------------------------------------------------
+def write_bundle(
+    out_dir: PathLike,
+    files: Mapping[str, Tuple[PathLike, str, str]],
+    meta: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    max_bytes: int = MAX_BUNDLE_BYTES,
+) -> Bundle:
+    """Assemble a bundle folder: copy files, hash them, write manifest.json, verify.
+
+    Args:
+        out_dir: destination folder (created; must be empty unless ``overwrite``).
+        files: ``{name: (source path, role, precision)}``; each file is copied to
+            ``out_dir/<source file name>``.
+        meta: manifest fields (name, version, classes, inputs, preprocessing, thresholds,
+            training_data, licences, metrics, ...); ``files``, ``format``, ``total_bytes`` and
+            ``created`` (build time, UTC) are set here, so a previous manifest can be passed as meta.
+        max_bytes: refuse bundles larger than this (40 MB).
+    """
+    out = Path(out_dir)
+    for key in ("name", "version", "classes"):
+        if key not in meta:
+            raise ConfigError(f"bundle meta lacks {key!r}")
+    inside = [str(src) for src, _, _ in files.values() if out.resolve() in Path(src).resolve().parents]
+    if inside:
+        raise ConfigError(f"{out}: bundle sources must live outside the output folder (it is emptied first): {inside}")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out}: folder is not empty; pass overwrite=True (--overwrite) to replace the bundle")
+        for child in out.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(src).name for src, _, _ in files.values()]
+    dupes = sorted({n for n in names if names.count(n) > 1} | ({MANIFEST} & set(names)))
+    if dupes:
+        raise ConfigError(f"bundle files must have distinct names (other than {MANIFEST}); clashing: {dupes}")
+    entries: Dict[str, Dict[str, Any]] = {}
+    total = 0
+    for name, (src, role, precision) in files.items():
+        src = Path(src)
+        if not src.is_file():
+            raise ConfigError(f"{src}: bundle input {name!r} not found")
+        if role not in ROLES:
+            raise ConfigError(f"bundle file {name!r}: role {role!r} not in {ROLES}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"bundle file {name!r}: precision {precision!r} not in {PRECISIONS}")
+        dst = out / src.name
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        size = dst.stat().st_size
+        total += size
+        entries[name] = {"path": dst.name, "sha256": sha256_file(dst), "bytes": size, "role": role, "precision": precision}
+    if total > max_bytes:
+        raise ConfigError(f"{out}: bundle would be {total / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit")
+    manifest = {"format": FORMAT, **{k: v for k, v in meta.items() if k not in ("files", "format", "total_bytes")}}
+    manifest["created"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    manifest["total_bytes"] = total
+    manifest["files"] = entries
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return load_bundle(out)
+
+
+# --- command line ------------------------------------------------------------------------------
+def _parse_file_arg(text: str) -> Tuple[str, Tuple[str, str, str]]:
+    """``name=path:role[:precision]``."""
+    if "=" not in text:
+        raise ConfigError(f"--file {text!r}: expected name=path:role[:precision]")
+    name, rest = text.split("=", 1)
+    parts = rest.rsplit(":", 2)
+    if len(parts) == 3 and parts[2] in PRECISIONS and parts[1] in ROLES:
+        path, role, precision = parts
+    else:
+        path, role = rest.rsplit(":", 1)
+        precision = ""
+    return name, (path, role, precision)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m sdk.bundle build|verify|show ...``."""
+    ap = argparse.ArgumentParser(prog="python -m sdk.bundle", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="assemble a bundle folder")
+    b.add_argument("--out", required=True)
+    b.add_argument("--meta", required=True, help="JSON file with the manifest fields")
+    b.add_argument("--file", action="append", default=[], help="name=path:role[:precision] (repeat)")
+    b.add_argument("--overwrite", action="store_true")
+    v = sub.add_parser("verify", help="verify every sha256 of a bundle")
+    v.add_argument("path", nargs="?")
+    s = sub.add_parser("show", help="print the bundle summary as JSON")
+    s.add_argument("path", nargs="?")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            meta = json.loads(Path(args.meta).read_text())
+            files = dict(_parse_file_arg(f) for f in args.file)
+            bundle = write_bundle(args.out, files, meta, overwrite=args.overwrite)
+        else:
+            bundle = load_bundle(args.path)
+        print(json.dumps(bundle.summary(), indent=2))
+        return 0
+    except (BundleError, ConfigError) as exc:
+        print(f"ctsdk: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``ctsdk bench [SOURCE...]``: per-stage latency of every usable runtime against a naive baseline."""
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+from ._common import emit, handle_errors, json_option
+
+_RUNTIME_NAMES = "naive,ort-fp32,ort-int8,ort-cuda-fp16,trt-fp16,trt-int8"
+
+
+def _ints(text: Optional[str], what: str) -> List[int]:
+    from ..errors import ConfigError
+
+    if text is None or not text.strip() or text.strip().lower() == "none":
+        return []
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{what} must be comma-separated integers (e.g. 1,8,32), got {text!r}") from exc
+
+
+def _human(report: Dict[str, Any]) -> str:
+    """Short terminal summary: per runtime warm p50 total, speed-up, skipped reasons, goal."""
+    from ..bench.report import goal_text
+
+    lines = []
+    for s in report["series"]:
+        lines.append(f"series {s['source'].get('path')}:")
+        for name, r in s["runtimes"].items():
+            if r.get("status") != "ok":
+                lines.append(f"  {name:14s} skipped: {r.get('reason')}")
+                continue
+            w = r["warm"]["total"]
+            sp = (r.get("speedup_vs_naive") or {}).get("total_p50")
+            stages = ", ".join(f"{k} {v['p50']:.0f}" for k, v in r["warm"].items() if k != "total")
+            fresh = (r["cold"].get("fresh_process") or {}).get("total_ms")
+            cold = fresh if fresh is not None else r["cold"]["total_ms"]
+            lines.append(f"  {name:14s} p50 {w['p50']:8.0f} ms  p95 {w['p95']:8.0f} ms  cold {cold:8.0f} ms  "
+                         f"peak RSS {r['memory']['peak_rss_mb']:.0f} MiB  "
+                         + ("(baseline)" if name == "naive" else f"speed-up {sp:.1f}x" if sp else ""))
+            lines.append(f"  {'':14s} stages p50 (ms): {stages}")
+        lines.append("  " + goal_text(s["goal"]).replace("**", ""))
+    if report.get("outputs"):
+        lines.append(f"report: {report['outputs']['markdown']}")
+    return "\n".join(lines)
+
+
+@click.command("bench")
+@click.argument("sources", nargs=-1, type=click.Path(exists=True))
+@click.option("--runtimes", default=_RUNTIME_NAMES, show_default=True,
+              help="Comma-separated runtimes; those that cannot run here are listed as skipped with the reason.")
+@click.option("--repeat", type=int, default=5, show_default=True, help="Measured calls per runtime (after warm-up).")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded calls per runtime after the cold call.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Classifier batch sizes for series/min ('none' to skip).")
+@click.option("--batch-repeat", type=int, default=2, show_default=True, help="Calls per runtime and batch size.")
+@click.option("--scaling", default="none", show_default=True,
+              help="Slice counts for the scaling curve, e.g. 64,150,300,600 (needs a real SOURCE or the phantom).")
+@click.option("--scaling-repeat", type=int, default=1, show_default=True, help="Calls per runtime and slice count.")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Model bundle folder (default: the bundle shipped in the package).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for ONNX Runtime and torch (default: each library's).")
+@click.option("--phantom-slices", type=int, default=64, show_default=True, help="Slices of the default phantom (no SOURCE).")
+@click.option("--phantom-size", type=int, default=256, show_default=True, help="Matrix of the default phantom (no SOURCE).")
+@click.option("--cold-fresh/--no-cold-fresh", default=True, show_default=True,
+              help="Also time each runtime's cold start (imports + setup + first call) in a fresh Python process.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write bench.json, bench.md and PNG charts into this folder.")
+@json_option
+@handle_errors
+def bench(sources: Tuple[str, ...], runtimes: str, repeat: int, warmup: int, batch_sizes: str, batch_repeat: int,
+          scaling: str, scaling_repeat: int, bundle_path: Optional[str], threads: Optional[int], phantom_slices: int,
+          phantom_size: int, cold_fresh: bool, out_dir: Optional[str], as_json: bool) -> None:
+    """Benchmark every usable runtime on SOURCE series (default: a synthetic phantom).
+
+    Per-stage p50/p95 (decode, HU, eligibility, resample, lung segmentation, slice selection,
+    classification, aggregation, total), cold and warm, peak memory, series/min at several
+    classifier batch sizes, and the speed-up of each runtime over the naive PyTorch-eager
+    baseline. All runtimes run in this one process, interleaved round-robin after warm-up.
+    """
+    from ..bench import BenchConfig, parse_runtimes, run_bench, write_outputs
+
+    cfg = BenchConfig(
+        sources=list(sources), runtimes=parse_runtimes(runtimes), repeat=repeat, warmup=warmup,
+        batch_sizes=_ints(batch_sizes, "--batch-sizes"), batch_repeat=batch_repeat,
+        scaling=_ints(scaling, "--scaling"), scaling_repeat=scaling_repeat, bundle=bundle_path, threads=threads,
+        phantom_slices=phantom_slices, phantom_size=phantom_size, cold_fresh=cold_fresh,
+    )
+    progress = (lambda msg: click.echo(f"bench: {msg}", err=True))
+    report = run_bench(cfg, progress=progress)
+    report["command"] = "ctsdk " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if "bench" in sys.argv[1:3] else None
+    if out_dir:
+        write_outputs(report, out_dir)
+    emit(report, as_json, _human)

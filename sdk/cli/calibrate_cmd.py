@@ -1,0 +1,59 @@
+"""``ctsdk calibrate``: INT8 QDQ calibration on real slices, with an accuracy and speed report."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, Optional
+
+import click
+
+from ._common import emit, handle_errors, json_option
+
+
+def _human(d: Dict[str, Any]) -> str:
+    lines = [f"INT8 {d['int8_onnx']} from {d['fp32_onnx']}: {'PASS' if d['passed'] else 'FAIL'} "
+             f"(AUC drop <= {d['criteria']['max_auc_drop']}, top-1 agreement >= {d['criteria']['min_top1_agreement']})",
+             f"  calibration: {d['calibration']['n']} train slices {d['calibration']['composition']}",
+             f"  test: {d['test']['n']} slices; FP32 AUC {d['fp32']['auc']:.4f}, accuracy {d['fp32']['accuracy']:.4f}"]
+    for m, r in d["methods"].items():
+        lines.append(f"  {m:10s} AUC {r['auc']:.4f} ({r['auc_delta']:+.4f}), accuracy {r['accuracy']:.4f} "
+                     f"({r['accuracy_delta']:+.4f}), top-1 agreement {r['top1_agreement']:.4f}")
+    c = d["chosen"]
+    lines.append(f"  chosen: {c['method']} (AUC delta {c['auc_delta']:+.4f}, agreement {c['top1_agreement']:.4f}, "
+                 f"{len(d['excluded_nodes'])} nodes FP32)")
+    for b in ("batch1", "batch32"):
+        s = d.get("speed", {}).get(b)
+        if s:
+            lines.append(f"  speed {b}: FP32 {s['fp32_ms']:.1f} ms, INT8 {s['int8_ms']:.1f} ms -> {s['speedup']:.2f}x")
+    return "\n".join(lines)
+
+
+@click.command("calibrate")
+@click.option("--onnx", "onnx_path", type=click.Path(exists=True, dir_okay=False), required=True, help="FP32 classifier ONNX.")
+@click.option("--images", "images_csv", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Labelled slices CSV (format of ../shared/data/images_index.csv).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="INT8 QDQ ONNX to write.")
+@click.option("--n", "n", type=int, default=256, show_default=True, help="Calibration slices from the TRAIN split.")
+@click.option("--method", default="all", show_default=True,
+              help="minmax | entropy | percentile | all, or a comma list (e.g. minmax,percentile); the best on the test split is kept.")
+@click.option("--splits", "splits_csv", default="auto", show_default=True,
+              help="path,split CSV; 'auto' = runs/classifier/splits.csv when present; 'none' = the images CSV's split column.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report JSON here.")
+@click.option("--max-test", type=int, default=None, help="Cap on test slices (stratified); default all.")
+@click.option("--threads", type=int, default=2, show_default=True, help="ORT CPU threads for evaluation and timing.")
+@click.option("--no-bench", is_flag=True, help="Skip the FP32 vs INT8 speed measurement.")
+@json_option
+@handle_errors
+def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: str, splits_csv: Optional[str],
+              report_path: Optional[str], max_test: Optional[int], threads: int, no_bench: bool, as_json: bool) -> None:
+    """Quantise a classifier to INT8 (QDQ, per-channel, U8 activations / S8 weights) with
+    calibration slices from the train split, compare MinMax / Entropy / Percentile on the test
+    split, and report AUC/accuracy delta, top-1 agreement and the speed ratio. Exit 1 when the
+    INT8 model misses the accuracy bar (the file is still written, marked by the report)."""
+    from ..calibration.quantize import calibrate as run
+
+    report = run(onnx_path, images_csv, out_path, n=n, method=method, splits_csv=None if splits_csv == "none" else splits_csv, max_test=max_test,
+                 bench=not no_bench, threads=threads, report_path=report_path, progress=not as_json)
+    emit(report.to_dict(), as_json, _human)
+    if not report.passed:
+        sys.exit(1)

@@ -1,0 +1,79 @@
+"""``ctsdk evaluate``: AUC, sensitivity/specificity with bootstrap CIs, confusion matrix, ROC PNG."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import click
+
+from ._common import emit, handle_errors, json_option
+
+
+def _fmt(m: Dict[str, Any]) -> str:
+    ci = m.get("ci95", {})
+
+    def num(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    def one(k: str) -> str:
+        lo, hi = ci.get(k) or [None, None]
+        return f"{k} {num(m[k])} [{num(lo)}, {num(hi)}]"
+
+    c = m["confusion"]
+    return (f"n={m['n']} (pos {m['n_pos']}, neg {m['n_neg']}) @ {m['threshold']:.3f}: {one('auc')}, "
+            f"{one('sensitivity')}, {one('specificity')}; TP {c['tp']} FN {c['fn']} FP {c['fp']} TN {c['tn']}")
+
+
+def _human(d: Dict[str, Any]) -> str:
+    lines = [f"{d['kind']} evaluation of bundle {d['bundle']['name']} {d['bundle']['version']}",
+             "overall: " + _fmt(d["overall"])]
+    for s, m in d["per_source"].items():
+        lines.append(f"  {s}: " + _fmt(m))
+    for k, m in d.get("slice_level", {}).items():
+        if isinstance(m, dict):
+            lines.append(f"slice level, {k}: " + _fmt(m))
+    for e in d.get("excluded", []):
+        lines.append(f"excluded: {e}")
+    for k, v in d.get("files", {}).items():
+        lines.append(f"{k}: {v}")
+    return "\n".join(lines)
+
+
+@click.command("evaluate")
+@click.option("--images", "images_csv", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Images CSV (images_index.csv format: path,label,source,split,patient).")
+@click.option("--split", default=None, help="With --images: only rows of this split (e.g. test).")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
+              help="With --images: folder the CSV paths are relative to (default: the CSV's folder).")
+@click.option("--series", "series_csv", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Series CSV: path,label[,slice_labels,slice_labels_row] (paths relative to the CSV's folder; "
+                   "label covid = positive; optional .npy slice labels add slice-level metrics).")
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Model bundle folder (default: the bundle shipped in the package).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write the ROC PNG and the full JSON report (with per-case scores) here.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which of the bundle's classifier files to evaluate (ONNX Runtime CPU).")
+@click.option("--n-bootstrap", type=int, default=2000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads (images mode).")
+@click.option("--cases/--no-cases", default=False, show_default=True, help="Include per-case scores in the printed JSON.")
+@json_option
+@handle_errors
+def evaluate(images_csv: Optional[str], split: Optional[str], data_root: Optional[str], series_csv: Optional[str],
+             bundle_path: Optional[str], out_dir: Optional[str], precision: str, n_bootstrap: int, seed: int, threads: Optional[int],
+             cases: bool, as_json: bool) -> None:
+    """Evaluate a bundle on labelled images (slice level) or series (patient level)."""
+    from ..errors import ConfigError
+    from ..evaluate import evaluate_images, evaluate_series
+
+    if (images_csv is None) == (series_csv is None):
+        raise ConfigError("give exactly one of --images CSV or --series CSV")
+    if series_csv is not None and (split or data_root):
+        raise ConfigError("--split and --data-root apply to --images only")
+    if images_csv is not None:
+        rep = evaluate_images(images_csv, bundle_path, split=split, data_root=data_root, out=out_dir,
+                              threads=threads, precision=precision, n_boot=n_bootstrap, seed=seed, progress=not as_json)
+    else:
+        rep = evaluate_series(series_csv, bundle_path, out=out_dir, device="cpu", precision=precision,
+                              n_boot=n_bootstrap, seed=seed, progress=not as_json)
+    emit(rep.to_dict(with_cases=cases), as_json, _human)

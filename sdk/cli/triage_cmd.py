@@ -1,0 +1,65 @@
+"""``ctsdk triage SOURCE``: run the whole chain on one series and print the result."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import click
+
+from ._common import emit, handle_errors, json_option
+
+
+def _human(d: Dict[str, Any]) -> str:
+    lines = [f"label: {d['label']}"]
+    if d["eligible"]:
+        probs = ", ".join(f"{k} {v:.3f}" for k, v in d["probabilities"].items())
+        lines.append(f"probabilities: {probs} (threshold {d['threshold']:.3f} on {d['bundle'].get('positive_class')})")
+        lines.append(f"selected slices: {len(d['slice_scores'])}, lung volume {d['lung_volume_ml']:.0f} ml")
+    else:
+        lines.extend(f"not eligible: {r}" for r in d["reasons"])
+    rt = d.get("runtime", {})
+    lines.append(f"runtime: {rt.get('provider', '?')} {rt.get('precision', '?')} on {rt.get('device', '?')}")
+    lines.append("timings (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in d["timings_ms"].items()))
+    prior = d.get("prior")
+    if prior:
+        lines.append(f"prior: {prior['error']}" if "error" in prior else f"prior comparison: {prior.get('change', '?')}")
+    if d.get("heatmaps"):
+        lines.append(f"heat maps: {len(d['heatmaps'])} PNG in {d['heatmaps_dir']}")
+    lines.extend(f"warning: {w}" for w in d["warnings"])
+    return "\n".join(lines)
+
+
+@click.command("triage")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--series-uid", default=None, help="SeriesInstanceUID to pick when SOURCE holds several series.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Model bundle folder (default: the bundle shipped in the package).")
+@click.option("--lung-method", type=click.Choice(["auto", "unet2d", "classical"]), default="auto", show_default=True)
+@click.option("--heatmaps", "heatmaps_dir", type=click.Path(file_okay=False), default=None,
+              help="Write one PNG heat-map overlay per selected slice into this folder.")
+@click.option("--top", type=int, default=None, help="With --heatmaps: only the TOP slices with the highest P(covid).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads per session.")
+@click.option("--prior", "prior_path", type=click.Path(exists=True), default=None,
+              help="An earlier study of the same patient: compare opacity burden per lung (paper 003).")
+@json_option
+@handle_errors
+def triage(source: str, series_uid: Optional[str], device: str, precision: str, bundle_path: Optional[str],
+           lung_method: str, heatmaps_dir: Optional[str], top: Optional[int], threads: Optional[int],
+           prior_path: Optional[str], as_json: bool) -> None:
+    """Triage one CT series (folder or file): label, probabilities, per-slice scores, stage timings.
+
+    Research use only - not for diagnosis.
+    """
+    from ..triage import Triage
+
+    engine = Triage(bundle_path, device=device, precision=precision, lung_method=lung_method,
+                    heatmaps=heatmaps_dir is not None, threads=threads)
+    result = engine.run(source, series_uid=series_uid, prior=prior_path)
+    payload = result.to_dict()
+    payload["source"] = source
+    if heatmaps_dir is not None and result.eligible:
+        paths = result.save_heatmaps(heatmaps_dir, top=top)
+        payload["heatmaps_dir"] = heatmaps_dir
+        payload["heatmaps"] = [str(p) for p in paths]
+    emit(payload, as_json, _human)

@@ -1,0 +1,500 @@
+"""The product facade: ``sdk.Triage().run(series) -> TriageResult``.
+
+    import sdk
+    triage = sdk.Triage()                 # loads + verifies the bundle, opens sessions, warms up
+    result = triage.run("path/to/series") # many times, from several threads if you like
+    print(result.label, result.probabilities)
+    result.save_heatmaps("out/")
+
+Stages (each timed in ``TriageResult.timings_ms``): ``load`` (decode + HU), ``eligibility``,
+``resample`` (the lung segmenter's input preparation, when the segmenter reports it),
+``lungs``, ``slice_selection``, ``classifier_inputs`` (window + resize + mask channels),
+``classification``, ``aggregation``, ``total``.
+
+Decision: the XGBoost aggregator turns the selected slices' probabilities (20 ordered groups x K
+classes, :mod:`sdk.aggregate`) into series probabilities; the label is the bundle's positive
+class ("covid") when its probability reaches the bundle's series threshold, otherwise the most
+probable other class ("non_covid" in the default bundle, which has no normal/CAP distinction).
+A series that fails eligibility gives ``label="not_eligible"`` with the reasons - a result, not an
+exception; ingest problems raise :class:`~sdk.errors.SeriesError`.
+
+Threads: sessions and the aggregator are created once and shared; ``run`` keeps all per-call
+state local, so concurrent calls are safe (ONNX Runtime sessions are thread-safe for ``run``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .errors import ConfigError, RuntimeUnavailableError
+
+log = logging.getLogger("sdk.triage")
+
+PathLike = Union[str, Path]
+STAGES = ("load", "eligibility", "resample", "lungs", "slice_selection", "classifier_inputs",
+          "classification", "aggregation", "total")
+NOT_ELIGIBLE = "not_eligible"
+CLASSIFIER_BATCH = 32
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+LUNG_METHODS = ("auto", "unet2d", "classical")
+
+__all__ = ["Triage", "TriageResult", "SliceScore", "STAGES", "NOT_ELIGIBLE"]
+
+
+# --- result ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SliceScore:
+    """Score of one selected slice: ``index`` into the volume's z axis, its position, probabilities."""
+
+    index: int
+    z_mm: float
+    probabilities: Dict[str, float]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"index": int(self.index), "z_mm": float(self.z_mm),
+                "probabilities": {k: float(v) for k, v in self.probabilities.items()}}
+
+
+@dataclass
+class _HeatmapSource:
+    """What heat maps need, kept by reference (no copies): HU volume, lung mask, CAM grids."""
+
+    hu: np.ndarray            # (z, y, x)
+    mask: np.ndarray          # (z, y, x) lung mask
+    cams: np.ndarray          # (N_selected, K, h, w)
+    window: Tuple[float, float]
+    class_index: int
+
+
+@dataclass
+class TriageResult:
+    """Outcome of one series (the DESIGN.md contract). ``to_dict()`` is JSON-safe.
+
+    Attributes:
+        label: a bundle class (default bundle: "non_covid" | "covid") or "not_eligible".
+        probabilities: series-level class probabilities (empty when not eligible).
+        eligible: False when the series failed eligibility (``reasons`` say why).
+        reasons: eligibility failures (empty when eligible).
+        slice_scores: per selected slice (z order): volume index, z_mm, class probabilities.
+        lung_volume_ml: segmented lung volume (None when not computed).
+        timings_ms: per stage (see ``STAGES``).
+        warnings: ingest warnings (skipped files, quirks) and pipeline warnings.
+        runtime: provider, precision, device (and backend) that ran the classifier.
+        series_uid, bundle, threshold, shape, spacing_mm: provenance.
+        prior: the prior-study comparison (``run(prior=...)``), when requested.
+    """
+
+    label: str
+    probabilities: Dict[str, float]
+    eligible: bool
+    reasons: List[str] = field(default_factory=list)
+    slice_scores: List[SliceScore] = field(default_factory=list)
+    lung_volume_ml: Optional[float] = None
+    timings_ms: Dict[str, float] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+    runtime: Dict[str, str] = field(default_factory=dict)
+    series_uid: str = ""
+    bundle: Dict[str, str] = field(default_factory=dict)
+    threshold: Optional[float] = None
+    shape: Optional[List[int]] = None
+    spacing_mm: Optional[List[float]] = None
+    prior: Optional[Dict[str, Any]] = None
+    _heat: Optional[_HeatmapSource] = field(default=None, repr=False, compare=False)
+
+    # --- heat maps -------------------------------------------------------------------------------
+    def _source(self) -> _HeatmapSource:
+        if self._heat is None:
+            why = "the series was not eligible" if not self.eligible else "Triage(heatmaps=False) keeps no image data"
+            raise ConfigError(f"no heat maps for this result: {why}")
+        return self._heat
+
+    def heatmap(self, i: int) -> np.ndarray:
+        """Heat map of the ``i``-th selected slice (``slice_scores[i]``), at the slice's resolution.
+
+        The class-discriminative CAM of the positive class (:mod:`sdk.heatmap`), bilinearly
+        up-sampled from the feature grid to (rows, columns) of the slice and zeroed outside the
+        lung mask; units: logit contribution per pixel (grid mean + bias = logit).
+        """
+        from .heatmap import slice_heatmap
+
+        src = self._source()
+        n = len(self.slice_scores)
+        if not -n <= i < n:
+            raise ConfigError(f"heat map index {i} out of range: {n} selected slices (0..{n - 1})")
+        z = self.slice_scores[i].index
+        return slice_heatmap(src.cams[i], src.class_index, src.mask[z], src.hu.shape[1:])
+
+    def save_heatmaps(self, out_dir: PathLike, *, top: Optional[int] = None, alpha: float = 0.5) -> List[Path]:
+        """Write PNG overlays (JET colour map over the lung-windowed slice, inside the lungs).
+
+        One file per selected slice, ``slice_<index:04d>.png`` (``top=k``: only the k slices with
+        the highest positive-class probability). One colour scale for the whole series (its
+        largest positive heat) so slices compare. Returns the written paths.
+        """
+        from .heatmap import overlay, window_to_unit, write_png
+
+        src = self._source()
+        out = Path(out_dir)
+        order = list(range(len(self.slice_scores)))
+        if top is not None:
+            pos = self.bundle.get("positive_class", "")
+            order = sorted(order, key=lambda j: -self.slice_scores[j].probabilities.get(pos, 0.0))[: max(0, int(top))]
+        heats = {j: self.heatmap(j) for j in order}
+        vmax = max((float(h.max()) for h in heats.values()), default=0.0)
+        paths = []
+        for j in sorted(order):
+            z = self.slice_scores[j].index
+            grey = window_to_unit(src.hu[z], src.window)
+            img = overlay(grey, heats[j], src.mask[z], vmax=vmax if vmax > 0 else None, alpha=alpha)
+            paths.append(write_png(out / f"slice_{z:04d}.png", img))
+        return paths
+
+    # --- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe dict (plain str/float/int/bool/list/dict/None)."""
+        return {
+            "label": self.label,
+            "probabilities": {k: float(v) for k, v in self.probabilities.items()},
+            "eligible": bool(self.eligible),
+            "reasons": [str(r) for r in self.reasons],
+            "slice_scores": [s.to_dict() for s in self.slice_scores],
+            "lung_volume_ml": None if self.lung_volume_ml is None else float(self.lung_volume_ml),
+            "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+            "warnings": [str(w) for w in self.warnings],
+            "runtime": {k: str(v) for k, v in self.runtime.items()},
+            "series_uid": self.series_uid,
+            "bundle": dict(self.bundle),
+            "threshold": None if self.threshold is None else float(self.threshold),
+            "shape": None if self.shape is None else [int(v) for v in self.shape],
+            "spacing_mm": None if self.spacing_mm is None else [float(v) for v in self.spacing_mm],
+            "prior": self.prior,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TriageResult":
+        """Rebuild a result from :meth:`to_dict` output (without heat-map data)."""
+        return cls(
+            label=d["label"], probabilities=dict(d["probabilities"]), eligible=bool(d["eligible"]),
+            reasons=list(d.get("reasons", [])),
+            slice_scores=[SliceScore(int(s["index"]), float(s["z_mm"]), dict(s["probabilities"])) for s in d.get("slice_scores", [])],
+            lung_volume_ml=d.get("lung_volume_ml"), timings_ms=dict(d.get("timings_ms", {})),
+            warnings=list(d.get("warnings", [])), runtime=dict(d.get("runtime", {})),
+            series_uid=d.get("series_uid", ""), bundle=dict(d.get("bundle", {})), threshold=d.get("threshold"),
+            shape=d.get("shape"), spacing_mm=d.get("spacing_mm"), prior=d.get("prior"),
+        )
+
+
+# --- timing ------------------------------------------------------------------------------------
+class _Timer:
+    """Per-call stage timer (local to one run, so threads do not share it)."""
+
+    def __init__(self) -> None:
+        self.ms: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1000.0
+
+
+# --- classifier session ------------------------------------------------------------------------
+def _open_classifier(bundle: Any, device: str, precision: str, threads: Optional[int]) -> Tuple[Any, Dict[str, str], List[str]]:
+    """Open the classifier through :func:`sdk.runtime.select_runtime`; returns (session, runtime, reasons).
+
+    ``runtime`` is what really runs (the session's own ``info``: ORT may fall back to CPU).
+    """
+    from .runtime import select_runtime
+
+    int8 = bundle.manifest.get("int8", {})
+    loader, info, reasons = select_runtime(
+        device, precision, bundle.classifier_paths(), bundle.calibration_passed,
+        int8_speedup=int8.get("speedup"), threads=threads, engine_cache_dir=bundle.engine_cache_dir(),
+    )
+    session = loader()
+    real = getattr(session, "info", info)
+    runtime = real.to_dict()
+    reasons = list(reasons) + list(getattr(session, "fallback_reasons", []))
+    if real != info:
+        reasons.append(f"selected {info.to_dict()} but the session runs {runtime}")
+    return session, runtime, reasons
+
+
+def _open_lungs(path: Optional[Path], threads: Optional[int]) -> Any:
+    """CPU ONNX Runtime session for the bundle's lung U-Net (small, FP32 only)."""
+    if path is None:
+        return None
+    from .runtime.ort import OrtSession
+
+    return OrtSession(path, device="cpu", threads=threads, precision="fp32")
+
+
+def _infer(session: Any, x: np.ndarray) -> Dict[str, np.ndarray]:
+    if hasattr(session, "infer"):
+        return {k: np.asarray(v) for k, v in session.infer({"image": x}).items()}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, (np.asarray(v) for v in session.run(names, {"image": x}))))
+
+
+# --- facade ------------------------------------------------------------------------------------
+class Triage:
+    """Load a bundle once, then triage many series.
+
+    Args:
+        bundle: a bundle folder, a loaded :class:`sdk.bundle.Bundle`, or None (the default bundle
+            in the package; its sha256s are verified).
+        device: "auto" | "cpu" | "cuda" | "tensorrt" (auto: TensorRT > ORT CUDA > ORT CPU by what
+            is installed and usable; ``TriageResult.runtime`` reports what ran).
+        precision: "auto" | "fp32" | "fp16" | "int8" (auto: INT8 on CPU when the bundle's
+            calibration passed and INT8 measured faster, FP16 on a GPU).
+        lung_method: "auto" | "unet2d" | "classical" (see :func:`sdk.lungs.segment`).
+        heatmaps: keep references to the volume, mask and CAMs in each result so that
+            ``heatmap(i)`` / ``save_heatmaps(dir)`` work (costs no time, holds memory until the
+            result is dropped).
+        threads: intra-op threads per ONNX Runtime session (None: the runtime's default).
+    """
+
+    def __init__(
+        self,
+        bundle: Any = None,
+        device: str = "auto",
+        precision: str = "auto",
+        *,
+        lung_method: str = "auto",
+        heatmaps: bool = True,
+        threads: Optional[int] = None,
+    ) -> None:
+        from .bundle import Bundle, load_bundle
+
+        if device not in DEVICES:
+            raise ConfigError(f"device {device!r} not in {DEVICES}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} not in {PRECISIONS}")
+        if lung_method not in LUNG_METHODS:
+            raise ConfigError(f"lung_method {lung_method!r} not in {LUNG_METHODS}")
+        if threads is not None and int(threads) < 1:
+            raise ConfigError(f"threads must be >= 1 or None, got {threads}")
+        t0 = time.perf_counter()
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.device, self.precision, self.lung_method = device, precision, lung_method
+        self.keep_heatmaps = bool(heatmaps)
+        self.threads = threads
+        self.classes = self.bundle.classes
+        self.positive = self.bundle.positive_class
+        if self.positive not in self.classes:
+            raise ConfigError(f"bundle positive class {self.positive!r} is not one of its classes {self.classes}")
+        self.threshold = self.bundle.threshold
+        self.window = self.bundle.window
+        self.size = self.bundle.input_size
+        self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads)
+        self._lungs = _open_lungs(self.bundle.lungs_path, threads) if lung_method != "classical" else None
+        self._aggregator = self.bundle.load_aggregator()
+        self._warm_up()
+        self.init_ms = (time.perf_counter() - t0) * 1000.0
+        log.info("Triage ready in %.0f ms: bundle %s %s, runtime %s", self.init_ms, self.bundle.name,
+                 self.bundle.version, self.runtime)
+
+    def __repr__(self) -> str:
+        return (f"Triage(bundle={self.bundle.name!r} v{self.bundle.version}, runtime={self.runtime}, "
+                f"lung_method={self.lung_method!r})")
+
+    def _warm_up(self) -> None:
+        """Inference on every session (the classifier at batch 1 and at its working batch) so the
+        first real series pays no lazy initialisation or allocation."""
+        x = np.zeros((CLASSIFIER_BATCH, 3, self.size, self.size), np.float32)
+        x[:, 1, self.size // 4 : 3 * self.size // 4, self.size // 4 : 3 * self.size // 4] = 1.0
+        _infer(self._classifier, x)
+        out = _infer(self._classifier, x[:1])
+        for key in ("probs", "cam"):
+            if key not in out:
+                raise RuntimeUnavailableError(f"classifier of bundle {self.bundle.root} lacks the output {key!r} (outputs: {sorted(out)})")
+        if out["probs"].shape[-1] != len(self.classes):
+            raise ConfigError(f"classifier outputs {out['probs'].shape[-1]} classes, bundle lists {self.classes}")
+        if self._lungs is not None:
+            spec = self._lungs.inputs[0]
+            fixed = [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
+            shape = [1, fixed[1] or 1] + [d or 128 for d in fixed[2:]]
+            self._lungs.infer({spec.name: np.zeros(shape, np.float32)})
+        for _ in range(2):
+            self._aggregator.predict_proba(np.full((20, len(self.classes)), 1.0 / len(self.classes), np.float32))
+
+    # --- stages ---------------------------------------------------------------------------------
+    def _segment(self, volume: Any) -> Any:
+        from . import lungs
+
+        kwargs: Dict[str, Any] = {"method": self.lung_method}
+        if self._lungs is not None:
+            kwargs["session"] = self._lungs
+        return lungs.segment(volume, **kwargs)
+
+    def _classify(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        probs, cams = [], []
+        for i in range(0, x.shape[0], CLASSIFIER_BATCH):
+            out = _infer(self._classifier, np.ascontiguousarray(x[i : i + CLASSIFIER_BATCH]))
+            probs.append(np.asarray(out["probs"], np.float32))
+            cams.append(np.asarray(out["cam"], np.float32))
+        return np.concatenate(probs), np.concatenate(cams)
+
+    def _decide(self, probs: Dict[str, float]) -> str:
+        if probs[self.positive] >= self.threshold:
+            return self.positive
+        others = {k: v for k, v in probs.items() if k != self.positive}
+        return max(others, key=others.get) if others else self.positive
+
+    def _base(self, volume: Any) -> Dict[str, Any]:
+        return dict(
+            series_uid=getattr(getattr(volume, "meta", None), "series_uid", "") or "",
+            bundle={"name": self.bundle.name, "version": self.bundle.version, "positive_class": self.positive},
+            threshold=self.threshold,
+            runtime=dict(self.runtime),
+            shape=list(volume.shape),
+            spacing_mm=[float(s) for s in volume.spacing],
+        )
+
+    # --- public ---------------------------------------------------------------------------------
+    def run(self, series: Any, *, series_uid: Optional[str] = None, prior: Any = None) -> TriageResult:
+        """Triage one series.
+
+        Args:
+            series: a folder, a file, a list of files, a list of pydicom datasets, or an already
+                loaded :class:`sdk.volume.Volume`.
+            series_uid: pick this series when the source holds several.
+            prior: an earlier study of the same patient (same kinds of input as ``series``) to
+                compare with (paper 003, :func:`sdk.prior.compare`); the comparison lands in
+                ``TriageResult.prior`` (``{"error": ...}`` when the prior cannot be compared).
+
+        Raises:
+            SeriesError: the input cannot become a CT volume (names the file and the problem).
+        """
+        timer = _Timer()
+        t_total = time.perf_counter()
+        with timer("load"):
+            volume = self._load(series, series_uid)
+        result, mask = self._triage_volume(volume, timer)
+        if prior is not None:
+            with timer("prior"):
+                result.prior = self._compare_prior(result, volume, mask, prior)
+        timer.ms["total"] = (time.perf_counter() - t_total) * 1000.0
+        result.timings_ms = self._ordered(timer.ms)
+        return result
+
+    @staticmethod
+    def _load(series: Any, series_uid: Optional[str] = None) -> Any:
+        from .volume import Volume
+
+        if isinstance(series, Volume):
+            return series
+        from .io import load_series
+
+        return load_series(series, series_uid=series_uid)
+
+    def _triage_volume(self, volume: Any, timer: _Timer) -> Tuple[TriageResult, Optional[np.ndarray]]:
+        """Every stage after loading; returns the result (timings filled by the caller) and the lung mask."""
+        warnings: List[str] = list(volume.warnings)
+        base = self._base(volume)
+        with timer("eligibility"):
+            from .eligibility import check
+
+            elig = check(volume)
+        if not elig.eligible:
+            return TriageResult(label=NOT_ELIGIBLE, probabilities={}, eligible=False, reasons=list(elig.reasons),
+                                warnings=warnings, **base), None
+        with timer("lungs"):
+            seg = self._segment(volume)
+        self._split_resample(seg, timer)
+        warnings.extend(f"lungs: {w}" for w in getattr(seg, "warnings", ()))
+        with timer("slice_selection"):
+            from .slices import select_slices
+
+            sel = select_slices(volume, seg.mask)
+        indices = np.asarray(sel.indices, dtype=np.int64)
+        if indices.size == 0:
+            return TriageResult(label=NOT_ELIGIBLE, probabilities={}, eligible=False,
+                                reasons=["no slice passed slice selection (no lung found in the series)"],
+                                lung_volume_ml=float(seg.lung_volume_ml), warnings=warnings, **base), seg.mask
+        if indices.size < 20:
+            warnings.append(f"only {indices.size} slices selected (< 20 aggregation groups): slices are repeated across groups")
+        with timer("classifier_inputs"):
+            from .volume.resample import classifier_inputs
+
+            x = classifier_inputs(volume.hu, seg.mask, indices, size=self.size, window=self.window)
+        with timer("classification"):
+            slice_probs, cams = self._classify(x)
+        with timer("aggregation"):
+            probs = self._aggregator.predict_proba(slice_probs)
+            label = self._decide(probs)
+        z_mm = np.asarray(volume.z_mm, dtype=np.float64)
+        scores = [SliceScore(int(z), float(z_mm[z]), {c: float(p) for c, p in zip(self.classes, row)})
+                  for z, row in zip(indices, slice_probs)]
+        heat = None
+        if self.keep_heatmaps:
+            heat = _HeatmapSource(hu=volume.hu, mask=seg.mask, cams=cams, window=self.window,
+                                  class_index=self.classes.index(self.positive))
+        result = TriageResult(label=label, probabilities=probs, eligible=True, reasons=[], slice_scores=scores,
+                              lung_volume_ml=float(seg.lung_volume_ml), warnings=warnings, _heat=heat, **base)
+        return result, seg.mask
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def _compare_prior(self, current: TriageResult, volume: Any, mask: Optional[np.ndarray], prior: Any) -> Dict[str, Any]:
+        """Prior-study comparison hook (paper 003); the comparison itself is :func:`sdk.prior.compare`.
+
+        The prior is loaded (unless it is a Volume) and triaged with the same models; the two
+        studies' volumes, lung masks and slice scores go to ``sdk.prior.compare``. A prior that
+        cannot be compared (not eligible, single slices, unreadable) gives ``{"error": ...}`` and a
+        warning instead of losing the current study's result.
+        """
+        from .errors import CtsdkError
+
+        try:
+            from . import prior as prior_mod
+        except ImportError as exc:  # pragma: no cover - the module ships with the package
+            raise ConfigError("prior-study comparison is not available in this install (sdk.prior is missing)") from exc
+        try:
+            if not current.eligible or mask is None:
+                raise ConfigError("the current series is not eligible: " + "; ".join(current.reasons))
+            prior_volume = self._load(prior)
+            prior_result, prior_mask = self._triage_volume(prior_volume, _Timer())
+            if not prior_result.eligible or prior_mask is None:
+                raise ConfigError("the prior series is not eligible: " + "; ".join(prior_result.reasons))
+            comparison = prior_mod.compare(
+                volume, mask, prior_volume, prior_mask,
+                current_slice_scores=[s.to_dict() for s in current.slice_scores],
+                prior_slice_scores=[s.to_dict() for s in prior_result.slice_scores],
+                positive_class=self.positive,
+            )
+        except CtsdkError as exc:
+            current.warnings.append(f"prior comparison skipped: {exc}")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        out = comparison.to_dict()
+        out["prior_series"] = {"series_uid": prior_result.series_uid, "label": prior_result.label,
+                               "probabilities": dict(prior_result.probabilities)}
+        return out
+
+    @staticmethod
+    def _split_resample(seg: Any, timer: _Timer) -> None:
+        """Move the segmenter's resampling steps (input preparation / down-sampling to its working
+        grid, up-sampling the mask back; keys of ``LungSegmentation.timings_ms``) into 'resample'."""
+        t = getattr(seg, "timings_ms", None) or getattr(seg, "timings", None) or {}
+        ms = 0.0
+        for key, val in dict(t).items():
+            if any(w in key for w in ("resample", "downsample", "upsample", "prepare")):
+                ms += float(val)
+        if ms > 0:
+            ms = min(ms, timer.ms.get("lungs", 0.0))
+            timer.ms["resample"] = ms
+            timer.ms["lungs"] -= ms
+
+    @staticmethod
+    def _ordered(ms: Dict[str, float]) -> Dict[str, float]:
+        out = {k: ms.get(k, 0.0) for k in STAGES}
+        out.update({k: v for k, v in ms.items() if k not in out})
+        return out

@@ -1,0 +1,149 @@
+"""Unit tests of the bench helpers: percentiles against NumPy, stage mapping, memory sampling,
+the z-resampled series writer against SciPy, runtime checks. Fast (no network inference)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from sdk.bench import stats
+from sdk.bench.memory import PeakMemory
+from sdk.bench.pipelines import (RUNTIMES, LoadProbes, RuntimeSpec, map_triage_timings, parse_runtimes, precheck,
+                                 runtime_mismatch)
+from sdk.errors import ConfigError
+
+
+# --- stats -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 20, 101])
+def test_percentile_matches_numpy(n: int) -> None:
+    rng = np.random.default_rng(n)
+    xs = rng.lognormal(3.0, 1.0, size=n)
+    for q in (0, 5, 25, 50, 90, 95, 99, 100):
+        assert stats.percentile(list(xs), q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12, abs=1e-12)
+
+
+def test_summarize_matches_numpy() -> None:
+    xs = [12.0, 3.5, 7.25, 100.0, 8.0]
+    s = stats.summarize(xs)
+    assert s["n"] == 5
+    assert s["p50"] == pytest.approx(np.median(xs))
+    assert s["p95"] == pytest.approx(np.percentile(xs, 95))
+    assert s["mean"] == pytest.approx(np.mean(xs))
+    assert (s["min"], s["max"]) == (3.5, 100.0)
+
+
+def test_stats_errors_and_ratios() -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        stats.percentile([], 50)
+    with pytest.raises(ConfigError, match=r"\[0, 100\]"):
+        stats.percentile([1.0], 101)
+    assert stats.speedup(1000.0, 250.0) == pytest.approx(4.0)
+    assert stats.speedup(None, 1.0) is None and stats.speedup(1.0, 0.0) is None
+    assert stats.series_per_minute(1500.0) == pytest.approx(40.0)
+    assert stats.dominant({"decode": 5.0, "lungs": 9.0, "total": 20.0}) == "lungs"
+    runs = [{"a": 1.0, "b": 4.0}, {"a": 3.0}]
+    summ = stats.summarize_stages(runs, ["a", "b", "c"])
+    assert summ["a"]["p50"] == pytest.approx(2.0)
+    assert summ["b"]["p50"] == pytest.approx(2.0)  # missing in one run counts as 0 there
+    assert "c" not in summ
+
+
+# --- stage mapping and runtime checks ----------------------------------------------------------------
+def test_map_triage_timings_splits_load_and_keeps_every_millisecond() -> None:
+    t = {"load": 100.0, "eligibility": 5.0, "resample": 7.0, "lungs": 50.0, "slice_selection": 1.0,
+         "classifier_inputs": 3.0, "classification": 40.0, "aggregation": 2.0, "prior": 4.0, "total": 215.0}
+    stages, notes = map_triage_timings(t, decode_ms=80.0)
+    assert stages["decode"] == pytest.approx(80.0) and stages["hu"] == pytest.approx(20.0)
+    assert stages["resample"] == pytest.approx(10.0)  # segmenter prep + classifier inputs
+    assert stages["select"] == 1.0 and stages["classify"] == 40.0 and stages["aggregate"] == 2.0
+    assert stages["other"] == 4.0
+    assert sum(stages.values()) == pytest.approx(sum(v for k, v in t.items() if k != "total"))
+    assert not notes
+    unsplit, notes = map_triage_timings(t, decode_ms=None)
+    assert unsplit["decode"] == 100.0 and unsplit["hu"] == 0.0 and notes
+
+
+def test_runtime_mismatch_and_parse() -> None:
+    assert runtime_mismatch(RUNTIMES["ort-fp32"], {"provider": "CPUExecutionProvider", "precision": "fp32"}) is None
+    why = runtime_mismatch(RUNTIMES["ort-int8"], {"provider": "CPUExecutionProvider", "precision": "fp32"})
+    assert why and "int8" in why
+    why = runtime_mismatch(RUNTIMES["ort-cuda-fp16"], {"provider": "CPUExecutionProvider", "precision": "fp16"})
+    assert why and "CUDAExecutionProvider" in why
+    assert parse_runtimes("naive, ort-fp32,naive") == ["naive", "ort-fp32"]
+    with pytest.raises(ConfigError, match="valid: naive"):
+        parse_runtimes("naive,onnx-magic")
+
+
+def test_precheck_reports_why_gpu_runtimes_cannot_run() -> None:
+    from sdk._lazy import available
+    from sdk.runtime.gpu import gpu_info
+
+    reason = precheck(RUNTIMES["trt-fp16"])
+    if gpu_info() is None:
+        assert reason and "GPU" in reason
+    if not available("tensorrt"):
+        assert reason and "tensorrt" in reason
+    assert precheck(RUNTIMES["ort-fp32"]) is None  # decided by building it
+
+
+def test_load_probes_time_the_reader_and_restore_it(tmp_path) -> None:
+    from sdk.io import load_series, reader
+    from sdk.phantom import write_phantom_series
+
+    write_phantom_series(tmp_path / "s", n_slices=20, size=64)
+    names = [n for n in LoadProbes.WALL + LoadProbes.THREAD if hasattr(reader, n)]
+    originals = {n: getattr(reader, n) for n in names}
+    assert "_scan" in names, "sdk.io.reader._scan is gone: update LoadProbes"
+    with LoadProbes() as probes:
+        assert probes.installed and reader._scan is not originals["_scan"]
+        probes.reset()
+        t0 = time.perf_counter()
+        load_series(tmp_path / "s")
+        wall = (time.perf_counter() - t0) * 1000.0
+        ms = probes.take()
+    assert ms is not None and 0.0 < ms <= wall
+    assert {n: getattr(reader, n) for n in names} == originals
+
+
+# --- memory --------------------------------------------------------------------------------------------
+def test_peak_memory_sees_a_large_temporary_allocation() -> None:
+    import time
+
+    with PeakMemory(interval_s=0.002) as mem:
+        big = np.ones(64 * 2**20 // 8 * 4, dtype=np.float64)  # 256 MiB, touched
+        time.sleep(0.05)
+        del big
+    r = mem.result()
+    assert r["delta_rss_mb"] >= 200.0, r
+    assert r["peak_rss_mb"] >= r["start_rss_mb"] + 200.0
+    assert r["samples"] >= 2
+
+
+# --- z-resampled series ----------------------------------------------------------------------------------
+def test_z_resampled_series_matches_scipy(tmp_path) -> None:
+    from scipy import ndimage as ndi
+
+    from sdk.bench.scaling import write_z_resampled, z_positions
+    from sdk.io import load_series
+    from sdk.phantom import write_phantom_series
+
+    write_phantom_series(tmp_path / "src", n_slices=24, size=64, spacing=(2.5, 0.8, 0.8), ground_glass=True, noise_hu=20.0)
+    src = load_series(tmp_path / "src")
+    n = 37
+    paths = write_z_resampled(tmp_path / "src", n, tmp_path / "out")
+    assert len(paths) == n
+    out = load_series(tmp_path / "out")
+    assert out.shape == (n,) + src.shape[1:]
+    # same physical extent, cell-centre positions, uniform spacing extent / n
+    extent = src.extent_mm[0]
+    assert out.spacing[0] == pytest.approx(extent / n, abs=1e-3)
+    assert out.z_mm[0] - out.spacing[0] / 2 == pytest.approx(src.z_mm[0] - src.spacing[0] / 2, abs=1e-3)
+    assert out.meta.slice_thickness_mm == pytest.approx(min(2.5, extent / n), abs=1e-3)
+    # independent reference: scipy zoom along z with the cell-centre convention (grid_mode=True)
+    ref = ndi.zoom(src.hu.astype(np.float64), (n / src.shape[0], 1, 1), order=1, grid_mode=True, mode="nearest")
+    assert np.abs(out.hu.astype(np.float64) - ref).max() <= 0.5 + 1e-6
+    t, s, sp = z_positions(src.z_mm, n)
+    assert np.allclose(out.z_mm, t, atol=1e-3)
+    with pytest.raises(ConfigError):
+        z_positions(src.z_mm, 1)

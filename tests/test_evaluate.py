@@ -1,0 +1,166 @@
+"""Evaluation metrics against independent references, and `ctsdk evaluate` on real data."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import mannwhitneyu
+
+from sdk.errors import ConfigError
+from sdk.evaluate import auc, binary_metrics, bootstrap_ci, read_images_csv, read_series_csv, roc_curve, youden_threshold
+
+from conftest import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def brute_auc(y, p) -> float:
+    pos = [s for s, t in zip(p, y) if t == 1]
+    neg = [s for s, t in zip(p, y) if t == 0]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_matches_mann_whitney_and_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 60)
+    p = np.round(rng.random(60) + 0.3 * y, 1)  # rounding creates ties
+    u = mannwhitneyu(p[y == 1], p[y == 0]).statistic
+    assert auc(y, p) == pytest.approx(u / ((y == 1).sum() * (y == 0).sum()), abs=1e-12)
+    assert auc(y, p) == pytest.approx(brute_auc(y, p), abs=1e-12)
+
+
+def test_roc_curve_trapezoid_equals_auc() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random(200) + 0.5 * y, 2)
+    fpr, tpr, thr = roc_curve(y, p)
+    assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auc(y, p), abs=1e-12)
+
+
+def test_point_metrics_and_confusion() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.6, 0.2, 0.7, 0.1, 0.3, 0.5])
+    m = binary_metrics(y, p, 0.5, n_boot=0)
+    assert m["confusion"] == {"tp": 2, "fn": 1, "fp": 2, "tn": 2}
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(2 / 4)
+    assert m["accuracy"] == pytest.approx(4 / 7)
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 150)
+    p = rng.random(150) + 0.4 * y
+    a = bootstrap_ci(y, p, 0.7, n_boot=300, seed=1)
+    b = bootstrap_ci(y, p, 0.7, n_boot=300, seed=1)
+    c = bootstrap_ci(y, p, 0.7, n_boot=300, seed=2)
+    assert a == b and a != c
+    lo, hi = a["auc"]
+    assert lo < auc(y, p) < hi and hi - lo < 0.3
+
+
+def test_youden_threshold_is_optimal() -> None:
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, 2, 100)
+    p = rng.random(100) + 0.5 * y
+    t = youden_threshold(y, p)
+    j = lambda thr: ((p >= thr) & (y == 1)).sum() / y.sum() - ((p >= thr) & (y == 0)).sum() / (1 - y).sum()
+    assert j(t) == pytest.approx(max(j(v) for v in np.unique(p)))
+
+
+def test_csv_readers(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(b"x")
+    with (tmp_path / "i.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "source", "split", "patient"])
+        w.writerow(["img/a.jpg", "covid", "s", "test", ""])
+        w.writerow(["img/b.jpg", "normal", "s", "train", ""])
+    rows = read_images_csv(tmp_path / "i.csv", split="test")
+    assert rows[0]["abspath"] == str(tmp_path / "img" / "a.jpg")
+    with pytest.raises(ConfigError, match="not found"):
+        read_images_csv(tmp_path / "i.csv")  # b.jpg missing
+    with pytest.raises(ConfigError, match="splits present"):
+        read_images_csv(tmp_path / "i.csv", split="val")
+    (tmp_path / "s.csv").write_text("path,label\nseries1,covid\n/abs/series2,cap\n")
+    assert read_series_csv(tmp_path / "s.csv") == [(tmp_path / "series1", "covid"), (Path("/abs/series2"), "cap")]
+
+
+def test_cli_needs_exactly_one_input() -> None:
+    r = subprocess.run([sys.executable, "-c", "from sdk.cli import main; main(['evaluate', '--json'])"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "exactly one" in r.stderr
+
+
+def test_evaluate_images_cli_matches_independent_scoring(tmp_path: Path) -> None:
+    """A few real images through `ctsdk evaluate --images`; one case re-scored by hand."""
+    import onnxruntime as ort
+
+    from sdk.bundle import load_bundle
+    from sdk.lungs import segment_slices_2d
+    from sdk.train.data import load_grey, eval_input
+
+    index = shared_path("images_index.csv")
+    with index.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    pick = [r for r in rows if r["source"] == "ucsd-covid-ct" and r["split"] == "test"][:3]
+    pick += [r for r in rows if r["source"] == "mosmed-midslices" and r["label"] == "normal"][:3]
+    small = tmp_path / "images.csv"
+    with small.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(pick)
+    cmd = [sys.executable, "-c", "from sdk.cli import main; main()", "evaluate", "--images", str(small),
+           "--data-root", str(index.parent), "--n-bootstrap", "50", "--out", str(tmp_path / "out"), "--cases", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout)
+    assert d["overall"]["n"] == 6 and d["overall"]["n_pos"] == sum(r["label"] == "covid" for r in pick)
+    assert set(d["per_source"]) == {"ucsd-covid-ct", "mosmed-midslices"}
+    assert (tmp_path / "out" / "roc_images.png").is_file()
+    c = sum(d["overall"]["confusion"].values())
+    assert c == 6
+    # independent scoring of the first case
+    b = load_bundle()
+    grey = load_grey(index.parent / pick[0]["path"])
+    lungs = ort.InferenceSession(str(b.lungs_path), providers=["CPUExecutionProvider"])
+    mask = segment_slices_2d(grey[None], lungs)[0]
+    x = eval_input(grey, mask, b.input_size)[None].astype(np.float32)
+    cls = ort.InferenceSession(b.classifier_paths()["fp32"], providers=["CPUExecutionProvider"])
+    p = cls.run(["probs"], {"image": x})[0][0, b.classes.index("covid")]
+    assert d["cases"][0]["p_covid"] == pytest.approx(float(p), abs=1e-5)
+
+
+def test_evaluate_series_on_phantoms(tmp_path: Path) -> None:
+    """Series mode end to end on phantom series: metrics, slice labels, an excluded series."""
+    from sdk.evaluate import evaluate_series
+    from sdk.phantom import write_phantom_series
+
+    write_phantom_series(tmp_path / "a", n_slices=32, size=64, spacing=(2.5, 4.0, 4.0), ground_glass=True, seed=1)
+    write_phantom_series(tmp_path / "b", n_slices=32, size=64, spacing=(2.5, 4.0, 4.0), seed=2)
+    write_phantom_series(tmp_path / "thick", n_slices=24, size=64, spacing=(5.0, 4.0, 4.0), slice_thickness=5.0)
+    labels = np.zeros((2, 200), np.int64)
+    labels[0, 10:20] = 1
+    np.save(tmp_path / "labels.npy", labels)
+    (tmp_path / "series.csv").write_text(
+        "path,label,slice_labels,slice_labels_row\na,covid,labels.npy,0\nb,normal,,\nthick,cap,,\n")
+    rep = evaluate_series(tmp_path / "series.csv", n_boot=20, out=tmp_path / "out", progress=False)
+    d = rep.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["overall"]["n"] == 2 and d["overall"]["n_pos"] == 1
+    assert [e["path"] for e in d["excluded"]] == [str(tmp_path / "thick")] and d["excluded"][0]["reasons"]
+    a, b = d["cases"]
+    assert a["predicted"] == ("covid" if a["p_covid"] >= rep.overall["threshold"] else "non_covid")
+    sl = d["slice_level"]["labelled_positive_vs_all_other"]
+    assert sl["n"] == a["n_slices"] + b["n_slices"]
+    assert sl["n_pos"] == a["slices_labelled_positive"] <= 10
+    assert (tmp_path / "out" / "evaluation_series.json").is_file()

@@ -1,0 +1,226 @@
+"""sdk.Triage / TriageResult on a phantom series (fresh-clone safe) and on covid-P001 (shared data).
+
+Numbers are checked against independent constructions: the slice probabilities against ONNX
+Runtime run directly on the documented classifier inputs, the series probabilities against the
+aggregator on those slice probabilities, heat maps against a NumPy bilinear up-sampling.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sdk
+from sdk.errors import ConfigError, SeriesError
+from sdk.triage import NOT_ELIGIBLE, STAGES, TriageResult
+
+from conftest import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+CTSDK = [sys.executable, "-c", "from sdk.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def engine() -> "sdk.Triage":
+    return sdk.Triage(device="cpu", precision="fp32", threads=1)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    from sdk.phantom import write_phantom_series
+
+    out = tmp_path_factory.mktemp("phantom")
+    write_phantom_series(out, n_slices=48, size=128, spacing=(2.5, 2.0, 2.0), ground_glass=True, seed=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def phantom_result(engine, phantom) -> TriageResult:
+    return engine.run(phantom)
+
+
+def _bilinear(grid: np.ndarray, out_hw) -> np.ndarray:
+    """docs/conventions.md sample positions s = (i + 0.5) * n_in / n_out - 0.5, clamped."""
+    def taps(n_in: int, n_out: int):
+        s = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        i0 = np.floor(s).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, s - i0
+
+    y0, y1, wy = taps(grid.shape[0], out_hw[0])
+    x0, x1, wx = taps(grid.shape[1], out_hw[1])
+    rows = grid[y0] * (1 - wy)[:, None] + grid[y1] * wy[:, None]
+    return rows[:, x0] * (1 - wx) + rows[:, x1] * wx
+
+
+def test_phantom_result_contract(phantom_result: TriageResult, engine) -> None:
+    r = phantom_result
+    assert r.eligible and r.reasons == []
+    assert r.label in engine.classes
+    assert set(r.probabilities) == set(engine.classes)
+    assert sum(r.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    expected = "covid" if r.probabilities["covid"] >= engine.threshold else "non_covid"
+    assert r.label == expected
+    assert list(r.timings_ms)[: len(STAGES)] == list(STAGES)
+    assert r.timings_ms["total"] >= max(v for k, v in r.timings_ms.items() if k != "total")
+    assert r.runtime["provider"] == "CPUExecutionProvider" and r.runtime["precision"] == "fp32"
+    idx = [s.index for s in r.slice_scores]
+    assert idx == sorted(idx) and len(set(idx)) == len(idx) and 0 <= idx[0] and idx[-1] < r.shape[0]
+    z = [s.z_mm for s in r.slice_scores]
+    assert z == sorted(z)
+    assert r.lung_volume_ml is not None and r.lung_volume_ml > 0
+
+
+def test_phantom_numbers_match_independent_pipeline(phantom_result: TriageResult, engine, phantom) -> None:
+    import onnxruntime as ort
+
+    from sdk.io import load_series
+    from sdk.lungs import segment
+    from sdk.volume.resample import classifier_inputs
+
+    vol = load_series(phantom)
+    seg = segment(vol, method=engine.lung_method, session=engine._lungs)
+    idx = [s.index for s in phantom_result.slice_scores]
+    x = classifier_inputs(vol.hu, seg.mask, idx, size=224, window=(-1350.0, 150.0))
+    sess = ort.InferenceSession(engine.bundle.classifier_paths()["fp32"], providers=["CPUExecutionProvider"])
+    probs, cam = sess.run(["probs", "cam"], {"image": x})
+    got = np.array([[s.probabilities[c] for c in engine.classes] for s in phantom_result.slice_scores])
+    np.testing.assert_allclose(got, probs, atol=1e-5)
+    series = engine.bundle.load_aggregator().predict_proba(probs)
+    for c in engine.classes:
+        assert phantom_result.probabilities[c] == pytest.approx(series[c], abs=1e-5)
+    # heat map: covid - non_covid CAM, bilinear to the slice, zero outside the lung mask
+    i = len(idx) // 2
+    h = phantom_result.heatmap(i)
+    assert h.shape == vol.hu.shape[1:] and h.dtype == np.float32
+    ref = _bilinear((cam[i, 1] - cam[i, 0]).astype(np.float64), vol.hu.shape[1:])
+    ref[seg.mask[idx[i]] == 0] = 0.0
+    np.testing.assert_allclose(h, ref, atol=2e-4 * max(1.0, np.abs(ref).max()))
+    with pytest.raises(ConfigError, match="out of range"):
+        phantom_result.heatmap(len(idx))
+
+
+def test_save_heatmaps_writes_pngs(phantom_result: TriageResult, tmp_path: Path) -> None:
+    import cv2
+
+    paths = phantom_result.save_heatmaps(tmp_path, top=3)
+    assert len(paths) == 3
+    for p in paths:
+        img = cv2.imread(str(p))
+        assert img is not None and img.shape[:2] == tuple(phantom_result.shape[1:]) and img.shape[2] == 3
+
+
+def test_to_dict_json_round_trip(phantom_result: TriageResult) -> None:
+    d = phantom_result.to_dict()
+    text = json.dumps(d, allow_nan=False)
+    back = TriageResult.from_dict(json.loads(text))
+    assert back.to_dict() == d
+    for key in ("label", "probabilities", "eligible", "reasons", "slice_scores", "lung_volume_ml", "timings_ms",
+                "warnings", "runtime"):
+        assert key in d
+    assert set(d["runtime"]) >= {"provider", "precision", "device"}
+    assert set(d["slice_scores"][0]) == {"index", "z_mm", "probabilities"}
+    with pytest.raises(ConfigError, match="no heat maps"):
+        back.heatmap(0)
+
+
+def test_not_eligible_is_a_result(engine, tmp_path: Path) -> None:
+    from sdk.phantom import write_phantom_series
+
+    write_phantom_series(tmp_path, n_slices=24, size=64, spacing=(5.0, 4.0, 4.0), slice_thickness=5.0)
+    r = engine.run(tmp_path)
+    assert r.label == NOT_ELIGIBLE and not r.eligible and r.reasons
+    assert any("thick" in x.lower() or "mm" in x for x in r.reasons)
+    assert r.probabilities == {} and r.slice_scores == []
+    json.dumps(r.to_dict(), allow_nan=False)
+    with pytest.raises(ConfigError, match="not eligible"):
+        r.heatmap(0)
+
+
+def test_series_error_propagates(engine, tmp_path: Path) -> None:
+    bad = tmp_path / "notes.dcm"
+    bad.write_text("not dicom")
+    with pytest.raises(SeriesError) as err:
+        engine.run(bad)
+    assert "notes.dcm" in str(err.value)
+
+
+def test_concurrent_runs_equal_sequential(engine, phantom, phantom_result, tmp_path: Path) -> None:
+    from sdk.phantom import write_phantom_series
+
+    other = tmp_path / "other"
+    write_phantom_series(other, n_slices=32, size=64, spacing=(2.5, 4.0, 4.0), consolidation=True, seed=4)
+    sources = [phantom, other, phantom, other]
+    sequential = [phantom_result, engine.run(other)]
+    assert sequential[1].eligible, sequential[1].reasons
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(engine.run, sources))
+    for i, r in enumerate(parallel):
+        ref = sequential[i % 2]
+        assert r.probabilities == ref.probabilities
+        assert [s.to_dict() for s in r.slice_scores] == [s.to_dict() for s in ref.slice_scores]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="device"):
+        sdk.Triage(device="tpu")
+    with pytest.raises(ConfigError, match="precision"):
+        sdk.Triage(precision="fp8")
+
+
+def test_triage_subprocess_never_imports_torch(phantom: Path) -> None:
+    code = (
+        "import sys, json, sdk\n"
+        f"r = sdk.Triage(device='cpu').run({str(phantom)!r})\n"
+        "assert r.eligible\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'label': r.label}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["torch"] is False
+
+
+def test_cli_json_is_one_object_and_heatmaps(phantom: Path, tmp_path: Path) -> None:
+    out = subprocess.run(CTSDK + ["triage", str(phantom), "--device", "cpu", "--json", "--heatmaps", str(tmp_path / "h"), "--top", "2"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout)  # the whole stdout is one JSON object
+    assert d["eligible"] and d["label"] in ("covid", "non_covid") and len(d["heatmaps"]) == 2
+    assert all(Path(p).is_file() for p in d["heatmaps"])
+
+
+def test_cli_exit_2_on_series_error(tmp_path: Path) -> None:
+    bad = tmp_path / "empty.dcm"
+    bad.write_bytes(b"")
+    out = subprocess.run(CTSDK + ["triage", str(bad), "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 2
+    assert out.stdout == "" and "empty.dcm" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_covid_p001(engine) -> None:
+    path = shared_path("dicom", "covid-ct-md", "covid-P001")
+    r = engine.run(path)
+    assert r.eligible, r.reasons
+    assert r.shape == [148, 512, 512]
+    assert 2000 < r.lung_volume_ml < 8000
+    assert len(r.slice_scores) >= 20
+    assert r.label in ("covid", "non_covid")
+    json.dumps(r.to_dict(), allow_nan=False)
+
+
+def test_prior_hook(engine, phantom, tmp_path: Path) -> None:
+    """run(prior=...) hands both studies to sdk.prior.compare; an unusable prior is an error entry."""
+    r = engine.run(phantom, prior=phantom)
+    assert r.prior["change"] == "stable" and "prior" in r.timings_ms
+    json.dumps(r.to_dict(), allow_nan=False)
+    from sdk.phantom import write_phantom_series
+
+    write_phantom_series(tmp_path, n_slices=24, size=64, spacing=(5.0, 4.0, 4.0), slice_thickness=5.0)
+    r2 = engine.run(phantom, prior=tmp_path)
+    assert r2.eligible and "not eligible" in r2.prior["error"]
+    assert any(w.startswith("prior comparison skipped") for w in r2.warnings)
