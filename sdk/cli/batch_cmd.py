@@ -10,7 +10,9 @@ from ._common import emit, handle_errors, json_option
 
 
 @click.command("triage-batch")
-@click.argument("root", type=click.Path(exists=True))
+@click.argument("root", type=click.Path(exists=True), required=False)
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV with a 'path' column (series folders or files, relative to the CSV) to triage instead of ROOT.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
               help="JSONL file, one line per series (appended and flushed per line).")
 @click.option("--workers", type=int, default=1, show_default=True,
@@ -26,25 +28,35 @@ from ._common import emit, handle_errors, json_option
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @json_option
 @handle_errors
-def triage_batch(root: str, out_path: str, workers: int, engine: str, ray_address: Optional[str], cpus_per_worker: float,
-                 gpus_per_worker: float, resume: bool, overwrite: bool, triage_fn: Optional[str], no_progress: bool,
-                 as_json: bool) -> None:
-    """Triage every series under ROOT into JSON lines, with a summary table and a label PNG.
+def triage_batch(root: Optional[str], manifest: Optional[str], out_path: str, workers: int, engine: str,
+                 ray_address: Optional[str], cpus_per_worker: float, gpus_per_worker: float, resume: bool,
+                 overwrite: bool, triage_fn: Optional[str], no_progress: bool, as_json: bool) -> None:
+    """Triage every series under ROOT (or listed in --manifest) into JSON lines, with a summary table
+    and a label PNG.
 
     A folder of mixed files becomes one line per series; unreadable files become error lines.
     Interrupted? Rerun with --resume: finished series are not redone. Research use only.
     """
+    from ..errors import ConfigError
+
+    if (root is None) == (manifest is None):
+        raise ConfigError("give either ROOT (an archive folder) or --manifest CSV, not both and not neither")
     if engine == "ray":
         from ..cluster import run_batch_ray  # imports Ray only when called (and says what to install)
 
-        summary = run_batch_ray(root, out_path, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
-                                gpus_per_worker=gpus_per_worker, resume=resume, overwrite=overwrite,
-                                triage_fn=triage_fn, progress=not no_progress)
+        summary = run_batch_ray(root, out_path, manifest=manifest, ray_address=ray_address, workers=workers,
+                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, resume=resume,
+                                overwrite=overwrite, triage_fn=triage_fn, progress=not no_progress)
     else:
         from ..integration.batch import run_batch
 
-        summary = run_batch(root, out_path, workers=workers, resume=resume, overwrite=overwrite, triage_fn=triage_fn,
-                            progress=not no_progress)
+        discovered = None
+        if manifest is not None:
+            from ..cluster.manifest import discover_manifest  # ray-free
+
+            discovered = discover_manifest(manifest)
+        summary = run_batch(root or manifest, out_path, workers=workers, resume=resume, overwrite=overwrite,
+                            triage_fn=triage_fn, progress=not no_progress, discovered=discovered)
     emit(summary.to_dict(), as_json, lambda d: summary.table())
     if summary.interrupted:
         click.echo("ctsdk: interrupted (rerun with --resume)", err=True)

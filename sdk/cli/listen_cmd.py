@@ -39,12 +39,15 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker threads here; ray: each worker's triage runs on a Ray actor (needs ctsdk[cluster]).")
 @click.option("--ray-address", default=None, help="--engine ray: 'auto', HOST:PORT of a head node, or none for a private Ray.")
+@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="--engine ray: logical CPUs per actor.")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="--engine ray: GPUs per actor.")
 @click.option("--no-dicom-results", is_flag=True, help="Write result.json only (no SR / SC objects).")
 @json_option
 @handle_errors
 def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[str, ...], allow_ip: Tuple[str, ...],
            tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str], quiet_seconds: float, workers: int,
            queue_size: int, forward: Optional[str], triage_fn: Optional[str], engine: str, ray_address: Optional[str],
+           cpus_per_worker: float, gpus_per_worker: float,
            no_dicom_results: bool, as_json: bool) -> None:
     """Receive CT series over DICOM, store them durably, triage each complete series once.
 
@@ -64,7 +67,8 @@ def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[st
     if engine == "ray":
         from ..cluster import RayDispatcher  # imports Ray only here (and says what to install)
 
-        factory = dispatcher = RayDispatcher(ray_address, triage_fn=triage_fn)
+        factory = dispatcher = RayDispatcher(ray_address, triage_fn=triage_fn, cpus_per_worker=cpus_per_worker,
+                                             gpus_per_worker=gpus_per_worker)
     else:
         factory = load_triage_factory(triage_fn)
     stop = threading.Event()

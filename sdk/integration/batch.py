@@ -355,6 +355,7 @@ def run_batch(
     triage_fn: Optional[str] = None,
     progress: bool = True,
     png: bool = True,
+    discovered: Optional[Tuple[List[SeriesRef], int]] = None,
 ) -> BatchSummary:
     """Triage every series under ``root`` into the JSONL file ``out``.
 
@@ -366,6 +367,8 @@ def run_batch(
         overwrite: start ``out`` afresh when it exists (else an existing file needs ``resume``).
         triage_fn: ``module:attr`` of a triage function or factory (None: :class:`sdk.triage.Triage`).
         progress: tqdm bar on stderr (rate, ETA).
+        discovered: ``(refs, skipped)`` found elsewhere (``--manifest``:
+            :func:`sdk.cluster.manifest.discover_manifest`); ``root`` is then not walked.
 
     Raises:
         ConfigError: bad arguments, or ``out`` exists and neither ``resume`` nor ``overwrite``.
@@ -380,10 +383,14 @@ def run_batch(
     if overwrite and not resume and out.exists():
         out.unlink()
     t0 = time.perf_counter()
-    refs, skipped_files = discover_series(root)
+    refs, skipped_files = discovered if discovered is not None else discover_series(root)
     writer = JsonlWriter(out)
     done = writer.done_keys() if resume else set()
     todo = [r for r in refs if r.key not in done]
+    if not triage_fn:
+        from .triage_fns import BATCH_TRIAGE_FN
+
+        triage_fn = BATCH_TRIAGE_FN
     skipped_resume = len(refs) - len(todo)
     log.info("%d series under %s, %d already done, %d to triage", len(refs), root, skipped_resume, len(todo))
     processed: List[Dict[str, Any]] = []
