@@ -226,3 +226,15 @@ def test_calibrate_cli_json(fp32_model, image_csv, tmp_path):
     bad = subprocess.run([str(ctsdk), "calibrate", "--onnx", str(fp32_model), "--images", str(image_csv), "--out",
                           str(out), "--method", "kl", "--splits", "none"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--method must be one of" in bad.stderr
+
+
+def test_runtime_hints_from_report(tmp_path):
+    import json
+
+    from sdk.calibration import runtime_hints
+
+    rep = {"passed": True, "speed": {"threads": 2, "batch1": {"speedup": 1.4}, "batch32": {"speedup": 1.9}}}
+    assert runtime_hints(rep) == {"calibration_passed": True, "int8_speedup": 1.4}
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"passed": False, "speed": {}}))
+    assert runtime_hints(p) == {"calibration_passed": False, "int8_speedup": None}
