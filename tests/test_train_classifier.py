@@ -89,3 +89,20 @@ def test_config_validation_names_the_problem(tmp_path):
         ClassifierTrainConfig(input_size=100).validate()
     with pytest.raises(ConfigError, match="loss"):
         ClassifierTrainConfig(loss="hinge").validate()
+
+
+def test_cli_json_prints_one_object_on_stdout(tmp_path):
+    from click.testing import CliRunner
+
+    from sdk.cli import cli
+
+    _make_set(tmp_path)
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(cli, ["train", "classifier", "--data-root", str(tmp_path), "--splits-csv", str(tmp_path / "splits.csv"),
+                                 "--out-dir", str(out), "--masks-dir", str(tmp_path / "masks"), "--seg-onnx", "",
+                                 "--input-size", "64", "--epochs", "1", "--samples-per-epoch", "6", "--batch-size", "6",
+                                 "--n-boot", "10", "--no-progress", "--no-predict-all", "--model", "effnet_lite0_gap", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["model"] == "effnet_lite0_gap" and d["pooling"] == "gap" and "auc" in d["test"]
+    assert (out / "effnet_lite0_gap" / "READY").is_file() and not (out / "effnet_lite0_gap" / "predictions.csv").exists()

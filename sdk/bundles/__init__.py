@@ -1,1 +1,1 @@
-"""(placeholder: filled in by its issue)"""
+"""Model bundles shipped inside the package (the default one lives in sdk/bundles/default)."""

@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -337,14 +338,14 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
                "seconds": round(epoch_times[-1], 1), "lr": float(sched.get_last_lr()[0])}
         history.append(rec)
         log.info("epoch %s", rec)
-        print(json.dumps(rec), flush=True)
+        print(json.dumps(rec), file=sys.stderr, flush=True)  # stdout stays one JSON object with --json
         if improved:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if stopper.should_stop:
             break
         elapsed = (time.perf_counter() - t_data) / 60.0
         if cfg.max_minutes and elapsed + np.mean(epoch_times) / 60.0 > cfg.max_minutes:
-            print(json.dumps({"stopped": "max_minutes", "elapsed_min": round(elapsed, 2)}), flush=True)
+            print(json.dumps({"stopped": "max_minutes", "elapsed_min": round(elapsed, 2)}), file=sys.stderr, flush=True)
             break
     t_train = time.perf_counter()
     assert best_state is not None  # at least one epoch ran
