@@ -237,7 +237,7 @@ def segment(
             ``"classical"`` or ``"unet2d"``.
         session: a ctsdk Session / ``onnxruntime.InferenceSession`` for the 2D U-Net (reused
             across calls); otherwise one is opened from ``onnx_path`` (default
-            ``runs/seg/unet2d_lung.onnx``) and cached.
+            ``sdk/bundles/default/lungs_fp32.onnx``) and cached.
         onnx_path: the 2D U-Net ONNX file.
         config: classical parameters.
 

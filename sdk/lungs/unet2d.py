@@ -24,8 +24,10 @@ CLAHE_SIZE = 256
 CLAHE_CLIP = 7.0
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-#: default location of the trained model inside a checkout (runs/ is not shipped)
-DEFAULT_ONNX = Path(__file__).resolve().parents[2] / "runs" / "seg" / "unet2d_lung.onnx"
+#: default model: the lung U-Net shipped in the default bundle (trained by ``python -m sdk.train.seg``,
+#: which writes ``runs/seg/unet2d_lung.onnx``; the bundle's copy is that file, sha256-checked by
+#: :func:`sdk.bundle.load_bundle`)
+DEFAULT_ONNX = Path(__file__).resolve().parents[1] / "bundles" / "default" / "lungs_fp32.onnx"
 
 SessionLike = Any  # sdk.runtime Session (.infer), onnxruntime.InferenceSession (.run), or a path
 
@@ -147,7 +149,7 @@ def segment_slices_2d(
         grey01: (N, H, W) float32 images in [0, 1] (8-bit images / 255, or lung-windowed HU);
             any H, W. A single (H, W) image is accepted and returns (H, W).
         session: a ctsdk Session, an ``onnxruntime.InferenceSession`` or an ONNX path;
-            ``None`` opens the default ``runs/seg/unet2d_lung.onnx``.
+            ``None`` opens the default bundle's ``lungs_fp32.onnx``.
         batch: slices per network call.
         fill_holes: fill holes per slice (vessels / nodules inside the lung stay lung).
         timings: optional dict that receives ``prepare_ms``, ``net_ms`` and ``post_ms``.
