@@ -8,8 +8,7 @@ onnxruntime.quantization and onnx are imported on first use.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdk._lazy import lazy_exports
 
 _LAZY = {
     "calibrate": ".quantize", "CalibrationReport": ".quantize", "quantize": ".quantize", "prepare": ".quantize",
@@ -20,11 +19,4 @@ _LAZY = {
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'sdk.calibration' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

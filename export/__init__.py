@@ -9,8 +9,7 @@ Nothing heavy is imported by ``import sdk.export``.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdk._lazy import lazy_exports
 
 _LAZY = {
     "export_onnx": ".onnx", "export_fp16": ".onnx", "classifier_metadata": ".onnx", "read_metadata": ".onnx",
@@ -20,11 +19,4 @@ _LAZY = {
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'sdk.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -20,7 +20,6 @@ The model is exported with torch's dynamo exporter (needs onnxscript), checked w
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import sys
@@ -104,13 +103,7 @@ class ExportReport:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+from ..bundle import sha256_file  # noqa: E402  (one streamed-hash helper for bundles, exports, engine keys)
 
 
 def classifier_metadata(

@@ -12,15 +12,14 @@ module on first access. See docs/kernels.md.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdk._lazy import lazy_exports
 
 _LAZY = {
     "GpuKernels": "sdk.kernels.gpu",
     "gpu_backends": "sdk.kernels.gpu",
     "CpuHarness": "sdk.kernels.harness",
     "build_harness": "sdk.kernels.harness",
-    "build_kernels": "sdk.kernels.build",
+    "build_kernels": "sdk.kernels.build:build",
     "find_nvcc": "sdk.kernels.build",
     "ARCHS": "sdk.kernels.build",
     "KERNEL_FILES": "sdk.kernels.sources",
@@ -29,16 +28,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sdk.kernels' has no attribute {name!r}")
-    mod = importlib.import_module(module)
-    value = mod.build if name == "build_kernels" else getattr(mod, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -7,7 +7,9 @@ what to install.
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
+from typing import Any, Callable, Dict, List, Tuple
 
 from .errors import MissingDependencyError
 
@@ -46,3 +48,30 @@ def available(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+def lazy_exports(package: str, table: Dict[str, str]) -> Tuple[Callable[[str], Any], Callable[[], List[str]]]:
+    """``__getattr__`` and ``__dir__`` for a package whose public names load on first access.
+
+    ``table`` maps a public name to the module that defines it (absolute, or relative to
+    ``package`` with a leading dot); ``"module:attr"`` exports ``attr`` under the public name.
+    The value is cached in the package namespace after the first access.
+
+        _LAZY = {"OrtSession": ".ort"}
+        __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+    """
+    namespace = sys.modules[package].__dict__
+
+    def __getattr__(name: str) -> Any:
+        spec = table.get(name)
+        if spec is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, _, attr = spec.partition(":")
+        value = getattr(importlib.import_module(module, package), attr or name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> List[str]:
+        return sorted(set(namespace) | set(table))
+
+    return __getattr__, __dir__

@@ -16,8 +16,7 @@ See docs/scale.md.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdk._lazy import lazy_exports
 
 _LAZY = {
     "run_batch_ray": ".batch",
@@ -36,15 +35,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sdk.cluster' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

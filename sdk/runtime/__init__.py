@@ -10,8 +10,7 @@ package is cheap.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sdk._lazy import lazy_exports
 
 from .base import RuntimeInfo, Session, TensorSpec
 
@@ -27,11 +26,4 @@ _LAZY = {
 
 __all__ = ["RuntimeInfo", "Session", "TensorSpec", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'sdk.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
