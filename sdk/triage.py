@@ -424,7 +424,7 @@ class Triage:
         if indices.size < 20:
             warnings.append(f"only {indices.size} slices selected (< 20 aggregation groups): slices are repeated across groups")
         with timer("classifier_inputs"):
-            from .volume.resample import classifier_inputs
+            from .volume.resample import classifier_inputs_fast as classifier_inputs
 
             x = classifier_inputs(volume.hu, seg.mask, indices, size=self.size, window=self.window)
         with timer("classification"):

@@ -278,3 +278,19 @@ def test_window_hu_int16_equals_float64_formula(window):
     lo, hi = window
     ref = np.clip((hu.astype(np.float64) - lo) / (hi - lo), 0, 1).astype(np.float32)
     np.testing.assert_array_equal(window_hu(hu, window), ref)
+
+
+@pytest.mark.parametrize("shape,size", [((5, 512, 512), 224), ((3, 513, 511), 224), ((1, 64, 80), 224), ((2, 300, 200), 96)])
+def test_classifier_inputs_fast_matches_reference(shape, size) -> None:
+    """The runtime's OpenCV path equals the NumPy reference (same sample positions, float32)."""
+    from sdk.volume.resample import classifier_inputs, classifier_inputs_fast
+
+    rng = np.random.default_rng(7)
+    hu = rng.integers(-1100, 1600, shape).astype(np.int16)
+    mask = rng.random(shape) > 0.5
+    idx = list(range(shape[0]))[::-1]
+    ref = classifier_inputs(hu, mask, idx, size=size)
+    got = classifier_inputs_fast(hu, mask, idx, size=size)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got[:, 1], ref[:, 1])
+    assert np.abs(got - ref).max() <= 1e-5

@@ -471,7 +471,8 @@ def compare_runs(run_a: str, run_b: str, n_boot: int = 2000, seed: int = 0) -> D
             pred = {row["path"]: row for row in csv.DictReader(fh)}
         runs.append((m, pred))
     (ma, pa), (mb, pb) = runs
-    ta, tb = float(ma["threshold"]), float(mb["threshold"])
+    # predictions.csv holds p_covid to 6 decimals: compare against the threshold rounded alike
+    ta, tb = round(float(ma["threshold"]), 6), round(float(mb["threshold"]), 6)
     for split in ("val", "test"):
         paths = [p for p, r in pa.items() if r["split"] == split and p in pb]
         y = np.array([D.binary_label(pa[p]["label"]) for p in paths])
