@@ -32,10 +32,10 @@ def _child(source: str, workers: int, chain: str, trace: bool) -> None:
 
     from sdk.io import decoders, load_series
 
-    if chain == "gdcm-first":
-        for name in ("gdcm",):
-            plugin = decoders._PLUGINS[name]
-            decoders.register_decoder(plugin, first=True)
+    # put the chosen decoder at the head of the chain (the default chain has gdcm first for JPEG
+    # Lossless only, see sdk/io/decoders.py)
+    first = {"gdcm-first": "gdcm", "pylibjpeg-first": "pylibjpeg"}[chain]
+    decoders.register_decoder(decoders._PLUGINS[first], first=True)
     if trace:
         tracemalloc.start()
     t0, cpu0 = time.perf_counter(), time.process_time()
