@@ -9,7 +9,7 @@ import pytest
 
 from sdk.bench import stats
 from sdk.bench.memory import PeakMemory
-from sdk.bench.pipelines import (RUNTIMES, LoadProbes, RuntimeSpec, map_triage_timings, parse_runtimes, precheck,
+from sdk.bench.pipelines import (RUNTIMES, LoadProbes, map_triage_timings, parse_runtimes, precheck,
                                  runtime_mismatch)
 from sdk.errors import ConfigError
 
@@ -147,3 +147,22 @@ def test_z_resampled_series_matches_scipy(tmp_path) -> None:
     assert np.allclose(out.z_mm, t, atol=1e-3)
     with pytest.raises(ConfigError):
         z_positions(src.z_mm, 1)
+
+
+def test_fresh_process_peak_rss_does_not_inherit_the_parents() -> None:
+    """getrusage's ru_maxrss in a child carries the parent's RSS at fork time; the cold-start
+    child must report its own peak (VmHWM), so a big parent must not inflate it."""
+    import subprocess
+    import sys
+
+    from sdk.bench.cold import peak_rss_mb
+    from sdk.bench.memory import rss_mb
+
+    ballast = np.ones(400 * 2**20 // 8, dtype=np.float64)  # 400 MiB resident in this process
+    assert rss_mb() > 400.0
+    out = subprocess.run([sys.executable, "-c", "from sdk.bench.cold import peak_rss_mb; print(peak_rss_mb())"],
+                         capture_output=True, text=True, check=True).stdout
+    child = float(out.strip())
+    assert 5.0 < child < 300.0, child
+    assert peak_rss_mb() >= rss_mb() - 1.0
+    del ballast

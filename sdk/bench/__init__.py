@@ -6,9 +6,10 @@ side by side with a naive PyTorch-eager baseline, in one process, interleaved.
     write_outputs(report, "bench-out/")      # bench.json, bench.md, stages_0.png, scaling.png
 
 Modules: :mod:`.harness` (the run), :mod:`.pipelines` (runtimes and how each is driven),
-:mod:`.naive` (the baseline), :mod:`.scaling` (z-resampled series), :mod:`.memory` (peak RSS /
-GPU memory sampling), :mod:`.machine` (machine info), :mod:`.stats` (percentiles),
-:mod:`.report` (markdown and charts). torch is needed only by the naive baseline.
+:mod:`.naive` (the baseline), :mod:`.cold` (cold start in a fresh process), :mod:`.scaling`
+(z-resampled series), :mod:`.memory` (peak RSS / GPU memory sampling), :mod:`.machine`
+(machine info), :mod:`.stats` (percentiles), :mod:`.report` (markdown and charts).
+torch is needed only by the naive baseline.
 """
 from __future__ import annotations
 

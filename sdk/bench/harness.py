@@ -6,6 +6,8 @@ Order of work (one process, so ratios are fair on a noisy machine):
    product's own warm-up, under :class:`~sdk.bench.memory.PeakMemory`) and run the first series;
    ``cold_ms = setup_ms + first call``. A runtime that fails to build is *skipped* with the
    error's message (e.g. no GPU, no TensorRT, no INT8 model, INT8 asked but FP32 granted).
+   With ``cold_fresh`` each runtime's cold start is also measured in a fresh Python process
+   (:mod:`sdk.bench.cold`: imports included, independent of build order, isolated peak RSS).
 2. **warm-up** - ``warmup`` more unrecorded calls per runtime.
 3. **measured rounds** - ``repeat`` rounds; in each, every runtime triages the series once, the
    order rotating every round (round-robin), each call under PeakMemory. Per-stage p50/p95 come
@@ -64,7 +66,7 @@ class BenchConfig:
         mem_interval_s: RSS sampling period.
         cold_fresh: also measure each runtime's cold start in a fresh Python process
             (:mod:`sdk.bench.cold`): imports included, independent of build order, with the
-            isolated peak RSS from getrusage.
+            isolated peak RSS (VmHWM of the child).
     """
 
     sources: List[str] = field(default_factory=list)
@@ -439,6 +441,7 @@ class Bench:
                 "config": {k: v for k, v in asdict(cfg).items()},
                 "stages": list(STAGES),
                 "machine": machine_mod.machine_info(),
+                "bundle": bundle_info(cfg.bundle),
                 "load": {"before": {**load_before, "busy_processes": busy_before},
                          "after": {**machine_mod.load_snapshot(), "busy_processes": machine_mod.busy_processes()}},
                 "decode_hu_split": ("product: decode = file reading + header parsing (sdk.io.reader._scan) + the pixel-"
@@ -470,6 +473,19 @@ def consistency_warnings(runtimes: Dict[str, Any]) -> List[str]:
     if len(set(labels.values())) > 1:
         warns.append("product runtimes disagree on the label: " + ", ".join(f"{k} {v}" for k, v in labels.items()))
     return warns
+
+
+def bundle_info(path: Optional[str]) -> Dict[str, Any]:
+    """Name, version and file hashes of the bundle the product runtimes used."""
+    try:
+        from ..bundle import load_bundle
+
+        b = load_bundle(path, verify=False)
+    except CtsdkError as exc:
+        return {"error": str(exc)}
+    return {"root": str(b.root), "name": b.name, "version": b.version,
+            "files": {n: {"path": f.path, "sha256": f.sha256[:16], "precision": f.precision} for n, f in sorted(b.files.items())},
+            "int8_calibration_passed": b.calibration_passed}
 
 
 def goal_status(runtimes: Dict[str, Any], comparable: bool = True) -> Dict[str, Any]:

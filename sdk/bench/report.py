@@ -169,6 +169,11 @@ def to_markdown(report: Dict[str, Any], charts: Optional[Dict[str, str]] = None)
     out += [f"Schema `{report['schema']}`; {cfg['repeat']} measured calls per runtime after {cfg['warmup']} warm-up call(s), "
             f"runtimes interleaved round-robin in one process; wall time of the whole bench {report['wall_s']:.0f} s.", "",
             "## Machine", "", machine_text(report["machine"]), "", "Machine load during the run:", "", load_text(report["load"]), ""]
+    b = report.get("bundle") or {}
+    if b.get("name"):
+        files = ", ".join(f"{v['path']} ({v['sha256']})" for v in b.get("files", {}).values())
+        out += [f"Bundle: {b['name']} {b['version']} ({b['root']}): {files}; INT8 calibration passed: "
+                f"{b.get('int8_calibration_passed')}.", ""]
     for i, s in enumerate(report["series"]):
         src = s["source"]
         title = src.get("path", "phantom")
