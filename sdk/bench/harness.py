@@ -512,8 +512,9 @@ def _cold_ms(item: _Live) -> float:
     return float(fresh) if fresh is not None else item.setup_ms + item.cold_total_ms
 
 
-def _r(v: Optional[float], nd: int = 2) -> Optional[float]:
-    return None if v is None else round(v, nd)
+def _r(v: Optional[float], sig: int = 3) -> Optional[float]:
+    """A ratio to ``sig`` significant digits (0.0655 stays 0.0655, not 0.07)."""
+    return None if v is None else float(f"{v:.{sig}g}")
 
 
 def run_bench(config: BenchConfig, progress: ProgressFn = _noop) -> Dict[str, Any]:
