@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..tables import read_csv_rows
 from ..errors import ConfigError
 
 log = logging.getLogger("sdk.calibration")
@@ -60,12 +61,7 @@ def load_rows(images_csv: os.PathLike, splits_csv: Optional[Any] = None) -> Tupl
     split where it is empty). Returns ``(rows, how)`` where ``how`` says where the split came from.
     """
     csv_path = Path(images_csv)
-    if not csv_path.is_file():
-        raise ConfigError(f"{csv_path}: images CSV not found (format: path,label,source,split,patient as ../shared/data/images_index.csv)")
-    with open(csv_path, newline="") as f:
-        raw = list(csv.DictReader(f))
-    if not raw or not {"path", "label"} <= set(raw[0]):
-        raise ConfigError(f"{csv_path}: needs at least the columns path,label (found {sorted(raw[0]) if raw else 'no rows'})")
+    raw = read_csv_rows(csv_path, ("path", "label"), "images CSV (format of ../shared/data/images_index.csv: path,label,source,split,patient)")
     if splits_csv == "auto":
         splits_csv = DEFAULT_SPLITS if DEFAULT_SPLITS.is_file() else None
     split_file = Path(splits_csv) if splits_csv else None

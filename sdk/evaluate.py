@@ -23,7 +23,6 @@ a fixed seed, so a rerun reproduces every number); ROC curve PNG (matplotlib Agg
 """
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .tables import read_csv_rows
 from .errors import ConfigError, CtsdkError
 
 PathLike = Union[str, Path]
@@ -158,12 +158,7 @@ def is_positive(label: str) -> int:
 def read_images_csv(path: PathLike, split: Optional[str] = None, data_root: Optional[PathLike] = None) -> List[Dict[str, str]]:
     """Rows of an images CSV with ``abspath`` added (relative to data_root or the CSV's folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: images CSV not found (format of images_index.csv: path,label,source,split,patient)")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise ConfigError(f"{path}: needs columns path,label[,source,split,patient]; found {sorted(rows[0]) if rows else '(empty)'}")
+    rows = read_csv_rows(path, ("path", "label"), "images CSV (format of images_index.csv: path,label,source,split,patient)")
     if split is not None:
         if "split" not in rows[0]:
             raise ConfigError(f"{path}: --split {split!r} given but the CSV has no 'split' column")
@@ -185,12 +180,7 @@ def read_images_csv(path: PathLike, split: Optional[str] = None, data_root: Opti
 def read_series_csv(path: PathLike) -> List[Tuple[Path, str]]:
     """``path,label`` rows -> [(series path, label)], paths relative to the CSV's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: series CSV not found (columns: path,label)")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise ConfigError(f"{path}: needs columns path,label; found {sorted(rows[0]) if rows else '(empty)'}")
+    rows = read_csv_rows(path, ("path", "label"), "series CSV")
     out = []
     for r in rows:
         p = Path(r["path"])
@@ -208,8 +198,7 @@ def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
     """
     path = Path(path)
     items = read_series_csv(path)
-    with path.open(newline="") as fh:
-        raw = list(csv.DictReader(fh))
+    raw = read_csv_rows(path, ("path", "label"), "series CSV")
     out: List[Dict[str, Any]] = []
     for (p, label), r in zip(items, raw):
         labels = None

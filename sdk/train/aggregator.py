@@ -25,7 +25,6 @@ series threshold, per-series outcomes), plus ``config.json``.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
@@ -35,6 +34,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ..tables import read_csv_rows
 from ..errors import ConfigError
 
 CLASSES = ["non_covid", "covid"]
@@ -77,13 +77,8 @@ def series_label(label: str) -> int:
 def read_predictions(path: str) -> List[Dict[str, str]]:
     """Rows of a predictions.csv (needs path, label, split, patient, p_covid)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: predictions CSV not found (the classifier's predictions.csv: path,label,source,split,patient,p_covid)")
-    with p.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    need = {"label", "split", "patient", "p_covid"}
-    if not rows or not need <= set(rows[0]):
-        raise ConfigError(f"{p}: needs columns {sorted(need)}, found {sorted(rows[0]) if rows else '(empty file)'}")
+    rows = read_csv_rows(p, ("label", "split", "patient", "p_covid"),
+                         "predictions CSV (the classifier's predictions.csv: path,label,source,split,patient,p_covid)")
     return rows
 
 
