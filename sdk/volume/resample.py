@@ -332,18 +332,10 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(np.floor(s + 0.5).astype(np.int64), n_in - 1)
 
 
-def classifier_inputs(
-    hu: np.ndarray,
-    lung_mask: np.ndarray,
-    slice_indices: Sequence[int],
-    size: int = 224,
-    window: Tuple[float, float] = LUNG_WINDOW,
-) -> np.ndarray:
-    """Classifier input batch (N, 3, S, S) float32 from a volume and its lung mask.
-
-    Channel 0 = windowed grey (bilinear on HU, then window), 1 = lung mask (0/1, nearest),
-    2 = grey × mask. ``hu`` and ``lung_mask`` are (z, y, x) of the same shape.
-    """
+def _classifier_args(
+    hu: np.ndarray, lung_mask: np.ndarray, slice_indices: Sequence[int], size: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Validated (hu, mask, slice indices, size) for the classifier-input builders."""
     hu = _check_volume(hu)
     mask = np.asarray(lung_mask)
     if mask.shape != hu.shape:
@@ -360,6 +352,22 @@ def classifier_inputs(
     s = int(size)
     if s < 1:
         raise ConfigError(f"classifier_inputs: size must be positive, not {size}")
+    return hu, mask, idx, s
+
+
+def classifier_inputs(
+    hu: np.ndarray,
+    lung_mask: np.ndarray,
+    slice_indices: Sequence[int],
+    size: int = 224,
+    window: Tuple[float, float] = LUNG_WINDOW,
+) -> np.ndarray:
+    """Classifier input batch (N, 3, S, S) float32 from a volume and its lung mask.
+
+    Channel 0 = windowed grey (bilinear on HU, then window), 1 = lung mask (0/1, nearest),
+    2 = grey × mask. ``hu`` and ``lung_mask`` are (z, y, x) of the same shape.
+    """
+    hu, mask, idx, s = _classifier_args(hu, lung_mask, slice_indices, size)
     out = np.empty((idx.size, 3, s, s), dtype=np.float32)
     if idx.size == 0:
         return out
@@ -389,22 +397,7 @@ def classifier_inputs_fast(
     """
     import cv2
 
-    hu = _check_volume(hu)
-    mask = np.asarray(lung_mask)
-    if mask.shape != hu.shape:
-        raise ConfigError(
-            f"classifier_inputs: lung_mask shape {mask.shape} differs from hu shape {hu.shape}; "
-            "resample the mask to the volume grid first"
-        )
-    idx = np.asarray(slice_indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= hu.shape[0]):
-        raise ConfigError(
-            f"classifier_inputs: slice indices must be in [0, {hu.shape[0] - 1}], got "
-            f"[{int(idx.min())}, {int(idx.max())}]"
-        )
-    s = int(size)
-    if s < 1:
-        raise ConfigError(f"classifier_inputs: size must be positive, not {size}")
+    hu, mask, idx, s = _classifier_args(hu, lung_mask, slice_indices, size)
     out = np.empty((idx.size, 3, s, s), dtype=np.float32)
     if idx.size == 0:
         return out
