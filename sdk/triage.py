@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -44,6 +44,11 @@ CLASSIFIER_BATCH = 32
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LUNG_METHODS = ("auto", "unet2d", "classical")
+#: who builds the classifier's input batch (window + resize + mask channels):
+#: "numpy" (OpenCV/NumPy on the CPU), "gpu" (ctsdk's CUDA kernel via pycuda or CuPy),
+#: "cpu-harness" (the same kernel source compiled with g++: the kernel path without a GPU),
+#: "auto" (gpu when the classifier runs on a CUDA device and the kernels can launch, else numpy)
+KERNELS = ("auto", "numpy", "gpu", "cpu-harness")
 
 __all__ = ["Triage", "TriageResult", "SliceScore", "STAGES", "NOT_ELIGIBLE"]
 
@@ -229,6 +234,47 @@ def _open_classifier(bundle: Any, device: str, precision: str, threads: Optional
     return session, runtime, reasons
 
 
+InputBuilder = Callable[[np.ndarray, np.ndarray, np.ndarray, int, Tuple[float, float]], np.ndarray]
+
+
+def _input_builder(kind: str, device: str, reasons: List[str]) -> Tuple[InputBuilder, str]:
+    """The classifier-input builder for ``kind`` (see :data:`KERNELS`) and the name that ran.
+
+    The GPU kernel's batch is copied back to the host because ONNX Runtime is fed NumPy arrays
+    here; a TensorRT/IOBinding runtime would consume the device buffer directly.
+    """
+    if kind == "auto":
+        kind = "gpu" if device not in ("", "cpu") else "numpy"
+    if kind == "gpu":
+        try:
+            from .kernels import GpuKernels
+
+            gk = GpuKernels()
+
+            def on_gpu(hu: np.ndarray, mask: np.ndarray, idx: np.ndarray, size: int, window: Tuple[float, float]) -> np.ndarray:
+                return gk.to_host(gk.classifier_inputs(hu, mask, idx, size, window))
+
+            return on_gpu, f"gpu ({gk.backend})"
+        except Exception as exc:  # no pycuda/CuPy, no device, compile failure: say so, run the CPU path
+            reasons.append(f"GPU kernels unavailable ({type(exc).__name__}: {exc}); classifier inputs built with NumPy/OpenCV")
+            kind = "numpy"
+    if kind == "cpu-harness":
+        from .kernels import CpuHarness
+
+        harness = CpuHarness()
+
+        def on_harness(hu: np.ndarray, mask: np.ndarray, idx: np.ndarray, size: int, window: Tuple[float, float]) -> np.ndarray:
+            return harness.classifier_inputs(hu, mask, idx, size, window)
+
+        return on_harness, "cpu-harness"
+    from .volume.resample import classifier_inputs_fast
+
+    def on_cpu(hu: np.ndarray, mask: np.ndarray, idx: np.ndarray, size: int, window: Tuple[float, float]) -> np.ndarray:
+        return classifier_inputs_fast(hu, mask, idx, size=size, window=window)
+
+    return on_cpu, "numpy"
+
+
 def _open_lungs(path: Optional[Path], threads: Optional[int]) -> Any:
     """CPU ONNX Runtime session for the bundle's lung U-Net (small, FP32 only)."""
     if path is None:
@@ -261,6 +307,8 @@ class Triage:
             ``heatmap(i)`` / ``save_heatmaps(dir)`` work (costs no time, holds memory until the
             result is dropped).
         threads: intra-op threads per ONNX Runtime session (None: the runtime's default).
+        kernels: who builds the classifier inputs, see :data:`KERNELS`; reported as
+            ``runtime["kernels"]``.
     """
 
     def __init__(
@@ -272,6 +320,7 @@ class Triage:
         lung_method: str = "auto",
         heatmaps: bool = True,
         threads: Optional[int] = None,
+        kernels: str = "auto",
     ) -> None:
         from .bundle import Bundle, load_bundle
 
@@ -281,6 +330,8 @@ class Triage:
             raise ConfigError(f"precision {precision!r} not in {PRECISIONS}")
         if lung_method not in LUNG_METHODS:
             raise ConfigError(f"lung_method {lung_method!r} not in {LUNG_METHODS}")
+        if kernels not in KERNELS:
+            raise ConfigError(f"kernels {kernels!r} not in {KERNELS}")
         if threads is not None and int(threads) < 1:
             raise ConfigError(f"threads must be >= 1 or None, got {threads}")
         t0 = time.perf_counter()
@@ -296,6 +347,7 @@ class Triage:
         self.window = self.bundle.window
         self.size = self.bundle.input_size
         self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads)
+        self._inputs_fn, self.runtime["kernels"] = _input_builder(kernels, self.runtime.get("device", "cpu"), self.runtime_reasons)
         self._lungs = _open_lungs(self.bundle.lungs_path, threads) if lung_method != "classical" else None
         self._aggregator = self.bundle.load_aggregator()
         self._warm_up()
@@ -424,9 +476,7 @@ class Triage:
         if indices.size < 20:
             warnings.append(f"only {indices.size} slices selected (< 20 aggregation groups): slices are repeated across groups")
         with timer("classifier_inputs"):
-            from .volume.resample import classifier_inputs_fast as classifier_inputs
-
-            x = classifier_inputs(volume.hu, seg.mask, indices, size=self.size, window=self.window)
+            x = self._inputs_fn(volume.hu, seg.mask, indices, self.size, self.window)
         with timer("classification"):
             slice_probs, cams = self._classify(x)
         with timer("aggregation"):

@@ -224,3 +224,36 @@ def test_prior_hook(engine, phantom, tmp_path: Path) -> None:
     r2 = engine.run(phantom, prior=tmp_path)
     assert r2.eligible and "not eligible" in r2.prior["error"]
     assert any(w.startswith("prior comparison skipped") for w in r2.warnings)
+
+
+def test_kernel_backed_inputs_give_the_same_triage(phantom, phantom_result: TriageResult) -> None:
+    """The classifier-input stage through ctsdk's CUDA kernel source (compiled with g++ by the CPU
+    harness) gives the same slice and series probabilities as the NumPy/OpenCV path."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found: the kernel CPU harness cannot be built")
+    harness_engine = sdk.Triage(device="cpu", precision="fp32", kernels="cpu-harness")
+    assert harness_engine.runtime["kernels"] == "cpu-harness"
+    numpy_engine = sdk.Triage(device="cpu", precision="fp32", kernels="numpy")
+    assert numpy_engine.runtime["kernels"] == "numpy"
+    a, b = harness_engine.run(phantom), numpy_engine.run(phantom)
+    assert [s.index for s in a.slice_scores] == [s.index for s in b.slice_scores]
+    pa = np.array([[s.probabilities[c] for c in a.probabilities] for s in a.slice_scores])
+    pb = np.array([[s.probabilities[c] for c in b.probabilities] for s in b.slice_scores])
+    assert np.abs(pa - pb).max() <= 1e-4
+    assert a.label == b.label
+    for c in a.probabilities:
+        assert a.probabilities[c] == pytest.approx(b.probabilities[c], abs=1e-4)
+
+
+def test_gpu_kernels_requested_without_gpu_fall_back_with_a_reason() -> None:
+    from sdk.kernels import gpu_backends
+
+    if any(why == "" for why in gpu_backends().values()):
+        pytest.skip("pycuda or CuPy is importable here; this test is for machines without one")
+    eng = sdk.Triage(device="cpu", precision="fp32", kernels="gpu")
+    assert eng.runtime["kernels"] == "numpy"
+    assert any("GPU kernels unavailable" in r for r in eng.runtime_reasons)
+    with pytest.raises(ConfigError):
+        sdk.Triage(kernels="opencl")
