@@ -309,6 +309,7 @@ class Triage:
         threads: intra-op threads per ONNX Runtime session (None: the runtime's default).
         kernels: who builds the classifier inputs, see :data:`KERNELS`; reported as
             ``runtime["kernels"]``.
+        classifier_batch: slices per classifier call (the sessions are warmed up at this batch).
     """
 
     def __init__(
@@ -321,6 +322,7 @@ class Triage:
         heatmaps: bool = True,
         threads: Optional[int] = None,
         kernels: str = "auto",
+        classifier_batch: int = CLASSIFIER_BATCH,
     ) -> None:
         from .bundle import Bundle, load_bundle
 
@@ -330,6 +332,9 @@ class Triage:
             raise ConfigError(f"precision {precision!r} not in {PRECISIONS}")
         if lung_method not in LUNG_METHODS:
             raise ConfigError(f"lung_method {lung_method!r} not in {LUNG_METHODS}")
+        if int(classifier_batch) < 1:
+            raise ConfigError(f"classifier_batch must be >= 1, got {classifier_batch}")
+        self.classifier_batch = int(classifier_batch)
         if kernels not in KERNELS:
             raise ConfigError(f"kernels {kernels!r} not in {KERNELS}")
         if threads is not None and int(threads) < 1:
@@ -362,7 +367,7 @@ class Triage:
     def _warm_up(self) -> None:
         """Inference on every session (the classifier at batch 1 and at its working batch) so the
         first real series pays no lazy initialisation or allocation."""
-        x = np.zeros((CLASSIFIER_BATCH, 3, self.size, self.size), np.float32)
+        x = np.zeros((self.classifier_batch, 3, self.size, self.size), np.float32)
         x[:, 1, self.size // 4 : 3 * self.size // 4, self.size // 4 : 3 * self.size // 4] = 1.0
         _infer(self._classifier, x)
         out = _infer(self._classifier, x[:1])
@@ -390,8 +395,9 @@ class Triage:
 
     def _classify(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         probs, cams = [], []
-        for i in range(0, x.shape[0], CLASSIFIER_BATCH):
-            out = _infer(self._classifier, np.ascontiguousarray(x[i : i + CLASSIFIER_BATCH]))
+        batch = self.classifier_batch
+        for i in range(0, x.shape[0], batch):
+            out = _infer(self._classifier, np.ascontiguousarray(x[i : i + batch]))
             probs.append(np.asarray(out["probs"], np.float32))
             cams.append(np.asarray(out["cam"], np.float32))
         return np.concatenate(probs), np.concatenate(cams)

@@ -299,34 +299,14 @@ class TriageDriver(Driver):
             raise RuntimeMismatch(mismatch)
 
     def set_batch(self, batch: Optional[int]) -> None:
-        """Classifier batch size for the next calls (None: the product's default).
-
-        Uses a ``batch_size`` / ``classifier_batch`` attribute of the Triage object when it has
-        one, else sdk.triage's module-level ``CLASSIFIER_BATCH`` (read on every call); the
-        default is restored with ``set_batch(None)``.
-        """
-        from .. import triage as triage_mod
-
-        for attr in ("classifier_batch", "batch_size"):
-            if hasattr(self._triage, attr):
-                if not hasattr(self, "_default_batch"):
-                    self._default_batch = getattr(self._triage, attr)
-                setattr(self._triage, attr, int(batch) if batch else self._default_batch)
-                return
-        if not hasattr(triage_mod, "CLASSIFIER_BATCH"):
-            raise ConfigError("sdk.triage exposes no classifier batch size (CLASSIFIER_BATCH): cannot vary it")
-        if not hasattr(TriageDriver, "_module_default_batch"):
-            TriageDriver._module_default_batch = triage_mod.CLASSIFIER_BATCH
-        triage_mod.CLASSIFIER_BATCH = int(batch) if batch else TriageDriver._module_default_batch
+        """Classifier batch size for the next calls (None: the Triage object's own default)."""
+        if not hasattr(self, "_default_batch"):
+            self._default_batch = self._triage.classifier_batch
+        self._triage.classifier_batch = int(batch) if batch else self._default_batch
 
     @property
     def default_batch(self) -> Optional[int]:
-        from .. import triage as triage_mod
-
-        for attr in ("classifier_batch", "batch_size"):
-            if hasattr(self._triage, attr):
-                return getattr(self, "_default_batch", getattr(self._triage, attr))
-        return getattr(TriageDriver, "_module_default_batch", getattr(triage_mod, "CLASSIFIER_BATCH", None))
+        return getattr(self, "_default_batch", self._triage.classifier_batch)
 
     def run(self, source: Any) -> Tuple[Dict[str, float], Dict[str, Any]]:
         if self.probes is not None:
