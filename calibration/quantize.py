@@ -177,12 +177,9 @@ def quantize(prepped: PathLike, out: PathLike, method: str, exclude: Sequence[st
 
 
 def _session(path: PathLike, threads: int) -> Any:
-    ort = require("onnxruntime", "ONNX Runtime")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from ..export.onnx import ort_cpu_session
+
+    return ort_cpu_session(path, threads)
 
 
 def predict(path: PathLike, x: np.ndarray, threads: int = 2, batch: int = 32) -> Dict[str, np.ndarray]:
@@ -397,7 +394,7 @@ def calibrate(
     methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):
         raise ConfigError(f"--method must be one of {METHODS + ('all',)}, got {method!r}")
-    ort = require("onnxruntime", "INT8 calibration")
+    require("onnxruntime", "INT8 calibration")  # fail early, naming the feature
     sess = _session(src, threads)
     shape = sess.get_inputs()[0].shape
     size = int(shape[-1]) if isinstance(shape[-1], int) else 224

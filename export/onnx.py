@@ -443,7 +443,10 @@ def _check_dynamic_batch(proto: Any, out: Path) -> None:
             raise ExportError(f"{out}: {v.name!r} has a fixed batch axis after export; expected a dynamic 'batch' dimension")
 
 
-def _ort_cpu(path: PathLike, threads: int = 2) -> Any:
+def ort_cpu_session(path: PathLike, threads: int = 2) -> Any:
+    """A plain ``onnxruntime.InferenceSession`` on the CPU (quiet, ``threads`` intra-op, 1 inter-op),
+    for any ONNX graph - exports, parity checks and calibration; the product's sessions are
+    :class:`sdk.runtime.ort.OrtSession`."""
     ort = require("onnxruntime", "ONNX Runtime inference")
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -454,7 +457,7 @@ def _ort_cpu(path: PathLike, threads: int = 2) -> Any:
 
 def run_onnx(path: PathLike, x: np.ndarray, batch: int = 32, threads: int = 2) -> Dict[str, np.ndarray]:
     """Run an ONNX model on ORT CPU over ``x`` in batches; outputs concatenated by name."""
-    sess = _ort_cpu(path, threads)
+    sess = ort_cpu_session(path, threads)
     name = sess.get_inputs()[0].name
     outs: Dict[str, List[np.ndarray]] = {o.name: [] for o in sess.get_outputs()}
     for i in range(0, len(x), batch):
@@ -486,7 +489,7 @@ def torch_parity(model: Any, onnx_path: PathLike, x: np.ndarray, *, source: str 
     """Compare ORT CPU outputs of ``onnx_path`` with torch eager ``model`` on ``x``."""
     torch = require("torch", "parity check against PyTorch")
     wrapped = _adapter(model)
-    sess = _ort_cpu(onnx_path)
+    sess = ort_cpu_session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     ref: Dict[str, List[np.ndarray]] = {k: [] for k in names}
     with torch.no_grad():
@@ -665,5 +668,5 @@ def export_fp16(
 
 __all__ = [
     "CLASSIFIER_OUTPUTS", "ExportError", "ExportReport", "ParityReport", "classifier_metadata", "compare_outputs",
-    "export_fp16", "export_onnx", "fp32_head_nodes", "read_metadata", "run_onnx", "sha256_file", "torch_parity",
+    "export_fp16", "export_onnx", "fp32_head_nodes", "ort_cpu_session", "read_metadata", "run_onnx", "sha256_file", "torch_parity",
 ]
