@@ -43,7 +43,7 @@ FORMAT = "ctsdk-bundle/1"
 MANIFEST = "manifest.json"
 MAX_BUNDLE_BYTES = 40 * 1024 * 1024
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "default"
-ROLES = ("lungs", "classifier", "aggregator", "card", "report", "other")
+ROLES = ("lungs", "classifier", "classifier_features", "classifier_head", "aggregator", "card", "report", "other")
 PRECISIONS = ("fp32", "fp16", "int8", "")
 
 __all__ = [
@@ -158,6 +158,13 @@ class Bundle:
     def classifier_paths(self) -> Dict[str, str]:
         """{precision: ONNX path} of the slice classifier (the runtime picks one)."""
         return {f.precision or "fp32": str(self.root / f.path) for f in self.role("classifier")}
+
+    def features_paths(self) -> Dict[str, Tuple[str, str]]:
+        """{precision: (features ONNX path, head .npz path)} of the classifier's features variant
+        (``python -m sdk.export.features``); only precisions that have both files."""
+        feats = {f.precision or "fp32": str(self.root / f.path) for f in self.role("classifier_features")}
+        heads = {f.precision or "fp32": str(self.root / f.path) for f in self.role("classifier_head")}
+        return {p: (feats[p], heads[p]) for p in feats if p in heads}
 
     @property
     def lungs_path(self) -> Optional[Path]:
