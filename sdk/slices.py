@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["SliceSelection", "select_slices", "paper002_dark_area", "RULES", "DARK_HU", "PAPER_BOX_MM"]
+__all__ = ["SliceSelection", "select_slices", "select_by_lung_area", "lung_rule", "paper002_dark_area", "RULES", "DARK_HU", "PAPER_BOX_MM"]
 
 RULES = ("lung", "paper002", "both", "either")
 #: paper 002's dark threshold (300 on the 0..4095 scale, intercept -1024) in HU
@@ -125,6 +125,24 @@ def _fill_gaps(keep: np.ndarray, max_gap: int) -> np.ndarray:
     return out
 
 
+def lung_rule(lung_area_mm2: np.ndarray, min_area_fraction: float = 0.05,
+              min_area_mm2: float = 300.0) -> Tuple[np.ndarray, float, float]:
+    """The lung rule on per-slice lung areas: ``(keep (z,) bool, threshold mm², max area mm²)``."""
+    area = np.asarray(lung_area_mm2, dtype=np.float64)
+    amax = float(area.max()) if area.size else 0.0
+    thr = max(min_area_fraction * amax, min_area_mm2)
+    return (area >= thr) & (area > 0), thr, amax
+
+
+def select_by_lung_area(lung_area_mm2: np.ndarray, *, min_area_fraction: float = 0.05, min_area_mm2: float = 300.0,
+                        max_gap: int = 2) -> np.ndarray:
+    """Indices chosen by ``select_slices(..., rule="lung")`` from the per-slice lung areas alone
+    (the kernel path reduces the mask to areas where the mask lives and selects from those)."""
+    keep, _, _ = lung_rule(lung_area_mm2, min_area_fraction, min_area_mm2)
+    keep = _fill_gaps(keep, max_gap) if max_gap > 0 else keep
+    return np.nonzero(keep)[0]
+
+
 def select_slices(
     volume: Any,
     lung_mask: np.ndarray,
@@ -161,9 +179,7 @@ def select_slices(
         raise ConfigError(f"max_slices must be >= 1 or None, not {max_slices}")
     ps = tuple(float(v) for v in volume.pixel_spacing_mm)
     lung_area = mask.reshape(mask.shape[0], -1).astype(bool).sum(1) * ps[0] * ps[1]
-    amax = float(lung_area.max()) if lung_area.size else 0.0
-    area_thr = max(min_area_fraction * amax, min_area_mm2)
-    lung_ok = (lung_area >= area_thr) & (lung_area > 0)
+    lung_ok, area_thr, amax = lung_rule(lung_area, min_area_fraction, min_area_mm2)
     dark_area, dark_ok, dark_details = paper002_dark_area(hu, ps)
     keep = {"lung": lung_ok, "paper002": dark_ok, "both": lung_ok & dark_ok, "either": lung_ok | dark_ok}[rule]
     keep = _fill_gaps(keep, max_gap) if max_gap > 0 else keep

@@ -47,8 +47,11 @@ LUNG_METHODS = ("auto", "unet2d", "classical")
 #: who builds the classifier's input batch (window + resize + mask channels):
 #: "numpy" (OpenCV/NumPy on the CPU), "gpu" (ctsdk's CUDA kernel via pycuda or CuPy),
 #: "cpu-harness" (the same kernel source compiled with g++: the kernel path without a GPU),
-#: "auto" (gpu when the classifier runs on a CUDA device and the kernels can launch, else numpy)
-KERNELS = ("auto", "numpy", "gpu", "cpu-harness")
+#: "auto" (gpu when the classifier runs on a CUDA device and the kernels can launch, else numpy).
+#: "cpu-harness", "reference" (the kernels' NumPy references) and "cuda"/"gpu" run every stage after
+#: eligibility on the kernel path (:mod:`sdk.device_path`): resample, classifier inputs, mask
+#: weights and masked GAP by that kernel set, device-resident with "cuda"
+KERNELS = ("auto", "numpy", "gpu", "cuda", "cpu-harness", "reference")
 
 __all__ = ["Triage", "TriageResult", "SliceScore", "STAGES", "NOT_ELIGIBLE"]
 
@@ -91,9 +94,11 @@ class TriageResult:
         lung_volume_ml: segmented lung volume (None when not computed).
         timings_ms: per stage (see ``STAGES``).
         warnings: ingest warnings (skipped files, quirks) and pipeline warnings.
-        runtime: provider, precision, device (and backend) that ran the classifier.
+        runtime: provider, precision, device (and backend) that ran the classifier; ``kernels``;
+            on the kernel path ``stages``: what ran at each stage (:mod:`sdk.device_path`).
         series_uid, bundle, threshold, shape, spacing_mm: provenance.
         prior: the prior-study comparison (``run(prior=...)``), when requested.
+        transfers: host <-> device copies of the run on the kernel path (calls, bytes, each copy).
     """
 
     label: str
@@ -104,13 +109,14 @@ class TriageResult:
     lung_volume_ml: Optional[float] = None
     timings_ms: Dict[str, float] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
-    runtime: Dict[str, str] = field(default_factory=dict)
+    runtime: Dict[str, Any] = field(default_factory=dict)
     series_uid: str = ""
     bundle: Dict[str, str] = field(default_factory=dict)
     threshold: Optional[float] = None
     shape: Optional[List[int]] = None
     spacing_mm: Optional[List[float]] = None
     prior: Optional[Dict[str, Any]] = None
+    transfers: Optional[Dict[str, Any]] = None
     _heat: Optional[_HeatmapSource] = field(default=None, repr=False, compare=False)
 
     # --- heat maps -------------------------------------------------------------------------------
@@ -173,13 +179,15 @@ class TriageResult:
             "lung_volume_ml": None if self.lung_volume_ml is None else float(self.lung_volume_ml),
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
             "warnings": [str(w) for w in self.warnings],
-            "runtime": {k: str(v) for k, v in self.runtime.items()},
+            "runtime": {k: ({str(a): str(b) for a, b in v.items()} if isinstance(v, dict) else str(v))
+                        for k, v in self.runtime.items()},
             "series_uid": self.series_uid,
             "bundle": dict(self.bundle),
             "threshold": None if self.threshold is None else float(self.threshold),
             "shape": None if self.shape is None else [int(v) for v in self.shape],
             "spacing_mm": None if self.spacing_mm is None else [float(v) for v in self.spacing_mm],
             "prior": self.prior,
+            "transfers": self.transfers,
         }
 
     @classmethod
@@ -192,7 +200,7 @@ class TriageResult:
             lung_volume_ml=d.get("lung_volume_ml"), timings_ms=dict(d.get("timings_ms", {})),
             warnings=list(d.get("warnings", [])), runtime=dict(d.get("runtime", {})),
             series_uid=d.get("series_uid", ""), bundle=dict(d.get("bundle", {})), threshold=d.get("threshold"),
-            shape=d.get("shape"), spacing_mm=d.get("spacing_mm"), prior=d.get("prior"),
+            shape=d.get("shape"), spacing_mm=d.get("spacing_mm"), prior=d.get("prior"), transfers=d.get("transfers"),
         )
 
 
@@ -310,6 +318,10 @@ class Triage:
         kernels: who builds the classifier inputs, see :data:`KERNELS`; reported as
             ``runtime["kernels"]``.
         classifier_batch: slices per classifier call (the sessions are warmed up at this batch).
+        pooling: kernel path only: "auto" | "kernel" (features graph + mask-weights / masked-GAP
+            kernels + head) | "graph" (the classifier graph's own pooling).
+        sync_timings: kernel path on a GPU: synchronise the device at stage boundaries so
+            ``timings_ms`` are per-stage device times (otherwise launches stay asynchronous).
     """
 
     def __init__(
@@ -323,6 +335,8 @@ class Triage:
         threads: Optional[int] = None,
         kernels: str = "auto",
         classifier_batch: int = CLASSIFIER_BATCH,
+        pooling: str = "auto",
+        sync_timings: bool = False,
     ) -> None:
         from .bundle import Bundle, load_bundle
 
@@ -352,8 +366,11 @@ class Triage:
         self.window = self.bundle.window
         self.size = self.bundle.input_size
         self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads)
-        self._inputs_fn, self.runtime["kernels"] = _input_builder(kernels, self.runtime.get("device", "cpu"), self.runtime_reasons)
         self._lungs = _open_lungs(self.bundle.lungs_path, threads) if lung_method != "classical" else None
+        self._kpath = self._open_kernel_path(kernels, device, pooling, sync_timings)
+        if self._kpath is None:
+            self._inputs_fn, self.runtime["kernels"] = _input_builder(
+                "numpy" if kernels in ("gpu", "cuda") else kernels, self.runtime.get("device", "cpu"), self.runtime_reasons)
         self._aggregator = self.bundle.load_aggregator()
         self._warm_up()
         self.init_ms = (time.perf_counter() - t0) * 1000.0
@@ -363,6 +380,34 @@ class Triage:
     def __repr__(self) -> str:
         return (f"Triage(bundle={self.bundle.name!r} v{self.bundle.version}, runtime={self.runtime}, "
                 f"lung_method={self.lung_method!r})")
+
+    def _open_kernel_path(self, kernels: str, device: str, pooling: str, sync_timings: bool) -> Any:
+        """The kernel path (:mod:`sdk.device_path`) when ``kernels`` / the device ask for it, else None.
+
+        ``device="cuda"`` without CuPy / a usable GPU raises; otherwise an unusable GPU kernel set
+        is recorded in ``runtime_reasons`` and the host path runs."""
+        from .device_path import PATH_KERNELS, KernelPath
+        from .errors import CtsdkError
+
+        on_cuda = self.runtime.get("provider") == "CUDAExecutionProvider"
+        name = PATH_KERNELS.get(kernels) or ("cuda" if kernels == "auto" and on_cuda else None)
+        if name is None:
+            return None
+        try:
+            kpath = KernelPath(self, name, pooling=pooling, sync_timings=sync_timings)
+        except CtsdkError as exc:
+            if name != "cuda":
+                raise
+            if device == "cuda":
+                raise RuntimeUnavailableError(f"device='cuda': the device-resident path cannot start "
+                                              f"({type(exc).__name__}: {exc})") from exc
+            self.runtime_reasons.append(f"GPU kernels unavailable ({type(exc).__name__}: {exc}); host path")
+            return None
+        self.runtime_reasons.extend(kpath.reasons)
+        self.runtime["kernels"] = "reference" if kernels == "reference" else name
+        self.runtime["path"] = "kernel"
+        self.runtime["stages"] = dict(kpath.stages)
+        return kpath
 
     def _warm_up(self) -> None:
         """Inference on every session (the classifier at batch 1 and at its working batch) so the
@@ -381,6 +426,8 @@ class Triage:
             fixed = [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
             shape = [1, fixed[1] or 1] + [d or 128 for d in fixed[2:]]
             self._lungs.infer({spec.name: np.zeros(shape, np.float32)})
+        if self._kpath is not None:
+            self._kpath.warm_up(self.classifier_batch, self.size)
         for _ in range(2):
             self._aggregator.predict_proba(np.full((20, len(self.classes)), 1.0 / len(self.classes), np.float32))
 
@@ -466,6 +513,8 @@ class Triage:
         if not elig.eligible:
             return TriageResult(label=NOT_ELIGIBLE, probabilities={}, eligible=False, reasons=list(elig.reasons),
                                 warnings=warnings, **base), None
+        if self._kpath is not None:
+            return self._kpath.triage(self, volume, timer, warnings, base)
         with timer("lungs"):
             seg = self._segment(volume)
         self._split_resample(seg, timer)
@@ -522,7 +571,7 @@ class Triage:
             if not prior_result.eligible or prior_mask is None:
                 raise ConfigError("the prior series is not eligible: " + "; ".join(prior_result.reasons))
             comparison = prior_mod.compare(
-                volume, mask, prior_volume, prior_mask,
+                volume, np.asarray(mask), prior_volume, np.asarray(prior_mask),
                 current_slice_scores=[s.to_dict() for s in current.slice_scores],
                 prior_slice_scores=[s.to_dict() for s in prior_result.slice_scores],
                 positive_class=self.positive,

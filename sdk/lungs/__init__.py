@@ -184,7 +184,8 @@ def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, ti
     return out, int(run.size)
 
 
-def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bool, timings: Dict[str, float]) -> Tuple[np.ndarray, Dict[str, float]]:
+def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bool, timings: Dict[str, float],
+                     downsample: Any = None) -> Tuple[np.ndarray, Dict[str, float]]:
     """``unet2d``: U-Net on the body z range, then the classical finishing steps (two largest
     components, left / right, closing, hole filling, up-sampling). ``hybrid``: the union of the
     U-Net mask and the classical candidates (dark lung the net misses, e.g. emphysema, plus dense
@@ -194,7 +195,7 @@ def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bo
     hu = np.asarray(volume.hu)
     info: Dict[str, float] = {}
     if hybrid:
-        _, cand, grid, info = lung_candidates(hu, volume.spacing, cfg, timings)
+        _, cand, grid, info = lung_candidates(hu, volume.spacing, cfg, timings, downsample)
         zs = np.nonzero(cand.any(axis=(1, 2)))[0]
         zr = (max(0, int(zs[0]) - 2), min(hu.shape[0] - 1, int(zs[-1]) + 2)) if zs.size else None
     else:
@@ -227,6 +228,7 @@ def segment(
     session: Any = None,
     onnx_path: Optional[Union[str, os.PathLike]] = None,
     config: Optional[ClassicalConfig] = None,
+    downsample: Any = None,
 ) -> LungSegmentation:
     """Segment both lungs of a CT volume.
 
@@ -240,6 +242,8 @@ def segment(
             ``sdk/bundles/default/lungs_fp32.onnx``) and cached.
         onnx_path: the 2D U-Net ONNX file.
         config: classical parameters.
+        downsample: ``(hu, (h, w)) -> (z, h, w) float32`` for the classical working grid (default:
+            OpenCV area per slice; the kernel path passes ctsdk's resample kernel).
 
     Returns:
         :class:`LungSegmentation` at the native grid.
@@ -268,9 +272,9 @@ def segment(
             chosen = "classical"
     cfg = config or ClassicalConfig()
     if chosen in ("unet2d", "hybrid"):
-        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings)
+        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings, downsample)
     else:
-        labels, info = segment_classical_hu(hu, volume.spacing, cfg, timings)
+        labels, info = segment_classical_hu(hu, volume.spacing, cfg, timings, downsample)
     mask = labels > 0
     fallback_dz = float(getattr(volume.meta, "slice_thickness_mm", None) or volume.spacing[0] or 1.0)
     ps = volume.pixel_spacing_mm

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -46,6 +46,10 @@ class ClassicalConfig:
     trachea_max_mm2: float = 900.0  # cross-section of a trachea-only top slice
     airway_max_ml: float = 120.0    # a grown airway tree larger than this has leaked into lung
     closing_mm: float = 4.0
+
+
+#: ``(hu (z, H, W), (h, w)) -> (z, h, w) float32``: in-plane down-sampling of the working grid
+Downsample = Callable[[np.ndarray, Tuple[int, int]], np.ndarray]
 
 
 def _downsample(hu: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -278,15 +282,19 @@ def work_grid(shape: Tuple[int, int, int], spacing_zyx: Tuple[float, float, floa
 
 
 def lung_candidates(
-    hu: np.ndarray, spacing_zyx: Tuple[float, float, float], cfg: ClassicalConfig, timings: Optional[Dict[str, float]] = None
+    hu: np.ndarray, spacing_zyx: Tuple[float, float, float], cfg: ClassicalConfig, timings: Optional[Dict[str, float]] = None,
+    downsample: Optional[Downsample] = None,
 ) -> Tuple[np.ndarray, np.ndarray, WorkGrid, Dict[str, float]]:
-    """Steps 1-4 at the working grid: returns (small HU, candidate mask, grid, info)."""
+    """Steps 1-4 at the working grid: returns (small HU, candidate mask, grid, info).
+
+    ``downsample(hu, (h, w)) -> (z, h, w) float32 HU`` replaces the per-slice OpenCV area
+    down-sampling (the kernel path passes ctsdk's resample kernel, area rule, z unchanged)."""
     hu = np.asarray(hu)
     if hu.ndim != 3 or min(hu.shape) == 0:
         raise ConfigError(f"classical lung segmentation needs a non-empty (z, y, x) HU array, got shape {hu.shape}")
     t0 = time.perf_counter()
     grid = work_grid(hu.shape, spacing_zyx, cfg.work_size)
-    small = _downsample(hu, (grid.h, grid.w))
+    small = (downsample or _downsample)(hu, (grid.h, grid.w))
     t1 = time.perf_counter()
     inner = _interior_air(small < cfg.threshold_hu)
     t2 = time.perf_counter()
@@ -338,8 +346,9 @@ def segment_classical_hu(
     spacing_zyx: Tuple[float, float, float],
     cfg: Optional[ClassicalConfig] = None,
     timings: Optional[Dict[str, float]] = None,
+    downsample: Optional[Downsample] = None,
 ) -> Tuple[np.ndarray, Dict[str, float]]:
-    """Classical lung segmentation of a (z, y, x) HU array.
+    """Classical lung segmentation of a (z, y, x) HU array (``downsample``: see :func:`lung_candidates`).
 
     Args:
         hu: (z, y, x) HU.
@@ -352,7 +361,7 @@ def segment_classical_hu(
         1 = left lung, 2 = right lung); ``info`` numbers describing the run.
     """
     cfg = cfg or ClassicalConfig()
-    _, cand, grid, info = lung_candidates(hu, spacing_zyx, cfg, timings)
+    _, cand, grid, info = lung_candidates(hu, spacing_zyx, cfg, timings, downsample)
     labels, n = finish_lungs(cand, grid, cfg, timings)
     info["n_components"] = float(n)
     return labels, info
