@@ -150,10 +150,11 @@ def test_registry_names_and_requirements():
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
-def test_auto_selection_falls_back_to_cpu_with_reasons(tiny):
+def test_auto_selection_falls_back_with_reasons(tiny):
     files = {"fp32": tiny[0]}
     loader, info, reasons = select_runtime("auto", "auto", files)
-    assert info.backend == "onnxruntime" and info.provider == "CPUExecutionProvider" and info.precision == "fp32"
+    want = "CUDAExecutionProvider" if _cuda_usable() else "CPUExecutionProvider"
+    assert info.backend == "onnxruntime" and info.provider == want and info.precision == "fp32"
     assert any(r.startswith("tensorrt skipped") and "install ctsdk[gpu] (TensorRT)" in r for r in reasons)
     if not _cuda_usable():
         assert any(r.startswith("ort-cuda skipped") for r in reasons)
@@ -208,3 +209,181 @@ def test_import_sdk_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+# --- CUDA session configuration, batch padding, device buffers ----------------------------------------
+def test_cuda_provider_options_are_explicit(monkeypatch):
+    from sdk.runtime.ort import cuda_provider_options, providers_for
+
+    monkeypatch.delenv("CTSDK_CUDNN_SEARCH", raising=False)
+    opts = cuda_provider_options()
+    assert opts == {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1",
+                    "arena_extend_strategy": "kSameAsRequested"}  # no device_id for GPU 0 (plugin-EP lookup)
+    assert cuda_provider_options(1)["device_id"] == "1"
+    assert "device_id" not in cuda_provider_options(0, extra={"device_id": 0})
+    assert cuda_provider_options(cuda_graph=True)["enable_cuda_graph"] == "1"
+    assert cuda_provider_options(extra={"use_tf32": False, "gpu_mem_limit": 1 << 30}) == {
+        **opts, "use_tf32": "0", "gpu_mem_limit": str(1 << 30)}
+    assert cuda_provider_options(cudnn_conv_algo_search="exhaustive")["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    monkeypatch.setenv("CTSDK_CUDNN_SEARCH", "DEFAULT")
+    assert cuda_provider_options()["cudnn_conv_algo_search"] == "DEFAULT"
+    with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
+        cuda_provider_options(cudnn_conv_algo_search="fastest")
+    assert providers_for("cuda") == [("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"]
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+
+
+def test_session_threads(monkeypatch):
+    from sdk.runtime.ort import default_threads, session_threads
+
+    monkeypatch.delenv("CTSDK_CUDA_THREADS", raising=False)
+    assert session_threads("cuda") == 1
+    assert session_threads("cpu") == default_threads()
+    assert session_threads("cuda", 3) == 3 == session_threads("cpu", 3)
+    monkeypatch.setenv("CTSDK_CUDA_THREADS", "2")
+    assert session_threads("cuda") == 2
+    with pytest.raises(ConfigError, match="threads"):
+        session_threads("cpu", 0)
+
+
+def test_pad_batch_and_chunks():
+    from sdk.runtime.ort import batch_chunks, pad_batch
+
+    assert batch_chunks(70, 32) == [(0, 32), (32, 64), (64, 70)]
+    assert batch_chunks(0, 32) == [] and batch_chunks(32, 32) == [(0, 32)]
+    x = np.arange(2 * 3, dtype=np.float32).reshape(2, 3)
+    p = pad_batch(x, 4)
+    assert p.shape == (4, 3) and p.dtype == x.dtype
+    np.testing.assert_array_equal(p[:2], x)
+    assert not p[2:].any()
+    assert pad_batch(x, 2) is x
+    with pytest.raises(ConfigError, match="do not fit"):
+        pad_batch(x, 1)
+
+
+def test_resolve_output_shapes():
+    from sdk.runtime.base import TensorSpec
+    from sdk.runtime.ort import resolve_output_shapes
+
+    ins = [TensorSpec("image", ("batch", 3, 224, 224), "float32")]
+    outs = [TensorSpec("probs", ("batch", 2), "float32"), TensorSpec("cam", ("batch", 2, 7, 7), "float32"),
+            TensorSpec("boxes", ("n_boxes", 4), "float32"), TensorSpec("scale", (), "float32")]
+    got = resolve_output_shapes(ins, outs, {"image": (5, 3, 224, 224)})
+    assert got == {"probs": (5, 2), "cam": (5, 2, 7, 7), "boxes": None, "scale": ()}
+
+
+def test_cuda_array_interface_helpers():
+    from sdk.runtime.ort import cai_dtype, cai_streams
+
+    class Dev:  # what a CuPy / torch / pycuda device array exposes
+        def __init__(self, typestr, stream):
+            self.__cuda_array_interface__ = {"shape": (2,), "typestr": typestr, "data": (1, False), "version": 3,
+                                             "stream": stream}
+
+    assert cai_dtype(Dev("<f4", None)) == np.float32 and cai_dtype(Dev("<f2", 1)) == np.float16
+    assert cai_streams([Dev("<f4", 7), Dev("<f4", None), Dev("<f4", 7), Dev("<f4", 2)]) == [7, 2]
+    with pytest.raises(ConfigError, match="not a CUDA device array"):
+        cai_dtype(np.zeros(2))
+
+
+def test_fixed_batch_pads_and_splits_on_any_provider(tiny):
+    path, w, b = tiny
+    x = np.random.default_rng(3).random((7, 2, 5, 5), dtype=np.float32)
+    ref_probs, ref_feat = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    with OrtSession(path, threads=1, fixed_batch=3) as s:
+        assert s.fixed_batch == 3 and s.options()["fixed_batch"] == 3
+        out = s.infer({"image": x})
+        two = s.infer({"image": x[:2]}, outputs=["probs"])
+    assert out["probs"].shape == (7, 3) and out["feat"].shape == (7, 3, 5, 5)
+    np.testing.assert_allclose(out["probs"], ref_probs, atol=1e-5)
+    np.testing.assert_allclose(out["feat"], ref_feat, atol=1e-4)
+    np.testing.assert_allclose(two["probs"], ref_probs[:2], atol=1e-5)
+    with pytest.raises(ConfigError, match="fixed_batch"):
+        OrtSession(path, fixed_batch=0)
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        OrtSession(path, device="cpu", fixed_batch=4, cuda_graph=True)
+
+
+def test_run_device_needs_the_cuda_ep(tiny):
+    with OrtSession(tiny[0], device="cpu") as s:
+        assert not s.on_gpu and s.threads >= 1
+        with pytest.raises(RuntimeUnavailableError, match="CUDA EP"):
+            s.run_device({"image": None}, ["probs"])
+
+
+def _cuda_session_or_skip():
+    """Skip (with the reason) only when there is no usable CUDA EP or no CuPy."""
+    from sdk.runtime.ort import CUDA_EP, probe_provider
+
+    ok, why = probe_provider(CUDA_EP)
+    if not ok:
+        pytest.skip(f"no usable ONNX Runtime CUDA EP here: {why}")
+    return pytest.importorskip("cupy", reason="CuPy is not installed (device buffers need it)")
+
+
+@pytest.mark.gpu
+def test_cuda_session_options_and_device_buffers(tiny):
+    cp = _cuda_session_or_skip()
+    path, w, b = tiny
+    x = np.random.default_rng(4).random((5, 2, 5, 5), dtype=np.float32)
+    ref_probs, ref_feat = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    with OrtSession(path, device="cuda", strict=True) as s:
+        assert s.on_gpu and s.threads == 1
+        granted = s.session.get_provider_options()["CUDAExecutionProvider"]
+        assert granted["cudnn_conv_algo_search"] == "HEURISTIC" and granted["do_copy_in_default_stream"] == "1"
+        host = s.infer({"image": x})
+        assert s.transfer_bytes["h2d"] == x.nbytes
+        dev = s.run_device({"image": cp.asarray(x)}, ["probs", "feat"])
+        assert isinstance(dev["probs"], cp.ndarray) and dev["probs"].shape == (5, 3)
+        assert s.transfer_bytes["h2d"] == x.nbytes  # run_device copied nothing from the host
+        np.testing.assert_allclose(cp.asnumpy(dev["probs"]), ref_probs, atol=1e-5)
+        np.testing.assert_allclose(cp.asnumpy(dev["feat"]), ref_feat, atol=1e-4)
+        np.testing.assert_allclose(host["probs"], ref_probs, atol=1e-5)
+        with pytest.raises(ConfigError, match="dtype"):
+            s.run_device({"image": cp.asarray(x, dtype=cp.float16)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_cuda_fixed_batch_and_graph_on_device(tiny, graph):
+    cp = _cuda_session_or_skip()
+    path, w, b = tiny
+    x = np.random.default_rng(6).random((7, 2, 5, 5), dtype=np.float32)
+    ref_probs, _ = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    with OrtSession(path, device="cuda", strict=True, fixed_batch=4, cuda_graph=graph) as s:
+        assert s.session.get_provider_options()["CUDAExecutionProvider"].get("enable_cuda_graph", "0") == str(int(graph))
+        for rows in (7, 3, 4, 7):  # same buffers replayed with different fills
+            got = s.run_device({"image": cp.asarray(x[:rows])}, ["probs"])["probs"]
+            assert got.shape == (rows, 3)
+            np.testing.assert_allclose(cp.asnumpy(got), ref_probs[:rows], atol=1e-5)
+        np.testing.assert_allclose(s.infer({"image": x})["probs"], ref_probs, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_run_device_takes_torch_and_pycuda_arrays(tiny):
+    cp = _cuda_session_or_skip()
+    path, w, b = tiny
+    x = np.random.default_rng(8).random((2, 2, 5, 5), dtype=np.float32)
+    ref_probs, _ = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    tried = []
+    with OrtSession(path, device="cuda", strict=True) as s:
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+
+            if torch.cuda.is_available():
+                got = s.run_device({"image": torch.from_numpy(x).cuda()}, ["probs"])["probs"]
+                np.testing.assert_allclose(cp.asnumpy(got), ref_probs, atol=1e-5)
+                tried.append("torch")
+        if importlib.util.find_spec("pycuda") is not None:
+            from sdk.runtime.gpu import pycuda_primary_context
+
+            import pycuda.gpuarray as gpuarray
+
+            ctx = pycuda_primary_context(0)
+            with ctx.active():
+                d = gpuarray.to_gpu(x, allocator=ctx.pool.allocate)
+            got = s.run_device({"image": d}, ["probs"])["probs"]
+            np.testing.assert_allclose(cp.asnumpy(got), ref_probs, atol=1e-5)
+            tried.append("pycuda")
+    if not tried:
+        pytest.skip("neither torch with CUDA nor pycuda is installed")
