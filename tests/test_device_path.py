@@ -1,0 +1,210 @@
+"""The kernel path (sdk.device_path) on the host kernel sets: the orchestration the GPU runs, with
+the CUDA kernels' arithmetic compiled by g++ (cpu-harness) or their NumPy references.
+
+Checked against independent constructions: the legacy host path (OpenCV inputs, the graph's own
+pooling) on covid-P001 and on a phantom, cell edges of the isotropic cube computed from physical
+positions, OpenCV's area resize for the hybrid segmenter's working grid.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sdk
+from sdk.errors import ConfigError, RuntimeUnavailableError
+from sdk.kernel_ops import HarnessKernels, NumpyKernels, Transfers, open_kernel_set
+
+from conftest import shared_path
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ on PATH: the CPU kernel harness needs a C++ compiler")
+RNG = np.random.default_rng(21)
+
+
+def _probs(r) -> np.ndarray:
+    return np.array([[s.probabilities[c] for c in sorted(r.probabilities)] for s in r.slice_scores])
+
+
+def test_transfers_count_and_serialise() -> None:
+    io = Transfers()
+    io.record("h2d", "volume", 1000)
+    io.record("h2d", "idx", 8)
+    io.record("d2h", "probs", 16)
+    d = json.loads(json.dumps(io.to_dict()))
+    assert (d["h2d_bytes"], d["h2d_calls"], d["d2h_bytes"], d["d2h_calls"]) == (1008, 2, 16, 1)
+    assert d["copies"][0] == {"dir": "h2d", "what": "volume", "bytes": 1000} and io.largest("h2d") == 1000
+    with pytest.raises(ConfigError):
+        io.record("sideways", "x", 1)
+    with pytest.raises(ConfigError):
+        open_kernel_set("opencl")
+
+
+def test_cube_indices_follow_the_isotropic_cells() -> None:
+    from sdk.device_path import cube_indices
+
+    shape, ps = (40, 100, 90), (0.8, 0.7)
+    z = np.cumsum(np.r_[0.0, RNG.uniform(1.0, 3.0, 39)]) + 17.0
+    zi, yi, xi = cube_indices(shape, z, ps, (32, 32, 32))
+    # independent: the cube is the largest physical extent, centred on the volume, cut into 32 cells
+    dz = np.median(np.diff(z))
+    ext = {"z": (z[0] - dz / 2, z[-1] + dz / 2), "y": (0.0, shape[1] * ps[0]), "x": (0.0, shape[2] * ps[1])}
+    side = max(b - a for a, b in ext.values())
+    centres = {"z": z, "y": (np.arange(shape[1]) + 0.5) * ps[0], "x": (np.arange(shape[2]) + 0.5) * ps[1]}
+    for ax, got in zip("zyx", (zi, yi, xi)):
+        lo = (ext[ax][0] + ext[ax][1]) / 2 - side / 2
+        edges = lo + np.arange(33) * side / 32
+        want = np.searchsorted(edges, centres[ax], side="right") - 1
+        np.testing.assert_array_equal(got, want)
+    assert zi[0] <= zi[-1] and xi.max() < 32
+
+
+@needs_gxx
+def test_host_kernel_sets_agree_and_downsample_like_opencv() -> None:
+    import cv2
+
+    ref, har = NumpyKernels(), HarnessKernels()
+    hu = RNG.integers(-1024, 1500, size=(5, 64, 48)).astype(np.int16)
+    z = np.arange(5, dtype=np.float64)
+    a = har.resample(hu, z, (5, 16, 12), mode="area")
+    b = ref.resample(hu, z, (5, 16, 12), mode="area")
+    cv = np.stack([cv2.resize(s.astype(np.float32), (12, 16), interpolation=cv2.INTER_AREA) for s in hu])
+    np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(a, cv, atol=1e-3, rtol=0)  # the hybrid's working grid is unchanged
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[:, 10:50, 8:40] = 1
+    x = har.classifier_inputs(hu, mask, np.array([1, 3]), 32, (-1350.0, 150.0))
+    np.testing.assert_allclose(x, ref.classifier_inputs(hu, mask, np.array([1, 3]), 32, (-1350.0, 150.0)), atol=1e-5)
+    w = har.mask_weights(x, (7, 7), channel=1)
+    np.testing.assert_allclose(w, ref.mask_weights(x, (7, 7), channel=1), atol=1e-6)
+    f = RNG.normal(size=(2, 16, 7, 7)).astype(np.float32)
+    np.testing.assert_allclose(har.masked_gap(f, w), ref.masked_gap(f, w), atol=1e-5)
+
+
+# --- covid-P001: the must-show of issue 13 ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def p001():
+    from sdk.io import load_series
+
+    return load_series(shared_path("dicom", "covid-ct-md", "covid-P001"))
+
+
+@needs_gxx
+def test_cpu_harness_triage_matches_numpy_path_on_p001(p001) -> None:
+    """Triage(kernels="cpu-harness") runs resample (the hybrid segmenter's working grid, or the
+    3D U-Net's cube), classifier inputs, mask weights and masked GAP by the kernels' own
+    arithmetic, the head outside the graph - and gives the NumPy path's label and slice
+    probabilities within 1e-4 at FP32."""
+    harness = sdk.Triage(device="cpu", precision="fp32", kernels="cpu-harness")
+    st = harness.runtime["stages"]
+    assert harness.runtime["kernels"] == "cpu-harness" and harness.runtime["path"] == "kernel"
+    assert st["classifier_inputs"] == st["pooling"] == st["resample"] == "cpu-harness"
+    assert st["lungs"] in ("hybrid-cpu", "unet3d-ort-cpu-fp32") and st["classifier"] == "ort-cpu-fp32-features"
+    assert {"provider", "precision", "device", "backend", "kernels"} <= set(harness.runtime)
+    a = harness.run(p001)
+    b = sdk.Triage(device="cpu", precision="fp32", kernels="numpy").run(p001)
+    assert b.runtime["kernels"] == "numpy" and "stages" not in b.runtime
+    assert a.label == b.label
+    assert [s.index for s in a.slice_scores] == [s.index for s in b.slice_scores]
+    assert np.abs(_probs(a) - _probs(b)).max() <= 1e-4
+    for c in a.probabilities:
+        assert a.probabilities[c] == pytest.approx(b.probabilities[c], abs=1e-4)
+    assert a.lung_volume_ml == pytest.approx(b.lung_volume_ml, rel=1e-9)
+    # copies of the orchestration: the volume once, per-slice areas and probabilities back
+    t = a.transfers
+    ups = [c for c in t["copies"] if c["dir"] == "h2d"]
+    assert [c for c in ups if c["what"] == "volume (HU)"] == [{"dir": "h2d", "what": "volume (HU)", "bytes": p001.hu.nbytes}]
+    assert max(c["bytes"] for c in t["copies"] if c["dir"] == "d2h") < p001.hu.nbytes // 100
+    assert not [c for c in t["copies"] if "round trip" in c["what"]]
+    d = json.loads(json.dumps(a.to_dict()))
+    assert d["runtime"]["stages"]["pooling"] == "cpu-harness" and d["transfers"]["h2d_calls"] == t["h2d_calls"]
+    # heat maps of the kernel path: CAM = W . (f * w) * hw, as the graph's
+    np.testing.assert_allclose(a.heatmap(3), b.heatmap(3), atol=1e-3 * max(1.0, float(np.abs(b.heatmap(3)).max())))
+
+
+# --- the 3D U-Net branch (cube in, cube out) ---------------------------------------------------------
+def _cube_segmenter(path: Path) -> None:
+    """A real 3D ONNX segmenter of the 128^3 windowed cube, classical in content: aerated voxels
+    (window value 0.03..0.25, i.e. about -960..-650 HU in the -1000..400 window) -> probability."""
+    onnx = pytest.importorskip("onnx", reason="onnx (train extra) builds the test's 3D segmenter graph")
+    from onnx import TensorProto, helper
+
+    c = lambda n, v: helper.make_tensor(n, TensorProto.FLOAT, [], [v])  # noqa: E731
+    nodes = [helper.make_node("Sub", ["hi", "image"], ["a"]), helper.make_node("Mul", ["a", "k"], ["a2"]),
+             helper.make_node("Sigmoid", ["a2"], ["sa"]), helper.make_node("Sub", ["image", "lo"], ["b"]),
+             helper.make_node("Mul", ["b", "k"], ["b2"]), helper.make_node("Sigmoid", ["b2"], ["sb"]),
+             helper.make_node("Mul", ["sa", "sb"], ["prob"])]
+    g = helper.make_graph(nodes, "cube_air", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 128, 128, 128])],
+                          [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 1, 128, 128, 128])],
+                          [c("hi", 0.25), c("lo", 0.03), c("k", 60.0)])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.fixture(scope="module")
+def bundle3d(tmp_path_factory):
+    from sdk.bundle import load_bundle, write_bundle
+
+    src = load_bundle()
+    stage = tmp_path_factory.mktemp("stage3d")
+    _cube_segmenter(stage / "lungs3d_fp32.onnx")
+    files = {n: (str(src.root / bf.path), bf.role, bf.precision) for n, bf in src.files.items()}
+    files["lungs3d_fp32"] = (str(stage / "lungs3d_fp32.onnx"), "other", "fp32")
+    meta = dict(src.manifest)
+    meta["preprocessing"] = {**meta.get("preprocessing", {}), "lungs3d": {"window": [-1000, 400], "resample": "area", "size": 128, "threshold": 0.5}}
+    return write_bundle(tmp_path_factory.mktemp("bundle3d") / "b", files, meta)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    from sdk.phantom import write_phantom_series
+
+    out = tmp_path_factory.mktemp("phantom3d")
+    write_phantom_series(out, n_slices=48, size=128, spacing=(2.5, 2.0, 2.0), ground_glass=True, seed=1)
+    return out
+
+
+@needs_gxx
+def test_unet3d_branch_harness_equals_reference(bundle3d, phantom) -> None:
+    from sdk.io import load_series
+
+    vol = load_series(phantom)
+    runs = {}
+    for k in ("cpu-harness", "reference"):
+        eng = sdk.Triage(bundle3d, device="cpu", precision="fp32", kernels=k)
+        assert eng.runtime["stages"]["lungs"] == "unet3d-ort-cpu-fp32"
+        assert eng.runtime["stages"]["resample"] == ("cpu-harness" if k == "cpu-harness" else "numpy")
+        runs[k] = eng.run(vol)
+    a, b = runs["cpu-harness"], runs["reference"]
+    assert a.eligible and b.eligible and a.label == b.label
+    assert [s.index for s in a.slice_scores] == [s.index for s in b.slice_scores]
+    assert np.abs(_probs(a) - _probs(b)).max() <= 1e-4
+    whats = [c["what"] for c in a.transfers["copies"] if c["dir"] == "h2d"]
+    assert whats.count("volume (HU)") == 1 and "lung mask (host segmenter)" not in whats
+    # the mask at the volume grid is the cube's cell containing each voxel: lung volume = cube voxels x multiplicity
+    assert a.lung_volume_ml == pytest.approx(b.lung_volume_ml, rel=1e-6) and a.lung_volume_ml > 100
+
+
+def test_cuda_without_gpu_is_a_typed_error() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here; this test is for machines without it")
+    with pytest.raises(RuntimeUnavailableError):
+        sdk.Triage(device="cuda")
+    eng = sdk.Triage(device="cpu", precision="fp32", kernels="cuda")  # not asked for the device: host path, with the reason
+    assert eng.runtime["kernels"] == "numpy" and any("GPU kernels unavailable" in r for r in eng.runtime_reasons)
+
+
+def test_features_derivation_reproduces_the_classifier(tmp_path) -> None:
+    pytest.importorskip("onnx", reason="deriving the features graph needs onnx (train extra)")
+    from sdk.bundle import load_bundle
+    from sdk.export.features import derive_features
+
+    b = load_bundle()
+    rep = derive_features(b.classifier_paths()["fp32"], tmp_path, "fp32")
+    assert rep.passed and rep.parity["logits"] <= 1e-4 and rep.features_shape[1:] == [1280, 7, 7]
+    assert Path(rep.features_path).stat().st_size < 200_000 and rep.shared_bytes > 10_000_000
+    shipped = b.features_paths()["fp32"]
+    assert Path(shipped[0]).read_bytes() == Path(rep.features_path).read_bytes()  # the bundle holds this derivation
