@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -133,6 +135,8 @@ class KernelPath:
         self.sync_timings = bool(sync_timings)
         self.reasons: List[str] = []
         self.init_transfers = Transfers()
+        self._pinned: Dict[int, Any] = {}
+        self._pinned_lock = threading.Lock()
         clf = self._classifier = triage._classifier
         self.device = "cuda" if getattr(clf, "provider", "") == "CUDAExecutionProvider" else "cpu"
         self.precision = str(triage.runtime.get("precision", "fp32"))
@@ -235,14 +239,44 @@ class KernelPath:
             if self.sync_timings:
                 self.ops.synchronize()
 
+    def host_buffer(self, shape: Tuple[int, ...], dtype: Any) -> Optional[np.ndarray]:
+        """Allocator for ingest (``load_series(alloc=...)``): page-locked memory on the GPU set,
+        so the decoded volume is uploaded with no staging copy; plain memory otherwise."""
+        if not self.ops.on_device:
+            return np.empty(shape, dtype)
+        buf = self.ops.pinned(shape, dtype)
+        with self._pinned_lock:
+            for k in [k for k, r in self._pinned.items() if r() is None]:
+                del self._pinned[k]
+            self._pinned[id(buf)] = weakref.ref(buf)
+        return buf
+
+    def _pinned_base(self, a: np.ndarray) -> Optional[np.ndarray]:
+        """The pinned buffer from :meth:`host_buffer` that ``a`` is (a view of), or None."""
+        b: Any = a
+        while b is not None:
+            ref = self._pinned.get(id(b)) if isinstance(b, np.ndarray) else None
+            if ref is not None and ref() is b:
+                return b
+            b = getattr(b, "base", None)
+        return None
+
     def _upload_volume(self, hu: np.ndarray, io: Transfers) -> Any:
-        """One upload of the HU volume (through a pinned staging buffer on the GPU)."""
+        """One upload of the HU volume. On the GPU: decoded straight into pinned memory by ingest
+        (the canonical flips / transposes are views of it: the buffer goes up as decoded and the
+        view is made contiguous on the device), else through a pinned staging copy."""
         a = np.asarray(hu)
-        if self.ops.on_device:
+        if not self.ops.on_device:
+            return self.ops.upload(a, io, "volume (HU)")
+        base = self._pinned_base(a)
+        if base is None or base.nbytes != a.nbytes or not base.flags.c_contiguous:
             staging = self.ops.pinned(a.shape, a.dtype)
             np.copyto(staging, a)
-            a = staging
-        return self.ops.upload(a, io, "volume (HU)")
+            return self.ops.upload(staging, io, "volume (HU)")
+        d_base = self.ops.upload(base, io, "volume (HU)")
+        if a.flags.c_contiguous and a.__array_interface__["data"][0] == base.__array_interface__["data"][0]:
+            return d_base.reshape(a.shape)
+        return self.ops.device_view(d_base, base, a)
 
     def _run(self, sess: Any, name: str, x: Any, outputs: Sequence[str], io: Transfers) -> Dict[str, Any]:
         """Run an ORT session on a kernel-set array; device arrays stay on the device when the

@@ -210,6 +210,14 @@ class CudaKernels(KernelSet):
 
         return cupyx.empty_pinned(tuple(int(s) for s in shape), dtype=dtype)
 
+    def device_view(self, d_base: Any, base: np.ndarray, view: np.ndarray) -> Any:
+        """``view`` (a strided view of host ``base``, e.g. flipped axes) rebuilt on ``d_base``, the
+        device copy of ``base``, and made contiguous on the device."""
+        offset = view.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+        mem = d_base.data + offset
+        v = self._cp.ndarray(view.shape, dtype=view.dtype, memptr=mem, strides=view.strides)
+        return self._cp.ascontiguousarray(v)
+
     def upload(self, a, io, what):
         a = np.ascontiguousarray(a)
         io.record("h2d", what, int(a.nbytes))

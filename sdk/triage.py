@@ -483,7 +483,7 @@ class Triage:
         timer = _Timer()
         t_total = time.perf_counter()
         with timer("load"):
-            volume = self._load(series, series_uid)
+            volume = self._load(series, series_uid, alloc=self._kpath.host_buffer if self._kpath is not None else None)
         result, mask = self._triage_volume(volume, timer)
         if prior is not None:
             with timer("prior"):
@@ -493,14 +493,14 @@ class Triage:
         return result
 
     @staticmethod
-    def _load(series: Any, series_uid: Optional[str] = None) -> Any:
+    def _load(series: Any, series_uid: Optional[str] = None, alloc: Any = None) -> Any:
         from .volume import Volume
 
         if isinstance(series, Volume):
             return series
         from .io import load_series
 
-        return load_series(series, series_uid=series_uid)
+        return load_series(series, series_uid=series_uid, alloc=alloc)
 
     def _triage_volume(self, volume: Any, timer: _Timer) -> Tuple[TriageResult, Optional[np.ndarray]]:
         """Every stage after loading; returns the result (timings filled by the caller) and the lung mask."""

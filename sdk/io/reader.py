@@ -11,7 +11,7 @@ import warnings as _pywarnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -559,7 +559,8 @@ def list_series(source: Source) -> List[SeriesInfo]:
 
 
 def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
-                allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False) -> Volume:
+                allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False,
+                alloc: Optional[Callable[[Tuple[int, ...], Any], np.ndarray]] = None) -> Volume:
     """Load one CT series as a :class:`~sdk.volume.Volume` in HU, canonical LPS orientation.
 
     Args:
@@ -569,17 +570,20 @@ def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt:
         allow_gaps: keep series with missing slices (a warning) instead of raising MissingSlicesError.
         workers: decoding threads (None: min(4, cpu count); 1: no thread pool).
         progress: show a tqdm bar on stderr while decoding.
+        alloc: ``alloc(shape, dtype) -> ndarray`` for the HU buffer the planes are decoded into
+            (e.g. page-locked memory for one asynchronous GPU upload); default ``np.empty``.
 
     Raises:
         SeriesError subclass naming the file(s) and the problem (see sdk.errors).
     """
     return inspect_and_load(source, series_uid, allow_tilt=allow_tilt, allow_gaps=allow_gaps,
-                            workers=workers, progress=progress)[1]
+                            workers=workers, progress=progress, alloc=alloc)[1]
 
 
 def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
                      allow_gaps: bool = False, workers: Optional[int] = None,
-                     progress: bool = False) -> Tuple[List[SeriesInfo], Volume]:
+                     progress: bool = False,
+                     alloc: Optional[Callable[[Tuple[int, ...], Any], np.ndarray]] = None) -> Tuple[List[SeriesInfo], Volume]:
     """:func:`list_series` and :func:`load_series` from one scan of the source."""
     scan, groups, where = _scan_groups(source)
     infos = _infos(scan, groups, where)
@@ -590,7 +594,7 @@ def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_
         if g is not group:
             warnings.append(f"series {g.uid} not loaded ({_describe_rank(g)})")
     vol = _load_group(group, warnings, allow_tilt=allow_tilt, allow_gaps=allow_gaps, workers=workers,
-                      progress=progress, single=scan.single_file)
+                      progress=progress, single=scan.single_file, alloc=alloc)
     return infos, vol
 
 
@@ -737,7 +741,8 @@ def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allo
 
 
 def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_gaps: bool,
-                workers: Optional[int], progress: bool, single: bool) -> Volume:
+                workers: Optional[int], progress: bool, single: bool,
+                alloc: Optional[Callable[[Tuple[int, ...], Any], np.ndarray]] = None) -> Volume:
     slices = _dedupe(group.slices, warnings)
     for s in slices:
         warnings.extend(s.notes)
@@ -756,7 +761,7 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     # order and check gaps from the headers alone (fail fast), then decode in slice order
     slices, sg = _order(slices, warnings)
     _check_gaps(slices, sg, group, allow_gaps, [])
-    hu = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=_hu_dtype(slices))
+    hu = (alloc or np.empty)((len(slices), slices[0].rows, slices[0].cols), _hu_dtype(slices))
     failures, overflow = _decode_into(slices, hu, workers, progress)
     if overflow and not failures:
         # an integer rescale left int16: redo as float32 (rare; stored values are decoded again)
