@@ -47,24 +47,28 @@ POOLING = ("auto", "kernel", "graph")
 CUBE = 128
 _SET_LABEL = {"numpy": "numpy", "cpu-harness": "cpu-harness", "cuda": "cuda-kernel"}
 
-__all__ = ["KernelPath", "PATH_KERNELS", "LUNGS", "POOLING", "cube_indices", "Unet3dSpec"]
+__all__ = ["KernelPath", "PATH_KERNELS", "LUNGS", "POOLING", "Unet3dSpec", "cube_to_volume_xp"]
 
 
-# --- geometry --------------------------------------------------------------------------------
-def cube_indices(shape: Sequence[int], z_mm: Sequence[float], pixel_spacing_mm: Sequence[float],
-                 out_shape: Sequence[int] = (CUBE, CUBE, CUBE),
-                 slice_thickness_mm: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per volume axis, the index of the isotropic-cube cell (the resample kernel's ``isotropic=True``
-    grid, :func:`sdk.volume.resample.axis_grids`) containing each voxel centre: (zi, yi, xi) int64.
-    ``mask_cube[zi][:, yi][:, :, xi]`` is the cube mask at the volume grid (nearest cell)."""
-    from .volume.resample import axis_grids
-
-    grids = axis_grids(shape, z_mm, out_shape, True, pixel_spacing_mm, slice_thickness_mm)
-    out = []
-    for g in grids:
-        k = np.floor((g.centres - g.out_lo) / g.out_len * g.n_out).astype(np.int64)
-        out.append(np.clip(k, 0, g.n_out - 1))
-    return out[0], out[1], out[2]
+def cube_to_volume_xp(xp: Any, cube: Any, taps: Sequence[Tuple[Any, Any, Any]], threshold: float,
+                      chunk: int = 32) -> Any:
+    """:func:`sdk.lungs.unet3d.cube_to_volume` on any array module: separable trilinear sampling of
+    the (n, n, n) cube at every volume voxel, ``> threshold`` -> uint8 (z, y, x). ``taps`` are the
+    geometry's per-axis ``(i0, i1, w1)`` as arrays of ``xp`` (w1 float32); same operation order as
+    the NumPy function, so the masks are identical."""
+    (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = taps
+    nz, ny, nx = int(z0.shape[0]), int(y0.shape[0]), int(x0.shape[0])
+    out = xp.empty((nz, ny, nx), dtype=xp.uint8)
+    for s in range(0, nz, chunk):
+        e = min(nz, s + chunk)
+        w = wz[s:e, None, None]
+        a = cube[z0[s:e]] * (1 - w) + cube[z1[s:e]] * w
+        w = wy[None, :, None]
+        a = a[:, y0] * (1 - w) + a[:, y1] * w
+        w = wx[None, None, :]
+        a = a[:, :, x0] * (1 - w) + a[:, :, x1] * w
+        out[s:e] = a > threshold
+    return out
 
 
 @dataclass(frozen=True)
@@ -184,8 +188,9 @@ class KernelPath:
             spec = self._lungs3d.inputs[0]
             self._lungs3d_in = (spec.name, spec.dtype)
             outs = [o.name for o in self._lungs3d.outputs]
-            self._lungs3d_out = outs[0]
-            self._lungs3d_logits = "logit" in outs[0].lower()
+            probs = [o for o in outs if "prob" in o.lower()]
+            self._lungs3d_out = probs[0] if probs else outs[0]
+            self._lungs3d_logits = not probs and "logit" in outs[0].lower()
             self.lungs = "unet3d"
         else:
             if self.unet3d is None:
@@ -293,6 +298,8 @@ class KernelPath:
 
     # --- stages ----------------------------------------------------------------------------------
     def _lungs_unet3d(self, volume: Any, d_hu: Any, io: Transfers, timer: Any) -> Any:
+        from .lungs.unet3d import cube_geometry
+
         xp, spec = self.ops.xp, self.unet3d
         st = getattr(volume.meta, "slice_thickness_mm", None)
         name, dtype = self._lungs3d_in
@@ -305,10 +312,14 @@ class KernelPath:
             out = self._run(self._lungs3d, name, cube.reshape((1, 1) + tuple(cube.shape)), [self._lungs3d_out], io)
             prob = out[self._lungs3d_out].reshape(cube.shape)
             thr = 0.0 if self._lungs3d_logits else spec.threshold
-            m128 = (prob > thr).astype(xp.uint8)
-            zi, yi, xi = cube_indices(volume.hu.shape, volume.z_mm, volume.pixel_spacing_mm, (spec.size,) * 3, st)
-            idx = [self.ops.upload(a, io, f"cube -> volume indices ({ax})") for a, ax in zip((zi, yi, xi), "zyx")]
-            return m128[idx[0]][:, idx[1]][:, :, idx[2]]
+            geom = cube_geometry(volume.hu.shape, volume.z_mm, volume.pixel_spacing_mm, st, spec.size)
+            taps = []
+            for a, ax in enumerate("zyx"):
+                i0, i1, w1 = geom.axis_taps(a)
+                taps.append((self.ops.upload(i0, io, f"cube -> volume taps ({ax})"),
+                             self.ops.upload(i1, io, f"cube -> volume taps ({ax})"),
+                             self.ops.upload(w1.astype(np.float32), io, f"cube -> volume taps ({ax})")))
+            return cube_to_volume_xp(xp, prob.astype(xp.float32), taps, thr)
 
     def _lungs_hybrid(self, triage: Any, volume: Any, io: Transfers, timer: Any, warnings: List[str]) -> Any:
         from . import lungs

@@ -42,25 +42,6 @@ def test_transfers_count_and_serialise() -> None:
         open_kernel_set("opencl")
 
 
-def test_cube_indices_follow_the_isotropic_cells() -> None:
-    from sdk.device_path import cube_indices
-
-    shape, ps = (40, 100, 90), (0.8, 0.7)
-    z = np.cumsum(np.r_[0.0, RNG.uniform(1.0, 3.0, 39)]) + 17.0
-    zi, yi, xi = cube_indices(shape, z, ps, (32, 32, 32))
-    # independent: the cube is the largest physical extent, centred on the volume, cut into 32 cells
-    dz = np.median(np.diff(z))
-    ext = {"z": (z[0] - dz / 2, z[-1] + dz / 2), "y": (0.0, shape[1] * ps[0]), "x": (0.0, shape[2] * ps[1])}
-    side = max(b - a for a, b in ext.values())
-    centres = {"z": z, "y": (np.arange(shape[1]) + 0.5) * ps[0], "x": (np.arange(shape[2]) + 0.5) * ps[1]}
-    for ax, got in zip("zyx", (zi, yi, xi)):
-        lo = (ext[ax][0] + ext[ax][1]) / 2 - side / 2
-        edges = lo + np.arange(33) * side / 32
-        want = np.searchsorted(edges, centres[ax], side="right") - 1
-        np.testing.assert_array_equal(got, want)
-    assert zi[0] <= zi[-1] and xi.max() < 32
-
-
 @needs_gxx
 def test_host_kernel_sets_agree_and_downsample_like_opencv() -> None:
     import cv2
@@ -182,8 +163,17 @@ def test_unet3d_branch_harness_equals_reference(bundle3d, phantom) -> None:
     assert np.abs(_probs(a) - _probs(b)).max() <= 1e-4
     whats = [c["what"] for c in a.transfers["copies"] if c["dir"] == "h2d"]
     assert whats.count("volume (HU)") == 1 and "lung mask (host segmenter)" not in whats
-    # the mask at the volume grid is the cube's cell containing each voxel: lung volume = cube voxels x multiplicity
     assert a.lung_volume_ml == pytest.approx(b.lung_volume_ml, rel=1e-6) and a.lung_volume_ml > 100
+
+
+def test_cube_to_volume_xp_equals_unet3d_reference() -> None:
+    from sdk.device_path import cube_to_volume_xp
+    from sdk.lungs.unet3d import cube_geometry, cube_to_volume
+
+    geom = cube_geometry((23, 70, 61), np.cumsum(np.r_[0.0, RNG.uniform(1.0, 3.0, 22)]), (0.9, 0.8), None, 16)
+    cube = RNG.uniform(size=(16, 16, 16)).astype(np.float32)
+    taps = [(i0, i1, w.astype(np.float32)) for i0, i1, w in (geom.axis_taps(a) for a in range(3))]
+    np.testing.assert_array_equal(cube_to_volume_xp(np, cube, taps, 0.5, chunk=5) != 0, cube_to_volume(cube, geom, 0.5))
 
 
 def test_cuda_without_gpu_is_a_typed_error() -> None:

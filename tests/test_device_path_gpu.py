@@ -104,7 +104,7 @@ def _check_transfers(r, volume) -> None:
     assert len(vol_ups) == 1 and vol_ups[0]["bytes"] == vol_bytes, ups
     # the only other large upload allowed is the host segmenter's mask (no 3D U-Net in the bundle)
     small = {"resample: slice centres (GpuKernels)", "classifier_inputs: slice indices (GpuKernels)",
-             "cube -> volume indices (z)", "cube -> volume indices (y)", "cube -> volume indices (x)"}
+             "cube -> volume taps (z)", "cube -> volume taps (y)", "cube -> volume taps (x)"}
     for c in ups:
         if c["what"] in ("volume (HU)", "lung mask (host segmenter)"):
             continue
