@@ -1,6 +1,6 @@
 """Measure the device-resident path (sdk.device_path) on a GPU machine; writes one JSON report.
 
-    python examples/gpu_device_path.py --out gpu_device_path.json [--repeats 10] [--series DIR]
+    python examples/gpu_device_path.py --out gpu_device_path.json [--repeats 5] [--series DIR]
 
 Per configuration (precision x pooling): per-stage p50/p95 with device synchronisation at stage
 boundaries (``sync_timings=True``), end-to-end p50/p95 without it (asynchronous launches, what a
@@ -96,8 +96,9 @@ def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--series", default=str(DEFAULT_SERIES))
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--configs", default="fp16:kernel,fp16:graph,fp32:kernel")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--configs", default="fp16:kernel,fp16:graph,fp32:kernel,fp16:kernel:cudagraph",
+                    help="precision:pooling[:cudagraph] (cudagraph sets CTSDK_CUDA_GRAPH=1 for that config)")
     args = ap.parse_args(argv)
     import sdk
     from sdk.io import load_series
@@ -111,10 +112,14 @@ def main(argv: Any = None) -> int:
     report["cpu_reference"] = {"label": ref.label, "probabilities": ref.probabilities,
                                "ms": round((time.perf_counter() - t) * 1000.0, 1)}
     report["configs"] = []
+    import os
+
     for spec in args.configs.split(","):
-        prec, pooling = spec.split(":")
+        prec, pooling, *extra = spec.split(":")
+        os.environ["CTSDK_CUDA_GRAPH"] = "1" if "cudagraph" in extra else "0"
         try:
             report["configs"].append(_config(series, volume, prec, pooling, args.repeats, ref))
+            report["configs"][-1]["cuda_graph"] = "cudagraph" in extra
         except Exception as exc:  # noqa: BLE001 - a report script: record the failure, run the next config
             import traceback
 

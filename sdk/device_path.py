@@ -21,12 +21,15 @@ drawn. :class:`sdk.kernel_ops.Transfers` records every copy (``TriageResult.tran
 ``TriageResult.runtime["stages"]`` names what ran at each stage.
 
 Stage timings are taken at stage boundaries; on the GPU they are asynchronous (launch time) unless
-``sync_timings=True`` synchronises the device at each boundary.
+``sync_timings=True`` synchronises the device at each boundary. ``CTSDK_CUDA_GRAPH=1`` opens the
+features session with ORT's CUDA graph capture at the fixed classifier batch
+(:class:`sdk.runtime.ort.OrtSession` ``cuda_graph``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -145,23 +148,26 @@ class KernelPath:
         self.device = "cuda" if getattr(clf, "provider", "") == "CUDAExecutionProvider" else "cpu"
         self.precision = str(triage.runtime.get("precision", "fp32"))
         self._threads = triage.threads
+        self.cuda_graph = self.device == "cuda" and os.environ.get("CTSDK_CUDA_GRAPH", "") == "1"
+        self._batch = int(triage.classifier_batch)
         self._open_pooling(triage, pooling)
         self._open_lungs(triage, lungs)
         self.stages = self._stage_names(triage)
 
     # --- construction ------------------------------------------------------------------------------
-    def _session(self, path: Path, precision: str) -> Any:
+    def _session(self, path: Path, precision: str, graph: bool = False) -> Any:
         from .runtime.ort import OrtSession
 
+        kw: Dict[str, Any] = {"fixed_batch": self._batch, "cuda_graph": True} if graph else {}
         return OrtSession(path, device=self.device, threads=self._threads, precision=precision,
-                          strict=self.device == "cuda")
+                          strict=self.device == "cuda", **kw)
 
     def _open_pooling(self, triage: Any, pooling: str) -> None:
         feats = triage.bundle.features_paths()
         self.features = None
         if pooling in ("auto", "kernel") and self.precision in feats:
             fpath, hpath = feats[self.precision]
-            self.features = self._session(Path(fpath), self.precision)
+            self.features = self._session(Path(fpath), self.precision, graph=self.cuda_graph)
             head = np.load(hpath)
             w = np.ascontiguousarray(head["fc_weight"], np.float32)
             b = np.ascontiguousarray(head["fc_bias"], np.float32)
@@ -211,7 +217,8 @@ class KernelPath:
                 "resample": resample, "lungs": lungs, "mask": f"threshold ({k})" if self.lungs == "unet3d" else "host segmenter",
                 "slice_selection": f"area reduction ({k}) + lung rule (host)",
                 "classifier_inputs": k,
-                "classifier": f"ort-{dev}-{clf_prec}" + ("-features" if self.pooling == "kernel" else ""),
+                "classifier": f"ort-{dev}-{clf_prec}" + ("-features" if self.pooling == "kernel" else "")
+                + ("+cudagraph" if self.cuda_graph and self.pooling == "kernel" else ""),
                 "pooling": k if self.pooling == "kernel" else "graph",
                 "aggregation": "xgboost-cpu"}
 
