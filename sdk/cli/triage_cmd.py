@@ -40,16 +40,20 @@ def _human(d: Dict[str, Any]) -> str:
               help="Write one PNG heat-map overlay per selected slice into this folder.")
 @click.option("--top", type=int, default=None, help="With --heatmaps: only the TOP slices with the highest P(covid).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads per session.")
-@click.option("--kernels", type=click.Choice(["auto", "numpy", "gpu", "cpu-harness"]), default="auto", show_default=True,
-              help="Who builds the classifier inputs: ctsdk's CUDA kernel (gpu; auto on a CUDA device), NumPy/OpenCV, "
-                   "or the same kernel source compiled for the CPU (cpu-harness).")
+@click.option("--kernels", type=click.Choice(["auto", "numpy", "gpu", "cuda", "cpu-harness", "reference"]), default="auto",
+              show_default=True,
+              help="numpy: the host path (OpenCV inputs, graph pooling). cuda/gpu (auto on a CUDA device): the "
+                   "device-resident kernel path; cpu-harness / reference: the same kernel path with the CUDA kernels' "
+                   "code compiled for the CPU / their NumPy references (runtime.stages says what ran).")
+@click.option("--pooling", type=click.Choice(["auto", "kernel", "graph"]), default="auto", show_default=True,
+              help="Kernel path: masked GAP by ctsdk's kernels on the features graph, or the classifier graph's own.")
 @click.option("--prior", "prior_path", type=click.Path(exists=True), default=None,
               help="An earlier study of the same patient: compare opacity burden per lung (paper 003).")
 @json_option
 @handle_errors
 def triage(source: str, series_uid: Optional[str], device: str, precision: str, bundle_path: Optional[str],
            lung_method: str, heatmaps_dir: Optional[str], top: Optional[int], threads: Optional[int],
-           kernels: str, prior_path: Optional[str], as_json: bool) -> None:
+           kernels: str, pooling: str, prior_path: Optional[str], as_json: bool) -> None:
     """Triage one CT series (folder or file): label, probabilities, per-slice scores, stage timings.
 
     Research use only - not for diagnosis.
@@ -57,7 +61,7 @@ def triage(source: str, series_uid: Optional[str], device: str, precision: str, 
     from ..triage import Triage
 
     engine = Triage(bundle_path, device=device, precision=precision, lung_method=lung_method,
-                    heatmaps=heatmaps_dir is not None, threads=threads, kernels=kernels)
+                    heatmaps=heatmaps_dir is not None, threads=threads, kernels=kernels, pooling=pooling)
     result = engine.run(source, series_uid=series_uid, prior=prior_path)
     payload = result.to_dict()
     payload["source"] = source
