@@ -351,6 +351,8 @@ class Triage:
         self.classifier_batch = int(classifier_batch)
         if kernels not in KERNELS:
             raise ConfigError(f"kernels {kernels!r} not in {KERNELS}")
+        if pooling not in ("auto", "kernel", "graph"):
+            raise ConfigError(f"pooling {pooling!r} not in ('auto', 'kernel', 'graph')")
         if threads is not None and int(threads) < 1:
             raise ConfigError(f"threads must be >= 1 or None, got {threads}")
         t0 = time.perf_counter()

@@ -198,3 +198,19 @@ def test_features_derivation_reproduces_the_classifier(tmp_path) -> None:
     assert Path(rep.features_path).stat().st_size < 200_000 and rep.shared_bytes > 10_000_000
     shipped = b.features_paths()["fp32"]
     assert Path(shipped[0]).read_bytes() == Path(rep.features_path).read_bytes()  # the bundle holds this derivation
+
+
+@needs_gxx
+def test_kernel_pooling_equals_graph_pooling(phantom) -> None:
+    from sdk.io import load_series
+
+    vol = load_series(phantom)
+    k = sdk.Triage(device="cpu", precision="fp32", kernels="cpu-harness", pooling="kernel")
+    g = sdk.Triage(device="cpu", precision="fp32", kernels="cpu-harness", pooling="graph")
+    assert k.runtime["stages"]["pooling"] == "cpu-harness" and g.runtime["stages"]["pooling"] == "graph"
+    assert g.runtime["stages"]["classifier"] == "ort-cpu-fp32"
+    a, b = k.run(vol), g.run(vol)
+    assert np.abs(_probs(a) - _probs(b)).max() <= 1e-5
+    np.testing.assert_allclose(a._heat.cams, b._heat.cams, atol=1e-4 * max(1.0, float(np.abs(b._heat.cams).max())))
+    with pytest.raises(ConfigError):
+        sdk.Triage(device="cpu", precision="fp32", kernels="cpu-harness", pooling="fused")
