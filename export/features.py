@@ -18,8 +18,9 @@ reproduce the classifier's logits / probs / cam), and written into the bundle th
 Weights are not duplicated: every large initializer of the features graph is stored as ONNX
 external data pointing at the *same bytes inside the source classifier file* (``location`` =
 ``classifier_<prec>.onnx``, with offset and length), so each features file is ~100 kB and the
-bundle stays under its size limit. The sha256 of both files is verified at bundle load, and the
-features file must live beside its classifier (it does in a bundle). ``--standalone`` embeds the
+bundle stays under its size limit. The features file records the classifier's sha256
+(``ctsdk.source_sha256``); the kernel path refuses a features file whose classifier changed (re-run
+the command), and it must live beside its classifier (it does in a bundle). ``--standalone`` embeds the
 weights instead.
 
 Needs the ``onnx`` package (train extra) - at bundle-build time only; the runtime reads the
@@ -234,7 +235,10 @@ def derive_features(classifier: PathLike, out_dir: PathLike, precision: str = "f
     sub = onnx_utils.Extractor(inferred).extract_model(["image"], [feat])
     _rename(sub.graph, feat, FEATURES_OUTPUT)
     dims, elem = _shapes(sub).get(FEATURES_OUTPUT, ([], 0))
-    ours = {"ctsdk.role": FEATURES_ROLE, "ctsdk.features_of": src.name, "ctsdk.precision": precision}
+    from ..bundle import sha256_file
+
+    ours = {"ctsdk.role": FEATURES_ROLE, "ctsdk.features_of": src.name, "ctsdk.precision": precision,
+            "ctsdk.source_sha256": sha256_file(src)}
     del sub.metadata_props[:]
     for k, v in [(p.key, p.value) for p in model.metadata_props if p.key not in ours] + list(ours.items()):
         e = sub.metadata_props.add()

@@ -168,6 +168,7 @@ class KernelPath:
         if pooling in ("auto", "kernel") and self.precision in feats:
             fpath, hpath = feats[self.precision]
             self.features = self._session(Path(fpath), self.precision, graph=self.cuda_graph)
+            self._check_features_source(triage.bundle, Path(fpath), getattr(self.features, "metadata", {}))
             head = np.load(hpath)
             w = np.ascontiguousarray(head["fc_weight"], np.float32)
             b = np.ascontiguousarray(head["fc_bias"], np.float32)
@@ -183,6 +184,16 @@ class KernelPath:
             why = "pooling='graph' asked" if pooling == "graph" else f"no {self.precision} features variant in the bundle"
             self.reasons.append(f"pooling by the classifier graph ({why})")
         self.pooling = "kernel" if self.features is not None else "graph"
+
+    @staticmethod
+    def _check_features_source(bundle: Any, fpath: Path, props: Mapping[str, str]) -> None:
+        """The features graph reads its weights from the classifier file it was derived from (by
+        byte offset): refuse it when that classifier's bytes changed since the derivation."""
+        src, want = props.get("ctsdk.features_of", ""), props.get("ctsdk.source_sha256", "")
+        have = {Path(bf.path).name: bf.sha256 for bf in bundle.files.values()}.get(src)
+        if not src or have is None or want != have:
+            raise BundleError(f"{fpath}: derived from {src or '?'} (sha256 {want[:12] or '?'}), which the bundle no longer "
+                              f"holds unchanged (sha256 {str(have)[:12]}); re-run `python -m sdk.export.features --bundle {bundle.root}`")
 
     def _open_lungs(self, triage: Any, lungs: str) -> None:
         self.unet3d = Unet3dSpec.from_bundle(triage.bundle, self.precision if self.device == "cuda" else "fp32")

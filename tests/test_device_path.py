@@ -214,3 +214,16 @@ def test_kernel_pooling_equals_graph_pooling(phantom) -> None:
     np.testing.assert_allclose(a._heat.cams, b._heat.cams, atol=1e-4 * max(1.0, float(np.abs(b._heat.cams).max())))
     with pytest.raises(ConfigError):
         sdk.Triage(device="cpu", precision="fp32", kernels="cpu-harness", pooling="fused")
+
+
+def test_features_file_of_a_changed_classifier_is_refused() -> None:
+    from sdk.bundle import load_bundle
+    from sdk.device_path import KernelPath
+    from sdk.errors import BundleError
+
+    b = load_bundle()
+    fpath = Path(b.features_paths()["fp32"][0])
+    ok = {"ctsdk.features_of": "classifier_fp32.onnx", "ctsdk.source_sha256": b.files["classifier_fp32"].sha256}
+    KernelPath._check_features_source(b, fpath, ok)
+    with pytest.raises(BundleError, match="sdk.export.features"):
+        KernelPath._check_features_source(b, fpath, {**ok, "ctsdk.source_sha256": "0" * 64})
