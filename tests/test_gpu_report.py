@@ -79,3 +79,7 @@ def test_agreement_of_two_results():
     got = gr._agreement(a, b)
     assert got["same_label"] and got["slices_common"] == 1
     assert got["max_abs_dp_series"] == pytest.approx(0.05) and got["max_abs_dp_slices"] == pytest.approx(0.05)
+    g = gr.goals({"agreement_vs_cpu_fp32": got, "from_volume": {"total": {"p50": 29.0}},
+                  "from_files": {"total": {"p50": 501.0}}})
+    assert g == {"volume_total_p50_ms<=30": True, "files_total_p50_ms<=500": False, "same_label_as_cpu": True,
+                 "max_abs_dp<=0.02": False}

@@ -696,7 +696,23 @@ def section_triage(rounds: int, series: Optional[str], bundle: Optional[str], tm
         out["agreement_vs_cpu_fp32"] = _agreement(last_v, ref)
     except Exception as exc:  # noqa: BLE001
         out["agreement_vs_cpu_fp32"] = _error(exc)
+    out["goals"] = goals(out)
     return out
+
+
+def goals(t: Dict[str, Any]) -> Dict[str, Any]:
+    """Issue 13's bars, checked on the measured numbers: warm total p50 from a Volume <= 30 ms,
+    from the files <= 500 ms, same label as the CPU path, |dp| <= 0.02 (series and slices)."""
+    agree = t.get("agreement_vs_cpu_fp32") or {}
+    vol = (t.get("from_volume") or {}).get("total", {}).get("p50")
+    files = (t.get("from_files") or {}).get("total", {}).get("p50")
+    dps = [agree.get("max_abs_dp_series"), agree.get("max_abs_dp_slices")]
+    return {
+        "volume_total_p50_ms<=30": None if vol is None else vol <= 30.0,
+        "files_total_p50_ms<=500": None if files is None else files <= 500.0,
+        "same_label_as_cpu": agree.get("same_label"),
+        "max_abs_dp<=0.02": None if any(d is None for d in dps) else max(dps) <= 0.02,
+    }
 
 
 # --- outputs --------------------------------------------------------------------------------------
@@ -771,7 +787,8 @@ def to_markdown(rep: Dict[str, Any]) -> str:
               f"- host<->device bytes (from files): {t.get('transfers_from_files')}",
               f"- GPU memory: {t.get('gpu_memory')}",
               f"- agreement with Triage(device=\"cpu\", precision=\"fp32\"): {t.get('agreement_vs_cpu_fp32')}",
-              f"- init {t.get('init_ms')} ms; label {t.get('label')} {t.get('probabilities')}", ""]
+              f"- init {t.get('init_ms')} ms; label {t.get('label')} {t.get('probabilities')}",
+              f"- issue 13 goals (True = met): {t.get('goals')}", ""]
     if rep.get("charts"):
         L += [f"![GPU report]({Path(c).name})" for c in rep["charts"].values()] + [""]
     return "\n".join(L)
