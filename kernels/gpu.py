@@ -31,6 +31,7 @@ was not empty" abort at exit) and allocates from a per-device ``DeviceMemoryPool
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -245,8 +246,11 @@ _BACKENDS = {"cupy": _CupyBackend, "pycuda": _PycudaBackend}
 
 
 def _open_backend(backend: str, device: int, stream: Any) -> _Backend:
+    if backend == "auto" and os.environ.get("CTSDK_GPU_BACKEND"):
+        backend = os.environ["CTSDK_GPU_BACKEND"].strip().lower()  # an operator's explicit choice
     if backend not in ("auto", *_BACKENDS):
-        raise ConfigError(f"GpuKernels: backend must be 'auto', 'pycuda' or 'cupy', not {backend!r}")
+        raise ConfigError(f"GpuKernels: backend must be 'auto', 'pycuda' or 'cupy' (also via $CTSDK_GPU_BACKEND), "
+                          f"not {backend!r}")
     names = list(_BACKENDS) if backend == "auto" else [backend]
     failures: List[str] = []
     for name in names:
@@ -269,7 +273,8 @@ class GpuKernels:
     """The ctsdk CUDA kernels on one device (see the module docstring).
 
     Args:
-        backend: ``"auto"`` (CuPy, else pycuda), ``"cupy"`` or ``"pycuda"``.
+        backend: ``"auto"`` (``$CTSDK_GPU_BACKEND`` when set, else CuPy, else pycuda), ``"cupy"``
+            or ``"pycuda"``.
         device: CUDA device ordinal.
         cubin_dir: a folder from ``python -m sdk.kernels.build`` (``<stem>.<sm_XY>.cubin``) to try
             before compiling the sources.

@@ -52,11 +52,14 @@ def gpu(request):
     return _gpu_or_skip(request.param)
 
 
-def test_auto_prefers_cupy_and_launch_format():
+def test_auto_prefers_cupy_and_launch_format(monkeypatch):
     from sdk.errors import ConfigError
-    from sdk.kernels.gpu import _BACKENDS, launch_format
+    from sdk.kernels.gpu import _BACKENDS, GpuKernels, launch_format
 
     assert list(_BACKENDS) == ["cupy", "pycuda"]
+    monkeypatch.setenv("CTSDK_GPU_BACKEND", "opencl")
+    with pytest.raises(ConfigError, match="CTSDK_GPU_BACKEND"):
+        GpuKernels()
     assert launch_format([np.uint64(1), np.int32(2), np.float32(3), np.float64(4), np.int64(5)]) == "Qifdq"
     with pytest.raises(ConfigError, match="argument 1"):
         launch_format([np.uint64(1), 2])

@@ -19,7 +19,7 @@ from sdk.runtime import (  # noqa: E402
 )
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 
 
 def _conv_softmax_model(path: Path, w: np.ndarray, b: np.ndarray, precision: str = "") -> Path:
@@ -206,7 +206,7 @@ def test_import_sdk_stays_light():
     code = ("import sys, sdk, sdk.runtime, sdk.export, sdk.calibration, sdk.runtime.registry, sdk.export.tensorrt;"
             "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'onnx', 'polygraphy') if m in sys.modules];"
             "print(','.join(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=SDK_HOME)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
 

@@ -278,6 +278,9 @@ class OrtSession(Session):
         profile: file prefix for ORT's profiler JSON (``end_profiling()`` returns the file).
     """
 
+    #: IOBinding device type of the buffers run_device binds
+    _io_device = "cuda"
+
     def __init__(
         self,
         model: Union[PathLike, bytes],
@@ -502,15 +505,15 @@ class OrtSession(Session):
         specs = {t.name: t for t in self.outputs}
         io = self._sess.io_binding()
         for name, a in arrays.items():
-            io.bind_input(name, "cuda", self.device_id, np.dtype(a.dtype).type, tuple(int(d) for d in a.shape), int(a.data.ptr))
+            io.bind_input(name, self._io_device, self.device_id, np.dtype(a.dtype).type, tuple(int(d) for d in a.shape), int(a.data.ptr))
         out: Dict[str, Any] = {}
         for name in names:
             shape = shapes.get(name)
             if shape is None:
-                io.bind_output(name, "cuda", self.device_id)
+                io.bind_output(name, self._io_device, self.device_id)
                 continue
             buf = cp.empty(shape, dtype=np.dtype(specs[name].dtype))
-            io.bind_output(name, "cuda", self.device_id, np.dtype(buf.dtype).type, shape, int(buf.data.ptr))
+            io.bind_output(name, self._io_device, self.device_id, np.dtype(buf.dtype).type, shape, int(buf.data.ptr))
             out[name] = buf
         self._sess.run_with_iobinding(io)
         io.synchronize_outputs()
@@ -554,9 +557,9 @@ class OrtSession(Session):
         bufs_in = {k: cp.zeros(s, dtype=np.dtype(next(t.dtype for t in self.inputs if t.name == k))) for k, s in shapes_in.items()}
         bufs_out = {t.name: cp.empty(shapes_out[t.name], dtype=np.dtype(t.dtype)) for t in self.outputs}
         for k, b in bufs_in.items():
-            io.bind_input(k, "cuda", self.device_id, np.dtype(b.dtype).type, tuple(b.shape), int(b.data.ptr))
+            io.bind_input(k, self._io_device, self.device_id, np.dtype(b.dtype).type, tuple(b.shape), int(b.data.ptr))
         for k, b in bufs_out.items():
-            io.bind_output(k, "cuda", self.device_id, np.dtype(b.dtype).type, tuple(b.shape), int(b.data.ptr))
+            io.bind_output(k, self._io_device, self.device_id, np.dtype(b.dtype).type, tuple(b.shape), int(b.data.ptr))
         self._graph = {"io": io, "in": bufs_in, "out": bufs_out}
         return self._graph
 
