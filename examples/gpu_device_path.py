@@ -39,15 +39,15 @@ def _env() -> Dict[str, Any]:
             "python": platform.python_version()}
 
 
-def _config(series: Path, volume: Any, precision: str, pooling: str, repeats: int, ref: Any) -> Dict[str, Any]:
+def _config(series: Path, volume: Any, precision: str, pooling: str, repeats: int, ref: Any, batch: int) -> Dict[str, Any]:
     import cupy
 
     import sdk
 
     pool = cupy.get_default_memory_pool()
-    out: Dict[str, Any] = {"precision": precision, "pooling": pooling}
+    out: Dict[str, Any] = {"precision": precision, "pooling": pooling, "classifier_batch": batch}
     t0 = time.perf_counter()
-    eng_sync = sdk.Triage(device="cuda", precision=precision, pooling=pooling, sync_timings=True)
+    eng_sync = sdk.Triage(device="cuda", precision=precision, pooling=pooling, sync_timings=True, classifier_batch=batch)
     out["init_s"] = round(time.perf_counter() - t0, 2)
     out["runtime"] = eng_sync.runtime
     out["runtime_reasons"] = eng_sync.runtime_reasons
@@ -58,7 +58,7 @@ def _config(series: Path, volume: Any, precision: str, pooling: str, repeats: in
             for k, v in r.timings_ms.items():
                 stages.setdefault(k, []).append(v)
     out["stages_ms_synced"] = {k: _pct(v) for k, v in stages.items()}
-    eng = sdk.Triage(device="cuda", precision=precision, pooling=pooling)
+    eng = sdk.Triage(device="cuda", precision=precision, pooling=pooling, classifier_batch=batch)
     for _ in range(2):
         eng.run(volume)
     pool_before = pool.total_bytes()
@@ -97,9 +97,16 @@ def main(argv: Any = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--series", default=str(DEFAULT_SERIES))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--configs", default="fp16:kernel,fp16:graph,fp32:kernel,fp16:kernel:cudagraph",
-                    help="precision:pooling[:cudagraph] (cudagraph sets CTSDK_CUDA_GRAPH=1 for that config)")
+    ap.add_argument("--configs", default="fp16:kernel,fp16:graph,fp32:kernel,fp16:kernel:b128,fp16:kernel:cudagraph",
+                    help="precision:pooling[:cudagraph][:bN] (cudagraph sets CTSDK_CUDA_GRAPH=1 for that config; "
+                         "bN = classifier_batch N, default 32)")
     args = ap.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        print("gpu_device_path: CuPy is not installed; this report runs on a GPU machine (cupy + onnxruntime-gpu)",
+              file=sys.stderr)
+        return 2
     import sdk
     from sdk.io import load_series
 
@@ -118,7 +125,8 @@ def main(argv: Any = None) -> int:
         prec, pooling, *extra = spec.split(":")
         os.environ["CTSDK_CUDA_GRAPH"] = "1" if "cudagraph" in extra else "0"
         try:
-            report["configs"].append(_config(series, volume, prec, pooling, args.repeats, ref))
+            batch = int(next((e[1:] for e in extra if e.startswith("b") and e[1:].isdigit()), "32"))
+            report["configs"].append(_config(series, volume, prec, pooling, args.repeats, ref, batch))
             report["configs"][-1]["cuda_graph"] = "cudagraph" in extra
         except Exception as exc:  # noqa: BLE001 - a report script: record the failure, run the next config
             import traceback
