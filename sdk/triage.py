@@ -149,27 +149,48 @@ class TriageResult:
         return slice_heatmap(src.cams[i], src.class_index, src.mask[z], src.hu.shape[1:])
 
     def save_heatmaps(self, out_dir: PathLike, *, top: Optional[int] = None, alpha: float = 0.5) -> List[Path]:
-        """Write PNG overlays (JET colour map over the lung-windowed slice, inside the lungs).
+        """Write one reading panel per selected slice (:func:`sdk.heatmap.reading_panel`).
 
-        One file per selected slice, ``slice_<index:04d>.png`` (``top=k``: only the k slices with
-        the highest positive-class probability). One colour scale for the whole series (its
-        largest positive heat) so slices compare. Returns the written paths.
+        ``slice_<index:04d>.png`` (``top=k``: only the k slices with the highest positive-class
+        probability): a title with the slice index, its z position (mm), its P(positive) and the
+        series label; the CAM (JET, positive evidence only, weight growing with the evidence) over
+        the lung-windowed slice; the HU opacity map beside it (ground glass yellow, consolidation
+        red, with the slice's fractions); a colour bar in logit/pixel. One robust colour scale for
+        the whole series (99th percentile of the positive evidence in the lungs over all selected
+        slices) so slices compare. Returns the written paths.
         """
-        from .heatmap import overlay, window_to_unit, write_png
+        from .heatmap import opacity_overlay, overlay, reading_panel, robust_scale, slice_heatmap, window_to_unit, write_png
 
         src = self._source()
         out = Path(out_dir)
+        pos = self.bundle.get("positive_class", "")
         order = list(range(len(self.slice_scores)))
         if top is not None:
-            pos = self.bundle.get("positive_class", "")
             order = sorted(order, key=lambda j: -self.slice_scores[j].probabilities.get(pos, 0.0))[: max(0, int(top))]
-        heats = {j: self.heatmap(j) for j in order}
-        vmax = max((float(h.max()) for h in heats.values()), default=0.0)
+        # the series scale, on every 8th pixel of every selected slice (cheap, same distribution)
+        rows, cols = src.hu.shape[1:]
+        small = [slice_heatmap(src.cams[j], src.class_index, None, ((rows + 7) // 8, (cols + 7) // 8))
+                 for j in range(len(self.slice_scores))]
+        masks = [src.mask[s.index][4::8, 4::8][: h.shape[0], : h.shape[1]] for s, h in zip(self.slice_scores, small)]
+        small = [h[: m.shape[0], : m.shape[1]] for h, m in zip(small, masks)]
+        vmax = robust_scale(small, masks)
+        p_series = self.probabilities.get(pos)
         paths = []
         for j in sorted(order):
-            z = self.slice_scores[j].index
+            sc = self.slice_scores[j]
+            z = sc.index
             grey = window_to_unit(src.hu[z], src.window)
-            img = overlay(grey, heats[j], src.mask[z], vmax=vmax if vmax > 0 else None, alpha=alpha)
+            cam_img = overlay(grey, self.heatmap(j), src.mask[z], vmax=vmax, alpha=alpha)
+            op_img, note = None, ""
+            if src.opacity is not None:
+                lab = src.opacity.full_slice(z)
+                n = max(1, int(np.count_nonzero(src.mask[z])))
+                op_img = opacity_overlay(grey, lab, src.mask[z])
+                note = (f"slice: GGO {100 * np.count_nonzero(lab == 1) / n:.1f} %, "
+                        f"cons. {100 * np.count_nonzero(lab == 2) / n:.1f} % of lung")
+            series = f"series: {self.label}" + (f" P={p_series:.2f}" if p_series is not None else "")
+            title = f"slice {z}  z = {sc.z_mm:.1f} mm  P({pos}) = {sc.probabilities.get(pos, float('nan')):.2f}  |  {series}"
+            img = reading_panel(cam_img, op_img, vmax, title, note)
             paths.append(write_png(out / f"slice_{z:04d}.png", img))
         return paths
 

@@ -117,9 +117,13 @@ def test_save_heatmaps_writes_pngs(phantom_result: TriageResult, tmp_path: Path)
 
     paths = phantom_result.save_heatmaps(tmp_path, top=3)
     assert len(paths) == 3
+    rows, cols = phantom_result.shape[1:]
     for p in paths:
         img = cv2.imread(str(p))
-        assert img is not None and img.shape[:2] == tuple(phantom_result.shape[1:]) and img.shape[2] == 3
+        # title line over [CAM | opacity | colour bar], panels scaled to >= 384 px high
+        scale = max(1.0, 384 / rows)
+        assert img is not None and img.shape[2] == 3
+        assert img.shape[0] == 34 + round(rows * scale) and img.shape[1] > 2 * round(cols * scale)
 
 
 def test_to_dict_json_round_trip(phantom_result: TriageResult) -> None:
@@ -197,7 +201,8 @@ def test_cli_json_is_one_object_and_heatmaps(phantom: Path, tmp_path: Path) -> N
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)  # the whole stdout is one JSON object
-    assert d["eligible"] and d["label"] in ("covid", "non_covid") and len(d["heatmaps"]) == 2
+    assert d["eligible"] and d["label"] in ("covid", "non_covid", "indeterminate") and len(d["heatmaps"]) == 2
+    assert (d["label"] == "indeterminate") == bool(d["reasons"]) and d["lung_opacity"]["decision"]["rules"]
     assert all(Path(p).is_file() for p in d["heatmaps"])
 
 
