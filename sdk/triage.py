@@ -79,6 +79,7 @@ class _HeatmapSource:
     window: Tuple[float, float]
     class_index: int
     opacity: Any = None       # sdk.opacity.LungOpacity (its label map), when measured
+    z_mm: Optional[np.ndarray] = None  # (z,) slice positions
 
 
 @dataclass
@@ -147,6 +148,18 @@ class TriageResult:
             raise ConfigError(f"heat map index {i} out of range: {n} selected slices (0..{n - 1})")
         z = self.slice_scores[i].index
         return slice_heatmap(src.cams[i], src.class_index, src.mask[z], src.hu.shape[1:])
+
+    def opacity_map(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The HU opacity map at the native grid: ``(z_mm (n,), labels (n, rows, cols) uint8)`` for
+        the n slices holding any ground glass (1) or consolidation (2) (:mod:`sdk.opacity`)."""
+        src = self._source()
+        op = src.opacity
+        rows, cols = src.hu.shape[1:]
+        if op is None or op.label_map is None or src.z_mm is None:
+            return np.zeros(0), np.zeros((0, rows, cols), np.uint8)
+        zs = [z for z in range(op.label_map.shape[0]) if op.label_map[z].any()]
+        labels = np.stack([op.full_slice(z) for z in zs]) if zs else np.zeros((0, rows, cols), np.uint8)
+        return np.asarray(src.z_mm, dtype=np.float64)[zs], labels
 
     def save_heatmaps(self, out_dir: PathLike, *, top: Optional[int] = None, alpha: float = 0.5) -> List[Path]:
         """Write one reading panel per selected slice (:func:`sdk.heatmap.reading_panel`).
@@ -554,7 +567,8 @@ class Triage:
         heat = None
         if self.keep_heatmaps:
             heat = _HeatmapSource(hu=volume.hu, mask=seg.mask, cams=cams, window=self.window,
-                                  class_index=self.classes.index(self.positive), opacity=opacity)
+                                  class_index=self.classes.index(self.positive), opacity=opacity,
+                                  z_mm=np.asarray(volume.z_mm, dtype=np.float64))
         block = None
         if opacity is not None:
             block = opacity.to_dict()

@@ -87,8 +87,12 @@ def test_listener_triages_with_the_real_model_and_forwards(triage_fn, series, tm
     finally:
         pacs.stop()
     got = {pydicom.dcmread(str(p)).SOPInstanceUID for p in (tmp_path / "pacs").glob("series/*/instances/*.dcm")}
-    want = {pydicom.dcmread(str(p)).SOPInstanceUID for p in [d / "results" / "sr.dcm", *scs]}
-    assert got == want  # the PACS received exactly the SR and the SCs
+    written = sorted((d / "results").glob("*.dcm"))
+    # the HU opacity: TID 1500 measurements and the SEG of the planted ground glass / consolidation
+    assert {"sr.dcm", "measurements.dcm", "seg.dcm"} <= {p.name for p in written}
+    assert pydicom.dcmread(str(d / "results" / "seg.dcm")).SegmentationType == "BINARY"
+    want = {pydicom.dcmread(str(p)).SOPInstanceUID for p in written}
+    assert got == want  # the PACS received exactly the SR, the measurements, the SCs and the SEG
 
 
 def test_batch_with_the_real_model(triage_fn, series, tmp_path):
