@@ -161,7 +161,7 @@ class Aggregator:
         xgb = xgboost_module()
         x = self.features(slice_probs)[None, :].astype(np.float32)
         with self._lock:
-            c = np.asarray(self.booster.predict(xgb.DMatrix(x), pred_contribs=True), dtype=np.float64)
+            c = np.asarray(self.booster.predict(xgb.DMatrix(x, nthread=1), pred_contribs=True), dtype=np.float64)
         return c[0]
 
     def contribution_summary(self, slice_probs: np.ndarray) -> Dict[str, float]:
