@@ -329,7 +329,8 @@ class KernelPath:
         return {k: self.ops.upload(v, io, f"{Path(sess.path).name} output {k} (host round trip)") for k, v in res.items()}
 
     # --- stages ----------------------------------------------------------------------------------
-    def _lungs_unet3d(self, volume: Any, d_hu: Any, io: Transfers, timer: Any) -> Any:
+    def _lungs_unet3d(self, volume: Any, d_hu: Any, io: Transfers, timer: Any) -> Tuple[Any, Tuple[Any, Any]]:
+        """(mask at the volume grid (uint8, kernel-set array), (cube mask, cube geometry))."""
         from .lungs.unet3d import cube_geometry
 
         xp, spec = self.ops.xp, self.unet3d
@@ -351,9 +352,11 @@ class KernelPath:
                 taps.append((self.ops.upload(i0, io, f"cube -> volume taps ({ax})"),
                              self.ops.upload(i1, io, f"cube -> volume taps ({ax})"),
                              self.ops.upload(w1.astype(np.float32), io, f"cube -> volume taps ({ax})")))
-            return cube_to_volume_xp(xp, prob.astype(xp.float32), taps, thr)
+            m128 = (prob > thr).astype(xp.uint8)
+            return cube_to_volume_xp(xp, prob.astype(xp.float32), taps, thr), (m128, geom)
 
-    def _lungs_hybrid(self, triage: Any, volume: Any, io: Transfers, timer: Any, warnings: List[str]) -> Any:
+    def _lungs_hybrid(self, triage: Any, volume: Any, io: Transfers, timer: Any, warnings: List[str]) -> Tuple[Any, Any]:
+        """(mask at the volume grid (uint8, kernel-set array), the host LungSegmentation)."""
         from . import lungs
 
         downsample = None
@@ -370,7 +373,7 @@ class KernelPath:
             seg = lungs.segment(volume, **kwargs)
         triage._split_resample(seg, timer)
         warnings.extend(f"lungs: {w}" for w in getattr(seg, "warnings", ()))
-        return self.ops.upload(seg.mask.astype(np.uint8), io, "lung mask (host segmenter)")
+        return self.ops.upload(seg.mask.astype(np.uint8), io, "lung mask (host segmenter)"), seg
 
     def _classify(self, x: Any, batch: int, keep_cams: bool, io: Transfers, timer: Any) -> Tuple[Any, Optional[Any]]:
         xp = self.ops.xp
@@ -417,9 +420,11 @@ class KernelPath:
         with self._stage(timer, "upload"):
             d_hu = self._upload_volume(volume.hu, io)
         if self.lungs == "unet3d":
-            d_mask = self._lungs_unet3d(volume, d_hu, io, timer)
+            d_mask, (m128, geom) = self._lungs_unet3d(volume, d_hu, io, timer)
+            cube_mask = self.ops.download(m128, io, "3D U-Net cube mask (HU opacity on the host)")
+            seg_for_opacity: Any = None
         else:
-            d_mask = self._lungs_hybrid(triage, volume, io, timer, warnings)
+            d_mask, seg_for_opacity = self._lungs_hybrid(triage, volume, io, timer, warnings)
         with self._stage(timer, "slice_selection"):
             nz = int(d_mask.shape[0])
             px = self.ops.download(d_mask.reshape(nz, -1).sum(axis=1, dtype=xp.int64), io, "lung pixels per slice")
@@ -437,23 +442,49 @@ class KernelPath:
             return res, mask_view
         if indices.size < 20:
             warnings.append(f"only {indices.size} slices selected (< 20 aggregation groups): slices are repeated across groups")
+
+        def opacity_job() -> Any:  # host HU opacity, overlapping the device's classification
+            import time as _time
+
+            t0 = _time.perf_counter()
+            seg = seg_for_opacity
+            if seg is None:
+                from types import SimpleNamespace
+
+                from .lungs.unet3d import labels_to_volume
+
+                seg = SimpleNamespace(labels=None, mask=labels_to_volume(cube_mask, geom))
+            out = triage._opacity(volume, seg, warnings)
+            timer.ms["opacity"] = (_time.perf_counter() - t0) * 1000.0
+            return out
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1)
+        opacity_future = pool.submit(opacity_job)
         with self._stage(timer, "classifier_inputs"):
             x = self.ops.classifier_inputs(d_hu, d_mask, indices, triage.size, triage.window, io=io)
         d_probs, d_cams = self._classify(x, triage.classifier_batch, triage.keep_heatmaps, io, timer)
         with self._stage(timer, "aggregation"):
             slice_probs = self.ops.download(d_probs, io, "slice probabilities")
             cams = None if d_cams is None else self.ops.download(d_cams, io, "CAMs (heat maps)")
-            probs = triage._aggregator.predict_proba(slice_probs)
-            label = triage._decide(probs)
+            opacity = opacity_future.result()
+            pool.shutdown(wait=False)
+            decision = triage._decide_series(slice_probs, opacity, int(indices.size), lung_ml)
         z_mm = np.asarray(volume.z_mm, dtype=np.float64)
         scores = [SliceScore(int(z), float(z_mm[z]), {c: float(p) for c, p in zip(triage.classes, row)})
                   for z, row in zip(indices, slice_probs)]
         heat = None
         if triage.keep_heatmaps and cams is not None:
             heat = _HeatmapSource(hu=volume.hu, mask=mask_view, cams=cams, window=triage.window,
-                                  class_index=triage.classes.index(triage.positive))
-        res = TriageResult(label=label, probabilities=probs, eligible=True, reasons=[], slice_scores=scores,
-                           lung_volume_ml=lung_ml, warnings=warnings, _heat=heat, **base)
+                                  class_index=triage.classes.index(triage.positive), opacity=opacity, z_mm=z_mm)
+        block = None
+        if opacity is not None:
+            block = opacity.to_dict()
+            block["decision"] = decision.to_dict()
+        res = TriageResult(label=decision.label, probabilities=decision.probabilities, eligible=True,
+                           reasons=list(decision.reasons), slice_scores=scores, lung_volume_ml=lung_ml,
+                           warnings=warnings, lung_opacity=block, _heat=heat, **base)
         res.transfers = io.to_dict()
         return res, mask_view
 
