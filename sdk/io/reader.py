@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings as _pywarnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,13 @@ class _Slice:
     acquisition: str
     thickness: Optional[float]
     notes: List[str] = field(default_factory=list)
+    uid_source: str = "SOPInstanceUID"      # or "MediaStorageSOPInstanceUID" / "file name" (anonymised files)
+    instance_number: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        """File path (or the instance UID for in-memory datasets) for messages."""
+        return self.path or self.sop_uid
 
     @property
     def geometry_key(self) -> Tuple[Any, ...]:
@@ -262,17 +270,14 @@ def _slices_from(ds: Any, path: str, label: str) -> List[_Slice]:
     notes: List[str] = []
     if not modality:
         notes.append(f"{label}: no Modality element; assumed CT")
-    sop = str(getattr(ds, "SOPInstanceUID", "") or "")
-    if not sop:
-        sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "")
-        notes.append(f"{label}: no SOPInstanceUID; " + ("used MediaStorageSOPInstanceUID" if sop else "used the file name"))
-        sop = sop or f"file:{label}"
+    sop, uid_source = _instance_uid(ds, label)
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     image_type = tuple(str(v).upper() for v in (getattr(ds, "ImageType", None) or ()))
     common = dict(
         path=path, ds=ds, series_uid=str(getattr(ds, "SeriesInstanceUID", "") or ""), modality=modality,
         rows=int(ds.Rows), cols=int(ds.Columns), syntax=syntax, image_type=image_type,
-        acquisition=str(getattr(ds, "AcquisitionNumber", "") or ""),
+        acquisition=str(getattr(ds, "AcquisitionNumber", "") or ""), uid_source=uid_source,
+        instance_number=str(getattr(ds, "InstanceNumber", "") or "") or None,
     )
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
@@ -288,6 +293,21 @@ def _slices_from(ds: Any, path: str, label: str) -> List[_Slice]:
     thick = getattr(ds, "SliceThickness", None)
     return [_Slice(frame=None, sop_uid=sop, iop=iop, ipp=ipp, spacing=spacing, slope=slope, intercept=intercept,
                    thickness=float(thick) if thick not in (None, "") else None, notes=notes, **common)]
+
+
+def _instance_uid(ds: Any, label: str) -> Tuple[str, str]:
+    """(SOPInstanceUID, where it came from): the dataset's, else the file meta's, else the file name.
+
+    Anonymisers often blank SOPInstanceUID or write one placeholder into every file; the UID is then
+    only a label (slices are told apart by position and pixels, see :func:`_order`).
+    """
+    sop = str(getattr(ds, "SOPInstanceUID", "") or "").strip()
+    if sop:
+        return sop, "SOPInstanceUID"
+    sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "").strip()
+    if sop:
+        return sop, "MediaStorageSOPInstanceUID"
+    return f"file:{label}", "file name"
 
 
 def _frames_from(ds: Any, label: str, sop: str, notes: List[str], n_frames: int, common: Dict[str, Any]) -> List[_Slice]:
@@ -421,17 +441,21 @@ def _group(slices: List[_Slice]) -> List[_Group]:
 
 
 def _split_acquisitions(part: List[_Slice]) -> List[List[_Slice]]:
-    """Split by AcquisitionNumber only when distinct images share a position."""
-    seen: Dict[Tuple[float, ...], str] = {}
+    """Split by AcquisitionNumber only when two images share a position.
+
+    Instance UIDs are not trusted here (anonymisers blank them or write one placeholder into every
+    file), so a collision is any two planes at one position, whatever their UIDs.
+    """
+    seen: set = set()
     collide = False
     for s in part:
         if s.ipp is None:
             continue
         key = tuple(round(v, 2) for v in s.ipp)
-        if key in seen and seen[key] != s.sop_uid:
+        if key in seen:
             collide = True
             break
-        seen[key] = s.sop_uid
+        seen.add(key)
     acqs = sorted({s.acquisition for s in part})
     if not collide or len(acqs) < 2:
         return [part]
@@ -522,8 +546,7 @@ def _infos(scan: _Scan, groups: List[_Group], where: Optional[str]) -> List[Seri
             why = f"not chosen: {choice_error}"
         else:
             why = f"not chosen: {_describe_rank(g)}"
-        dup = len(g.slices) - len({s.sop_uid for s in g.slices})
-        errs = tuple(n for s in g.slices for n in s.notes) + ((f"{dup} duplicate SOPInstanceUID(s)",) if dup else ())
+        errs = tuple(n for s in g.slices for n in s.notes) + tuple(_identity_warnings(g.uid, g.slices))
         infos.append(SeriesInfo(
             uid=g.uid, description=g.description, modality=g.modality, n_files=len(g.slices),
             orientation=g.orientation, shape=(len(g.slices), f.rows, f.cols), transfer_syntaxes=g.syntaxes,
@@ -594,16 +617,45 @@ def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_
     return infos, vol
 
 
-def _dedupe(slices: List[_Slice], warnings: List[str]) -> List[_Slice]:
-    seen: Dict[str, _Slice] = {}
-    out = []
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+MAX_SHARED_UID_NOTES = 3
+
+
+def _uid_conforms(uid: str) -> bool:
+    """DICOM PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters."""
+    return len(uid) <= 64 and bool(_UID_RE.match(uid))
+
+
+def _identity_warnings(gid: str, slices: List[_Slice]) -> List[str]:
+    """Series-level notes on damaged instance identity (anonymisers): missing, shared or
+    non-conforming SOPInstanceUIDs, missing InstanceNumber. None of them drops a slice."""
+    out: List[str] = []
+    n = len(slices)
+    for src, how in (("MediaStorageSOPInstanceUID", "used the file meta's MediaStorageSOPInstanceUID"),
+                     ("file name", "used the file name")):
+        lacking = [s for s in slices if s.uid_source == src]
+        if lacking:
+            out.append(f"series {gid}: {len(lacking)} of {n} files have no SOPInstanceUID; {how} "
+                       f"(first: {lacking[0].name})")
+    by_uid: Dict[str, List[_Slice]] = {}
     for s in slices:
-        if s.sop_uid in seen:
-            warnings.append(f"{s.path or s.sop_uid}: skipped: duplicate SOPInstanceUID {s.sop_uid} "
-                            f"(kept {seen[s.sop_uid].path or 'the first'})")
-            continue
-        seen[s.sop_uid] = s
-        out.append(s)
+        by_uid.setdefault(s.sop_uid, []).append(s)
+    shared = [(uid, m) for uid, m in by_uid.items() if len(m) > 1]
+    for uid, members in shared[:MAX_SHARED_UID_NOTES]:
+        where = {tuple(round(v, 3) for v in s.ipp) for s in members if s.ipp is not None}
+        out.append(f"series {gid}: {len(members)} files share SOPInstanceUID {uid} at {len(where)} distinct "
+                   "position(s): kept as distinct slices; only a copy at the same position with identical "
+                   "pixels is dropped as a duplicate")
+    if len(shared) > MAX_SHARED_UID_NOTES:
+        out.append(f"series {gid}: {len(shared) - MAX_SHARED_UID_NOTES} more SOPInstanceUIDs are shared by several files")
+    bad = [s for s in slices if s.uid_source != "file name" and not _uid_conforms(s.sop_uid.split("#")[0])]
+    if bad:
+        out.append(f"series {gid}: {len(bad)} of {n} files carry a non-conforming instance UID "
+                   f"(e.g. {bad[0].sop_uid!r} in {bad[0].name}); loaded anyway (UIDs are not used to order slices)")
+    no_number = [s for s in slices if s.instance_number is None]
+    if no_number:
+        out.append(f"series {gid}: {len(no_number)} of {n} files have no InstanceNumber (not needed: slices are "
+                   "ordered by ImagePositionPatient)")
     return out
 
 
@@ -701,24 +753,72 @@ def _decode_into(slices: List[_Slice], out: np.ndarray, workers: Optional[int],
     return failures, overflow
 
 
-def _order(slices: List[_Slice], warnings: List[str]) -> Tuple[List[_Slice], geo.StackGeometry]:
-    """Sort along the normal; drop planes that share a position with an earlier one."""
+def _order(slices: List[_Slice]) -> Tuple[List[_Slice], geo.StackGeometry, List[Tuple[int, _Slice]]]:
+    """Sort along the normal; set aside planes that share a position with an earlier one.
+
+    Returns (one plane per position, in order; their geometry; ``(index of the kept plane,
+    plane at the same position)`` for every collision). Whether a collision is a duplicate is
+    decided from its pixels after decoding (:func:`_resolve_collisions`), never from its UID.
+    """
     iop = slices[0].iop
     spacing = slices[0].spacing
     sg = geo.stack_geometry(np.array([s.ipp for s in slices]), iop, spacing)
     ordered = [slices[i] for i in sg.order]
     keep = [0]
+    extras: List[Tuple[int, _Slice]] = []
     for m in range(1, len(ordered)):
-        if abs(sg.w_mm[m] - sg.w_mm[keep[-1]]) < 1e-3 and abs(sg.b_px[m] - sg.b_px[keep[-1]]) < 1e-3:
-            s = ordered[m]
-            warnings.append(f"{s.path or s.sop_uid}: skipped: same position as "
-                            f"{ordered[keep[-1]].path or 'another image'} (duplicate slice)")
+        prev = keep[-1]
+        if (abs(sg.w_mm[m] - sg.w_mm[prev]) < 1e-3 and abs(sg.b_px[m] - sg.b_px[prev]) < 1e-3
+                and abs(sg.a_px[m] - sg.a_px[prev]) < 1e-3):
+            extras.append((len(keep) - 1, ordered[m]))
             continue
         keep.append(m)
-    if len(keep) == len(ordered):
-        return ordered, sg
+    if not extras:
+        return ordered, sg, extras
     kept = [ordered[m] for m in keep]
-    return kept, geo.stack_geometry(np.array([s.ipp for s in kept]), iop, spacing)
+    return kept, geo.stack_geometry(np.array([s.ipp for s in kept]), iop, spacing), extras
+
+
+def _resolve_collisions(extras: List[Tuple[int, _Slice]], slices: List[_Slice], hu: np.ndarray,
+                        failures: Dict[int, SeriesError], gid: str, warnings: List[str]) -> None:
+    """Decide each plane that shares a position with ``slices[k]`` from its pixels.
+
+    Identical HU: a duplicate, dropped with a warning naming both files (same or different UID).
+    Different HU: :class:`MixedSeriesError` naming both files (two images cannot share one voxel
+    row; which one is meant is the user's call). When the kept plane failed to decode, the other
+    takes its place (warned).
+    """
+    buf = np.empty((1,) + hu.shape[1:], dtype=hu.dtype)
+    for k, s in extras:
+        kept = slices[k]
+        try:
+            ok = _store_hu(buf, 0, _decode_one(s), s)
+        except SeriesError as exc:
+            warnings.append(f"{s.name}: skipped: {exc.problem} (second image at the position of {kept.name})")
+            continue
+        except Exception as exc:  # decoders raise many types; keep it typed and named
+            warnings.append(f"{s.name}: skipped: pixel data cannot be decoded ({type(exc).__name__}: {exc}) "
+                            f"(second image at the position of {kept.name})")
+            continue
+        if k in failures:
+            if ok:
+                hu[k] = buf[0]
+                warnings.append(f"{kept.name}: skipped: {failures.pop(k).problem}; {s.name} at the same "
+                                "position used instead")
+                slices[k] = s
+            continue
+        if ok and np.array_equal(buf[0], hu[k]):
+            same = ("duplicate SOPInstanceUID " + s.sop_uid if s.sop_uid == kept.sop_uid
+                    else f"duplicate image (SOPInstanceUID {s.sop_uid} vs {kept.sop_uid})")
+            warnings.append(f"{s.name}: skipped: {same} at the same position with identical pixels (kept {kept.name})")
+            continue
+        diff = float(np.max(np.abs(buf[0].astype(np.float64) - hu[k]))) if ok else float("nan")
+        pos = ", ".join(f"{v:.2f}" for v in (kept.ipp or ()))
+        raise MixedSeriesError(
+            f"series {gid}: {s.name} and {kept.name} are different images at the same position ({pos}) "
+            f"(max |HU difference| {diff:g}; SOPInstanceUID {'shared' if s.sop_uid == kept.sop_uid else 'differs'})",
+            s.path or gid, "the input holds two versions of this slice (another reconstruction, an edited copy or "
+            "a re-encoding): remove the one not meant, or give the files their own SeriesInstanceUID")
 
 
 def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allow_gaps: bool,
@@ -738,9 +838,10 @@ def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allo
 
 def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_gaps: bool,
                 workers: Optional[int], progress: bool, single: bool) -> Volume:
-    slices = _dedupe(group.slices, warnings)
+    slices = list(group.slices)
     for s in slices:
         warnings.extend(s.notes)
+    warnings.extend(_identity_warnings(group.uid, slices))
     # geometry needs IOP + IPP on every plane (one plane may fall back to identity)
     lacking = [s for s in slices if s.iop is None or s.ipp is None]
     if lacking:
@@ -754,7 +855,7 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
                                 "ImageOrientationPatient, so slices cannot be ordered",
                                 lacking[0].path or group.uid, "re-export the series with full image plane headers")
     # order and check gaps from the headers alone (fail fast), then decode in slice order
-    slices, sg = _order(slices, warnings)
+    slices, sg, extras = _order(slices)
     _check_gaps(slices, sg, group, allow_gaps, [])
     hu = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=_hu_dtype(slices))
     failures, overflow = _decode_into(slices, hu, workers, progress)
@@ -763,6 +864,7 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
         warnings.append(f"series {group.uid}: HU exceed int16; stored as float32")
         hu = hu.astype(np.float32)
         failures, _ = _redo_float(slices, hu, workers)
+    _resolve_collisions(extras, slices, hu, failures, group.uid, warnings)
     if failures:
         for k in sorted(failures):
             r = failures[k]
@@ -864,7 +966,7 @@ def _meta(group: _Group, slices: List[_Slice], tilt: float) -> SeriesMeta:
         series_description=s("SeriesDescription"), body_part=s("BodyPartExamined"), study_uid=s("StudyInstanceUID"),
         series_uid=group.uid, frame_of_reference_uid=s("FrameOfReferenceUID"),
         transfer_syntaxes=tuple(sorted({x.syntax for x in slices})), image_type=slices[0].image_type,
-        gantry_tilt_deg=float(tilt), n_files=len({x.path or x.sop_uid for x in slices}),
+        gantry_tilt_deg=float(tilt), n_files=len({x.path or id(x.ds) for x in slices}),
     )
 
 
