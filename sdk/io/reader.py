@@ -885,20 +885,46 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     dy, dx = slices[0].spacing
     r, c, n = geo.frame(iop)
     header_tilt = _header_tilt(slices[0].ds)
+    tilt = sg.tilt_deg if sg.sheared else 0.0
+    origin0 = np.asarray(slices[0].ipp, dtype=np.float64)
     if sg.sheared:
-        if not allow_tilt:
-            raise GantryTiltError(f"gantry tilt {sg.tilt_deg:.2f} deg (slices shifted in-plane up to "
-                                  f"{np.max(np.abs(sg.b_px)):.1f} px)", slices[0].path or group.uid,
-                                  "pass allow_tilt=True to correct it by shearing")
-        fill = float(hu.min())
-        hu = geo.shear_correct(hu, sg.a_px, sg.b_px, fill)
-        warnings.append(f"series {group.uid}: gantry tilt {sg.tilt_deg:.2f} deg corrected by shearing each "
-                        f"slice in-plane (up to {np.max(np.abs(sg.b_px)):.1f} px); HU interpolated linearly")
-    canon = geo.canonicalise(hu, np.asarray(slices[0].ipp), r, c, n, sg.w_mm, (dy, dx))
+        hu, origin0 = _correct_tilt(hu, sg, origin0, (r, c), (dy, dx), group, slices, allow_tilt, warnings)
+    if header_tilt and abs(header_tilt) > 0.05 and not sg.sheared:
+        warnings.append(f"series {group.uid}: header GantryDetectorTilt {header_tilt:g} deg but the slice "
+                        "positions show no shear: nothing to correct (meta.gantry_tilt_deg = 0)")
+    canon = geo.canonicalise(hu, origin0, r, c, n, sg.w_mm, (dy, dx))
     files = [slices[i].path for i in canon.z_order]
-    meta = _meta(group, slices, header_tilt if header_tilt is not None else sg.tilt_deg)
+    meta = _meta(group, slices, tilt, header_tilt)
     return Volume(hu=canon.hu, z_mm=canon.z_mm, pixel_spacing_mm=canon.pixel_spacing_mm, origin=canon.origin,
                   direction=canon.direction, meta=meta, warnings=tuple(warnings), files=tuple(files))
+
+
+def _correct_tilt(hu: np.ndarray, sg: geo.StackGeometry, origin0: np.ndarray, rc: Tuple[np.ndarray, np.ndarray],
+                  spacing_yx: Tuple[float, float], group: _Group, slices: List[_Slice], allow_tilt: bool,
+                  warnings: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Shear every slice onto one orthogonal grid grown to hold all of them (nothing is cut).
+
+    Returns (float32 stack, LPS position of its pixel (0, 0)). Raises GantryTiltError when
+    ``allow_tilt`` is False, GeometryError when the grid would grow beyond MAX_SHEAR_GROWTH x.
+    """
+    shift = float(max(np.max(np.abs(sg.a_px)), np.max(np.abs(sg.b_px))))
+    if not allow_tilt:
+        raise GantryTiltError(f"gantry tilt {sg.tilt_deg:.2f} deg (slices shifted in-plane up to {shift:.1f} px)",
+                              slices[0].path or group.uid, "pass allow_tilt=True to correct it by shearing")
+    rows, cols = hu.shape[1:]
+    grid = geo.shear_grid(sg.a_px, sg.b_px, rows, cols)
+    if grid.rows * grid.cols > geo.MAX_SHEAR_GROWTH * rows * cols:
+        raise GeometryError(f"slices are offset in-plane by up to {shift:.0f} px (tilt {sg.tilt_deg:.1f} deg): "
+                            f"holding every slice needs a {grid.rows}x{grid.cols} grid for {rows}x{cols} images",
+                            slices[0].path or group.uid, "this is not a gantry tilt; check ImagePositionPatient")
+    out = geo.shear_correct(hu, sg.a_px, sg.b_px, float(hu.min()), grid)
+    r, c = rc
+    dy, dx = spacing_yx
+    grown = "" if (grid.rows, grid.cols) == (rows, cols) else (
+        f"; grid grown from {rows}x{cols} to {grid.rows}x{grid.cols} so that no pixel is cut")
+    warnings.append(f"series {group.uid}: gantry tilt {sg.tilt_deg:.2f} deg corrected by shearing each slice "
+                    f"in-plane (up to {shift:.1f} px){grown}; HU interpolated linearly")
+    return out, origin0 + grid.col0 * dx * r + grid.row0 * dy * c
 
 
 def _redo_float(slices: List[_Slice], hu: np.ndarray, workers: Optional[int]) -> Tuple[Dict[int, SeriesError], List[int]]:
@@ -945,7 +971,7 @@ def _contrast(ds: Any) -> str:
     return "; ".join(parts)
 
 
-def _meta(group: _Group, slices: List[_Slice], tilt: float) -> SeriesMeta:
+def _meta(group: _Group, slices: List[_Slice], tilt: float, header_tilt: Optional[float]) -> SeriesMeta:
     ds = slices[0].ds
 
     def s(kw: str) -> str:
@@ -966,7 +992,7 @@ def _meta(group: _Group, slices: List[_Slice], tilt: float) -> SeriesMeta:
         series_description=s("SeriesDescription"), body_part=s("BodyPartExamined"), study_uid=s("StudyInstanceUID"),
         series_uid=group.uid, frame_of_reference_uid=s("FrameOfReferenceUID"),
         transfer_syntaxes=tuple(sorted({x.syntax for x in slices})), image_type=slices[0].image_type,
-        gantry_tilt_deg=float(tilt), n_files=len({x.path or id(x.ds) for x in slices}),
+        gantry_tilt_deg=float(tilt), gantry_tilt_header_deg=header_tilt, n_files=len({x.path or id(x.ds) for x in slices}),
     )
 
 
