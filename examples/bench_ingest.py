@@ -4,6 +4,9 @@
     python examples/bench_ingest.py --table         # outcome of load_series on every folder/file
     python examples/bench_ingest.py --phantom       # phantom write/load time per transfer syntax
     python examples/bench_ingest.py --source DIR --repeat 5 --workers 1 2
+    python examples/bench_ingest.py --modes --repeat 5   # serial vs threads vs processes, side by side
+    python examples/bench_ingest.py --gil               # do two decoders run at the same time?
+    python examples/bench_ingest.py --modes --repo /work/main --only serial threads   # another checkout
 
 Each timing runs in a fresh child process (so peak RSS is that load's own) after one warm-up read
 of the files (page cache); the report gives the median of ``--repeat`` runs. The machine is shared:
@@ -46,6 +49,168 @@ def _child(source: str, workers: int, chain: str, trace: bool) -> None:
     rss = ru.ru_maxrss * 1024  # Linux: KiB
     print(json.dumps({"seconds": dt, "cpu_seconds": time.process_time() - cpu0, "peak_rss_bytes": rss, "peak_traced_bytes": peak_traced,
                       "shape": list(vol.shape), "hu_bytes": int(vol.hu.nbytes)}))
+
+
+def _mode_child(source: str, repo: str, mode: str, workers: int) -> None:
+    """One load_series in this fresh process with ``decode=mode``; prints one JSON line."""
+    sys.path.insert(0, repo)
+    from sdk.io import load_series
+
+    kwargs = {} if mode == "default" else {"decode": mode}
+    timings: dict = {}
+    if mode != "default":
+        kwargs["timings"] = timings
+    c0, t0 = _cpu(), time.perf_counter()
+    vol = load_series(source, workers=workers, **kwargs)
+    dt = time.perf_counter() - t0
+    c1 = _cpu()
+    import hashlib
+
+    print(json.dumps({"seconds": dt, "cpu_self": c1[0] - c0[0], "cpu_children": c1[1] - c0[1],
+                      "rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+                      "timings": timings, "sha256": hashlib.sha256(vol.hu.tobytes()).hexdigest(),
+                      "shape": list(vol.shape)}))
+
+
+def _cpu():
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime, b.ru_utime + b.ru_stime
+
+
+def modes(source: str, repo: str, repeat: int, only, workers: int) -> None:
+    """serial / threads / processes (fresh process per load, interleaved): wall, CPU, stages, RSS."""
+    for f in Path(source).rglob("*"):            # warm the page cache once
+        if f.is_file():
+            f.read_bytes()
+    print(f"source: {source}  repo: {repo}  workers: {workers}  cpu count: {os.cpu_count()}")
+    print(f"load average before: {tuple(round(x, 1) for x in os.getloadavg())}")
+    runs = {m: [] for m in only}
+    for _ in range(repeat):
+        for m in only:
+            cmd = [sys.executable, __file__, "--mode-child", source, repo, m, str(workers if m != "serial" else 1)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = statistics.median(r["seconds"] for r in runs[only[0]])
+    print(f"| decode mode | workers | median wall s | ratio to {only[0]} | min-max s | median CPU s (process + workers) "
+          "| scan / decode / hu / geometry ms (median) | peak RSS MiB (process / largest worker) | HU sha256 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m, rs in runs.items():
+        secs = [r["seconds"] for r in rs]
+        med = statistics.median(secs)
+        cpu = statistics.median(r["cpu_self"] + r["cpu_children"] for r in rs)
+        st = " / ".join(f"{statistics.median(r['timings'].get(k, 0.0) for r in rs):.0f}"
+                        for k in ("scan", "decode", "hu", "geometry")) if rs[0]["timings"] else "n/a"
+        rss = statistics.median(r["rss_self"] for r in rs) / 2**20
+        rss_c = statistics.median(r["rss_children"] for r in rs) / 2**20
+        shas = {r["sha256"][:12] for r in rs}
+        print(f"| {m} | {workers if m != 'serial' else 1} | {med:.2f} | {med / base:.2f} | {min(secs):.2f}-{max(secs):.2f} "
+              f"| {cpu:.2f} | {st} | {rss:.0f} / {rss_c:.0f} | {', '.join(sorted(shas))} |", flush=True)
+    print(f"load average after: {tuple(round(x, 1) for x in os.getloadavg())}")
+
+
+def gil(source: str, n_slices: int) -> None:
+    """Are two decoders ever inside their C call at the same time? Intervals around the raw decoder
+    call (libjpeg.decode on the frame bytes; gdcm Image.GetBuffer), two workers, threads vs forked
+    processes. Overlap = time both are inside / time at least one is inside.
+
+    For threads the switch interval is set to 1000 s, so a thread gives the GIL up only where C code
+    releases it (Py_BEGIN_ALLOW_THREADS) or it blocks: if the decoder holds the GIL, the second
+    thread cannot run until the first one has finished all its slices (overlap 0); if it releases
+    it, the two overlap. (With the default 5 ms interval the GIL is handed over right after each C
+    call returns, before the closing time stamp, which fakes overlap.) Independent of machine load."""
+    sys.path.insert(0, str(REPO))
+    import multiprocessing as mp
+    import threading
+
+    import gdcm
+    import pydicom
+    from libjpeg import decode as lj_decode
+    from pydicom.encaps import generate_frames
+
+    files = sorted(Path(source).glob("*.dcm"))[:n_slices]
+    frames = [next(generate_frames(pydicom.dcmread(f).PixelData, number_of_frames=1)) for f in files]
+    images = []
+    for f in files:
+        r = gdcm.ImageReader()
+        r.SetFileName(str(f))
+        r.Read()
+        images.append(r)
+
+    def run_libjpeg(items):
+        out, c0 = [], time.thread_time()
+        for fr in items:
+            t0 = time.perf_counter()
+            lj_decode(fr)
+            out.append((t0, time.perf_counter()))
+        cpu.append(time.thread_time() - c0)
+        return out
+
+    def run_gdcm(idx):
+        out, c0 = [], time.thread_time()
+        for i in idx:
+            img = images[i].GetImage()
+            t0 = time.perf_counter()
+            img.GetBuffer()
+            out.append((t0, time.perf_counter()))
+        cpu.append(time.thread_time() - c0)
+        return out
+
+    cpu: list = []
+
+    def overlap(a, b):
+        both = sum(max(0.0, min(x1, y1) - max(x0, y0)) for x0, x1 in a for y0, y1 in b)
+        either = sum(x1 - x0 for x0, x1 in a) + sum(y1 - y0 for y0, y1 in b) - both
+        return both / either if either > 0 else 0.0
+
+    def in_threads(fn, parts):
+        res = [None, None]
+        barrier = threading.Barrier(2)
+
+        def work(i):
+            barrier.wait()
+            res[i] = fn(parts[i])
+
+        ths = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1000.0)
+        try:
+            t0 = time.perf_counter()
+            [t.start() for t in ths]
+            [t.join() for t in ths]
+        finally:
+            sys.setswitchinterval(old)
+        return res, time.perf_counter() - t0
+
+    def in_processes(fn, parts):
+        ctx = mp.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        t0 = time.perf_counter()
+        p = ctx.Process(target=lambda: send.send((fn(parts[1]), cpu[-1])))
+        p.start()
+        mine = fn(parts[0])
+        other, other_cpu = recv.recv()
+        cpu.append(other_cpu)
+        p.join()
+        return [mine, other], time.perf_counter() - t0
+
+    def alone(fn, parts):
+        t0 = time.perf_counter()
+        a = fn(parts[0] + parts[1])
+        return [a, []], time.perf_counter() - t0
+
+    print(f"{len(files)} slices of {source}; load average {tuple(round(x, 1) for x in os.getloadavg())}")
+    print("| decoder (raw C call) | workers | overlap of the two workers' decode intervals | wall s | "
+          "worker CPU s | CPU concurrency (worker CPU / wall) |")
+    print("|---|---|---|---|---|---|")
+    for name, fn, items in (("pylibjpeg-libjpeg decode()", run_libjpeg, frames),
+                            ("python-gdcm Image.GetBuffer()", run_gdcm, list(range(len(files))))):
+        for how, runner in (("1 thread", alone), ("2 threads", in_threads), ("2 processes (fork)", in_processes)):
+            parts = [items[0::2], items[1::2]]
+            cpu.clear()
+            (a, b), wall = runner(fn, parts)
+            ov = f"{overlap(a, b):.1%}" if b else "-"
+            print(f"| {name} | {how} | {ov} | {wall:.2f} | {sum(cpu):.2f} | {sum(cpu) / wall:.2f} |", flush=True)
 
 
 def _run_child(source: str, workers: int, chain: str, trace: bool = False) -> dict:
@@ -151,6 +316,9 @@ def phantom_speed(repeat: int) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--mode-child":
+        _mode_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1")
         return
@@ -161,8 +329,18 @@ def main() -> None:
     ap.add_argument("--chains", nargs="+", default=["pylibjpeg-first", "gdcm-first"])
     ap.add_argument("--table", action="store_true", help="print the per-folder outcome table instead")
     ap.add_argument("--phantom", action="store_true", help="time writing/loading a 64x128x128 phantom instead")
+    ap.add_argument("--modes", action="store_true", help="serial vs threads vs processes decode, side by side")
+    ap.add_argument("--only", nargs="+", default=["serial", "threads", "processes"],
+                    help="decode modes for --modes ('default' = the checkout's load_series without decode=)")
+    ap.add_argument("--repo", default=str(REPO), help="checkout whose sdk --modes imports")
+    ap.add_argument("--gil", action="store_true", help="do two decoder calls ever run at the same time?")
+    ap.add_argument("--slices", type=int, default=148, help="slices for --gil")
     args = ap.parse_args()
-    if args.table:
+    if args.modes:
+        modes(args.source, args.repo, args.repeat, args.only, max(args.workers))
+    elif args.gil:
+        gil(args.source, args.slices)
+    elif args.table:
         table()
     elif args.phantom:
         phantom_speed(args.repeat)

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from sdk.errors import (
-    CorruptFileError, GantryTiltError, MissingDependencyError, MissingSlicesError, MixedSeriesError,
+    ConfigError, CorruptFileError, GantryTiltError, MissingDependencyError, MissingSlicesError, MixedSeriesError,
     NoImageSeriesError, NotCTError, NotDicomError, SeriesError,
 )
 from sdk.io import (
@@ -347,11 +347,43 @@ def test_one_uid_two_geometries_is_split(tmp_path):
         load_series(tmp_path, "1.2.7")
 
 
-def test_threads_match_single_thread(tmp_path):
-    write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, transfer_syntax="j2k", noise_hu=20)
-    a = load_series(tmp_path, workers=1)
-    b = load_series(tmp_path, workers=4, progress=True)
-    np.testing.assert_array_equal(a.hu, b.hu)
+@pytest.mark.parametrize("syntax", ["j2k", "explicit"])
+def test_every_decode_mode_is_bit_identical(tmp_path, syntax):
+    """serial, threads and forked processes write the same HU, bit for bit (the processes write
+    into a shared mapping), and ``auto`` picks processes for a compressed series only."""
+    try:
+        write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, transfer_syntax=syntax, noise_hu=20)
+    except MissingDependencyError as exc:
+        pytest.skip(str(exc))
+    ref = load_series(tmp_path, decode="serial")
+    for mode, workers in (("threads", 4), ("processes", 2), ("processes", 3), ("auto", 2)):
+        t: dict = {}
+        vol = load_series(tmp_path, decode=mode, workers=workers, timings=t, progress=mode == "threads")
+        assert vol.hu.dtype == ref.hu.dtype
+        np.testing.assert_array_equal(vol.hu, ref.hu, err_msg=f"{mode} x {workers}")
+        assert vol.files == ref.files and vol.warnings == ref.warnings
+        used = ("serial", "threads", "processes")[int(t["decode_mode"])]
+        if mode == "auto":
+            assert used == ("processes" if syntax == "j2k" else "threads")
+        else:
+            assert used == mode
+
+
+def test_timings_keys_and_sum(tmp_path):
+    import time
+
+    write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, tilt_deg=10.0)
+    t: dict = {}
+    t0 = time.perf_counter()
+    load_series(tmp_path, timings=t)
+    wall_ms = (time.perf_counter() - t0) * 1000.0
+    assert {"scan", "decode", "hu", "geometry"} <= set(t)
+    assert all(t[k] >= 0 for k in ("scan", "decode", "hu", "geometry"))
+    assert t["geometry"] > 0 and t["decode"] > 0            # tilt correction and decode both ran
+    stages = t["scan"] + t["decode"] + t["hu"] + t["geometry"]
+    assert 0.9 * wall_ms <= stages <= wall_ms + 1.0
+    with pytest.raises(ConfigError, match="decode must be one of"):
+        load_series(tmp_path, decode="gpu")
 
 
 class _Broken(DecoderPlugin):

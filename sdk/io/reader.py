@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import warnings as _pywarnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -17,12 +17,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import (
-    CorruptFileError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
+    ConfigError, CorruptFileError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
     NoImageSeriesError, NotCTError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError,
 )
 from ..volume.core import SeriesMeta, Volume
 from . import geometry as geo
-from .decoders import decode_pixels, syntax_name
+from . import parallel
+from .decoders import NATIVE_SYNTAXES, decode_pixels, syntax_name
 
 log = logging.getLogger("sdk.io")
 
@@ -35,6 +36,8 @@ NON_IMAGE_MODALITIES = {"SR", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "KO", "PR",
 NOT_DICOM_SUFFIXES = {".md", ".txt", ".csv", ".npy", ".npz", ".json", ".xml", ".png", ".jpg", ".jpeg",
                       ".nrrd", ".nii", ".gz", ".zip", ".pdf", ".py", ".html", ".tsv", ".log"}
 DEFAULT_WORKERS = 4
+DECODE_MODES = ("auto",) + parallel.MODES
+TIMING_KEYS = ("scan", "decode", "hu", "geometry")
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -582,7 +585,8 @@ def list_series(source: Source) -> List[SeriesInfo]:
 
 
 def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
-                allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False) -> Volume:
+                allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False,
+                decode: str = "auto", timings: Optional[Dict[str, float]] = None) -> Volume:
     """Load one CT series as a :class:`~sdk.volume.Volume` in HU, canonical LPS orientation.
 
     Args:
@@ -590,20 +594,46 @@ def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt:
         series_uid: pick this series (a SeriesInfo.uid) instead of the default choice.
         allow_tilt: correct gantry tilt by shearing each slice in-plane (else raise GantryTiltError).
         allow_gaps: keep series with missing slices (a warning) instead of raising MissingSlicesError.
-        workers: decoding threads (None: min(4, cpu count); 1: no thread pool).
+        workers: decode workers in all, the calling process included (None: min(4, cpu count);
+            1: decode in the calling thread).
         progress: show a tqdm bar on stderr while decoding.
+        decode: ``"auto"`` (forked processes for compressed series, threads otherwise),
+            ``"processes"``, ``"threads"`` or ``"serial"``. The JPEG decoders hold the GIL, so only
+            processes decode in parallel (docs/benchmarks/ingest.md); every mode gives the same HU,
+            bit for bit. ``processes`` falls back to threads where ``os.fork`` does not exist.
+        timings: if given, filled with wall-clock milliseconds per stage (keys added where the
+            stage ran; the values add up to the load's wall time up to a few ms of bookkeeping):
+
+            - ``"scan"``: listing the source and reading every file's header (pixel data is
+              deferred), grouping and choosing the series;
+            - ``"decode"``: reading and decoding the pixel data of the chosen series;
+            - ``"hu"``: stored values -> HU written into the volume (and the float32 redo when an
+              integer rescale overflows int16). Decode and HU run together per slice in the
+              workers; the wall time of that phase is split between them in proportion to the
+              time the workers spent in each (``decode_mode`` below says how it ran);
+            - ``"geometry"``: ordering, gap and duplicate checks, tilt correction and the
+              canonical LPS re-orientation.
+
+            Also set: ``"decode_workers"`` (number of workers) and ``"decode_mode"`` as a code
+            (0 serial, 1 threads, 2 processes), so ``timings`` stays a ``Dict[str, float]``.
 
     Raises:
         SeriesError subclass naming the file(s) and the problem (see sdk.errors).
+        ConfigError: unknown ``decode`` mode.
     """
     return inspect_and_load(source, series_uid, allow_tilt=allow_tilt, allow_gaps=allow_gaps,
-                            workers=workers, progress=progress)[1]
+                            workers=workers, progress=progress, decode=decode, timings=timings)[1]
 
 
 def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
-                     allow_gaps: bool = False, workers: Optional[int] = None,
-                     progress: bool = False) -> Tuple[List[SeriesInfo], Volume]:
-    """:func:`list_series` and :func:`load_series` from one scan of the source."""
+                     allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False,
+                     decode: str = "auto", timings: Optional[Dict[str, float]] = None
+                     ) -> Tuple[List[SeriesInfo], Volume]:
+    """:func:`list_series` and :func:`load_series` from one scan of the source (same arguments
+    and ``timings`` keys as :func:`load_series`)."""
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
+    t0 = time.perf_counter()
     scan, groups, where = _scan_groups(source)
     infos = _infos(scan, groups, where)
     group, reason = _choose(groups, series_uid, where or "")
@@ -612,9 +642,36 @@ def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_
     for g in groups:
         if g is not group:
             warnings.append(f"series {g.uid} not loaded ({_describe_rank(g)})")
+    clock = _Clock({"scan": (time.perf_counter() - t0) * 1000.0})
     vol = _load_group(group, warnings, allow_tilt=allow_tilt, allow_gaps=allow_gaps, workers=workers,
-                      progress=progress, single=scan.single_file)
+                      progress=progress, single=scan.single_file, decode=decode, clock=clock)
+    if timings is not None:
+        timings.update(clock.ms)
     return infos, vol
+
+
+class _Clock:
+    """Wall-clock milliseconds per stage (see load_series' ``timings``)."""
+
+    def __init__(self, ms: Optional[Dict[str, float]] = None) -> None:
+        self.ms: Dict[str, float] = dict(ms or {})
+        self._t = time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        """Add the time since the previous lap to ``key``."""
+        now = time.perf_counter()
+        self.ms[key] = self.ms.get(key, 0.0) + (now - self._t) * 1000.0
+        self._t = now
+
+    def split(self, stats: "DecodeStats") -> None:
+        """Book the time since the previous lap as decode + HU, split as the workers spent it."""
+        now = time.perf_counter()
+        wall = (now - self._t) * 1000.0
+        busy = stats.decode_s + stats.hu_s
+        share = stats.decode_s / busy if busy > 0 else 1.0
+        self.ms["decode"] = self.ms.get("decode", 0.0) + wall * share
+        self.ms["hu"] = self.ms.get("hu", 0.0) + wall * (1.0 - share)
+        self._t = now
 
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
@@ -691,66 +748,116 @@ def _store_hu(out: np.ndarray, k: int, stored: np.ndarray, s: _Slice) -> bool:
     return True
 
 
-def _decode_into(slices: List[_Slice], out: np.ndarray, workers: Optional[int],
-                 progress: bool) -> Tuple[Dict[int, SeriesError], List[int]]:
-    """Decode every plane straight into ``out`` (HU), in a thread pool.
+@dataclass
+class DecodeStats:
+    """What the decode phase did: mode used and summed per-slice seconds (all workers)."""
 
-    Returns (failures by slice index, indices that overflowed int16). The decoders and NumPy release
-    the GIL, so threads overlap decoding and rescaling.
+    mode: str = "serial"
+    decode_s: float = 0.0     # reading the pixel bytes + decoding them
+    hu_s: float = 0.0         # stored -> HU into the volume
+    wall_s: float = 0.0
+
+
+def _decode_mode(slices: List[_Slice], mode: str, n: int) -> str:
+    """``auto``: forked processes for compressed series of >= 8 planes (the JPEG decoders hold the
+    GIL, see sdk.io.parallel), threads otherwise (native pixel data is mostly I/O and NumPy)."""
+    if mode not in DECODE_MODES:
+        raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
+    if mode != "auto":
+        return mode
+    if n <= 1 or len(slices) < 4:
+        return "serial"
+    compressed = any(s.syntax not in NATIVE_SYNTAXES for s in slices)
+    if compressed and len(slices) >= 8 and parallel.can_fork():
+        return "processes"
+    return "threads"
+
+
+def _decode_job(slices: List[_Slice], out: np.ndarray, k: int) -> Tuple[str, float, float, Any]:
+    """Decode plane k into ``out[k]`` (HU). Returns (status "ok" / "overflow" / "error", decode s,
+    HU s, (error class name, problem, path, hint) or None). Never raises (runs in workers)."""
+    s = slices[k]
+    t0 = time.perf_counter()
+    try:
+        stored = _decode_one(s)
+    except SeriesError as exc:
+        return "error", time.perf_counter() - t0, 0.0, (type(exc).__name__, exc.problem, exc.path, exc.hint)
+    except Exception as exc:  # decoders raise many types; keep it typed and named
+        return "error", time.perf_counter() - t0, 0.0, (
+            "CorruptFileError", f"pixel data cannot be decoded ({type(exc).__name__}: {exc})", s.name,
+            "re-export the file")
+    finally:
+        if s.frame is None and s.path:   # drop the raw bytes as soon as the plane is done
+            try:
+                del s.ds.PixelData
+            except Exception:
+                pass
+    t1 = time.perf_counter()
+    ok = _store_hu(out, k, stored, s)
+    return ("ok" if ok else "overflow"), t1 - t0, time.perf_counter() - t1, None
+
+
+_ERRORS = {c.__name__: c for c in (CorruptFileError, UnsupportedTransferSyntaxError, NotCTError, NotDicomError,
+                                    GeometryError, SeriesError)}
+
+
+def _decode_into(slices: List[_Slice], out: np.ndarray, workers: Optional[int], progress: bool,
+                 mode: str = "auto", stats: Optional[DecodeStats] = None
+                 ) -> Tuple[Dict[int, SeriesError], List[int]]:
+    """Decode every plane straight into ``out`` (HU): decode and rescale run together per plane, in
+    ``mode`` (see :func:`_decode_mode`); ``out`` must come from :func:`parallel.shared_empty` for
+    ``processes``. Returns (failures by slice index, indices that overflowed int16).
     """
     failures: Dict[int, SeriesError] = {}
     overflow: List[int] = []
-
-    def job(k: int) -> None:
-        s = slices[k]
-        try:
-            if not _store_hu(out, k, _decode_one(s), s):
-                overflow.append(k)
-        except SeriesError as exc:
-            failures[k] = exc
-        except Exception as exc:  # decoders raise many types; keep it typed and named
-            failures[k] = CorruptFileError(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})",
-                                           s.path or s.sop_uid, "re-export the file")
-        finally:
-            if s.frame is None and s.path:   # drop the raw bytes as soon as the plane is done
-                try:
-                    del s.ds.PixelData
-                except Exception:
-                    pass
-
+    st = stats if stats is not None else DecodeStats()
     n = workers if workers is not None else min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    t_start = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(slices), desc="decode", unit="slice", leave=False)
     if any(s.frame is not None for s in slices):
-        # frames of multi-frame files: decode each file once, sequentially
-        cache: Dict[str, np.ndarray] = {}
-        for k, s in enumerate(slices):
-            try:
-                if s.path not in cache:
-                    full, _ = decode_pixels(s.ds, s.path)
-                    cache[s.path] = full.reshape((-1, s.rows, s.cols))
-                if not _store_hu(out, k, cache[s.path][s.frame or 0], s):
-                    overflow.append(k)
-            except SeriesError as exc:
-                failures[k] = exc
-            if bar is not None:
-                bar.update(1)
-    elif n <= 1 or len(slices) < 4:
-        for k in range(len(slices)):
-            job(k)
-            if bar is not None:
-                bar.update(1)
+        _decode_frames(slices, out, failures, overflow, st, bar)
+        st.mode = "serial"
     else:
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            for _ in pool.map(job, range(len(slices))):
-                if bar is not None:
-                    bar.update(1)
+        results, st.mode = parallel.map_indices(
+            len(slices), lambda k: _decode_job(slices, out, k), mode=_decode_mode(slices, mode, n), workers=n,
+            on_done=None if bar is None else bar.update)
+        for k, (status, dec_s, hu_s, err) in enumerate(results):
+            st.decode_s += dec_s
+            st.hu_s += hu_s
+            if status == "overflow":
+                overflow.append(k)
+            elif status == "error":
+                cls, problem, path, hint = err
+                failures[k] = _ERRORS.get(cls, CorruptFileError)(problem, path, hint)
     if bar is not None:
         bar.close()
+    st.wall_s += time.perf_counter() - t_start
     return failures, overflow
+
+
+def _decode_frames(slices: List[_Slice], out: np.ndarray, failures: Dict[int, SeriesError], overflow: List[int],
+                   st: DecodeStats, bar: Any) -> None:
+    """Frames of multi-frame files: decode each file once, sequentially."""
+    cache: Dict[str, np.ndarray] = {}
+    for k, s in enumerate(slices):
+        try:
+            t0 = time.perf_counter()
+            if s.path not in cache:
+                full, _ = decode_pixels(s.ds, s.path)
+                cache[s.path] = full.reshape((-1, s.rows, s.cols))
+            t1 = time.perf_counter()
+            if not _store_hu(out, k, cache[s.path][s.frame or 0], s):
+                overflow.append(k)
+            st.decode_s += t1 - t0
+            st.hu_s += time.perf_counter() - t1
+        except SeriesError as exc:
+            failures[k] = exc
+        if bar is not None:
+            bar.update(1)
 
 
 def _order(slices: List[_Slice]) -> Tuple[List[_Slice], geo.StackGeometry, List[Tuple[int, _Slice]]]:
@@ -837,7 +944,9 @@ def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allo
 
 
 def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_gaps: bool,
-                workers: Optional[int], progress: bool, single: bool) -> Volume:
+                workers: Optional[int], progress: bool, single: bool, decode: str = "auto",
+                clock: Optional[_Clock] = None) -> Volume:
+    clock = clock or _Clock()
     slices = list(group.slices)
     for s in slices:
         warnings.extend(s.notes)
@@ -857,14 +966,24 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     # order and check gaps from the headers alone (fail fast), then decode in slice order
     slices, sg, extras = _order(slices)
     _check_gaps(slices, sg, group, allow_gaps, [])
-    hu = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=_hu_dtype(slices))
-    failures, overflow = _decode_into(slices, hu, workers, progress)
+    n_workers = workers if workers is not None else min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    mode = _decode_mode(slices, decode, n_workers)
+    shape = (len(slices), slices[0].rows, slices[0].cols)
+    hu = parallel.shared_empty(shape, _hu_dtype(slices)) if mode == "processes" else np.empty(shape, _hu_dtype(slices))
+    clock.lap("geometry")
+    stats = DecodeStats()
+    failures, overflow = _decode_into(slices, hu, n_workers, progress, mode, stats)
+    clock.split(stats)
+    clock.ms["decode_workers"] = float(n_workers if stats.mode != "serial" else 1)
+    clock.ms["decode_mode"] = float(parallel.MODES.index(stats.mode))
     if overflow and not failures:
         # an integer rescale left int16: redo as float32 (rare; stored values are decoded again)
         warnings.append(f"series {group.uid}: HU exceed int16; stored as float32")
         hu = hu.astype(np.float32)
         failures, _ = _redo_float(slices, hu, workers)
+        clock.lap("hu")
     _resolve_collisions(extras, slices, hu, failures, group.uid, warnings)
+    clock.lap("decode")
     if failures:
         for k in sorted(failures):
             r = failures[k]
@@ -895,8 +1014,10 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     canon = geo.canonicalise(hu, origin0, r, c, n, sg.w_mm, (dy, dx))
     files = [slices[i].path for i in canon.z_order]
     meta = _meta(group, slices, tilt, header_tilt)
-    return Volume(hu=canon.hu, z_mm=canon.z_mm, pixel_spacing_mm=canon.pixel_spacing_mm, origin=canon.origin,
-                  direction=canon.direction, meta=meta, warnings=tuple(warnings), files=tuple(files))
+    vol = Volume(hu=canon.hu, z_mm=canon.z_mm, pixel_spacing_mm=canon.pixel_spacing_mm, origin=canon.origin,
+                 direction=canon.direction, meta=meta, warnings=tuple(warnings), files=tuple(files))
+    clock.lap("geometry")
+    return vol
 
 
 def _correct_tilt(hu: np.ndarray, sg: geo.StackGeometry, origin0: np.ndarray, rc: Tuple[np.ndarray, np.ndarray],
@@ -932,7 +1053,7 @@ def _redo_float(slices: List[_Slice], hu: np.ndarray, workers: Optional[int]) ->
     for s in slices:
         if s.frame is None and s.path:
             s.ds, _ = _read(s.path)
-    return _decode_into(slices, hu, workers, False)
+    return _decode_into(slices, hu, workers, False, "threads")   # hu is private memory: no processes
 
 
 def _raise_undecodable(bad: List[SeriesError], group: _Group, warnings: List[str], single: bool) -> None:
