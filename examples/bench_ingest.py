@@ -6,7 +6,8 @@
     python examples/bench_ingest.py --source DIR --repeat 5 --workers 1 2
     python examples/bench_ingest.py --modes --repeat 5   # serial vs threads vs processes, side by side
     python examples/bench_ingest.py --gil               # do two decoders run at the same time?
-    python examples/bench_ingest.py --modes --repo /work/main --only serial threads   # another checkout
+    python examples/bench_ingest.py --modes --only default@/work/main serial threads processes
+                                                        # "mode@checkout": another checkout's sdk
 
 Each timing runs in a fresh child process (so peak RSS is that load's own) after one warm-up read
 of the files (page cache); the report gives the median of ``--repeat`` runs. The machine is shared:
@@ -54,6 +55,8 @@ def _child(source: str, workers: int, chain: str, trace: bool) -> None:
 def _mode_child(source: str, repo: str, mode: str, workers: int) -> None:
     """One load_series in this fresh process with ``decode=mode``; prints one JSON line."""
     sys.path.insert(0, repo)
+    import numpy as np
+
     from sdk.io import load_series
 
     kwargs = {} if mode == "default" else {"decode": mode}
@@ -66,10 +69,13 @@ def _mode_child(source: str, repo: str, mode: str, workers: int) -> None:
     c1 = _cpu()
     import hashlib
 
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    digest = hashlib.sha256(np.ascontiguousarray(vol.hu).data).hexdigest()   # reads every voxel, no copy
+
     print(json.dumps({"seconds": dt, "cpu_self": c1[0] - c0[0], "cpu_children": c1[1] - c0[1],
-                      "rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_load": rss_load, "rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-                      "timings": timings, "sha256": hashlib.sha256(vol.hu.tobytes()).hexdigest(),
+                      "timings": timings, "sha256": digest,
                       "shape": list(vol.shape)}))
 
 
@@ -87,13 +93,16 @@ def modes(source: str, repo: str, repeat: int, only, workers: int) -> None:
     print(f"load average before: {tuple(round(x, 1) for x in os.getloadavg())}")
     runs = {m: [] for m in only}
     for _ in range(repeat):
-        for m in only:
-            cmd = [sys.executable, __file__, "--mode-child", source, repo, m, str(workers if m != "serial" else 1)]
+        for m in only:               # "mode" or "mode@/path/to/another/checkout"
+            mode, _, where = m.partition("@")
+            cmd = [sys.executable, __file__, "--mode-child", source, where or repo, mode,
+                   str(workers if mode != "serial" else 1)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = statistics.median(r["seconds"] for r in runs[only[0]])
     print(f"| decode mode | workers | median wall s | ratio to {only[0]} | min-max s | median CPU s (process + workers) "
-          "| scan / decode / hu / geometry ms (median) | peak RSS MiB (process / largest worker) | HU sha256 |")
+          "| scan / decode / hu / geometry ms (median) | peak RSS MiB: process after load / after reading every voxel "
+          "/ largest worker | HU sha256 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m, rs in runs.items():
         secs = [r["seconds"] for r in rs]
@@ -101,11 +110,12 @@ def modes(source: str, repo: str, repeat: int, only, workers: int) -> None:
         cpu = statistics.median(r["cpu_self"] + r["cpu_children"] for r in rs)
         st = " / ".join(f"{statistics.median(r['timings'].get(k, 0.0) for r in rs):.0f}"
                         for k in ("scan", "decode", "hu", "geometry")) if rs[0]["timings"] else "n/a"
+        rss_l = statistics.median(r["rss_load"] for r in rs) / 2**20
         rss = statistics.median(r["rss_self"] for r in rs) / 2**20
         rss_c = statistics.median(r["rss_children"] for r in rs) / 2**20
         shas = {r["sha256"][:12] for r in rs}
         print(f"| {m} | {workers if m != 'serial' else 1} | {med:.2f} | {med / base:.2f} | {min(secs):.2f}-{max(secs):.2f} "
-              f"| {cpu:.2f} | {st} | {rss:.0f} / {rss_c:.0f} | {', '.join(sorted(shas))} |", flush=True)
+              f"| {cpu:.2f} | {st} | {rss_l:.0f} / {rss:.0f} / {rss_c:.0f} | {', '.join(sorted(shas))} |", flush=True)
     print(f"load average after: {tuple(round(x, 1) for x in os.getloadavg())}")
 
 
@@ -275,10 +285,20 @@ def table() -> None:
             continue
         notes = []
         if v.meta.gantry_tilt_deg:
-            notes.append(f"tilt {v.meta.gantry_tilt_deg:g} deg corrected")
-        if not v.uniform_z:
+            hdr = v.meta.gantry_tilt_header_deg
+            notes.append(f"tilt {v.meta.gantry_tilt_deg:+.2f} deg from the geometry (header {hdr:+g}) corrected"
+                         if hdr is not None else f"tilt {v.meta.gantry_tilt_deg:+.2f} deg from the geometry corrected")
+        grown = [w.split("grid grown from ")[1].split(" so")[0] for w in v.warnings if "grid grown from" in w]
+        if grown:
+            notes.append(f"grid grown {grown[0]}")
+        if v.affine is None:
+            notes.append("uneven z: affine None")
+        elif not v.uniform_z:
             notes.append("uneven z")
-        n_skip = sum("skipped" in w for w in v.warnings)
+        dups = sum("skipped: duplicate" in w for w in v.warnings)
+        if dups:
+            notes.append(f"{dups} duplicate(s) dropped")
+        n_skip = sum("skipped" in w for w in v.warnings) - dups
         if n_skip:
             notes.append(f"{n_skip} file(s) skipped")
         other = sum(" not loaded " in w for w in v.warnings)
@@ -286,6 +306,12 @@ def table() -> None:
             notes.append(f"{other} other series not loaded")
         if any("no Modality" in w for w in v.warnings):
             notes.append("no Modality (assumed CT)")
+        if any("have no SOPInstanceUID" in w for w in v.warnings):
+            notes.append("no SOPInstanceUID")
+        if any("share SOPInstanceUID" in w for w in v.warnings):
+            notes.append("shared SOPInstanceUIDs kept")
+        if any("no InstanceNumber" in w for w in v.warnings):
+            notes.append("no InstanceNumber")
         if any("ACR-NEMA" in w for w in v.warnings):
             notes.append("ACR-NEMA headless, read with force")
         sp = ", ".join(f"{s:.3g}" for s in v.spacing)
@@ -331,7 +357,8 @@ def main() -> None:
     ap.add_argument("--phantom", action="store_true", help="time writing/loading a 64x128x128 phantom instead")
     ap.add_argument("--modes", action="store_true", help="serial vs threads vs processes decode, side by side")
     ap.add_argument("--only", nargs="+", default=["serial", "threads", "processes"],
-                    help="decode modes for --modes ('default' = the checkout's load_series without decode=)")
+                    help="decode modes for --modes: serial, threads, processes, auto, or 'default' (the "
+                         "checkout's load_series without decode=); 'mode@/path' uses that checkout's sdk")
     ap.add_argument("--repo", default=str(REPO), help="checkout whose sdk --modes imports")
     ap.add_argument("--gil", action="store_true", help="do two decoder calls ever run at the same time?")
     ap.add_argument("--slices", type=int, default=148, help="slices for --gil")
