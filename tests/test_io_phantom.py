@@ -110,6 +110,33 @@ def test_canonical_orientation(tmp_path, truth, flips):
     assert np.all(np.diff(vol.z_mm) > 0)
 
 
+@pytest.mark.parametrize("iop", [
+    ((-1, 0, 0), (0, 1, 0)),      # feet first: flip-x, flip-z
+    ((1, 0, 0), (0, -1, 0)),      # flip-y, flip-z
+    ((0, 1, 0), (1, 0, 0)),       # rows along P: transpose, flip-z
+    ((0, -1, 0), (-1, 0, 0)),     # transpose, flip-x, flip-y, flip-z
+])
+def test_canonicalise_in_place_equals_the_copy(iop):
+    """The in-place re-orientation (one slice of scratch memory) gives the copying result, in the
+    input's own buffer, on a non-square stack."""
+    from sdk.io import geometry as geo
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, size=(5, 6, 9)).astype(np.int16)
+    r, c = np.array(iop[0], float), np.array(iop[1], float)
+    n = np.cross(r, c)
+    args = (np.array([1.0, 2.0, 3.0]), r, c, n, np.arange(5) * 2.0, (0.5, 0.7))
+    ref = geo.canonicalise(hu.copy(), *args)
+    buf = hu.copy()
+    got = geo.canonicalise(buf, *args, inplace=True)
+    assert ref.flips and got.flips == ref.flips
+    np.testing.assert_array_equal(got.hu, ref.hu)
+    assert np.shares_memory(got.hu, buf) and got.hu.flags.c_contiguous
+    np.testing.assert_allclose(got.origin, ref.origin)
+    np.testing.assert_allclose(got.z_mm, ref.z_mm)
+    np.testing.assert_array_equal(got.z_order, ref.z_order)
+
+
 def test_missing_slice_detected(tmp_path, truth):
     write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, missing=[10])
     with pytest.raises(MissingSlicesError) as exc:

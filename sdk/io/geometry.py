@@ -196,6 +196,27 @@ def shear_correct(stack: np.ndarray, a_px: np.ndarray, b_px: np.ndarray, fill: f
     return out
 
 
+def _reorient_inplace(arr: np.ndarray, transpose: bool, flip_x: bool, flip_y: bool, flip_z: bool) -> np.ndarray:
+    """``arr`` transposed in-plane, then flipped in x, y and z as :func:`canonicalise` does, written
+    into its own buffer one slice at a time (scratch: one slice). Returns the reshaped view."""
+    n, rows, cols = arr.shape
+    out = arr.reshape(n, cols, rows) if transpose else arr     # same bytes: slice k stays at offset k
+    if transpose or flip_x or flip_y:
+        for k in range(n):
+            t = arr[k].T if transpose else arr[k]
+            if flip_x:
+                t = t[:, ::-1]
+            if flip_y:
+                t = t[::-1, :]
+            out[k] = np.array(t)                                  # read slice k fully, then write it back
+    if flip_z:
+        for k in range(n // 2):
+            tmp = out[k].copy()
+            out[k] = out[n - 1 - k]
+            out[n - 1 - k] = tmp
+    return out
+
+
 @dataclass(frozen=True)
 class Canonical:
     """Result of :func:`canonicalise`: the re-ordered array and its geometry."""
@@ -210,7 +231,7 @@ class Canonical:
 
 
 def canonicalise(hu: np.ndarray, origin0: np.ndarray, r: np.ndarray, c: np.ndarray, n: np.ndarray,
-                 w_mm: np.ndarray, spacing_yx: Tuple[float, float]) -> Canonical:
+                 w_mm: np.ndarray, spacing_yx: Tuple[float, float], *, inplace: bool = False) -> Canonical:
     """Flip / transpose an orthogonal (z, y, x) stack towards LPS.
 
     Input: ``hu[k, j, i]`` sits at ``origin0 + i dx r + j dy c + w_k n`` with ``w`` ascending. For an
@@ -219,6 +240,10 @@ def canonicalise(hu: np.ndarray, origin0: np.ndarray, r: np.ndarray, c: np.ndarr
     stacks (coronal, sagittal, oblique) only get their in-plane axes flipped to point to the positive
     side of their dominant LPS axis; they keep their slice axis (the eligibility check flags them).
     ``z_mm`` is the absolute position of each output slice along the output z direction.
+
+    With ``inplace=True`` (and a C-contiguous ``hu``) the flips and the transpose are done slice by
+    slice inside ``hu``'s own buffer (one slice of scratch memory instead of a second volume); the
+    returned array is then a view of that buffer and ``hu`` must not be used any more.
     """
     dy, dx = spacing_yx
     flips: List[str] = []
@@ -256,5 +281,7 @@ def canonicalise(hu: np.ndarray, origin0: np.ndarray, r: np.ndarray, c: np.ndarr
         flips.append("flip-z")
     z_abs = float(org @ ez) + w
     direction = np.stack([ex, ey, ez], axis=1) + 0.0   # + 0.0 turns -0.0 into 0.0
+    if inplace and hu.flags.c_contiguous and flips:
+        arr = _reorient_inplace(hu, "transpose-xy" in flips, "flip-x" in flips, "flip-y" in flips, "flip-z" in flips)
     return Canonical(np.ascontiguousarray(arr), z_abs, (float(sy), float(sx)),
                      tuple(float(v) for v in org), direction, tuple(flips), z_order)

@@ -1011,7 +1011,7 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     if header_tilt and abs(header_tilt) > 0.05 and not sg.sheared:
         warnings.append(f"series {group.uid}: header GantryDetectorTilt {header_tilt:g} deg but the slice "
                         "positions show no shear: nothing to correct (meta.gantry_tilt_deg = 0)")
-    canon = geo.canonicalise(hu, origin0, r, c, n, sg.w_mm, (dy, dx))
+    canon = geo.canonicalise(hu, origin0, r, c, n, sg.w_mm, (dy, dx), inplace=True)   # hu is ours alone
     files = [slices[i].path for i in canon.z_order]
     meta = _meta(group, slices, tilt, header_tilt)
     vol = Volume(hu=canon.hu, z_mm=canon.z_mm, pixel_spacing_mm=canon.pixel_spacing_mm, origin=canon.origin,
