@@ -610,12 +610,11 @@ def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt:
             - ``"hu"``: stored values -> HU written into the volume (and the float32 redo when an
               integer rescale overflows int16). Decode and HU run together per slice in the
               workers; the wall time of that phase is split between them in proportion to the
-              time the workers spent in each (``decode_mode`` below says how it ran);
+              time the workers spent in each;
             - ``"geometry"``: ordering, gap and duplicate checks, tilt correction and the
               canonical LPS re-orientation.
 
-            Also set: ``"decode_workers"`` (number of workers) and ``"decode_mode"`` as a code
-            (0 serial, 1 threads, 2 processes), so ``timings`` stays a ``Dict[str, float]``.
+            Only these four keys are written (the mode that ran is logged at DEBUG on ``sdk.io``).
 
     Raises:
         SeriesError subclass naming the file(s) and the problem (see sdk.errors).
@@ -974,8 +973,8 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     stats = DecodeStats()
     failures, overflow = _decode_into(slices, hu, n_workers, progress, mode, stats)
     clock.split(stats)
-    clock.ms["decode_workers"] = float(n_workers if stats.mode != "serial" else 1)
-    clock.ms["decode_mode"] = float(parallel.MODES.index(stats.mode))
+    log.debug("series %s: %d planes decoded (%s, %d workers) in %.0f ms", group.uid, len(slices), stats.mode,
+              n_workers if stats.mode != "serial" else 1, stats.wall_s * 1000.0)
     if overflow and not failures:
         # an integer rescale left int16: redo as float32 (rare; stored values are decoded again)
         warnings.append(f"series {group.uid}: HU exceed int16; stored as float32")
