@@ -1,10 +1,11 @@
 """Run one small job per slice: serially, in threads, or in forked worker processes.
 
-Why processes: the JPEG decoders behind pydicom hold the GIL for the whole decode. Neither
+Why processes: the JPEG decoders behind pydicom hold the GIL while they decode. Neither
 python-gdcm's SWIG module (``_gdcm/_gdcmswig.so``) nor pylibjpeg-libjpeg's Cython module
 (``_libjpeg*.so``) calls ``PyEval_SaveThread`` (``nm -D`` lists no such symbol), and measured on
-covid-P001 two decode threads never run the decoder at the same time (docs/benchmarks/ingest.md).
-So threads cannot decode in parallel; forked processes can.
+covid-P001 another Python thread runs only 2-9 % of the time it runs when the GIL is free
+(``examples/bench_ingest.py --gil``, docs/benchmarks/ingest.md). So threads cannot decode in
+parallel; forked processes can.
 
 How: the output array lives in an anonymous shared mapping (:func:`shared_empty`) created before
 the fork, so each worker writes its slices straight into the caller's array (no pickling of pixels,
