@@ -257,6 +257,8 @@ class KernelPath:
         if self.features is not None:
             f = self._run(self.features, "image", x, ["features"], io)["features"]
             self.ops.masked_gap(xp.ascontiguousarray(f), self.ops.mask_weights(x, tuple(f.shape[-2:]), channel=1))
+        elif self.ops.on_device:  # the classifier graph through its device binding
+            self._run(self._classifier, "image", x, ["probs", "cam"], io)
         if self._lungs3d is not None:
             n = self.unet3d.size
             dt = xp.float16 if self._lungs3d_in[1] == "float16" else xp.float32
