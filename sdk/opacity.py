@@ -155,14 +155,10 @@ def full_label_slice(op: LungOpacity, z: int) -> np.ndarray:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def _stacked(fn: Any, stack: np.ndarray, pad: int) -> np.ndarray:
-    """Apply a 2D OpenCV operation to every slice at once: slices are stacked as one tall image
-    with ``pad`` zero rows between them, so a kernel of radius <= pad never mixes two slices."""
+def _tall(fn: Any, stack: np.ndarray) -> np.ndarray:
+    """Apply a 2D OpenCV operation to a (z, rows + pad, cols) stack as one tall image (no copy)."""
     z, h, w = stack.shape
-    tall = np.zeros((z, h + pad, w), stack.dtype)
-    tall[:, :h] = stack
-    out = fn(tall.reshape(z * (h + pad), w))
-    return out.reshape(z, h + pad, w)[:, :h]
+    return fn(stack.reshape(z * h, w)).reshape(z, h, w)
 
 
 def _disk(radius_px: int) -> np.ndarray:
@@ -234,43 +230,50 @@ def measure_opacity(
     dz, dy, dx = (float(s) for s in spacing_mm)
     if min(dz, dy, dx) <= 0:
         raise ConfigError(f"voxel spacing must be positive, got {tuple(spacing_mm)}")
-    if lab.dtype == bool or lab.max(initial=0) <= 1:
-        lab = _split_lr(lab > 0)
-    # lung bounding box, then the in-plane stride
-    zs = np.nonzero(lab.any(axis=(1, 2)))[0]
+    # the in-plane stride, then the lung bounding box on that grid (no pass over the native grid)
+    s = max(1, int(round(config.target_pixel_mm / min(dy, dx))))
+    sub = lab[:, ::s, ::s]
+    rows_any = sub.any(axis=2)                      # (z, y): one pass over the sampled grid
+    zs = np.nonzero(rows_any.any(axis=1))[0]
     if zs.size == 0:
         raise ConfigError("the lung mask is empty: no opacity can be measured")
-    ys = np.nonzero(lab[zs[0]:zs[-1] + 1].any(axis=(0, 2)))[0]
-    xs = np.nonzero(lab[zs[0]:zs[-1] + 1].any(axis=(0, 1)))[0]
-    s = max(1, int(round(config.target_pixel_mm / min(dy, dx))))
+    ys = np.nonzero(rows_any[zs[0]:zs[-1] + 1].any(axis=0))[0]
+    xs = np.nonzero(sub[zs[0]:zs[-1] + 1, ys[0]:ys[-1] + 1].any(axis=(0, 1)))[0]
     z0, z1, y0, y1, x0, x1 = zs[0], zs[-1] + 1, ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
-    h = np.ascontiguousarray(hu[z0:z1, y0:y1:s, x0:x1:s])
-    lb = np.array(lab[z0:z1, y0:y1:s, x0:x1:s], dtype=np.uint8, copy=True)  # trimmed in place below
     py, px = dy * s, dx * s
     ml = dz * py * px / 1000.0
+    # working arrays in the "tall image" layout: every slice followed by `pad` empty rows, so one
+    # OpenCV call handles all slices and a kernel of radius <= pad never mixes two of them
+    pad = max(3, int(np.ceil(config.vessel_width_mm / 2.0 / min(py, px))) + 1)
+    nz, rows, cols = z1 - z0, y1 - y0, x1 - x0
+    h = np.full((nz, rows + pad, cols), -1000, hu.dtype)
+    h[:, :rows] = hu[z0:z1, ::s, ::s][:, y0:y1, x0:x1]
+    lb = np.zeros((nz, rows + pad, cols), np.uint8)
+    lb[:, :rows] = sub[z0:z1, y0:y1, x0:x1]
+    if lab.dtype == bool or lb.max(initial=0) <= 1:  # a binary mask: split at the x centroid
+        lb = _split_lr(lb > 0)
     _trim_ends(lb, superior_is_high_z, config)
     lung = lb > 0
 
-    pad = max(3, int(np.ceil(config.vessel_width_mm / 2.0 / min(py, px))) + 1)
     # 1. airways: in-lung air at least airway_width_mm wide (survives an opening with that square)
     air = (lung & (h < config.air_hu)).view(np.uint8)
     a_px = max(1, int(round(config.airway_width_mm / min(py, px))))
-    airway = _stacked(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)), air, pad).view(bool)
+    airway = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)), air).view(bool)
     analysed = lung & ~airway
     # 2. dense: opening with the vessel-width disk keeps consolidation, the rest is vessels
     dense = analysed & (h > config.dense_hu)
     r_px = max(1, int(round(config.vessel_width_mm / 2.0 / min(py, px))))
-    opened = _stacked(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, _disk(r_px)), dense.view(np.uint8), pad).view(bool)
+    opened = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, _disk(r_px)), dense.view(np.uint8)).view(bool)
     consolidation = opened & (h <= config.consolidation_max_hu)
     vessels = dense & ~opened
     # 3. ground glass, minus a one-pixel rim around vessels and airways, minus single pixels
-    rim = _stacked(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)), (vessels | airway).view(np.uint8), pad).view(bool)
+    rim = _tall(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)), (vessels | airway).view(np.uint8)).view(bool)
     ggo = analysed & (h >= config.ggo_lo_hu) & ~dense & ~rim
-    ggo = _stacked(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), ggo.view(np.uint8), pad).view(bool)
+    ggo = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), ggo.view(np.uint8)).view(bool)
     label_map = ggo.view(np.uint8) * np.uint8(GGO)
     label_map[consolidation] = CONSOLIDATION
     # 4. zones: one histogram over (lung side, upper, peripheral, label) of the analysed voxels
-    upper, peripheral = _zones(lb, superior_is_high_z, pad)
+    upper, peripheral = _zones(lb, superior_is_high_z)
     code = (lb.astype(np.int32) * 4 + upper.view(np.uint8) * 2 + peripheral.view(np.uint8)) * 3 + label_map
     hist = np.bincount(code[analysed], minlength=3 * 4 * 3).reshape(3, 2, 2, 3)  # side, upper, periph, label
     per_lung = {name: _stats(hist[v], ml) for name, v in (("left", LEFT), ("right", RIGHT))}
@@ -278,9 +281,9 @@ def measure_opacity(
                 "peripheral": _stats(hist[:, :, 1], ml), "central": _stats(hist[:, :, 0], ml)}
     total = _stats(hist, ml)
     pattern = _pattern(consolidation, lb, hist, per_lung, per_zone, total, config)
-    full = np.zeros((hu.shape[0],) + h.shape[1:], np.uint8) if keep_map else None
+    full = np.zeros((hu.shape[0], rows, cols), np.uint8) if keep_map else None
     if full is not None:
-        full[z0:z1] = label_map
+        full[z0:z1] = label_map[:, :rows]
     return LungOpacity(
         lung_ml=total["lung_ml"], ggo_fraction=total["ggo_fraction"],
         consolidation_fraction=total["consolidation_fraction"], opacity_fraction=total["opacity_fraction"],
@@ -289,7 +292,7 @@ def measure_opacity(
         removed={"vessels_ml": float(np.count_nonzero(vessels)) * ml, "airways_ml": float(np.count_nonzero(airway)) * ml},
         grid={"stride": [1, s, s], "spacing_mm": [dz, py, px]},
         config={k: float(v) for k, v in asdict(config).items()},
-        label_map=full, origin=(int(y0), int(x0)), native_shape=tuple(int(v) for v in hu.shape),
+        label_map=full, origin=(int(y0) * s, int(x0) * s), native_shape=tuple(int(v) for v in hu.shape),
     )
 
 
@@ -309,7 +312,7 @@ def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) 
             part[part == v] = 0
 
 
-def _zones(lb: np.ndarray, superior_is_high_z: bool, pad: int) -> Tuple[np.ndarray, np.ndarray]:
+def _zones(lb: np.ndarray, superior_is_high_z: bool) -> Tuple[np.ndarray, np.ndarray]:
     """(upper, peripheral) boolean maps on the working grid (rules in the module docstring).
 
     Both are per-(lung, slice) thresholds looked up with one gather: ``table[label, z]``."""
@@ -326,7 +329,7 @@ def _zones(lb: np.ndarray, superior_is_high_z: bool, pad: int) -> Tuple[np.ndarr
             up[v] = zi > mid if superior_is_high_z else zi < mid
     upper = (left & up[LEFT][:, None, None]) | (right & up[RIGHT][:, None, None])
     # depth = 2D distance to the lung boundary; peripheral = outer third of that slice's deepest point
-    dist = _stacked(lambda im: cv2.distanceTransform(im, cv2.DIST_L2, 3), (lb > 0).view(np.uint8), pad)
+    dist = _tall(lambda im: cv2.distanceTransform(im, cv2.DIST_L2, 3), (lb > 0).view(np.uint8))
     thr = [np.where(m, dist, 0.0).max(axis=(1, 2)) / 3.0 for m in (left, right)]
     peripheral = (left & (dist <= thr[0][:, None, None])) | (right & (dist <= thr[1][:, None, None]))
     return upper, peripheral

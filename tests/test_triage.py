@@ -231,6 +231,10 @@ def test_covid_p001(engine) -> None:
     op = r.lung_opacity
     assert set(op["per_lung"]) == {"left", "right"} and set(op["per_zone"]) == {"upper", "lower", "central", "peripheral"}
     assert 0.002 < op["ggo_fraction"] < 0.05 and op["pattern"]["involved_lungs"] >= 1
+    # no HU term fires on P001 (sum 0), so "disagree" cannot, whatever the classifier says; the
+    # series has 148 slices and > 6 l of lung: none of the evidence-quality rules may fire
+    assert sum(op["decision"]["hu_terms"].values()) == 0.0
+    assert not any(op["decision"]["rules"][k] for k in ("few_slices", "small_lungs", "disagree"))
     json.dumps(r.to_dict(), allow_nan=False)
 
 
