@@ -394,6 +394,22 @@ def test_every_decode_mode_is_bit_identical(tmp_path, syntax):
         assert forked == (mode == "processes" or (mode == "auto" and syntax == "j2k"))
 
 
+def _load_in_child(folder: str) -> bytes:
+    return load_series(folder, decode="processes", workers=2).hu.tobytes()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_processes_fall_back_to_threads_in_a_daemonic_worker(tmp_path):
+    """A multiprocessing pool worker may not start children: the decode falls back to threads
+    (same HU) instead of failing."""
+    import multiprocessing as mp
+
+    write_phantom_series(tmp_path, n_slices=12, size=32, spacing=SP, transfer_syntax="rle")
+    ref = load_series(tmp_path, decode="serial").hu.tobytes()
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_load_in_child, (str(tmp_path),)) == ref
+
+
 def _in_shared_mapping(arr: np.ndarray) -> bool:
     import mmap
 
