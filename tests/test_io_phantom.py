@@ -242,6 +242,21 @@ def test_tilt_correction_loses_nothing(tmp_path):
     _check_geometry_against_headers(vol, paths, n_points=200)
 
 
+def test_offsets_too_large_for_a_gantry_tilt_are_refused(tmp_path):
+    """In-plane offsets that would need a grid over 4x the slice area are not a gantry tilt: a
+    GeometryError naming the offset and the grid, not a huge volume."""
+    from sdk.errors import GeometryError
+
+    paths = write_phantom_series(tmp_path, n_slices=6, size=16, spacing=(2.0, 1.0, 1.0))
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [f"{ipp[0] + 10.0 * k:.6f}", f"{ipp[1] + 10.0 * k:.6f}", f"{ipp[2]:.6f}"]
+        ds.save_as(p)
+    with pytest.raises(GeometryError, match=r"offset in-plane by up to 50 px .* needs a 66x66 grid for 16x16"):
+        load_series(tmp_path)
+
+
 @pytest.mark.parametrize("tilt", [-20.0, 20.0])
 def test_tilt_sign_is_geometric(tmp_path, tilt):
     """The reported tilt does not depend on how the pixels are stored (flip_y reverses the column
