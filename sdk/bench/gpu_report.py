@@ -450,6 +450,8 @@ def _measure_config(cfg: Dict[str, Any], path: str, provider: str, rounds: int) 
     warm = max(2, n) if row["first_call_ms"] < 500 else 1  # a slow configuration is not warmed for long
     row["per_call"] = _time_calls(call, sync, max(rounds, n), warmup=warm, budget_s=CONFIG_BUDGET_S)
     row["batches"] = list(cfg.get("batches") or (BATCH,))
+    if hasattr(sess, "transfer_bytes"):
+        row["transfer_bytes_total"] = dict(sess.transfer_bytes)  # host<->device bytes of every call above
     return row
 
 
