@@ -10,7 +10,7 @@
 set -u
 REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 OUT=${OUT:-/tmp/gpu-out}
-ROUNDS=${ROUNDS:-10}
+ROUNDS=${ROUNDS:-5}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 cd /tmp || exit 1

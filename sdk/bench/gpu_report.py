@@ -55,9 +55,9 @@ BATCH = 32
 #: the batch sequence of the "varying batch" configurations (a series' last batch differs)
 VARYING = (32, 7, 32, 19, 32, 3, 32, 26)
 #: no configuration of the ORT matrix measures longer than this (seconds), after 3 calls at least
-CONFIG_BUDGET_S = 6.0
+CONFIG_BUDGET_S = 4.0
 #: Triage runs per input kind stop after this many seconds (3 runs at least)
-TRIAGE_BUDGET_S = 40.0
+TRIAGE_BUDGET_S = 25.0
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def section_kernels(rounds: int) -> Dict[str, Any]:
         np_cases = _numpy_cases(data)
         for name, fn in np_cases.items():
             refs[name] = np.asarray(fn(), np.float64)
-            out["cases"].setdefault(name, {})["numpy"] = _time_calls(fn, lambda: None, min(rounds, 3), warmup=0)
+            out["cases"].setdefault(name, {})["numpy"] = _time_calls(fn, lambda: None, min(rounds, 2), warmup=0)
     except Exception as exc:  # noqa: BLE001
         out["numpy_error"] = _error(exc)
     for backend, missing in gpu_backends().items():
