@@ -17,7 +17,7 @@ from sdk.evaluate import auc, binary_metrics, bootstrap_ci, read_images_csv, rea
 
 from conftest import shared_path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 
 
 def brute_auc(y, p) -> float:
@@ -97,7 +97,7 @@ def test_csv_readers(tmp_path: Path) -> None:
 
 def test_cli_needs_exactly_one_input() -> None:
     r = subprocess.run([sys.executable, "-c", "from sdk.cli import main; main(['evaluate', '--json'])"],
-                       capture_output=True, text=True, cwd=REPO)
+                       capture_output=True, text=True, cwd=SDK_HOME)
     assert r.returncode == 2 and "exactly one" in r.stderr
 
 
@@ -121,7 +121,7 @@ def test_evaluate_images_cli_matches_independent_scoring(tmp_path: Path) -> None
         w.writerows(pick)
     cmd = [sys.executable, "-c", "from sdk.cli import main; main()", "evaluate", "--images", str(small),
            "--data-root", str(index.parent), "--n-bootstrap", "50", "--out", str(tmp_path / "out"), "--cases", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
     assert d["overall"]["n"] == 6 and d["overall"]["n_pos"] == sum(r["label"] == "covid" for r in pick)

@@ -21,7 +21,7 @@ from sdk.triage import NOT_ELIGIBLE, STAGES, TriageResult
 
 from conftest import shared_path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 CTSDK = [sys.executable, "-c", "from sdk.cli import main; main()"]
 
 
@@ -191,7 +191,7 @@ def test_triage_subprocess_never_imports_torch(phantom: Path) -> None:
         "assert r.eligible\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'label': r.label}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["torch"] is False
 
@@ -199,7 +199,7 @@ def test_triage_subprocess_never_imports_torch(phantom: Path) -> None:
 def test_cli_json_is_one_object_and_heatmaps(phantom: Path, tmp_path: Path) -> None:
     out = subprocess.run(CTSDK + ["triage", str(phantom), "--device", "cpu", "--json", "--heatmaps", str(tmp_path / "h"), "--top", "2",
                                   "--dicom-out", str(tmp_path / "dcm")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+                         capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)  # the whole stdout is one JSON object
     assert d["eligible"] and d["label"] in ("covid", "non_covid", "indeterminate") and len(d["heatmaps"]) == 2
@@ -214,7 +214,7 @@ def test_cli_json_is_one_object_and_heatmaps(phantom: Path, tmp_path: Path) -> N
 def test_cli_exit_2_on_series_error(tmp_path: Path) -> None:
     bad = tmp_path / "empty.dcm"
     bad.write_bytes(b"")
-    out = subprocess.run(CTSDK + ["triage", str(bad), "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run(CTSDK + ["triage", str(bad), "--json"], capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 2
     assert out.stdout == "" and "empty.dcm" in out.stderr and "Traceback" not in out.stderr
 
