@@ -28,6 +28,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str, str, Tuple[str, ...], str]] = {
             "Train the 2D lung U-Net on shared/data/seg2d and export it to ONNX."),
     "classifier": ("sdk.train.classifier", "ClassifierTrainConfig", "train_classifier", ("torch",),
                    "Train the slice classifier (mask-weighted GAP) on shared/data/images_index.csv."),
+    "seg3d": ("sdk.train.seg3d", "Seg3DTrainConfig", "train_seg3d", ("torch",),
+              "Train the 3D lung U-Net (128^3) on the cubes of `python -m sdk.train.seg3d prep`."),
     "aggregator": ("sdk.train.aggregator", "AggTrainConfig", "train_aggregator", ("xgboost",),
                    "Train the XGBoost patient decision from slice scores (predictions.csv / series)."),
 }

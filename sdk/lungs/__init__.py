@@ -39,7 +39,7 @@ __all__ = [
     "RIGHT",
 ]
 
-METHODS = ("auto", "classical", "unet2d", "hybrid")
+METHODS = ("auto", "classical", "unet2d", "hybrid", "unet3d")
 #: method used by ``method="auto"`` (chosen by Dice on diseased lungs, docs/segmentation.md)
 DEFAULT_METHOD = "hybrid"
 
@@ -253,6 +253,10 @@ def segment(
     hu = getattr(volume, "hu", None)
     if hu is None or np.asarray(hu).ndim != 3:
         raise ConfigError(f"segment() needs an sdk.volume.Volume with a (z, y, x) HU array, got {type(volume).__name__}")
+    if method == "unet3d":  # 3D U-Net at 128^3 (sdk/lungs/unet3d.py); session / onnx_path = lungs3d_*.onnx
+        from .unet3d import segment_unet3d
+
+        return segment_unet3d(volume, session, onnx_path=onnx_path)
     warns = []
     t0 = time.perf_counter()
     timings: Dict[str, float] = {}

@@ -1,0 +1,394 @@
+"""3D lung U-Net (128^3) distilled from the hybrid segmenter: data prep, training, export.
+
+    python -m sdk.train.seg3d prep   [--data ../shared/data] [--out /work/main/.cache/device/unet3d]
+    python -m sdk.train.seg3d train  [--data-dir DIR] [--out runs/seg3d] [--seconds 1800] [--device auto]
+    python -m sdk.train.seg3d export --ckpt runs/seg3d/unet3d_lung.pt --out runs/seg3d [--bundle sdk/bundles/default]
+    ctsdk train seg3d ...            # = the train step (options from Seg3DTrainConfig)
+
+**prep** loads every series of ``shared/data/dicom`` (:func:`sdk.io.load_series`), runs the
+hybrid segmenter (:func:`sdk.lungs.segment`, ``method="hybrid"``) for the teacher mask, and
+resamples HU and mask to the 128^3 isotropic cube with the resample kernel's own arithmetic (the
+CPU harness of ``kernels/resample.cu``; the NumPy reference when no C++ compiler exists) and the
+arguments :data:`sdk.lungs.unet3d.RESAMPLE` (area rule, isotropic fit, window (-1000, 400) to
+[0, 1], outside = -1024 HU). The mask is resampled as float (outside = 0) and thresholded at 0.5.
+Stored per sample (``<name>.npz``, compressed): ``x`` uint8 = round(255 * windowed), ``y`` packed
+bits of the teacher mask, and for cip-ct64 ``manual`` = the resampled manual mask.
+
+Which series:
+- chest series (eligibility's lung fraction >= 5 %): teacher mask = hybrid;
+- non-chest series whose teacher mask is empty (totalseg-j2k, an abdomen slab): negative sample;
+- non-chest series with a non-empty teacher mask (the head CT): excluded - the teacher is not
+  trusted outside the chest;
+- single slices / 2-slice folders / unreadable folders: excluded (not volumes).
+
+Split: ``test`` = cip-ct64 (manual mask; ``volumes/cip-copd-ct64/ct-64.nrrd`` is the same volume,
+checked voxel for voxel, so it is not added twice), ``val`` = covid-ct-md/normal-normal001 (teacher
+agreement on an unseen series), ``train`` = the rest. Train series are also stored as geometric
+variants made through the same kernel arithmetic (upper / lower 60 % of the slices, central 80 %
+in-plane field of view), which moves and scales the lungs inside the cube the way other scan ranges
+and reconstruction FOVs do.
+
+**train** is :mod:`sdk.train.seg3d_kit` (torch + NumPy only, also shipped as the device kit's
+``train_gpu.py``): Dice + BCE, AdamW, cosine learning rate over a wall-clock budget, random affine
+(scale 0.85-1.15, rotation +-10 deg, shift +-8 %), left-right flip, intensity jitter and random crops
+(CPU), best checkpoint by validation Dice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_KIT = Path("/work/main/.cache/device/unet3d")
+KIT_SCRIPT = Path(__file__).resolve().parent / "seg3d_kit.py"
+TEST_SERIES = "cip-ct64"
+VAL_SERIES = "covid-ct-md/normal-normal001"
+#: chest series: eligibility's lung-like fraction of the body at least this
+CHEST_LUNG_FRACTION = 0.05
+#: train-time geometric variants: (name, z fraction kept (lo, hi) of the slices, in-plane fraction kept)
+VARIANTS: Tuple[Tuple[str, Tuple[float, float], float], ...] = (
+    ("full", (0.0, 1.0), 1.0),
+    ("upper", (0.4, 1.0), 1.0),
+    ("lower", (0.0, 0.6), 1.0),
+    ("fov80", (0.0, 1.0), 0.8),
+)
+
+
+# --- data prep -----------------------------------------------------------------------------------
+def _resampler() -> Tuple[Any, str]:
+    """The resample kernel's arithmetic: the CPU harness (g++), else the NumPy reference."""
+    from ..errors import KernelError
+
+    try:
+        from ..kernels.harness import CpuHarness
+
+        h = CpuHarness()
+        return h.resample, "cpu-harness (kernels/ctsdk_common.cuh via g++)"
+    except KernelError as exc:
+        from ..volume.resample import resample_volume
+
+        warnings.warn(f"CPU kernel harness unavailable ({exc}); using the NumPy reference")
+        return resample_volume, "numpy reference (sdk.volume.resample.resample_volume)"
+
+
+def to_cube(resample: Any, arr: np.ndarray, z_mm: np.ndarray, spacing: Tuple[float, float], *, mask: bool,
+            slice_thickness_mm: Optional[float] = None) -> np.ndarray:
+    """HU (int16/float32) -> windowed [0, 1] float32 cube, or a 0/1 mask -> bool cube (area
+    fraction >= 0.5), both with the kernel arguments of :data:`sdk.lungs.unet3d.RESAMPLE`."""
+    from ..lungs.unet3d import RESAMPLE
+
+    common = dict(out_shape=RESAMPLE["out_shape"], mode=RESAMPLE["mode"], isotropic=RESAMPLE["isotropic"],
+                  pixel_spacing_mm=spacing, slice_thickness_mm=slice_thickness_mm)
+    if mask:
+        frac = resample(np.ascontiguousarray(arr, dtype=np.float32), z_mm, fill_hu=0.0, window=None, **common)
+        return np.asarray(frac) >= 0.5
+    hu = arr if arr.dtype in (np.int16, np.float32) else arr.astype(np.float32)
+    return np.asarray(resample(np.ascontiguousarray(hu), z_mm, fill_hu=RESAMPLE["fill_hu"],
+                               window=RESAMPLE["window"], **common), np.float32)
+
+
+def quantise(cube01: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 (round(255 x))."""
+    return np.round(np.clip(cube01, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(np.asarray(mask, bool).ravel())
+
+
+def unpack_mask(bits: np.ndarray, shape: Tuple[int, int, int] = (128, 128, 128)) -> np.ndarray:
+    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+def find_series(dicom_root: Path) -> List[Path]:
+    """Folders under ``dicom_root`` holding files directly (each a candidate series), sorted."""
+    skip = (".md", ".csv", ".txt", ".xml", ".npy", ".json")
+    out = []
+    for d, _, names in sorted(os.walk(dicom_root)):
+        p = Path(d)
+        if p != dicom_root and any(Path(n).suffix.lower() not in skip for n in names):
+            out.append(p)
+    return sorted(out)
+
+
+def _variant(hu: np.ndarray, mask: np.ndarray, z_mm: np.ndarray, zf: Tuple[float, float], xy: float):
+    nz, ny, nx = hu.shape
+    z0, z1 = int(round(zf[0] * nz)), max(int(round(zf[0] * nz)) + 2, int(round(zf[1] * nz)))
+    cy, cx = int(round(ny * (1 - xy) / 2)), int(round(nx * (1 - xy) / 2))
+    sl = (slice(z0, z1), slice(cy, ny - cy), slice(cx, nx - cx))
+    return hu[sl], mask[sl], z_mm[z0:z1]
+
+
+def prepare_data(data_dir: Path, out_dir: Path, variants: bool = True) -> Dict[str, Any]:
+    """Write ``<out_dir>/<sample>.npz`` + ``manifest.json`` (see module docstring); returns the manifest."""
+    from ..eligibility import lung_fraction
+    from ..io import load_series
+    from ..lungs import segment
+    from ..lungs.nrrd import read_nrrd
+    from ..lungs.unet3d import RESAMPLE
+    from ..volume.resample import resample_volume
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dicom = data_dir / "dicom"
+    resample, resampler_name = _resampler()
+    samples: List[Dict[str, Any]] = []
+    series_log: List[Dict[str, Any]] = []
+    seen: Dict[Tuple[str, ...], str] = {}
+    check_ref: Dict[str, float] = {}
+    for folder in find_series(dicom):
+        name = folder.relative_to(dicom).as_posix()
+        entry: Dict[str, Any] = {"series": name}
+        series_log.append(entry)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                vol = load_series(folder, workers=2)
+        except Exception as exc:  # noqa: BLE001 - every reader error is a reason to skip, recorded
+            entry.update(used=False, reason=f"does not load: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        key = tuple(sorted(vol.files))
+        if key in seen:
+            entry.update(used=False, reason=f"same files as {seen[key]}")
+            continue
+        seen[key] = name
+        entry["shape"] = list(vol.shape)
+        if vol.shape[0] < 16:
+            entry.update(used=False, reason=f"{vol.shape[0]} slice(s): not a volume")
+            continue
+        frac = lung_fraction(vol.hu)
+        t0 = time.perf_counter()
+        seg = segment(vol, "hybrid")
+        entry.update(lung_fraction=round(frac, 4), teacher_ml=round(seg.lung_volume_ml, 1),
+                     teacher_s=round(time.perf_counter() - t0, 2))
+        chest = frac >= CHEST_LUNG_FRACTION
+        if not chest and seg.mask.any():
+            entry.update(used=False, reason=f"not a chest volume (lung fraction {frac:.3f}) and the teacher "
+                                            f"found {seg.lung_volume_ml:.0f} mL: teacher not trusted outside the chest")
+            continue
+        split = "test" if name == TEST_SERIES else "val" if name == VAL_SERIES else "train"
+        entry.update(used=True, split=split, role="positive" if chest else "negative (empty teacher mask)")
+        hu = np.asarray(vol.hu)
+        z = np.asarray(vol.z_mm, np.float64)
+        extra: Dict[str, np.ndarray] = {}
+        if split == "test":
+            ref = read_nrrd(data_dir / "volumes" / "cip-copd-ct64" / "wholeLung-64.nrrd").data > 0
+            if ref.shape != hu.shape:
+                raise ConfigError(f"manual mask shape {ref.shape} != cip-ct64 volume {hu.shape}")
+            extra["manual"] = pack_mask(to_cube(resample, ref, z, vol.pixel_spacing_mm, mask=True))
+            nrrd_ct = read_nrrd(data_dir / "volumes" / "cip-copd-ct64" / "ct-64.nrrd").data
+            entry["volumes_nrrd_identical"] = bool(nrrd_ct.shape == hu.shape and np.array_equal(nrrd_ct, hu))
+        todo = VARIANTS if (split == "train" and variants) else VARIANTS[:1]
+        for vname, zf, xy in todo:
+            h, m, zz = _variant(hu, seg.mask, z, zf, xy)
+            cube = to_cube(resample, h, zz, vol.pixel_spacing_mm, mask=False)
+            ycube = to_cube(resample, m, zz, vol.pixel_spacing_mm, mask=True)
+            if not check_ref and vname == "full" and h.dtype == np.int16:
+                ref_np = resample_volume(h, zz, pixel_spacing_mm=vol.pixel_spacing_mm, **RESAMPLE)
+                check_ref = {"series": name, "max_abs_diff_vs_numpy": float(np.abs(ref_np - cube).max())}
+            fname = f"{name.replace('/', '__')}__{vname}.npz"
+            np.savez_compressed(out_dir / fname, x=quantise(cube), y=pack_mask(ycube), **extra)
+            samples.append({"file": fname, "series": name, "variant": vname, "split": split,
+                            "source_shape": list(h.shape), "pixel_spacing_mm": list(vol.pixel_spacing_mm),
+                            "mask_fraction": round(float(ycube.mean()), 5),
+                            "has_manual": "manual" in extra, "bytes": (out_dir / fname).stat().st_size})
+        print(json.dumps(entry), flush=True)
+    nrrd = data_dir / "volumes" / "cip-copd-ct64" / "ct-64.nrrd"
+    series_log.append({"series": "volumes/cip-copd-ct64/ct-64.nrrd", "used": False,
+                       "reason": "the same volume as dicom/cip-ct64 (held out as test)" if nrrd.is_file() else "absent"})
+    manifest = {
+        "format": "ctsdk-unet3d-data/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cube": list(RESAMPLE["out_shape"]),
+        "resample": {k: (list(v) if isinstance(v, tuple) else v) for k, v in RESAMPLE.items()},
+        "resampler": resampler_name,
+        "resampler_check": check_ref,
+        "x_encoding": "uint8 = round(255 * clip((HU - lo) / (hi - lo), 0, 1)) after area resampling",
+        "y_encoding": "np.packbits of the bool cube (C order), area fraction of the teacher mask >= 0.5",
+        "teacher": "sdk.lungs.segment(volume, 'hybrid') at the native grid",
+        "samples": samples,
+        "series": series_log,
+        "total_bytes": int(sum(s["bytes"] for s in samples)),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.copyfile(KIT_SCRIPT, out_dir / "train_gpu.py")
+    return manifest
+
+
+# --- training (the kit) ----------------------------------------------------------------------------
+@dataclass
+class Seg3DTrainConfig:
+    """``ctsdk train seg3d`` / ``python -m sdk.train.seg3d train`` (see sdk/train/seg3d_kit.py)."""
+
+    data_dir: str = str(DEFAULT_KIT)
+    out_dir: str = str(REPO / "runs" / "seg3d")
+    seconds: float = 1800.0
+    device: str = "auto"
+    batch_size: int = 0          # 0 = 4 on CUDA, 2 on CPU
+    crop: int = 0                # 0 = 128 on CUDA (whole cube), 64 on CPU
+    lr: float = 3e-3
+    base: int = 8
+    levels: int = 4
+    threads: int = 2
+    seed: int = 0
+    eval_every: float = 0.0      # seconds between validations (0 = 20 on CUDA, 300 on CPU)
+
+
+def train_seg3d(cfg: Seg3DTrainConfig) -> Dict[str, Any]:
+    """Train with the kit (CPU or CUDA); returns its JSON log."""
+    from .._lazy import require
+
+    require("torch", "training the 3D lung U-Net")
+    from . import seg3d_kit
+
+    return seg3d_kit.train(seg3d_kit.KitConfig(**asdict(cfg)))
+
+
+# --- export --------------------------------------------------------------------------------------
+def load_model(ckpt: Path, base: int = 8, levels: int = 4) -> Any:
+    """``unet3d_lung`` with a kit / trainer state dict."""
+    import torch
+
+    from ..models.unet import unet3d_lung
+
+    model = unet3d_lung(base=base, levels=levels)
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
+    return model.eval()
+
+
+
+
+def with_prob(net: Any) -> Any:
+    """``net`` wrapped to return ``(logits, sigmoid(logits))`` - the ONNX outputs ``logits``, ``prob``."""
+    import torch
+
+    class WithProb(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.net = inner
+
+        def forward(self, x: Any) -> Any:
+            logits = self.net(x)
+            return logits, torch.sigmoid(logits)
+
+    return WithProb(net).eval()
+
+
+def export_model(net: Any, out_dir: Path, parity_inputs: np.ndarray, parity_source: str = "given",
+                 metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``lungs3d_fp32.onnx`` (torch parity <= 1e-4) and ``lungs3d_fp16.onnx`` (FP16 compute, FP32 I/O;
+    parity against the FP32 graph) of a 3D U-Net; the cube side is taken from ``parity_inputs``."""
+    from ..export.onnx import export_fp16, export_onnx
+    from ..lungs.unet3d import INPUT_NAME, LOGITS_NAME, PROB_NAME
+
+    side = int(parity_inputs.shape[-1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"model": "unet3d_lung", "input": f"{INPUT_NAME} (N,1,{side},{side},{side}) windowed [0,1]",
+            "resample": "sdk.lungs.unet3d.RESAMPLE", **(metadata or {})}
+    r32 = export_onnx(with_prob(net), out_dir / "lungs3d_fp32.onnx", input_size=side, input_name=INPUT_NAME,
+                      output_names=[LOGITS_NAME, PROB_NAME], metadata=meta, parity_inputs=parity_inputs,
+                      parity_source=parity_source)
+    r16 = export_fp16(out_dir / "lungs3d_fp32.onnx", out_dir / "lungs3d_fp16.onnx", parity_inputs=parity_inputs,
+                      parity_source=parity_source)
+    rep = {"fp32": {"bytes": r32.size_bytes, "sha256": r32.sha256, "parity": r32.parity.to_dict()},
+           "fp16": {"bytes": r16.size_bytes, "sha256": r16.sha256, "parity": r16.parity.to_dict()}}
+    if not r32.parity.passed:
+        raise ConfigError(f"{out_dir / 'lungs3d_fp32.onnx'}: ONNX parity against torch failed: "
+                          f"{r32.parity.max_abs_diff} (limit {r32.parity.tolerance}); do not ship it")
+    return rep
+
+
+def export(ckpt: Path, out_dir: Path, data_dir: Path = DEFAULT_KIT, n_parity: int = 2) -> Dict[str, Any]:
+    """FP32 + FP16 ONNX of a checkpoint, parity-checked on real cubes (the val / test samples)."""
+    man = json.loads((data_dir / "manifest.json").read_text())
+    files = [s["file"] for s in man["samples"] if s["split"] in ("val", "test")][:n_parity]
+    xs = np.stack([np.load(data_dir / f)["x"].astype(np.float32) / 255.0 for f in files])[:, None]
+    rep = export_model(load_model(ckpt), out_dir, xs, ",".join(files), {"checkpoint": str(ckpt)})
+    (out_dir / "export.json").write_text(json.dumps(rep, indent=2) + "\n")
+    return rep
+
+
+def add_to_bundle(onnx_dir: Path, bundle_dir: Path, metrics: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Rebuild ``bundle_dir`` with :func:`sdk.bundle.write_bundle`: every existing file kept, plus (or
+    replacing) ``lungs3d_fp32`` / ``lungs3d_fp16`` (role "other": ``Bundle.lungs_path`` keeps
+    naming the 2D U-Net), and manifest sections ``inputs.lungs3d`` / ``preprocessing.lungs3d``."""
+    import tempfile
+
+    from ..bundle import load_bundle, write_bundle
+    from ..lungs.unet3d import CUBE, INPUT_NAME, LOGITS_NAME, PROB_NAME, RESAMPLE, THRESHOLD
+
+    old = load_bundle(bundle_dir)
+    meta = dict(old.manifest)
+    meta.setdefault("inputs", {})["lungs3d"] = {
+        "name": INPUT_NAME, "shape": ["batch", 1, CUBE, CUBE, CUBE], "dtype": "float32", "range": [0, 1],
+        "outputs": [LOGITS_NAME, PROB_NAME]}
+    meta.setdefault("preprocessing", {})["lungs3d"] = {
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in RESAMPLE.items()},
+        "threshold": THRESHOLD, "kernel": "kernels/resample.cu (ct_resample3d_*)",
+        "code": "sdk.lungs.unet3d (prepare_cube, cube_geometry, cube_to_volume)"}
+    meta.setdefault("provenance", {})["lungs3d"] = "sdk.train.seg3d (distilled from the hybrid segmenter)"
+    if metrics:
+        meta.setdefault("metrics", {})["lungs3d"] = metrics
+    with tempfile.TemporaryDirectory() as tmp:
+        files: Dict[str, Tuple[str, str, str]] = {}
+        for name, bf in old.files.items():
+            if name in ("lungs3d_fp32", "lungs3d_fp16"):
+                continue
+            dst = Path(tmp) / bf.path
+            shutil.copyfile(old.root / bf.path, dst)
+            files[name] = (str(dst), bf.role, bf.precision)
+        for prec in ("fp32", "fp16"):
+            dst = Path(tmp) / f"lungs3d_{prec}.onnx"
+            shutil.copyfile(onnx_dir / f"lungs3d_{prec}.onnx", dst)
+            files[f"lungs3d_{prec}"] = (str(dst), "other", prec)
+        new = write_bundle(bundle_dir, files, meta, overwrite=True)
+    return new.summary()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sdk.train.seg3d", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prep", help="teacher masks + 128^3 cubes + manifest + train_gpu.py")
+    a.add_argument("--data", default=str(DEFAULT_DATA))
+    a.add_argument("--out", default=str(DEFAULT_KIT))
+    a.add_argument("--no-variants", action="store_true")
+    t = sub.add_parser("train", help="train (CPU or CUDA)")
+    for f, v in asdict(Seg3DTrainConfig()).items():
+        t.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    e = sub.add_parser("export", help="FP32/FP16 ONNX (+ add to a bundle)")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--out", default=str(REPO / "runs" / "seg3d"))
+    e.add_argument("--data-dir", default=str(DEFAULT_KIT))
+    e.add_argument("--bundle", default=None, help="also add the two ONNX files to this bundle folder")
+    e.add_argument("--metrics", default=None, help="JSON file stored as manifest metrics.lungs3d")
+    args = p.parse_args(argv)
+    if args.cmd == "prep":
+        man = prepare_data(Path(args.data), Path(args.out), variants=not args.no_variants)
+        print(json.dumps({"samples": len(man["samples"]), "total_bytes": man["total_bytes"],
+                          "resampler_check": man["resampler_check"]}, indent=2))
+    elif args.cmd == "train":
+        cfg = Seg3DTrainConfig(**{f: getattr(args, f) for f in asdict(Seg3DTrainConfig())})
+        train_seg3d(cfg)
+    else:
+        rep = export(Path(args.ckpt), Path(args.out), Path(args.data_dir))
+        print(json.dumps(rep, indent=2))
+        if args.bundle:
+            metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+            print(json.dumps(add_to_bundle(Path(args.out), Path(args.bundle), metrics), indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
