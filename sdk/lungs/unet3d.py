@@ -58,6 +58,7 @@ __all__ = [
     "predict_cube",
     "postprocess_cube",
     "cube_to_volume",
+    "interp_matrix",
     "labels_to_volume",
     "open_session",
     "segment_unet3d",
@@ -233,28 +234,52 @@ def postprocess_cube(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarr
     return out
 
 
-def cube_to_volume(cube: np.ndarray, geometry: CubeGeometry, threshold: Optional[float] = THRESHOLD,
-                   chunk: int = 16) -> np.ndarray:
+def _array_module(a: Any) -> Any:
+    """NumPy, or CuPy for a ``cupy.ndarray`` (imported only then)."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def cube_to_volume(cube: Any, geometry: CubeGeometry, threshold: Optional[float] = THRESHOLD,
+                   chunk: int = 16) -> Any:
     """Sample a (128, 128, 128) cube at every volume voxel (separable trilinear, see the module
     docstring). Returns bool ``> threshold`` at the volume grid, or the float32 values when
-    ``threshold`` is None. Works slab by slab (``chunk`` slices) to bound memory."""
-    c = np.asarray(cube, np.float32)
-    if c.shape != geometry.n:
-        raise ConfigError(f"cube_to_volume: cube shape {c.shape} != geometry {geometry.n}")
-    (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = (geometry.axis_taps(a) for a in range(3))
-    wz, wy, wx = (w.astype(np.float32) for w in (wz, wy, wx))
+    ``threshold`` is None. Works slab by slab (``chunk`` slices) to bound memory.
+
+    ``cube`` may be a NumPy or a CuPy array; with CuPy everything (taps, result) stays on the
+    device - the GPU path's "mask back at the volume grid" without a host round trip."""
+    xp = _array_module(cube)
+    c = xp.asarray(cube, dtype=xp.float32)
+    if tuple(c.shape) != tuple(geometry.n):
+        raise ConfigError(f"cube_to_volume: cube shape {tuple(c.shape)} != geometry {geometry.n}")
+    z0, z1, wz = geometry.axis_taps(0)
+    wz = xp.asarray(wz.astype(np.float32))
+    z0, z1 = xp.asarray(z0), xp.asarray(z1)
+    ay, ax = (xp.asarray(interp_matrix(geometry, a)) for a in (1, 2))   # (ny, 128), (nx, 128)
+    axt = ax.T.copy()
     nz, ny, nx = geometry.volume_shape
-    out = np.empty((nz, ny, nx), bool if threshold is not None else np.float32)
+    out = xp.empty((nz, ny, nx), dtype=bool if threshold is not None else xp.float32)
     for s in range(0, nz, chunk):
         e = min(nz, s + chunk)
         w = wz[s:e, None, None]
         a = c[z0[s:e]] * (1 - w) + c[z1[s:e]] * w                       # (k, 128, 128)
-        w = wy[None, :, None]
-        a = a[:, y0] * (1 - w) + a[:, y1] * w                           # (k, ny, 128)
-        w = wx[None, None, :]
-        a = a[:, :, x0] * (1 - w) + a[:, :, x1] * w                     # (k, ny, nx)
+        a = xp.matmul(xp.matmul(ay, a), axt)                           # (k, ny, nx)
         out[s:e] = a > threshold if threshold is not None else a
     return out
+
+
+def interp_matrix(geometry: CubeGeometry, axis: int) -> np.ndarray:
+    """(n_volume, n_cube) float32 linear-interpolation matrix of one axis (2 non-zeros a row:
+    :meth:`CubeGeometry.axis_taps`); in-plane up-sampling is ``A_y @ slab @ A_x.T`` (BLAS)."""
+    i0, i1, w = geometry.axis_taps(axis)
+    m = np.zeros((i0.size, geometry.n[axis]), np.float32)
+    rows = np.arange(i0.size)
+    np.add.at(m, (rows, i0), (1.0 - w).astype(np.float32))
+    np.add.at(m, (rows, i1), w.astype(np.float32))
+    return m
 
 
 def labels_to_volume(labels: np.ndarray, geometry: CubeGeometry) -> np.ndarray:
@@ -264,17 +289,12 @@ def labels_to_volume(labels: np.ndarray, geometry: CubeGeometry) -> np.ndarray:
 
 
 def _grow_labels(labels: np.ndarray) -> np.ndarray:
-    """Labels extended by one voxel (6-neighbourhood) into the background, nearest label wins."""
+    """Labels extended by one voxel (6-neighbourhood) into the background (the larger label wins
+    where both touch)."""
     from scipy import ndimage as ndi
 
-    fg = labels > 0
-    grown = ndi.binary_dilation(fg)
-    if not fg.any():
-        return labels
-    idx = ndi.distance_transform_edt(~fg, return_distances=False, return_indices=True)
-    out = labels[tuple(idx)]
-    out[~grown] = 0
-    return out
+    grown = ndi.grey_dilation(labels, footprint=ndi.generate_binary_structure(3, 1))
+    return np.where(labels > 0, labels, grown).astype(np.uint8)
 
 
 _SESSIONS: Dict[str, Any] = {}
@@ -321,14 +341,15 @@ def segment_unet3d(
     prob = np.asarray(predict_cube(x, session), np.float32)[0, 0]
     t2 = time.perf_counter()
     labels_cube = postprocess_cube(prob, threshold) if postprocess else None
+    grown = None
     if labels_cube is not None:
         grown = _grow_labels(labels_cube)
         prob = np.where(grown > 0, prob, 0.0).astype(np.float32)
     t3 = time.perf_counter()
     mask = cube_to_volume(prob, geom, threshold)
     labels = None
-    if labels_cube is not None:
-        labels = labels_to_volume(_grow_labels(labels_cube), geom)
+    if grown is not None:
+        labels = labels_to_volume(grown, geom)
         labels[~mask] = 0
         mask &= labels > 0
     t4 = time.perf_counter()
