@@ -258,7 +258,8 @@ def train(cfg: KitConfig, t_start: Optional[float] = None) -> Dict[str, Any]:
         print(json.dumps(rec), flush=True)
         if val > best:
             best, best_step = val, step
-            torch.save({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, out / "unet3d_lung.pt")
+            torch.save({k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+                        for k, v in model.state_dict().items()}, out / "unet3d_lung.pt")
 
     model.train()
     while True:
