@@ -86,6 +86,19 @@ def test_postprocess_keeps_two_lungs_left_at_larger_x():
     lab = postprocess_cube(prob)
     assert lab[16, 16, 5] == 2 and lab[16, 16, 20] == 1 and lab[2, 2, 2] == 0
     assert set(np.unique(lab)) == {0, 1, 2}
+    # outside air touching the scanned field of view's in-plane border is dropped: volume 32 x 20
+    # x 32 voxels of 1 mm in a 32-cell cube -> y extent cells 6..25
+    g = cube_geometry((32, 20, 32), np.arange(32) + 0.5, (1.0, 1.0), n=32)
+    from sdk.lungs.unet3d import border_cells
+
+    b = border_cells(g)
+    assert b[:, 6].all() and b[:, 25].all() and not b[:, 7:25, 1:31].any()
+    air = np.zeros((32, 32, 32), np.float32)
+    air[12:20, 12:20, 12:20] = 0.9                    # a lung away from the border
+    air[2:30, 6:8, 2:30] = 0.95                       # a larger dark region on the FOV edge
+    with_geom, without = postprocess_cube(air, geometry=g), postprocess_cube(air)
+    assert (with_geom[:, 6:8] == 0).all() and (with_geom[12:20, 12:20, 12:20] > 0).all()
+    assert (without[:, 6:8] > 0).any()
 
 
 def _phantom_volume():

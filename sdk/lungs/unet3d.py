@@ -25,7 +25,8 @@ per axis (:meth:`CubeGeometry.axis_taps`). A GPU implementation needs only ``lo`
 ``z_mm``, ``dy``, ``dx`` (:meth:`CubeGeometry.to_dict`), e.g. one thread per volume voxel reading
 8 cube values.
 
-Optional post-processing (CPU, at 128^3, cheap): keep the largest connected component and a second
+Optional post-processing (CPU, at 128^3, cheap): drop components touching the in-plane border of
+the scanned field of view (outside air), keep the largest connected component and a second
 one of at least :data:`SECOND_COMPONENT_MIN` of its size, and split left / right (the component
 with the larger x centroid is the Left lung; one component is cut at its x centroid). Without it
 (``postprocess=False``) the mask is the plain thresholded probability, which is what a device path
@@ -57,6 +58,7 @@ __all__ = [
     "prepare_cube",
     "predict_cube",
     "postprocess_cube",
+    "border_cells",
     "cube_to_volume",
     "interp_matrix",
     "labels_to_volume",
@@ -204,9 +206,30 @@ def predict_cube(x: Any, session: SessionLike) -> Any:
                       f"not {type(session).__name__}")
 
 
-def postprocess_cube(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+def border_cells(geometry: CubeGeometry) -> np.ndarray:
+    """(128, 128, 128) bool: the cube cells on the in-plane border of the volume's extent (the
+    outermost cell row / column of the scanned field of view, within its z extent)."""
+    n = geometry.n
+    first_last = []
+    for a in range(3):
+        e = geometry.positions(a)
+        half = 0.5 * (float(np.median(np.diff(e))) if e.size > 1 else (geometry.cell[a]))
+        lo_mm, hi_mm = e[0] - half, e[-1] + half
+        c0 = int(np.clip(np.floor((lo_mm - geometry.lo[a]) / geometry.cell[a]), 0, n[a] - 1))
+        c1 = int(np.clip(np.ceil((hi_mm - geometry.lo[a]) / geometry.cell[a]) - 1, 0, n[a] - 1))
+        first_last.append((c0, c1))
+    out = np.zeros(n, bool)
+    (z0, z1), (y0, y1), (x0, x1) = first_last
+    out[z0:z1 + 1, [y0, y1], x0:x1 + 1] = True
+    out[z0:z1 + 1, y0:y1 + 1, [x0, x1]] = True
+    return out
+
+
+def postprocess_cube(prob: np.ndarray, threshold: float = THRESHOLD, geometry: Optional[CubeGeometry] = None) -> np.ndarray:
     """(128, 128, 128) probability -> uint8 labels (0, 1 = left, 2 = right) at 128^3: the largest
-    component and a second one of >= :data:`SECOND_COMPONENT_MIN` of it; left / right by x."""
+    component and a second one of >= :data:`SECOND_COMPONENT_MIN` of it; left / right by x. With
+    ``geometry``, components touching the in-plane border of the scanned field of view
+    (:func:`border_cells`) are outside air and dropped first (unless every component does)."""
     from scipy import ndimage as ndi
 
     m = np.asarray(prob) > threshold
@@ -214,10 +237,15 @@ def postprocess_cube(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarr
     out = np.zeros(m.shape, np.uint8)
     if n == 0:
         return out
-    sizes = np.bincount(lab.ravel())[1:]
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    if geometry is not None:
+        touching = np.unique(lab[border_cells(geometry)])
+        touching = touching[touching > 0]
+        if touching.size < n:
+            sizes[touching - 1] = 0
     order = np.argsort(sizes)[::-1]
     keep = [int(order[0]) + 1]
-    if n > 1 and sizes[order[1]] >= SECOND_COMPONENT_MIN * sizes[order[0]]:
+    if n > 1 and sizes[order[1]] > 0 and sizes[order[1]] >= SECOND_COMPONENT_MIN * sizes[order[0]]:
         keep.append(int(order[1]) + 1)
     xs = np.arange(m.shape[2], dtype=np.float64)
     if len(keep) == 2:
@@ -340,7 +368,7 @@ def segment_unet3d(
     t1 = time.perf_counter()
     prob = np.asarray(predict_cube(x, session), np.float32)[0, 0]
     t2 = time.perf_counter()
-    labels_cube = postprocess_cube(prob, threshold) if postprocess else None
+    labels_cube = postprocess_cube(prob, threshold, geom) if postprocess else None
     grown = None
     if labels_cube is not None:
         grown = _grow_labels(labels_cube)
