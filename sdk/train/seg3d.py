@@ -3,6 +3,8 @@
     python -m sdk.train.seg3d prep   [--data ../shared/data] [--out /work/main/.cache/device/unet3d]
     python -m sdk.train.seg3d train  [--data-dir DIR] [--out runs/seg3d] [--seconds 1800] [--device auto]
     python -m sdk.train.seg3d export --ckpt runs/seg3d/unet3d_lung.pt --out runs/seg3d [--bundle sdk/bundles/default]
+    python -m sdk.train.seg3d bundle --onnx-dir DIR [--bundle sdk/bundles/default]   # re-add after a merge
+    python -m sdk.train.seg3d evaluate --onnx-dir runs/seg3d [--out eval.json]
     ctsdk train seg3d ...            # = the train step (options from Seg3DTrainConfig)
 
 **prep** loads every series of ``shared/data/dicom`` (:func:`sdk.io.load_series`), runs the
@@ -507,11 +509,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     e.add_argument("--data-dir", default=str(DEFAULT_KIT))
     e.add_argument("--bundle", default=None, help="also add the two ONNX files to this bundle folder")
     e.add_argument("--metrics", default=None, help="JSON file stored as manifest metrics.lungs3d")
+    bnd = sub.add_parser("bundle", help="add lungs3d_fp32/fp16.onnx from a folder to a bundle (after a merge)")
+    bnd.add_argument("--onnx-dir", required=True)
+    bnd.add_argument("--bundle", default=str(REPO / "sdk" / "bundles" / "default"))
     v = sub.add_parser("evaluate", help="Dice report + CPU latency of exported ONNX files")
     v.add_argument("--data", default=str(DEFAULT_DATA))
     v.add_argument("--onnx-dir", default=str(REPO / "runs" / "seg3d"))
     v.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
+    if args.cmd == "bundle":
+        print(json.dumps(add_to_bundle(Path(args.onnx_dir), Path(args.bundle)), indent=2))
+        return
     if args.cmd == "evaluate":
         rep = evaluate(Path(args.data), Path(args.onnx_dir))
         if args.out:
