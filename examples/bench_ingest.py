@@ -108,6 +108,8 @@ def modes(source: str, repo: str, repeat: int, only, workers: int) -> None:
         secs = [r["seconds"] for r in rs]
         med = statistics.median(secs)
         cpu = statistics.median(r["cpu_self"] + r["cpu_children"] for r in rs)
+        cpu_p = statistics.median(r["cpu_self"] for r in rs)
+        cpu_w = statistics.median(r["cpu_children"] for r in rs)
         st = " / ".join(f"{statistics.median(r['timings'].get(k, 0.0) for r in rs):.0f}"
                         for k in ("scan", "decode", "hu", "geometry")) if rs[0]["timings"] else "n/a"
         rss_l = statistics.median(r["rss_load"] for r in rs) / 2**20
@@ -115,7 +117,7 @@ def modes(source: str, repo: str, repeat: int, only, workers: int) -> None:
         rss_c = statistics.median(r["rss_children"] for r in rs) / 2**20
         shas = {r["sha256"][:12] for r in rs}
         print(f"| {m} | {workers if m != 'serial' else 1} | {med:.2f} | {med / base:.2f} | {min(secs):.2f}-{max(secs):.2f} "
-              f"| {cpu:.2f} | {st} | {rss_l:.0f} / {rss:.0f} / {rss_c:.0f} | {', '.join(sorted(shas))} |", flush=True)
+              f"| {cpu_p:.2f} + {cpu_w:.2f} = {cpu:.2f} | {st} | {rss_l:.0f} / {rss:.0f} / {rss_c:.0f} | {', '.join(sorted(shas))} |", flush=True)
     print(f"load average after: {tuple(round(x, 1) for x in os.getloadavg())}")
 
 

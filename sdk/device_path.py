@@ -50,28 +50,7 @@ POOLING = ("auto", "kernel", "graph")
 CUBE = 128
 _SET_LABEL = {"numpy": "numpy", "cpu-harness": "cpu-harness", "cuda": "cuda-kernel"}
 
-__all__ = ["KernelPath", "PATH_KERNELS", "LUNGS", "POOLING", "Unet3dSpec", "cube_to_volume_xp"]
-
-
-def cube_to_volume_xp(xp: Any, cube: Any, taps: Sequence[Tuple[Any, Any, Any]], threshold: float,
-                      chunk: int = 32) -> Any:
-    """:func:`sdk.lungs.unet3d.cube_to_volume` on any array module: separable trilinear sampling of
-    the (n, n, n) cube at every volume voxel, ``> threshold`` -> uint8 (z, y, x). ``taps`` are the
-    geometry's per-axis ``(i0, i1, w1)`` as arrays of ``xp`` (w1 float32); same operation order as
-    the NumPy function, so the masks are identical."""
-    (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = taps
-    nz, ny, nx = int(z0.shape[0]), int(y0.shape[0]), int(x0.shape[0])
-    out = xp.empty((nz, ny, nx), dtype=xp.uint8)
-    for s in range(0, nz, chunk):
-        e = min(nz, s + chunk)
-        w = wz[s:e, None, None]
-        a = cube[z0[s:e]] * (1 - w) + cube[z1[s:e]] * w
-        w = wy[None, :, None]
-        a = a[:, y0] * (1 - w) + a[:, y1] * w
-        w = wx[None, None, :]
-        a = a[:, :, x0] * (1 - w) + a[:, :, x1] * w
-        out[s:e] = a > threshold
-    return out
+__all__ = ["KernelPath", "PATH_KERNELS", "LUNGS", "POOLING", "Unet3dSpec"]
 
 
 @dataclass(frozen=True)
@@ -96,8 +75,9 @@ class Unet3dSpec:
         prec = precision if precision in files else ("fp32" if "fp32" in files else sorted(files)[0])
         pre = dict(bundle.manifest.get("preprocessing", {}).get("lungs3d", {}))
         lo, hi = pre.get("window", (-1000.0, 400.0))
+        size = int(pre.get("size", (pre.get("out_shape") or [CUBE])[0]))
         return cls(path=bundle.root / files[prec].path, precision=prec, window=(float(lo), float(hi)),
-                   mode=str(pre.get("resample", pre.get("mode", "area"))), size=int(pre.get("size", CUBE)),
+                   mode=str(pre.get("resample", pre.get("mode", "area"))), size=size,
                    threshold=float(pre.get("threshold", 0.5)))
 
 
@@ -333,7 +313,7 @@ class KernelPath:
     # --- stages ----------------------------------------------------------------------------------
     def _lungs_unet3d(self, volume: Any, d_hu: Any, io: Transfers, timer: Any) -> Tuple[Any, Tuple[Any, Any]]:
         """(mask at the volume grid (uint8, kernel-set array), (cube mask, cube geometry))."""
-        from .lungs.unet3d import cube_geometry
+        from .lungs.unet3d import cube_geometry, cube_to_volume
 
         xp, spec = self.ops.xp, self.unet3d
         st = getattr(volume.meta, "slice_thickness_mm", None)
@@ -348,14 +328,13 @@ class KernelPath:
             prob = out[self._lungs3d_out].reshape(cube.shape)
             thr = 0.0 if self._lungs3d_logits else spec.threshold
             geom = cube_geometry(volume.hu.shape, volume.z_mm, volume.pixel_spacing_mm, st, spec.size)
-            taps = []
-            for a, ax in enumerate("zyx"):
-                i0, i1, w1 = geom.axis_taps(a)
-                taps.append((self.ops.upload(i0, io, f"cube -> volume taps ({ax})"),
-                             self.ops.upload(i1, io, f"cube -> volume taps ({ax})"),
-                             self.ops.upload(w1.astype(np.float32), io, f"cube -> volume taps ({ax})")))
             m128 = (prob > thr).astype(xp.uint8)
-            return cube_to_volume_xp(xp, prob.astype(xp.float32), taps, thr), (m128, geom)
+            if self.ops.on_device:  # cube_to_volume uploads its z taps and in-plane interpolation matrices
+                nz, ny, nx = (int(v) for v in volume.hu.shape)
+                io.record("h2d", "cube -> volume taps and interpolation matrices (unet3d.cube_to_volume)",
+                          nz * (8 + 8 + 4) + (ny + nx) * spec.size * 4)
+            mask = cube_to_volume(prob, geom, thr)
+            return mask.view(xp.uint8), (m128, geom)
 
     def _lungs_hybrid(self, triage: Any, volume: Any, io: Transfers, timer: Any, warnings: List[str]) -> Tuple[Any, Any]:
         """(mask at the volume grid (uint8, kernel-set array), the host LungSegmentation)."""

@@ -166,16 +166,6 @@ def test_unet3d_branch_harness_equals_reference(bundle3d, phantom) -> None:
     assert a.lung_volume_ml == pytest.approx(b.lung_volume_ml, rel=1e-6) and a.lung_volume_ml > 100
 
 
-def test_cube_to_volume_xp_equals_unet3d_reference() -> None:
-    from sdk.device_path import cube_to_volume_xp
-    from sdk.lungs.unet3d import cube_geometry, cube_to_volume
-
-    geom = cube_geometry((23, 70, 61), np.cumsum(np.r_[0.0, RNG.uniform(1.0, 3.0, 22)]), (0.9, 0.8), None, 16)
-    cube = RNG.uniform(size=(16, 16, 16)).astype(np.float32)
-    taps = [(i0, i1, w.astype(np.float32)) for i0, i1, w in (geom.axis_taps(a) for a in range(3))]
-    np.testing.assert_array_equal(cube_to_volume_xp(np, cube, taps, 0.5, chunk=5) != 0, cube_to_volume(cube, geom, 0.5))
-
-
 def test_cuda_without_gpu_is_a_typed_error() -> None:
     import importlib.util
 

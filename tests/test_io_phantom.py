@@ -242,6 +242,21 @@ def test_tilt_correction_loses_nothing(tmp_path):
     _check_geometry_against_headers(vol, paths, n_points=200)
 
 
+def test_offsets_too_large_for_a_gantry_tilt_are_refused(tmp_path):
+    """In-plane offsets that would need a grid over 4x the slice area are not a gantry tilt: a
+    GeometryError naming the offset and the grid, not a huge volume."""
+    from sdk.errors import GeometryError
+
+    paths = write_phantom_series(tmp_path, n_slices=6, size=16, spacing=(2.0, 1.0, 1.0))
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [f"{ipp[0] + 10.0 * k:.6f}", f"{ipp[1] + 10.0 * k:.6f}", f"{ipp[2]:.6f}"]
+        ds.save_as(p)
+    with pytest.raises(GeometryError, match=r"offset in-plane by up to 50 px .* needs a 66x66 grid for 16x16"):
+        load_series(tmp_path)
+
+
 @pytest.mark.parametrize("tilt", [-20.0, 20.0])
 def test_tilt_sign_is_geometric(tmp_path, tilt):
     """The reported tilt does not depend on how the pixels are stored (flip_y reverses the column
@@ -392,6 +407,22 @@ def test_every_decode_mode_is_bit_identical(tmp_path, syntax):
         assert set(t) == {"scan", "decode", "hu", "geometry"}
         forked = _in_shared_mapping(vol.hu)          # only the processes mode allocates one
         assert forked == (mode == "processes" or (mode == "auto" and syntax == "j2k"))
+
+
+def _load_in_child(folder: str) -> bytes:
+    return load_series(folder, decode="processes", workers=2).hu.tobytes()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_processes_fall_back_to_threads_in_a_daemonic_worker(tmp_path):
+    """A multiprocessing pool worker may not start children: the decode falls back to threads
+    (same HU) instead of failing."""
+    import multiprocessing as mp
+
+    write_phantom_series(tmp_path, n_slices=12, size=32, spacing=SP, transfer_syntax="rle")
+    ref = load_series(tmp_path, decode="serial").hu.tobytes()
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_load_in_child, (str(tmp_path),)) == ref
 
 
 def _in_shared_mapping(arr: np.ndarray) -> bool:

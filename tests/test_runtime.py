@@ -22,21 +22,23 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 
 
-def _conv_softmax_model(path: Path, w: np.ndarray, b: np.ndarray, precision: str = "") -> Path:
-    """x (N, 2, 5, 5) -> Conv 3x3 (pad 1) -> ReduceMean over H, W -> Softmax: `probs` (N, K), and `feat`."""
+def _conv_softmax_model(path: Path, w: np.ndarray, b: np.ndarray, precision: str = "", gap: bool = False) -> Path:
+    """x (N, 2, 5, 5) -> Conv 3x3 (pad 1) -> mean over H, W -> Softmax: `probs` (N, K), and `feat`.
+    The mean is ReduceMean, or with ``gap`` GlobalAveragePool + Flatten (ops every CUDA EP build
+    has, so a CUDA graph can capture the whole model)."""
     from onnx import TensorProto, helper, numpy_helper
 
     k = w.shape[0]
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 2, 5, 5])
     feat = helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["batch", k, 5, 5])
     probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", k])
-    nodes = [
-        helper.make_node("Conv", ["image", "w", "b"], ["feat"], pads=[1, 1, 1, 1]),
-        helper.make_node("ReduceMean", ["feat", "axes"], ["pooled"], keepdims=0),
-        helper.make_node("Softmax", ["pooled"], ["probs"], axis=1),
-    ]
-    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
-             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    pool = ([helper.make_node("GlobalAveragePool", ["feat"], ["gap"]), helper.make_node("Flatten", ["gap"], ["pooled"])]
+            if gap else [helper.make_node("ReduceMean", ["feat", "axes"], ["pooled"], keepdims=0)])
+    nodes = [helper.make_node("Conv", ["image", "w", "b"], ["feat"], pads=[1, 1, 1, 1]), *pool,
+             helper.make_node("Softmax", ["pooled"], ["probs"], axis=1)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    if not gap:
+        inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
     m = helper.make_model(helper.make_graph(nodes, "tiny", [x], [probs, feat], inits),
                           opset_imports=[helper.make_opsetid("", 18)])
     if precision:
@@ -286,8 +288,10 @@ def test_cuda_array_interface_helpers():
         cai_dtype(np.zeros(2))
 
 
-def test_fixed_batch_pads_and_splits_on_any_provider(tiny):
-    path, w, b = tiny
+@pytest.mark.parametrize("gap", [False, True])
+def test_fixed_batch_pads_and_splits_on_any_provider(tiny, tmp_path, gap):
+    _, w, b = tiny
+    path = _conv_softmax_model(tmp_path / "m.onnx", w, b, gap=gap)
     x = np.random.default_rng(3).random((7, 2, 5, 5), dtype=np.float32)
     ref_probs, ref_feat = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
     with OrtSession(path, threads=1, fixed_batch=3) as s:
@@ -345,9 +349,10 @@ def test_cuda_session_options_and_device_buffers(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph", [False, True])
-def test_cuda_fixed_batch_and_graph_on_device(tiny, graph):
+def test_cuda_fixed_batch_and_graph_on_device(tiny, tmp_path, graph):
     cp = _cuda_session_or_skip()
-    path, w, b = tiny
+    _, w, b = tiny
+    path = _conv_softmax_model(tmp_path / "gap.onnx", w, b, gap=True)
     x = np.random.default_rng(6).random((7, 2, 5, 5), dtype=np.float32)
     ref_probs, _ = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
     with OrtSession(path, device="cuda", strict=True, fixed_batch=4, cuda_graph=graph) as s:

@@ -55,9 +55,9 @@ BATCH = 32
 #: the batch sequence of the "varying batch" configurations (a series' last batch differs)
 VARYING = (32, 7, 32, 19, 32, 3, 32, 26)
 #: no configuration of the ORT matrix measures longer than this (seconds), after 3 calls at least
-CONFIG_BUDGET_S = 6.0
+CONFIG_BUDGET_S = 4.0
 #: Triage runs per input kind stop after this many seconds (3 runs at least)
-TRIAGE_BUDGET_S = 40.0
+TRIAGE_BUDGET_S = 25.0
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def section_kernels(rounds: int) -> Dict[str, Any]:
         np_cases = _numpy_cases(data)
         for name, fn in np_cases.items():
             refs[name] = np.asarray(fn(), np.float64)
-            out["cases"].setdefault(name, {})["numpy"] = _time_calls(fn, lambda: None, min(rounds, 3), warmup=0)
+            out["cases"].setdefault(name, {})["numpy"] = _time_calls(fn, lambda: None, min(rounds, 2), warmup=0)
     except Exception as exc:  # noqa: BLE001
         out["numpy_error"] = _error(exc)
     for backend, missing in gpu_backends().items():
@@ -450,6 +450,8 @@ def _measure_config(cfg: Dict[str, Any], path: str, provider: str, rounds: int) 
     warm = max(2, n) if row["first_call_ms"] < 500 else 1  # a slow configuration is not warmed for long
     row["per_call"] = _time_calls(call, sync, max(rounds, n), warmup=warm, budget_s=CONFIG_BUDGET_S)
     row["batches"] = list(cfg.get("batches") or (BATCH,))
+    if hasattr(sess, "transfer_bytes"):
+        row["transfer_bytes_total"] = dict(sess.transfer_bytes)  # host<->device bytes of every call above
     return row
 
 

@@ -103,6 +103,9 @@ def _map_forked(n: int, fn: Callable[[int], Any], workers: int,
         return done
 
     def child(conn) -> None:
+        import gc
+
+        gc.disable()   # short-lived: a collection would touch (copy-on-write) every inherited object
         try:
             conn.send(loop(send=conn.send))
         finally:

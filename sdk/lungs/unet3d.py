@@ -25,7 +25,8 @@ per axis (:meth:`CubeGeometry.axis_taps`). A GPU implementation needs only ``lo`
 ``z_mm``, ``dy``, ``dx`` (:meth:`CubeGeometry.to_dict`), e.g. one thread per volume voxel reading
 8 cube values.
 
-Optional post-processing (CPU, at 128^3, cheap): keep the largest connected component and a second
+Optional post-processing (CPU, at 128^3, cheap): drop components touching the in-plane border of
+the scanned field of view (outside air), keep the largest connected component and a second
 one of at least :data:`SECOND_COMPONENT_MIN` of its size, and split left / right (the component
 with the larger x centroid is the Left lung; one component is cut at its x centroid). Without it
 (``postprocess=False``) the mask is the plain thresholded probability, which is what a device path
@@ -57,7 +58,9 @@ __all__ = [
     "prepare_cube",
     "predict_cube",
     "postprocess_cube",
+    "border_cells",
     "cube_to_volume",
+    "interp_matrix",
     "labels_to_volume",
     "open_session",
     "segment_unet3d",
@@ -203,9 +206,30 @@ def predict_cube(x: Any, session: SessionLike) -> Any:
                       f"not {type(session).__name__}")
 
 
-def postprocess_cube(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+def border_cells(geometry: CubeGeometry) -> np.ndarray:
+    """(128, 128, 128) bool: the cube cells on the in-plane border of the volume's extent (the
+    outermost cell row / column of the scanned field of view, within its z extent)."""
+    n = geometry.n
+    first_last = []
+    for a in range(3):
+        e = geometry.positions(a)
+        half = 0.5 * (float(np.median(np.diff(e))) if e.size > 1 else (geometry.cell[a]))
+        lo_mm, hi_mm = e[0] - half, e[-1] + half
+        c0 = int(np.clip(np.floor((lo_mm - geometry.lo[a]) / geometry.cell[a]), 0, n[a] - 1))
+        c1 = int(np.clip(np.ceil((hi_mm - geometry.lo[a]) / geometry.cell[a]) - 1, 0, n[a] - 1))
+        first_last.append((c0, c1))
+    out = np.zeros(n, bool)
+    (z0, z1), (y0, y1), (x0, x1) = first_last
+    out[z0:z1 + 1, [y0, y1], x0:x1 + 1] = True
+    out[z0:z1 + 1, y0:y1 + 1, [x0, x1]] = True
+    return out
+
+
+def postprocess_cube(prob: np.ndarray, threshold: float = THRESHOLD, geometry: Optional[CubeGeometry] = None) -> np.ndarray:
     """(128, 128, 128) probability -> uint8 labels (0, 1 = left, 2 = right) at 128^3: the largest
-    component and a second one of >= :data:`SECOND_COMPONENT_MIN` of it; left / right by x."""
+    component and a second one of >= :data:`SECOND_COMPONENT_MIN` of it; left / right by x. With
+    ``geometry``, components touching the in-plane border of the scanned field of view
+    (:func:`border_cells`) are outside air and dropped first (unless every component does)."""
     from scipy import ndimage as ndi
 
     m = np.asarray(prob) > threshold
@@ -213,10 +237,15 @@ def postprocess_cube(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarr
     out = np.zeros(m.shape, np.uint8)
     if n == 0:
         return out
-    sizes = np.bincount(lab.ravel())[1:]
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    if geometry is not None:
+        touching = np.unique(lab[border_cells(geometry)])
+        touching = touching[touching > 0]
+        if touching.size < n:
+            sizes[touching - 1] = 0
     order = np.argsort(sizes)[::-1]
     keep = [int(order[0]) + 1]
-    if n > 1 and sizes[order[1]] >= SECOND_COMPONENT_MIN * sizes[order[0]]:
+    if n > 1 and sizes[order[1]] > 0 and sizes[order[1]] >= SECOND_COMPONENT_MIN * sizes[order[0]]:
         keep.append(int(order[1]) + 1)
     xs = np.arange(m.shape[2], dtype=np.float64)
     if len(keep) == 2:
@@ -233,28 +262,52 @@ def postprocess_cube(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarr
     return out
 
 
-def cube_to_volume(cube: np.ndarray, geometry: CubeGeometry, threshold: Optional[float] = THRESHOLD,
-                   chunk: int = 16) -> np.ndarray:
+def _array_module(a: Any) -> Any:
+    """NumPy, or CuPy for a ``cupy.ndarray`` (imported only then)."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def cube_to_volume(cube: Any, geometry: CubeGeometry, threshold: Optional[float] = THRESHOLD,
+                   chunk: int = 16) -> Any:
     """Sample a (128, 128, 128) cube at every volume voxel (separable trilinear, see the module
     docstring). Returns bool ``> threshold`` at the volume grid, or the float32 values when
-    ``threshold`` is None. Works slab by slab (``chunk`` slices) to bound memory."""
-    c = np.asarray(cube, np.float32)
-    if c.shape != geometry.n:
-        raise ConfigError(f"cube_to_volume: cube shape {c.shape} != geometry {geometry.n}")
-    (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = (geometry.axis_taps(a) for a in range(3))
-    wz, wy, wx = (w.astype(np.float32) for w in (wz, wy, wx))
+    ``threshold`` is None. Works slab by slab (``chunk`` slices) to bound memory.
+
+    ``cube`` may be a NumPy or a CuPy array; with CuPy everything (taps, result) stays on the
+    device - the GPU path's "mask back at the volume grid" without a host round trip."""
+    xp = _array_module(cube)
+    c = xp.asarray(cube, dtype=xp.float32)
+    if tuple(c.shape) != tuple(geometry.n):
+        raise ConfigError(f"cube_to_volume: cube shape {tuple(c.shape)} != geometry {geometry.n}")
+    z0, z1, wz = geometry.axis_taps(0)
+    wz = xp.asarray(wz.astype(np.float32))
+    z0, z1 = xp.asarray(z0), xp.asarray(z1)
+    ay, ax = (xp.asarray(interp_matrix(geometry, a)) for a in (1, 2))   # (ny, 128), (nx, 128)
+    axt = ax.T.copy()
     nz, ny, nx = geometry.volume_shape
-    out = np.empty((nz, ny, nx), bool if threshold is not None else np.float32)
+    out = xp.empty((nz, ny, nx), dtype=bool if threshold is not None else xp.float32)
     for s in range(0, nz, chunk):
         e = min(nz, s + chunk)
         w = wz[s:e, None, None]
         a = c[z0[s:e]] * (1 - w) + c[z1[s:e]] * w                       # (k, 128, 128)
-        w = wy[None, :, None]
-        a = a[:, y0] * (1 - w) + a[:, y1] * w                           # (k, ny, 128)
-        w = wx[None, None, :]
-        a = a[:, :, x0] * (1 - w) + a[:, :, x1] * w                     # (k, ny, nx)
+        a = xp.matmul(xp.matmul(ay, a), axt)                           # (k, ny, nx)
         out[s:e] = a > threshold if threshold is not None else a
     return out
+
+
+def interp_matrix(geometry: CubeGeometry, axis: int) -> np.ndarray:
+    """(n_volume, n_cube) float32 linear-interpolation matrix of one axis (2 non-zeros a row:
+    :meth:`CubeGeometry.axis_taps`); in-plane up-sampling is ``A_y @ slab @ A_x.T`` (BLAS)."""
+    i0, i1, w = geometry.axis_taps(axis)
+    m = np.zeros((i0.size, geometry.n[axis]), np.float32)
+    rows = np.arange(i0.size)
+    np.add.at(m, (rows, i0), (1.0 - w).astype(np.float32))
+    np.add.at(m, (rows, i1), w.astype(np.float32))
+    return m
 
 
 def labels_to_volume(labels: np.ndarray, geometry: CubeGeometry) -> np.ndarray:
@@ -264,17 +317,12 @@ def labels_to_volume(labels: np.ndarray, geometry: CubeGeometry) -> np.ndarray:
 
 
 def _grow_labels(labels: np.ndarray) -> np.ndarray:
-    """Labels extended by one voxel (6-neighbourhood) into the background, nearest label wins."""
+    """Labels extended by one voxel (6-neighbourhood) into the background (the larger label wins
+    where both touch)."""
     from scipy import ndimage as ndi
 
-    fg = labels > 0
-    grown = ndi.binary_dilation(fg)
-    if not fg.any():
-        return labels
-    idx = ndi.distance_transform_edt(~fg, return_distances=False, return_indices=True)
-    out = labels[tuple(idx)]
-    out[~grown] = 0
-    return out
+    grown = ndi.grey_dilation(labels, footprint=ndi.generate_binary_structure(3, 1))
+    return np.where(labels > 0, labels, grown).astype(np.uint8)
 
 
 _SESSIONS: Dict[str, Any] = {}
@@ -320,15 +368,16 @@ def segment_unet3d(
     t1 = time.perf_counter()
     prob = np.asarray(predict_cube(x, session), np.float32)[0, 0]
     t2 = time.perf_counter()
-    labels_cube = postprocess_cube(prob, threshold) if postprocess else None
+    labels_cube = postprocess_cube(prob, threshold, geom) if postprocess else None
+    grown = None
     if labels_cube is not None:
         grown = _grow_labels(labels_cube)
         prob = np.where(grown > 0, prob, 0.0).astype(np.float32)
     t3 = time.perf_counter()
     mask = cube_to_volume(prob, geom, threshold)
     labels = None
-    if labels_cube is not None:
-        labels = labels_to_volume(_grow_labels(labels_cube), geom)
+    if grown is not None:
+        labels = labels_to_volume(grown, geom)
         labels[~mask] = 0
         mask &= labels > 0
     t4 = time.perf_counter()

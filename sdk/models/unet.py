@@ -4,8 +4,11 @@
   segmenter ctsdk ships as ONNX (``runs/seg/unet2d_lung.onnx``). Input ``(N, 1, H, W)`` grey in
   ``[0, 1]`` prepared by :func:`sdk.lungs.unet2d.prepare_slices`; output ``(N, 1, H, W)`` logits.
   H and W must be multiples of ``2 ** (levels - 1)``.
-- ``unet3d_lung``: the 3D U-Net at 128^3 used by paper 000 (architecture only - ctsdk has one
-  volume mask, so this network is *not* trained; see docs/segmentation.md).
+- ``unet3d_lung``: the 3D U-Net at 128^3 used by paper 000, the GPU path's lung segmenter. Input
+  ``(N, 1, 128, 128, 128)`` windowed [0, 1] from the resample kernel (``sdk.lungs.unet3d.RESAMPLE``);
+  output logits. Distilled from the hybrid segmenter by ``sdk.train.seg3d`` (the self-contained
+  trainer ``sdk/train/seg3d_kit.py`` keeps a key-for-key copy of this class); shipped as
+  ``lungs3d_fp32.onnx`` / ``lungs3d_fp16.onnx``. See docs/segmentation.md, "3D U-Net".
 
 Both use Conv-BN-ReLU pairs, max-pool down-sampling and transposed-conv up-sampling with skip
 concatenation, so they export to ONNX opset 17 with a dynamic batch axis.
@@ -77,5 +80,5 @@ def unet2d_lung(base: int = 16, levels: int = 4, in_channels: int = 1, out_chann
 
 
 def unet3d_lung(base: int = 8, levels: int = 4, in_channels: int = 1, out_channels: int = 1) -> UNet:
-    """3D lung U-Net for 128^3 isotropic volumes (paper 000's architecture; untrained in ctsdk)."""
+    """3D lung U-Net for 128^3 isotropic volumes (paper 000's architecture; trained by sdk.train.seg3d)."""
     return UNet(3, in_channels, out_channels, base, levels)

@@ -3,6 +3,8 @@
     python -m sdk.train.seg3d prep   [--data ../shared/data] [--out /work/main/.cache/device/unet3d]
     python -m sdk.train.seg3d train  [--data-dir DIR] [--out runs/seg3d] [--seconds 1800] [--device auto]
     python -m sdk.train.seg3d export --ckpt runs/seg3d/unet3d_lung.pt --out runs/seg3d [--bundle sdk/bundles/default]
+    python -m sdk.train.seg3d bundle --onnx-dir DIR [--bundle sdk/bundles/default]   # re-add after a merge
+    python -m sdk.train.seg3d evaluate --onnx-dir runs/seg3d [--out eval.json]
     ctsdk train seg3d ...            # = the train step (options from Seg3DTrainConfig)
 
 **prep** loads every series of ``shared/data/dicom`` (:func:`sdk.io.load_series`), runs the
@@ -244,6 +246,7 @@ class Seg3DTrainConfig:
     threads: int = 2
     seed: int = 0
     eval_every: float = 0.0      # seconds between validations (0 = 20 on CUDA, 300 on CPU)
+    init: str = ""               # start from this state dict
 
 
 def train_seg3d(cfg: Seg3DTrainConfig) -> Dict[str, Any]:
@@ -358,6 +361,138 @@ def add_to_bundle(onnx_dir: Path, bundle_dir: Path, metrics: Optional[Dict[str, 
     return new.summary()
 
 
+# --- evaluation ------------------------------------------------------------------------------------
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
+
+
+def _stats(v: List[float]) -> Dict[str, float]:
+    a = np.asarray(v, np.float64)
+    return {"mean": round(float(a.mean()), 4), "median": round(float(np.median(a)), 4),
+            "p10": round(float(np.percentile(a, 10)), 4), "min": round(float(a.min()), 4), "n": int(a.size)}
+
+
+#: seg2d held-out block: a new source volume starts where consecutive images correlate below this
+SEG2D_BREAK_CORR = 0.3
+
+
+def seg2d_pseudo_volumes(data_dir: Path, pixel_mm: float, step_mm: float) -> List[Tuple[Any, np.ndarray, np.ndarray]]:
+    """The held-out seg2d block (numbers >= 1320, the 2D U-Net's test split) as pseudo-volumes.
+
+    seg2d has no HU, no spacing and no volume ids: consecutive numbers are consecutive (every 4th)
+    slices of one source volume, so the block is cut where consecutive images correlate below
+    :data:`SEG2D_BREAK_CORR`; each run becomes a Volume with HU = grey / 255 * 1400 - 1000 (so the
+    segmenter window (-1000, 400) gives back the 8-bit grey), ``pixel_mm`` in-plane and ``step_mm``
+    between slices (both guesses). Returns [(volume, manual masks (n, 256, 256), numbers)]."""
+    from ..volume.core import Volume
+    from .seg import load_seg2d, split_blocks
+
+    nums, imgs, masks = load_seg2d(str(data_dir / "seg2d"))
+    idx = split_blocks(nums, (0, 0), (1320, 10000))["test"]
+    cuts = [0] + [k + 1 for k in range(len(idx) - 1)
+                  if np.corrcoef(imgs[idx[k]].ravel().astype(float), imgs[idx[k + 1]].ravel().astype(float))[0, 1] < SEG2D_BREAK_CORR]
+    cuts.append(len(idx))
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        run = idx[a:b]
+        hu = np.round(imgs[run].astype(np.float32) / 255.0 * 1400.0 - 1000.0).astype(np.int16)
+        vol = Volume(hu=hu, z_mm=np.arange(len(run)) * step_mm, pixel_spacing_mm=(pixel_mm, pixel_mm))
+        out.append((vol, masks[run].astype(bool), nums[run]))
+    return out
+
+
+def evaluate(data_dir: Path, onnx_dir: Path, repeats: int = 3) -> Dict[str, Any]:
+    """Dice of the 3D U-Net (FP32 and FP16 ONNX, ORT CPU) beside the hybrid and classical methods:
+    cip-ct64 vs its manual mask, the held-out series vs the hybrid teacher, the held-out seg2d block
+    (pseudo-volumes); CPU latency of the ONNX at 128^3 (2 threads) and of segment_unet3d."""
+    import warnings as _w
+
+    from ..io import load_series
+    from ..lungs import segment
+    from ..lungs.nrrd import read_nrrd
+    from ..lungs.unet2d import segment_slices_2d
+    from ..lungs.unet3d import INPUT_NAME, PROB_NAME, open_session, prepare_cube, segment_unet3d
+
+    sess = {p: open_session(onnx_dir / f"lungs3d_{p}.onnx", threads=2) for p in ("fp32", "fp16")}
+    rep: Dict[str, Any] = {"onnx_dir": str(onnx_dir), "load_avg_start": os.getloadavg()[0]}
+    # 1. cip-ct64 vs the manual mask (native grid)
+    dicom = data_dir / "dicom"
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        cip = load_series(dicom / "cip-ct64")
+    ref = read_nrrd(data_dir / "volumes" / "cip-copd-ct64" / "wholeLung-64.nrrd").data > 0
+    r: Dict[str, Any] = {"reference_ml": round(float(ref.sum() * np.prod(cip.spacing) / 1000), 1)}
+    for name, fn in (("unet3d_fp32", lambda v: segment_unet3d(v, sess["fp32"])),
+                     ("unet3d_fp16", lambda v: segment_unet3d(v, sess["fp16"])),
+                     ("unet3d_fp32_raw", lambda v: segment_unet3d(v, sess["fp32"], postprocess=False)),
+                     ("hybrid", lambda v: segment(v, "hybrid")), ("classical", lambda v: segment(v, "classical"))):
+        seg = fn(cip)
+        r[name] = {"dice": round(_dice(seg.mask, ref), 4), "lung_volume_ml": round(seg.lung_volume_ml, 1)}
+    rep["cip_ct64_manual"] = r
+    print(json.dumps({"cip_ct64_manual": r}), flush=True)
+    # 2. series vs the hybrid teacher (normal001 held out; the others were trained on)
+    agree: Dict[str, Any] = {}
+    for name, split in ((VAL_SERIES, "val (held out)"), ("covid-ct-md/covid-P001", "train"),
+                        ("covid-ct-md/cap-cap001", "train"), ("lung-pet-ct-dx", "train")):
+        with _w.catch_warnings():
+            _w.simplefilter("ignore")
+            vol = load_series(dicom / name)
+        tseg = segment(vol, "hybrid")
+        teacher = tseg.mask
+        e: Dict[str, Any] = {"split": split, "hybrid_ml": round(tseg.lung_volume_ml, 1)}
+        for m, fn in (("unet3d_fp32", lambda v: segment_unet3d(v, sess["fp32"])),
+                      ("unet3d_fp16", lambda v: segment_unet3d(v, sess["fp16"])),
+                      ("classical", lambda v: segment(v, "classical"))):
+            if m == "unet3d_fp16" and split == "train":
+                continue
+            seg = fn(vol)
+            e[m] = {"dice_vs_hybrid": round(_dice(seg.mask, teacher), 4), "lung_volume_ml": round(seg.lung_volume_ml, 1)}
+        agree[name] = e
+        print(json.dumps({name: e}), flush=True)
+    rep["vs_hybrid_teacher"] = agree
+    # 3. held-out seg2d block as pseudo-volumes
+    s2: Dict[str, Any] = {}
+    for pixel_mm, step_mm in ((1.4, 6.0), (1.4, 3.0), (1.4, 10.0)):
+        vols = seg2d_pseudo_volumes(data_dir, pixel_mm, step_mm)
+        per: Dict[str, List[float]] = {"unet3d_fp32": []}
+        if step_mm == 6.0:
+            per.update({"hybrid": [], "classical": [], "unet2d_slices": []})
+        for vol, man, _ in vols:
+            preds = {"unet3d_fp32": segment_unet3d(vol, sess["fp32"]).mask}
+            if step_mm == 6.0:
+                preds["hybrid"] = segment(vol, "hybrid").mask
+                preds["classical"] = segment(vol, "classical").mask
+                preds["unet2d_slices"] = segment_slices_2d(((vol.hu + 1000.0) / 1400.0).astype(np.float32)).astype(bool)
+            for k, pm in preds.items():
+                per[k] += [_dice(p, m) for p, m in zip(pm, man)]
+        s2[f"pixel {pixel_mm} mm, step {step_mm} mm"] = {k: _stats(v) for k, v in per.items()}
+        s2["runs"] = [int(len(n)) for _, _, n in vols]
+        print(json.dumps({"seg2d": s2}), flush=True)
+    rep["seg2d_test_pseudo_volumes"] = s2
+    # 4. latency (ORT CPU, 2 threads) at 128^3 and segment_unet3d on covid-P001
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        p001 = load_series(dicom / "covid-ct-md" / "covid-P001")
+    x = prepare_cube(p001)
+    lat: Dict[str, Any] = {}
+    for p, s in sess.items():
+        s.run([PROB_NAME], {INPUT_NAME: x})
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            s.run([PROB_NAME], {INPUT_NAME: x})
+            ts.append((time.perf_counter() - t0) * 1e3)
+        lat[f"ort_cpu_2threads_{p}_ms"] = {"median": round(float(np.median(ts)), 1), "min": round(float(np.min(ts)), 1)}
+    runs = [segment_unet3d(p001, sess["fp32"]).timings_ms for _ in range(3)]
+    lat["segment_unet3d_p001_fp32_ms"] = {k: round(float(np.median([t[k] for t in runs])), 1) for k in runs[0]}
+    lat["load_avg_end"] = os.getloadavg()[0]
+    rep["latency"] = lat
+    print(json.dumps({"latency": lat}), flush=True)
+    return rep
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m sdk.train.seg3d", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -374,7 +509,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     e.add_argument("--data-dir", default=str(DEFAULT_KIT))
     e.add_argument("--bundle", default=None, help="also add the two ONNX files to this bundle folder")
     e.add_argument("--metrics", default=None, help="JSON file stored as manifest metrics.lungs3d")
+    bnd = sub.add_parser("bundle", help="add lungs3d_fp32/fp16.onnx from a folder to a bundle (after a merge)")
+    bnd.add_argument("--onnx-dir", required=True)
+    bnd.add_argument("--bundle", default=str(REPO / "sdk" / "bundles" / "default"))
+    v = sub.add_parser("evaluate", help="Dice report + CPU latency of exported ONNX files")
+    v.add_argument("--data", default=str(DEFAULT_DATA))
+    v.add_argument("--onnx-dir", default=str(REPO / "runs" / "seg3d"))
+    v.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
+    if args.cmd == "bundle":
+        print(json.dumps(add_to_bundle(Path(args.onnx_dir), Path(args.bundle)), indent=2))
+        return
+    if args.cmd == "evaluate":
+        rep = evaluate(Path(args.data), Path(args.onnx_dir))
+        if args.out:
+            Path(args.out).write_text(json.dumps(rep, indent=2) + "\n")
+        print(json.dumps(rep, indent=2))
+        return
     if args.cmd == "prep":
         man = prepare_data(Path(args.data), Path(args.out), variants=not args.no_variants)
         print(json.dumps({"samples": len(man["samples"]), "total_bytes": man["total_bytes"],

@@ -23,20 +23,23 @@ then re-estimated on whole training cubes before each validation). bf16 autocast
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import platform
-import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+_T0 = time.perf_counter()  # --seconds counts from here (before torch is imported)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Dict, List, Optional, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 CUBE = 128
 
@@ -89,6 +92,7 @@ class KitConfig:
     seed: int = 0
     eval_every: float = 0.0      # 0 = 20 s on CUDA, 300 s on CPU
     max_steps: int = 0           # 0 = no limit (time-boxed)
+    init: str = ""               # start from this state dict (e.g. a previous run's unet3d_lung.pt)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -203,8 +207,8 @@ def evaluate(model: nn.Module, samples: List[Dict[str, Any]], device: torch.devi
 
 
 # --- training -----------------------------------------------------------------------------------
-def train(cfg: KitConfig) -> Dict[str, Any]:
-    t_start = time.perf_counter()
+def train(cfg: KitConfig, t_start: Optional[float] = None) -> Dict[str, Any]:
+    t_start = time.perf_counter() if t_start is None else t_start
     dev = torch.device("cuda" if (cfg.device == "auto" and torch.cuda.is_available()) else
                        ("cpu" if cfg.device == "auto" else cfg.device))
     cuda = dev.type == "cuda"
@@ -224,7 +228,10 @@ def train(cfg: KitConfig) -> Dict[str, Any]:
     xs = torch.from_numpy(np.stack([s["x"] for s in train_set])).to(dev)           # uint8 (N,1,128^3)
     ys = torch.from_numpy(np.stack([s["y"] for s in train_set])).to(dev)           # bool
     bn_set = [s for s in train_set if s["variant"] == "full"]
-    model = UNet3D(cfg.base, cfg.levels).to(dev).to(memory_format=CL)
+    model = UNet3D(cfg.base, cfg.levels)
+    if cfg.init:
+        model.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
+    model = model.to(dev).to(memory_format=CL)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     info = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
             "torch": torch.__version__, "python": platform.python_version(), "batch": batch, "crop": crop,
@@ -251,7 +258,8 @@ def train(cfg: KitConfig) -> Dict[str, Any]:
         print(json.dumps(rec), flush=True)
         if val > best:
             best, best_step = val, step
-            torch.save({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, out / "unet3d_lung.pt")
+            torch.save({k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+                        for k, v in model.state_dict().items()}, out / "unet3d_lung.pt")
 
     model.train()
     while True:
@@ -294,12 +302,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     d = KitConfig()
     p.add_argument("--data", default=d.data_dir, help="folder with manifest.json and the npz files")
     p.add_argument("--out", default=d.out_dir)
-    for f in ("seconds", "device", "batch_size", "crop", "lr", "threads", "seed", "eval_every", "max_steps"):
+    for f in ("seconds", "device", "batch_size", "crop", "lr", "threads", "seed", "eval_every", "max_steps", "init"):
         p.add_argument("--" + f.replace("_", "-"), type=type(getattr(d, f)), default=getattr(d, f))
     a = p.parse_args(argv)
     cfg = KitConfig(data_dir=a.data, out_dir=a.out, **{f: getattr(a, f) for f in (
-        "seconds", "device", "batch_size", "crop", "lr", "threads", "seed", "eval_every", "max_steps")})
-    train(cfg)
+        "seconds", "device", "batch_size", "crop", "lr", "threads", "seed", "eval_every", "max_steps", "init")})
+    train(cfg, t_start=_T0)
 
 
 if __name__ == "__main__":
