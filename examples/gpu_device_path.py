@@ -39,15 +39,17 @@ def _env() -> Dict[str, Any]:
             "python": platform.python_version()}
 
 
-def _config(series: Path, volume: Any, precision: str, pooling: str, repeats: int, ref: Any, batch: int) -> Dict[str, Any]:
+def _config(series: Path, volume: Any, precision: str, pooling: str, repeats: int, ref: Any, batch: int,
+            lungs: str) -> Dict[str, Any]:
     import cupy
 
     import sdk
 
     pool = cupy.get_default_memory_pool()
-    out: Dict[str, Any] = {"precision": precision, "pooling": pooling, "classifier_batch": batch}
+    out: Dict[str, Any] = {"precision": precision, "pooling": pooling, "classifier_batch": batch, "lung_method": lungs}
     t0 = time.perf_counter()
-    eng_sync = sdk.Triage(device="cuda", precision=precision, pooling=pooling, sync_timings=True, classifier_batch=batch)
+    eng_sync = sdk.Triage(device="cuda", precision=precision, pooling=pooling, sync_timings=True, classifier_batch=batch,
+                          lung_method=lungs)
     out["init_s"] = round(time.perf_counter() - t0, 2)
     out["runtime"] = eng_sync.runtime
     out["runtime_reasons"] = eng_sync.runtime_reasons
@@ -58,7 +60,7 @@ def _config(series: Path, volume: Any, precision: str, pooling: str, repeats: in
             for k, v in r.timings_ms.items():
                 stages.setdefault(k, []).append(v)
     out["stages_ms_synced"] = {k: _pct(v) for k, v in stages.items()}
-    eng = sdk.Triage(device="cuda", precision=precision, pooling=pooling, classifier_batch=batch)
+    eng = sdk.Triage(device="cuda", precision=precision, pooling=pooling, classifier_batch=batch, lung_method=lungs)
     for _ in range(2):
         eng.run(volume)
     pool_before = pool.total_bytes()
@@ -97,9 +99,11 @@ def main(argv: Any = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--series", default=str(DEFAULT_SERIES))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--configs", default="fp16:kernel,fp16:graph,fp32:kernel,fp16:kernel:b128,fp16:kernel:cudagraph",
-                    help="precision:pooling[:cudagraph][:bN] (cudagraph sets CTSDK_CUDA_GRAPH=1 for that config; "
-                         "bN = classifier_batch N, default 32)")
+    ap.add_argument("--configs",
+                    default="fp16:kernel,fp16:graph,fp16:kernel:hybrid,fp32:kernel:hybrid,fp16:kernel:b128,fp16:kernel:cudagraph",
+                    help="precision:pooling[:cudagraph][:bN][:hybrid] (cudagraph sets CTSDK_CUDA_GRAPH=1 for that config; "
+                         "bN = classifier_batch N, default 32; hybrid = lung_method='hybrid' (host lungs), "
+                         "default: the 3D U-Net on the device when the bundle has one)")
     args = ap.parse_args(argv)
     import importlib.util
 
@@ -119,6 +123,14 @@ def main(argv: Any = None) -> int:
     report["cpu_reference"] = {"label": ref.label, "probabilities": ref.probabilities,
                                "ms": round((time.perf_counter() - t) * 1000.0, 1)}
     report["configs"] = []
+    cache: Dict[str, Any] = {}
+
+    def ref3d() -> Any:  # the CPU reference with the same 3D U-Net (kernel path, g++ kernels, ORT CPU)
+        if "r" not in cache:
+            cache["r"] = sdk.Triage(device="cpu", precision="fp32", kernels="cpu-harness", lung_method="unet3d").run(volume)
+            report["cpu_reference_unet3d"] = {"label": cache["r"].label, "probabilities": cache["r"].probabilities}
+        return cache["r"]
+
     import os
 
     for spec in args.configs.split(","):
@@ -126,7 +138,9 @@ def main(argv: Any = None) -> int:
         os.environ["CTSDK_CUDA_GRAPH"] = "1" if "cudagraph" in extra else "0"
         try:
             batch = int(next((e[1:] for e in extra if e.startswith("b") and e[1:].isdigit()), "32"))
-            report["configs"].append(_config(series, volume, prec, pooling, args.repeats, ref, batch))
+            lungs = "hybrid" if "hybrid" in extra else "auto"
+            report["configs"].append(_config(series, volume, prec, pooling, args.repeats,
+                                             ref if lungs == "hybrid" else ref3d(), batch, lungs))
             report["configs"][-1]["cuda_graph"] = "cudagraph" in extra
         except Exception as exc:  # noqa: BLE001 - a report script: record the failure, run the next config
             import traceback

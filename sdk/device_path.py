@@ -190,6 +190,14 @@ class KernelPath:
                               f"holds unchanged (sha256 {str(have)[:12]}); re-run `python -m sdk.export.features --bundle {bundle.root}`")
 
     def _open_lungs(self, triage: Any, lungs: str) -> None:
+        """``lungs="auto"``: the 3D U-Net on the GPU set when the bundle has one, else the hybrid;
+        ``Triage(lung_method="unet3d")`` asks for the 3D U-Net on any set, "hybrid" / "unet2d" /
+        "classical" for the host segmenter."""
+        method = triage.lung_method
+        if lungs == "auto" and method != "auto":
+            lungs = "unet3d" if method == "unet3d" else "hybrid"
+        elif lungs == "auto" and not self.ops.on_device:
+            lungs = "hybrid"  # the CPU keeps the hybrid (issue 13); lung_method="unet3d" to change
         self.unet3d = Unet3dSpec.from_bundle(triage.bundle, self.precision if self.device == "cuda" else "fp32")
         self._lungs3d = None
         if lungs == "unet3d" and self.unet3d is None:
@@ -215,7 +223,7 @@ class KernelPath:
         if self.lungs == "unet3d":
             resample, lungs = k, f"unet3d-ort-{dev}-{self.unet3d.precision}"
         else:
-            method = triage.lung_method if triage.lung_method != "auto" else "hybrid"
+            method = triage.lung_method if triage.lung_method not in ("auto", "unet3d") else "hybrid"
             lungs = f"{method}-cpu"
             resample = k if not self.ops.on_device and method != "unet2d" else "opencv (inside the CPU lung segmenter)"
         return {"upload": "pinned staging, 1 copy" if self.ops.on_device else "host (no device)",
@@ -347,7 +355,8 @@ class KernelPath:
 
             def downsample(hu: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
                 return self.ops.resample(hu, z_index, (nz, int(hw[0]), int(hw[1])), mode="area", io=io)
-        kwargs: Dict[str, Any] = {"method": triage.lung_method, "downsample": downsample}
+        method = triage.lung_method if triage.lung_method != "unet3d" else "auto"
+        kwargs: Dict[str, Any] = {"method": method, "downsample": downsample}
         if triage._lungs is not None:
             kwargs["session"] = triage._lungs
         with self._stage(timer, "lungs"):

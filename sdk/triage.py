@@ -45,7 +45,7 @@ NOT_ELIGIBLE = "not_eligible"
 CLASSIFIER_BATCH = 32
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
-LUNG_METHODS = ("auto", "unet2d", "classical")
+LUNG_METHODS = ("auto", "unet2d", "classical", "hybrid", "unet3d")
 #: who builds the classifier's input batch (window + resize + mask channels):
 #: "numpy" (OpenCV/NumPy on the CPU), "gpu" (ctsdk's CUDA kernel via pycuda or CuPy),
 #: "cpu-harness" (the same kernel source compiled with g++: the kernel path without a GPU),
@@ -486,7 +486,7 @@ class Triage:
         from . import lungs
 
         kwargs: Dict[str, Any] = {"method": self.lung_method}
-        if self._lungs is not None:
+        if self._lungs is not None and self.lung_method != "unet3d":  # the 2D U-Net's session
             kwargs["session"] = self._lungs
         return lungs.segment(volume, **kwargs)
 

@@ -121,9 +121,11 @@ def _check_transfers(r, volume) -> None:
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_device_triage_matches_cpu_path(p001_volume, cpu_result, precision) -> None:
+    """Same segmenter as the CPU path (the hybrid, on the host): the device kernels, the features
+    graph at a fixed batch and the kernel pooling give the CPU path's label and probabilities."""
     import sdk
 
-    eng = sdk.Triage(device="cuda", precision=precision)
+    eng = sdk.Triage(device="cuda", precision=precision, lung_method="hybrid")
     assert eng.runtime["path"] == "kernel" and eng.runtime["kernels"] == "cuda"
     st = eng.runtime["stages"]
     assert st["classifier_inputs"] == "cuda-kernel" and st["classifier"].startswith(f"ort-cuda-{precision}")
@@ -131,20 +133,44 @@ def test_device_triage_matches_cpu_path(p001_volume, cpu_result, precision) -> N
     assert r.label == cpu_result.label
     for c in r.probabilities:
         assert abs(r.probabilities[c] - cpu_result.probabilities[c]) <= 0.02
-    assert [s.index for s in r.slice_scores] == [s.index for s in cpu_result.slice_scores] or st["lungs"].startswith("unet3d")
-    if st["lungs"].startswith("hybrid"):  # same mask, same slices: slice probabilities comparable one to one
-        assert np.abs(_slice_probs(r) - _slice_probs(cpu_result)).max() <= 0.02
+    assert st["lungs"] == "hybrid-cpu"
+    assert [s.index for s in r.slice_scores] == [s.index for s in cpu_result.slice_scores]
+    assert np.abs(_slice_probs(r) - _slice_probs(cpu_result)).max() <= 0.02
     _check_transfers(r, p001_volume)
     h = r.heatmap(0)  # one mask slice comes back, lazily
     assert h.shape == p001_volume.hu.shape[1:]
 
 
 @needs_gpu
+def test_device_unet3d_matches_cpu_unet3d(p001_volume) -> None:
+    """The 3D U-Net on the device (resample kernel -> ORT CUDA -> cube mask -> volume grid on the
+    device) against the same segmenter on the CPU kernel path (g++-compiled kernels, ORT CPU)."""
+    import shutil
+
+    import sdk
+    from sdk.bundle import load_bundle
+
+    if not any(n.startswith("lungs3d") for n in load_bundle().files):
+        pytest.skip("the default bundle has no lungs3d_*.onnx")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++: the CPU reference of this comparison runs the kernel harness")
+    cpu = sdk.Triage(device="cpu", precision="fp32", kernels="cpu-harness", lung_method="unet3d").run(p001_volume)
+    eng = sdk.Triage(device="cuda", precision="fp16")
+    assert eng.runtime["stages"]["lungs"].startswith("unet3d-ort-cuda") and eng.runtime["stages"]["resample"] == "cuda-kernel"
+    r = eng.run(p001_volume)
+    assert r.label == cpu.label
+    for c in r.probabilities:
+        assert abs(r.probabilities[c] - cpu.probabilities[c]) <= 0.02
+    _check_transfers(r, p001_volume)
+    assert not [c for c in r.transfers["copies"] if c["what"] == "lung mask (host segmenter)"]
+
+
+@needs_gpu
 def test_device_pooling_kernel_equals_graph(p001_volume) -> None:
     import sdk
 
-    a = sdk.Triage(device="cuda", precision="fp32", pooling="kernel").run(p001_volume)
-    b = sdk.Triage(device="cuda", precision="fp32", pooling="graph").run(p001_volume)
+    a = sdk.Triage(device="cuda", precision="fp32", pooling="kernel", lung_method="hybrid").run(p001_volume)
+    b = sdk.Triage(device="cuda", precision="fp32", pooling="graph", lung_method="hybrid").run(p001_volume)
     assert a.runtime["stages"]["pooling"] == "cuda-kernel" and b.runtime["stages"]["pooling"] == "graph"
     assert np.abs(_slice_probs(a) - _slice_probs(b)).max() <= 1e-4
 
@@ -153,5 +179,5 @@ def test_device_pooling_kernel_equals_graph(p001_volume) -> None:
 def test_device_triage_from_files(cpu_result) -> None:
     import sdk
 
-    r = sdk.Triage(device="cuda", precision="fp16").run(shared_path("dicom", "covid-ct-md", "covid-P001"))
+    r = sdk.Triage(device="cuda", precision="fp16", lung_method="hybrid").run(shared_path("dicom", "covid-ct-md", "covid-P001"))
     assert r.label == cpu_result.label and r.transfers["h2d_calls"] >= 1
