@@ -49,3 +49,9 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def covid_p001() -> Path:
     return shared_path("dicom", "covid-ct-md", "covid-P001")
+
+
+#: IR version for the ONNX models tests build with onnx.helper: the installed onnx writes its newest IR
+#: by default (IR 14 with onnx 1.23), which older ONNX Runtime builds refuse ("max supported IR version:
+#: 13" with onnxruntime-gpu 1.31); IR 10 is read by every ONNX Runtime ctsdk supports (>= 1.18).
+PORTABLE_IR = 10

@@ -24,7 +24,7 @@ from sdk.export.tensorrt import (
 from sdk.runtime.engine_cache import EngineCache, EngineKey, check_engine_key, file_lock, read_sidecar, write_sidecar
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
+from conftest import PORTABLE_IR, SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 CTSDK = Path(sys.executable).with_name("ctsdk")
 SHA = "ab" * 32
 
@@ -91,7 +91,7 @@ def _onnx_file(path: Path, kind: str) -> Path:
     else:
         inits.append(numpy_helper.from_array(w, "w"))
         nodes.append(helper.make_node("Conv", [src, "w"], ["y"]))
-    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)], ir_version=PORTABLE_IR)
     onnx.checker.check_model(m)
     onnx.save_model(m, str(path))
     return path

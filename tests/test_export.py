@@ -12,12 +12,16 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
+from sdk._lazy import available as _available  # noqa: E402
+
+needs_onnxslim = pytest.mark.skipif(not _available("onnxslim"), reason="onnxslim is not installed (the `train` extra)")
 
 from sdk.export.onnx import (  # noqa: E402
     CLASSIFIER_OUTPUTS, classifier_metadata, export_fp16, export_onnx, fold_cast_roundtrips, fp32_head_nodes,
     read_metadata, toposort,
 )
 from sdk.export.samples import parity_inputs  # noqa: E402
+from conftest import PORTABLE_IR  # noqa: E402
 
 
 def _ort_run(path, x):
@@ -117,6 +121,7 @@ def test_fp16_keeps_head_fp32_and_matches_fp32(classifier_export, real_inputs, t
     assert out.stat().st_size < 0.6 * fp32.stat().st_size
 
 
+@needs_onnxslim
 def test_unet_exports_with_generic_names(tmp_path):
     from sdk.models import create_model
 
@@ -165,7 +170,7 @@ def test_fold_cast_roundtrips_and_toposort():
     toposort(g)
     assert [n.name for n in g.node] == ["abs", "relu"]
     assert list(g.node[1].input) == ["a"]
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=PORTABLE_IR)
     onnx.checker.check_model(m)
     xv = np.array([-1.0009765625, 2.0001], np.float32)  # not representable in FP16: must survive exactly
     np.testing.assert_array_equal(_ort_run_model(m, xv)["y"], np.abs(xv))
@@ -192,6 +197,6 @@ def test_fp32_head_nodes_excludes_backbone():
     ]
     inits = [w1, g1] + [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
                         (("s0", [1]), ("s1", [2]), ("s2", [1]), ("ax", [2, 3]))]
-    m = helper.make_model(_graph(nodes, [x], [y], inits))
+    m = helper.make_model(_graph(nodes, [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)], ir_version=PORTABLE_IR)
     head = fp32_head_nodes(m)
     assert head == {"mask_slice", "gauss", "weight", "pool"}

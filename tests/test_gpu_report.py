@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sdk.bench import gpu_report as gr
+from conftest import PORTABLE_IR  # noqa: E402
 
 
 def _no_gpu() -> bool:
@@ -58,7 +59,7 @@ def test_summarize_profile_on_a_real_ort_profile(tmp_path):
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4, 8, 8])],
                           [numpy_helper.from_array(w, "w")])
     path = tmp_path / "p.onnx"
-    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=PORTABLE_IR), str(path))
     s = OrtSession(path, threads=1, profile=str(tmp_path / "prof"), graph_optimization="disable")
     for _ in range(3):
         s.infer({"image": np.ones((2, 2, 8, 8), np.float32)})

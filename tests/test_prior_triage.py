@@ -17,7 +17,10 @@ def engine():
     pytest.importorskip("xgboost", reason="xgboost is not installed (the default bundle's aggregator)")
     from sdk.triage import Triage
 
-    return Triage()
+    # the CPU path: these tests are about the prior comparison, and its phantom reading must not
+    # depend on which lung segmenter the machine's default device picks (on a GPU: the 3D U-Net,
+    # trained on real CT, segments the synthetic phantom differently - see docs/device_path.md)
+    return Triage(device="cpu")
 
 
 def test_triage_with_prior_reports_worse(engine, tmp_path):

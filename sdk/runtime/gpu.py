@@ -6,10 +6,12 @@ no NVIDIA GPU is visible, and never creates a CUDA context as a side effect of `
 
 ``pycuda_primary_context(device)`` is the device's *primary* context seen through pycuda (the
 context the CUDA runtime API, CuPy, torch and ONNX Runtime use): retained once per process and
-device, pushed only inside ``with ctx.active():`` and popped on the way out, with one
-``pycuda.tools.DeviceMemoryPool``; at exit its held blocks are freed and pycuda's context caches
-cleared. pycuda aborts the process at exit ("The context stack was not empty upon module
-cleanup", exit 134) when a context is left pushed; with push/pop per call none ever is.
+device, resident (pushed) on the thread that first used it, pushed around calls on other threads,
+with one ``pycuda.tools.DeviceMemoryPool``; at exit its held blocks are freed, pycuda's context
+caches cleared and the resident push popped. pycuda aborts the process at exit ("The context
+stack was not empty upon module cleanup", exit 134) when a context is left pushed, and throws
+from destructors (std::terminate) when an object is freed with no current context: the resident
+push avoids the second, the pop at exit the first.
 """
 from __future__ import annotations
 
@@ -124,7 +126,14 @@ def device_memory(index: int = 0) -> Optional[Tuple[int, int]]:
 
 
 class PycudaPrimaryContext:
-    """The primary context of one device through pycuda, plus its memory pool (see module doc)."""
+    """The primary context of one device through pycuda, plus its memory pool (see module doc).
+
+    Like ``pycuda.autoprimaryctx``, the primary context is pushed once on the thread that creates
+    this object and stays current there for the life of the process, so pycuda objects that the
+    garbage collector frees on that thread (device allocations, modules) always find their context;
+    other threads push it for the duration of a call (:meth:`active`). At exit (``atexit``) the pool's
+    held blocks are freed, pycuda's caches cleared and the resident push popped, before pycuda's own
+    module cleanup checks that the context stack is empty (it aborts the process otherwise)."""
 
     def __init__(self, index: int) -> None:
         import pycuda.driver as drv  # lazy: optional dependency
@@ -135,13 +144,22 @@ class PycudaPrimaryContext:
         self.index = int(index)
         self.device = drv.Device(self.index)
         self.context = self.device.retain_primary_context()
-        with self.active():
-            self.pool = DeviceMemoryPool()
+        self.context.push()  # resident on the creating thread (popped in close())
+        self.owner = threading.get_ident()
+        self.pool = DeviceMemoryPool()
         self.closed = False
+
+    def _current(self) -> bool:
+        cur = self.drv.Context.get_current()
+        return cur is not None and cur == self.context
 
     @contextlib.contextmanager
     def active(self) -> Iterator[Any]:
-        """Push the primary context for the body, pop it after (nestable, any thread)."""
+        """Make the primary context current for the body: a no-op where it already is (the owner
+        thread, or nested calls); elsewhere pushed and popped on the way out."""
+        if self._current():
+            yield self.context
+            return
         self.context.push()
         try:
             yield self.context
@@ -149,19 +167,25 @@ class PycudaPrimaryContext:
             self.drv.Context.pop()
 
     def close(self) -> None:
-        """Free the pool's held blocks and clear pycuda's context caches (idempotent; at exit)."""
+        """Free the pool's held blocks, clear pycuda's context caches and pop the resident push
+        (idempotent; at exit)."""
         if self.closed:
             return
         self.closed = True
         try:
             with self.active():
                 self.drv.Context.synchronize()
-                self.pool.stop_holding()
+                self.pool.free_held()
             from pycuda.tools import clear_context_caches
 
             clear_context_caches()
         except Exception as exc:  # noqa: BLE001 - at exit: report, never raise
             log.warning("pycuda primary context %d: cleanup failed: %s", self.index, exc)
+        try:
+            if threading.get_ident() == self.owner and self._current():
+                self.drv.Context.pop()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("pycuda primary context %d: pop at exit failed: %s", self.index, exc)
 
 
 _PYCUDA: Dict[int, PycudaPrimaryContext] = {}
