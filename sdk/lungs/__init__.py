@@ -184,7 +184,8 @@ def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, ti
     return out, int(run.size)
 
 
-def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bool, timings: Dict[str, float]) -> Tuple[np.ndarray, Dict[str, float]]:
+def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bool, timings: Dict[str, float],
+                     net_z_step_mm: Optional[float] = None) -> Tuple[np.ndarray, Dict[str, float]]:
     """``unet2d``: U-Net on the body z range, then the classical finishing steps (two largest
     components, left / right, closing, hole filling, up-sampling). ``hybrid``: the union of the
     U-Net mask and the classical candidates (dark lung the net misses, e.g. emphysema, plus dense
@@ -205,7 +206,7 @@ def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bo
         timings["z_range_ms"] = (time.perf_counter() - t0) * 1e3
     if zr is None:
         return np.zeros(hu.shape, np.uint8), {"net_slices": 0.0, "n_components": 0.0}
-    learned, n_run = _learned_small(volume, zr, session, grid, timings)
+    learned, n_run = _learned_small(volume, zr, session, grid, timings, net_z_step_mm)
     if hybrid:
         from scipy import ndimage as ndi
 
@@ -227,6 +228,7 @@ def segment(
     session: Any = None,
     onnx_path: Optional[Union[str, os.PathLike]] = None,
     config: Optional[ClassicalConfig] = None,
+    net_z_step_mm: Optional[float] = None,
 ) -> LungSegmentation:
     """Segment both lungs of a CT volume.
 
@@ -240,6 +242,8 @@ def segment(
             ``sdk/bundles/default/lungs_fp32.onnx``) and cached.
         onnx_path: the 2D U-Net ONNX file.
         config: classical parameters.
+        net_z_step_mm: the U-Net runs on slices about this far apart (default
+            :data:`NET_Z_STEP_MM`); the slices in between get z-interpolated logits.
 
     Returns:
         :class:`LungSegmentation` at the native grid.
@@ -268,7 +272,7 @@ def segment(
             chosen = "classical"
     cfg = config or ClassicalConfig()
     if chosen in ("unet2d", "hybrid"):
-        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings)
+        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings, net_z_step_mm)
     else:
         labels, info = segment_classical_hu(hu, volume.spacing, cfg, timings)
     mask = labels > 0
