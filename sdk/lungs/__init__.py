@@ -176,9 +176,13 @@ def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, ti
     t0 = time.perf_counter()
     z0, z1 = zr
     run = _net_slices(z_mm, z0, z1, NET_Z_STEP_MM if step_mm is None else step_mm)
-    x = prepare_slices(window_hu(hu[run], SEGMENTER_WINDOW))
+
+    def make(i0: int, i1: int) -> np.ndarray:  # windowed per batch: no float copy of all run slices
+        return prepare_slices(window_hu(hu[run[i0:i1]], SEGMENTER_WINDOW))
+
     t1 = time.perf_counter()
-    logits = predict_logits(x, session)
+    steps: Dict[str, float] = {}
+    logits = predict_logits(make, session, n=int(run.size), timings=steps)
     t2 = time.perf_counter()
     if logits.shape[1:] != (grid.h, grid.w):
         interp = cv2.INTER_AREA if grid.h < logits.shape[1] else cv2.INTER_LINEAR
@@ -192,7 +196,9 @@ def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, ti
             a, b = run[j - 1], run[j]
             wb = (z_mm[k] - z_mm[a]) / (z_mm[b] - z_mm[a])
             out[k] = (1 - wb) * logits[j - 1] + wb * logits[j] > 0
-    timings.update(net_prepare_ms=(t1 - t0) * 1e3, net_ms=(t2 - t1) * 1e3, net_resize_ms=(time.perf_counter() - t2) * 1e3)
+    # net_prepare: slice choice + waiting for prepared batches (the rest overlaps the network)
+    timings.update(net_prepare_ms=(t1 - t0) * 1e3 + steps.get("prepare_ms", 0.0), net_ms=steps.get("infer_ms", (t2 - t1) * 1e3),
+                   net_resize_ms=(time.perf_counter() - t2) * 1e3)
     return out, int(run.size)
 
 
@@ -263,7 +269,7 @@ def segment(
         method: ``"auto"`` (the measured default, :data:`DEFAULT_METHOD`; falls back to the
             classical method with a warning when the ONNX model or onnxruntime is missing),
             ``"classical"`` or ``"unet2d"``.
-        session: a ctsdk Session / ``onnxruntime.InferenceSession`` for the 2D U-Net (reused
+        session: a ctsdk Session (:class:`sdk.runtime.ort.OrtSession`) for the 2D U-Net (reused
             across calls); otherwise one is opened from ``onnx_path`` (default
             ``sdk/bundles/default/lungs_fp32.onnx``) and cached.
         onnx_path: the 2D U-Net ONNX file.
