@@ -121,11 +121,12 @@ lines = [
     f"{r['config']['repeat']} measured calls per runtime are interleaved round-robin (the order rotates every round), so a "
     "noisy neighbour hits all runtimes alike. p50/p95 are over those calls (NumPy's linear-interpolation percentile).",
     "- **Runtimes.** `ort-fp32` / `ort-int8` are the product itself, `sdk.Triage(device=\"cpu\", precision=...)`, with its "
-    "default threads (2) and classifier batch (32); `ort-cuda-fp16`, `trt-fp16`, `trt-int8` were skipped with the reasons "
+    "default threads (2) and classifier batch (16); `ort-cuda-fp16`, `trt-fp16`, `trt-int8` were skipped with the reasons "
     "shown (no GPU here; see [gpu.md](gpu.md)).",
     "- **Stages.** Triage's own `timings_ms`, regrouped: its `load` is split into *decode* (file reading and header parsing, "
-    "plus the pixel-decoding share of the threaded decode-and-rescale loop) and *HU* (the rescale share, slice ordering, "
-    "geometry) by timing probes on `sdk.io.reader`; *resample* = the segmenter's input preparation + the classifier "
+    "plus pixel decoding) and *HU* (stored -> HU, slice ordering, geometry) with the reader's own split, "
+    "`sdk.io.load_series(timings=...)` (Triage reports it as `load.scan`/`load.decode`/`load.hu`/`load.geometry`); "
+    "*resample* = the segmenter's input preparation + the classifier "
     "inputs (window + resize to 224²).",
     "- **Naive baseline** (`sdk/bench/naive.py`): `pydicom.dcmread` + `pixel_array` one file at a time; HU by slope/intercept; "
     "the product's eligibility check; the product's 2D lung U-Net (its trained checkpoint) in PyTorch eager, one slice at a "

@@ -8,8 +8,12 @@
 
 Stages (each timed in ``TriageResult.timings_ms``): ``load`` (decode + HU), ``eligibility``,
 ``resample`` (the lung segmenter's input preparation, when the segmenter reports it),
-``lungs``, ``slice_selection``, ``classifier_inputs`` (window + resize + mask channels),
-``classification``, ``aggregation``, ``total``.
+``lungs``, ``slice_selection``, ``classifier_inputs`` (window + resize + mask channels; built
+batch by batch while the previous batch is classified, so this is only the time the classifier
+waited for its inputs), ``classification``, ``aggregation``, ``total``. When the reader splits
+its load (``sdk.io.load_series(timings=...)``), the parts of ``load`` are added as
+``load.scan``, ``load.decode``, ``load.hu``, ``load.geometry`` (parts, not extra stages: do not
+add them to ``load``).
 
 Decision: the XGBoost aggregator turns the selected slices' probabilities (20 ordered groups x K
 classes, :mod:`sdk.aggregate`) into series probabilities; the label is the bundle's positive
@@ -293,6 +297,17 @@ def _infer(session: Any, x: np.ndarray) -> Dict[str, np.ndarray]:
     return dict(zip(names, (np.asarray(v) for v in session.run(names, {"image": x}))))
 
 
+def _accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (readers without a ``timings`` split load unsplit)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 # --- facade ------------------------------------------------------------------------------------
 class Triage:
     """Load a bundle once, then triage many series.
@@ -445,8 +460,10 @@ class Triage:
         """
         timer = _Timer()
         t_total = time.perf_counter()
+        load_parts: Dict[str, float] = {}
         with timer("load"):
-            volume = self._load(series, series_uid)
+            volume = self._load(series, series_uid, load_parts)
+        timer.ms.update({f"load.{k}": float(v) for k, v in load_parts.items()})
         result, mask = self._triage_volume(volume, timer)
         if prior is not None:
             with timer("prior"):
@@ -456,13 +473,17 @@ class Triage:
         return result
 
     @staticmethod
-    def _load(series: Any, series_uid: Optional[str] = None) -> Any:
+    def _load(series: Any, series_uid: Optional[str] = None, timings: Optional[Dict[str, float]] = None) -> Any:
+        """A Volume as is, else ``sdk.io.load_series``; ``timings`` receives the reader's own
+        split of the load (scan / decode / hu / geometry ms) when the reader offers one."""
         from .volume import Volume
 
         if isinstance(series, Volume):
             return series
         from .io import load_series
 
+        if timings is not None and _accepts_keyword(load_series, "timings"):
+            return load_series(series, series_uid=series_uid, timings=timings)
         return load_series(series, series_uid=series_uid)
 
     def _triage_volume(self, volume: Any, timer: _Timer) -> Tuple[TriageResult, Optional[np.ndarray]]:

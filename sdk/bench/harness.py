@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from ..errors import ConfigError, CtsdkError, SeriesError
 from . import machine as machine_mod
 from .memory import PeakMemory
-from .pipelines import RUNTIMES, STAGES, Driver, LoadProbes, TriageDriver, make_driver, precheck
+from .pipelines import RUNTIMES, STAGES, Driver, TriageDriver, make_driver, precheck
 from .stats import dominant, series_per_minute, speedup, summarize, summarize_stages
 
 log = logging.getLogger("sdk.bench")
@@ -189,7 +189,6 @@ class Bench:
         config.validate()
         self.cfg = config
         self.progress = progress
-        self.probes = LoadProbes()
 
     # --- building ----------------------------------------------------------------------------------
     def _build(self, names: Sequence[str], source: str) -> Tuple[List[_Live], Dict[str, str]]:
@@ -203,8 +202,6 @@ class Bench:
                 self.progress(f"{name}: skipped ({why})")
                 continue
             driver = make_driver(name, bundle=self.cfg.bundle, threads=self.cfg.threads)
-            if isinstance(driver, TriageDriver):
-                driver.probes = self.probes
             self.progress(f"{name}: building (cold start)")
             gc.collect()
             try:
@@ -389,7 +386,6 @@ class Bench:
         load_before = machine_mod.load_snapshot()
         busy_before = machine_mod.busy_processes()
         tmp = Path(tempfile.mkdtemp(prefix="ctsdk-bench-"))
-        self.probes.install()
         try:
             if cfg.sources:
                 for s in cfg.sources:
@@ -444,15 +440,14 @@ class Bench:
                 "bundle": bundle_info(cfg.bundle),
                 "load": {"before": {**load_before, "busy_processes": busy_before},
                          "after": {**machine_mod.load_snapshot(), "busy_processes": machine_mod.busy_processes()}},
-                "decode_hu_split": ("product: decode = file reading + header parsing (sdk.io.reader._scan) + the pixel-"
-                                    "decoding share of the threaded decode+rescale loop (_decode_into, split by the "
-                                    "summed thread time of _decode_one vs _store_hu); hu = the rest of Triage's load "
-                                    "stage (rescale share, ordering, geometry). naive: dcmread + pixel_array vs sort + "
-                                    "rescale + stack") if self.probes.installed else "load not split (reader probes unavailable)",
+                "decode_hu_split": ("product: the reader's own split of Triage's load (sdk.io.load_series(timings=...)): "
+                                    "decode = scan (file listing + headers) + pixel decoding, hu = stored -> HU + "
+                                    "geometry (ordering, checks, re-orientation) + bookkeeping; a reader without "
+                                    "the split leaves load whole in decode (each run's notes say so). naive: dcmread + "
+                                    "pixel_array vs sort + rescale + stack"),
                 "series": results,
             }
         finally:
-            self.probes.uninstall()
             shutil.rmtree(tmp, ignore_errors=True)
 
 

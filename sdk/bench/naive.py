@@ -34,7 +34,7 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError, SeriesError
-from .pipelines import STAGES
+from .stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 SourceLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .pipelines import STAGE_LABELS, STAGES
+from .stages import STAGE_LABELS, STAGES
 
 PathLike = Union[str, Path]
 #: one colour per stage (tab10), stable across charts
