@@ -33,6 +33,7 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError
+from ..preprocessing import CLASSIFIER_MEAN, CLASSIFIER_STD, CLASSIFIER_WINDOW
 
 log = logging.getLogger("sdk.export")
 
@@ -40,10 +41,11 @@ PathLike = Union[str, Path]
 
 CLASSIFIER_OUTPUTS: Tuple[str, str, str] = ("logits", "probs", "cam")
 CLASSIFIER_INPUT = "image"
-#: Lung window (lo, hi) HU and ImageNet mean/std: the defaults of docs/conventions.md.
-DEFAULT_WINDOW: Tuple[float, float] = (-1350.0, 150.0)
-DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-DEFAULT_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: Lung window (lo, hi) HU and mean/std: owned by sdk.preprocessing (the ImageNet mean/std that
+#: stood here disagreed with the models' own (0.5, 0.5, 0.5) normalisation).
+DEFAULT_WINDOW: Tuple[float, float] = CLASSIFIER_WINDOW
+DEFAULT_MEAN: Tuple[float, ...] = CLASSIFIER_MEAN
+DEFAULT_STD: Tuple[float, ...] = CLASSIFIER_STD
 DEFAULT_CLASSES: Tuple[str, str] = ("non_covid", "covid")
 #: metadata_props keys are namespaced so they never clash with other tools' keys.
 META_PREFIX = "ctsdk."

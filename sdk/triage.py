@@ -366,8 +366,10 @@ class Triage:
         if self.positive not in self.classes:
             raise ConfigError(f"bundle positive class {self.positive!r} is not one of its classes {self.classes}")
         self.threshold = self.bundle.threshold
-        self.window = self.bundle.window
-        self.size = self.bundle.input_size
+        #: windows, sizes, mean/std of the bundle's models (one owner: sdk.preprocessing)
+        self.preprocessing = self.bundle.preprocessing
+        self.window = self.preprocessing.classifier_window
+        self.size = self.preprocessing.classifier_size
         self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads)
         self._inputs_fn, self.runtime["kernels"] = _input_builder(kernels, self.runtime.get("device", "cpu"), self.runtime_reasons)
         self._lungs = _open_lungs(self.bundle.lungs_path, threads) if lung_method != "classical" else None
@@ -405,7 +407,7 @@ class Triage:
     def _segment(self, volume: Any) -> Any:
         from . import lungs
 
-        kwargs: Dict[str, Any] = {"method": self.lung_method}
+        kwargs: Dict[str, Any] = {"method": self.lung_method, "preprocessing": self.preprocessing}
         if self._lungs is not None:
             kwargs["session"] = self._lungs
         return lungs.segment(volume, **kwargs)

@@ -37,7 +37,7 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 MANUFACTURER = "ctsdk"
 LOCAL_SCHEME = "99CTSDK"
-LUNG_WINDOW = (-1350.0, 150.0)
+from ..preprocessing import CLASSIFIER_WINDOW as LUNG_WINDOW  # noqa: E402 - the one owner of the window
 
 
 def _read_headers(files: Sequence[Path]) -> List[Any]:

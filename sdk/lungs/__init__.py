@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import BundleError, ConfigError, MissingDependencyError
+from ..preprocessing import Preprocessing
 from .classical import LEFT, RIGHT, ClassicalConfig, segment_classical_2d, segment_classical_hu
 from .unet2d import DEFAULT_ONNX, open_session, segment_slices_2d
 
@@ -161,15 +162,18 @@ def _net_slices(z_mm: np.ndarray, z0: int, z1: int, step_mm: float) -> np.ndarra
     return np.asarray(keep)
 
 
-def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, timings: Dict[str, float], step_mm: Optional[float] = None) -> Tuple[np.ndarray, int]:
+def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, timings: Dict[str, float],
+                   step_mm: Optional[float] = None, pre: Optional[Preprocessing] = None) -> Tuple[np.ndarray, int]:
     """U-Net lung mask on slices ``zr`` (inclusive), at the classical working grid (z, h, w).
 
     The network runs on slices about ``step_mm`` apart; the logits of the slices in between are
     linearly interpolated along z (positions from ``z_mm``, so uneven spacing is respected)."""
     import cv2
 
-    from ..volume.resample import SEGMENTER_WINDOW, window_hu
+    from ..volume.resample import window_hu
     from .unet2d import predict_logits, prepare_slices
+
+    pre = pre or Preprocessing()
 
     hu = volume.hu
     z_mm = np.asarray(volume.z_mm, dtype=np.float64)
@@ -178,7 +182,7 @@ def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, ti
     run = _net_slices(z_mm, z0, z1, NET_Z_STEP_MM if step_mm is None else step_mm)
 
     def make(i0: int, i1: int) -> np.ndarray:  # windowed per batch: no float copy of all run slices
-        return prepare_slices(window_hu(hu[run[i0:i1]], SEGMENTER_WINDOW))
+        return prepare_slices(window_hu(hu[run[i0:i1]], pre.segmenter_window), pre.segmenter_size)
 
     t1 = time.perf_counter()
     steps: Dict[str, float] = {}
@@ -221,7 +225,7 @@ def _dilate_in_plane(mask: np.ndarray, reach: int) -> np.ndarray:
 
 
 def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bool, timings: Dict[str, float],
-                     net_z_step_mm: Optional[float] = None) -> Tuple[np.ndarray, Dict[str, float]]:
+                     net_z_step_mm: Optional[float] = None, pre: Optional[Preprocessing] = None) -> Tuple[np.ndarray, Dict[str, float]]:
     """``unet2d``: U-Net on the body z range, then the classical finishing steps (two largest
     components, left / right, closing, hole filling, up-sampling). ``hybrid``: the union of the
     U-Net mask and the classical candidates (dark lung the net misses, e.g. emphysema, plus dense
@@ -242,7 +246,7 @@ def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bo
         timings["z_range_ms"] = (time.perf_counter() - t0) * 1e3
     if zr is None:
         return np.zeros(hu.shape, np.uint8), {"net_slices": 0.0, "n_components": 0.0}
-    learned, n_run = _learned_small(volume, zr, session, grid, timings, net_z_step_mm)
+    learned, n_run = _learned_small(volume, zr, session, grid, timings, net_z_step_mm, pre)
     if hybrid:
         t0 = time.perf_counter()
         reach = max(1, int(round(HYBRID_REACH_MM / grid.spacing[1])))
@@ -261,6 +265,7 @@ def segment(
     onnx_path: Optional[Union[str, os.PathLike]] = None,
     config: Optional[ClassicalConfig] = None,
     net_z_step_mm: Optional[float] = None,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> LungSegmentation:
     """Segment both lungs of a CT volume.
 
@@ -276,6 +281,8 @@ def segment(
         config: classical parameters.
         net_z_step_mm: the U-Net runs on slices about this far apart (default
             :data:`NET_Z_STEP_MM`); the slices in between get z-interpolated logits.
+        preprocessing: the U-Net's input window and size (a bundle's
+            :attr:`sdk.bundle.Bundle.preprocessing`; default: the default bundle's values).
 
     Returns:
         :class:`LungSegmentation` at the native grid.
@@ -304,7 +311,7 @@ def segment(
             chosen = "classical"
     cfg = config or ClassicalConfig()
     if chosen in ("unet2d", "hybrid"):
-        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings, net_z_step_mm)
+        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings, net_z_step_mm, preprocessing)
     else:
         labels, info = segment_classical_hu(hu, volume.spacing, cfg, timings)
     mask = labels > 0

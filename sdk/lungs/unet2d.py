@@ -17,9 +17,10 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import BundleError, ConfigError
+from ..preprocessing import SEGMENTER_SIZE
 
-#: network input side (pixels) and the size the CLAHE preparation runs at
-NET_SIZE = 128
+#: network input side (pixels; owned by sdk.preprocessing) and the size the CLAHE preparation runs at
+NET_SIZE = SEGMENTER_SIZE
 CLAHE_SIZE = 256
 CLAHE_CLIP = 7.0
 INPUT_NAME = "image"
