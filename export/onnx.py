@@ -446,27 +446,19 @@ def _check_dynamic_batch(proto: Any, out: Path) -> None:
 
 
 def ort_cpu_session(path: PathLike, threads: int = 2) -> Any:
-    """A plain ``onnxruntime.InferenceSession`` on the CPU (quiet, ``threads`` intra-op, 1 inter-op),
-    for any ONNX graph - exports, parity checks and calibration; the product's sessions are
-    :class:`sdk.runtime.ort.OrtSession`."""
-    ort = require("onnxruntime", "ONNX Runtime inference")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """A CPU :class:`sdk.runtime.ort.OrtSession` (quiet, ``threads`` intra-op, 1 inter-op) for any
+    ONNX graph - exports, parity checks and calibration: the same Session interface (and batching,
+    ``infer_batched``) as the product."""
+    require("onnxruntime", "ONNX Runtime inference")
+    from ..runtime.ort import OrtSession
+
+    return OrtSession(path, device="cpu", threads=threads)
 
 
 def run_onnx(path: PathLike, x: np.ndarray, batch: int = 32, threads: int = 2) -> Dict[str, np.ndarray]:
     """Run an ONNX model on ORT CPU over ``x`` in batches; outputs concatenated by name."""
-    sess = ort_cpu_session(path, threads)
-    name = sess.get_inputs()[0].name
-    outs: Dict[str, List[np.ndarray]] = {o.name: [] for o in sess.get_outputs()}
-    for i in range(0, len(x), batch):
-        res = sess.run(None, {name: np.ascontiguousarray(x[i:i + batch], dtype=np.float32)})
-        for o, r in zip(sess.get_outputs(), res):
-            outs[o.name].append(np.asarray(r, dtype=np.float32))
-    return {k: np.concatenate(v) for k, v in outs.items()}
+    out = ort_cpu_session(path, threads).infer_batched(np.asarray(x, dtype=np.float32), batch=batch)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], *, n: int, source: str,
@@ -491,8 +483,7 @@ def torch_parity(model: Any, onnx_path: PathLike, x: np.ndarray, *, source: str 
     """Compare ORT CPU outputs of ``onnx_path`` with torch eager ``model`` on ``x``."""
     torch = require("torch", "parity check against PyTorch")
     wrapped = _adapter(model)
-    sess = ort_cpu_session(onnx_path)
-    names = [o.name for o in sess.get_outputs()]
+    names = [o.name for o in ort_cpu_session(onnx_path).outputs]
     ref: Dict[str, List[np.ndarray]] = {k: [] for k in names}
     with torch.no_grad():
         for i in range(0, len(x), batch):
