@@ -1,6 +1,8 @@
 """Before / after in one process: an old copy of the package (``sdk_base``) against this checkout.
 
     mkdir -p /tmp/base && git archive <old-commit> sdk | tar -x -C /tmp/base && mv /tmp/base/sdk /tmp/base/sdk_base
+    grep -rl '"sdk\.\|from sdk\.\|from sdk import' /tmp/base/sdk_base --include=*.py \
+        | xargs sed -i 's/"sdk\./"sdk_base./g; s/from sdk\./from sdk_base./g; s/from sdk import/from sdk_base import/g'
     .venv/bin/python examples/side_by_side.py --base /tmp/base [--rounds 5] [--threads 2]
 
 Both versions triage the same series alternately (order flipped every round, so load on a
@@ -42,6 +44,9 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     sys.path.insert(0, str(a.base))
     import sdk
     import sdk_base  # type: ignore[import-not-found]
+
+    if not sdk_base.Triage.__module__.startswith("sdk_base"):
+        raise SystemExit("sdk_base.Triage resolves to the new package: rewrite the old copy's absolute 'sdk.' names (see the docstring)")
     from sdk.io import load_series
 
     new = sdk.Triage(device="cpu", heatmaps=False, threads=a.threads)
