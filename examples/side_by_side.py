@@ -47,24 +47,26 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
 
     if not sdk_base.Triage.__module__.startswith("sdk_base"):
         raise SystemExit("sdk_base.Triage resolves to the new package: rewrite the old copy's absolute 'sdk.' names (see the docstring)")
+    import sdk_base.io  # type: ignore[import-not-found]
     from sdk.io import load_series
 
+    loaders = {"old": sdk_base.io.load_series, "new": load_series}  # each Triage takes its own Volume class
     new = sdk.Triage(device="cpu", heatmaps=False, threads=a.threads)
     old = sdk_base.Triage(device="cpu", heatmaps=False, threads=a.threads)
     pairs = {"old": old, "new": new}
     report: Dict[str, Any] = {"runtime": new.runtime, "check": {}}
     # 1. same results: masks bitwise, labels, |dp|
     for s in a.check:
-        vol = load_series(DATA / s)
-        seg = {k: t._segment(vol) for k, t in pairs.items()}
-        res = {k: t.run(vol) for k, t in pairs.items()}
+        vols = {k: loaders[k](DATA / s) for k in pairs}
+        seg = {k: t._segment(vols[k]) for k, t in pairs.items()}
+        res = {k: t.run(vols[k]) for k, t in pairs.items()}
         dp = max((abs(res["old"].probabilities[c] - res["new"].probabilities[c]) for c in res["old"].probabilities), default=0.0)
         report["check"][s] = {"mask_identical": bool(np.array_equal(seg["old"].labels, seg["new"].labels)),
                               "lung_ml": [seg["old"].lung_volume_ml, seg["new"].lung_volume_ml],
                               "label": [res["old"].label, res["new"].label], "max_abs_dp": dp}
     # 2. timings, alternating
     src = DATA / a.series
-    vol = load_series(src)
+    vols = {k: loaders[k](src) for k in pairs}
     for t in pairs.values():
         t.run(src)
     rec: Dict[str, Dict[str, List[float]]] = {k: {} for k in pairs}
@@ -76,10 +78,10 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
             rec[k].setdefault("run_files_cpu", []).append(cpu)
             for st, ms in res.timings_ms.items():
                 rec[k].setdefault(f"stage_{st}", []).append(ms)
-            res, wall, cpu = _timed(lambda: t.run(vol))
+            res, wall, cpu = _timed(lambda: t.run(vols[k]))
             rec[k].setdefault("run_volume_wall", []).append(wall)
             rec[k].setdefault("run_volume_cpu", []).append(cpu)
-            _, wall, cpu = _timed(lambda: t._segment(vol))
+            _, wall, cpu = _timed(lambda: t._segment(vols[k]))
             rec[k].setdefault("lungs_wall", []).append(wall)
             rec[k].setdefault("lungs_cpu", []).append(cpu)
     med = {k: {m: float(np.median(v)) for m, v in d.items()} for k, d in rec.items()}
