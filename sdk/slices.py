@@ -160,7 +160,9 @@ def select_slices(
     if max_slices is not None and max_slices < 1:
         raise ConfigError(f"max_slices must be >= 1 or None, not {max_slices}")
     ps = tuple(float(v) for v in volume.pixel_spacing_mm)
-    lung_area = mask.reshape(mask.shape[0], -1).astype(bool).sum(1) * ps[0] * ps[1]
+    # per-slice lung pixel counts without a bool copy of the mask (a 38 MB fresh allocation per series)
+    flat = mask.reshape(mask.shape[0], -1)
+    lung_area = np.count_nonzero(flat, axis=1) * ps[0] * ps[1]
     amax = float(lung_area.max()) if lung_area.size else 0.0
     area_thr = max(min_area_fraction * amax, min_area_mm2)
     lung_ok = (lung_area >= area_thr) & (lung_area > 0)
