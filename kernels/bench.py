@@ -4,7 +4,8 @@ thread grid) vs the NumPy references, on product-sized inputs.
     python -m sdk.kernels.bench [--repeat 3] [--json]
 
 Prints a Markdown table (median seconds) and the max abs difference of each pair. This measures the
-CPU harness, not a GPU.
+CPU harness, not a GPU; the GPU kernels (CuPy and pycuda backends) against NumPy and torch are timed
+by ``python -m sdk.bench.gpu_report`` (docs/benchmarks/gpu.md).
 """
 from __future__ import annotations
 

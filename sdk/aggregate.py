@@ -152,6 +152,29 @@ class Aggregator:
         probs = self.predict_features(self.features(slice_probs)[None, :])[0]
         return {c: float(v) for c, v in zip(self.classes, probs)}
 
+    def contributions(self, slice_probs: np.ndarray) -> np.ndarray:
+        """Exact per-feature contributions (TreeSHAP, XGBoost ``pred_contribs``) to the margin.
+
+        Returns (G*K + 1,) logit contributions for two classes (last entry: the bias; they sum to
+        the logit of the positive class), or (K, G*K + 1) for more classes.
+        """
+        xgb = xgboost_module()
+        x = self.features(slice_probs)[None, :].astype(np.float32)
+        with self._lock:
+            c = np.asarray(self.booster.predict(xgb.DMatrix(x, nthread=1), pred_contribs=True), dtype=np.float64)
+        return c[0]
+
+    def contribution_summary(self, slice_probs: np.ndarray) -> Dict[str, float]:
+        """Contributions summed per class column (``groups_<class>``, over the G groups) and ``bias``."""
+        c = self.contributions(slice_probs)
+        if c.ndim != 1:  # multi-class: report the last class's margin (positive class last by convention)
+            c = c[-1]
+        k = len(self.classes)
+        per = c[:-1].reshape(self.n_groups, k).sum(axis=0)
+        out = {f"groups_{cls}": float(v) for cls, v in zip(self.classes, per)}
+        out["bias"] = float(c[-1])
+        return out
+
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:
         """Write the XGBoost JSON model with ctsdk metadata in its attributes."""

@@ -18,15 +18,15 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import ConfigError, MissingDependencyError
 
-__all__ = ["Opacity", "make_phantom_hu", "write_phantom_series", "PHANTOM_SYNTAXES", "LOSSLESS_SYNTAXES"]
+__all__ = ["Opacity", "PhantomOptions", "make_phantom_hu", "write_phantom_series", "PHANTOM_SYNTAXES", "LOSSLESS_SYNTAXES"]
 
 HU_AIR, HU_BODY, HU_LUNG, HU_VESSEL, HU_BONE = -1000, 40, -850, 40, 400
 HU_GGO, HU_CONSOLIDATION = -600, 0
@@ -146,97 +146,164 @@ def _resolve_syntax(transfer_syntax: str) -> str:
     return uid
 
 
-def write_phantom_series(out_dir: Union[str, Path], *, n_slices: int = 64, size: int = 128,
-                         spacing: Tuple[float, float, float] = (2.0, 0.7, 0.7),
-                         transfer_syntax: str = "1.2.840.10008.1.2.1", ground_glass: bool = False,
-                         consolidation: bool = False, opacities: Sequence[Opacity] = (), seed: int = 0,
-                         noise_hu: float = 0.0, tilt_deg: float = 0.0, slope: float = 1.0,
-                         intercept: float = -1024.0, per_slice_rescale: bool = False,
-                         missing: Sequence[int] = (), contrast_agent: str = "", slice_thickness: Optional[float] = None,
-                         modality: str = "CT", series_uid: Optional[str] = None, study_uid: Optional[str] = None,
-                         series_description: str = "ctsdk phantom", flip_x: bool = False, flip_y: bool = False,
-                         image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
-                         hu: Optional[np.ndarray] = None, z0_mm: float = -100.0) -> List[Path]:
-    """Write the phantom as one DICOM CT Image Storage file per slice.
+@dataclass(frozen=True)
+class PhantomOptions:
+    """What :func:`write_phantom_series` writes (every field has a default; use
+    ``dataclasses.replace`` or keyword overrides to change a few).
 
-    File names are random-ish (seeded) so that name order is not slice order. Pixel values are
-    ``stored = round((HU - intercept) / slope)``, so HU are exact when ``slope`` divides every value.
-
-    Args:
-        out_dir: folder to create/fill.
+    Attributes:
+        n_slices, size: (z, y, x) shape (n_slices, size, size) of the analytic phantom.
+        spacing: (z, y, x) voxel size in mm.
         transfer_syntax: a UID or alias from :data:`PHANTOM_SYNTAXES` (explicit, implicit,
             big-endian, deflate, rle, jpeg-ls, j2k).
+        ground_glass, consolidation, opacities, noise_hu, seed: content (see :func:`make_phantom_hu`);
+            ``seed`` also drives the file names and the UIDs.
         tilt_deg: gantry tilt: ImageOrientationPatient column vector (0, cos t, -sin t) and slices
             stacked along the table axis z, pixels sampled from the tilted planes (like GE).
-        per_slice_rescale: alternate slopes 1 / 2 and intercepts between slices (HU stay exact
-            where stored values divide).
+        slope, intercept: rescale; ``stored = round((HU - intercept) / slope)``, so HU are exact
+            when ``slope`` divides every value.
+        per_slice_rescale: alternate slopes 1 / 2 and intercepts between slices.
         missing: slice indices (0-based, before writing) to leave out.
         contrast_agent: written to ContrastBolusAgent (and Route "IV") when non-empty.
+        slice_thickness: SliceThickness (default: the z spacing).
+        modality, series_uid, study_uid, series_description, image_type: header values (UIDs are
+            generated from ``seed`` when None).
         flip_x / flip_y: write a non-LPS but axis-aligned orientation (row direction -x / column
             direction -y; one of them alone makes the slice normal point to -z) for canonicalisation
             tests. The anatomy is the same; only the storage order changes.
         hu: write this (z, y, x) int16 array instead of the analytic phantom (tilt must be 0).
         z0_mm: z position of the first slice.
+    """
+
+    n_slices: int = 64
+    size: int = 128
+    spacing: Tuple[float, float, float] = (2.0, 0.7, 0.7)
+    transfer_syntax: str = "1.2.840.10008.1.2.1"
+    ground_glass: bool = False
+    consolidation: bool = False
+    opacities: Sequence[Opacity] = ()
+    seed: int = 0
+    noise_hu: float = 0.0
+    tilt_deg: float = 0.0
+    slope: float = 1.0
+    intercept: float = -1024.0
+    per_slice_rescale: bool = False
+    missing: Sequence[int] = ()
+    contrast_agent: str = ""
+    slice_thickness: Optional[float] = None
+    modality: str = "CT"
+    series_uid: Optional[str] = None
+    study_uid: Optional[str] = None
+    series_description: str = "ctsdk phantom"
+    flip_x: bool = False
+    flip_y: bool = False
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL")
+    hu: Optional[np.ndarray] = None
+    z0_mm: float = -100.0
+
+
+def write_phantom_series(out_dir: Union[str, Path], options: Optional[PhantomOptions] = None,
+                         **overrides: Any) -> List[Path]:
+    """Write the phantom as one DICOM CT Image Storage file per slice.
+
+    File names are random-ish (seeded) so that name order is not slice order.
+
+    Args:
+        out_dir: folder to create/fill.
+        options: what to write (default ``PhantomOptions()``).
+        **overrides: :class:`PhantomOptions` fields replacing those of ``options``
+            (``write_phantom_series(d, n_slices=8, size=32)``).
 
     Returns:
         The written paths, in slice order (index k = slice k).
-    """
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import generate_uid, ExplicitVRBigEndian
 
-    _check(n_slices if hu is None else hu.shape[0], size if hu is None else hu.shape[1], spacing)
-    ts = _resolve_syntax(transfer_syntax)
+    Raises:
+        ConfigError: unknown override, impossible shape/rescale, unsupported syntax.
+        MissingDependencyError: the encoder of a compressed syntax is not installed.
+    """
+    opts = _options(options, overrides)
+    slices_hu, size, ncols = _slice_images(opts)
+    ts = _resolve_syntax(opts.transfer_syntax)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dz, dy, dx = (float(s) for s in spacing)
-    if hu is not None:
-        if tilt_deg:
-            raise ConfigError("tilt_deg needs the analytic phantom (hu=None)")
-        hu = np.asarray(hu)
-        n_slices, size = hu.shape[0], hu.shape[1]
-        slices_hu = [hu[k] for k in range(n_slices)]
-        ncols = hu.shape[2]
-    else:
-        ncols = size
-        f = _shapes(n_slices, size, spacing, ground_glass, consolidation, opacities)
-        t = np.radians(tilt_deg)
-        x = ((np.arange(size) + 0.5) * dx)[None, :]
-        j = np.arange(size)[:, None]
-        rng = np.random.default_rng(seed)
-        slices_hu = []
-        for k in range(n_slices):
-            # slice k: normal position w = (k + 0.5) dz; in a tilted plane row j sits at u = j dy - w tan t
-            w = np.full((1, 1), (k + 0.5) * dz)
-            u = (j + 0.5) * dy - (k * dz) * np.tan(t)
-            s = f(w, u, x)
-            if noise_hu > 0:
-                s = s + rng.normal(0.0, noise_hu, s.shape).astype(np.float32)
-            slices_hu.append(np.clip(np.rint(s), -1024, 3071).astype(np.int16))
-    uid_root = "1.2.826.0.1.3680043.8.498."
-    rng_names = np.random.default_rng(seed + 7919)
-    study = study_uid or generate_uid(uid_root, entropy_srcs=[f"study-{seed}"])
-    series = series_uid or generate_uid(uid_root, entropy_srcs=[f"series-{seed}-{ts}-{tilt_deg}-{n_slices}"])
-    frame_uid = generate_uid(uid_root, entropy_srcs=[f"for-{seed}"])
-    now = _dt.datetime(2026, 1, 1, 12, 0, 0)
-    t = np.radians(tilt_deg)
-    row_dir = np.array([-1.0 if flip_x else 1.0, 0.0, 0.0])
-    col_dir = np.array([0.0, np.cos(t), -np.sin(t)]) * (-1.0 if flip_y else 1.0)
-    thickness = slice_thickness if slice_thickness is not None else dz
+    base = _base_dataset(opts, ts, size, ncols)
+    rng_names = np.random.default_rng(opts.seed + 7919)
+    used: set = set()
     paths: List[Path] = []
+    for k in [k for k in range(len(slices_hu)) if k not in set(opts.missing)]:
+        ds = _slice_dataset(base, opts, ts, k, slices_hu[k], size, ncols)
+        path = out / f"IM{rng_names.integers(0, 16**8):08x}.dcm"   # name order is not slice order
+        while path in used:
+            path = out / f"IM{rng_names.integers(0, 16**8):08x}.dcm"
+        used.add(path)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
+
+def _options(options: Optional[PhantomOptions], overrides: Dict[str, Any]) -> PhantomOptions:
+    opts = options if options is not None else PhantomOptions()
+    valid = {f.name for f in fields(PhantomOptions)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(f"unknown phantom option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    return replace(opts, **overrides) if overrides else opts
+
+
+def _slice_images(opts: PhantomOptions) -> Tuple[List[np.ndarray], int, int]:
+    """(int16 HU image per slice, rows, columns): the given ``hu`` or the (tilted) analytic phantom."""
+    if opts.hu is not None:
+        if opts.tilt_deg:
+            raise ConfigError("tilt_deg needs the analytic phantom (hu=None)")
+        hu = np.asarray(opts.hu)
+        _check(hu.shape[0], hu.shape[1], opts.spacing)
+        return [hu[k] for k in range(hu.shape[0])], hu.shape[1], hu.shape[2]
+    _check(opts.n_slices, opts.size, opts.spacing)
+    dz, dy, dx = (float(v) for v in opts.spacing)
+    size = opts.size
+    f = _shapes(opts.n_slices, size, opts.spacing, opts.ground_glass, opts.consolidation, opts.opacities)
+    t = np.radians(opts.tilt_deg)
+    x = ((np.arange(size) + 0.5) * dx)[None, :]
+    j = np.arange(size)[:, None]
+    rng = np.random.default_rng(opts.seed)
+    out = []
+    for k in range(opts.n_slices):
+        # slice k: normal position w = (k + 0.5) dz; in a tilted plane row j sits at u = j dy - w tan t
+        w = np.full((1, 1), (k + 0.5) * dz)
+        u = (j + 0.5) * dy - (k * dz) * np.tan(t)
+        img = f(w, u, x)
+        if opts.noise_hu > 0:
+            img = img + rng.normal(0.0, opts.noise_hu, img.shape).astype(np.float32)
+        out.append(np.clip(np.rint(img), -1024, 3071).astype(np.int16))
+    return out, size, size
+
+
+_UID_ROOT = "1.2.826.0.1.3680043.8.498."
+
+
+def _base_dataset(opts: PhantomOptions, ts: str, size: int, ncols: int):
+    """Header elements shared by every slice of the series."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    dz, dy, dx = (float(v) for v in opts.spacing)
+    n = opts.n_slices if opts.hu is None else int(np.asarray(opts.hu).shape[0])
+    study = opts.study_uid or generate_uid(_UID_ROOT, entropy_srcs=[f"study-{opts.seed}"])
+    series = opts.series_uid or generate_uid(_UID_ROOT, entropy_srcs=[f"series-{opts.seed}-{ts}-{opts.tilt_deg}-{n}"])
+    row_dir, col_dir = _directions(opts)
+    thickness = opts.slice_thickness if opts.slice_thickness is not None else dz
     base = Dataset()
     base.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    base.Modality = modality
-    base.ImageType = list(image_type)
+    base.Modality = opts.modality
+    base.ImageType = list(opts.image_type)
     base.Manufacturer = "ctsdk"
     base.ManufacturerModelName = "phantom"
     base.StudyInstanceUID = study
     base.SeriesInstanceUID = series
-    base.FrameOfReferenceUID = frame_uid
-    base.SeriesDescription = series_description
+    base.FrameOfReferenceUID = generate_uid(_UID_ROOT, entropy_srcs=[f"for-{opts.seed}"])
+    base.SeriesDescription = opts.series_description
     base.SeriesNumber = 1
-    base.StudyDate = now.strftime("%Y%m%d")
+    base.StudyDate = _dt.datetime(2026, 1, 1, 12, 0, 0).strftime("%Y%m%d")
     base.PatientName = "Phantom^Ctsdk"
     base.PatientID = "PHANTOM"
     base.KVP = 120
@@ -251,54 +318,61 @@ def write_phantom_series(out_dir: Union[str, Path], *, n_slices: int = 64, size:
     base.BitsAllocated, base.BitsStored, base.HighBit = 16, 16, 15
     base.PixelRepresentation = 1
     base.RescaleType = "HU"
-    if tilt_deg:
-        base.GantryDetectorTilt = f"{tilt_deg:g}"
-    if contrast_agent:
-        base.ContrastBolusAgent = contrast_agent
+    if opts.tilt_deg:
+        base.GantryDetectorTilt = f"{opts.tilt_deg:g}"
+    if opts.contrast_agent:
+        base.ContrastBolusAgent = opts.contrast_agent
         base.ContrastBolusRoute = "IV"
+    return base
 
-    order = list(range(n_slices))
-    written = [k for k in order if k not in set(missing)]
-    used: set = set()
-    for k in written:
-        ds = Dataset()
-        ds.update(base)
-        sl, ic = (slope, intercept)
-        if per_slice_rescale and k % 2 == 1:
-            sl, ic = slope * 2.0, intercept + 24.0
-        stored = np.rint((slices_hu[k].astype(np.float64) - ic) / sl)
-        if stored.min() < -32768 or stored.max() > 32767:
-            raise ConfigError(f"slope {sl} / intercept {ic} put slice {k} outside int16")
-        stored = stored.astype(np.int16)
-        if flip_x:
-            stored = stored[:, ::-1]
-        if flip_y:
-            stored = stored[::-1, :]
-        # position of pixel (0, 0): table position z_k (+ the in-plane origin); a tilted plane keeps
-        # its normal position (k + 0.5) dz by stacking along z by dz / cos(t)
-        zk = z0_mm + k * dz / np.cos(t)
-        x0 = -0.5 * ncols * dx + 0.5 * dx + ((ncols - 1) * dx if flip_x else 0.0)
-        y0 = -0.5 * size * dy + 0.5 * dy + ((size - 1) * dy * np.cos(t) if flip_y else 0.0)
-        z0 = zk - ((size - 1) * dy * np.sin(t) if flip_y else 0.0)
-        ds.ImagePositionPatient = [f"{x0:.6f}", f"{y0:.6f}", f"{z0:.6f}"]
-        ds.SliceLocation = f"{zk:.6f}"
-        ds.InstanceNumber = k + 1
-        ds.SOPInstanceUID = generate_uid(uid_root, entropy_srcs=[series, str(k)])
-        ds.RescaleSlope = f"{sl:g}"
-        ds.RescaleIntercept = f"{ic:g}"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ts
-        ds.file_meta = meta
-        _set_pixels(ds, stored, ts)
-        path = out / f"IM{rng_names.integers(0, 16**8):08x}.dcm"   # name order is not slice order
-        while path in used:
-            path = out / f"IM{rng_names.integers(0, 16**8):08x}.dcm"
-        used.add(path)
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
-    return paths
+
+def _directions(opts: PhantomOptions) -> Tuple[np.ndarray, np.ndarray]:
+    """(row direction, column direction) of ImageOrientationPatient."""
+    t = np.radians(opts.tilt_deg)
+    row_dir = np.array([-1.0 if opts.flip_x else 1.0, 0.0, 0.0])
+    col_dir = np.array([0.0, np.cos(t), -np.sin(t)]) * (-1.0 if opts.flip_y else 1.0)
+    return row_dir, col_dir
+
+
+def _slice_dataset(base, opts: PhantomOptions, ts: str, k: int, image: np.ndarray, size: int, ncols: int):
+    """The dataset of slice ``k``: position, identity, rescale and encoded pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    dz, dy, dx = (float(v) for v in opts.spacing)
+    ds = Dataset()
+    ds.update(base)
+    sl, ic = opts.slope, opts.intercept
+    if opts.per_slice_rescale and k % 2 == 1:
+        sl, ic = opts.slope * 2.0, opts.intercept + 24.0
+    stored = np.rint((image.astype(np.float64) - ic) / sl)
+    if stored.min() < -32768 or stored.max() > 32767:
+        raise ConfigError(f"slope {sl} / intercept {ic} put slice {k} outside int16")
+    stored = stored.astype(np.int16)
+    if opts.flip_x:
+        stored = stored[:, ::-1]
+    if opts.flip_y:
+        stored = stored[::-1, :]
+    # position of pixel (0, 0): table position z_k (+ the in-plane origin); a tilted plane keeps
+    # its normal position (k + 0.5) dz by stacking along z by dz / cos(t)
+    t = np.radians(opts.tilt_deg)
+    zk = opts.z0_mm + k * dz / np.cos(t)
+    x0 = -0.5 * ncols * dx + 0.5 * dx + ((ncols - 1) * dx if opts.flip_x else 0.0)
+    y0 = -0.5 * size * dy + 0.5 * dy + ((size - 1) * dy * np.cos(t) if opts.flip_y else 0.0)
+    z0 = zk - ((size - 1) * dy * np.sin(t) if opts.flip_y else 0.0)
+    ds.ImagePositionPatient = [f"{x0:.6f}", f"{y0:.6f}", f"{z0:.6f}"]
+    ds.SliceLocation = f"{zk:.6f}"
+    ds.InstanceNumber = k + 1
+    ds.SOPInstanceUID = generate_uid(_UID_ROOT, entropy_srcs=[str(base.SeriesInstanceUID), str(k)])
+    ds.RescaleSlope = f"{sl:g}"
+    ds.RescaleIntercept = f"{ic:g}"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ts
+    ds.file_meta = meta
+    _set_pixels(ds, stored, ts)
+    return ds
 
 
 def _set_pixels(ds, stored: np.ndarray, ts: str) -> None:
@@ -308,7 +382,8 @@ def _set_pixels(ds, stored: np.ndarray, ts: str) -> None:
     if ts in (RLELossless, JPEGLSLossless, JPEG2000Lossless):
         ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
         try:
-            kwargs = {"encoding_plugin": "pylibjpeg"} if ts == RLELossless else {}
+            kwargs: Dict[str, Any] = {"encoding_plugin": "pylibjpeg"} if ts == RLELossless else {}
+            kwargs["generate_instance_uid"] = False   # keep the seeded UID (pydicom makes a random one)
             ds.compress(ts, stored, **kwargs)
         except (RuntimeError, ImportError) as exc:
             pkg = {JPEGLSLossless: "pyjpegls", JPEG2000Lossless: "pylibjpeg-openjpeg"}.get(ts, "pylibjpeg-rle")

@@ -8,17 +8,20 @@
 
 Stages (each timed in ``TriageResult.timings_ms``): ``load`` (decode + HU), ``eligibility``,
 ``resample`` (the lung segmenter's input preparation, when the segmenter reports it),
-``lungs``, ``slice_selection``, ``classifier_inputs`` (window + resize + mask channels; built
-batch by batch while the previous batch is classified, so this is only the time the classifier
-waited for its inputs), ``classification``, ``aggregation``, ``total``. When the reader splits
-its load (``sdk.io.load_series(timings=...)``), the parts of ``load`` are added as
-``load.scan``, ``load.decode``, ``load.hu``, ``load.geometry`` (parts, not extra stages: do not
-add them to ``load``).
+``lungs``, ``slice_selection``, ``opacity`` (HU ground glass / consolidation, :mod:`sdk.opacity`),
+``classifier_inputs`` (window + resize + mask channels; built batch by batch while the previous
+batch is classified, so this is only the time the classifier waited for its inputs),
+``classification``, ``aggregation``, ``total``. When the reader splits its load
+(``sdk.io.load_series(timings=...)``), the parts of ``load`` are added as ``load.scan``,
+``load.decode``, ``load.hu``, ``load.geometry`` (parts, not extra stages: do not add them to
+``load``).
 
 Decision: the XGBoost aggregator turns the selected slices' probabilities (20 ordered groups x K
 classes, :mod:`sdk.aggregate`) into series probabilities; the label is the bundle's positive
 class ("covid") when its probability reaches the bundle's series threshold, otherwise the most
 probable other class ("non_covid" in the default bundle, which has no normal/CAP distinction).
+The HU opacity evidence adds fixed logit terms to the aggregator's, and weak or conflicting
+evidence gives ``label="indeterminate"`` with reasons (:mod:`sdk.decision`).
 A series that fails eligibility gives ``label="not_eligible"`` with the reasons - a result, not an
 exception; ingest problems raise :class:`~sdk.errors.SeriesError`.
 
@@ -41,7 +44,7 @@ from .errors import ConfigError, RuntimeUnavailableError
 log = logging.getLogger("sdk.triage")
 
 PathLike = Union[str, Path]
-STAGES = ("load", "eligibility", "resample", "lungs", "slice_selection", "classifier_inputs",
+STAGES = ("load", "eligibility", "resample", "lungs", "slice_selection", "opacity", "classifier_inputs",
           "classification", "aggregation", "total")
 NOT_ELIGIBLE = "not_eligible"
 #: slices per classifier call: 16 gives the same probabilities as 32 and ~165 MB less peak RSS
@@ -82,6 +85,8 @@ class _HeatmapSource:
     cams: np.ndarray          # (N_selected, K, h, w)
     window: Tuple[float, float]
     class_index: int
+    opacity: Any = None       # sdk.opacity.LungOpacity (its label map), when measured
+    z_mm: Optional[np.ndarray] = None  # (z,) slice positions
 
 
 @dataclass
@@ -89,10 +94,14 @@ class TriageResult:
     """Outcome of one series (the DESIGN.md contract). ``to_dict()`` is JSON-safe.
 
     Attributes:
-        label: a bundle class (default bundle: "non_covid" | "covid") or "not_eligible".
-        probabilities: series-level class probabilities (empty when not eligible).
+        label: a bundle class (default bundle: "non_covid" | "covid"), "not_eligible", or
+            "indeterminate" when the evidence is weak or conflicting (``reasons`` say which rule
+            fired: fewer than 20 selected slices, lung volume < 1500 ml, CNN and HU evidence
+            disagreeing, final P(covid) within 0.05 of the threshold; :mod:`sdk.decision`).
+        probabilities: series-level class probabilities (empty when not eligible): the
+            aggregator's, with the HU opacity terms added to the positive class's logit.
         eligible: False when the series failed eligibility (``reasons`` say why).
-        reasons: eligibility failures (empty when eligible).
+        reasons: eligibility failures, or why the label is "indeterminate" (else empty).
         slice_scores: per selected slice (z order): volume index, z_mm, class probabilities.
         lung_volume_ml: segmented lung volume (None when not computed).
         timings_ms: per stage (see ``STAGES``).
@@ -100,6 +109,10 @@ class TriageResult:
         runtime: provider, precision, device (and backend) that ran the classifier.
         series_uid, bundle, threshold, shape, spacing_mm: provenance.
         prior: the prior-study comparison (``run(prior=...)``), when requested.
+        lung_opacity: HU lung-opacity block (``sdk.opacity.LungOpacity.to_dict()``: ground glass /
+            consolidation fractions overall, per lung, per zone, pattern features) plus
+            ``decision`` (the CNN's P and logit, XGBoost contributions, each HU logit term, the
+            indeterminate rules); None when not eligible.
     """
 
     label: str
@@ -117,6 +130,7 @@ class TriageResult:
     shape: Optional[List[int]] = None
     spacing_mm: Optional[List[float]] = None
     prior: Optional[Dict[str, Any]] = None
+    lung_opacity: Optional[Dict[str, Any]] = None
     _heat: Optional[_HeatmapSource] = field(default=None, repr=False, compare=False)
 
     # --- heat maps -------------------------------------------------------------------------------
@@ -142,28 +156,61 @@ class TriageResult:
         z = self.slice_scores[i].index
         return slice_heatmap(src.cams[i], src.class_index, src.mask[z], src.hu.shape[1:])
 
-    def save_heatmaps(self, out_dir: PathLike, *, top: Optional[int] = None, alpha: float = 0.5) -> List[Path]:
-        """Write PNG overlays (JET colour map over the lung-windowed slice, inside the lungs).
+    def opacity_map(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The HU opacity map at the native grid: ``(z_mm (n,), labels (n, rows, cols) uint8)`` for
+        the n slices holding any ground glass (1) or consolidation (2) (:mod:`sdk.opacity`)."""
+        src = self._source()
+        op = src.opacity
+        rows, cols = src.hu.shape[1:]
+        if op is None or op.label_map is None or src.z_mm is None:
+            return np.zeros(0), np.zeros((0, rows, cols), np.uint8)
+        zs = [z for z in range(op.label_map.shape[0]) if op.label_map[z].any()]
+        labels = np.stack([op.full_slice(z) for z in zs]) if zs else np.zeros((0, rows, cols), np.uint8)
+        return np.asarray(src.z_mm, dtype=np.float64)[zs], labels
 
-        One file per selected slice, ``slice_<index:04d>.png`` (``top=k``: only the k slices with
-        the highest positive-class probability). One colour scale for the whole series (its
-        largest positive heat) so slices compare. Returns the written paths.
+    def save_heatmaps(self, out_dir: PathLike, *, top: Optional[int] = None, alpha: float = 0.5) -> List[Path]:
+        """Write one reading panel per selected slice (:func:`sdk.heatmap.reading_panel`).
+
+        ``slice_<index:04d>.png`` (``top=k``: only the k slices with the highest positive-class
+        probability): a title with the slice index, its z position (mm), its P(positive) and the
+        series label; the CAM (JET, positive evidence only, weight growing with the evidence) over
+        the lung-windowed slice; the HU opacity map beside it (ground glass yellow, consolidation
+        red, with the slice's fractions); a colour bar in logit/pixel. One robust colour scale for
+        the whole series (99th percentile of the positive evidence in the lungs over all selected
+        slices) so slices compare. Returns the written paths.
         """
-        from .heatmap import overlay, window_to_unit, write_png
+        from .heatmap import opacity_overlay, overlay, reading_panel, robust_scale, slice_heatmap, window_to_unit, write_png
 
         src = self._source()
         out = Path(out_dir)
+        pos = self.bundle.get("positive_class", "")
         order = list(range(len(self.slice_scores)))
         if top is not None:
-            pos = self.bundle.get("positive_class", "")
             order = sorted(order, key=lambda j: -self.slice_scores[j].probabilities.get(pos, 0.0))[: max(0, int(top))]
-        heats = {j: self.heatmap(j) for j in order}
-        vmax = max((float(h.max()) for h in heats.values()), default=0.0)
+        # the series scale, on every 8th pixel of every selected slice (cheap, same distribution)
+        rows, cols = src.hu.shape[1:]
+        small = [slice_heatmap(src.cams[j], src.class_index, None, ((rows + 7) // 8, (cols + 7) // 8))
+                 for j in range(len(self.slice_scores))]
+        masks = [src.mask[s.index][4::8, 4::8][: h.shape[0], : h.shape[1]] for s, h in zip(self.slice_scores, small)]
+        small = [h[: m.shape[0], : m.shape[1]] for h, m in zip(small, masks)]
+        vmax = robust_scale(small, masks)
+        p_series = self.probabilities.get(pos)
         paths = []
         for j in sorted(order):
-            z = self.slice_scores[j].index
+            sc = self.slice_scores[j]
+            z = sc.index
             grey = window_to_unit(src.hu[z], src.window)
-            img = overlay(grey, heats[j], src.mask[z], vmax=vmax if vmax > 0 else None, alpha=alpha)
+            cam_img = overlay(grey, self.heatmap(j), src.mask[z], vmax=vmax, alpha=alpha)
+            op_img, note = None, ""
+            if src.opacity is not None:
+                lab = src.opacity.full_slice(z)
+                n = max(1, int(np.count_nonzero(src.mask[z])))
+                op_img = opacity_overlay(grey, lab, src.mask[z])
+                note = (f"slice: GGO {100 * np.count_nonzero(lab == 1) / n:.1f} %, "
+                        f"cons. {100 * np.count_nonzero(lab == 2) / n:.1f} % of lung")
+            series = f"series: {self.label}" + (f" P={p_series:.2f}" if p_series is not None else "")
+            title = f"slice {z}  z = {sc.z_mm:.1f} mm  P({pos}) = {sc.probabilities.get(pos, float('nan')):.2f}  |  {series}"
+            img = reading_panel(cam_img, op_img, vmax, title, note)
             paths.append(write_png(out / f"slice_{z:04d}.png", img))
         return paths
 
@@ -186,6 +233,7 @@ class TriageResult:
             "shape": None if self.shape is None else [int(v) for v in self.shape],
             "spacing_mm": None if self.spacing_mm is None else [float(v) for v in self.spacing_mm],
             "prior": self.prior,
+            "lung_opacity": self.lung_opacity,
         }
 
     @classmethod
@@ -199,6 +247,7 @@ class TriageResult:
             warnings=list(d.get("warnings", [])), runtime=dict(d.get("runtime", {})),
             series_uid=d.get("series_uid", ""), bundle=dict(d.get("bundle", {})), threshold=d.get("threshold"),
             shape=d.get("shape"), spacing_mm=d.get("spacing_mm"), prior=d.get("prior"),
+            lung_opacity=d.get("lung_opacity"),
         )
 
 
@@ -435,6 +484,30 @@ class Triage:
         others = {k: v for k, v in probs.items() if k != self.positive}
         return max(others, key=others.get) if others else self.positive
 
+    @staticmethod
+    def _opacity(volume: Any, seg: Any, warnings: List[str]) -> Any:
+        """HU lung-opacity measurement (:func:`sdk.opacity.measure_opacity`); None with a warning
+        when it cannot be measured (the CNN decision stands alone then)."""
+        from .errors import ConfigError as _ConfigError
+        from .opacity import measure_opacity
+
+        labels = seg.labels if getattr(seg, "labels", None) is not None else seg.mask
+        superior_up = float(np.asarray(volume.direction, dtype=np.float64)[2, 2]) >= 0.0
+        try:
+            return measure_opacity(volume.hu, labels, volume.spacing, superior_is_high_z=superior_up)
+        except _ConfigError as exc:
+            warnings.append(f"opacity: not measured ({exc})")
+            return None
+
+    def _decide_series(self, slice_probs: np.ndarray, opacity: Any, n_slices: int, lung_ml: float) -> Any:
+        """Aggregator + HU terms + indeterminate rules (:func:`sdk.decision.decide`)."""
+        from .decision import decide
+
+        probs = self._aggregator.predict_proba(slice_probs)
+        contribs = self._aggregator.contribution_summary(slice_probs) if len(self.classes) == 2 else None
+        return decide(probs, self.positive, self.threshold, opacity=None if opacity is None else opacity.to_dict(),
+                      n_slices=n_slices, lung_ml=lung_ml, cnn_contributions=contribs)
+
     def _base(self, volume: Any) -> Dict[str, Any]:
         return dict(
             series_uid=getattr(getattr(volume, "meta", None), "series_uid", "") or "",
@@ -514,19 +587,26 @@ class Triage:
                                 lung_volume_ml=float(seg.lung_volume_ml), warnings=warnings, **base), seg.mask
         if indices.size < 20:
             warnings.append(f"only {indices.size} slices selected (< 20 aggregation groups): slices are repeated across groups")
+        with timer("opacity"):
+            opacity = self._opacity(volume, seg, warnings)
         slice_probs, cams = self._classify(volume.hu, seg.mask, indices, timer)
         with timer("aggregation"):
-            probs = self._aggregator.predict_proba(slice_probs)
-            label = self._decide(probs)
+            decision = self._decide_series(slice_probs, opacity, int(indices.size), float(seg.lung_volume_ml))
         z_mm = np.asarray(volume.z_mm, dtype=np.float64)
         scores = [SliceScore(int(z), float(z_mm[z]), {c: float(p) for c, p in zip(self.classes, row)})
                   for z, row in zip(indices, slice_probs)]
         heat = None
         if self.keep_heatmaps:
             heat = _HeatmapSource(hu=volume.hu, mask=seg.mask, cams=cams, window=self.window,
-                                  class_index=self.classes.index(self.positive))
-        result = TriageResult(label=label, probabilities=probs, eligible=True, reasons=[], slice_scores=scores,
-                              lung_volume_ml=float(seg.lung_volume_ml), warnings=warnings, _heat=heat, **base)
+                                  class_index=self.classes.index(self.positive), opacity=opacity,
+                                  z_mm=np.asarray(volume.z_mm, dtype=np.float64))
+        block = None
+        if opacity is not None:
+            block = opacity.to_dict()
+            block["decision"] = decision.to_dict()
+        result = TriageResult(label=decision.label, probabilities=decision.probabilities, eligible=True,
+                              reasons=list(decision.reasons), slice_scores=scores, lung_volume_ml=float(seg.lung_volume_ml),
+                              warnings=warnings, lung_opacity=block, _heat=heat, **base)
         return result, seg.mask
 
     # --- hooks ----------------------------------------------------------------------------------

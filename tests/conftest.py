@@ -3,12 +3,34 @@ saying why, when it is absent (a fresh clone must still pass)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
+import sdk
+
+# test modules say `from conftest import ...` (and a few import helpers from other test modules):
+# under --import-mode=importlib (pytest run from outside the checkout against an installed ctsdk)
+# neither works unless this module registers itself and the tests folder is importable
+sys.modules.setdefault("conftest", sys.modules[__name__])
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CTSDK_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+#: the folder holding the `sdk` package under test: the checkout for an editable install, the
+#: target folder for `pip install --target DIR .`. Subprocesses run here (cwd comes first on a
+#: `python -c` / `-m` sys.path), so they import the same ctsdk as the tests - never the source tree
+#: of a checkout next to a non-editable install, which lacks sdk.kernels / sdk.export / sdk.calibration.
+SDK_HOME = Path(sdk.__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> Dict[str, str]:
+    """``os.environ`` with :data:`SDK_HOME` first on PYTHONPATH (plus ``extra``), for child processes."""
+    old = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(SDK_HOME), old) if p), **extra)
 
 
 def shared_path(*parts: str) -> Path:

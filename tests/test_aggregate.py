@@ -161,3 +161,20 @@ def test_train_aggregator_end_to_end(tmp_path) -> None:
     assert m["test_bags"]["auc"] > 0.9  # well separated toy scores
     assert 0.0 < m["threshold"] < 1.0
     assert json.loads((tmp_path / "agg" / "config.json").read_text())["bags_per_class"] == 60
+
+
+def test_contributions_sum_to_the_margin() -> None:
+    """XGBoost pred_contribs (TreeSHAP) are exact: features + bias = logit of the positive class."""
+    rng = np.random.default_rng(3)
+    bags = [rng.uniform(0, 1, (int(rng.integers(5, 60)), 1)) * (0.5 + 0.5 * (i % 2)) for i in range(120)]
+    x = np.stack([group_features(np.hstack([1 - b, b])) for b in bags])
+    y = np.array([i % 2 for i in range(120)])
+    agg = fit_aggregator(x, y, ["non_covid", "covid"], num_boost_round=20)
+    sp = np.hstack([1 - bags[1], bags[1]])
+    c = agg.contributions(sp)
+    p = agg.predict_proba(sp)["covid"]
+    assert c.shape == (41,) and c.sum() == pytest.approx(np.log(p / (1 - p)), abs=1e-4)
+    s = agg.contribution_summary(sp)
+    assert set(s) == {"groups_non_covid", "groups_covid", "bias"}
+    assert sum(s.values()) == pytest.approx(c.sum(), abs=1e-6)
+    assert s["groups_covid"] == pytest.approx(c[1:-1:2].sum(), abs=1e-6)

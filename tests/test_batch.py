@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, shared_path
+from conftest import SDK_HOME, shared_path
 
 pytest.importorskip("pydicom")
 
@@ -119,7 +119,7 @@ def test_cli_whole_shared_folder_and_resume(tmp_path):
     out = tmp_path / "all.jsonl"
     cmd = [sys.executable, "-c", "from sdk.cli import main; main()", "triage-batch", str(root), "--out", str(out),
            "--triage-fn", INGEST, "--json"]
-    res = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=str(SDK_HOME), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert "series/s" in res.stderr  # tqdm rate (and ETA) on stderr
@@ -139,7 +139,7 @@ def test_cli_whole_shared_folder_and_resume(tmp_path):
     assert Path(summary["png"]).is_file()
     # --resume redoes nothing
     before = out.read_bytes()
-    res2 = subprocess.run(cmd + ["--resume"], cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    res2 = subprocess.run(cmd + ["--resume"], cwd=str(SDK_HOME), capture_output=True, text=True, timeout=300)
     assert res2.returncode == 0, res2.stderr[-3000:]
     s2 = json.loads(res2.stdout.strip().splitlines()[-1])
     assert s2["processed"] == 0 and s2["skipped_resume"] == summary["discovered"]

@@ -24,7 +24,7 @@ from sdk.export.tensorrt import (
 from sdk.runtime.engine_cache import EngineCache, EngineKey, check_engine_key, file_lock, read_sidecar, write_sidecar
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 CTSDK = Path(sys.executable).with_name("ctsdk")
 SHA = "ab" * 32
 
@@ -209,7 +209,7 @@ def test_cli_without_tensorrt_exits_2_with_one_line(tmp_path, extra):
         pytest.skip(f"{CTSDK} not installed (pip install -e .)")
     onnx_path = _onnx_file(tmp_path / "m_fp16.onnx", "fp16")
     r = subprocess.run([str(CTSDK), "build-engine", "--model", str(onnx_path), "--precision", "fp16", *extra],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+                       capture_output=True, text=True, timeout=120, cwd=SDK_HOME)
     assert r.returncode == 2
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
@@ -220,5 +220,5 @@ def test_cli_bad_batch_exits_2(tmp_path):
     if not CTSDK.exists():
         pytest.skip(f"{CTSDK} not installed (pip install -e .)")
     r = subprocess.run([str(CTSDK), "build-engine", "--model", "x.onnx", "--batch", "8,4,2"],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+                       capture_output=True, text=True, timeout=120, cwd=SDK_HOME)
     assert r.returncode == 2 and "--batch must satisfy" in r.stderr

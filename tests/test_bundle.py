@@ -13,7 +13,7 @@ import pytest
 from sdk.bundle import DEFAULT_BUNDLE_DIR, MAX_BUNDLE_BYTES, load_bundle, write_bundle
 from sdk.errors import BundleError, ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 
 
 def test_default_bundle_verifies_against_hashlib() -> None:
@@ -97,12 +97,12 @@ def test_write_bundle_round_trip_and_limits(tmp_path: Path) -> None:
 
 
 def test_bundle_cli_verify_exit_codes(bundle_copy: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "sdk.bundle", "verify", str(bundle_copy)], capture_output=True, text=True, cwd=REPO)
+    ok = subprocess.run([sys.executable, "-m", "sdk.bundle", "verify", str(bundle_copy)], capture_output=True, text=True, cwd=SDK_HOME)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["name"] == load_bundle().name
     card = bundle_copy / "MODEL_CARD.md"
     card.write_text(card.read_text() + "\nedited\n")
-    bad = subprocess.run([sys.executable, "-m", "sdk.bundle", "verify", str(bundle_copy)], capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run([sys.executable, "-m", "sdk.bundle", "verify", str(bundle_copy)], capture_output=True, text=True, cwd=SDK_HOME)
     assert bad.returncode == 2 and "MODEL_CARD.md" in bad.stderr and "changed" in bad.stderr
 
 

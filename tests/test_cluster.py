@@ -23,12 +23,12 @@ from typing import Dict, List
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SDK_HOME, SHARED_DATA, subprocess_env
 
 pytest.importorskip("pydicom")
 
 CLI = [sys.executable, "-c", "from sdk.cli import main; main()"]
-ENV = dict(os.environ, PYTHONPATH=str(REPO), RAY_DEDUP_LOGS="0")
+ENV = subprocess_env(RAY_DEDUP_LOGS="0")
 
 # small real series and the shared bad inputs (symlinked into the test archive when present)
 REAL_SUBSETS = ("cip-ct64", "lungmask-testdata", "bad-inputs")
@@ -45,7 +45,7 @@ sys.meta_path.insert(0, _NoRay())
 
 
 def _cli(args: List[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + args, cwd=str(REPO), env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(CLI + args, cwd=str(SDK_HOME), env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def _lines(path: Path) -> List[Dict]:
@@ -69,7 +69,7 @@ def test_import_sdk_never_imports_ray():
             "from sdk.cluster import run_batch_ray, RayDispatcher\n"
             "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
             "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(SDK_HOME), env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"ray imported by import sdk / sdk.cluster: {r.stdout} {r.stderr[-2000:]}"
 
 
@@ -81,7 +81,7 @@ def test_engine_ray_without_ray_exits_2_with_one_line(tmp_path):
     code = BLOCK_RAY + ("from sdk.cli import main\n"
                         f"sys.argv = ['ctsdk', 'triage-batch', {str(tmp_path / 'arch')!r}, '--engine', 'ray', "
                         f"'--out', {str(out)!r}]\nmain()\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(SDK_HOME), env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
@@ -94,7 +94,7 @@ def test_dispatcher_without_ray_raises_the_same_line():
                         "from sdk.cluster import RayDispatcher\n"
                         "try:\n    RayDispatcher('auto')\nexcept MissingDependencyError as e:\n"
                         "    print(e); sys.exit(0)\nsys.exit(1)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(SDK_HOME), env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "install ctsdk[cluster]" in r.stdout, (r.stdout, r.stderr[-1500:])
 
 
@@ -258,7 +258,7 @@ def test_gpu_actors_on_a_cpu_cluster_are_refused(archive, cluster, tmp_path):
 @pytest.mark.slow
 def test_interrupt_then_resume_redoes_nothing(archive, cluster, local_run, tmp_path):
     out = tmp_path / "resume.jsonl"
-    proc = subprocess.Popen(CLI + _ray_args(archive, out, cluster["address"], "--no-progress"), cwd=str(REPO), env=ENV,
+    proc = subprocess.Popen(CLI + _ray_args(archive, out, cluster["address"], "--no-progress"), cwd=str(SDK_HOME), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     n_total = len(local_run)
     deadline = time.monotonic() + 240
@@ -383,7 +383,7 @@ def test_worker_node_lost_mid_run_every_series_once(archive, cluster, local_run,
     """Runs last: removes the worker node (the module's cluster is not used afterwards)."""
     c, worker = cluster["cluster"], cluster["worker"]
     out = tmp_path / "lost.jsonl"
-    proc = subprocess.Popen(CLI + _ray_args(archive, out, cluster["address"], "--no-progress"), cwd=str(REPO), env=ENV,
+    proc = subprocess.Popen(CLI + _ray_args(archive, out, cluster["address"], "--no-progress"), cwd=str(SDK_HOME), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:

@@ -150,3 +150,102 @@ def test_real_series_header_p001(tmp_path):
         ds = pydicom.dcmread(str(p))
         assert ds.PatientName == "" and ds.StudyInstanceUID == src.StudyInstanceUID
         dciodvfy(p)
+
+
+# --- opacity: TID 1500 measurements and the SEG ------------------------------------------------
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@pytest.fixture(scope="module")
+def opacity_case(phantom):
+    """A real sdk.opacity measurement of the phantom (planted ground glass) and its label map."""
+    from scipy import ndimage
+
+    from sdk.integration.triage_fns import OpacityMap
+    from sdk.io import load_series
+    from sdk.opacity import OpacityConfig, measure_opacity
+
+    vol = load_series(phantom)
+    # the phantom's lungs: -850 HU (ground glass -600 included), vessel holes filled per slice
+    lungs = np.stack([ndimage.binary_fill_holes(s) for s in (vol.hu > -900) & (vol.hu < -500)])
+    op = measure_opacity(vol.hu, lungs, vol.spacing, config=OpacityConfig(base_exclusion=0.0, apex_exclusion=0.0))
+    zs = [z for z in range(vol.shape[0]) if op.label_map[z].any()]
+    labels = np.stack([op.full_slice(z) for z in zs])
+    labels[0, :4, :4] = 2                        # plus a known consolidation patch on the first slice
+    result = dict(RESULT, lung_opacity=op.to_dict())
+    return result, OpacityMap(np.asarray(vol.z_mm)[zs], labels), vol
+
+
+def _measurements(sr) -> Dict[str, Dict[str, float]]:
+    """{tracking identifier: {concept meaning: value}} of a TID 1500 report."""
+    out: Dict[str, Dict[str, float]] = {}
+    root = sr.ContentSequence
+    for item in root:
+        if item.ConceptNameCodeSequence[0].CodeValue != "126010":  # Imaging Measurements
+            continue
+        for group in item.ContentSequence:
+            vals, ident = {}, None
+            for c in group.ContentSequence:
+                meaning = c.ConceptNameCodeSequence[0].CodeMeaning
+                if c.ValueType == "TEXT" and meaning == "Tracking Identifier":
+                    ident = c.TextValue
+                elif c.ValueType == "NUM":
+                    vals[meaning] = float(c.MeasuredValueSequence[0].NumericValue)
+            out[ident] = vals
+    return out
+
+
+def test_opacity_measurements_sr_tid1500(phantom, opacity_case, tmp_path):
+    result, _, _ = opacity_case
+    paths = write_dicom_results(phantom, result, [], tmp_path)
+    assert [p.name for p in paths] == ["sr.dcm", "sc-001.dcm", "measurements.dcm"]
+    sr = pydicom.dcmread(str(paths[-1]))
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    m = _measurements(sr)
+    op = result["lung_opacity"]
+    assert m["ground glass, both lungs"]["Ground glass fraction of lung"] == pytest.approx(100 * op["ggo_fraction"], abs=1e-3)
+    assert m["ground glass, both lungs"]["Ground glass volume"] == pytest.approx(op["ggo_fraction"] * op["lung_ml"], abs=1e-2)
+    assert m["consolidation, left lung"]["Consolidation fraction of lung"] == pytest.approx(
+        100 * op["per_lung"]["left"]["consolidation_fraction"], abs=1e-3)
+    assert m["ground glass, peripheral zone"]["Ground glass fraction of lung"] == pytest.approx(
+        100 * op["per_zone"]["peripheral"]["ggo_fraction"], abs=1e-3)
+    assert m["opacity pattern"]["Bilateral opacity index"] == pytest.approx(op["pattern"]["bilateral_index"], abs=1e-6)
+    assert len(m) == 2 * 7 + 1
+    dciodvfy(paths[-1])
+
+
+def test_opacity_seg_frames_match_the_map(phantom, opacity_case, tmp_path):
+    import highdicom as hd
+
+    result, omap, vol = opacity_case
+    paths = write_dicom_results(phantom, result, [], tmp_path, opacity=omap)
+    assert paths[-1].name == "seg.dcm"
+    seg = hd.seg.segread(str(paths[-1]))
+    assert seg.SOPClassUID == SEGMENTATION and seg.SegmentationType == "BINARY"
+    assert [s.SegmentLabel.split(" ")[0] for s in seg.SegmentSequence] == ["ground", "consolidation"]
+    # independent reference: the source instance at each map slice's z (read from its own header)
+    by_z = {round(float(pydicom.dcmread(str(f), stop_before_pixels=True).ImagePositionPatient[2]), 3):
+            str(pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID) for f in phantom}
+    for z, lab in zip(omap.z_mm, omap.labels):
+        uid = by_z[round(float(z), 3)]
+        for number in (1, 2):
+            want = (lab == number).astype(np.uint8)
+            if not want.any():
+                continue
+            got = seg.get_pixels_by_source_instance(source_sop_instance_uids=[uid], segment_numbers=[number],
+                                                    assert_missing_frames_are_empty=True)[0, ..., 0]
+            np.testing.assert_array_equal(got, want)
+    assert seg.StudyInstanceUID == pydicom.dcmread(str(phantom[0]), stop_before_pixels=True).StudyInstanceUID
+    dciodvfy(paths[-1])
+
+
+def test_opacity_map_off_the_series_is_refused(phantom, opacity_case, tmp_path):
+    from sdk.errors import ResultWriteError
+    from sdk.integration.triage_fns import OpacityMap
+
+    result, omap, _ = opacity_case
+    bad = OpacityMap(omap.z_mm + 1000.0, omap.labels)
+    with pytest.raises(ResultWriteError, match="no source instance"):
+        write_dicom_results(phantom, result, [], tmp_path, opacity=bad)

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from sdk.errors import (
-    CorruptFileError, GantryTiltError, MissingDependencyError, MissingSlicesError, MixedSeriesError,
+    ConfigError, CorruptFileError, GantryTiltError, MissingDependencyError, MissingSlicesError, MixedSeriesError,
     NoImageSeriesError, NotCTError, NotDicomError, SeriesError,
 )
 from sdk.io import (
@@ -110,6 +110,33 @@ def test_canonical_orientation(tmp_path, truth, flips):
     assert np.all(np.diff(vol.z_mm) > 0)
 
 
+@pytest.mark.parametrize("iop", [
+    ((-1, 0, 0), (0, 1, 0)),      # feet first: flip-x, flip-z
+    ((1, 0, 0), (0, -1, 0)),      # flip-y, flip-z
+    ((0, 1, 0), (1, 0, 0)),       # rows along P: transpose, flip-z
+    ((0, -1, 0), (-1, 0, 0)),     # transpose, flip-x, flip-y, flip-z
+])
+def test_canonicalise_in_place_equals_the_copy(iop):
+    """The in-place re-orientation (one slice of scratch memory) gives the copying result, in the
+    input's own buffer, on a non-square stack."""
+    from sdk.io import geometry as geo
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, size=(5, 6, 9)).astype(np.int16)
+    r, c = np.array(iop[0], float), np.array(iop[1], float)
+    n = np.cross(r, c)
+    args = (np.array([1.0, 2.0, 3.0]), r, c, n, np.arange(5) * 2.0, (0.5, 0.7))
+    ref = geo.canonicalise(hu.copy(), *args)
+    buf = hu.copy()
+    got = geo.canonicalise(buf, *args, inplace=True)
+    assert ref.flips and got.flips == ref.flips
+    np.testing.assert_array_equal(got.hu, ref.hu)
+    assert np.shares_memory(got.hu, buf) and got.hu.flags.c_contiguous
+    np.testing.assert_allclose(got.origin, ref.origin)
+    np.testing.assert_allclose(got.z_mm, ref.z_mm)
+    np.testing.assert_array_equal(got.z_order, ref.z_order)
+
+
 def test_missing_slice_detected(tmp_path, truth):
     write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, missing=[10])
     with pytest.raises(MissingSlicesError) as exc:
@@ -120,6 +147,23 @@ def test_missing_slice_detected(tmp_path, truth):
     assert any("missing slices" in w for w in vol.warnings)
     np.testing.assert_allclose(np.diff(vol.z_mm)[9], 4.0)
     np.testing.assert_array_equal(vol.hu, np.delete(truth, 10, axis=0))
+    # one z step cannot place these slices: no affine, the reason, and the true positions instead
+    assert vol.affine is None and "uneven slice spacing (2.000-4.000 mm)" in vol.affine_problem
+    ipp = [[float(v) for v in pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient] for f in vol.files]
+    np.testing.assert_allclose(vol.slice_origins_lps, ipp, atol=1e-5)
+    np.testing.assert_allclose(vol.voxel_to_lps(np.array([[0.0, 0.0, k] for k in range(len(ipp))])), ipp, atol=1e-5)
+
+
+def test_affine_of_a_regular_series_matches_headers(explicit_dir):
+    vol = load_series(explicit_dir)
+    assert vol.affine_problem == ""
+    for k, f in enumerate(vol.files):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        # voxel (x=3, y=5, z=k) = IPP + 3 dx (row direction) + 5 dy (column direction)
+        expect = ipp + 3 * 0.7 * np.array([1.0, 0, 0]) + 5 * 0.7 * np.array([0, 1.0, 0])
+        np.testing.assert_allclose((vol.affine @ [3, 5, k, 1])[:3], expect, atol=1e-5)
+        np.testing.assert_allclose(vol.voxel_to_lps(np.array([3.0, 5.0, k])), expect, atol=1e-5)
 
 
 def test_gantry_tilt_corrected_against_truth(tmp_path, truth):
@@ -128,20 +172,99 @@ def test_gantry_tilt_corrected_against_truth(tmp_path, truth):
     with pytest.raises(GantryTiltError):
         load_series(tmp_path, allow_tilt=False)
     vol = load_series(tmp_path)
-    assert vol.meta.gantry_tilt_deg == pytest.approx(tilt)
+    assert vol.meta.gantry_tilt_deg == pytest.approx(tilt, abs=1e-3)     # from the positions
+    assert vol.meta.gantry_tilt_header_deg == pytest.approx(tilt)
     # corrected slices are spaced dz along the (tilted) normal
     np.testing.assert_allclose(np.diff(vol.z_mm), 2.0, atol=1e-6)
-    # compare with the analytic truth where the shifted source rows exist
+    # the last slice is shifted up by N dz tan(t) / dy px: the grid grows by that many rows, at the top
+    shift = np.arange(N) * 2.0 * np.tan(np.radians(tilt)) / 0.7
+    grow = int(np.ceil(shift[-1]))
+    assert vol.shape == (N, S + grow, S)
+    assert any(f"grid grown from {S}x{S} to {S + grow}x{S}" in w for w in vol.warnings)
+    # on the first slice's grid, compare with the analytic truth where the shifted source rows exist
+    crop = vol.hu[:, grow:grow + S, :].astype(np.float64)
     raw = np.stack([_pydicom_hu(p) for p in paths])
     # raw slice k row j holds truth row j - shift_k; corrected row j' reads raw row j' + shift_k
-    shift = np.arange(N) * 2.0 * np.tan(np.radians(tilt)) / 0.7
     valid = np.zeros(truth.shape, dtype=bool)
     for k in range(N):
         valid[k, : S - 1 - int(np.ceil(shift[k])), :] = True
-    err_corrected = np.abs(vol.hu.astype(np.float64) - truth)[valid].mean()
+    err_corrected = np.abs(crop - truth)[valid].mean()
     err_raw = np.abs(raw - truth)[valid].mean()
     assert err_corrected < 0.15 * err_raw, (err_corrected, err_raw)
-    assert np.median(np.abs(vol.hu.astype(np.float64) - truth)[valid]) == 0.0
+    assert np.median(np.abs(crop - truth)[valid]) == 0.0
+
+
+def _lost_fraction(vol, paths, threshold: float = -500.0) -> float:
+    """Fraction of source pixels above ``threshold`` HU whose LPS position (from their own headers)
+    falls outside the volume's grid (from origin / direction / z_mm)."""
+    lost = total = 0
+    d = np.asarray(vol.direction)
+    dy, dx = vol.pixel_spacing_mm
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        img = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        jj, ii = np.nonzero(img > threshold)
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        sy, sx = (float(v) for v in ds.PixelSpacing)
+        pts = ipp + ii[:, None] * sx * iop[:3] + jj[:, None] * sy * iop[3:]
+        rel = (pts - np.asarray(vol.origin)) @ d                       # (x mm, y mm, z mm from origin)
+        x, y = rel[:, 0] / dx, rel[:, 1] / dy
+        z = rel[:, 2] + float(vol.z_mm[0])
+        inside = ((x > -0.5) & (x < vol.shape[2] - 0.5) & (y > -0.5) & (y < vol.shape[1] - 0.5)
+                  & (z >= vol.z_mm[0] - 1e-3) & (z <= vol.z_mm[-1] + 1e-3))
+        lost += int((~inside).sum())
+        total += inside.size
+    return lost / max(total, 1)
+
+
+def test_tilt_correction_loses_nothing(tmp_path):
+    """Slices whose field of view moves with the tilt (pixels unchanged, ImagePositionPatient
+    shifted in-plane by 1.5 px per slice, as when the FOV follows the table): the last slices' body
+    lies outside the first slice's grid. Every source pixel above -500 HU still lies inside the
+    corrected volume and their count is kept (the first slice's 48x48 grid would lose ~30 %)."""
+    paths = write_phantom_series(tmp_path, n_slices=20, size=48, spacing=(2.5, 0.8, 0.8))
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [f"{ipp[0]:.6f}", f"{ipp[1] + 1.5 * 0.8 * k:.6f}", f"{ipp[2]:.6f}"]
+        ds.save_as(p)
+    vol = load_series(tmp_path)
+    assert vol.shape == (20, 48 + 29, 48)                                 # ceil(19 x 1.5) rows added
+    # geometry: stack direction (0, 1.2, 2.5) mm per slice vs normal +z: atan(1.2 / 2.5), rotation
+    # about patient right (n x s points to -x), so negative
+    assert vol.meta.gantry_tilt_deg == pytest.approx(-np.degrees(np.arctan(1.2 / 2.5)), abs=1e-3)
+    assert vol.meta.gantry_tilt_header_deg is None
+    assert _lost_fraction(vol, paths) == 0.0
+    src = sum(int((_pydicom_hu(p) > -500).sum()) for p in paths)
+    kept = int((vol.hu > -500).sum())
+    assert 0.99 * src <= kept <= 1.06 * src, (kept, src)   # half-pixel shifts smear edges a little
+    _check_geometry_against_headers(vol, paths, n_points=200)
+
+
+def test_offsets_too_large_for_a_gantry_tilt_are_refused(tmp_path):
+    """In-plane offsets that would need a grid over 4x the slice area are not a gantry tilt: a
+    GeometryError naming the offset and the grid, not a huge volume."""
+    from sdk.errors import GeometryError
+
+    paths = write_phantom_series(tmp_path, n_slices=6, size=16, spacing=(2.0, 1.0, 1.0))
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [f"{ipp[0] + 10.0 * k:.6f}", f"{ipp[1] + 10.0 * k:.6f}", f"{ipp[2]:.6f}"]
+        ds.save_as(p)
+    with pytest.raises(GeometryError, match=r"offset in-plane by up to 50 px .* needs a 66x66 grid for 16x16"):
+        load_series(tmp_path)
+
+
+@pytest.mark.parametrize("tilt", [-20.0, 20.0])
+def test_tilt_sign_is_geometric(tmp_path, tilt):
+    """The reported tilt does not depend on how the pixels are stored (flip_y reverses the column
+    direction and the slice normal) and its sign follows the geometry."""
+    a = load_series(write_phantom_series(tmp_path / "a", n_slices=6, size=32, tilt_deg=tilt)[0].parent)
+    b = load_series(write_phantom_series(tmp_path / "b", n_slices=6, size=32, tilt_deg=tilt, flip_y=True)[0].parent)
+    assert a.meta.gantry_tilt_deg == pytest.approx(tilt, abs=1e-3)
+    assert b.meta.gantry_tilt_deg == pytest.approx(tilt, abs=1e-3)
 
 
 def test_tilt_geometry_matches_headers(tmp_path):
@@ -266,11 +389,66 @@ def test_one_uid_two_geometries_is_split(tmp_path):
         load_series(tmp_path, "1.2.7")
 
 
-def test_threads_match_single_thread(tmp_path):
-    write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, transfer_syntax="j2k", noise_hu=20)
-    a = load_series(tmp_path, workers=1)
-    b = load_series(tmp_path, workers=4, progress=True)
-    np.testing.assert_array_equal(a.hu, b.hu)
+@pytest.mark.parametrize("syntax", ["j2k", "explicit"])
+def test_every_decode_mode_is_bit_identical(tmp_path, syntax):
+    """serial, threads and forked processes write the same HU, bit for bit (the processes write
+    into a shared mapping), and ``auto`` picks processes for a compressed series only."""
+    try:
+        write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, transfer_syntax=syntax, noise_hu=20)
+    except MissingDependencyError as exc:
+        pytest.skip(str(exc))
+    ref = load_series(tmp_path, decode="serial")
+    for mode, workers in (("threads", 4), ("processes", 2), ("processes", 3), ("auto", 2)):
+        t: dict = {}
+        vol = load_series(tmp_path, decode=mode, workers=workers, timings=t, progress=mode == "threads")
+        assert vol.hu.dtype == ref.hu.dtype
+        np.testing.assert_array_equal(vol.hu, ref.hu, err_msg=f"{mode} x {workers}")
+        assert vol.files == ref.files and vol.warnings == ref.warnings
+        assert set(t) == {"scan", "decode", "hu", "geometry"}
+        forked = _in_shared_mapping(vol.hu)          # only the processes mode allocates one
+        assert forked == (mode == "processes" or (mode == "auto" and syntax == "j2k"))
+
+
+def _load_in_child(folder: str) -> bytes:
+    return load_series(folder, decode="processes", workers=2).hu.tobytes()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_processes_fall_back_to_threads_in_a_daemonic_worker(tmp_path):
+    """A multiprocessing pool worker may not start children: the decode falls back to threads
+    (same HU) instead of failing."""
+    import multiprocessing as mp
+
+    write_phantom_series(tmp_path, n_slices=12, size=32, spacing=SP, transfer_syntax="rle")
+    ref = load_series(tmp_path, decode="serial").hu.tobytes()
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_load_in_child, (str(tmp_path),)) == ref
+
+
+def _in_shared_mapping(arr: np.ndarray) -> bool:
+    import mmap
+
+    base = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base is not None
+
+
+def test_timings_keys_and_sum(tmp_path):
+    import time
+
+    write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, tilt_deg=10.0)
+    t: dict = {}
+    t0 = time.perf_counter()
+    load_series(tmp_path, timings=t)
+    wall_ms = (time.perf_counter() - t0) * 1000.0
+    assert {"scan", "decode", "hu", "geometry"} <= set(t)
+    assert all(t[k] >= 0 for k in ("scan", "decode", "hu", "geometry"))
+    assert t["geometry"] > 0 and t["decode"] > 0            # tilt correction and decode both ran
+    stages = t["scan"] + t["decode"] + t["hu"] + t["geometry"]
+    assert 0.9 * wall_ms <= stages <= wall_ms + 1.0
+    with pytest.raises(ConfigError, match="decode must be one of"):
+        load_series(tmp_path, decode="gpu")
 
 
 class _Broken(DecoderPlugin):

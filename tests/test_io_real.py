@@ -153,15 +153,44 @@ def test_ge_tilt_matches_header_geometry():
     stack = ipp[np.argmax(ipp @ normal)] - ipp[np.argmin(ipp @ normal)]
     angle = np.degrees(np.arccos(abs(stack @ normal) / np.linalg.norm(stack)))
     assert angle == pytest.approx(float(hdr[0].GantryDetectorTilt), abs=0.05)
-    assert vol.meta.gantry_tilt_deg == pytest.approx(18.5)
+    # reported from the geometry (signed, see sdk.io.geometry.tilt_from_offsets); header kept apart
+    assert vol.meta.gantry_tilt_deg == pytest.approx(18.5, abs=0.01)
+    assert vol.meta.gantry_tilt_header_deg == pytest.approx(18.5)
     # corrected slice positions along the normal: 14 x 4 mm then 7 mm steps (the slice thicknesses)
     d = np.diff(vol.z_mm)
     np.testing.assert_allclose(d[:13], 4.0, atol=0.01)
     np.testing.assert_allclose(d[-13:], 7.0, atol=0.01)
     assert vol.spacing[0] == pytest.approx(4.0, abs=0.01)
-    from test_io_phantom import _check_geometry_against_headers
+    from test_io_phantom import _check_geometry_against_headers, _lost_fraction
 
     _check_geometry_against_headers(vol, files, n_points=60)
+    # nothing is cut by the shear: the grid grew, every source pixel above -500 HU lies inside it
+    assert vol.shape[1] > 512 and vol.shape[2] == 512
+    assert _lost_fraction(vol, files) == 0.0
+    # uneven spacing: no affine that lies; the true positions stay available
+    assert vol.affine is None and "uneven slice spacing" in vol.affine_problem
+    last = vol.voxel_to_lps(np.array([0.0, 0.0, vol.shape[0] - 1]))
+    np.testing.assert_allclose(last, vol.slice_origins_lps[-1])
+    assert (last - np.asarray(vol.origin)) @ normal == pytest.approx(vol.z_mm[-1] - vol.z_mm[0], abs=1e-3)
+
+
+def test_ge_header_tilt_without_shear_reports_zero(tmp_path):
+    """The GE files with their positions moved onto the slice normal (no shear left) but the header
+    still saying GantryDetectorTilt +18.5: the geometry decides, so 0, and the header is kept apart."""
+    folder = shared_path("dicom", "dcm-qa-ct-ge-tilt")
+    files = sorted(folder.glob("*.dcm"))
+    dsets = [pydicom.dcmread(f) for f in files]
+    iop = np.array([float(v) for v in dsets[0].ImageOrientationPatient])
+    n = np.cross(iop[:3], iop[3:])
+    p0 = np.array([float(v) for v in dsets[0].ImagePositionPatient])
+    for f, ds in zip(files, dsets):
+        p = np.array([float(v) for v in ds.ImagePositionPatient])
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in p0 + ((p - p0) @ n) * n]
+        ds.save_as(tmp_path / f.name)
+    vol = load_series(tmp_path)
+    assert vol.meta.gantry_tilt_deg == 0.0 and vol.meta.gantry_tilt_header_deg == pytest.approx(18.5)
+    assert vol.shape == (28, 512, 512) and vol.hu.dtype == np.int16          # nothing resampled
+    assert any("GantryDetectorTilt 18.5 deg but the slice positions show no shear" in w for w in vol.warnings)
 
 
 def test_covid19_ny_sbu_mixed_folders_choose_axial():
@@ -174,3 +203,17 @@ def test_covid19_ny_sbu_mixed_folders_choose_axial():
     vol = _outcome(str(folder))
     assert vol.meta.series_uid == chosen[0].uid
     assert any("duplicate SOPInstanceUID" in w for w in vol.warnings) or any(i.errors for i in infos)
+
+
+@pytest.mark.slow
+def test_covid_parallel_decode_is_bit_identical_to_serial():
+    """covid-P001 (148 JPEG Lossless slices): the default load decodes in forked processes where
+    os.fork exists; its HU equal the serial path's bit for bit."""
+    folder = str(shared_path("dicom", "covid-ct-md", "covid-P001"))
+    from test_io_phantom import _in_shared_mapping
+
+    par = load_series(folder, decode="processes", workers=2)
+    assert _in_shared_mapping(par.hu) == hasattr(__import__("os"), "fork")
+    ser = load_series(folder, decode="serial")
+    np.testing.assert_array_equal(par.hu, ser.hu)
+    assert par.hu.dtype == ser.hu.dtype == np.int16 and par.files == ser.files

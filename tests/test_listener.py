@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import SDK_HOME, SHARED_DATA, subprocess_env
 
 pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("pynetdicom")
@@ -52,9 +52,9 @@ class ListenerProc:
                "--queue-size", "4", "--triage-fn", "sdk.integration.triage_fns:inventory", "--json"]
         for aet in ALLOWED:
             cmd += ["--allow-ae", aet]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = subprocess_env()
         self.stderr = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=self.stderr)
+        self.proc = subprocess.Popen(cmd, cwd=str(SDK_HOME), env=env, stdout=subprocess.PIPE, stderr=self.stderr)
         deadline = time.monotonic() + 60
         status = out / "listener.json"
         while time.monotonic() < deadline:

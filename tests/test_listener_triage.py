@@ -2,7 +2,8 @@
 
 A phantom series is C-STOREd (pynetdicom SCU, so no dcmtk needed) to an in-process listener whose
 workers run the default bundle; its results are forwarded (``--forward``) to a second listener.
-Skipped with the reason when the default bundle cannot be loaded in this install.
+Skipped (with the reason) only when a package the default bundle or the network needs is not
+installed; a Triage that fails to construct fails the test.
 """
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ from sdk.integration.triage_fns import inventory, make_triage_fn  # noqa: E402
 
 @pytest.fixture(scope="module")
 def triage_fn():
-    try:
-        return make_triage_fn()
-    except Exception as exc:  # no bundle / runtime in this install
-        pytest.skip(f"default Triage unavailable here: {type(exc).__name__}: {exc}")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the default bundle's classifier)")
+    pytest.importorskip("xgboost", reason="xgboost is not installed (the default bundle's aggregator)")
+    return make_triage_fn()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,9 @@ def test_listener_triages_with_the_real_model_and_forwards(triage_fn, series, tm
         (d,) = [p for p in (tmp_path / "node" / "series").iterdir()]
         marker = json.loads((d / "DONE").read_text())
         result = json.loads((d / "results" / "result.json").read_text())
-        assert result["eligible"] is True and result["label"] in result["probabilities"]
+        # the phantom's lungs (~1.1 l) are below the 1500 ml bar: "indeterminate" with that reason (sdk.decision)
+        assert result["eligible"] is True
+        assert result["label"] in result["probabilities"] or (result["label"] == "indeterminate" and result["reasons"])
         assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         sr = pydicom.dcmread(str(d / "results" / "sr.dcm"))
         values = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
@@ -85,8 +87,12 @@ def test_listener_triages_with_the_real_model_and_forwards(triage_fn, series, tm
     finally:
         pacs.stop()
     got = {pydicom.dcmread(str(p)).SOPInstanceUID for p in (tmp_path / "pacs").glob("series/*/instances/*.dcm")}
-    want = {pydicom.dcmread(str(p)).SOPInstanceUID for p in [d / "results" / "sr.dcm", *scs]}
-    assert got == want  # the PACS received exactly the SR and the SCs
+    written = sorted((d / "results").glob("*.dcm"))
+    # the HU opacity: TID 1500 measurements and the SEG of the planted ground glass / consolidation
+    assert {"sr.dcm", "measurements.dcm", "seg.dcm"} <= {p.name for p in written}
+    assert pydicom.dcmread(str(d / "results" / "seg.dcm")).SegmentationType == "BINARY"
+    want = {pydicom.dcmread(str(p)).SOPInstanceUID for p in written}
+    assert got == want  # the PACS received exactly the SR, the measurements, the SCs and the SEG
 
 
 def test_batch_with_the_real_model(triage_fn, series, tmp_path):
@@ -100,5 +106,6 @@ def test_batch_with_the_real_model(triage_fn, series, tmp_path):
     recs = {r["key"]: r for r in JsonlWriter.read(out)}
     assert summary.processed == 2 and set(recs) == {"broken.dcm", f"s::{pydicom.dcmread(str(series[0])).SeriesInstanceUID}"}
     good = recs[f"s::{pydicom.dcmread(str(series[0])).SeriesInstanceUID}"]
-    assert good["error"] is None and good["label"] in good["probabilities"] and good["timings_ms"]["total"] > 0
+    assert good["error"] is None and good["timings_ms"]["total"] > 0
+    assert good["label"] in good["probabilities"] or (good["label"] == "indeterminate" and good["reasons"])
     assert recs["broken.dcm"]["error"]["type"] == "NotDicomError"

@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import UID
 
 from sdk.errors import ConfigError
-from sdk.phantom import HU_CONSOLIDATION, HU_GGO, Opacity, make_phantom_hu, write_phantom_series
+from sdk.phantom import HU_CONSOLIDATION, HU_GGO, Opacity, PhantomOptions, make_phantom_hu, write_phantom_series
 
 
 def test_hu_content():
@@ -39,7 +39,7 @@ def test_lesions_and_extra_opacities():
 
 def test_writes_valid_ct_dicom_fast(tmp_path):
     t0 = time.perf_counter()
-    paths = write_phantom_series(tmp_path, n_slices=64, size=128)
+    paths = write_phantom_series(tmp_path, PhantomOptions(n_slices=64, size=128))
     elapsed = time.perf_counter() - t0
     assert elapsed < 3.0, f"64x128x128 phantom took {elapsed:.2f} s"
     assert len(paths) == 64 and [p.name for p in paths] != sorted(p.name for p in paths)
@@ -57,7 +57,7 @@ def test_writes_valid_ct_dicom_fast(tmp_path):
 
 
 def test_tilt_headers(tmp_path):
-    paths = write_phantom_series(tmp_path, n_slices=4, size=32, tilt_deg=20)
+    paths = write_phantom_series(tmp_path, PhantomOptions(n_slices=4, size=32, tilt_deg=20))
     a, b = (pydicom.dcmread(p, stop_before_pixels=True) for p in paths[:2])
     assert float(a.GantryDetectorTilt) == 20
     iop = np.array([float(v) for v in a.ImageOrientationPatient])
@@ -69,8 +69,22 @@ def test_tilt_headers(tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ConfigError, match="valid:"):
-        write_phantom_series(tmp_path, transfer_syntax="1.2.840.10008.1.2.4.50")
+        write_phantom_series(tmp_path, PhantomOptions(transfer_syntax="1.2.840.10008.1.2.4.50"))
+    with pytest.raises(ConfigError, match="unknown phantom option.*n_slice.*valid:"):
+        write_phantom_series(tmp_path, n_slice=4)
     with pytest.raises(ConfigError):
         make_phantom_hu(4, 4)
     with pytest.raises(ConfigError):
         make_phantom_hu(4, 32, (0.0, 1.0, 1.0))
+
+
+def test_options_and_keyword_overrides_write_the_same_files(tmp_path):
+    """``options`` + keyword overrides = dataclasses.replace(options, ...); files are byte-identical
+    (seeded names, UIDs and noise), in a compressed syntax too."""
+    from dataclasses import replace
+
+    base = PhantomOptions(n_slices=5, size=24, noise_hu=10, seed=3, transfer_syntax="rle", tilt_deg=10)
+    a = write_phantom_series(tmp_path / "a", base, flip_y=True, missing=(2,))
+    b = write_phantom_series(tmp_path / "b", replace(base, flip_y=True, missing=(2,)))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 4
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))

@@ -19,24 +19,26 @@ from sdk.runtime import (  # noqa: E402
 )
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 
 
-def _conv_softmax_model(path: Path, w: np.ndarray, b: np.ndarray, precision: str = "") -> Path:
-    """x (N, 2, 5, 5) -> Conv 3x3 (pad 1) -> ReduceMean over H, W -> Softmax: `probs` (N, K), and `feat`."""
+def _conv_softmax_model(path: Path, w: np.ndarray, b: np.ndarray, precision: str = "", gap: bool = False) -> Path:
+    """x (N, 2, 5, 5) -> Conv 3x3 (pad 1) -> mean over H, W -> Softmax: `probs` (N, K), and `feat`.
+    The mean is ReduceMean, or with ``gap`` GlobalAveragePool + Flatten (ops every CUDA EP build
+    has, so a CUDA graph can capture the whole model)."""
     from onnx import TensorProto, helper, numpy_helper
 
     k = w.shape[0]
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 2, 5, 5])
     feat = helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["batch", k, 5, 5])
     probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", k])
-    nodes = [
-        helper.make_node("Conv", ["image", "w", "b"], ["feat"], pads=[1, 1, 1, 1]),
-        helper.make_node("ReduceMean", ["feat", "axes"], ["pooled"], keepdims=0),
-        helper.make_node("Softmax", ["pooled"], ["probs"], axis=1),
-    ]
-    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
-             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    pool = ([helper.make_node("GlobalAveragePool", ["feat"], ["gap"]), helper.make_node("Flatten", ["gap"], ["pooled"])]
+            if gap else [helper.make_node("ReduceMean", ["feat", "axes"], ["pooled"], keepdims=0)])
+    nodes = [helper.make_node("Conv", ["image", "w", "b"], ["feat"], pads=[1, 1, 1, 1]), *pool,
+             helper.make_node("Softmax", ["pooled"], ["probs"], axis=1)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    if not gap:
+        inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
     m = helper.make_model(helper.make_graph(nodes, "tiny", [x], [probs, feat], inits),
                           opset_imports=[helper.make_opsetid("", 18)])
     if precision:
@@ -150,10 +152,11 @@ def test_registry_names_and_requirements():
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
-def test_auto_selection_falls_back_to_cpu_with_reasons(tiny):
+def test_auto_selection_falls_back_with_reasons(tiny):
     files = {"fp32": tiny[0]}
     loader, info, reasons = select_runtime("auto", "auto", files)
-    assert info.backend == "onnxruntime" and info.provider == "CPUExecutionProvider" and info.precision == "fp32"
+    want = "CUDAExecutionProvider" if _cuda_usable() else "CPUExecutionProvider"
+    assert info.backend == "onnxruntime" and info.provider == want and info.precision == "fp32"
     assert any(r.startswith("tensorrt skipped") and "install ctsdk[gpu] (TensorRT)" in r for r in reasons)
     if not _cuda_usable():
         assert any(r.startswith("ort-cuda skipped") for r in reasons)
@@ -205,7 +208,7 @@ def test_import_sdk_stays_light():
     code = ("import sys, sdk, sdk.runtime, sdk.export, sdk.calibration, sdk.runtime.registry, sdk.export.tensorrt;"
             "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'onnx', 'polygraphy') if m in sys.modules];"
             "print(','.join(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=SDK_HOME)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
 
@@ -234,3 +237,184 @@ def test_infer_batched_equals_one_call_with_and_without_prefetch(tiny):
         assert s.infer_batched(x, batch=4, outputs=["probs"]).keys() == {"probs"}
         with pytest.raises(ConfigError, match="batch must be >= 1"):
             s.infer_batched(x, batch=0)
+
+
+# --- CUDA session configuration, batch padding, device buffers ----------------------------------------
+def test_cuda_provider_options_are_explicit(monkeypatch):
+    from sdk.runtime.ort import cuda_provider_options, providers_for
+
+    monkeypatch.delenv("CTSDK_CUDNN_SEARCH", raising=False)
+    opts = cuda_provider_options()
+    assert opts == {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1",
+                    "arena_extend_strategy": "kSameAsRequested"}  # no device_id for GPU 0 (plugin-EP lookup)
+    assert cuda_provider_options(1)["device_id"] == "1"
+    assert "device_id" not in cuda_provider_options(0, extra={"device_id": 0})
+    assert cuda_provider_options(cuda_graph=True)["enable_cuda_graph"] == "1"
+    assert cuda_provider_options(extra={"use_tf32": False, "gpu_mem_limit": 1 << 30}) == {
+        **opts, "use_tf32": "0", "gpu_mem_limit": str(1 << 30)}
+    assert cuda_provider_options(cudnn_conv_algo_search="exhaustive")["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    monkeypatch.setenv("CTSDK_CUDNN_SEARCH", "DEFAULT")
+    assert cuda_provider_options()["cudnn_conv_algo_search"] == "DEFAULT"
+    with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
+        cuda_provider_options(cudnn_conv_algo_search="fastest")
+    assert providers_for("cuda") == [("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"]
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+
+
+def test_session_threads(monkeypatch):
+    from sdk.runtime.ort import default_threads, session_threads
+
+    monkeypatch.delenv("CTSDK_CUDA_THREADS", raising=False)
+    assert session_threads("cuda") == 1
+    assert session_threads("cpu") == default_threads()
+    assert session_threads("cuda", 3) == 3 == session_threads("cpu", 3)
+    monkeypatch.setenv("CTSDK_CUDA_THREADS", "2")
+    assert session_threads("cuda") == 2
+    with pytest.raises(ConfigError, match="threads"):
+        session_threads("cpu", 0)
+
+
+def test_pad_batch_and_chunks():
+    from sdk.runtime.ort import batch_chunks, pad_batch
+
+    assert batch_chunks(70, 32) == [(0, 32), (32, 64), (64, 70)]
+    assert batch_chunks(0, 32) == [] and batch_chunks(32, 32) == [(0, 32)]
+    x = np.arange(2 * 3, dtype=np.float32).reshape(2, 3)
+    p = pad_batch(x, 4)
+    assert p.shape == (4, 3) and p.dtype == x.dtype
+    np.testing.assert_array_equal(p[:2], x)
+    assert not p[2:].any()
+    assert pad_batch(x, 2) is x
+    with pytest.raises(ConfigError, match="do not fit"):
+        pad_batch(x, 1)
+
+
+def test_resolve_output_shapes():
+    from sdk.runtime.base import TensorSpec
+    from sdk.runtime.ort import resolve_output_shapes
+
+    ins = [TensorSpec("image", ("batch", 3, 224, 224), "float32")]
+    outs = [TensorSpec("probs", ("batch", 2), "float32"), TensorSpec("cam", ("batch", 2, 7, 7), "float32"),
+            TensorSpec("boxes", ("n_boxes", 4), "float32"), TensorSpec("scale", (), "float32")]
+    got = resolve_output_shapes(ins, outs, {"image": (5, 3, 224, 224)})
+    assert got == {"probs": (5, 2), "cam": (5, 2, 7, 7), "boxes": None, "scale": ()}
+
+
+def test_cuda_array_interface_helpers():
+    from sdk.runtime.ort import cai_dtype, cai_streams
+
+    class Dev:  # what a CuPy / torch / pycuda device array exposes
+        def __init__(self, typestr, stream):
+            self.__cuda_array_interface__ = {"shape": (2,), "typestr": typestr, "data": (1, False), "version": 3,
+                                             "stream": stream}
+
+    assert cai_dtype(Dev("<f4", None)) == np.float32 and cai_dtype(Dev("<f2", 1)) == np.float16
+    assert cai_streams([Dev("<f4", 7), Dev("<f4", None), Dev("<f4", 7), Dev("<f4", 2)]) == [7, 2]
+    with pytest.raises(ConfigError, match="not a CUDA device array"):
+        cai_dtype(np.zeros(2))
+
+
+@pytest.mark.parametrize("gap", [False, True])
+def test_fixed_batch_pads_and_splits_on_any_provider(tiny, tmp_path, gap):
+    _, w, b = tiny
+    path = _conv_softmax_model(tmp_path / "m.onnx", w, b, gap=gap)
+    x = np.random.default_rng(3).random((7, 2, 5, 5), dtype=np.float32)
+    ref_probs, ref_feat = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    with OrtSession(path, threads=1, fixed_batch=3) as s:
+        assert s.fixed_batch == 3 and s.options()["fixed_batch"] == 3
+        out = s.infer({"image": x})
+        two = s.infer({"image": x[:2]}, outputs=["probs"])
+    assert out["probs"].shape == (7, 3) and out["feat"].shape == (7, 3, 5, 5)
+    np.testing.assert_allclose(out["probs"], ref_probs, atol=1e-5)
+    np.testing.assert_allclose(out["feat"], ref_feat, atol=1e-4)
+    np.testing.assert_allclose(two["probs"], ref_probs[:2], atol=1e-5)
+    with pytest.raises(ConfigError, match="fixed_batch"):
+        OrtSession(path, fixed_batch=0)
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        OrtSession(path, device="cpu", fixed_batch=4, cuda_graph=True)
+
+
+def test_run_device_needs_the_cuda_ep(tiny):
+    with OrtSession(tiny[0], device="cpu") as s:
+        assert not s.on_gpu and s.threads >= 1
+        with pytest.raises(RuntimeUnavailableError, match="CUDA EP"):
+            s.run_device({"image": None}, ["probs"])
+
+
+def _cuda_session_or_skip():
+    """Skip (with the reason) only when there is no usable CUDA EP or no CuPy."""
+    from sdk.runtime.ort import CUDA_EP, probe_provider
+
+    ok, why = probe_provider(CUDA_EP)
+    if not ok:
+        pytest.skip(f"no usable ONNX Runtime CUDA EP here: {why}")
+    return pytest.importorskip("cupy", reason="CuPy is not installed (device buffers need it)")
+
+
+@pytest.mark.gpu
+def test_cuda_session_options_and_device_buffers(tiny):
+    cp = _cuda_session_or_skip()
+    path, w, b = tiny
+    x = np.random.default_rng(4).random((5, 2, 5, 5), dtype=np.float32)
+    ref_probs, ref_feat = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    with OrtSession(path, device="cuda", strict=True) as s:
+        assert s.on_gpu and s.threads == 1
+        granted = s.session.get_provider_options()["CUDAExecutionProvider"]
+        assert granted["cudnn_conv_algo_search"] == "HEURISTIC" and granted["do_copy_in_default_stream"] == "1"
+        host = s.infer({"image": x})
+        assert s.transfer_bytes["h2d"] == x.nbytes
+        dev = s.run_device({"image": cp.asarray(x)}, ["probs", "feat"])
+        assert isinstance(dev["probs"], cp.ndarray) and dev["probs"].shape == (5, 3)
+        assert s.transfer_bytes["h2d"] == x.nbytes  # run_device copied nothing from the host
+        np.testing.assert_allclose(cp.asnumpy(dev["probs"]), ref_probs, atol=1e-5)
+        np.testing.assert_allclose(cp.asnumpy(dev["feat"]), ref_feat, atol=1e-4)
+        np.testing.assert_allclose(host["probs"], ref_probs, atol=1e-5)
+        with pytest.raises(ConfigError, match="dtype"):
+            s.run_device({"image": cp.asarray(x, dtype=cp.float16)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_cuda_fixed_batch_and_graph_on_device(tiny, tmp_path, graph):
+    cp = _cuda_session_or_skip()
+    _, w, b = tiny
+    path = _conv_softmax_model(tmp_path / "gap.onnx", w, b, gap=True)
+    x = np.random.default_rng(6).random((7, 2, 5, 5), dtype=np.float32)
+    ref_probs, _ = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    with OrtSession(path, device="cuda", strict=True, fixed_batch=4, cuda_graph=graph) as s:
+        assert s.session.get_provider_options()["CUDAExecutionProvider"].get("enable_cuda_graph", "0") == str(int(graph))
+        for rows in (7, 3, 4, 7):  # same buffers replayed with different fills
+            got = s.run_device({"image": cp.asarray(x[:rows])}, ["probs"])["probs"]
+            assert got.shape == (rows, 3)
+            np.testing.assert_allclose(cp.asnumpy(got), ref_probs[:rows], atol=1e-5)
+        np.testing.assert_allclose(s.infer({"image": x})["probs"], ref_probs, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_run_device_takes_torch_and_pycuda_arrays(tiny):
+    cp = _cuda_session_or_skip()
+    path, w, b = tiny
+    x = np.random.default_rng(8).random((2, 2, 5, 5), dtype=np.float32)
+    ref_probs, _ = _reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    tried = []
+    with OrtSession(path, device="cuda", strict=True) as s:
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+
+            if torch.cuda.is_available():
+                got = s.run_device({"image": torch.from_numpy(x).cuda()}, ["probs"])["probs"]
+                np.testing.assert_allclose(cp.asnumpy(got), ref_probs, atol=1e-5)
+                tried.append("torch")
+        if importlib.util.find_spec("pycuda") is not None:
+            from sdk.runtime.gpu import pycuda_primary_context
+
+            import pycuda.gpuarray as gpuarray
+
+            ctx = pycuda_primary_context(0)
+            with ctx.active():
+                d = gpuarray.to_gpu(x, allocator=ctx.pool.allocate)
+            got = s.run_device({"image": d}, ["probs"])["probs"]
+            np.testing.assert_allclose(cp.asnumpy(got), ref_probs, atol=1e-5)
+            tried.append("pycuda")
+    if not tried:
+        pytest.skip("neither torch with CUDA nor pycuda is installed")

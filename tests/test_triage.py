@@ -21,7 +21,7 @@ from sdk.triage import NOT_ELIGIBLE, STAGES, TriageResult
 
 from conftest import shared_path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SDK_HOME  # noqa: E402 - where subprocesses import the same sdk
 CTSDK = [sys.executable, "-c", "from sdk.cli import main; main()"]
 
 
@@ -60,12 +60,15 @@ def _bilinear(grid: np.ndarray, out_hw) -> np.ndarray:
 
 def test_phantom_result_contract(phantom_result: TriageResult, engine) -> None:
     r = phantom_result
-    assert r.eligible and r.reasons == []
-    assert r.label in engine.classes
+    assert r.eligible
     assert set(r.probabilities) == set(engine.classes)
     assert sum(r.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
-    expected = "covid" if r.probabilities["covid"] >= engine.threshold else "non_covid"
-    assert r.label == expected
+    dec = r.lung_opacity["decision"]
+    if r.reasons:  # weak or conflicting evidence: every reason comes from a rule that fired
+        assert r.label == "indeterminate" and len(r.reasons) == sum(dec["rules"].values())
+    else:
+        assert r.label == ("covid" if r.probabilities["covid"] >= engine.threshold else "non_covid")
+    assert "opacity" in r.timings_ms and 0 <= r.lung_opacity["ggo_fraction"] <= 1
     assert list(r.timings_ms)[: len(STAGES)] == list(STAGES)
     assert r.timings_ms["total"] >= max(v for k, v in r.timings_ms.items() if k != "total")
     assert r.runtime["provider"] == "CPUExecutionProvider" and r.runtime["precision"] == "fp32"
@@ -92,8 +95,12 @@ def test_phantom_numbers_match_independent_pipeline(phantom_result: TriageResult
     got = np.array([[s.probabilities[c] for c in engine.classes] for s in phantom_result.slice_scores])
     np.testing.assert_allclose(got, probs, atol=1e-5)
     series = engine.bundle.load_aggregator().predict_proba(probs)
-    for c in engine.classes:
-        assert phantom_result.probabilities[c] == pytest.approx(series[c], abs=1e-5)
+    dec = phantom_result.lung_opacity["decision"]
+    assert dec["p_cnn"] == pytest.approx(series["covid"], abs=1e-5)
+    # final P(covid) = sigmoid(logit(aggregator) + sum of the HU terms), sdk.decision
+    logit = np.log(series["covid"] / series["non_covid"]) + sum(dec["hu_terms"].values())
+    assert phantom_result.probabilities["covid"] == pytest.approx(1 / (1 + np.exp(-logit)), abs=1e-4)
+    assert sum(dec["cnn_contributions"].values()) == pytest.approx(np.log(series["covid"] / series["non_covid"]), abs=1e-3)
     # heat map: covid - non_covid CAM, bilinear to the slice, zero outside the lung mask
     i = len(idx) // 2
     h = phantom_result.heatmap(i)
@@ -110,9 +117,13 @@ def test_save_heatmaps_writes_pngs(phantom_result: TriageResult, tmp_path: Path)
 
     paths = phantom_result.save_heatmaps(tmp_path, top=3)
     assert len(paths) == 3
+    rows, cols = phantom_result.shape[1:]
     for p in paths:
         img = cv2.imread(str(p))
-        assert img is not None and img.shape[:2] == tuple(phantom_result.shape[1:]) and img.shape[2] == 3
+        # title line over [CAM | opacity | colour bar], panels scaled to >= 384 px high
+        scale = max(1.0, 384 / rows)
+        assert img is not None and img.shape[2] == 3
+        assert img.shape[0] == 34 + round(rows * scale) and img.shape[1] > 2 * round(cols * scale)
 
 
 def test_to_dict_json_round_trip(phantom_result: TriageResult) -> None:
@@ -180,24 +191,30 @@ def test_triage_subprocess_never_imports_torch(phantom: Path) -> None:
         "assert r.eligible\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'label': r.label}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["torch"] is False
 
 
 def test_cli_json_is_one_object_and_heatmaps(phantom: Path, tmp_path: Path) -> None:
-    out = subprocess.run(CTSDK + ["triage", str(phantom), "--device", "cpu", "--json", "--heatmaps", str(tmp_path / "h"), "--top", "2"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run(CTSDK + ["triage", str(phantom), "--device", "cpu", "--json", "--heatmaps", str(tmp_path / "h"), "--top", "2",
+                                  "--dicom-out", str(tmp_path / "dcm")],
+                         capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)  # the whole stdout is one JSON object
-    assert d["eligible"] and d["label"] in ("covid", "non_covid") and len(d["heatmaps"]) == 2
+    assert d["eligible"] and d["label"] in ("covid", "non_covid", "indeterminate") and len(d["heatmaps"]) == 2
+    assert (d["label"] == "indeterminate") == bool(d["reasons"]) and d["lung_opacity"]["decision"]["rules"]
     assert all(Path(p).is_file() for p in d["heatmaps"])
+    # the phantom's planted ground glass: opacity block, TID 1500 measurements and the SEG written
+    assert d["lung_opacity"]["ggo_fraction"] > 0.005
+    assert d["dicom_results"] == ["sr.dcm", "sc-001.dcm", "sc-002.dcm", "sc-003.dcm", "measurements.dcm", "seg.dcm"]
+    assert all((tmp_path / "dcm" / n).is_file() for n in d["dicom_results"])
 
 
 def test_cli_exit_2_on_series_error(tmp_path: Path) -> None:
     bad = tmp_path / "empty.dcm"
     bad.write_bytes(b"")
-    out = subprocess.run(CTSDK + ["triage", str(bad), "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run(CTSDK + ["triage", str(bad), "--json"], capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 2
     assert out.stdout == "" and "empty.dcm" in out.stderr and "Traceback" not in out.stderr
 
@@ -209,7 +226,15 @@ def test_covid_p001(engine) -> None:
     assert r.shape == [148, 512, 512]
     assert 2000 < r.lung_volume_ml < 8000
     assert len(r.slice_scores) >= 20
-    assert r.label in ("covid", "non_covid")
+    assert r.label in ("covid", "non_covid", "indeterminate")
+    assert (r.label == "indeterminate") == bool(r.reasons)
+    op = r.lung_opacity
+    assert set(op["per_lung"]) == {"left", "right"} and set(op["per_zone"]) == {"upper", "lower", "central", "peripheral"}
+    assert 0.002 < op["ggo_fraction"] < 0.05 and op["pattern"]["involved_lungs"] >= 1
+    # no HU term fires on P001 (sum 0), so "disagree" cannot, whatever the classifier says; the
+    # series has 148 slices and > 6 l of lung: none of the evidence-quality rules may fire
+    assert sum(op["decision"]["hu_terms"].values()) == 0.0
+    assert not any(op["decision"]["rules"][k] for k in ("few_slices", "small_lungs", "disagree"))
     json.dumps(r.to_dict(), allow_nan=False)
 
 

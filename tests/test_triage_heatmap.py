@@ -57,3 +57,35 @@ def test_overlay_colours_only_positive_evidence_inside_mask(tmp_path) -> None:
     assert not np.all(img[8:24, 16:] == base)            # positive evidence inside: coloured
     p = write_png(tmp_path / "x" / "o.png", img)
     np.testing.assert_array_equal(cv2.imread(str(p)), img)
+
+
+def test_robust_scale_ignores_hot_pixels_and_negative_evidence() -> None:
+    from sdk.heatmap import robust_scale
+
+    heats = [np.linspace(0, 1, 10000).reshape(100, 100).astype(np.float32) for _ in range(3)]
+    heats[0][0, 0] = 1000.0                                 # one hot pixel
+    heats[1][:50] = -5.0                                    # negative evidence does not count
+    masks = [np.ones((100, 100), np.uint8)] * 3
+    ref = np.percentile(np.concatenate([h[(h > 0)] for h in heats]), 99)
+    assert robust_scale(heats, masks) == pytest.approx(ref)
+    assert robust_scale(heats, masks) < 1.01
+    assert robust_scale([np.full((4, 4), -1.0)], [np.ones((4, 4))]) is None
+
+
+def test_opacity_overlay_colours_and_panel_layout() -> None:
+    from sdk.heatmap import CONSOLIDATION_BGR, GGO_BGR, colour_bar, opacity_overlay, reading_panel
+
+    grey = np.full((64, 64), 0.2, np.float32)
+    lab = np.zeros((64, 64), np.uint8)
+    lab[10:20, 10:20] = 1
+    lab[40:50, 40:50] = 2
+    img = opacity_overlay(grey, lab, None, alpha=1.0)
+    assert tuple(img[15, 15]) == GGO_BGR and tuple(img[45, 45]) == CONSOLIDATION_BGR
+    assert tuple(img[30, 30]) == (51, 51, 51)
+    bar = colour_bar(384, 2.0)
+    # top of the ramp is the top of JET (dark red), bottom dark blue
+    assert bar[41, 18, 2] > 100 and bar[41, 18, 0] < 50 and bar[384 - 31, 18, 0] > 100
+    panel = reading_panel(img.copy(), img.copy(), 2.0, "slice 3  z = -12.0 mm")
+    assert panel.shape[0] == 34 + 384 and panel.shape[1] == 384 + 4 + 384 + bar.shape[1]
+    single = reading_panel(img.copy(), None, None, "t")
+    assert single.shape[1] == 384 + bar.shape[1]

@@ -69,11 +69,14 @@ def _human(report: Dict[str, Any]) -> str:
               help="Also time each runtime's cold start (imports + setup + first call) in a fresh Python process.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write bench.json, bench.md and PNG charts into this folder.")
+@click.option("--gpu-report", "gpu_report_dir", type=click.Path(file_okay=False), default=None,
+              help="Instead: write the GPU report (python -m sdk.bench.gpu_report) into this folder; "
+                   "SOURCE = the series, --repeat = rounds.")
 @json_option
 @handle_errors
 def bench(sources: Tuple[str, ...], runtimes: str, repeat: int, warmup: int, batch_sizes: str, batch_repeat: int,
           scaling: str, scaling_repeat: int, bundle_path: Optional[str], threads: Optional[int], phantom_slices: int,
-          phantom_size: int, cold_fresh: bool, out_dir: Optional[str], as_json: bool) -> None:
+          phantom_size: int, cold_fresh: bool, out_dir: Optional[str], gpu_report_dir: Optional[str], as_json: bool) -> None:
     """Benchmark every usable runtime on SOURCE series (default: a synthetic phantom).
 
     Per-stage p50/p95 (decode, HU, eligibility, resample, lung segmentation, slice selection,
@@ -81,6 +84,16 @@ def bench(sources: Tuple[str, ...], runtimes: str, repeat: int, warmup: int, bat
     classifier batch sizes, and the speed-up of each runtime over the naive PyTorch-eager
     baseline. All runtimes run in this one process, interleaved round-robin after warm-up.
     """
+    if gpu_report_dir:
+        from pathlib import Path
+
+        from ..bench.gpu_report import run_report
+
+        rep = run_report(Path(gpu_report_dir), series=sources[0] if sources else None, rounds=max(1, repeat),
+                         bundle=bundle_path, command="ctsdk " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        emit({"out": gpu_report_dir, "sections": {k: v.get("status") for k, v in rep["sections"].items()}}, as_json,
+             lambda r: f"GPU report in {r['out']}: " + ", ".join(f"{k} {v}" for k, v in r["sections"].items()))
+        return
     from ..bench import BenchConfig, parse_runtimes, run_bench, write_outputs
 
     cfg = BenchConfig(

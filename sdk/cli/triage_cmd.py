@@ -14,6 +14,16 @@ def _human(d: Dict[str, Any]) -> str:
         probs = ", ".join(f"{k} {v:.3f}" for k, v in d["probabilities"].items())
         lines.append(f"probabilities: {probs} (threshold {d['threshold']:.3f} on {d['bundle'].get('positive_class')})")
         lines.append(f"selected slices: {len(d['slice_scores'])}, lung volume {d['lung_volume_ml']:.0f} ml")
+        op = d.get("lung_opacity")
+        if op:
+            pat = op["pattern"]
+            lines.append(f"HU opacity: ground glass {100 * op['ggo_fraction']:.2f} %, consolidation "
+                         f"{100 * op['consolidation_fraction']:.2f} % of lung (left {100 * op['per_lung']['left']['opacity_fraction']:.2f} %, "
+                         f"right {100 * op['per_lung']['right']['opacity_fraction']:.2f} %; peripheral index "
+                         f"{pat['peripheral_index']:.2f}, lower index {pat['lower_index']:.2f})")
+            terms = {k: v for k, v in op["decision"]["hu_terms"].items() if v}
+            lines.append(f"decision: CNN P {op['decision']['p_cnn']:.3f}" + (f", HU terms {terms}" if terms else ", no HU term fired"))
+        lines.extend(f"indeterminate: {r}" for r in d["reasons"])
     else:
         lines.extend(f"not eligible: {r}" for r in d["reasons"])
     rt = d.get("runtime", {})
@@ -24,6 +34,8 @@ def _human(d: Dict[str, Any]) -> str:
         lines.append(f"prior: {prior['error']}" if "error" in prior else f"prior comparison: {prior.get('change', '?')}")
     if d.get("heatmaps"):
         lines.append(f"heat maps: {len(d['heatmaps'])} PNG in {d['heatmaps_dir']}")
+    if d.get("dicom_results"):
+        lines.append(f"DICOM results: {', '.join(d['dicom_results'])} in {d['dicom_dir']}")
     lines.extend(f"warning: {w}" for w in d["warnings"])
     return "\n".join(lines)
 
@@ -45,11 +57,14 @@ def _human(d: Dict[str, Any]) -> str:
                    "or the same kernel source compiled for the CPU (cpu-harness).")
 @click.option("--prior", "prior_path", type=click.Path(exists=True), default=None,
               help="An earlier study of the same patient: compare opacity burden per lung (paper 003).")
+@click.option("--dicom-out", "dicom_dir", type=click.Path(file_okay=False), default=None,
+              help="Write the DICOM results here: sr.dcm, measurements.dcm (TID 1500 opacity), sc-NNN.dcm (top 3 heat maps), "
+                   "seg.dcm (opacity SEG); needs DICOM input (ctsdk[dicomnet]).")
 @json_option
 @handle_errors
 def triage(source: str, series_uid: Optional[str], device: str, precision: str, bundle_path: Optional[str],
            lung_method: str, heatmaps_dir: Optional[str], top: Optional[int], threads: Optional[int],
-           kernels: str, prior_path: Optional[str], as_json: bool) -> None:
+           kernels: str, prior_path: Optional[str], dicom_dir: Optional[str], as_json: bool) -> None:
     """Triage one CT series (folder or file): label, probabilities, per-slice scores, stage timings.
 
     Research use only - not for diagnosis.
@@ -57,12 +72,37 @@ def triage(source: str, series_uid: Optional[str], device: str, precision: str, 
     from ..triage import Triage
 
     engine = Triage(bundle_path, device=device, precision=precision, lung_method=lung_method,
-                    heatmaps=heatmaps_dir is not None, threads=threads, kernels=kernels)
-    result = engine.run(source, series_uid=series_uid, prior=prior_path)
+                    heatmaps=heatmaps_dir is not None or dicom_dir is not None, threads=threads, kernels=kernels)
+    import time
+
+    t0 = time.perf_counter()
+    volume = engine._load(source, series_uid)  # loaded here so --dicom-out knows the source files
+    load_ms = (time.perf_counter() - t0) * 1000.0
+    result = engine.run(volume, prior=prior_path)
+    result.timings_ms["load"] = load_ms
+    result.timings_ms["total"] = result.timings_ms.get("total", 0.0) + load_ms
     payload = result.to_dict()
     payload["source"] = source
     if heatmaps_dir is not None and result.eligible:
         paths = result.save_heatmaps(heatmaps_dir, top=top)
         payload["heatmaps_dir"] = heatmaps_dir
         payload["heatmaps"] = [str(p) for p in paths]
+    if dicom_dir is not None:
+        payload["dicom_dir"] = dicom_dir
+        payload["dicom_results"] = [p.name for p in _write_dicom(volume, result, dicom_dir)]
     emit(payload, as_json, _human)
+
+
+def _write_dicom(volume: Any, result: Any, out_dir: str) -> list:
+    """SR, TID 1500 measurements, heat-map SCs and the opacity SEG of one triaged series."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..integration.results import write_dicom_results
+    from ..integration.triage_fns import opacity_from_result, overlays_from_result
+
+    files = sorted({f for f in volume.files if f})
+    if not files:
+        raise ConfigError("--dicom-out needs DICOM files as input (the series was not read from files)")
+    return write_dicom_results([Path(f) for f in files], result.to_dict(), overlays_from_result(result), Path(out_dir),
+                               opacity=opacity_from_result(result))

@@ -64,7 +64,7 @@ def build_triage_fn(spec: Optional[str], threads: Optional[int], *,
 
     if spec:
         return load_triage_factory(spec)()
-    from ..integration.triage_fns import TriageOutput, overlays_from_result
+    from ..integration.triage_fns import TriageOutput, opacity_from_result, overlays_from_result
     from ..triage import Triage
 
     engine = Triage(threads=threads, heatmaps=overlays)
@@ -72,7 +72,7 @@ def build_triage_fn(spec: Optional[str], threads: Optional[int], *,
     def triage_files(files: Sequence[Path]) -> Any:
         result = engine.run([str(f) for f in files])
         if overlays:
-            return TriageOutput(dict(result.to_dict()), overlays_from_result(result))
+            return TriageOutput(dict(result.to_dict()), overlays_from_result(result), opacity_from_result(result))
         return result.to_dict()
 
     return triage_files

@@ -384,7 +384,7 @@ class Listener:
             files: List[Path] = []
             if self.cfg.dicom_results:
                 try:
-                    files = write_dicom_results(paths, result, out.overlays, results_dir)
+                    files = write_dicom_results(paths, result, out.overlays, results_dir, opacity=out.opacity)
                 except CtsdkError as exc:
                     record["dicom_results_error"] = str(exc)
                     log.error("series %s: DICOM results not written: %s", key, exc)

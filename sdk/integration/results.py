@@ -10,6 +10,14 @@ For each triaged series:
 - ``sc-NNN.dcm`` - Secondary Capture Image(s), RGB, of the heat-map overlays (or, when the triage
   gave none, the lung-windowed key slice), in the source study, with a Source Image Sequence
   pointing at the slice each was computed on.
+- ``measurements.dcm`` - when the result has a ``lung_opacity`` block: a Comprehensive 3D SR,
+  TID 1500 "Imaging Measurement Report" (highdicom ``MeasurementReport``), one TID 1501
+  measurement group per finding (ground glass DCM 112120, consolidation ``99CTSDK CONSOL``) and
+  site (both lungs, left, right, upper / lower zone, central / peripheral) with the fraction of
+  lung (UCUM %) and the volume (UCUM ml), plus one group of pattern features (UCUM 1 / %).
+- ``seg.dcm`` - when the triage function gave an opacity map with any opacity: a binary DICOM
+  Segmentation of the source series, segment 1 ground glass, segment 2 consolidation (algorithm
+  family "Morphological operations"), frames only where a segment is present.
 
 UIDs of result objects are derived from the source series and the set of instances triaged
 (``pydicom.uid.generate_uid(entropy_srcs=...)``), so re-running a series after a crash produces
@@ -30,11 +38,12 @@ from .triage_fns import RESEARCH_ONLY, Overlay
 
 log = logging.getLogger("sdk.integration.results")
 
-__all__ = ["write_dicom_results", "build_sr", "build_sc", "forward_files", "key_image_overlay",
+__all__ = ["write_dicom_results", "build_sr", "build_sc", "build_seg", "build_measurement_sr", "SEG_SERIES_NUMBER", "forward_files", "key_image_overlay",
            "patient_orientation", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER"]
 
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+SEG_SERIES_NUMBER = 9903
 MANUFACTURER = "ctsdk"
 LOCAL_SCHEME = "99CTSDK"
 from ..preprocessing import CLASSIFIER_WINDOW as LUNG_WINDOW  # noqa: E402 - the one owner of the window
@@ -242,8 +251,10 @@ def build_sc(ref: Any, overlay: Overlay, uid_seed: str, index: int) -> Any:
 
 
 def write_dicom_results(files: Sequence[Path], result: Mapping[str, Any], overlays: Sequence[Overlay],
-                        out_dir: Path, max_sc: int = 3) -> List[Path]:
-    """Write ``sr.dcm`` and ``sc-NNN.dcm`` for a triaged series into ``out_dir``; return their paths.
+                        out_dir: Path, max_sc: int = 3, opacity: Any = None) -> List[Path]:
+    """Write ``sr.dcm``, ``sc-NNN.dcm`` (and ``measurements.dcm`` / ``seg.dcm`` when the result has
+    opacity measurements / ``opacity`` is an :class:`~sdk.integration.triage_fns.OpacityMap` with
+    any opacity) for a triaged series into ``out_dir``; return their paths.
 
     Raises:
         ResultWriteError: a source cannot be re-read, highdicom refuses the inputs (e.g. a source
@@ -278,11 +289,191 @@ def write_dicom_results(files: Sequence[Path], result: Mapping[str, Any], overla
             if ref is None:
                 ref = order[len(order) // 2][1]
             written.append(_save(build_sc(ref, ov, seed, i), out_dir / f"sc-{i:03d}.dcm"))
+        if isinstance(result.get("lung_opacity"), Mapping):
+            written.append(_save(build_measurement_sr(sources, result, seed), out_dir / "measurements.dcm"))
+        if opacity is not None and np.asarray(opacity.labels).any():
+            written.append(_save(build_seg([ds for _, ds in order], positions, opacity, result, seed), out_dir / "seg.dcm"))
     except ResultWriteError:
         raise
     except Exception as exc:  # highdicom validates its inputs with ValueError/TypeError
         raise ResultWriteError(f"{out_dir}: DICOM results not built: {type(exc).__name__}: {exc}") from exc
     return written
+
+
+def _algorithm(result: Mapping[str, Any]) -> Any:
+    from highdicom import AlgorithmIdentificationSequence
+    from pydicom.sr.codedict import codes
+
+    from .. import __version__
+
+    return AlgorithmIdentificationSequence(name="ctsdk HU lung opacity", version=__version__,
+                                           family=codes.cid7162.MorphologicalOperations,
+                                           source="ctsdk sdk.opacity (HU thresholds + 2D morphology)")
+
+
+def _consolidation_code() -> Any:
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value="CONSOL", scheme_designator=LOCAL_SCHEME, meaning="Lung consolidation")
+
+
+def build_seg(ordered: Sequence[Any], positions: np.ndarray, opacity: Any, result: Mapping[str, Any], uid_seed: str) -> Any:
+    """Binary DICOM Segmentation of the opacity map over the source series.
+
+    ``ordered``: the source headers in slice order, ``positions`` their positions along the
+    normal; each opacity slice goes to the source at its ``z_mm`` (within half a slice step).
+    """
+    hd = require("highdicom", "DICOM SEG results")
+    from pydicom.sr.codedict import codes
+
+    from .. import __version__
+
+    rows, cols = int(ordered[0].Rows), int(ordered[0].Columns)
+    labels = np.asarray(opacity.labels)
+    if labels.shape[1:] != (rows, cols):
+        raise ResultWriteError(f"opacity map slices are {labels.shape[1:]}, the source images {rows}x{cols}")
+    frames = np.zeros((len(ordered), rows, cols), np.uint8)
+    step = float(np.median(np.abs(np.diff(positions)))) if len(positions) > 1 else 1.0
+    for z, lab in zip(np.asarray(opacity.z_mm, dtype=np.float64), labels):
+        k = int(np.argmin(np.abs(positions - z)))
+        if abs(positions[k] - z) > max(step, 1e-3) * 0.51:
+            raise ResultWriteError(f"opacity map slice at z={z:.2f} mm has no source instance (nearest {positions[k]:.2f} mm)")
+        frames[k] = lab
+    algo = _algorithm(result)
+    auto = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    category = codes.SCT.MorphologicallyAbnormalStructure
+    descriptions = [
+        hd.seg.SegmentDescription(segment_number=1, segment_label="ground glass (-750..-300 HU)",
+                                  segmented_property_category=category, segmented_property_type=codes.DCM.GroundGlassOpacity,
+                                  algorithm_type=auto, algorithm_identification=algo),
+        hd.seg.SegmentDescription(segment_number=2, segment_label="consolidation (-300..+50 HU)",
+                                  segmented_property_category=category, segmented_property_type=_consolidation_code(),
+                                  algorithm_type=auto, algorithm_identification=algo),
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=list(ordered),
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=_uid(uid_seed, "seg-series"),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=_uid(uid_seed, "seg"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="ctsdk",
+        software_versions=__version__,
+        device_serial_number="0",
+        series_description=f"ctsdk HU opacity ({RESEARCH_ONLY})"[:64],
+        omit_empty_frames=True,
+    )
+    _declare_local_scheme(seg)
+    return seg
+
+
+def _declare_local_scheme(ds: Any) -> None:
+    from pydicom.dataset import Dataset
+
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = LOCAL_SCHEME
+    scheme.CodingSchemeName = "ctsdk local codes (triage labels, probabilities, opacity measurements)"
+    scheme.CodingSchemeResponsibleOrganization = "ctsdk"
+    ds.CodingSchemeIdentificationSequence = [scheme]
+
+
+#: (tracking name, finding site code name, laterality code name, topographical modifier code name)
+_SITES = (
+    ("both lungs", "Lung", None, None, None),
+    ("left lung", "Lung", "Left", None, ("per_lung", "left")),
+    ("right lung", "Lung", "Right", None, ("per_lung", "right")),
+    ("upper zone", "UpperZoneOfLung", None, None, ("per_zone", "upper")),
+    ("lower zone", "LowerZoneOfLung", None, None, ("per_zone", "lower")),
+    ("central zone", "Lung", None, "Central", ("per_zone", "central")),
+    ("peripheral zone", "Lung", None, "Peripheral", ("per_zone", "peripheral")),
+)
+_PATTERN = (
+    ("bilateral_index", "BILAT-IDX", "Bilateral opacity index", "1"),
+    ("peripheral_index", "PERIPH-IDX", "Peripheral opacity index", "1"),
+    ("lower_index", "LOWER-IDX", "Lower zone opacity index", "1"),
+    ("ggo_share", "GGO-SHARE", "Ground glass share of opacity", "1"),
+    ("largest_consolidation_fraction", "LARGEST-CONS", "Largest consolidation, fraction of its lung", "%"),
+    ("involved_lungs", "INVOLVED", "Lungs involved (>= 1 % opacity)", "1"),
+)
+
+
+def build_measurement_sr(sources: Sequence[Any], result: Mapping[str, Any], uid_seed: str) -> Any:
+    """Comprehensive 3D SR, TID 1500, of ``result["lung_opacity"]`` (see the module docstring)."""
+    hd = require("highdicom", "DICOM SR measurement results")
+    from highdicom.sr import (CodedConcept, FindingSite, Measurement, MeasurementReport,
+                              MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
+                              DeviceObserverIdentifyingAttributes, TrackingIdentifier)
+    from pydicom.sr.codedict import codes
+
+    op = result["lung_opacity"]
+    name, version = _model_identity(result)
+    unit = {"%": codes.UCUM.Percent, "1": codes.UCUM.NoUnits,
+            "ml": CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")}
+
+    def local(value: str, meaning: str) -> Any:
+        return CodedConcept(value=value, scheme_designator=LOCAL_SCHEME, meaning=meaning[:64])
+
+    def frac_concept(kind: str) -> Any:
+        return local(f"{kind}-FRAC", f"{'Ground glass' if kind == 'GGO' else 'Consolidation'} fraction of lung")
+
+    def vol_concept(kind: str) -> Any:
+        return local(f"{kind}-VOL", f"{'Ground glass' if kind == 'GGO' else 'Consolidation'} volume")
+
+    groups = []
+    lung_ml_total = float(op.get("lung_ml") or 0.0)
+    for kind, finding, key in (("GGO", codes.DCM.GroundGlassOpacity, "ggo_fraction"),
+                               ("CONS", _consolidation_code(), "consolidation_fraction")):
+        for site_name, site_code, lat, topo, path in _SITES:
+            block = op if path is None else op[path[0]][path[1]]
+            frac = float(block[key])
+            lung_ml = lung_ml_total if path is None else float(block["lung_ml"])
+            site = FindingSite(anatomic_location=getattr(codes.SCT, site_code),
+                               laterality=getattr(codes.SCT, lat) if lat else None,
+                               topographical_modifier=getattr(codes.SCT, topo) if topo else None)
+            groups.append(MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(uid=_uid(uid_seed, "track", kind, site_name),
+                                                       identifier=f"{'ground glass' if kind == 'GGO' else 'consolidation'}, {site_name}"),
+                finding_type=finding, finding_sites=[site],
+                measurements=[
+                    Measurement(name=frac_concept(kind), value=round(100.0 * frac, 4), unit=unit["%"]),
+                    Measurement(name=vol_concept(kind), value=round(frac * lung_ml, 3), unit=unit["ml"]),
+                ]))
+    pattern = op.get("pattern", {})
+    groups.append(MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=_uid(uid_seed, "track", "pattern"), identifier="opacity pattern"),
+        finding_type=codes.DCM.AbnormalOpacity, finding_sites=[FindingSite(anatomic_location=codes.SCT.Lung)],
+        measurements=[Measurement(name=local(code, meaning), unit=unit[u],
+                                  value=round(float(pattern[key]) * (100.0 if u == "%" else 1.0), 6))
+                      for key, code, meaning, u in _PATTERN if key in pattern]))
+    observer = ObserverContext(observer_type=codes.DCM.Device,
+                               observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                                   uid=_uid(uid_seed, "device"), name=name[:64], model_name=version[:64]))
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_person_context=None, observer_device_context=observer),
+        procedure_reported=CodedConcept(value="25045-6", scheme_designator="LN", meaning="CT unspecified body region"),
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(sources),
+        content=report,
+        series_instance_uid=_uid(uid_seed, "sr-series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=_uid(uid_seed, "sr-measurements"),
+        instance_number=2,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=f"ctsdk triage SR ({RESEARCH_ONLY})"[:64],
+    )
+    _declare_local_scheme(sr)
+    if not sr.get("StudyInstanceUID"):
+        sr.StudyInstanceUID = sources[0].get("StudyInstanceUID", "")
+    return sr
 
 
 def _save(ds: Any, path: Path) -> Path:

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 
 log = logging.getLogger("sdk.integration")
 
-__all__ = ["Overlay", "TriageOutput", "TriageFn", "normalise_output", "make_triage_fn", "inventory", "ingest_check",
+__all__ = ["Overlay", "OpacityMap", "opacity_from_result", "TriageOutput", "TriageFn", "normalise_output", "make_triage_fn", "inventory", "ingest_check",
            "overlays_from_result", "RESEARCH_ONLY"]
 
 #: The statement every result object carries.
@@ -49,12 +49,44 @@ class Overlay:
             raise ConfigError(f"Overlay.rgb must be (H, W, 3) uint8, got {a.shape} {a.dtype}")
 
 
+@dataclass(frozen=True)
+class OpacityMap:
+    """The HU opacity map to export as a DICOM Segmentation (0 none, 1 ground glass, 2 consolidation).
+
+    Attributes:
+        z_mm: (n,) positions (``Volume.z_mm``) of the slices in ``labels``; each is matched to the
+            source instance at that position.
+        labels: (n, rows, cols) uint8 label slices (slices without opacity may be left out).
+    """
+
+    z_mm: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        lab = np.asarray(self.labels)
+        if lab.ndim != 3 or lab.dtype != np.uint8 or lab.shape[0] != len(np.asarray(self.z_mm)):
+            raise ConfigError(f"OpacityMap.labels must be (n, rows, cols) uint8 with n = len(z_mm), got {lab.shape} {lab.dtype}")
+
+
+def opacity_from_result(result: Any) -> Optional[OpacityMap]:
+    """The opacity map of a :class:`sdk.triage.TriageResult` (None without one or without image data)."""
+    if not getattr(result, "eligible", False) or getattr(result, "lung_opacity", None) is None or not hasattr(result, "opacity_map"):
+        return None
+    try:
+        z, labels = result.opacity_map()
+    except ConfigError as exc:  # Triage(heatmaps=False) keeps no image data
+        log.info("no opacity map for the DICOM SEG: %s", exc)
+        return None
+    return OpacityMap(np.asarray(z, dtype=np.float64), labels)
+
+
 @dataclass
 class TriageOutput:
-    """What a triage function returns: the JSON-safe result and optional overlays."""
+    """What a triage function returns: the JSON-safe result, optional overlays and opacity map."""
 
     result: Dict[str, Any]
     overlays: List[Overlay] = field(default_factory=list)
+    opacity: Optional[OpacityMap] = None
 
 
 TriageFn = Callable[[Sequence[Path]], Union[TriageOutput, Mapping[str, Any]]]
@@ -67,7 +99,7 @@ def normalise_output(out: Any) -> TriageOutput:
     if isinstance(out, Mapping):
         return TriageOutput(dict(out))
     if hasattr(out, "to_dict"):
-        return TriageOutput(dict(out.to_dict()), overlays_from_result(out))
+        return TriageOutput(dict(out.to_dict()), overlays_from_result(out), opacity_from_result(out))
     raise ConfigError(f"a triage function returned {type(out).__name__}; expected a dict, TriageOutput or TriageResult")
 
 
@@ -122,7 +154,9 @@ def make_triage_fn(heatmaps: bool = True) -> Callable[[Sequence[Path]], TriageOu
 
     def triage_files(files: Sequence[Path]) -> TriageOutput:
         result = engine.run([str(f) for f in files])
-        return TriageOutput(dict(result.to_dict()), overlays_from_result(result) if heatmaps else [])
+        if not heatmaps:
+            return TriageOutput(dict(result.to_dict()))
+        return TriageOutput(dict(result.to_dict()), overlays_from_result(result), opacity_from_result(result))
 
     return triage_files
 

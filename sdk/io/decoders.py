@@ -12,8 +12,8 @@ from each failure and raises one typed error:
 Default chain: ``native`` for uncompressed syntaxes (incl. deflate and big endian), then
 ``pylibjpeg`` (pydicom's pylibjpeg plugins: libjpeg, openjpeg, rle), then ``gdcm`` (python-gdcm
 through pydicom), then pydicom's own ``rle`` decoder. python-gdcm is the fallback for JPEG files
-libjpeg rejects. The decoders are C extensions that release the GIL, so slices are decoded in a
-thread pool by :mod:`sdk.io.reader`.
+libjpeg rejects. python-gdcm holds the GIL while it decodes (measured, docs/benchmarks/ingest.md),
+so :mod:`sdk.io.reader` decodes compressed series in forked processes (:mod:`sdk.io.parallel`).
 """
 from __future__ import annotations
 

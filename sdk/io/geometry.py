@@ -57,7 +57,8 @@ class StackGeometry:
         w_mm: position of each sorted slice along n relative to the first (0 for the first).
         a_px, b_px: in-plane offset of each sorted slice relative to the first, in pixels (x, y).
         normal_pos_mm: absolute position ``P_k . n`` of each sorted slice.
-        tilt_deg: angle between the stack direction and the slice normal.
+        tilt_deg: signed angle between the stack direction and the slice normal (see
+            :func:`tilt_from_offsets` for the sign).
     """
 
     order: np.ndarray
@@ -90,11 +91,31 @@ def stack_geometry(positions: np.ndarray, iop: Sequence[float], spacing_yx: Tupl
     w = v @ n
     a = (v @ r) / spacing_yx[1]
     b = (v @ c) / spacing_yx[0]
-    tilt = 0.0
-    if len(pos) > 1 and abs(w[-1]) > 1e-6:
-        inplane = np.hypot(a[-1] * spacing_yx[1], b[-1] * spacing_yx[0])
-        tilt = float(np.degrees(np.arctan2(inplane, abs(w[-1]))))
-    return StackGeometry(order, w, a, b, proj[order], tilt)
+    return StackGeometry(order, w, a, b, proj[order], tilt_from_offsets(v, w, n))
+
+
+def tilt_from_offsets(v: np.ndarray, w: np.ndarray, n: np.ndarray) -> float:
+    """Signed gantry tilt in degrees from the slice positions (0 for one slice or no offset).
+
+    The in-plane drift per mm along the normal is the least-squares slope ``s`` of the in-plane
+    offsets ``v_k - w_k n`` against ``w_k``; the stack direction is ``n + s`` and the tilt is the
+    angle between it and the normal, ``atan |s|``. **Sign convention**: positive when ``n x s``
+    points to the patient's left (+x in LPS), i.e. the rotation that takes the stack direction to
+    the slice normal is right-handed about patient left: for a supine, head-first patient the top
+    (anterior edge) of the image plane lies towards the head. It is a property of the geometry,
+    independent of how the pixels are stored; GE's GantryDetectorTilt has the same sign on
+    ``dcm-qa-ct-ge-tilt`` (+18.5), other vendors may write the opposite sign for the same geometry.
+    """
+    v = np.asarray(v, dtype=np.float64).reshape(-1, 3)
+    w = np.asarray(w, dtype=np.float64)
+    den = float(w @ w)
+    if v.shape[0] < 2 or den <= 1e-12:
+        return 0.0
+    inplane = v - w[:, None] * n[None, :]
+    s = (w @ inplane) / den
+    mag = float(np.degrees(np.arctan(np.linalg.norm(s))))
+    sign = -1.0 if float(np.cross(n, s)[0]) < 0 else 1.0
+    return sign * mag
 
 
 def find_gaps(z_mm: np.ndarray, thickness_mm: Optional[Sequence[Optional[float]]] = None,
@@ -123,23 +144,76 @@ def find_gaps(z_mm: np.ndarray, thickness_mm: Optional[Sequence[Optional[float]]
     return gaps
 
 
-def shear_correct(stack: np.ndarray, a_px: np.ndarray, b_px: np.ndarray, fill: float) -> np.ndarray:
-    """Shift each slice k by (+b_k rows, +a_k cols) with linear interpolation (float32 out).
+MAX_SHEAR_GROWTH = 4.0   # refuse a tilt correction whose grid would exceed 4x the slice area
 
-    ``out[k, j, i] = stack[k, j - b_k, i - a_k]`` (see the module docstring).
 
-    Pixels shifted in from outside the slice take ``fill`` (the slice minimum, i.e. air).
+@dataclass(frozen=True)
+class ShearGrid:
+    """The in-plane grid that holds every shifted slice (nothing pushed out).
+
+    Attributes:
+        row0, col0: position of output pixel (0, 0) on the grid of the first slice, in pixels
+            (<= 0: the grid grew up / left).
+        rows, cols: output slice shape.
+    """
+
+    row0: int
+    col0: int
+    rows: int
+    cols: int
+
+
+def shear_grid(a_px: np.ndarray, b_px: np.ndarray, rows: int, cols: int) -> ShearGrid:
+    """Smallest integer-aligned grid holding every input pixel after the shift ``(+b_k, +a_k)``."""
+    lo_b = int(np.floor(min(0.0, float(np.min(b_px)))))
+    hi_b = int(np.ceil(max(0.0, float(np.max(b_px)))))
+    lo_a = int(np.floor(min(0.0, float(np.min(a_px)))))
+    hi_a = int(np.ceil(max(0.0, float(np.max(a_px)))))
+    return ShearGrid(lo_b, lo_a, rows + hi_b - lo_b, cols + hi_a - lo_a)
+
+
+def shear_correct(stack: np.ndarray, a_px: np.ndarray, b_px: np.ndarray, fill: float,
+                  grid: Optional[ShearGrid] = None) -> np.ndarray:
+    """Shift each slice k by (+b_k rows, +a_k cols) onto ``grid`` with linear interpolation (float32).
+
+    ``out[k, j, i] = stack[k, j + grid.row0 - b_k, i + grid.col0 - a_k]`` (see the module docstring);
+    with the default grid (:func:`shear_grid`) every input pixel lands inside the output, so the
+    correction loses nothing. Output pixels no input slice covers take ``fill`` (air).
     """
     from scipy import ndimage
 
-    out = np.empty(stack.shape, dtype=np.float32)
+    g = grid or shear_grid(a_px, b_px, stack.shape[1], stack.shape[2])
+    out = np.full((stack.shape[0], g.rows, g.cols), fill, dtype=np.float32)
     for k in range(stack.shape[0]):
         src = stack[k].astype(np.float32, copy=False)
-        if abs(a_px[k]) < 1e-6 and abs(b_px[k]) < 1e-6:
-            out[k] = src
+        dy, dx = float(b_px[k]) - g.row0, float(a_px[k]) - g.col0    # input (j, i) -> output (j + dy, i + dx)
+        iy, ix = int(round(dy)), int(round(dx))
+        if abs(dy - iy) < 1e-6 and abs(dx - ix) < 1e-6 and 0 <= iy and 0 <= ix:
+            out[k, iy:iy + src.shape[0], ix:ix + src.shape[1]] = src[: g.rows - iy, : g.cols - ix]
         else:
-            ndimage.shift(src, (b_px[k], a_px[k]), output=out[k], order=1, mode="constant", cval=fill,
-                          prefilter=False)
+            ndimage.affine_transform(src, np.ones(2), offset=(-dy, -dx), output_shape=(g.rows, g.cols),
+                                     output=out[k], order=1, mode="constant", cval=fill, prefilter=False)
+    return out
+
+
+def _reorient_inplace(arr: np.ndarray, transpose: bool, flip_x: bool, flip_y: bool, flip_z: bool) -> np.ndarray:
+    """``arr`` transposed in-plane, then flipped in x, y and z as :func:`canonicalise` does, written
+    into its own buffer one slice at a time (scratch: one slice). Returns the reshaped view."""
+    n, rows, cols = arr.shape
+    out = arr.reshape(n, cols, rows) if transpose else arr     # same bytes: slice k stays at offset k
+    if transpose or flip_x or flip_y:
+        for k in range(n):
+            t = arr[k].T if transpose else arr[k]
+            if flip_x:
+                t = t[:, ::-1]
+            if flip_y:
+                t = t[::-1, :]
+            out[k] = np.array(t)                                  # read slice k fully, then write it back
+    if flip_z:
+        for k in range(n // 2):
+            tmp = out[k].copy()
+            out[k] = out[n - 1 - k]
+            out[n - 1 - k] = tmp
     return out
 
 
@@ -157,7 +231,7 @@ class Canonical:
 
 
 def canonicalise(hu: np.ndarray, origin0: np.ndarray, r: np.ndarray, c: np.ndarray, n: np.ndarray,
-                 w_mm: np.ndarray, spacing_yx: Tuple[float, float]) -> Canonical:
+                 w_mm: np.ndarray, spacing_yx: Tuple[float, float], *, inplace: bool = False) -> Canonical:
     """Flip / transpose an orthogonal (z, y, x) stack towards LPS.
 
     Input: ``hu[k, j, i]`` sits at ``origin0 + i dx r + j dy c + w_k n`` with ``w`` ascending. For an
@@ -166,6 +240,10 @@ def canonicalise(hu: np.ndarray, origin0: np.ndarray, r: np.ndarray, c: np.ndarr
     stacks (coronal, sagittal, oblique) only get their in-plane axes flipped to point to the positive
     side of their dominant LPS axis; they keep their slice axis (the eligibility check flags them).
     ``z_mm`` is the absolute position of each output slice along the output z direction.
+
+    With ``inplace=True`` (and a C-contiguous ``hu``) the flips and the transpose are done slice by
+    slice inside ``hu``'s own buffer (one slice of scratch memory instead of a second volume); the
+    returned array is then a view of that buffer and ``hu`` must not be used any more.
     """
     dy, dx = spacing_yx
     flips: List[str] = []
@@ -203,5 +281,7 @@ def canonicalise(hu: np.ndarray, origin0: np.ndarray, r: np.ndarray, c: np.ndarr
         flips.append("flip-z")
     z_abs = float(org @ ez) + w
     direction = np.stack([ex, ey, ez], axis=1) + 0.0   # + 0.0 turns -0.0 into 0.0
+    if inplace and hu.flags.c_contiguous and flips:
+        arr = _reorient_inplace(hu, "transpose-xy" in flips, "flip-x" in flips, "flip-y" in flips, "flip-z" in flips)
     return Canonical(np.ascontiguousarray(arr), z_abs, (float(sy), float(sx)),
                      tuple(float(v) for v in org), direction, tuple(flips), z_order)

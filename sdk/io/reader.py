@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 import warnings as _pywarnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -16,12 +17,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import (
-    CorruptFileError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
+    ConfigError, CorruptFileError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
     NoImageSeriesError, NotCTError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError,
 )
 from ..volume.core import SeriesMeta, Volume
 from . import geometry as geo
-from .decoders import decode_pixels, syntax_name
+from . import parallel
+from .decoders import NATIVE_SYNTAXES, decode_pixels, syntax_name
 
 log = logging.getLogger("sdk.io")
 
@@ -34,6 +36,8 @@ NON_IMAGE_MODALITIES = {"SR", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "KO", "PR",
 NOT_DICOM_SUFFIXES = {".md", ".txt", ".csv", ".npy", ".npz", ".json", ".xml", ".png", ".jpg", ".jpeg",
                       ".nrrd", ".nii", ".gz", ".zip", ".pdf", ".py", ".html", ".tsv", ".log"}
 DEFAULT_WORKERS = 4
+DECODE_MODES = ("auto",) + parallel.MODES
+TIMING_KEYS = ("scan", "decode", "hu", "geometry")
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -59,6 +63,13 @@ class _Slice:
     acquisition: str
     thickness: Optional[float]
     notes: List[str] = field(default_factory=list)
+    uid_source: str = "SOPInstanceUID"      # or "MediaStorageSOPInstanceUID" / "file name" (anonymised files)
+    instance_number: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        """File path (or the instance UID for in-memory datasets) for messages."""
+        return self.path or self.sop_uid
 
     @property
     def geometry_key(self) -> Tuple[Any, ...]:
@@ -262,17 +273,14 @@ def _slices_from(ds: Any, path: str, label: str) -> List[_Slice]:
     notes: List[str] = []
     if not modality:
         notes.append(f"{label}: no Modality element; assumed CT")
-    sop = str(getattr(ds, "SOPInstanceUID", "") or "")
-    if not sop:
-        sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "")
-        notes.append(f"{label}: no SOPInstanceUID; " + ("used MediaStorageSOPInstanceUID" if sop else "used the file name"))
-        sop = sop or f"file:{label}"
+    sop, uid_source = _instance_uid(ds, label)
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     image_type = tuple(str(v).upper() for v in (getattr(ds, "ImageType", None) or ()))
     common = dict(
         path=path, ds=ds, series_uid=str(getattr(ds, "SeriesInstanceUID", "") or ""), modality=modality,
         rows=int(ds.Rows), cols=int(ds.Columns), syntax=syntax, image_type=image_type,
-        acquisition=str(getattr(ds, "AcquisitionNumber", "") or ""),
+        acquisition=str(getattr(ds, "AcquisitionNumber", "") or ""), uid_source=uid_source,
+        instance_number=str(getattr(ds, "InstanceNumber", "") or "") or None,
     )
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
@@ -288,6 +296,21 @@ def _slices_from(ds: Any, path: str, label: str) -> List[_Slice]:
     thick = getattr(ds, "SliceThickness", None)
     return [_Slice(frame=None, sop_uid=sop, iop=iop, ipp=ipp, spacing=spacing, slope=slope, intercept=intercept,
                    thickness=float(thick) if thick not in (None, "") else None, notes=notes, **common)]
+
+
+def _instance_uid(ds: Any, label: str) -> Tuple[str, str]:
+    """(SOPInstanceUID, where it came from): the dataset's, else the file meta's, else the file name.
+
+    Anonymisers often blank SOPInstanceUID or write one placeholder into every file; the UID is then
+    only a label (slices are told apart by position and pixels, see :func:`_order`).
+    """
+    sop = str(getattr(ds, "SOPInstanceUID", "") or "").strip()
+    if sop:
+        return sop, "SOPInstanceUID"
+    sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or "").strip()
+    if sop:
+        return sop, "MediaStorageSOPInstanceUID"
+    return f"file:{label}", "file name"
 
 
 def _frames_from(ds: Any, label: str, sop: str, notes: List[str], n_frames: int, common: Dict[str, Any]) -> List[_Slice]:
@@ -421,17 +444,21 @@ def _group(slices: List[_Slice]) -> List[_Group]:
 
 
 def _split_acquisitions(part: List[_Slice]) -> List[List[_Slice]]:
-    """Split by AcquisitionNumber only when distinct images share a position."""
-    seen: Dict[Tuple[float, ...], str] = {}
+    """Split by AcquisitionNumber only when two images share a position.
+
+    Instance UIDs are not trusted here (anonymisers blank them or write one placeholder into every
+    file), so a collision is any two planes at one position, whatever their UIDs.
+    """
+    seen: set = set()
     collide = False
     for s in part:
         if s.ipp is None:
             continue
         key = tuple(round(v, 2) for v in s.ipp)
-        if key in seen and seen[key] != s.sop_uid:
+        if key in seen:
             collide = True
             break
-        seen[key] = s.sop_uid
+        seen.add(key)
     acqs = sorted({s.acquisition for s in part})
     if not collide or len(acqs) < 2:
         return [part]
@@ -522,8 +549,7 @@ def _infos(scan: _Scan, groups: List[_Group], where: Optional[str]) -> List[Seri
             why = f"not chosen: {choice_error}"
         else:
             why = f"not chosen: {_describe_rank(g)}"
-        dup = len(g.slices) - len({s.sop_uid for s in g.slices})
-        errs = tuple(n for s in g.slices for n in s.notes) + ((f"{dup} duplicate SOPInstanceUID(s)",) if dup else ())
+        errs = tuple(n for s in g.slices for n in s.notes) + tuple(_identity_warnings(g.uid, g.slices))
         infos.append(SeriesInfo(
             uid=g.uid, description=g.description, modality=g.modality, n_files=len(g.slices),
             orientation=g.orientation, shape=(len(g.slices), f.rows, f.cols), transfer_syntaxes=g.syntaxes,
@@ -559,7 +585,8 @@ def list_series(source: Source) -> List[SeriesInfo]:
 
 
 def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
-                allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False) -> Volume:
+                allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False,
+                decode: str = "auto", timings: Optional[Dict[str, float]] = None) -> Volume:
     """Load one CT series as a :class:`~sdk.volume.Volume` in HU, canonical LPS orientation.
 
     Args:
@@ -567,20 +594,45 @@ def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt:
         series_uid: pick this series (a SeriesInfo.uid) instead of the default choice.
         allow_tilt: correct gantry tilt by shearing each slice in-plane (else raise GantryTiltError).
         allow_gaps: keep series with missing slices (a warning) instead of raising MissingSlicesError.
-        workers: decoding threads (None: min(4, cpu count); 1: no thread pool).
+        workers: decode workers in all, the calling process included (None: min(4, cpu count);
+            1: decode in the calling thread).
         progress: show a tqdm bar on stderr while decoding.
+        decode: ``"auto"`` (forked processes for compressed series, threads otherwise),
+            ``"processes"``, ``"threads"`` or ``"serial"``. The JPEG decoders hold the GIL, so only
+            processes decode in parallel (docs/benchmarks/ingest.md); every mode gives the same HU,
+            bit for bit. ``processes`` falls back to threads where ``os.fork`` does not exist.
+        timings: if given, filled with wall-clock milliseconds per stage (keys added where the
+            stage ran; the values add up to the load's wall time up to a few ms of bookkeeping):
+
+            - ``"scan"``: listing the source and reading every file's header (pixel data is
+              deferred), grouping and choosing the series;
+            - ``"decode"``: reading and decoding the pixel data of the chosen series;
+            - ``"hu"``: stored values -> HU written into the volume (and the float32 redo when an
+              integer rescale overflows int16). Decode and HU run together per slice in the
+              workers; the wall time of that phase is split between them in proportion to the
+              time the workers spent in each;
+            - ``"geometry"``: ordering, gap and duplicate checks, tilt correction and the
+              canonical LPS re-orientation.
+
+            Only these four keys are written (the mode that ran is logged at DEBUG on ``sdk.io``).
 
     Raises:
         SeriesError subclass naming the file(s) and the problem (see sdk.errors).
+        ConfigError: unknown ``decode`` mode.
     """
     return inspect_and_load(source, series_uid, allow_tilt=allow_tilt, allow_gaps=allow_gaps,
-                            workers=workers, progress=progress)[1]
+                            workers=workers, progress=progress, decode=decode, timings=timings)[1]
 
 
 def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
-                     allow_gaps: bool = False, workers: Optional[int] = None,
-                     progress: bool = False) -> Tuple[List[SeriesInfo], Volume]:
-    """:func:`list_series` and :func:`load_series` from one scan of the source."""
+                     allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False,
+                     decode: str = "auto", timings: Optional[Dict[str, float]] = None
+                     ) -> Tuple[List[SeriesInfo], Volume]:
+    """:func:`list_series` and :func:`load_series` from one scan of the source (same arguments
+    and ``timings`` keys as :func:`load_series`)."""
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
+    t0 = time.perf_counter()
     scan, groups, where = _scan_groups(source)
     infos = _infos(scan, groups, where)
     group, reason = _choose(groups, series_uid, where or "")
@@ -589,21 +641,77 @@ def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_
     for g in groups:
         if g is not group:
             warnings.append(f"series {g.uid} not loaded ({_describe_rank(g)})")
+    clock = _Clock({"scan": (time.perf_counter() - t0) * 1000.0})
     vol = _load_group(group, warnings, allow_tilt=allow_tilt, allow_gaps=allow_gaps, workers=workers,
-                      progress=progress, single=scan.single_file)
+                      progress=progress, single=scan.single_file, decode=decode, clock=clock)
+    if timings is not None:
+        timings.update(clock.ms)
     return infos, vol
 
 
-def _dedupe(slices: List[_Slice], warnings: List[str]) -> List[_Slice]:
-    seen: Dict[str, _Slice] = {}
-    out = []
+class _Clock:
+    """Wall-clock milliseconds per stage (see load_series' ``timings``)."""
+
+    def __init__(self, ms: Optional[Dict[str, float]] = None) -> None:
+        self.ms: Dict[str, float] = dict(ms or {})
+        self._t = time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        """Add the time since the previous lap to ``key``."""
+        now = time.perf_counter()
+        self.ms[key] = self.ms.get(key, 0.0) + (now - self._t) * 1000.0
+        self._t = now
+
+    def split(self, stats: "DecodeStats") -> None:
+        """Book the time since the previous lap as decode + HU, split as the workers spent it."""
+        now = time.perf_counter()
+        wall = (now - self._t) * 1000.0
+        busy = stats.decode_s + stats.hu_s
+        share = stats.decode_s / busy if busy > 0 else 1.0
+        self.ms["decode"] = self.ms.get("decode", 0.0) + wall * share
+        self.ms["hu"] = self.ms.get("hu", 0.0) + wall * (1.0 - share)
+        self._t = now
+
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+MAX_SHARED_UID_NOTES = 3
+
+
+def _uid_conforms(uid: str) -> bool:
+    """DICOM PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters."""
+    return len(uid) <= 64 and bool(_UID_RE.match(uid))
+
+
+def _identity_warnings(gid: str, slices: List[_Slice]) -> List[str]:
+    """Series-level notes on damaged instance identity (anonymisers): missing, shared or
+    non-conforming SOPInstanceUIDs, missing InstanceNumber. None of them drops a slice."""
+    out: List[str] = []
+    n = len(slices)
+    for src, how in (("MediaStorageSOPInstanceUID", "used the file meta's MediaStorageSOPInstanceUID"),
+                     ("file name", "used the file name")):
+        lacking = [s for s in slices if s.uid_source == src]
+        if lacking:
+            out.append(f"series {gid}: {len(lacking)} of {n} files have no SOPInstanceUID; {how} "
+                       f"(first: {lacking[0].name})")
+    by_uid: Dict[str, List[_Slice]] = {}
     for s in slices:
-        if s.sop_uid in seen:
-            warnings.append(f"{s.path or s.sop_uid}: skipped: duplicate SOPInstanceUID {s.sop_uid} "
-                            f"(kept {seen[s.sop_uid].path or 'the first'})")
-            continue
-        seen[s.sop_uid] = s
-        out.append(s)
+        by_uid.setdefault(s.sop_uid, []).append(s)
+    shared = [(uid, m) for uid, m in by_uid.items() if len(m) > 1]
+    for uid, members in shared[:MAX_SHARED_UID_NOTES]:
+        where = {tuple(round(v, 3) for v in s.ipp) for s in members if s.ipp is not None}
+        out.append(f"series {gid}: {len(members)} files share SOPInstanceUID {uid} at {len(where)} distinct "
+                   "position(s): kept as distinct slices; only a copy at the same position with identical "
+                   "pixels is dropped as a duplicate")
+    if len(shared) > MAX_SHARED_UID_NOTES:
+        out.append(f"series {gid}: {len(shared) - MAX_SHARED_UID_NOTES} more SOPInstanceUIDs are shared by several files")
+    bad = [s for s in slices if s.uid_source != "file name" and not _uid_conforms(s.sop_uid.split("#")[0])]
+    if bad:
+        out.append(f"series {gid}: {len(bad)} of {n} files carry a non-conforming instance UID "
+                   f"(e.g. {bad[0].sop_uid!r} in {bad[0].name}); loaded anyway (UIDs are not used to order slices)")
+    no_number = [s for s in slices if s.instance_number is None]
+    if no_number:
+        out.append(f"series {gid}: {len(no_number)} of {n} files have no InstanceNumber (not needed: slices are "
+                   "ordered by ImagePositionPatient)")
     return out
 
 
@@ -639,86 +747,184 @@ def _store_hu(out: np.ndarray, k: int, stored: np.ndarray, s: _Slice) -> bool:
     return True
 
 
-def _decode_into(slices: List[_Slice], out: np.ndarray, workers: Optional[int],
-                 progress: bool) -> Tuple[Dict[int, SeriesError], List[int]]:
-    """Decode every plane straight into ``out`` (HU), in a thread pool.
+@dataclass
+class DecodeStats:
+    """What the decode phase did: mode used and summed per-slice seconds (all workers)."""
 
-    Returns (failures by slice index, indices that overflowed int16). The decoders and NumPy release
-    the GIL, so threads overlap decoding and rescaling.
+    mode: str = "serial"
+    decode_s: float = 0.0     # reading the pixel bytes + decoding them
+    hu_s: float = 0.0         # stored -> HU into the volume
+    wall_s: float = 0.0
+
+
+def _decode_mode(slices: List[_Slice], mode: str, n: int) -> str:
+    """``auto``: forked processes for compressed series of >= 8 planes (the JPEG decoders hold the
+    GIL, see sdk.io.parallel), threads otherwise (native pixel data is mostly I/O and NumPy)."""
+    if mode not in DECODE_MODES:
+        raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
+    if mode != "auto":
+        return mode
+    if n <= 1 or len(slices) < 4:
+        return "serial"
+    compressed = any(s.syntax not in NATIVE_SYNTAXES for s in slices)
+    if compressed and len(slices) >= 8 and parallel.can_fork():
+        return "processes"
+    return "threads"
+
+
+def _decode_job(slices: List[_Slice], out: np.ndarray, k: int) -> Tuple[str, float, float, Any]:
+    """Decode plane k into ``out[k]`` (HU). Returns (status "ok" / "overflow" / "error", decode s,
+    HU s, (error class name, problem, path, hint) or None). Never raises (runs in workers)."""
+    s = slices[k]
+    t0 = time.perf_counter()
+    try:
+        stored = _decode_one(s)
+    except SeriesError as exc:
+        return "error", time.perf_counter() - t0, 0.0, (type(exc).__name__, exc.problem, exc.path, exc.hint)
+    except Exception as exc:  # decoders raise many types; keep it typed and named
+        return "error", time.perf_counter() - t0, 0.0, (
+            "CorruptFileError", f"pixel data cannot be decoded ({type(exc).__name__}: {exc})", s.name,
+            "re-export the file")
+    finally:
+        if s.frame is None and s.path:   # drop the raw bytes as soon as the plane is done
+            try:
+                del s.ds.PixelData
+            except Exception:
+                pass
+    t1 = time.perf_counter()
+    ok = _store_hu(out, k, stored, s)
+    return ("ok" if ok else "overflow"), t1 - t0, time.perf_counter() - t1, None
+
+
+_ERRORS = {c.__name__: c for c in (CorruptFileError, UnsupportedTransferSyntaxError, NotCTError, NotDicomError,
+                                    GeometryError, SeriesError)}
+
+
+def _decode_into(slices: List[_Slice], out: np.ndarray, workers: Optional[int], progress: bool,
+                 mode: str = "auto", stats: Optional[DecodeStats] = None
+                 ) -> Tuple[Dict[int, SeriesError], List[int]]:
+    """Decode every plane straight into ``out`` (HU): decode and rescale run together per plane, in
+    ``mode`` (see :func:`_decode_mode`); ``out`` must come from :func:`parallel.shared_empty` for
+    ``processes``. Returns (failures by slice index, indices that overflowed int16).
     """
     failures: Dict[int, SeriesError] = {}
     overflow: List[int] = []
-
-    def job(k: int) -> None:
-        s = slices[k]
-        try:
-            if not _store_hu(out, k, _decode_one(s), s):
-                overflow.append(k)
-        except SeriesError as exc:
-            failures[k] = exc
-        except Exception as exc:  # decoders raise many types; keep it typed and named
-            failures[k] = CorruptFileError(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})",
-                                           s.path or s.sop_uid, "re-export the file")
-        finally:
-            if s.frame is None and s.path:   # drop the raw bytes as soon as the plane is done
-                try:
-                    del s.ds.PixelData
-                except Exception:
-                    pass
-
+    st = stats if stats is not None else DecodeStats()
     n = workers if workers is not None else min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    t_start = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(slices), desc="decode", unit="slice", leave=False)
     if any(s.frame is not None for s in slices):
-        # frames of multi-frame files: decode each file once, sequentially
-        cache: Dict[str, np.ndarray] = {}
-        for k, s in enumerate(slices):
-            try:
-                if s.path not in cache:
-                    full, _ = decode_pixels(s.ds, s.path)
-                    cache[s.path] = full.reshape((-1, s.rows, s.cols))
-                if not _store_hu(out, k, cache[s.path][s.frame or 0], s):
-                    overflow.append(k)
-            except SeriesError as exc:
-                failures[k] = exc
-            if bar is not None:
-                bar.update(1)
-    elif n <= 1 or len(slices) < 4:
-        for k in range(len(slices)):
-            job(k)
-            if bar is not None:
-                bar.update(1)
+        _decode_frames(slices, out, failures, overflow, st, bar)
+        st.mode = "serial"
     else:
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            for _ in pool.map(job, range(len(slices))):
-                if bar is not None:
-                    bar.update(1)
+        results, st.mode = parallel.map_indices(
+            len(slices), lambda k: _decode_job(slices, out, k), mode=_decode_mode(slices, mode, n), workers=n,
+            on_done=None if bar is None else bar.update)
+        for k, (status, dec_s, hu_s, err) in enumerate(results):
+            st.decode_s += dec_s
+            st.hu_s += hu_s
+            if status == "overflow":
+                overflow.append(k)
+            elif status == "error":
+                cls, problem, path, hint = err
+                failures[k] = _ERRORS.get(cls, CorruptFileError)(problem, path, hint)
     if bar is not None:
         bar.close()
+    st.wall_s += time.perf_counter() - t_start
     return failures, overflow
 
 
-def _order(slices: List[_Slice], warnings: List[str]) -> Tuple[List[_Slice], geo.StackGeometry]:
-    """Sort along the normal; drop planes that share a position with an earlier one."""
+def _decode_frames(slices: List[_Slice], out: np.ndarray, failures: Dict[int, SeriesError], overflow: List[int],
+                   st: DecodeStats, bar: Any) -> None:
+    """Frames of multi-frame files: decode each file once, sequentially."""
+    cache: Dict[str, np.ndarray] = {}
+    for k, s in enumerate(slices):
+        try:
+            t0 = time.perf_counter()
+            if s.path not in cache:
+                full, _ = decode_pixels(s.ds, s.path)
+                cache[s.path] = full.reshape((-1, s.rows, s.cols))
+            t1 = time.perf_counter()
+            if not _store_hu(out, k, cache[s.path][s.frame or 0], s):
+                overflow.append(k)
+            st.decode_s += t1 - t0
+            st.hu_s += time.perf_counter() - t1
+        except SeriesError as exc:
+            failures[k] = exc
+        if bar is not None:
+            bar.update(1)
+
+
+def _order(slices: List[_Slice]) -> Tuple[List[_Slice], geo.StackGeometry, List[Tuple[int, _Slice]]]:
+    """Sort along the normal; set aside planes that share a position with an earlier one.
+
+    Returns (one plane per position, in order; their geometry; ``(index of the kept plane,
+    plane at the same position)`` for every collision). Whether a collision is a duplicate is
+    decided from its pixels after decoding (:func:`_resolve_collisions`), never from its UID.
+    """
     iop = slices[0].iop
     spacing = slices[0].spacing
     sg = geo.stack_geometry(np.array([s.ipp for s in slices]), iop, spacing)
     ordered = [slices[i] for i in sg.order]
     keep = [0]
+    extras: List[Tuple[int, _Slice]] = []
     for m in range(1, len(ordered)):
-        if abs(sg.w_mm[m] - sg.w_mm[keep[-1]]) < 1e-3 and abs(sg.b_px[m] - sg.b_px[keep[-1]]) < 1e-3:
-            s = ordered[m]
-            warnings.append(f"{s.path or s.sop_uid}: skipped: same position as "
-                            f"{ordered[keep[-1]].path or 'another image'} (duplicate slice)")
+        prev = keep[-1]
+        if (abs(sg.w_mm[m] - sg.w_mm[prev]) < 1e-3 and abs(sg.b_px[m] - sg.b_px[prev]) < 1e-3
+                and abs(sg.a_px[m] - sg.a_px[prev]) < 1e-3):
+            extras.append((len(keep) - 1, ordered[m]))
             continue
         keep.append(m)
-    if len(keep) == len(ordered):
-        return ordered, sg
+    if not extras:
+        return ordered, sg, extras
     kept = [ordered[m] for m in keep]
-    return kept, geo.stack_geometry(np.array([s.ipp for s in kept]), iop, spacing)
+    return kept, geo.stack_geometry(np.array([s.ipp for s in kept]), iop, spacing), extras
+
+
+def _resolve_collisions(extras: List[Tuple[int, _Slice]], slices: List[_Slice], hu: np.ndarray,
+                        failures: Dict[int, SeriesError], gid: str, warnings: List[str]) -> None:
+    """Decide each plane that shares a position with ``slices[k]`` from its pixels.
+
+    Identical HU: a duplicate, dropped with a warning naming both files (same or different UID).
+    Different HU: :class:`MixedSeriesError` naming both files (two images cannot share one voxel
+    row; which one is meant is the user's call). When the kept plane failed to decode, the other
+    takes its place (warned).
+    """
+    buf = np.empty((1,) + hu.shape[1:], dtype=hu.dtype)
+    for k, s in extras:
+        kept = slices[k]
+        try:
+            ok = _store_hu(buf, 0, _decode_one(s), s)
+        except SeriesError as exc:
+            warnings.append(f"{s.name}: skipped: {exc.problem} (second image at the position of {kept.name})")
+            continue
+        except Exception as exc:  # decoders raise many types; keep it typed and named
+            warnings.append(f"{s.name}: skipped: pixel data cannot be decoded ({type(exc).__name__}: {exc}) "
+                            f"(second image at the position of {kept.name})")
+            continue
+        if k in failures:
+            if ok:
+                hu[k] = buf[0]
+                warnings.append(f"{kept.name}: skipped: {failures.pop(k).problem}; {s.name} at the same "
+                                "position used instead")
+                slices[k] = s
+            continue
+        if ok and np.array_equal(buf[0], hu[k]):
+            same = ("duplicate SOPInstanceUID " + s.sop_uid if s.sop_uid == kept.sop_uid
+                    else f"duplicate image (SOPInstanceUID {s.sop_uid} vs {kept.sop_uid})")
+            warnings.append(f"{s.name}: skipped: {same} at the same position with identical pixels (kept {kept.name})")
+            continue
+        diff = float(np.max(np.abs(buf[0].astype(np.float64) - hu[k]))) if ok else float("nan")
+        pos = ", ".join(f"{v:.2f}" for v in (kept.ipp or ()))
+        raise MixedSeriesError(
+            f"series {gid}: {s.name} and {kept.name} are different images at the same position ({pos}) "
+            f"(max |HU difference| {diff:g}; SOPInstanceUID {'shared' if s.sop_uid == kept.sop_uid else 'differs'})",
+            s.path or gid, "the input holds two versions of this slice (another reconstruction, an edited copy or "
+            "a re-encoding): remove the one not meant, or give the files their own SeriesInstanceUID")
 
 
 def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allow_gaps: bool,
@@ -737,10 +943,13 @@ def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allo
 
 
 def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_gaps: bool,
-                workers: Optional[int], progress: bool, single: bool) -> Volume:
-    slices = _dedupe(group.slices, warnings)
+                workers: Optional[int], progress: bool, single: bool, decode: str = "auto",
+                clock: Optional[_Clock] = None) -> Volume:
+    clock = clock or _Clock()
+    slices = list(group.slices)
     for s in slices:
         warnings.extend(s.notes)
+    warnings.extend(_identity_warnings(group.uid, slices))
     # geometry needs IOP + IPP on every plane (one plane may fall back to identity)
     lacking = [s for s in slices if s.iop is None or s.ipp is None]
     if lacking:
@@ -754,15 +963,26 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
                                 "ImageOrientationPatient, so slices cannot be ordered",
                                 lacking[0].path or group.uid, "re-export the series with full image plane headers")
     # order and check gaps from the headers alone (fail fast), then decode in slice order
-    slices, sg = _order(slices, warnings)
+    slices, sg, extras = _order(slices)
     _check_gaps(slices, sg, group, allow_gaps, [])
-    hu = np.empty((len(slices), slices[0].rows, slices[0].cols), dtype=_hu_dtype(slices))
-    failures, overflow = _decode_into(slices, hu, workers, progress)
+    n_workers = workers if workers is not None else min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    mode = _decode_mode(slices, decode, n_workers)
+    shape = (len(slices), slices[0].rows, slices[0].cols)
+    hu = parallel.shared_empty(shape, _hu_dtype(slices)) if mode == "processes" else np.empty(shape, _hu_dtype(slices))
+    clock.lap("geometry")
+    stats = DecodeStats()
+    failures, overflow = _decode_into(slices, hu, n_workers, progress, mode, stats)
+    clock.split(stats)
+    log.debug("series %s: %d planes decoded (%s, %d workers) in %.0f ms", group.uid, len(slices), stats.mode,
+              n_workers if stats.mode != "serial" else 1, stats.wall_s * 1000.0)
     if overflow and not failures:
         # an integer rescale left int16: redo as float32 (rare; stored values are decoded again)
         warnings.append(f"series {group.uid}: HU exceed int16; stored as float32")
         hu = hu.astype(np.float32)
         failures, _ = _redo_float(slices, hu, workers)
+        clock.lap("hu")
+    _resolve_collisions(extras, slices, hu, failures, group.uid, warnings)
+    clock.lap("decode")
     if failures:
         for k in sorted(failures):
             r = failures[k]
@@ -783,20 +1003,48 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     dy, dx = slices[0].spacing
     r, c, n = geo.frame(iop)
     header_tilt = _header_tilt(slices[0].ds)
+    tilt = sg.tilt_deg if sg.sheared else 0.0
+    origin0 = np.asarray(slices[0].ipp, dtype=np.float64)
     if sg.sheared:
-        if not allow_tilt:
-            raise GantryTiltError(f"gantry tilt {sg.tilt_deg:.2f} deg (slices shifted in-plane up to "
-                                  f"{np.max(np.abs(sg.b_px)):.1f} px)", slices[0].path or group.uid,
-                                  "pass allow_tilt=True to correct it by shearing")
-        fill = float(hu.min())
-        hu = geo.shear_correct(hu, sg.a_px, sg.b_px, fill)
-        warnings.append(f"series {group.uid}: gantry tilt {sg.tilt_deg:.2f} deg corrected by shearing each "
-                        f"slice in-plane (up to {np.max(np.abs(sg.b_px)):.1f} px); HU interpolated linearly")
-    canon = geo.canonicalise(hu, np.asarray(slices[0].ipp), r, c, n, sg.w_mm, (dy, dx))
+        hu, origin0 = _correct_tilt(hu, sg, origin0, (r, c), (dy, dx), group, slices, allow_tilt, warnings)
+    if header_tilt and abs(header_tilt) > 0.05 and not sg.sheared:
+        warnings.append(f"series {group.uid}: header GantryDetectorTilt {header_tilt:g} deg but the slice "
+                        "positions show no shear: nothing to correct (meta.gantry_tilt_deg = 0)")
+    canon = geo.canonicalise(hu, origin0, r, c, n, sg.w_mm, (dy, dx), inplace=True)   # hu is ours alone
     files = [slices[i].path for i in canon.z_order]
-    meta = _meta(group, slices, header_tilt if header_tilt is not None else sg.tilt_deg)
-    return Volume(hu=canon.hu, z_mm=canon.z_mm, pixel_spacing_mm=canon.pixel_spacing_mm, origin=canon.origin,
-                  direction=canon.direction, meta=meta, warnings=tuple(warnings), files=tuple(files))
+    meta = _meta(group, slices, tilt, header_tilt)
+    vol = Volume(hu=canon.hu, z_mm=canon.z_mm, pixel_spacing_mm=canon.pixel_spacing_mm, origin=canon.origin,
+                 direction=canon.direction, meta=meta, warnings=tuple(warnings), files=tuple(files))
+    clock.lap("geometry")
+    return vol
+
+
+def _correct_tilt(hu: np.ndarray, sg: geo.StackGeometry, origin0: np.ndarray, rc: Tuple[np.ndarray, np.ndarray],
+                  spacing_yx: Tuple[float, float], group: _Group, slices: List[_Slice], allow_tilt: bool,
+                  warnings: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Shear every slice onto one orthogonal grid grown to hold all of them (nothing is cut).
+
+    Returns (float32 stack, LPS position of its pixel (0, 0)). Raises GantryTiltError when
+    ``allow_tilt`` is False, GeometryError when the grid would grow beyond MAX_SHEAR_GROWTH x.
+    """
+    shift = float(max(np.max(np.abs(sg.a_px)), np.max(np.abs(sg.b_px))))
+    if not allow_tilt:
+        raise GantryTiltError(f"gantry tilt {sg.tilt_deg:.2f} deg (slices shifted in-plane up to {shift:.1f} px)",
+                              slices[0].path or group.uid, "pass allow_tilt=True to correct it by shearing")
+    rows, cols = hu.shape[1:]
+    grid = geo.shear_grid(sg.a_px, sg.b_px, rows, cols)
+    if grid.rows * grid.cols > geo.MAX_SHEAR_GROWTH * rows * cols:
+        raise GeometryError(f"slices are offset in-plane by up to {shift:.0f} px (tilt {sg.tilt_deg:.1f} deg): "
+                            f"holding every slice needs a {grid.rows}x{grid.cols} grid for {rows}x{cols} images",
+                            slices[0].path or group.uid, "this is not a gantry tilt; check ImagePositionPatient")
+    out = geo.shear_correct(hu, sg.a_px, sg.b_px, float(hu.min()), grid)
+    r, c = rc
+    dy, dx = spacing_yx
+    grown = "" if (grid.rows, grid.cols) == (rows, cols) else (
+        f"; grid grown from {rows}x{cols} to {grid.rows}x{grid.cols} so that no pixel is cut")
+    warnings.append(f"series {group.uid}: gantry tilt {sg.tilt_deg:.2f} deg corrected by shearing each slice "
+                    f"in-plane (up to {shift:.1f} px){grown}; HU interpolated linearly")
+    return out, origin0 + grid.col0 * dx * r + grid.row0 * dy * c
 
 
 def _redo_float(slices: List[_Slice], hu: np.ndarray, workers: Optional[int]) -> Tuple[Dict[int, SeriesError], List[int]]:
@@ -804,7 +1052,7 @@ def _redo_float(slices: List[_Slice], hu: np.ndarray, workers: Optional[int]) ->
     for s in slices:
         if s.frame is None and s.path:
             s.ds, _ = _read(s.path)
-    return _decode_into(slices, hu, workers, False)
+    return _decode_into(slices, hu, workers, False, "threads")   # hu is private memory: no processes
 
 
 def _raise_undecodable(bad: List[SeriesError], group: _Group, warnings: List[str], single: bool) -> None:
@@ -843,7 +1091,7 @@ def _contrast(ds: Any) -> str:
     return "; ".join(parts)
 
 
-def _meta(group: _Group, slices: List[_Slice], tilt: float) -> SeriesMeta:
+def _meta(group: _Group, slices: List[_Slice], tilt: float, header_tilt: Optional[float]) -> SeriesMeta:
     ds = slices[0].ds
 
     def s(kw: str) -> str:
@@ -864,7 +1112,7 @@ def _meta(group: _Group, slices: List[_Slice], tilt: float) -> SeriesMeta:
         series_description=s("SeriesDescription"), body_part=s("BodyPartExamined"), study_uid=s("StudyInstanceUID"),
         series_uid=group.uid, frame_of_reference_uid=s("FrameOfReferenceUID"),
         transfer_syntaxes=tuple(sorted({x.syntax for x in slices})), image_type=slices[0].image_type,
-        gantry_tilt_deg=float(tilt), n_files=len({x.path or x.sop_uid for x in slices}),
+        gantry_tilt_deg=float(tilt), gantry_tilt_header_deg=header_tilt, n_files=len({x.path or id(x.ds) for x in slices}),
     )
 
 

@@ -103,7 +103,8 @@ class OrtCudaBackend(Backend):
         from .ort import OrtSessionFromOnnx
 
         return OrtSessionFromOnnx(onnx_path, device="cuda", precision=precision, strict=True,
-                                  provider_options=kw.get("provider_options"))
+                                  provider_options=kw.get("provider_options"), fixed_batch=kw.get("fixed_batch"),
+                                  cuda_graph=bool(kw.get("cuda_graph", False)))
 
 
 class TensorRTBackend(Backend):
@@ -199,6 +200,8 @@ def select_runtime(
     threads: Optional[int] = None,
     engine_cache_dir: Optional[PathLike] = None,
     batch: Tuple[int, int, int] = (1, 8, 32),
+    fixed_batch: Optional[int] = None,
+    cuda_graph: bool = False,
 ) -> Tuple[Callable[[], Any], RuntimeInfo, List[str]]:
     """Pick a backend and precision for this machine.
 
@@ -212,6 +215,9 @@ def select_runtime(
         threads: ORT CPU intra-op threads.
         engine_cache_dir: where TensorRT engines are cached (default: beside the ONNX).
         batch: TensorRT optimisation profile (min, opt, max).
+        fixed_batch: ORT CUDA runs every classifier call at this batch (the last batch padded), so
+            the shapes never vary; None = as fed.
+        cuda_graph: ORT CUDA captures a CUDA graph (needs ``fixed_batch`` and CuPy).
 
     Returns:
         ``(loader, info, reasons)``: ``loader()`` creates the Session (nothing is built before);
@@ -240,7 +246,8 @@ def select_runtime(
         prec = _choose_precision(backend, precision, files, calibration_passed, int8_speedup, reasons)
         if prec is None:
             continue
-        loader = backend.loader(files[prec], prec, threads=threads, engine_cache_dir=engine_cache_dir, batch=batch)
+        loader = backend.loader(files[prec], prec, threads=threads, engine_cache_dir=engine_cache_dir, batch=batch,
+                                fixed_batch=fixed_batch, cuda_graph=cuda_graph)
         info = RuntimeInfo(backend=backend.backend, provider=backend.provider, precision=prec, device=backend.device_name())
         reasons.append(f"selected {name} / {prec}: {files[prec].name}")
         for r in reasons:

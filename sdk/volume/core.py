@@ -5,7 +5,9 @@ Conventions (see docs/conventions.md):
   Left, y (rows) towards Posterior, z (slices) towards Superior - i.e. LPS, slices sorted by their
   position along the slice normal, ascending.
 - ``z_mm`` holds each slice's position along the normal (mm); spacing in z may be uneven.
-- ``affine`` maps (x, y, z) voxel indices (homogeneous, column vector [i, j, k, 1]) to patient LPS mm.
+- ``affine`` maps (x, y, z) voxel indices (homogeneous, column vector [i, j, k, 1]) to patient LPS mm
+  when the slices lie on a regular grid; for an unevenly spaced series it is ``None`` (the reason
+  is in ``affine_problem``) and ``voxel_to_lps`` / ``slice_origins_lps`` give the true positions.
 Spacing and shape are derived from the arrays, never stored twice.
 """
 from __future__ import annotations
@@ -14,6 +16,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+
+
+#: the affine exists when every slice is within this fraction of a z step of where it puts it
+AFFINE_MAX_ERROR = 0.05
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,9 @@ class SeriesMeta:
     frame_of_reference_uid: str = ""
     transfer_syntaxes: Tuple[str, ...] = ()
     image_type: Tuple[str, ...] = ()
-    gantry_tilt_deg: float = 0.0
+    gantry_tilt_deg: float = 0.0      # from the slice positions (sdk.io.geometry.tilt_from_offsets); 0 = no shear
     n_files: int = 0
+    gantry_tilt_header_deg: Optional[float] = None   # GantryDetectorTilt as written (vendors differ in sign)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dict(self.__dict__)
@@ -101,9 +108,53 @@ class Volume:
         return bool(d.size == 0 or np.allclose(d, d[0], rtol=0.01, atol=0.01))
 
     @property
-    def affine(self) -> np.ndarray:
-        """4x4 voxel (x, y, z, 1) -> LPS mm, using the median z spacing."""
-        dz, dy, dx = self.spacing
+    def slice_origins_lps(self) -> np.ndarray:
+        """(z, 3) LPS position (mm) of voxel (x=0, y=0) of every slice, from ``z_mm`` (exact for
+        uneven spacing)."""
+        ez = np.asarray(self.direction, dtype=np.float64)[:, 2]
+        dz = np.asarray(self.z_mm, dtype=np.float64) - float(self.z_mm[0])
+        return np.asarray(self.origin, dtype=np.float64)[None, :] + dz[:, None] * ez[None, :]
+
+    def voxel_to_lps(self, xyz: np.ndarray) -> np.ndarray:
+        """LPS mm of voxel indices ``(..., 3)`` as (x, y, z); z may be fractional (interpolated
+        between the true slice positions). Valid whether or not :attr:`affine` exists."""
+        p = np.asarray(xyz, dtype=np.float64)
+        k = np.arange(len(self.z_mm), dtype=np.float64)
+        z_rel = np.interp(p[..., 2], k, np.asarray(self.z_mm, dtype=np.float64)) - float(self.z_mm[0])
+        d = np.asarray(self.direction, dtype=np.float64)
+        dy, dx = self.pixel_spacing_mm
+        return (np.asarray(self.origin, dtype=np.float64) + p[..., 0:1] * dx * d[:, 0] + p[..., 1:2] * dy * d[:, 1]
+                + z_rel[..., None] * d[:, 2])
+
+    @property
+    def affine_problem(self) -> str:
+        """Why :attr:`affine` is None ("" when it exists)."""
+        z = np.asarray(self.z_mm, dtype=np.float64)
+        if z.size < 3:
+            return ""
+        step = (z[-1] - z[0]) / (z.size - 1)
+        err = np.abs(z - (z[0] + step * np.arange(z.size)))
+        k = int(np.argmax(err))
+        if err[k] <= AFFINE_MAX_ERROR * abs(step):
+            return ""
+        d = np.diff(z)
+        return (f"uneven slice spacing ({d.min():.3f}-{d.max():.3f} mm): a single z step would put slice {k} "
+                f"{err[k]:.2f} mm from its true position; use z_mm / voxel_to_lps / slice_origins_lps, "
+                "or resample to a regular grid first")
+
+    @property
+    def affine(self) -> Optional[np.ndarray]:
+        """4x4 voxel (x, y, z, 1) -> LPS mm, or None when no single z step fits the slices.
+
+        The z step is the mean step ``(z_mm[-1] - z_mm[0]) / (n - 1)``; the affine exists only when
+        every slice lies within ``AFFINE_MAX_ERROR`` (5 %) of that step from where it puts it, so it
+        never lies by more than that. Otherwise see :attr:`affine_problem`.
+        """
+        if self.affine_problem:
+            return None
+        z = np.asarray(self.z_mm, dtype=np.float64)
+        dz = float((z[-1] - z[0]) / (z.size - 1)) if z.size > 1 else self.spacing[0]
+        dy, dx = self.pixel_spacing_mm
         a = np.eye(4)
         a[:3, :3] = np.asarray(self.direction, dtype=np.float64) @ np.diag([dx, dy, dz])
         a[:3, 3] = self.origin
@@ -127,6 +178,7 @@ class Volume:
             "shape": list(self.shape),
             "spacing_mm": [round(s, 4) for s in self.spacing],
             "uniform_z": self.uniform_z,
+            "affine_problem": self.affine_problem,
             "z_range_mm": [float(self.z_mm[0]), float(self.z_mm[-1])],
             "origin": [float(v) for v in self.origin],
             "direction": np.asarray(self.direction).round(6).tolist(),
