@@ -4,6 +4,7 @@
     .venv/bin/python examples/results_check.py --record runs/results_before.json
     # after it
     .venv/bin/python examples/results_check.py --compare runs/results_before.json
+    # or record the old code without checking it out: --record ... --base /tmp/base (sdk_base copy)
 
 For every CT series under ``../shared/data/dicom`` that Triage accepts (covid-ct-md,
 covid19-ny-sbu, lung-pet-ct-dx, cip-ct64, totalseg-j2k, dcm-qa-ct-ge-tilt), the CPU product
@@ -34,9 +35,14 @@ def _series_dirs(root: Path) -> List[Path]:
     return [root / s for s in SERIES if (root / s).exists()]
 
 
-def run_all(root: Path, precision: str) -> Dict[str, Any]:
-    import sdk
-    from sdk.errors import SeriesError
+def run_all(root: Path, precision: str, base: Path | None = None) -> Dict[str, Any]:
+    """Triage every series; ``base``: use the old package copied there as ``sdk_base`` instead."""
+    import importlib
+
+    if base is not None:
+        sys.path.insert(0, str(base))
+    sdk = importlib.import_module("sdk_base" if base is not None else "sdk")
+    SeriesError = importlib.import_module(sdk.__name__ + ".errors").SeriesError
 
     tri = sdk.Triage(device="cpu", precision=precision, heatmaps=False)
     out: Dict[str, Any] = {"runtime": tri.runtime, "series": {}}
@@ -49,6 +55,7 @@ def run_all(root: Path, precision: str) -> Dict[str, Any]:
             continue
         out["series"][key] = {
             "label": r.label, "probabilities": r.probabilities, "eligible": r.eligible,
+            "lung_opacity": getattr(r, "lung_opacity", None),
             "slices": [s.index for s in r.slice_scores],
             "slice_probs": [s.probabilities.get(tri.positive, 0.0) for s in r.slice_scores],
             "lung_volume_ml": r.lung_volume_ml, "total_ms": r.timings_ms.get("total"),
@@ -72,9 +79,11 @@ def compare(before: Dict[str, Any], after: Dict[str, Any], tol: float) -> List[s
         same_slices = b["slices"] == a["slices"]
         dsl = max((abs(x - y) for x, y in zip(b["slice_probs"], a["slice_probs"])), default=0.0) if same_slices else float("nan")
         dv = (a["lung_volume_ml"] or 0) - (b["lung_volume_ml"] or 0)
+        same_opacity = json.dumps(a.get("lung_opacity"), sort_keys=True) == json.dumps(b.get("lung_opacity"), sort_keys=True)
         ok = a["label"] == b["label"] and dp <= tol
         print(f"{'ok  ' if ok else 'FAIL'} {key:40s} {b['label']:>12s} -> {a['label']:<12s} max|dp|={dp:.2e} "
               f"slices {'same' if same_slices else 'DIFFER'} max|dp_slice|={dsl:.2e} dlung={dv:+.1f} ml "
+              f"opacity {'same' if same_opacity else 'DIFFER'} "
               f"total {b.get('total_ms') or 0:.0f} -> {a.get('total_ms') or 0:.0f} ms")
         if not ok:
             fails.append(f"{key}: label {b['label']} -> {a['label']}, max|dp| {dp:.3g}")
@@ -89,8 +98,10 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DICOM)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--base", type=Path, default=None,
+                    help="run an old copy of the package (folder holding sdk_base/, see examples/side_by_side.py)")
     a = ap.parse_args(argv)
-    res = run_all(a.data, a.precision)
+    res = run_all(a.data, a.precision, a.base)
     if a.record:
         a.record.parent.mkdir(parents=True, exist_ok=True)
         a.record.write_text(json.dumps(res, indent=1))
