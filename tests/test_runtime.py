@@ -418,3 +418,20 @@ def test_run_device_takes_torch_and_pycuda_arrays(tiny):
             tried.append("pycuda")
     if not tried:
         pytest.skip("neither torch with CUDA nor pycuda is installed")
+
+
+def test_external_inference_session_runs_through_the_session_interface(tiny):
+    """A caller's own onnxruntime.InferenceSession, wrapped, checks inputs and batches like OrtSession."""
+    import onnxruntime as ort
+
+    from sdk.runtime.base import ExternalOrtSession
+
+    x = np.random.default_rng(4).random((5, 2, 5, 5), dtype=np.float32)
+    ext = ExternalOrtSession(ort.InferenceSession(str(tiny[0]), providers=["CPUExecutionProvider"]))
+    assert [t.name for t in ext.inputs] == ["image"] and ext.inputs[0].dtype == "float32"
+    with OrtSession(tiny[0], threads=1) as s:
+        ref = s.infer({"image": x})
+    got = ext.infer_batched(x, batch=2)
+    np.testing.assert_allclose(got["probs"], ref["probs"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="dtype"):
+        ext.infer({"image": x.astype(np.float64)})

@@ -107,9 +107,14 @@ def as_session(session: SessionLike) -> Any:
         return open_session(session)
     if session is None:
         return open_session()
+    if not hasattr(session, "infer_batched") and callable(getattr(session, "get_inputs", None)):
+        from ..runtime.base import ExternalOrtSession
+
+        return ExternalOrtSession(session)  # an onnxruntime.InferenceSession built by the caller
     if not hasattr(session, "infer_batched"):
         raise ConfigError(
-            f"session must be a ctsdk Session (sdk.runtime.ort.OrtSession) or an ONNX path, not {type(session).__name__}"
+            f"session must be a ctsdk Session (sdk.runtime.ort.OrtSession), an onnxruntime.InferenceSession or an ONNX path, "
+            f"not {type(session).__name__}"
         )
     return session
 
@@ -154,8 +159,9 @@ def segment_slices_2d(
     Args:
         grey01: (N, H, W) float32 images in [0, 1] (8-bit images / 255, or lung-windowed HU);
             any H, W. A single (H, W) image is accepted and returns (H, W).
-        session: a ctsdk Session or an ONNX path; ``None`` opens the default bundle's
-            ``lungs_fp32.onnx``.
+        session: a ctsdk Session, an ``onnxruntime.InferenceSession`` (wrapped in
+            :class:`sdk.runtime.base.ExternalOrtSession`) or an ONNX path; ``None`` opens the
+            default bundle's ``lungs_fp32.onnx``.
         batch: slices per network call.
         fill_holes: fill holes per slice (vessels / nodules inside the lung stay lung).
         timings: optional dict that receives ``prepare_ms``, ``net_ms`` and ``post_ms``.

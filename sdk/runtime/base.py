@@ -9,10 +9,10 @@ the last call. Backends are registered by name (``get_runtime("ort-cpu")``).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -158,3 +158,27 @@ def _prefetch_pool() -> ThreadPoolExecutor:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctsdk-prefetch")
         return _POOL
+
+
+#: ORT type strings -> numpy dtype names (for sessions built outside ctsdk)
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+               "tensor(bool)": "bool"}
+
+
+class ExternalOrtSession(Session):
+    """A ctsdk Session over an ``onnxruntime.InferenceSession`` the caller built themselves (so
+    public functions that accept one still run it through this interface and its batching)."""
+
+    def __init__(self, session: object) -> None:
+        super().__init__()
+        self._sess = session
+        self.inputs = [TensorSpec(i.name, tuple(i.shape), _ORT_DTYPES.get(i.type, i.type)) for i in session.get_inputs()]  # type: ignore[attr-defined]
+        self.outputs = [TensorSpec(o.name, tuple(o.shape), _ORT_DTYPES.get(o.type, o.type)) for o in session.get_outputs()]  # type: ignore[attr-defined]
+        providers = list(session.get_providers())  # type: ignore[attr-defined]
+        self.info = RuntimeInfo(backend="onnxruntime", provider=providers[0] if providers else "", precision="fp32",
+                                device="cpu" if not providers or providers[0] == "CPUExecutionProvider" else "cuda")
+
+    def _infer_impl(self, feed: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]]) -> Dict[str, np.ndarray]:
+        names = list(outputs) if outputs else [t.name for t in self.outputs]
+        return dict(zip(names, self._sess.run(names, {k: np.ascontiguousarray(v) for k, v in feed.items()})))  # type: ignore[attr-defined]
