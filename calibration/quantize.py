@@ -124,9 +124,9 @@ def calibrate_ranges(prepped: PathLike, x_calib: np.ndarray, method: str, cache:
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    ort = require("onnxruntime", "INT8 calibration")
+    require("onnxruntime", "INT8 calibration")
     cm = _method(method)
-    name = ort.InferenceSession(str(prepped), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    name = _input_name(prepped)
     cache = Path(cache)
     extra: Dict[str, Any] = {"symmetric": False}
     if method == "entropy":
@@ -176,6 +176,14 @@ def quantize(prepped: PathLike, out: PathLike, method: str, exclude: Sequence[st
     return out
 
 
+def _input_name(path: PathLike) -> str:
+    """The graph's first input name, from the ONNX file (no inference session needed)."""
+    onnx = require("onnx", "INT8 calibration")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {i.name for i in graph.initializer}
+    return next(i.name for i in graph.input if i.name not in init)
+
+
 def _session(path: PathLike, threads: int) -> Any:
     from ..export.onnx import ort_cpu_session
 
@@ -185,13 +193,8 @@ def _session(path: PathLike, threads: int) -> Any:
 def predict(path: PathLike, x: np.ndarray, threads: int = 2, batch: int = 32) -> Dict[str, np.ndarray]:
     """``logits`` and ``probs`` of an ONNX classifier over ``x`` (ORT CPU)."""
     sess = _session(path, threads)
-    name = sess.get_inputs()[0].name
-    outs = [o.name for o in sess.get_outputs() if o.name in ("logits", "probs")] or [sess.get_outputs()[0].name]
-    res: Dict[str, List[np.ndarray]] = {k: [] for k in outs}
-    for i in range(0, len(x), batch):
-        for k, v in zip(outs, sess.run(outs, {name: np.ascontiguousarray(x[i:i + batch])})):
-            res[k].append(v)
-    out = {k: np.concatenate(v) for k, v in res.items()}
+    outs = [o.name for o in sess.outputs if o.name in ("logits", "probs")] or [sess.outputs[0].name]
+    out = sess.infer_batched(np.asarray(x, dtype=np.float32), batch=batch, outputs=outs)
     if "probs" not in out:
         z = out[outs[0]] - out[outs[0]].max(1, keepdims=True)
         out["probs"] = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -218,7 +221,7 @@ def benchmark(fp32: PathLike, int8: PathLike, x: np.ndarray, *, batches: Sequenc
     load conditions for both). Median ms per call and per image, and the FP32/INT8 ratio."""
     repeats = repeats or {1: 40, 32: 6}
     sessions = {"fp32": _session(fp32, threads), "int8": _session(int8, threads)}
-    name = sessions["fp32"].get_inputs()[0].name
+    name = sessions["fp32"].inputs[0].name
     out: Dict[str, Any] = {"threads": threads, "provider": "CPUExecutionProvider", "cpu": _cpu_name(),
                            "load_avg_1m_before": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     for b in batches:
@@ -226,11 +229,11 @@ def benchmark(fp32: PathLike, int8: PathLike, x: np.ndarray, *, batches: Sequenc
         times: Dict[str, List[float]] = {"fp32": [], "int8": []}
         for _ in range(warmup):
             for s in sessions.values():
-                s.run(None, {name: xb})
+                s.infer({name: xb})
         for _ in range(repeats.get(b, 5)):
             for k, s in sessions.items():
                 t0 = time.perf_counter()
-                s.run(None, {name: xb})
+                s.infer({name: xb})
                 times[k].append((time.perf_counter() - t0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
         out[f"batch{b}"] = {"fp32_ms": round(med["fp32"], 3), "int8_ms": round(med["int8"], 3),
@@ -263,12 +266,12 @@ def sensitivity(prepped: PathLike, int8: PathLike, x: np.ndarray, work: Path, to
     """
     dbg = require("onnxruntime.quantization.qdq_loss_debug", "INT8 sensitivity analysis")
     onnx = require("onnx", "INT8 sensitivity analysis")
-    ort = require("onnxruntime", "INT8 sensitivity analysis")
+    require("onnxruntime", "INT8 sensitivity analysis")
     f_aug, q_aug = work / "float_aug.onnx", work / "qdq_aug.onnx"
     with contextlib.redirect_stdout(sys.stderr):
         dbg.modify_model_output_intermediate_tensors(str(prepped), str(f_aug))
         dbg.modify_model_output_intermediate_tensors(str(int8), str(q_aug))
-        name = ort.InferenceSession(str(prepped), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        name = _input_name(prepped)
         reader_cls = _reader_class()
         f_act = dbg.collect_activations(str(f_aug), reader_cls(name, x, 4))
         q_act = dbg.collect_activations(str(q_aug), reader_cls(name, x, 4))
@@ -396,7 +399,7 @@ def calibrate(
         raise ConfigError(f"--method must be one of {METHODS + ('all',)}, got {method!r}")
     require("onnxruntime", "INT8 calibration")  # fail early, naming the feature
     sess = _session(src, threads)
-    shape = sess.get_inputs()[0].shape
+    shape = sess.inputs[0].shape
     size = int(shape[-1]) if isinstance(shape[-1], int) else 224
     rows, split_how = load_rows(images_csv, splits_csv)
     train = [r for r in rows if r.split == "train"]

@@ -33,6 +33,7 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError
+from ..preprocessing import CLASSIFIER_MEAN, CLASSIFIER_STD, CLASSIFIER_WINDOW
 
 log = logging.getLogger("sdk.export")
 
@@ -40,10 +41,11 @@ PathLike = Union[str, Path]
 
 CLASSIFIER_OUTPUTS: Tuple[str, str, str] = ("logits", "probs", "cam")
 CLASSIFIER_INPUT = "image"
-#: Lung window (lo, hi) HU and ImageNet mean/std: the defaults of docs/conventions.md.
-DEFAULT_WINDOW: Tuple[float, float] = (-1350.0, 150.0)
-DEFAULT_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-DEFAULT_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: Lung window (lo, hi) HU and mean/std: owned by sdk.preprocessing (the ImageNet mean/std that
+#: stood here disagreed with the models' own (0.5, 0.5, 0.5) normalisation).
+DEFAULT_WINDOW: Tuple[float, float] = CLASSIFIER_WINDOW
+DEFAULT_MEAN: Tuple[float, ...] = CLASSIFIER_MEAN
+DEFAULT_STD: Tuple[float, ...] = CLASSIFIER_STD
 DEFAULT_CLASSES: Tuple[str, str] = ("non_covid", "covid")
 #: metadata_props keys are namespaced so they never clash with other tools' keys.
 META_PREFIX = "ctsdk."
@@ -444,27 +446,19 @@ def _check_dynamic_batch(proto: Any, out: Path) -> None:
 
 
 def ort_cpu_session(path: PathLike, threads: int = 2) -> Any:
-    """A plain ``onnxruntime.InferenceSession`` on the CPU (quiet, ``threads`` intra-op, 1 inter-op),
-    for any ONNX graph - exports, parity checks and calibration; the product's sessions are
-    :class:`sdk.runtime.ort.OrtSession`."""
-    ort = require("onnxruntime", "ONNX Runtime inference")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """A CPU :class:`sdk.runtime.ort.OrtSession` (quiet, ``threads`` intra-op, 1 inter-op) for any
+    ONNX graph - exports, parity checks and calibration: the same Session interface (and batching,
+    ``infer_batched``) as the product."""
+    require("onnxruntime", "ONNX Runtime inference")
+    from ..runtime.ort import OrtSession
+
+    return OrtSession(path, device="cpu", threads=threads)
 
 
 def run_onnx(path: PathLike, x: np.ndarray, batch: int = 32, threads: int = 2) -> Dict[str, np.ndarray]:
     """Run an ONNX model on ORT CPU over ``x`` in batches; outputs concatenated by name."""
-    sess = ort_cpu_session(path, threads)
-    name = sess.get_inputs()[0].name
-    outs: Dict[str, List[np.ndarray]] = {o.name: [] for o in sess.get_outputs()}
-    for i in range(0, len(x), batch):
-        res = sess.run(None, {name: np.ascontiguousarray(x[i:i + batch], dtype=np.float32)})
-        for o, r in zip(sess.get_outputs(), res):
-            outs[o.name].append(np.asarray(r, dtype=np.float32))
-    return {k: np.concatenate(v) for k, v in outs.items()}
+    out = ort_cpu_session(path, threads).infer_batched(np.asarray(x, dtype=np.float32), batch=batch)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], *, n: int, source: str,
@@ -489,8 +483,7 @@ def torch_parity(model: Any, onnx_path: PathLike, x: np.ndarray, *, source: str 
     """Compare ORT CPU outputs of ``onnx_path`` with torch eager ``model`` on ``x``."""
     torch = require("torch", "parity check against PyTorch")
     wrapped = _adapter(model)
-    sess = ort_cpu_session(onnx_path)
-    names = [o.name for o in sess.get_outputs()]
+    names = [o.name for o in ort_cpu_session(onnx_path).outputs]
     ref: Dict[str, List[np.ndarray]] = {k: [] for k in names}
     with torch.no_grad():
         for i in range(0, len(x), batch):

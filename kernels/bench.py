@@ -19,6 +19,7 @@ from typing import Callable, Dict, List
 import numpy as np
 
 from ..pooling import mask_weights, masked_gap
+from ..preprocessing import SEGMENTER_WINDOW
 from ..volume.resample import classifier_inputs, resample_volume
 from .harness import CpuHarness
 
@@ -42,7 +43,7 @@ def run(repeat: int = 3) -> List[Dict[str, object]]:
     x = classifier_inputs(hu, lung, idx, 224)
     f = rng.normal(size=(64, 1280, 7, 7)).astype(np.float32)
     w = mask_weights(x[:, 1:2])
-    seg = (-1000.0, 400.0)
+    seg = SEGMENTER_WINDOW
     cases = [
         ("resample 150x512x512 -> 128^3 linear, windowed",
          lambda: resample_volume(hu, z, mode="linear", window=seg), lambda: h.resample(hu, z, mode="linear", window=seg)),

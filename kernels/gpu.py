@@ -4,7 +4,7 @@
     k = GpuKernels()                                   # backend="auto": cupy, else pycuda
     d_hu = k.to_device(volume.hu)                      # or any device array of the backend
     d_cube = k.resample(d_hu, volume.z_mm, (128, 128, 128), mode="area", isotropic=True,
-                        pixel_spacing_mm=volume.pixel_spacing_mm, window=(-1000, 400))
+                        pixel_spacing_mm=volume.pixel_spacing_mm, window=SEGMENTER_WINDOW)
     d_x = k.classifier_inputs(d_hu, d_mask, slice_indices, 224)      # (N, 3, 224, 224) on device
     d_w = k.mask_weights(d_x, (7, 7), channel=1)                       # reads channel 1 in place
     d_p = k.masked_gap(d_features, d_w)                                # (N, C)
@@ -39,6 +39,7 @@ import numpy as np
 
 from .._lazy import available
 from ..errors import ConfigError, KernelError, MissingDependencyError
+from ..preprocessing import CLASSIFIER_WINDOW
 from . import sources as S
 
 __all__ = ["GpuKernels", "gpu_backends", "BLOCK"]
@@ -396,7 +397,7 @@ class GpuKernels:
         return out
 
     def classifier_inputs(self, dev_hu: Any, dev_mask: Any, slice_indices: Any, size: int = 224,
-                          window: Tuple[float, float] = (-1350.0, 150.0)) -> Any:
+                          window: Tuple[float, float] = CLASSIFIER_WINDOW) -> Any:
         """(N, 3, S, S) float32 device batch (grey, mask, grey × mask) from a device volume and a
         device uint8 lung mask of the same shape; contract of
         :func:`sdk.volume.resample.classifier_inputs`."""

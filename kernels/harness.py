@@ -8,7 +8,7 @@ flags; a changed header rebuilds it.
 
     >>> from sdk.kernels.harness import CpuHarness
     >>> h = CpuHarness()                                   # builds or loads the cached .so
-    >>> out = h.resample(hu, z_mm, (128, 128, 128), mode="area", window=(-1000, 400))
+    >>> out = h.resample(hu, z_mm, (128, 128, 128), mode="area", window=SEGMENTER_WINDOW)
 
 The methods take and return NumPy arrays with the same signatures as the NumPy references
 (:mod:`sdk.volume.resample`, :mod:`sdk.pooling`), so tests compare them one to one.
@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError, KernelError
+from ..preprocessing import CLASSIFIER_WINDOW
 from . import sources as S
 
 __all__ = ["CXX_FLAGS", "build_harness", "CpuHarness"]
@@ -155,7 +156,7 @@ class CpuHarness:
         lung_mask: np.ndarray,
         slice_indices: Sequence[int],
         size: int = 224,
-        window: Tuple[float, float] = (-1350.0, 150.0),
+        window: Tuple[float, float] = CLASSIFIER_WINDOW,
     ) -> np.ndarray:
         """Same contract as :func:`sdk.volume.resample.classifier_inputs`."""
         vol, in_dtype = self._volume(hu)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import BundleError, ConfigError
+from .preprocessing import Preprocessing
 
 PathLike = Union[str, Path]
 
@@ -114,18 +115,24 @@ class Bundle:
 
     # --- preprocessing and decisions ----------------------------------------------------------
     @property
+    def preprocessing(self) -> Preprocessing:
+        """The models' preprocessing, typed (:class:`sdk.preprocessing.Preprocessing`): the one
+        object every stage, kernel and renderer reads windows, sizes and mean/std from."""
+        return Preprocessing.from_manifest(self.manifest)
+
+    @property
     def classifier_preprocessing(self) -> Dict[str, Any]:
         pre = self.manifest.get("preprocessing", {}).get("classifier", {})
-        return {"window": [-1350.0, 150.0], "size": 224, **pre}
+        typed = self.preprocessing
+        return {"window": list(typed.classifier_window), "size": typed.classifier_size, **pre}
 
     @property
     def window(self) -> Tuple[float, float]:
-        lo, hi = self.classifier_preprocessing["window"]
-        return float(lo), float(hi)
+        return self.preprocessing.classifier_window
 
     @property
     def input_size(self) -> int:
-        return int(self.classifier_preprocessing["size"])
+        return self.preprocessing.classifier_size
 
     @property
     def lungs_preprocessing(self) -> Dict[str, Any]:

@@ -178,7 +178,8 @@ def select_slices(
     if max_slices is not None and max_slices < 1:
         raise ConfigError(f"max_slices must be >= 1 or None, not {max_slices}")
     ps = tuple(float(v) for v in volume.pixel_spacing_mm)
-    lung_area = mask.reshape(mask.shape[0], -1).astype(bool).sum(1) * ps[0] * ps[1]
+    # per-slice lung pixel counts without a bool copy of the mask (a 38 MB fresh allocation per series)
+    lung_area = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1) * ps[0] * ps[1]
     lung_ok, area_thr, amax = lung_rule(lung_area, min_area_fraction, min_area_mm2)
     dark_area, dark_ok, dark_details = paper002_dark_area(hu, ps)
     keep = {"lung": lung_ok, "paper002": dark_ok, "both": lung_ok & dark_ok, "either": lung_ok | dark_ok}[rule]

@@ -9,7 +9,12 @@
 Stages (each timed in ``TriageResult.timings_ms``): ``load`` (decode + HU), ``eligibility``,
 ``resample`` (the lung segmenter's input preparation, when the segmenter reports it),
 ``lungs``, ``slice_selection``, ``opacity`` (HU ground glass / consolidation, :mod:`sdk.opacity`),
-``classifier_inputs`` (window + resize + mask channels), ``classification``, ``aggregation``, ``total``.
+``classifier_inputs`` (window + resize + mask channels; built batch by batch while the previous
+batch is classified, so this is only the time the classifier waited for its inputs),
+``classification``, ``aggregation``, ``total``. When the reader splits its load
+(``sdk.io.load_series(timings=...)``), the parts of ``load`` are added as ``load.scan``,
+``load.decode``, ``load.hu``, ``load.geometry`` (parts, not extra stages: do not add them to
+``load``).
 
 Decision: the XGBoost aggregator turns the selected slices' probabilities (20 ordered groups x K
 classes, :mod:`sdk.aggregate`) into series probabilities; the label is the bundle's positive
@@ -42,7 +47,9 @@ PathLike = Union[str, Path]
 STAGES = ("load", "eligibility", "resample", "lungs", "slice_selection", "opacity", "classifier_inputs",
           "classification", "aggregation", "total")
 NOT_ELIGIBLE = "not_eligible"
-CLASSIFIER_BATCH = 32
+#: slices per classifier call: 16 gives the same probabilities as 32 and ~165 MB less peak RSS
+#: (ORT's arena), at the same CPU speed (docs/benchmarks/cpu.md)
+CLASSIFIER_BATCH = 16
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LUNG_METHODS = ("auto", "unet2d", "classical", "hybrid", "unet3d")
@@ -413,8 +420,10 @@ class Triage:
         if self.positive not in self.classes:
             raise ConfigError(f"bundle positive class {self.positive!r} is not one of its classes {self.classes}")
         self.threshold = self.bundle.threshold
-        self.window = self.bundle.window
-        self.size = self.bundle.input_size
+        #: windows, sizes, mean/std of the bundle's models (one owner: sdk.preprocessing)
+        self.preprocessing = self.bundle.preprocessing
+        self.window = self.preprocessing.classifier_window
+        self.size = self.preprocessing.classifier_size
         self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads)
         self._lungs = _open_lungs(self.bundle.lungs_path, threads) if lung_method != "classical" else None
         self._kpath = self._open_kernel_path(kernels, device, pooling, sync_timings)
@@ -485,19 +494,27 @@ class Triage:
     def _segment(self, volume: Any) -> Any:
         from . import lungs
 
-        kwargs: Dict[str, Any] = {"method": self.lung_method}
+        kwargs: Dict[str, Any] = {"method": self.lung_method, "preprocessing": self.preprocessing}
         if self._lungs is not None and self.lung_method != "unet3d":  # the 2D U-Net's session
             kwargs["session"] = self._lungs
         return lungs.segment(volume, **kwargs)
 
-    def _classify(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        probs, cams = [], []
-        batch = self.classifier_batch
-        for i in range(0, x.shape[0], batch):
-            out = _infer(self._classifier, np.ascontiguousarray(x[i : i + batch]))
-            probs.append(np.asarray(out["probs"], np.float32))
-            cams.append(np.asarray(out["cam"], np.float32))
-        return np.concatenate(probs), np.concatenate(cams)
+    def _classify(self, hu: np.ndarray, mask: np.ndarray, indices: np.ndarray, timer: "_Timer") -> Tuple[np.ndarray, np.ndarray]:
+        """Classifier inputs and inference, batch by batch: the inputs of batch k+1 are built in
+        a helper thread while batch k runs (``Session.infer_batched``; ORT releases the GIL), so
+        no whole-series input array exists. ``classifier_inputs`` is the time spent waiting for
+        inputs (the first batch and whatever did not overlap), ``classification`` the inference."""
+        size, window = self.size, self.window
+
+        def make(i0: int, i1: int) -> np.ndarray:
+            return self._inputs_fn(hu, mask, indices[i0:i1], size, window)
+
+        steps: Dict[str, float] = {}
+        out = self._classifier.infer_batched(make, int(indices.size), batch=self.classifier_batch, input_name="image",
+                                             outputs=["probs", "cam"], timings=steps)
+        timer.ms["classifier_inputs"] = timer.ms.get("classifier_inputs", 0.0) + steps.get("prepare_ms", 0.0)
+        timer.ms["classification"] = timer.ms.get("classification", 0.0) + steps.get("infer_ms", 0.0)
+        return np.asarray(out["probs"], np.float32), np.asarray(out["cam"], np.float32)
 
     def _decide(self, probs: Dict[str, float]) -> str:
         if probs[self.positive] >= self.threshold:
@@ -556,8 +573,11 @@ class Triage:
         """
         timer = _Timer()
         t_total = time.perf_counter()
+        load_parts: Dict[str, float] = {}
         with timer("load"):
-            volume = self._load(series, series_uid, alloc=self._kpath.host_buffer if self._kpath is not None else None)
+            volume = self._load(series, series_uid, load_parts,
+                                alloc=self._kpath.host_buffer if self._kpath is not None else None)
+        timer.ms.update({f"load.{k}": float(v) for k, v in load_parts.items()})
         result, mask = self._triage_volume(volume, timer)
         if prior is not None:
             with timer("prior"):
@@ -567,14 +587,18 @@ class Triage:
         return result
 
     @staticmethod
-    def _load(series: Any, series_uid: Optional[str] = None, alloc: Any = None) -> Any:
+    def _load(series: Any, series_uid: Optional[str] = None, timings: Optional[Dict[str, float]] = None,
+              alloc: Any = None) -> Any:
+        """A Volume as is, else ``sdk.io.load_series``; ``timings`` receives the reader's own
+        split of the load (scan / decode / hu / geometry ms); ``alloc`` is the kernel path's
+        pinned host buffer (see ``sdk.io.load_series``)."""
         from .volume import Volume
 
         if isinstance(series, Volume):
             return series
         from .io import load_series
 
-        return load_series(series, series_uid=series_uid, alloc=alloc)
+        return load_series(series, series_uid=series_uid, timings=timings, alloc=alloc)
 
     def _triage_volume(self, volume: Any, timer: _Timer) -> Tuple[TriageResult, Optional[np.ndarray]]:
         """Every stage after loading; returns the result (timings filled by the caller) and the lung mask."""
@@ -606,10 +630,7 @@ class Triage:
             warnings.append(f"only {indices.size} slices selected (< 20 aggregation groups): slices are repeated across groups")
         with timer("opacity"):
             opacity = self._opacity(volume, seg, warnings)
-        with timer("classifier_inputs"):
-            x = self._inputs_fn(volume.hu, seg.mask, indices, self.size, self.window)
-        with timer("classification"):
-            slice_probs, cams = self._classify(x)
+        slice_probs, cams = self._classify(volume.hu, seg.mask, indices, timer)
         with timer("aggregation"):
             decision = self._decide_series(slice_probs, opacity, int(indices.size), float(seg.lung_volume_ml))
         z_mm = np.asarray(volume.z_mm, dtype=np.float64)

@@ -17,7 +17,7 @@ from conftest import SDK_HOME, shared_path
 
 pytest.importorskip("pydicom")
 
-from sdk.integration.batch import JsonlWriter, discover_series, run_batch  # noqa: E402
+from sdk.integration.batch import BatchOptions, JsonlWriter, discover_series, run_batch  # noqa: E402
 
 INGEST = "sdk.integration.triage_fns:ingest_check"
 
@@ -73,7 +73,7 @@ def test_jsonl_writer_survives_a_torn_line(tmp_path):
 
 def test_run_and_resume(tree, tmp_path):
     out = tmp_path / "results.jsonl"
-    s1 = run_batch(tree, out, triage_fn=INGEST, progress=False)
+    s1 = run_batch(tree, out, BatchOptions(triage_fn=INGEST, progress=False))
     recs = JsonlWriter.read(out)
     assert s1.processed == s1.discovered == len(recs) == 5
     by_key = {r["key"]: r for r in recs}
@@ -82,12 +82,12 @@ def test_run_and_resume(tree, tmp_path):
     assert s1.errors == {"NotDicomError": 2} and s1.labels == {"not_triaged": 3}
     assert Path(s1.png).is_file() and Path(s1.png).name == "results.labels.png"
     before = out.read_bytes()
-    s2 = run_batch(tree, out, resume=True, triage_fn=INGEST, progress=False)
+    s2 = run_batch(tree, out, BatchOptions(resume=True, triage_fn=INGEST, progress=False))
     assert s2.processed == 0 and s2.skipped_resume == 5 and out.read_bytes() == before
     # an interrupted run: only 2 lines made it; resume completes it without repeating them
     lines = before.decode().splitlines(keepends=True)
     out.write_text("".join(lines[:2]) + lines[2][:10])
-    s3 = run_batch(tree, out, resume=True, triage_fn=INGEST, progress=False)
+    s3 = run_batch(tree, out, BatchOptions(resume=True, triage_fn=INGEST, progress=False))
     keys = [r["key"] for r in JsonlWriter.read(out)]
     assert s3.processed == 3 and s3.skipped_resume == 2
     assert sorted(keys) == sorted(by_key) and len(keys) == len(set(keys))
@@ -99,15 +99,15 @@ def test_existing_output_needs_resume_or_overwrite(tree, tmp_path):
     out = tmp_path / "r.jsonl"
     out.write_text('{"key": "x"}\n')
     with pytest.raises(ConfigError, match="--resume"):
-        run_batch(tree, out, triage_fn=INGEST, progress=False)
-    s = run_batch(tree, out, overwrite=True, triage_fn=INGEST, progress=False)
+        run_batch(tree, out, BatchOptions(triage_fn=INGEST, progress=False))
+    s = run_batch(tree, out, BatchOptions(overwrite=True, triage_fn=INGEST, progress=False))
     assert s.processed == 5 and "x" not in JsonlWriter(out).done_keys()
 
 
 def test_worker_processes_give_the_same_lines(tree, tmp_path):
     a, b = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    run_batch(tree, a, workers=1, triage_fn=INGEST, progress=False, png=False)
-    run_batch(tree, b, workers=2, triage_fn=INGEST, progress=False, png=False)
+    run_batch(tree, a, BatchOptions(triage_fn=INGEST, progress=False, png=False), workers=1)
+    run_batch(tree, b, BatchOptions(triage_fn=INGEST, progress=False, png=False), workers=2)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_ms", "timings_ms")}  # noqa: E731
     ra = sorted((strip(r) for r in JsonlWriter.read(a)), key=lambda r: r["key"])
     rb = sorted((strip(r) for r in JsonlWriter.read(b)), key=lambda r: r["key"])

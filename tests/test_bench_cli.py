@@ -99,7 +99,9 @@ def test_ratios_and_throughput_recomputed_from_raw_numbers(bench_run) -> None:
             tp = rt["throughput"][b]
             assert tp["series_per_min"] == pytest.approx(60000.0 / tp["total_p50_ms"], rel=1e-2)
     goal = bench_run["report"]["series"][0]["goal"]
-    assert goal["best_runtime"] in ok and goal["target_speedup"] == 5.0
+    assert goal["best_runtime"] in ok and goal["target_speedup"] == 10.0 and goal["target_total_ms"] == 1500.0
+    fresh = (ok[goal["best_runtime"]]["cold"].get("fresh_process") or {}).get("max_rss_mb")
+    assert goal["peak_rss_mb"] == fresh and goal["small_enough"] == (None if fresh is None else fresh <= 800.0)
     assert goal["speedup"] == ok[goal["best_runtime"]]["speedup_vs_naive"]["total_p50"]
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from sdk.bench import stats
 from sdk.bench.memory import PeakMemory
-from sdk.bench.pipelines import (RUNTIMES, LoadProbes, map_triage_timings, parse_runtimes, precheck,
+from sdk.bench.pipelines import (RUNTIMES, map_triage_timings, parse_runtimes, precheck,
                                  runtime_mismatch)
 from sdk.errors import ConfigError
 
@@ -53,14 +53,15 @@ def test_stats_errors_and_ratios() -> None:
 def test_map_triage_timings_splits_load_and_keeps_every_millisecond() -> None:
     t = {"load": 100.0, "eligibility": 5.0, "resample": 7.0, "lungs": 50.0, "slice_selection": 1.0,
          "classifier_inputs": 3.0, "classification": 40.0, "aggregation": 2.0, "prior": 4.0, "total": 215.0}
-    stages, notes = map_triage_timings(t, decode_ms=80.0)
-    assert stages["decode"] == pytest.approx(80.0) and stages["hu"] == pytest.approx(20.0)
+    split = {**t, "load.scan": 30.0, "load.decode": 50.0, "load.hu": 12.0, "load.geometry": 6.0}
+    stages, notes = map_triage_timings(split)
+    assert stages["decode"] == pytest.approx(80.0) and stages["hu"] == pytest.approx(20.0)  # 12 + 6 + 2 ms bookkeeping
     assert stages["resample"] == pytest.approx(10.0)  # segmenter prep + classifier inputs
     assert stages["select"] == 1.0 and stages["classify"] == 40.0 and stages["aggregate"] == 2.0
     assert stages["other"] == 4.0
     assert sum(stages.values()) == pytest.approx(sum(v for k, v in t.items() if k != "total"))
     assert not notes
-    unsplit, notes = map_triage_timings(t, decode_ms=None)
+    unsplit, notes = map_triage_timings(t)
     assert unsplit["decode"] == 100.0 and unsplit["hu"] == 0.0 and notes
 
 
@@ -87,23 +88,36 @@ def test_precheck_reports_why_gpu_runtimes_cannot_run() -> None:
     assert precheck(RUNTIMES["ort-fp32"]) is None  # decided by building it
 
 
-def test_load_probes_time_the_reader_and_restore_it(tmp_path) -> None:
-    from sdk.io import load_series, reader
+def test_triage_reports_the_readers_load_split_or_load_whole(tmp_path, monkeypatch) -> None:
+    """Triage passes ``timings=`` to load_series when the reader takes it (its parts land in
+    ``load.*`` and the bench maps them), and loads unsplit from a reader without the keyword."""
+    import sdk.io
     from sdk.phantom import write_phantom_series
+    from sdk.triage import Triage
 
-    write_phantom_series(tmp_path / "s", n_slices=20, size=64)
-    names = [n for n in LoadProbes.WALL + LoadProbes.THREAD if hasattr(reader, n)]
-    originals = {n: getattr(reader, n) for n in names}
-    assert "_scan" in names, "sdk.io.reader._scan is gone: update LoadProbes"
-    with LoadProbes() as probes:
-        assert probes.installed and reader._scan is not originals["_scan"]
-        probes.reset()
-        t0 = time.perf_counter()
-        load_series(tmp_path / "s")
-        wall = (time.perf_counter() - t0) * 1000.0
-        ms = probes.take()
-    assert ms is not None and 0.0 < ms <= wall
-    assert {n: getattr(reader, n) for n in names} == originals
+    src = write_phantom_series(tmp_path / "s", n_slices=12, size=64)
+    real = sdk.io.load_series
+    calls = []
+
+    def with_split(source, series_uid=None, *, timings=None):
+        calls.append("split")
+        vol = real(source, series_uid=series_uid)
+        if timings is not None:
+            timings.update(scan=1.0, decode=2.0, hu=3.0, geometry=4.0)
+        return vol
+
+    def without(source, series_uid=None):
+        calls.append("plain")
+        return real(source, series_uid=series_uid)
+
+    parts: dict = {}
+    monkeypatch.setattr(sdk.io, "load_series", with_split)
+    Triage._load(src, None, parts)
+    assert parts == {"scan": 1.0, "decode": 2.0, "hu": 3.0, "geometry": 4.0}
+    parts = {}
+    monkeypatch.setattr(sdk.io, "load_series", without)
+    vol = Triage._load(src, None, parts)
+    assert parts == {} and vol.hu.shape[0] == 12 and calls == ["split", "plain"]
 
 
 # --- memory --------------------------------------------------------------------------------------------

@@ -124,3 +124,26 @@ def test_default_manifest_agrees_with_its_models() -> None:
     agg = b.load_aggregator()
     assert agg.classes == b.classes and agg.n_groups == 20
     assert 0.0 < b.threshold < 1.0 and 0.0 < b.slice_threshold < 1.0
+
+
+def test_preprocessing_is_read_from_the_manifest() -> None:
+    """One typed Preprocessing from the bundle manifest: the default bundle's values, a bundle's
+    own values override the defaults, malformed windows are a BundleError."""
+    from sdk.bundle import load_bundle
+    from sdk.errors import BundleError
+    from sdk.preprocessing import Preprocessing
+
+    b = load_bundle(None)
+    man = b.manifest["preprocessing"]
+    pre = b.preprocessing
+    assert pre.classifier_window == tuple(man["classifier"]["window"]) and pre.classifier_size == man["classifier"]["size"]
+    assert pre.classifier_mean == tuple(man["classifier"]["mean"]) and pre.classifier_std == tuple(man["classifier"]["std"])
+    assert pre.segmenter_window == tuple(float(v) for v in man["lungs"]["window"])
+    assert pre.segmenter_size == b.manifest["inputs"]["lungs"]["shape"][-1]
+    assert (b.window, b.input_size) == (pre.classifier_window, pre.classifier_size)
+    own = Preprocessing.from_manifest({"preprocessing": {"classifier": {"window": [-1200, 0], "size": 192},
+                                                         "lungs": {"window": [-900, 300]}}})
+    assert own.classifier_window == (-1200.0, 0.0) and own.classifier_size == 192
+    assert own.segmenter_window == (-900.0, 300.0) and own.classifier_mean == Preprocessing().classifier_mean
+    with pytest.raises(BundleError, match="hi > lo"):
+        Preprocessing.from_manifest({"preprocessing": {"lungs": {"window": [400, -1000]}}})

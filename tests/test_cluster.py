@@ -332,14 +332,15 @@ def test_listener_dispatches_to_the_cluster(cluster, tmp_path):
 @pytest.mark.slow
 def test_manifest_on_the_cluster_matches_root_keys(archive, cluster, local_run, tmp_path):
     """``--manifest`` rows (relative to the CSV) give the same keys as walking ROOT; paths_check runs on the nodes."""
-    from sdk.cluster import run_batch_ray
+    from sdk.cluster import RayOptions, run_batch_ray
+    from sdk.integration.batch import BatchOptions
 
     man = archive / "subset.csv"  # inside the archive: relative paths resolve against the CSV's folder
     man.write_text("path,note\nphantom0,a\nphantom1,b\njunk,c\n")
     try:
         out = tmp_path / "man.jsonl"
-        s = run_batch_ray(None, out, manifest=man, ray_address=cluster["address"], workers=2, progress=False, png=False,
-                          triage_fn="sdk.cluster.probe:paths_check")
+        s = run_batch_ray(None, out, BatchOptions(progress=False, png=False, triage_fn="sdk.cluster.probe:paths_check"),
+                          RayOptions(address=cluster["address"], workers=2), manifest=man)
     finally:
         man.unlink()
     recs = _by_key(_lines(out))
@@ -356,7 +357,8 @@ def test_series_that_kills_its_worker_is_bounded(cluster, tmp_path):
     """A series whose worker process dies every time ends as one ClusterTaskError line, not a hang."""
     import ray
 
-    from sdk.cluster import run_batch_ray
+    from sdk.cluster import RayOptions, run_batch_ray
+    from sdk.integration.batch import BatchOptions
     from sdk.cluster.probe import CRASH_MARKER
     from sdk.phantom import write_phantom_series
 
@@ -365,8 +367,8 @@ def test_series_that_kills_its_worker_is_bounded(cluster, tmp_path):
         write_phantom_series(root / f"s{i}", n_slices=2, size=16, series_uid=f"1.2.826.0.1.3680043.81.{i}")
     (root / "s1" / CRASH_MARKER).write_text("fault injection\n")
     out = tmp_path / "crash.jsonl"
-    s = run_batch_ray(root, out, ray_address=cluster["address"], workers=2, triage_fn="sdk.cluster.probe:crash_if_marked",
-                      max_task_retries=1, retry_rounds=1, progress=False, png=False)
+    s = run_batch_ray(root, out, BatchOptions(triage_fn="sdk.cluster.probe:crash_if_marked", progress=False, png=False),
+                      RayOptions(address=cluster["address"], workers=2, max_task_retries=1, retry_rounds=1))
     assert not ray.is_initialized()  # the driver disconnected; the cluster stays up
     recs = _by_key(_lines(out))
     assert len(recs) == 3 == s.processed

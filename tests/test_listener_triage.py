@@ -16,7 +16,7 @@ pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("pynetdicom")
 pytest.importorskip("highdicom")
 
-from sdk.integration.batch import JsonlWriter, run_batch  # noqa: E402
+from sdk.integration.batch import BatchOptions, JsonlWriter, run_batch  # noqa: E402
 from sdk.integration.listener import ForwardTarget, Listener, ListenerConfig  # noqa: E402
 from sdk.integration.results import forward_files  # noqa: E402
 from sdk.integration.triage_fns import inventory, make_triage_fn  # noqa: E402
@@ -102,7 +102,7 @@ def test_batch_with_the_real_model(triage_fn, series, tmp_path):
         (root / "s" / f.name).symlink_to(f)
     (root / "broken.dcm").write_bytes(b"\0" * 10)
     out = tmp_path / "r.jsonl"
-    summary = run_batch(root, out, triage_fn="sdk.integration.triage_fns:make_triage_fn", progress=False)
+    summary = run_batch(root, out, BatchOptions(triage_fn="sdk.integration.triage_fns:make_triage_fn", progress=False))
     recs = {r["key"]: r for r in JsonlWriter.read(out)}
     assert summary.processed == 2 and set(recs) == {"broken.dcm", f"s::{pydicom.dcmread(str(series[0])).SeriesInstanceUID}"}
     good = recs[f"s::{pydicom.dcmread(str(series[0])).SeriesInstanceUID}"]

@@ -183,3 +183,29 @@ def test_segment_covid_p001_plausible(p001, method: str) -> None:
     assert seg.timings_ms["total"] > 0
     d = seg.to_dict()
     assert d["method"] == method and isinstance(d["lung_volume_ml"], float)
+
+
+def test_fast_finishing_steps_equal_scipy_references() -> None:
+    """The one-pass hole filling and the OpenCV diamond dilation give exactly what the per-slice
+    ``ndi.binary_fill_holes`` and ``reach`` iterations of a 4-connected in-plane dilation give."""
+    from scipy import ndimage as ndi
+
+    from sdk.lungs import _dilate_in_plane
+    from sdk.lungs.classical import _fill_holes_per_slice
+
+    rng = np.random.default_rng(5)
+    m = ndi.binary_opening(rng.random((6, 40, 33)) < 0.55)
+    m[2] = False                                   # an empty slice
+    m[3, 10:20, 10:20] = True
+    m[3, 13:16, 13:16] = False                     # a closed hole
+    m[4, 0:12, 0:12] = True
+    m[4, 0:5, 0:5] = False                         # open to the border: not a hole
+    ref = np.stack([ndi.binary_fill_holes(s) for s in m])
+    assert np.array_equal(_fill_holes_per_slice(m), ref)
+    assert _fill_holes_per_slice(m)[3, 14, 14] and not _fill_holes_per_slice(m)[4, 1, 1]
+    plane = np.zeros((3, 3, 3), bool)
+    plane[1] = ndi.generate_binary_structure(2, 1)
+    sparse = rng.random((5, 30, 27)) < 0.01
+    sparse[1, 0, 0] = sparse[1, 29, 26] = True     # seeds at the corners
+    for reach in (1, 3, 7):
+        assert np.array_equal(_dilate_in_plane(sparse, reach), ndi.binary_dilation(sparse, structure=plane, iterations=reach))

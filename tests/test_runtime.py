@@ -213,6 +213,32 @@ def test_import_sdk_stays_light():
     assert out.stdout.strip() == ""
 
 
+def test_infer_batched_equals_one_call_with_and_without_prefetch(tiny):
+    """Session.infer_batched: batches of 3 (last one short) from an array or a builder, with or
+    without the prefetch thread, give the single full-batch call's outputs; timings are filled."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 2, 5, 5)).astype(np.float32)
+    with OrtSession(tiny[0], threads=1) as s:
+        ref = s.infer({"image": x})
+        built = []
+
+        def make(i0, i1):
+            built.append((i0, i1))
+            return x[i0:i1]
+
+        for source, prefetch in ((x, True), (make, True), (make, False)):
+            t = {}
+            got = s.infer_batched(source, 10, batch=3, prefetch=prefetch, timings=t)
+            assert set(got) == {"probs", "feat"} and got["probs"].shape == (10, 3)
+            np.testing.assert_allclose(got["probs"], ref["probs"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["feat"], ref["feat"], rtol=1e-5, atol=1e-5)
+            assert t["infer_ms"] > 0 and t["prepare_ms"] >= 0
+        assert sorted(set(built)) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+        assert s.infer_batched(x, batch=4, outputs=["probs"]).keys() == {"probs"}
+        with pytest.raises(ConfigError, match="batch must be >= 1"):
+            s.infer_batched(x, batch=0)
+
+
 # --- CUDA session configuration, batch padding, device buffers ----------------------------------------
 def test_cuda_provider_options_are_explicit(monkeypatch):
     from sdk.runtime.ort import cuda_provider_options, providers_for
@@ -392,3 +418,20 @@ def test_run_device_takes_torch_and_pycuda_arrays(tiny):
             tried.append("pycuda")
     if not tried:
         pytest.skip("neither torch with CUDA nor pycuda is installed")
+
+
+def test_external_inference_session_runs_through_the_session_interface(tiny):
+    """A caller's own onnxruntime.InferenceSession, wrapped, checks inputs and batches like OrtSession."""
+    import onnxruntime as ort
+
+    from sdk.runtime.base import ExternalOrtSession
+
+    x = np.random.default_rng(4).random((5, 2, 5, 5), dtype=np.float32)
+    ext = ExternalOrtSession(ort.InferenceSession(str(tiny[0]), providers=["CPUExecutionProvider"]))
+    assert [t.name for t in ext.inputs] == ["image"] and ext.inputs[0].dtype == "float32"
+    with OrtSession(tiny[0], threads=1) as s:
+        ref = s.infer({"image": x})
+    got = ext.infer_batched(x, batch=2)
+    np.testing.assert_allclose(got["probs"], ref["probs"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="dtype"):
+        ext.infer({"image": x.astype(np.float64)})

@@ -34,7 +34,8 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError, SeriesError
-from .pipelines import STAGES
+from ..preprocessing import CLASSIFIER_WINDOW, SEGMENTER_WINDOW
+from .stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 SourceLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -63,8 +64,8 @@ class NaiveConfig:
     segmenter_weights: Optional[Path] = None
     aggregator: Optional[Path] = None
     bundle: Optional[Path] = None
-    window: Tuple[float, float] = (-1350.0, 150.0)
-    seg_window: Tuple[float, float] = (-1000.0, 400.0)
+    window: Tuple[float, float] = CLASSIFIER_WINDOW
+    seg_window: Tuple[float, float] = SEGMENTER_WINDOW
     size: int = 224
     volume_size: Optional[int] = None
     threads: int = 0

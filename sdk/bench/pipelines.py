@@ -10,10 +10,10 @@ Runtime names (the ``--runtimes`` choices)::
     trt-int8       sdk.Triage(device="tensorrt", precision="int8")   TensorRT engine from the QDQ ONNX
 
 The optimised runtimes run the real product (:class:`sdk.triage.Triage`), so the bench measures
-what users get. Triage times ``load`` as one stage; the bench splits it into ``decode`` (file
-reading, header parsing, pixel decoding) and ``hu`` (stored -> HU, slice ordering, geometry)
-with timing probes on the reader (:class:`LoadProbes`). If the reader's internals change, the
-probes report nothing and ``load`` is shown as ``decode`` with a note that HU is included.
+what users get. Triage reports the reader's own split of ``load`` (``load_series(timings=...)``:
+``load.scan``, ``load.decode``, ``load.hu``, ``load.geometry``); the bench maps it to ``decode``
+(file reading, header parsing, pixel decoding) and ``hu`` (stored -> HU, slice ordering,
+geometry). A reader without that keyword leaves ``load`` whole in ``decode``, with a note.
 
 A runtime that cannot run here is *skipped* with the reason that sdk.runtime (or the bundle)
 gives: the exception of ``Triage(...)``, or a runtime that silently ran on something else than
@@ -21,22 +21,12 @@ requested (e.g. INT8 asked, FP32 granted).
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError, CtsdkError
+from .stages import STAGE_LABELS, STAGES  # re-exported (one definition, no naive <-> pipelines cycle)
 
-#: canonical stages of the report, in pipeline order
-STAGES = ("decode", "hu", "eligibility", "resample", "lungs", "select", "classify", "aggregate")
-STAGE_LABELS = {
-    "decode": "decode", "hu": "HU", "eligibility": "eligibility", "resample": "resample",
-    "lungs": "lung segmentation", "select": "slice selection", "classify": "classification",
-    "aggregate": "aggregation", "other": "other", "total": "total",
-}
 #: Triage.timings_ms key -> canonical stage (classifier input building is resampling: window +
 #: resize of the selected slices to S x S)
 TRIAGE_STAGE_MAP = {
@@ -119,118 +109,32 @@ def precheck(spec: RuntimeSpec) -> Optional[str]:
 
 
 # --- decode / HU split of Triage's "load" ---------------------------------------------------------
-class LoadProbes:
-    """Split the product's ``load`` stage into decode and HU with timing probes on the reader.
-
-    While installed, these functions of :mod:`sdk.io.reader` are replaced by timing wrappers
-    that call the originals (behaviour unchanged):
-
-    - ``_scan`` (file reading and header parsing, main thread): wall time -> decode;
-    - ``_decode_into`` (decode + rescale of every plane, in a thread pool): wall time, split
-      between decode and HU in proportion to the summed thread time of ``_decode_one``
-      (pixel decoding) and ``_store_hu`` (stored -> HU) inside it;
-    - ``_decode_all`` (older readers without the fused path): wall time -> decode.
-
-    :meth:`take` returns the decode milliseconds of the calls since :meth:`reset` (None when the
-    reader has none of these functions); HU = ``load`` minus that (rescale, ordering, geometry).
-    Calls must not overlap (the bench runs one call at a time).
-    """
-
-    WALL = ("_scan", "_decode_into", "_decode_all")
-    THREAD = ("_decode_one", "_store_hu")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._saved: Dict[str, Callable[..., Any]] = {}
-        self.ms: Dict[str, float] = {}
-        self.installed = False
-
-    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        acc, lock = self.ms, self._lock
-
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                dt = (time.perf_counter() - t0) * 1000.0
-                with lock:
-                    acc[name] = acc.get(name, 0.0) + dt
-
-        return timed
-
-    def install(self) -> bool:
-        """Wrap the reader functions that exist; False when none does (load stays unsplit)."""
-        if self.installed:
-            return True
-        try:
-            from ..io import reader
-        except ImportError:
-            return False
-        for name in self.WALL + self.THREAD:
-            fn = getattr(reader, name, None)
-            if callable(fn):
-                self._saved[name] = fn
-                setattr(reader, name, self._wrap(name, fn))
-        self.installed = any(n in self._saved for n in ("_scan", "_decode_into", "_decode_all"))
-        if not self.installed:
-            self.uninstall()
-        return self.installed
-
-    def uninstall(self) -> None:
-        if self._saved:
-            from ..io import reader
-
-            for name, fn in self._saved.items():
-                setattr(reader, name, fn)
-            self._saved.clear()
-        self.installed = False
-
-    def reset(self) -> None:
-        with self._lock:
-            self.ms.clear()
-
-    def take(self) -> Optional[float]:
-        """Decode ms since the last reset (and reset); None when not installed."""
-        if not self.installed:
-            return None
-        with self._lock:
-            ms = dict(self.ms)
-            self.ms.clear()
-        decode = ms.get("_scan", 0.0) + ms.get("_decode_all", 0.0)
-        fused = ms.get("_decode_into", 0.0)
-        if fused:
-            dec, hu = ms.get("_decode_one", 0.0), ms.get("_store_hu", 0.0)
-            share = dec / (dec + hu) if dec + hu > 0 else 1.0
-            decode += fused * share
-        return decode
-
-    def __enter__(self) -> "LoadProbes":
-        self.install()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.uninstall()
+#: reader sub-stages (``sdk.io.load_series(timings=...)``, reported by Triage as ``load.<key>``)
+#: -> canonical stage: file scan + pixel decoding are "decode"; rescale + geometry are "hu"
+LOAD_PARTS = {"scan": "decode", "decode": "decode", "hu": "hu", "geometry": "hu"}
 
 
-def map_triage_timings(timings: Dict[str, float], decode_ms: Optional[float]) -> Tuple[Dict[str, float], List[str]]:
+def map_triage_timings(timings: Dict[str, float]) -> Tuple[Dict[str, float], List[str]]:
     """Triage ``timings_ms`` -> canonical stages (ms). Returns (stages, notes).
 
-    ``load`` becomes ``decode`` (probe time) + ``hu`` (the rest); unknown keys go to ``other``.
+    ``load`` is split with the reader's own parts (``load.scan`` + ``load.decode`` -> decode,
+    ``load.hu`` + ``load.geometry`` -> hu; the few ms of bookkeeping outside them -> hu). A
+    reader without the split leaves ``load`` whole in ``decode``, with a note. Unknown keys go to
+    ``other``.
     """
     notes: List[str] = []
     out: Dict[str, float] = {s: 0.0 for s in STAGES}
     load = float(timings.get("load", 0.0))
-    if decode_ms is None:
-        out["decode"] = load
-        notes.append("decode includes HU conversion (load could not be split)")
+    parts = {k[len("load."):]: float(v) for k, v in timings.items() if k.startswith("load.")}
+    if parts:
+        for key, val in parts.items():
+            out[LOAD_PARTS.get(key, "hu")] += val
+        out["hu"] += max(0.0, load - sum(parts.values()))
     else:
-        d = min(float(decode_ms), load)
-        out["decode"] = d
-        out["hu"] = load - d
+        out["decode"] = load
+        notes.append("decode includes HU conversion (the reader does not split its load: no load_series(timings=...))")
     for key, val in timings.items():
-        if key in ("load", "total"):
+        if key in ("load", "total") or key.startswith("load."):
             continue
         stage = TRIAGE_STAGE_MAP.get(key)
         if stage is None:
@@ -284,8 +188,6 @@ class NaiveDriver(Driver):
 class TriageDriver(Driver):
     """The product: :class:`sdk.triage.Triage` with the spec's device and precision."""
 
-    probes: Optional[LoadProbes] = None
-
     def setup(self) -> None:
         from ..triage import Triage
 
@@ -309,11 +211,8 @@ class TriageDriver(Driver):
         return getattr(self, "_default_batch", self._triage.classifier_batch)
 
     def run(self, source: Any) -> Tuple[Dict[str, float], Dict[str, Any]]:
-        if self.probes is not None:
-            self.probes.reset()
         result = self._triage.run(source)
-        decode = self.probes.take() if self.probes is not None else None
-        stages, notes = map_triage_timings(dict(result.timings_ms), decode)
+        stages, notes = map_triage_timings(dict(result.timings_ms))
         summary = {
             "label": result.label,
             "probabilities": dict(result.probabilities),
@@ -360,17 +259,6 @@ def make_driver(name: str, bundle: Any = None, threads: Optional[int] = None) ->
     return cls(spec=spec, bundle=bundle, threads=threads)
 
 
-@contextlib.contextmanager
-def load_probes() -> Iterator[LoadProbes]:
-    """Install :class:`LoadProbes` for a block and remove them afterwards."""
-    p = LoadProbes()
-    p.install()
-    try:
-        yield p
-    finally:
-        p.uninstall()
-
-
 __all__ = ["STAGES", "STAGE_LABELS", "RUNTIMES", "DEFAULT_RUNTIMES", "RuntimeSpec", "parse_runtimes", "precheck",
-           "LoadProbes", "load_probes", "map_triage_timings", "Driver", "NaiveDriver", "TriageDriver",
+           "LOAD_PARTS", "map_triage_timings", "Driver", "NaiveDriver", "TriageDriver",
            "RuntimeMismatch", "runtime_mismatch", "make_driver"]

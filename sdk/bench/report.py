@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .pipelines import STAGE_LABELS, STAGES
+from .stages import STAGE_LABELS, STAGES
 
 PathLike = Union[str, Path]
 #: one colour per stage (tab10), stable across charts
@@ -138,6 +138,11 @@ def goal_text(goal: Dict[str, Any]) -> str:
         + ("(no naive baseline ran)" if sp is None else f"({'meets' if goal['fast_enough'] else 'misses'} the {goal['target_speedup']:.0f}x target)"),
         f"dominant stage: **{STAGE_LABELS.get(goal.get('dominant_stage') or '', goal.get('dominant_stage'))}**",
     ]
+    if goal.get("target_peak_rss_mb") is not None:
+        rss = goal.get("peak_rss_mb")
+        parts.insert(2, "fresh-process peak RSS not measured (--no-cold-fresh)" if rss is None else
+                     f"fresh-process peak RSS **{rss:,.0f} MiB** ({'within' if goal['small_enough'] else 'over'} "
+                     f"the {goal['target_peak_rss_mb']:,.0f} MiB target)")
     verdict = "**met**" if goal.get("met") else "**not met**"
     if not goal.get("comparable", True):
         verdict += " (runtimes did not do the same work; see the warnings)"

@@ -41,12 +41,16 @@ def triage_batch(root: Optional[str], manifest: Optional[str], out_path: str, wo
 
     if (root is None) == (manifest is None):
         raise ConfigError("give either ROOT (an archive folder) or --manifest CSV, not both and not neither")
-    if engine == "ray":
-        from ..cluster import run_batch_ray  # imports Ray only when called (and says what to install)
+    from ..integration.batch import BatchOptions
 
-        summary = run_batch_ray(root, out_path, manifest=manifest, ray_address=ray_address, workers=workers,
-                                cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, resume=resume,
-                                overwrite=overwrite, triage_fn=triage_fn, progress=not no_progress)
+    options = BatchOptions(resume=resume, overwrite=overwrite, triage_fn=triage_fn, progress=not no_progress)
+    if engine == "ray":
+        from ..cluster import RayOptions, run_batch_ray  # imports Ray only when called (and says what to install)
+
+        summary = run_batch_ray(root, out_path, options, RayOptions(address=ray_address, workers=workers,
+                                                                    cpus_per_worker=cpus_per_worker,
+                                                                    gpus_per_worker=gpus_per_worker),
+                                manifest=manifest)
     else:
         from ..integration.batch import run_batch
 
@@ -55,8 +59,7 @@ def triage_batch(root: Optional[str], manifest: Optional[str], out_path: str, wo
             from ..cluster.manifest import discover_manifest  # ray-free
 
             discovered = discover_manifest(manifest)
-        summary = run_batch(root or manifest, out_path, workers=workers, resume=resume, overwrite=overwrite,
-                            triage_fn=triage_fn, progress=not no_progress, discovered=discovered)
+        summary = run_batch(root or manifest, out_path, options, workers=workers, discovered=discovered)
     emit(summary.to_dict(), as_json, lambda d: summary.table())
     if summary.interrupted:
         click.echo("ctsdk: interrupted (rerun with --resume)", err=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from sdk._lazy import lazy_exports
 
 _LAZY = {
-    "run_batch_ray": ".batch",
+    "run_batch_ray": ".batch", "RayOptions": ".batch",
     "TriageActor": ".batch",
     "ClusterBatchSummary": ".batch",
     "build_triage_fn": ".batch",

@@ -38,13 +38,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 import numpy as np
 
 from ..errors import ConfigError, CtsdkError, RuntimeUnavailableError
-from ..integration.batch import BatchSummary
+from ..integration.batch import BatchOptions, BatchSummary
 
 log = logging.getLogger("sdk.cluster")
 
 PathLike = Union[str, Path]
 
-__all__ = ["TriageActor", "ClusterBatchSummary", "run_batch_ray", "build_triage_fn", "single_thread_triage",
+__all__ = ["TriageActor", "ClusterBatchSummary", "RayOptions", "run_batch_ray", "build_triage_fn", "single_thread_triage",
            "ClusterTaskError_TYPE"]
 
 #: ``error.type`` of a series whose Ray task failed every retry (worker/node died each time).
@@ -113,7 +113,7 @@ class TriageActor:
     def __init__(self, triage_fn: Optional[str] = None, threads: Optional[int] = None) -> None:
         import ray
 
-        from ..integration.batch import _failing
+        from ..integration.batch import failing_fn
 
         ctx = ray.get_runtime_context()
         self.node_id: str = ctx.get_node_id()
@@ -124,12 +124,11 @@ class TriageActor:
             self.fn = build_triage_fn(triage_fn, threads)
         except Exception as exc:  # every series this actor takes says why (same as the local engine)
             log.error("triage actor on %s could not load its engine: %s", self.host, exc)
-            self.fn = _failing(exc)
+            self.fn = failing_fn(exc)
         self.init_ms = (time.perf_counter() - t0) * 1000.0
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        from ..integration.batch import _triage_one
-        from ..integration.storage import _json_default
+        from ..integration.batch import JsonlWriter, triage_one
 
         from ._ray import peak_rss_mb
 
@@ -139,11 +138,11 @@ class TriageActor:
         for text in batch["ref"]:
             ref = _ref_from_json(str(text))
             c0 = _cpu_seconds()
-            rec = _triage_one(ref, self.fn)  # never raises: exceptions become error lines
+            rec = triage_one(ref, self.fn)  # never raises: exceptions become error lines
             cpu_s.append(_cpu_seconds() - c0)
             rec["ray_node_id"] = self.node_id
             keys.append(ref.key)
-            records.append(json.dumps(rec, default=_json_default, separators=(",", ":"), allow_nan=True))
+            records.append(JsonlWriter.encode(rec))
         n = len(keys)
         return {
             "key": np.array(keys, dtype=object),
@@ -236,23 +235,38 @@ def _stream_results(ray: Any, refs: Sequence[Any], *, workers: int, cpus_per_wor
     yield from ds.iter_rows()
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """How :func:`run_batch_ray` uses the cluster (what the local engine does not have).
+
+    Attributes:
+        address: None: start a private Ray on this machine; ``auto``; ``HOST:PORT`` of a head.
+        workers: maximum actors (each loads one Triage); the pool starts with this many.
+        cpus_per_worker: logical CPUs per actor (also its ONNX Runtime threads).
+        gpus_per_worker: GPUs per actor (0.5: two actors share a GPU; 0: CPU only).
+        max_task_retries: Ray's re-runs of a series whose actor died (node loss, crash).
+        tasks_in_flight_per_actor: series queued per actor (1 balances best for multi-second series).
+        retry_rounds: the driver's re-submissions of series Ray gave up on (a task that failed with
+            the actor unavailable is dropped by Ray Data, not retried); after them a series becomes a
+            ``ClusterTaskError`` line, so a series that kills its worker is not retried forever.
+    """
+
+    address: Optional[str] = None
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_task_retries: int = 3
+    tasks_in_flight_per_actor: int = 1
+    retry_rounds: int = 2
+
+
 def run_batch_ray(
     root: Optional[PathLike],
     out: PathLike,
+    options: BatchOptions = BatchOptions(),
+    cluster: RayOptions = RayOptions(),
     *,
     manifest: Optional[PathLike] = None,
-    ray_address: Optional[str] = None,
-    workers: int = 2,
-    cpus_per_worker: float = 1.0,
-    gpus_per_worker: float = 0.0,
-    resume: bool = False,
-    overwrite: bool = False,
-    triage_fn: Optional[str] = None,
-    progress: bool = True,
-    png: bool = True,
-    max_task_retries: int = 3,
-    tasks_in_flight_per_actor: int = 1,
-    retry_rounds: int = 2,
 ) -> Any:
     """Triage every series under ``root`` (or listed in ``manifest``) on a Ray cluster into ``out``.
 
@@ -264,20 +278,10 @@ def run_batch_ray(
     Args:
         root: archive folder or file (exclusive with ``manifest``).
         out: JSONL path; the label PNG goes beside it.
+        options: resume / overwrite / triage function (run by every actor) / progress / PNG,
+            shared with the local engine (:class:`sdk.integration.batch.BatchOptions`).
+        cluster: Ray address, actors and their resources, retries (:class:`RayOptions`).
         manifest: CSV with a ``path`` column (see :mod:`sdk.cluster.manifest`).
-        ray_address: None: start a private Ray on this machine; ``auto``; ``HOST:PORT`` of a head.
-        workers: maximum actors (each loads one Triage); the pool starts with this many.
-        cpus_per_worker: logical CPUs per actor (also its ONNX Runtime threads).
-        gpus_per_worker: GPUs per actor (0.5: two actors share a GPU; 0: CPU only).
-        resume: skip series whose key is already in ``out``.
-        overwrite: start ``out`` afresh.
-        triage_fn: ``module:attr`` triage hook run by every actor (None: the real Triage).
-        progress: tqdm bar on stderr with rate and ETA.
-        max_task_retries: Ray's re-runs of a series whose actor died (node loss, crash).
-        retry_rounds: the driver's re-submissions of series Ray gave up on (a task that failed with
-            the actor unavailable is dropped by Ray Data, not retried); after them a series becomes a
-            ``ClusterTaskError`` line, so a series that kills its worker is not retried forever.
-        tasks_in_flight_per_actor: series queued per actor (1 balances best for multi-second series).
 
     Returns:
         A ``ClusterBatchSummary`` (``BatchSummary`` plus nodes, duplicates dropped, task failures,
@@ -295,9 +299,13 @@ def run_batch_ray(
     require_ray()  # first: a core install fails fast with one line
     from tqdm import tqdm
 
-    from ..integration.batch import JsonlWriter, _triage_one, error_record, label_png
+    from ..integration.batch import JsonlWriter, triage_one, error_record, label_png
     from .manifest import discover_source
 
+    resume, triage_fn, progress, png = options.resume, options.triage_fn, options.progress, options.png
+    c = cluster
+    ray_address, workers, cpus_per_worker, gpus_per_worker = c.address, c.workers, c.cpus_per_worker, c.gpus_per_worker
+    max_task_retries, tasks_in_flight_per_actor, retry_rounds = c.max_task_retries, c.tasks_in_flight_per_actor, c.retry_rounds
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
     if cpus_per_worker <= 0:
@@ -310,11 +318,7 @@ def run_batch_ray(
         raise ConfigError(f"max_task_retries {max_task_retries}: must be >= 0 (bounded, so a crashing series "
                           f"is not retried forever)")
     check_address(ray_address)
-    out = Path(out)
-    if out.exists() and out.stat().st_size > 0 and not (resume or overwrite):
-        raise ConfigError(f"{out} exists; pass --resume to continue it or --overwrite to start again")
-    if overwrite and not resume and out.exists():
-        out.unlink()
+    out = options.prepare_output(out)
     t0 = time.perf_counter()
     refs, skipped_files = discover_source(root, manifest)
     discover_s = time.perf_counter() - t0
@@ -357,7 +361,7 @@ def run_batch_ray(
             try:
                 for ref in todo:  # unreadable files: known on the driver, no need for a round trip
                     if ref.error is not None:
-                        emit({**_triage_one(ref, None), "ray_node_id": None})
+                        emit({**triage_one(ref, None), "ray_node_id": None})
                 if work:
                     _configure_data_context(ray, -1)
                     pending = list(work)

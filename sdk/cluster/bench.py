@@ -53,7 +53,8 @@ def _ray(root: Path, out: Path, nodes: int, workers: int, triage_fn: Optional[st
     import ray
     from ray.cluster_utils import Cluster
 
-    from .batch import run_batch_ray
+    from ..integration.batch import BatchOptions
+    from .batch import RayOptions, run_batch_ray
 
     node_args = {"num_cpus": 2, "object_store_memory": 128 * 1024 * 1024}
     t0 = time.perf_counter()
@@ -64,8 +65,8 @@ def _ray(root: Path, out: Path, nodes: int, workers: int, triage_fn: Optional[st
     t_cluster = time.perf_counter() - t0
     try:
         t1 = time.perf_counter()
-        s = run_batch_ray(root, out, ray_address=c.address, workers=workers, overwrite=True, triage_fn=triage_fn,
-                          progress=False)
+        s = run_batch_ray(root, out, BatchOptions(overwrite=True, triage_fn=triage_fn, progress=False),
+                          RayOptions(address=c.address, workers=workers))
         wall = time.perf_counter() - t1
     finally:
         if ray.is_initialized():

@@ -31,7 +31,7 @@ _LAZY = {
     "JsonlWriter": ".batch",
     "make_record": ".batch",
     "error_record": ".batch",
-    "run_batch": ".batch",
+    "run_batch": ".batch", "BatchOptions": ".batch",
     "BatchSummary": ".batch",
     "Overlay": ".triage_fns",
     "TriageOutput": ".triage_fns",

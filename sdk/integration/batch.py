@@ -35,7 +35,8 @@ log = logging.getLogger("sdk.integration.batch")
 
 PathLike = Union[str, Path]
 
-__all__ = ["SeriesRef", "discover_series", "JsonlWriter", "make_record", "error_record", "run_batch",
+__all__ = ["SeriesRef", "discover_series", "JsonlWriter", "make_record", "error_record", "run_batch", "BatchOptions",
+           "triage_one", "failing_fn",
            "BatchSummary", "NON_DICOM_SUFFIXES"]
 
 #: Files with these suffixes are documentation or companion data, not candidate DICOM: they are
@@ -182,15 +183,20 @@ class JsonlWriter:
             raise ResultWriteError(f"{self.path}: writer is not open (use it as a context manager)")
         if self.key_field not in record:
             raise ResultWriteError(f"{self.path}: record lacks the key field {self.key_field!r}")
-        from .storage import _json_default
-
-        line = json.dumps(record, default=_json_default, separators=(",", ":"), allow_nan=True) + "\n"
+        line = self.encode(record) + "\n"
         try:
             self._fh.write(line.encode("utf-8"))
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as exc:
             raise ResultWriteError(f"{self.path}: cannot append a result line ({exc})") from exc
+
+    @staticmethod
+    def encode(record: Dict[str, Any]) -> str:
+        """One result line (compact JSON, NumPy values converted), without the newline."""
+        from .storage import _json_default
+
+        return json.dumps(record, default=_json_default, separators=(",", ":"), allow_nan=True)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -247,17 +253,17 @@ def _init_worker(factory_spec: Optional[str], log_level: int) -> None:
     try:
         _WORKER_FN = load_triage_factory(factory_spec)()
     except Exception as exc:  # reported per series, so every line says why
-        _WORKER_FN = _failing(exc)
+        _WORKER_FN = failing_fn(exc)
 
 
-def _failing(exc: BaseException) -> Callable[..., Any]:
+def failing_fn(exc: BaseException) -> Callable[..., Any]:
     def fn(files: Sequence[Path]) -> Any:
         raise exc
 
     return fn
 
 
-def _triage_one(ref: SeriesRef, fn: Optional[Callable[..., Any]] = None) -> Dict[str, Any]:
+def triage_one(ref: SeriesRef, fn: Optional[Callable[..., Any]] = None) -> Dict[str, Any]:
     """Run one ref through the worker's triage function; never raises (errors become lines)."""
     from .triage_fns import normalise_output
 
@@ -345,16 +351,41 @@ def _outcome(r: Dict[str, Any]) -> str:
 
 
 # --- driver -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchOptions:
+    """What every batch engine shares (local processes: :func:`run_batch`; Ray:
+    :func:`sdk.cluster.run_batch_ray`).
+
+    Attributes:
+        resume: skip series whose key is already in ``out``.
+        overwrite: start ``out`` afresh when it exists (else an existing file needs ``resume``).
+        triage_fn: ``module:attr`` of a triage function or factory (None: :class:`sdk.triage.Triage`).
+        progress: tqdm bar on stderr (rate, ETA).
+        png: write the label PNG beside ``out`` (``<stem>.labels.png``).
+    """
+
+    resume: bool = False
+    overwrite: bool = False
+    triage_fn: Optional[str] = None
+    progress: bool = True
+    png: bool = True
+
+    def prepare_output(self, out: PathLike) -> Path:
+        """Check ``out`` against resume / overwrite (ConfigError) and remove it for a fresh start."""
+        out = Path(out)
+        if out.exists() and out.stat().st_size > 0 and not (self.resume or self.overwrite):
+            raise ConfigError(f"{out} exists; pass --resume to continue it or --overwrite to start again")
+        if self.overwrite and not self.resume and out.exists():
+            out.unlink()
+        return out
+
+
 def run_batch(
     root: PathLike,
     out: PathLike,
+    options: BatchOptions = BatchOptions(),
     *,
     workers: int = 1,
-    resume: bool = False,
-    overwrite: bool = False,
-    triage_fn: Optional[str] = None,
-    progress: bool = True,
-    png: bool = True,
     discovered: Optional[Tuple[List[SeriesRef], int]] = None,
 ) -> BatchSummary:
     """Triage every series under ``root`` into the JSONL file ``out``.
@@ -362,11 +393,9 @@ def run_batch(
     Args:
         root: archive folder (or one file).
         out: JSONL path; the PNG goes beside it as ``<stem>.labels.png``.
+        options: resume / overwrite / triage function / progress / PNG (:class:`BatchOptions`,
+            shared with the Ray engine).
         workers: worker processes (1: in this process, no pool).
-        resume: skip series whose key is already in ``out``.
-        overwrite: start ``out`` afresh when it exists (else an existing file needs ``resume``).
-        triage_fn: ``module:attr`` of a triage function or factory (None: :class:`sdk.triage.Triage`).
-        progress: tqdm bar on stderr (rate, ETA).
         discovered: ``(refs, skipped)`` found elsewhere (``--manifest``:
             :func:`sdk.cluster.manifest.discover_manifest`); ``root`` is then not walked.
 
@@ -377,11 +406,8 @@ def run_batch(
 
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
-    out = Path(out)
-    if out.exists() and out.stat().st_size > 0 and not (resume or overwrite):
-        raise ConfigError(f"{out} exists; pass --resume to continue it or --overwrite to start again")
-    if overwrite and not resume and out.exists():
-        out.unlink()
+    resume, triage_fn, progress, png = options.resume, options.triage_fn, options.progress, options.png
+    out = options.prepare_output(out)
     t0 = time.perf_counter()
     refs, skipped_files = discovered if discovered is not None else discover_series(root)
     writer = JsonlWriter(out)
@@ -406,9 +432,9 @@ def run_batch(
                 try:
                     fn = load_triage_factory(triage_fn)()
                 except Exception as exc:
-                    fn = _failing(exc)
+                    fn = failing_fn(exc)
                 for ref in todo:
-                    rec = _triage_one(ref, fn)
+                    rec = triage_one(ref, fn)
                     writer.write(rec)
                     processed.append(rec)
                     bar.update(1)
@@ -427,7 +453,7 @@ def run_batch(
                         except StopIteration:
                             exhausted = True
                             break
-                        fut = pool.submit(_triage_one, ref)
+                        fut = pool.submit(triage_one, ref)
                         fut.ref = ref  # type: ignore[attr-defined]
                         pending.add(fut)
                     if not pending:

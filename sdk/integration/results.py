@@ -46,7 +46,7 @@ SC_SERIES_NUMBER = 9902
 SEG_SERIES_NUMBER = 9903
 MANUFACTURER = "ctsdk"
 LOCAL_SCHEME = "99CTSDK"
-LUNG_WINDOW = (-1350.0, 150.0)
+from ..preprocessing import CLASSIFIER_WINDOW as LUNG_WINDOW  # noqa: E402 - the one owner of the window
 
 
 def _read_headers(files: Sequence[Path]) -> List[Any]:

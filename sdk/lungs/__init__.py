@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import BundleError, ConfigError, MissingDependencyError
+from ..preprocessing import Preprocessing
 from .classical import LEFT, RIGHT, ClassicalConfig, segment_classical_2d, segment_classical_hu
 from .unet2d import DEFAULT_ONNX, open_session, segment_slices_2d
 
@@ -97,9 +98,21 @@ def slice_thickness_mm(z_mm: np.ndarray, fallback: float = 1.0) -> np.ndarray:
     return hi - lo
 
 
-def _volume_ml(mask: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: Tuple[float, float], fallback_dz: float) -> float:
-    area_mm2 = mask.reshape(mask.shape[0], -1).sum(1) * float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
+def _volume_ml(counts: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: Tuple[float, float], fallback_dz: float) -> float:
+    """Millilitres from per-slice voxel counts (``counts[k]`` voxels in slice k)."""
+    area_mm2 = counts * float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
     return float((area_mm2 * slice_thickness_mm(z_mm, fallback_dz)).sum() / 1000.0)
+
+
+def _slice_counts(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-slice voxel counts of LEFT and RIGHT (one pass over the label volume, no bool copies)."""
+    flat = labels.reshape(labels.shape[0], -1)
+    left = np.zeros(labels.shape[0], np.int64)
+    right = np.zeros(labels.shape[0], np.int64)
+    for k in np.nonzero(flat.any(axis=1))[0]:
+        c = np.bincount(flat[k], minlength=3)
+        left[k], right[k] = c[LEFT], c[RIGHT]
+    return left, right
 
 
 _SESSIONS: Dict[str, Any] = {}
@@ -149,24 +162,31 @@ def _net_slices(z_mm: np.ndarray, z0: int, z1: int, step_mm: float) -> np.ndarra
     return np.asarray(keep)
 
 
-def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, timings: Dict[str, float], step_mm: Optional[float] = None) -> Tuple[np.ndarray, int]:
+def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, timings: Dict[str, float],
+                   step_mm: Optional[float] = None, pre: Optional[Preprocessing] = None) -> Tuple[np.ndarray, int]:
     """U-Net lung mask on slices ``zr`` (inclusive), at the classical working grid (z, h, w).
 
     The network runs on slices about ``step_mm`` apart; the logits of the slices in between are
     linearly interpolated along z (positions from ``z_mm``, so uneven spacing is respected)."""
     import cv2
 
-    from ..volume.resample import SEGMENTER_WINDOW, window_hu
+    from ..volume.resample import window_hu
     from .unet2d import predict_logits, prepare_slices
+
+    pre = pre or Preprocessing()
 
     hu = volume.hu
     z_mm = np.asarray(volume.z_mm, dtype=np.float64)
     t0 = time.perf_counter()
     z0, z1 = zr
     run = _net_slices(z_mm, z0, z1, NET_Z_STEP_MM if step_mm is None else step_mm)
-    x = prepare_slices(window_hu(hu[run], SEGMENTER_WINDOW))
+
+    def make(i0: int, i1: int) -> np.ndarray:  # windowed per batch: no float copy of all run slices
+        return prepare_slices(window_hu(hu[run[i0:i1]], pre.segmenter_window), pre.segmenter_size)
+
     t1 = time.perf_counter()
-    logits = predict_logits(x, session)
+    steps: Dict[str, float] = {}
+    logits = predict_logits(make, session, n=int(run.size), timings=steps)
     t2 = time.perf_counter()
     if logits.shape[1:] != (grid.h, grid.w):
         interp = cv2.INTER_AREA if grid.h < logits.shape[1] else cv2.INTER_LINEAR
@@ -180,11 +200,32 @@ def _learned_small(volume: Any, zr: Tuple[int, int], session: Any, grid: Any, ti
             a, b = run[j - 1], run[j]
             wb = (z_mm[k] - z_mm[a]) / (z_mm[b] - z_mm[a])
             out[k] = (1 - wb) * logits[j - 1] + wb * logits[j] > 0
-    timings.update(net_prepare_ms=(t1 - t0) * 1e3, net_ms=(t2 - t1) * 1e3, net_resize_ms=(time.perf_counter() - t2) * 1e3)
+    # net_prepare: slice choice + waiting for prepared batches (the rest overlaps the network)
+    timings.update(net_prepare_ms=(t1 - t0) * 1e3 + steps.get("prepare_ms", 0.0), net_ms=steps.get("infer_ms", (t2 - t1) * 1e3),
+                   net_resize_ms=(time.perf_counter() - t2) * 1e3)
     return out, int(run.size)
 
 
+def _dilate_in_plane(mask: np.ndarray, reach: int) -> np.ndarray:
+    """Each slice dilated by the L1 ball (diamond) of radius ``reach`` pixels.
+
+    The same as ``reach`` iterations of a 4-connected 2D binary dilation (the diamond is the
+    Minkowski sum of the crosses; shortest L1 paths stay inside the image), in one OpenCV call
+    per slice instead of ``reach`` SciPy passes over the volume.
+    """
+    import cv2
+
+    r = np.arange(-reach, reach + 1)
+    kernel = (np.abs(r)[:, None] + np.abs(r)[None, :] <= reach).astype(np.uint8)
+    m8 = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+    out = np.zeros(mask.shape, bool)
+    for k in np.nonzero(m8.reshape(m8.shape[0], -1).any(axis=1))[0]:
+        out[k] = cv2.dilate(m8[k], kernel) > 0
+    return out
+
+
 def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bool, timings: Dict[str, float],
+                     net_z_step_mm: Optional[float] = None, pre: Optional[Preprocessing] = None,
                      downsample: Any = None) -> Tuple[np.ndarray, Dict[str, float]]:
     """``unet2d``: U-Net on the body z range, then the classical finishing steps (two largest
     components, left / right, closing, hole filling, up-sampling). ``hybrid``: the union of the
@@ -206,15 +247,11 @@ def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bo
         timings["z_range_ms"] = (time.perf_counter() - t0) * 1e3
     if zr is None:
         return np.zeros(hu.shape, np.uint8), {"net_slices": 0.0, "n_components": 0.0}
-    learned, n_run = _learned_small(volume, zr, session, grid, timings)
+    learned, n_run = _learned_small(volume, zr, session, grid, timings, net_z_step_mm, pre)
     if hybrid:
-        from scipy import ndimage as ndi
-
         t0 = time.perf_counter()
         reach = max(1, int(round(HYBRID_REACH_MM / grid.spacing[1])))
-        plane = np.zeros((3, 3, 3), bool)
-        plane[1] = ndi.generate_binary_structure(2, 1)
-        learned &= ndi.binary_dilation(cand, structure=plane, iterations=reach)
+        learned &= _dilate_in_plane(cand, reach)
         timings["hybrid_reach_ms"] = (time.perf_counter() - t0) * 1e3
     labels, n = finish_lungs(learned | cand, grid, cfg, timings)
     info.update(n_components=float(n), net_slices=float(n_run))
@@ -229,6 +266,8 @@ def segment(
     onnx_path: Optional[Union[str, os.PathLike]] = None,
     config: Optional[ClassicalConfig] = None,
     downsample: Any = None,
+    net_z_step_mm: Optional[float] = None,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> LungSegmentation:
     """Segment both lungs of a CT volume.
 
@@ -237,13 +276,17 @@ def segment(
         method: ``"auto"`` (the measured default, :data:`DEFAULT_METHOD`; falls back to the
             classical method with a warning when the ONNX model or onnxruntime is missing),
             ``"classical"`` or ``"unet2d"``.
-        session: a ctsdk Session / ``onnxruntime.InferenceSession`` for the 2D U-Net (reused
+        session: a ctsdk Session (:class:`sdk.runtime.ort.OrtSession`) for the 2D U-Net (reused
             across calls); otherwise one is opened from ``onnx_path`` (default
             ``sdk/bundles/default/lungs_fp32.onnx``) and cached.
         onnx_path: the 2D U-Net ONNX file.
         config: classical parameters.
         downsample: ``(hu, (h, w)) -> (z, h, w) float32`` for the classical working grid (default:
             OpenCV area per slice; the kernel path passes ctsdk's resample kernel).
+        net_z_step_mm: the U-Net runs on slices about this far apart (default
+            :data:`NET_Z_STEP_MM`); the slices in between get z-interpolated logits.
+        preprocessing: the U-Net's input window and size (a bundle's
+            :attr:`sdk.bundle.Bundle.preprocessing`; default: the default bundle's values).
 
     Returns:
         :class:`LungSegmentation` at the native grid.
@@ -276,13 +319,15 @@ def segment(
             chosen = "classical"
     cfg = config or ClassicalConfig()
     if chosen in ("unet2d", "hybrid"):
-        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings, downsample)
+        labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings, net_z_step_mm, preprocessing,
+                                        downsample=downsample)
     else:
         labels, info = segment_classical_hu(hu, volume.spacing, cfg, timings, downsample)
     mask = labels > 0
     fallback_dz = float(getattr(volume.meta, "slice_thickness_mm", None) or volume.spacing[0] or 1.0)
     ps = volume.pixel_spacing_mm
-    zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+    left, right = _slice_counts(labels)
+    zs = np.nonzero(left + right)[0]
     t1 = time.perf_counter()
     timings["total"] = (t1 - t0) * 1e3
     for w in warns:
@@ -290,9 +335,9 @@ def segment(
     return LungSegmentation(
         mask=mask,
         labels=labels,
-        lung_volume_ml=_volume_ml(mask, volume.z_mm, ps, fallback_dz),
-        left_volume_ml=_volume_ml(labels == LEFT, volume.z_mm, ps, fallback_dz),
-        right_volume_ml=_volume_ml(labels == RIGHT, volume.z_mm, ps, fallback_dz),
+        lung_volume_ml=_volume_ml(left + right, volume.z_mm, ps, fallback_dz),
+        left_volume_ml=_volume_ml(left, volume.z_mm, ps, fallback_dz),
+        right_volume_ml=_volume_ml(right, volume.z_mm, ps, fallback_dz),
         method=chosen,
         timings_ms=timings,
         z_range=(int(zs[0]), int(zs[-1])) if zs.size else None,

@@ -192,8 +192,7 @@ def _split_left_right(lung: np.ndarray, max_erosions: int = 6) -> np.ndarray:
             if not lung[k].any():
                 continue
             lab2, n2 = ndi.label(lung[k])
-            hits = np.zeros((n2 + 1, 3), np.int64)
-            np.add.at(hits, (lab2.ravel(), seed_lab[k].ravel()), 1)
+            hits = np.bincount(lab2.ravel() * 3 + seed_lab[k].ravel(), minlength=(n2 + 1) * 3).reshape(n2 + 1, 3)
             only_a = (hits[:, 1] > 0) & (hits[:, 2] == 0)
             only_b = (hits[:, 2] > 0) & (hits[:, 1] == 0)
             only_a[0] = only_b[0] = False
@@ -247,11 +246,28 @@ def _bbox(mask: np.ndarray, margin: int = 2) -> Optional[Tuple[slice, ...]]:
     return tuple(box)
 
 
+#: 2D 4-connectivity in every slice, no connection across slices
+_PLANE_CROSS = np.zeros((3, 3, 3), bool)
+_PLANE_CROSS[1] = ndi.generate_binary_structure(2, 1)
+
+
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    out = np.empty_like(mask)
-    for k in range(mask.shape[0]):
-        out[k] = ndi.binary_fill_holes(mask[k]) if mask[k].any() else mask[k]
-    return out
+    """``ndi.binary_fill_holes`` of every (y, x) slice, in one labelling pass.
+
+    Identical to the per-slice call (background components in 4-connectivity that do not touch
+    the slice's border are holes), but one ``ndi.label`` of the whole stack replaces the
+    iterated dilations of ``binary_fill_holes`` (the slow part of the lung finishing steps).
+    """
+    mask = np.asarray(mask, bool)
+    bg = ~mask
+    lab, n = ndi.label(bg, structure=_PLANE_CROSS)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        outside[edge] = True
+    outside[0] = True
+    return mask | ~outside[lab]
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from ..errors import BundleError, ConfigError
+from ..preprocessing import SEGMENTER_SIZE
 
-#: network input side (pixels) and the size the CLAHE preparation runs at
-NET_SIZE = 128
+#: network input side (pixels; owned by sdk.preprocessing) and the size the CLAHE preparation runs at
+NET_SIZE = SEGMENTER_SIZE
 CLAHE_SIZE = 256
 CLAHE_CLIP = 7.0
 INPUT_NAME = "image"
@@ -29,7 +30,7 @@ OUTPUT_NAME = "logits"
 #: :func:`sdk.bundle.load_bundle`)
 DEFAULT_ONNX = Path(__file__).resolve().parents[1] / "bundles" / "default" / "lungs_fp32.onnx"
 
-SessionLike = Any  # sdk.runtime Session (.infer), onnxruntime.InferenceSession (.run), or a path
+SessionLike = Any  # an sdk.runtime Session, an ONNX path, or None (the default model)
 
 
 def _cv2() -> Any:
@@ -83,40 +84,50 @@ def prepare_slices(grey: np.ndarray, size: int = NET_SIZE, clahe: bool = True) -
     return out
 
 
+#: slices per U-Net call: the same logits as larger batches, and ORT's arena for the 128^2
+#: activations stays ~4x smaller than at 32 (peak RSS, docs/benchmarks/cpu.md)
+NET_BATCH = 8
+
+
 def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: int = 0) -> Any:
-    """ONNX Runtime CPU session for the 2D lung U-Net (``onnx_path`` or the default run output)."""
+    """CPU :class:`sdk.runtime.ort.OrtSession` for the 2D lung U-Net (``onnx_path`` or the bundle's)."""
     path = Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX
     if not path.is_file():
         raise BundleError(
             f"2D lung U-Net model not found: {path} (train it with `python -m sdk.train.seg` or pass onnx_path=...)"
         )
-    import onnxruntime as ort
+    from ..runtime.ort import OrtSession
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return OrtSession(path, device="cpu", threads=threads or None, precision="fp32")
 
 
-def _run(session: SessionLike, x: np.ndarray) -> np.ndarray:
+def as_session(session: SessionLike) -> Any:
+    """A ctsdk Session for ``session`` (an ONNX path is opened; a Session is returned as is)."""
     if isinstance(session, (str, os.PathLike)):
-        session = open_session(session)
-    if hasattr(session, "infer"):  # ctsdk Session
-        return np.asarray(session.infer({INPUT_NAME: x})[OUTPUT_NAME])
-    if hasattr(session, "run"):  # onnxruntime.InferenceSession
-        return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
-    raise ConfigError(
-        f"session must be a ctsdk Session, an onnxruntime.InferenceSession or an ONNX path, not {type(session).__name__}"
-    )
+        return open_session(session)
+    if session is None:
+        return open_session()
+    if not hasattr(session, "infer_batched") and callable(getattr(session, "get_inputs", None)):
+        from ..runtime.base import ExternalOrtSession
+
+        return ExternalOrtSession(session)  # an onnxruntime.InferenceSession built by the caller
+    if not hasattr(session, "infer_batched"):
+        raise ConfigError(
+            f"session must be a ctsdk Session (sdk.runtime.ort.OrtSession), an onnxruntime.InferenceSession or an ONNX path, "
+            f"not {type(session).__name__}"
+        )
+    return session
 
 
-def predict_logits(prepared: np.ndarray, session: SessionLike, batch: int = 32) -> np.ndarray:
-    """Run the network on prepared (N, 1, S, S) input in batches; returns (N, S, S) logits."""
-    n = prepared.shape[0]
-    out = np.empty((n,) + prepared.shape[2:], np.float32)
-    for i in range(0, n, batch):
-        out[i : i + batch] = _run(session, np.ascontiguousarray(prepared[i : i + batch]))[:, 0]
-    return out
+def predict_logits(prepared: Union[np.ndarray, Callable[[int, int], np.ndarray]], session: SessionLike,
+                   batch: int = NET_BATCH, n: Optional[int] = None, timings: Optional[Dict[str, float]] = None) -> np.ndarray:
+    """Run the network in batches; returns (N, S, S) logits.
+
+    ``prepared`` is the (N, 1, S, S) input, or ``make(i0, i1)`` building the input of slices
+    ``i0:i1`` (then pass ``n``): batch k+1 is prepared while batch k runs (Session.infer_batched).
+    """
+    out = as_session(session).infer_batched(prepared, n, batch=batch, input_name=INPUT_NAME, outputs=[OUTPUT_NAME], timings=timings)
+    return out[OUTPUT_NAME][:, 0]
 
 
 def logits_to_masks(logits: np.ndarray, shape: Tuple[int, int], fill_holes: bool = True) -> np.ndarray:
@@ -139,7 +150,7 @@ def segment_slices_2d(
     grey01: np.ndarray,
     session: SessionLike = None,
     *,
-    batch: int = 32,
+    batch: int = NET_BATCH,
     fill_holes: bool = True,
     timings: Optional[Dict[str, float]] = None,
 ) -> np.ndarray:
@@ -148,8 +159,9 @@ def segment_slices_2d(
     Args:
         grey01: (N, H, W) float32 images in [0, 1] (8-bit images / 255, or lung-windowed HU);
             any H, W. A single (H, W) image is accepted and returns (H, W).
-        session: a ctsdk Session, an ``onnxruntime.InferenceSession`` or an ONNX path;
-            ``None`` opens the default bundle's ``lungs_fp32.onnx``.
+        session: a ctsdk Session, an ``onnxruntime.InferenceSession`` (wrapped in
+            :class:`sdk.runtime.base.ExternalOrtSession`) or an ONNX path; ``None`` opens the
+            default bundle's ``lungs_fp32.onnx``.
         batch: slices per network call.
         fill_holes: fill holes per slice (vessels / nodules inside the lung stay lung).
         timings: optional dict that receives ``prepare_ms``, ``net_ms`` and ``post_ms``.
@@ -165,8 +177,7 @@ def segment_slices_2d(
         raise ConfigError(f"segment_slices_2d expects (N, H, W) images with N >= 1, got shape {np.asarray(grey01).shape}")
     if not np.isfinite(arr).all():
         raise ConfigError("segment_slices_2d: images contain NaN or inf; pass finite grey values in [0, 1]")
-    if session is None:
-        session = open_session()
+    session = as_session(session)
     t0 = time.perf_counter()
     x = prepare_slices(arr)
     t1 = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..preprocessing import CLASSIFIER_MEAN, CLASSIFIER_STD, CLASSIFIER_WINDOW
 from .efficientnet_lite import EfficientNetLite, load_imagenet_weights
 from .heads import ClassifierHead
 from .resnet import ResNet
@@ -37,6 +38,7 @@ __all__ = [
     "resnet50_gap",
     "load_checkpoint",
 ]
+
 
 INPUT_NAME = "image"
 OUTPUT_NAMES: Tuple[str, str, str] = ("logits", "probs", "cam")
@@ -55,10 +57,10 @@ class ModelCfg:
     input_size: int = 224
     in_chans: int = 3
     channels: Tuple[str, ...] = ("grey", "lung_mask", "grey_x_mask")
-    window: Tuple[float, float] = (-1350.0, 150.0)
+    window: Tuple[float, float] = CLASSIFIER_WINDOW
     classes: Tuple[str, ...] = ("non_covid", "covid")
-    mean: Tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: Tuple[float, ...] = (0.5, 0.5, 0.5)
+    mean: Tuple[float, ...] = CLASSIFIER_MEAN
+    std: Tuple[float, ...] = CLASSIFIER_STD
     pooling: str = "mask_gap"          # "mask_gap" | "gap"
     feature_stride: int = 32
     num_features: int = 1280

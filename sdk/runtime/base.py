@@ -9,9 +9,11 @@ the last call. Backends are registered by name (``get_runtime("ort-cpu")``).
 """
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -59,6 +61,65 @@ class Session:
         pass
 
     # inference --------------------------------------------------------------------------------
+    def infer_batched(
+        self,
+        source: Union[np.ndarray, Callable[[int, int], np.ndarray]],
+        n: Optional[int] = None,
+        *,
+        batch: int,
+        input_name: Optional[str] = None,
+        outputs: Optional[Sequence[str]] = None,
+        prefetch: bool = True,
+        timings: Optional[Dict[str, float]] = None,
+    ) -> Dict[str, np.ndarray]:
+        """Run ``n`` samples in batches of ``batch`` and concatenate every output along axis 0.
+
+        The one batching loop of the package (classifier, lung U-Net, exports, calibration).
+
+        Args:
+            source: the whole input array (N, ...), or ``make(i0, i1)`` returning the input of
+                samples ``i0:i1`` (so a caller can build its inputs batch by batch).
+            n: number of samples (default ``len(source)`` for an array).
+            batch: samples per call (>= 1).
+            input_name: the input to feed (default: the model's only input).
+            outputs: output names (default: all).
+            prefetch: build batch k+1 (``make``) in a helper thread while batch k runs; the
+                runtime releases the GIL, so input preparation and inference overlap. Inputs
+                do not depend on each other, so results are the same either way.
+            timings: receives ``prepare_ms`` (time waiting for inputs) and ``infer_ms``.
+        """
+        if int(batch) < 1:
+            raise ConfigError(f"batch must be >= 1, got {batch}")
+        make = source if callable(source) else (lambda i0, i1, a=source: a[i0:i1])
+        total = int(n if n is not None else len(source))  # type: ignore[arg-type]
+        if input_name is None:
+            if len(self.inputs) != 1:
+                raise ConfigError(f"the model has inputs {[t.name for t in self.inputs]}: pass input_name")
+            input_name = self.inputs[0].name
+        spans = [(i, min(i + int(batch), total)) for i in range(0, total, int(batch))]
+        parts: Dict[str, List[np.ndarray]] = {}
+        wait = run = 0.0
+        pool = _prefetch_pool() if prefetch and callable(source) and len(spans) > 1 else None
+        nxt = pool.submit(make, *spans[0]) if pool is not None else None
+        for k, span in enumerate(spans):
+            t0 = time.perf_counter()
+            if nxt is not None:
+                x = nxt.result()
+                nxt = pool.submit(make, *spans[k + 1]) if k + 1 < len(spans) else None  # type: ignore[union-attr]
+            else:
+                x = make(*span)
+            t1 = time.perf_counter()
+            out = self.infer({input_name: np.ascontiguousarray(x)}, outputs)
+            run += time.perf_counter() - t1
+            wait += t1 - t0
+            for name, v in out.items():
+                parts.setdefault(name, []).append(np.asarray(v))
+        if timings is not None:
+            timings.update(prepare_ms=wait * 1e3, infer_ms=run * 1e3)
+        if not spans:
+            return {}
+        return {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in parts.items()}
+
     def infer(self, feed: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
         self._check(feed)
         t0 = time.perf_counter()
@@ -84,3 +145,40 @@ class Session:
             for want, got in zip(spec.shape, arr.shape):
                 if isinstance(want, int) and want > 0 and want != got:
                     raise ConfigError(f"input {name!r}: expected shape {spec.shape}, got {arr.shape}")
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    """The helper threads that build the next batch's input (shared, created on first use)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctsdk-prefetch")
+        return _POOL
+
+
+#: ORT type strings -> numpy dtype names (for sessions built outside ctsdk)
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+               "tensor(bool)": "bool"}
+
+
+class ExternalOrtSession(Session):
+    """A ctsdk Session over an ``onnxruntime.InferenceSession`` the caller built themselves (so
+    public functions that accept one still run it through this interface and its batching)."""
+
+    def __init__(self, session: object) -> None:
+        super().__init__()
+        self._sess = session
+        self.inputs = [TensorSpec(i.name, tuple(i.shape), _ORT_DTYPES.get(i.type, i.type)) for i in session.get_inputs()]  # type: ignore[attr-defined]
+        self.outputs = [TensorSpec(o.name, tuple(o.shape), _ORT_DTYPES.get(o.type, o.type)) for o in session.get_outputs()]  # type: ignore[attr-defined]
+        providers = list(session.get_providers())  # type: ignore[attr-defined]
+        self.info = RuntimeInfo(backend="onnxruntime", provider=providers[0] if providers else "", precision="fp32",
+                                device="cpu" if not providers or providers[0] == "CPUExecutionProvider" else "cuda")
+
+    def _infer_impl(self, feed: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]]) -> Dict[str, np.ndarray]:
+        names = list(outputs) if outputs else [t.name for t in self.outputs]
+        return dict(zip(names, self._sess.run(names, {k: np.ascontiguousarray(v) for k, v in feed.items()})))  # type: ignore[attr-defined]

@@ -164,8 +164,9 @@ def evaluate_dice(logits: np.ndarray, masks: np.ndarray) -> List[float]:
 
 def export_onnx(model: Any, path: Path, size: int, opset: int = 17) -> float:
     """Export with a dynamic batch axis; returns max |ORT - eager| on a random batch of 3."""
-    import onnxruntime as ort
     import torch
+
+    from ..runtime.ort import OrtSession
 
     model.eval()
     x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(1))
@@ -175,8 +176,7 @@ def export_onnx(model: Any, path: Path, size: int, opset: int = 17) -> float:
     )
     with torch.no_grad():
         ref = model(x).numpy()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    got = OrtSession(path, device="cpu").infer({INPUT_NAME: x.numpy()}, [OUTPUT_NAME])[OUTPUT_NAME]
     return float(np.abs(got - ref).max())
 
 

@@ -31,6 +31,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..preprocessing import CLASSIFIER_WINDOW, SEGMENTER_WINDOW
 
 __all__ = [
     "LUNG_WINDOW",
@@ -47,10 +48,9 @@ __all__ = [
     "classifier_inputs",
 ]
 
-#: Classifier lung window (lo, hi) in HU: W 1500 / L -600.
-LUNG_WINDOW: Tuple[float, float] = (-1350.0, 150.0)
-#: Lung segmenter window (lo, hi) in HU.
-SEGMENTER_WINDOW: Tuple[float, float] = (-1000.0, 400.0)
+#: Classifier lung window and lung segmenter window (lo, hi) in HU: owned by sdk.preprocessing
+#: (a bundle's own values arrive through its Preprocessing; these are the defaults).
+LUNG_WINDOW: Tuple[float, float] = CLASSIFIER_WINDOW
 
 _MODES = ("linear", "area")
 
