@@ -201,9 +201,9 @@ def parity(classifier: PathLike, features: PathLike, head: PathLike, size: int =
     from .onnx import ort_cpu_session
 
     x = _samples(size)
-    ref = ort_cpu_session(classifier)
-    logits, probs, cams = ref.run(["logits", "probs", "cam"], {"image": x})
-    f = ort_cpu_session(features).run([FEATURES_OUTPUT], {"image": x})[0]
+    out = ort_cpu_session(classifier).infer({"image": x}, outputs=["logits", "probs", "cam"])
+    logits, probs, cams = (np.asarray(out[k]) for k in ("logits", "probs", "cam"))
+    f = np.asarray(ort_cpu_session(features).infer({"image": x}, outputs=[FEATURES_OUTPUT])[FEATURES_OUTPUT])
     hd = np.load(head)
     w = mask_weights(x[:, 1:2], f.shape[-2:])
     pooled = masked_gap(f.astype(np.float32), w).astype(np.float64)

@@ -328,6 +328,11 @@ def _grow_labels(labels: np.ndarray) -> np.ndarray:
 _SESSIONS: Dict[str, Any] = {}
 
 
+def _per_slice(mask: np.ndarray) -> np.ndarray:
+    """Voxels per slice of a (z, y, x) mask (what ``sdk.lungs._volume_ml`` takes)."""
+    return np.count_nonzero(np.asarray(mask).reshape(mask.shape[0], -1), axis=1)
+
+
 def segment_unet3d(
     volume: Any,
     session: SessionLike = None,
@@ -390,9 +395,9 @@ def segment_unet3d(
     return LungSegmentation(
         mask=mask,
         labels=labels,
-        lung_volume_ml=_volume_ml(mask, volume.z_mm, ps, fallback_dz),
-        left_volume_ml=None if labels is None else _volume_ml(labels == LEFT, volume.z_mm, ps, fallback_dz),
-        right_volume_ml=None if labels is None else _volume_ml(labels == RIGHT, volume.z_mm, ps, fallback_dz),
+        lung_volume_ml=_volume_ml(_per_slice(mask), volume.z_mm, ps, fallback_dz),
+        left_volume_ml=None if labels is None else _volume_ml(_per_slice(labels == LEFT), volume.z_mm, ps, fallback_dz),
+        right_volume_ml=None if labels is None else _volume_ml(_per_slice(labels == RIGHT), volume.z_mm, ps, fallback_dz),
         method="unet3d",
         timings_ms=timings,
         z_range=(int(zs[0]), int(zs[-1])) if zs.size else None,
