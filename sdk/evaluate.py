@@ -193,8 +193,10 @@ def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
 
     Columns: ``path,label`` and, optionally, ``slice_labels`` (a ``.npy`` of per-slice 0/1 labels,
     rows = cases, columns = slices in ascending slice location, i.e. our z order; relative to the
-    CSV's folder) and ``slice_labels_row`` (the row of this series). Returns dicts with ``path``
-    (Path), ``label``, ``slice_labels`` (1-D int array or None).
+    CSV's folder) and ``slice_labels_row`` (the row of this series), and ``bundle`` (a bundle
+    folder that scores this row instead of the command's bundle - e.g. the leave-one-series-out
+    fold model that never saw this series; relative to the CSV's folder). Returns dicts with
+    ``path`` (Path), ``label``, ``slice_labels`` (1-D int array or None), ``bundle`` (Path or None).
     """
     path = Path(path)
     items = read_series_csv(path)
@@ -209,7 +211,13 @@ def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
             if not fp.is_file() or not row.lstrip("-").isdigit():
                 raise ConfigError(f"{path}: row {p}: slice_labels {fp} must exist and slice_labels_row must be an integer")
             labels = np.asarray(np.load(fp)[int(row)]).astype(np.int64).reshape(-1)
-        out.append({"path": p, "label": label, "slice_labels": labels})
+        bundle = None
+        bcol = (r.get("bundle") or "").strip()
+        if bcol:
+            bundle = Path(bcol) if Path(bcol).is_absolute() else path.parent / bcol
+            if not (bundle / "manifest.json").is_file():
+                raise ConfigError(f"{path}: row {p}: bundle {bundle} is not a bundle folder (no manifest.json)")
+        out.append({"path": p, "label": label, "slice_labels": labels, "bundle": bundle})
     return out
 
 
@@ -394,14 +402,26 @@ def evaluate_series(
     items = read_series_rows(csv_path)
     triage = Triage(bundle, device=device, precision=precision, heatmaps=False)
     b = triage.bundle
+    per_row: Dict[str, Any] = {}
+
+    def triage_for(row_bundle: Optional[Path]) -> Any:
+        if row_bundle is None:
+            return triage
+        key = str(Path(row_bundle).resolve())
+        if key not in per_row:
+            per_row[key] = Triage(row_bundle, device=device, precision=precision, heatmaps=False)
+        return per_row[key]
+
     ys, ps, sources, cases, excluded = [], [], [], [], []
     sl_p: List[float] = []
     sl_y: List[int] = []
     sl_in_pos_series: List[bool] = []
+    sl_case: List[int] = []
     for item in tqdm(items, desc="evaluate series", unit="series", disable=not progress):
         path, label, labels = item["path"], item["label"], item["slice_labels"]
+        tri = triage_for(item.get("bundle"))
         try:
-            res = triage.run(path)
+            res = tri.run(path)
         except CtsdkError as exc:
             excluded.append({"path": str(path), "label": label, "error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -415,6 +435,7 @@ def evaluate_series(
         sources.append(label)
         slice_p = np.array([s.probabilities[b.positive_class] for s in res.slice_scores])
         case = {"path": str(path), "label": label, "predicted": res.label, "p_covid": float(p),
+                "bundle": f"{tri.bundle.name} {tri.bundle.version} ({tri.bundle.root})",
                 "mean_slice_p_covid": float(slice_p.mean()), "n_slices": len(res.slice_scores),
                 "lung_volume_ml": res.lung_volume_ml, "total_ms": res.timings_ms.get("total")}
         # slice level: every slice of a negative series is negative; a positive series needs labels
@@ -431,16 +452,28 @@ def evaluate_series(
             sl_p.extend(slice_p.tolist())
             sl_y.extend(int(v) for v in slice_y)
             sl_in_pos_series.extend([bool(y)] * idx.size)
+            sl_case.extend([len(cases)] * idx.size)
             case["slices_labelled_positive"] = int(slice_y.sum())
+            if 0 < slice_y.sum() < slice_y.size:
+                case["slice_auc_within_series"] = auc(slice_y, slice_p)
         cases.append(case)
     if not ys:
         raise ConfigError(f"{csv_path}: no eligible series to evaluate ({len(excluded)} excluded)")
     rep = _report("series", b, np.asarray(ys), np.asarray(ps), sources, b.threshold, cases, out, n_boot, seed)
     rep.per_source = {k: v for k, v in rep.per_source.items()}  # per original label
     rep.excluded = excluded
-    rep.source = {"csv": str(csv_path), "n": len(items), "runtime": triage.runtime}
+    rep.source = {"csv": str(csv_path), "n": len(items), "runtime": triage.runtime,
+                  "per_row_bundles": sorted(per_row)}
     rep.slice_level = _slice_level(np.asarray(sl_y), np.asarray(sl_p), np.asarray(sl_in_pos_series, bool),
                                    b.slice_threshold, n_boot, seed)
+    if rep.slice_level:
+        rep.slice_level["per_series"] = _slice_per_series(cases, np.asarray(sl_y), np.asarray(sl_p), np.asarray(sl_case),
+                                                          b.slice_threshold, n_boot, seed)
+        if out is not None and "labelled_positive_vs_all_other" in rep.slice_level:
+            m = rep.slice_level["labelled_positive_vs_all_other"]
+            rep.files["roc_slices_png"] = str(plot_roc({"slices": (*roc_curve(np.asarray(sl_y), np.asarray(sl_p))[:2], m["auc"])},
+                                                       Path(out) / "roc_series_slices.png",
+                                                       title=f"{b.name} {b.version}: slices of the series"))
     rep.wall_s = time.perf_counter() - t0
     _write(rep)
     return rep
@@ -463,6 +496,23 @@ def _slice_level(y: np.ndarray, p: np.ndarray, in_pos: np.ndarray, threshold: fl
         m = in_pos
         out["within_positive_series"] = binary_metrics(y[m], p[m], threshold, n_boot=n_boot, seed=seed)
     out["note"] = "selected slices only; positives = labelled-infected slices of covid series; slices are correlated, CIs optimistic"
+    return out
+
+
+def _slice_per_series(cases: List[Dict[str, Any]], y: np.ndarray, p: np.ndarray, case_of: np.ndarray, threshold: float,
+                      n_boot: int, seed: int) -> Dict[str, Any]:
+    """Per series: its slices' mean P(covid), share above the slice threshold, and - when it has
+    both labels - the within-series slice AUC with its bootstrap CI."""
+    out: Dict[str, Any] = {}
+    for i, c in enumerate(cases):
+        sel = case_of == i
+        if not sel.any():
+            continue
+        d: Dict[str, Any] = {"n": int(sel.sum()), "n_pos": int(y[sel].sum()), "mean_p_covid": float(p[sel].mean()),
+                             "share_at_or_above_threshold": float((p[sel] >= threshold).mean())}
+        if 0 < y[sel].sum() < sel.sum():
+            d["within_series"] = binary_metrics(y[sel], p[sel], threshold, n_boot=n_boot, seed=seed)
+        out[Path(c["path"]).name] = d
     return out
 
 

@@ -95,10 +95,10 @@ def test_csv_readers(tmp_path: Path) -> None:
     assert read_series_csv(tmp_path / "s.csv") == [(tmp_path / "series1", "covid"), (Path("/abs/series2"), "cap")]
 
 
-def test_cli_needs_exactly_one_input() -> None:
+def test_cli_needs_an_input() -> None:
     r = subprocess.run([sys.executable, "-c", "from sdk.cli import main; main(['evaluate', '--json'])"],
                        capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and "exactly one" in r.stderr
+    assert r.returncode == 2 and "give --images CSV, --series CSV, or both" in r.stderr
 
 
 def test_evaluate_images_cli_matches_independent_scoring(tmp_path: Path) -> None:
@@ -164,3 +164,39 @@ def test_evaluate_series_on_phantoms(tmp_path: Path) -> None:
     assert sl["n"] == a["n_slices"] + b["n_slices"]
     assert sl["n_pos"] == a["slices_labelled_positive"] <= 10
     assert (tmp_path / "out" / "evaluation_series.json").is_file()
+
+
+def test_evaluate_series_per_row_bundle_and_per_series_slices(tmp_path: Path) -> None:
+    """A ``bundle`` column routes its row to that bundle (leave-one-series-out evaluation); the
+    per-series slice block is checked against an independent AUC; a missing bundle is refused."""
+    from sdk.bundle import load_bundle, write_bundle
+    from sdk.evaluate import evaluate_series, read_series_rows
+    from sdk.phantom import write_phantom_series
+
+    base = load_bundle()
+    files = {k: (str(base.root / f.path), f.role, f.precision) for k, f in base.files.items() if k != "classifier_int8"}
+    meta = dict(base.manifest, name="ctsdk-fold-test")
+    write_bundle(tmp_path / "fold", files, meta)
+    write_phantom_series(tmp_path / "a", n_slices=32, size=64, spacing=(2.5, 4.0, 4.0), ground_glass=True, seed=1)
+    write_phantom_series(tmp_path / "b", n_slices=32, size=64, spacing=(2.5, 4.0, 4.0), seed=2)
+    labels = np.zeros((1, 200), np.int64)
+    labels[0, 8:20] = 1
+    np.save(tmp_path / "labels.npy", labels)
+    (tmp_path / "series.csv").write_text("path,label,slice_labels,slice_labels_row,bundle\n"
+                                         "a,covid,labels.npy,0,fold\nb,normal,,,\n")
+    rep = evaluate_series(tmp_path / "series.csv", n_boot=20, out=tmp_path / "out", progress=False)
+    d = rep.to_dict()
+    a, b = d["cases"]
+    assert "ctsdk-fold-test" in a["bundle"] and base.name in b["bundle"] and "ctsdk-fold-test" not in b["bundle"]
+    assert d["input"]["per_row_bundles"] == [str((tmp_path / "fold").resolve())]
+    per = d["slice_level"]["per_series"]
+    assert set(per) == {"a", "b"} and per["b"]["n_pos"] == 0 and "within_series" not in per["b"]
+    if 0 < per["a"]["n_pos"] < per["a"]["n"]:
+        w = per["a"]["within_series"]
+        assert a["slice_auc_within_series"] == pytest.approx(w["auc"])
+    sl = d["slice_level"]["labelled_positive_vs_all_other"]
+    assert sl["n"] == per["a"]["n"] + per["b"]["n"]
+    assert (tmp_path / "out" / "roc_series_slices.png").is_file()
+    (tmp_path / "bad.csv").write_text("path,label,bundle\na,covid,nowhere\n")
+    with pytest.raises(ConfigError, match="not a bundle folder"):
+        read_series_rows(tmp_path / "bad.csv")

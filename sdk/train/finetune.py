@@ -39,7 +39,7 @@ from . import data as D
 from . import hu_estimate as H
 from . import real_slices as R
 
-__all__ = ["FinetuneConfig", "prepare_images", "prepare_real", "validate_hu", "train_fold", "run_loso", "load_bundle_weights"]
+__all__ = ["fold_bundle", "export_checkpoint", "FinetuneConfig", "prepare_images", "prepare_real", "validate_hu", "train_fold", "run_loso", "load_bundle_weights"]
 
 _REPO = Path(__file__).resolve().parents[2]
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -55,7 +55,7 @@ class FinetuneConfig:
     bundle: str = ""                 # initial weights: this bundle's classifier_fp32.onnx ("" = shipped)
     size: int = 224
     freeze_stages: int = 4
-    variants: int = 3                # augmented renderings per training sample (cached features)
+    variants: int = 2                # augmented renderings per training sample (cached features)
     real_weight: float = 4.0         # sampling weight of a real slice relative to an image
     epochs: int = 6
     batch_size: int = 32
@@ -263,22 +263,19 @@ def _trainable_forward(model: Any, f: Any, mask: Any, n_frozen: int) -> Any:
     return model.forward_head(f, mask)
 
 
-def cache_features(model: Any, hu: np.ndarray, mask: np.ndarray, cfg: FinetuneConfig, seed_key: str,
+def cache_features(model: Any, hu: np.ndarray, mask: np.ndarray, cfg: FinetuneConfig, variant: Optional[int],
                    desc: str = "", progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-    """``cfg.variants`` augmented renderings of every slice through the frozen layers.
+    """One rendering of every slice through the frozen layers: augmented variant ``variant``
+    (seeded by ``cfg.seed`` and the variant) or, with ``variant=None``, the runtime rendering.
 
-    Returns (features (V, n, C, h, w) float16, masks (V, n, S, S) uint8)."""
-    feats, masks = [], []
-    for v in range(cfg.variants):
-        rng = np.random.default_rng([cfg.seed, v, abs(hash(seed_key)) % (2 ** 31)])
-        fv, mv = [], []
-        for s in common.progress(range(0, len(hu), 64), desc=f"{desc} variant {v + 1}/{cfg.variants}", enabled=progress):
-            x = _render(hu[s:s + 64], mask[s:s + 64], rng, cfg)
-            fv.append(_frozen_features(model, x, cfg.freeze_stages))
-            mv.append(x[:, 1].astype(np.uint8))
-        feats.append(np.concatenate(fv))
-        masks.append(np.concatenate(mv))
-    return np.stack(feats), np.stack(masks)
+    Returns (features (n, C, h, w) float16, pooling masks (n, S, S) uint8)."""
+    rng = None if variant is None else np.random.default_rng([cfg.seed, variant])
+    fv, mv = [], []
+    for s in common.progress(range(0, len(hu), 64), desc=desc, enabled=progress):
+        x = _render(hu[s:s + 64], mask[s:s + 64], rng, cfg)
+        fv.append(_frozen_features(model, x, cfg.freeze_stages))
+        mv.append(x[:, 1].astype(np.uint8))
+    return np.concatenate(fv), np.concatenate(mv)
 
 
 def predict(model: Any, hu: np.ndarray, mask: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -303,8 +300,9 @@ class Pool:
     group: np.ndarray             # (n,) split name (images) or series name (real)
     feats_aug: np.ndarray         # (V, n, C, h, w) float16
     masks_aug: np.ndarray         # (V, n, S, S) uint8
-    feats_eval: np.ndarray        # (n, C, h, w) float16 - runtime rendering
-    masks_eval: np.ndarray        # (n, S, S) uint8
+    feats_eval: np.ndarray        # (k, C, h, w) float16 - runtime rendering of samples eval_idx
+    masks_eval: np.ndarray        # (k, S, S) uint8
+    eval_idx: np.ndarray          # (k,) which samples have eval features
 
 
 def _base_model(cfg: FinetuneConfig) -> Any:
@@ -330,27 +328,29 @@ def build_pools(cfg: FinetuneConfig, progress: bool = True) -> Tuple[Pool, Pool,
     r_y = np.concatenate([s.y for s in real])
     r_group = np.concatenate([[s.name] * len(s.y) for s in real])
     i_hu = img["hu"].astype(np.float32)
-    cache = work / f"features_f{cfg.freeze_stages}_v{cfg.variants}_s{cfg.seed}.npz"
-    if cache.is_file():
-        z = np.load(cache)
-        f = {k: z[k] for k in z.files}
-    else:
-        torch.set_num_threads(cfg.threads)
-        model = _base_model(cfg).eval()
-        f = {}
-        f["i_aug"], f["i_maug"] = cache_features(model, i_hu, img["mask"], cfg, "images", "images", progress)
-        f["r_aug"], f["r_maug"] = cache_features(model, r_hu, r_mask, cfg, "real", "real", progress)
-        ev = FinetuneConfig(**{**asdict(cfg), "variants": 1})
-        for key, hu, mk in (("i", i_hu, img["mask"]), ("r", r_hu, r_mask)):
-            fe, me = [], []
-            for s in common.progress(range(0, len(hu), 64), desc=f"{key} eval", enabled=progress):
-                x = _render(hu[s:s + 64], mk[s:s + 64], None, ev)
-                fe.append(_frozen_features(model, x, cfg.freeze_stages))
-                me.append(x[:, 1].astype(np.uint8))
-            f[f"{key}_eval"], f[f"{key}_meval"] = np.concatenate(fe), np.concatenate(me)
-        np.savez(cache, **f)
-    images = Pool(img["y"].astype(np.int64), img["split"], f["i_aug"], f["i_maug"], f["i_eval"], f["i_meval"])
-    reals = Pool(r_y.astype(np.int64), r_group, f["r_aug"], f["r_maug"], f["r_eval"], f["r_meval"])
+    i_eval = np.flatnonzero(img["split"] != "train")     # val + test: the runtime rendering only
+    fdir = work / f"features_f{cfg.freeze_stages}_s{cfg.seed}"
+    fdir.mkdir(parents=True, exist_ok=True)
+    model = None
+    pieces = [(f"i_aug{v}", i_hu, img["mask"], v) for v in range(cfg.variants)]
+    pieces += [(f"r_aug{v}", r_hu, r_mask, v) for v in range(cfg.variants)]
+    pieces += [("i_eval", i_hu[i_eval], img["mask"][i_eval], None), ("r_eval", r_hu, r_mask, None)]
+    f: Dict[str, np.ndarray] = {}
+    for name, hu, mk, v in pieces:           # each piece cached on its own: a stopped run resumes
+        path = fdir / f"{name}.npz"
+        if not path.is_file():
+            if model is None:
+                torch.set_num_threads(cfg.threads)
+                model = _base_model(cfg).eval()
+            fe, me = cache_features(model, hu, mk, cfg, v, name, progress)
+            np.savez(path, f=fe, m=me)
+        with np.load(path) as z:
+            f[name], f[name + "_m"] = z["f"], z["m"]
+    i_y = img["y"].astype(np.int64)
+    images = Pool(i_y, img["split"], np.stack([f[f"i_aug{v}"] for v in range(cfg.variants)]),
+                  np.stack([f[f"i_aug{v}_m"] for v in range(cfg.variants)]), f["i_eval"], f["i_eval_m"], i_eval)
+    reals = Pool(r_y.astype(np.int64), r_group, np.stack([f[f"r_aug{v}"] for v in range(cfg.variants)]),
+                 np.stack([f[f"r_aug{v}_m"] for v in range(cfg.variants)]), f["r_eval"], f["r_eval_m"], np.arange(len(r_y)))
     meta = {"image_source": img["source"], "real_infected": np.concatenate([s.infected for s in real]),
             "real_index": np.concatenate([s.index for s in real]), "real_names": [s.name for s in real]}
     return images, reals, meta
@@ -427,7 +427,8 @@ def train_fold(cfg: FinetuneConfig, images: Pool, reals: Pool, held_out: Optiona
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps({"fold": held_out or "all", **history[-1]}), file=sys.stderr, flush=True)
     model.eval()
-    p_img = _head_predict(model, images.feats_eval, images.masks_eval, cfg)
+    p_img = np.full(len(images.y), np.nan)
+    p_img[images.eval_idx] = _head_predict(model, images.feats_eval, images.masks_eval, cfg)
     p_real = _head_predict(model, reals.feats_eval, reals.masks_eval, cfg)
     va = images.group == "val"
     threshold = common.youden_threshold(images.y[va], p_img[va])
@@ -490,9 +491,49 @@ def summarise_loso(cfg: FinetuneConfig, reals: Pool, meta: Dict[str, Any], held_
     return out
 
 
+def export_checkpoint(checkpoint: Path, out: Path, parity: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """``best.pt`` -> FP32 ONNX with ``sdk.export``'s parity check (on real HU slices when given)."""
+    from ..export.onnx import classifier_metadata, export_onnx
+    from ..models.classifier import load_checkpoint
+
+    model = load_checkpoint(checkpoint).eval()
+    meta = classifier_metadata(model, name="effnet_lite0_mgap", size=model.cfg.input_size)
+    meta["checkpoint"] = str(checkpoint)
+    rep = export_onnx(model, out, input_size=model.cfg.input_size, metadata=meta, parity_inputs=parity,
+                      parity_source="COVID-CT-MD selected slices (runtime rendering)" if parity is not None else "",
+                      n_parity=16)
+    if not (rep.parity and rep.parity.passed):
+        raise ConfigError(f"{out}: ONNX parity check failed: {rep.parity}")
+    return rep.to_dict()
+
+
+def fold_bundle(checkpoint: Path, out_dir: Path, name: str, parity: Optional[np.ndarray] = None, base: Optional[str] = None) -> Path:
+    """A bundle that differs from ``base`` (default: the shipped one) only in its FP32 classifier
+    (and its slice threshold): the model of one leave-one-series-out fold, for
+    ``ctsdk evaluate --series`` rows that name it. FP16 / INT8 files are left out."""
+    import torch
+
+    from ..bundle import load_bundle, write_bundle
+
+    b = load_bundle(base)
+    onnx_path = Path(checkpoint).with_name("classifier_fp32.onnx")
+    export_checkpoint(Path(checkpoint), onnx_path, parity)
+    files = {k: (str(b.root / f.path), f.role, f.precision) for k, f in b.files.items()
+             if f.role != "classifier"}
+    files["classifier_fp32"] = (str(onnx_path), "classifier", "fp32")
+    meta = json.loads(json.dumps(b.manifest))
+    meta["name"] = name
+    meta["description"] = f"leave-one-series-out fold model ({checkpoint}); evaluation only, not for use"
+    thr = float(torch.load(checkpoint, map_location="cpu", weights_only=False)["threshold"])
+    meta.setdefault("thresholds", {})["slice"] = thr
+    meta.pop("int8", None)
+    write_bundle(out_dir, files, meta, overwrite=True)
+    return out_dir
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m sdk.train.finetune")
-    ap.add_argument("cmd", choices=["validate-hu", "prepare", "features", "loso", "final", "baseline"])
+    ap.add_argument("cmd", choices=["validate-hu", "prepare", "features", "loso", "final", "baseline", "fold-bundles"])
     ap.add_argument("--data-root", default="")
     ap.add_argument("--work-dir", default="runs/hu")
     ap.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
@@ -523,11 +564,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     elif a.cmd == "final":
         images, reals, _ = build_pools(cfg, prog)
         res = train_fold(cfg, images, reals, None, Path(cfg.work_dir) / "final", prog)
+    elif a.cmd == "fold-bundles":
+        real = R.load_real_series_cache(Path(cfg.work_dir) / "real_series.npz")
+        parity = R.render_inputs(real[0].hu[::8], real[0].mask[::8], LUNG_WINDOW)
+        rows = ["path,label,slice_labels,slice_labels_row,bundle"]
+        for spec in R.covid_ct_md_specs(cfg.root):
+            out = fold_bundle(Path(cfg.work_dir) / "loso" / spec.name / "best.pt", Path(cfg.work_dir) / "bundles" / spec.name,
+                              f"ctsdk-loso-without-{spec.name}", parity)
+            lab = f"{spec.labels_file.resolve()},{spec.labels_row}" if spec.labels_file else ","
+            rows.append(f"{spec.path.resolve()},{spec.label},{lab},{out.resolve()}")
+        csv_path = Path(cfg.work_dir) / "loso_series.csv"
+        csv_path.write_text("\n".join(rows) + "\n")
+        res = {"series_csv": str(csv_path)}
     else:  # baseline: the shipped weights, no training, on the same caches
         images, reals, meta = build_pools(cfg, prog)
         model = _base_model(cfg)
         p = _head_predict(model, reals.feats_eval, reals.masks_eval, cfg)
-        pi = _head_predict(model, images.feats_eval, images.masks_eval, cfg)
+        pi = np.full(len(images.y), np.nan)
+        pi[images.eval_idx] = _head_predict(model, images.feats_eval, images.masks_eval, cfg)
         te = images.group == "test"
         res = {"real_all": common.binary_report(reals.y, p, 0.528, cfg.n_boot, cfg.seed),
                "image_test_hu_rendered": common.binary_report(images.y[te], pi[te], 0.528, cfg.n_boot, cfg.seed)}
