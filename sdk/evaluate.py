@@ -233,6 +233,21 @@ def eval_image_input(grey01: np.ndarray, lung_mask: np.ndarray, size: int) -> np
     return np.asarray(eval_input(grey01, lung_mask, size), dtype=np.float32)
 
 
+def hu_image_input(grey01: np.ndarray, lung_mask: np.ndarray, size: int,
+                   window: Tuple[float, float]) -> Tuple[Optional[np.ndarray], str]:
+    """An 8-bit image as the runtime would render it from HU: the grey->HU map estimated from the
+    image's anatomy (``sdk.train.hu_estimate``), letterboxed with air, resized and windowed with
+    the runtime's rules. Returns ``(input (3, S, S), "")`` or ``(None, reason)``."""
+    from .train.hu_estimate import estimate_hu_map, render_hu_image
+    from .train.real_slices import render_inputs
+
+    est = estimate_hu_map(grey01, lung_mask)
+    if not est.ok:
+        return None, est.reason
+    hu, m = render_hu_image(grey01, lung_mask, est, size)
+    return render_inputs(hu[None], m[None], window)[0], ""
+
+
 def image_lung_mask(grey01: np.ndarray, lungs_session: Any) -> np.ndarray:
     """Lung mask of one 8-bit image at its native size with the bundle's 2D U-Net."""
     from .lungs import segment_slices_2d
@@ -341,9 +356,16 @@ def evaluate_images(
     n_boot: int = 2000,
     seed: int = 0,
     progress: bool = True,
+    render: str = "auto",
 ) -> EvalReport:
     """Slice-level evaluation of the bundle's lung U-Net + classifier (ORT CPU, ``precision``'s
-    ONNX file) on labelled 8-bit images."""
+    ONNX file) on labelled 8-bit images.
+
+    ``render``: how an 8-bit image becomes the classifier input - ``"8bit"`` (letterbox of the grey
+    values, :func:`eval_image_input`), ``"hu"`` (grey->HU estimated from the image's anatomy and
+    re-rendered through the runtime's window, :func:`hu_image_input`; images whose map cannot be
+    estimated are listed in ``excluded``), or ``"auto"`` (the bundle manifest's
+    ``image_render``, default ``"8bit"``)."""
     from tqdm import tqdm
 
     from .bundle import Bundle, load_bundle
@@ -363,20 +385,39 @@ def evaluate_images(
     pos_idx = b.classes.index(b.positive_class)
     from .train.data import load_grey
 
-    scores = np.empty(len(rows), np.float64)
+    if render == "auto":
+        render = str(b.manifest.get("image_render", "8bit"))
+    if render not in ("8bit", "hu"):
+        raise ConfigError(f"render must be '8bit', 'hu' or 'auto', not {render!r}")
+    scores = np.full(len(rows), np.nan)
+    excluded: List[Dict[str, Any]] = []
     for i in tqdm(range(0, len(rows), batch), desc="evaluate images", unit="batch", disable=not progress):
         chunk = rows[i : i + batch]
-        x = []
-        for r in chunk:
+        x, at = [], []
+        for j, r in enumerate(chunk):
             grey = load_grey(r["abspath"])
-            x.append(eval_image_input(grey, image_lung_mask(grey, lungs), size))
-        scores[i : i + len(chunk)] = _infer(classifier, np.stack(x))["probs"][:, pos_idx]
+            mask = image_lung_mask(grey, lungs)
+            if render == "hu":
+                xi, reason = hu_image_input(grey, mask, size, b.window)
+                if xi is None:
+                    excluded.append({"path": r["path"], "label": r["label"], "reason": f"grey->HU not estimable: {reason}"})
+                    continue
+            else:
+                xi = eval_image_input(grey, mask, size)
+            x.append(xi)
+            at.append(i + j)
+        if x:
+            scores[at] = _infer(classifier, np.stack(x))["probs"][:, pos_idx]
+    keep = np.isfinite(scores)
+    rows = [r for r, k in zip(rows, keep) if k]
+    scores = scores[keep]
     y = np.asarray([is_positive(r["label"]) for r in rows], dtype=np.int64)
     sources = [r.get("source", "") or "(none)" for r in rows]
     cases = [{"path": r["path"], "label": r["label"], "source": s, "p_covid": float(p)} for r, s, p in zip(rows, sources, scores)]
     rep = _report("images", b, y, scores, sources, b.slice_threshold, cases, out, n_boot, seed)
+    rep.excluded = excluded
     rep.source = {"csv": str(csv_path), "split": split, "data_root": None if data_root is None else str(data_root),
-                  "n": len(rows), "runtime": classifier.info.to_dict()}
+                  "n": len(rows) + len(excluded), "render": render, "runtime": classifier.info.to_dict()}
     rep.wall_s = time.perf_counter() - t0
     _write(rep)
     return rep

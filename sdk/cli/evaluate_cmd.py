@@ -37,8 +37,11 @@ def _human(d: Dict[str, Any]) -> str:
         within = m.get("within_series")
         extra = f"; within-series {_fmt(within)}" if within else ""
         lines.append(f"  slices of {name}: n={m['n']} (pos {m['n_pos']}), mean P(covid) {m['mean_p_covid']:.3f}{extra}")
-    for e in d.get("excluded", []):
+    excluded = d.get("excluded", [])
+    for e in excluded[:5]:
         lines.append(f"excluded: {e}")
+    if len(excluded) > 5:
+        lines.append(f"... {len(excluded) - 5} more excluded (see --json / --out)")
     for k, v in d.get("files", {}).items():
         lines.append(f"{k}: {v}")
     return "\n".join(lines)
@@ -59,6 +62,9 @@ def _human(d: Dict[str, Any]) -> str:
               help="Write the ROC PNG and the full JSON report (with per-case scores) here.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="Which of the bundle's classifier files to evaluate (ONNX Runtime CPU).")
+@click.option("--render", type=click.Choice(["auto", "8bit", "hu"]), default="auto", show_default=True,
+              help="With --images: '8bit' letterbox of the grey values, 'hu' = grey->HU estimate re-rendered through the "
+                   "runtime's window (images it cannot estimate are excluded and listed), 'auto' = the bundle's choice.")
 @click.option("--n-bootstrap", type=int, default=2000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (images mode).")
@@ -66,7 +72,8 @@ def _human(d: Dict[str, Any]) -> str:
 @json_option
 @handle_errors
 def evaluate(images_csv: Optional[str], split: Optional[str], data_root: Optional[str], series_csv: Optional[str],
-             bundle_path: Optional[str], out_dir: Optional[str], precision: str, n_bootstrap: int, seed: int, threads: Optional[int],
+             bundle_path: Optional[str], out_dir: Optional[str], precision: str, render: str, n_bootstrap: int, seed: int,
+             threads: Optional[int],
              cases: bool, as_json: bool) -> None:
     """Evaluate a bundle on labelled images (slice level), series (patient + slice level), or both.
 
@@ -85,7 +92,8 @@ def evaluate(images_csv: Optional[str], split: Optional[str], data_root: Optiona
         reports["series"] = rep.to_dict(with_cases=True)
     if images_csv is not None:
         rep = evaluate_images(images_csv, bundle_path, split=split, data_root=data_root, out=out_dir,
-                              threads=threads, precision=precision, n_boot=n_bootstrap, seed=seed, progress=not as_json)
+                              threads=threads, precision=precision, n_boot=n_bootstrap, seed=seed, progress=not as_json,
+                              render=render)
         reports["images"] = rep.to_dict(with_cases=cases)
     if len(reports) == 1:
         emit(next(iter(reports.values())), as_json, _human)

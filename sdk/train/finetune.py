@@ -54,10 +54,12 @@ class FinetuneConfig:
     work_dir: str = "runs/hu"
     bundle: str = ""                 # initial weights: this bundle's classifier_fp32.onnx ("" = shipped)
     size: int = 224
-    freeze_stages: int = 4
-    variants: int = 2                # augmented renderings per training sample (cached features)
+    freeze_stages: int = 7           # stem + all 7 stages frozen: conv_head + head are trained
+    image_variants: int = 1          # augmented renderings per training image (cached features)
+    variants: int = 3                # augmented renderings per real slice
     real_weight: float = 4.0         # sampling weight of a real slice relative to an image
     epochs: int = 6
+    samples_per_epoch: int = 0       # 0 = one pass over the training samples
     batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 1e-4
@@ -298,8 +300,9 @@ class Pool:
 
     y: np.ndarray                 # (n,)
     group: np.ndarray             # (n,) split name (images) or series name (real)
-    feats_aug: np.ndarray         # (V, n, C, h, w) float16
-    masks_aug: np.ndarray         # (V, n, S, S) uint8
+    feats_aug: np.ndarray         # (V, a, C, h, w) float16 - augmented renderings of samples aug_idx
+    masks_aug: np.ndarray         # (V, a, S, S) uint8
+    aug_idx: np.ndarray           # (a,) which samples have augmented features
     feats_eval: np.ndarray        # (k, C, h, w) float16 - runtime rendering of samples eval_idx
     masks_eval: np.ndarray        # (k, S, S) uint8
     eval_idx: np.ndarray          # (k,) which samples have eval features
@@ -328,11 +331,12 @@ def build_pools(cfg: FinetuneConfig, progress: bool = True) -> Tuple[Pool, Pool,
     r_y = np.concatenate([s.y for s in real])
     r_group = np.concatenate([[s.name] * len(s.y) for s in real])
     i_hu = img["hu"].astype(np.float32)
+    i_train = np.flatnonzero(img["split"] == "train")  # augmented renderings
     i_eval = np.flatnonzero(img["split"] != "train")     # val + test: the runtime rendering only
     fdir = work / f"features_f{cfg.freeze_stages}_s{cfg.seed}"
     fdir.mkdir(parents=True, exist_ok=True)
     model = None
-    pieces = [(f"i_aug{v}", i_hu, img["mask"], v) for v in range(cfg.variants)]
+    pieces = [(f"i_aug{v}", i_hu[i_train], img["mask"][i_train], v) for v in range(cfg.image_variants)]
     pieces += [(f"r_aug{v}", r_hu, r_mask, v) for v in range(cfg.variants)]
     pieces += [("i_eval", i_hu[i_eval], img["mask"][i_eval], None), ("r_eval", r_hu, r_mask, None)]
     f: Dict[str, np.ndarray] = {}
@@ -347,10 +351,12 @@ def build_pools(cfg: FinetuneConfig, progress: bool = True) -> Tuple[Pool, Pool,
         with np.load(path) as z:
             f[name], f[name + "_m"] = z["f"], z["m"]
     i_y = img["y"].astype(np.int64)
-    images = Pool(i_y, img["split"], np.stack([f[f"i_aug{v}"] for v in range(cfg.variants)]),
-                  np.stack([f[f"i_aug{v}_m"] for v in range(cfg.variants)]), f["i_eval"], f["i_eval_m"], i_eval)
+    images = Pool(i_y, img["split"], np.stack([f[f"i_aug{v}"] for v in range(cfg.image_variants)]),
+                  np.stack([f[f"i_aug{v}_m"] for v in range(cfg.image_variants)]), i_train,
+                  f["i_eval"], f["i_eval_m"], i_eval)
     reals = Pool(r_y.astype(np.int64), r_group, np.stack([f[f"r_aug{v}"] for v in range(cfg.variants)]),
-                 np.stack([f[f"r_aug{v}_m"] for v in range(cfg.variants)]), f["r_eval"], f["r_eval_m"], np.arange(len(r_y)))
+                 np.stack([f[f"r_aug{v}_m"] for v in range(cfg.variants)]), np.arange(len(r_y)),
+                 f["r_eval"], f["r_eval_m"], np.arange(len(r_y)))
     meta = {"image_source": img["source"], "real_infected": np.concatenate([s.infected for s in real]),
             "real_index": np.concatenate([s.index for s in real]), "real_names": [s.name for s in real]}
     return images, reals, meta
@@ -381,21 +387,22 @@ def train_fold(cfg: FinetuneConfig, images: Pool, reals: Pool, held_out: Optiona
     model = _base_model(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    i_tr = np.flatnonzero(images.group == "train")
+    i_tr = np.arange(len(images.aug_idx))            # rows of the images' augmented features (train split)
     r_tr = np.flatnonzero(reals.group != held_out) if held_out else np.arange(len(reals.y))
-    # sample list: (pool 0 = images / 1 = real, index) with weights
+    # sample list: (pool 0 = images / 1 = real, row in that pool's augmented features) with weights
     idx = np.r_[i_tr, r_tr]
     kind = np.r_[np.zeros(len(i_tr), np.int64), np.ones(len(r_tr), np.int64)]
-    y_all = np.r_[images.y[i_tr], reals.y[r_tr]]
+    y_all = np.r_[images.y[images.aug_idx], reals.y[r_tr]]
     w = np.where(kind == 1, cfg.real_weight, 1.0)
-    # balance the classes within each kind
+    # balance the classes within each kind, then weight the kinds by their size x real_weight
     for k in (0, 1):
+        n_k = (kind == k).sum()
         for c in (0, 1):
             sel = (kind == k) & (y_all == c)
             if sel.any():
-                w[sel] *= 1.0 / sel.sum()
+                w[sel] *= n_k / (2.0 * sel.sum())
     w = w / w.sum()
-    n_epoch = len(i_tr) + len(r_tr)
+    n_epoch = min(len(i_tr) + len(r_tr), cfg.samples_per_epoch) if cfg.samples_per_epoch else len(i_tr) + len(r_tr)
     steps = int(np.ceil(n_epoch / cfg.batch_size))
     total = steps * cfg.epochs
     warm = max(1, steps // 4)
@@ -410,7 +417,7 @@ def train_fold(cfg: FinetuneConfig, images: Pool, reals: Pool, held_out: Optiona
         losses = []
         for st in common.progress(range(steps), desc=f"{held_out or 'all'} epoch {epoch + 1}/{cfg.epochs}", enabled=progress):
             b = pick[st * cfg.batch_size:(st + 1) * cfg.batch_size]
-            v = rng.integers(0, cfg.variants, len(b))
+            v = np.where(kind[b] == 0, rng.integers(0, cfg.image_variants, len(b)), rng.integers(0, cfg.variants, len(b)))
             f = np.empty((len(b),) + images.feats_aug.shape[2:], np.float32)
             m = np.empty((len(b), 1) + images.masks_aug.shape[2:], np.float32)
             for j, (s, vv) in enumerate(zip(b, v)):
@@ -540,12 +547,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--variants", type=int, default=FinetuneConfig.variants)
     ap.add_argument("--real-weight", type=float, default=FinetuneConfig.real_weight)
     ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+    ap.add_argument("--samples-per-epoch", type=int, default=FinetuneConfig.samples_per_epoch)
     ap.add_argument("--threads", type=int, default=FinetuneConfig.threads)
     ap.add_argument("--masks-dir", default="runs/masks")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     cfg = FinetuneConfig(data_root=a.data_root, work_dir=a.work_dir, epochs=a.epochs, variants=a.variants,
-                         real_weight=a.real_weight, lr=a.lr, threads=a.threads)
+                         real_weight=a.real_weight, lr=a.lr, threads=a.threads,
+                         samples_per_epoch=a.samples_per_epoch)
     prog = not a.no_progress
     if a.cmd == "validate-hu":
         from ..bundle import load_bundle
