@@ -200,3 +200,30 @@ def test_evaluate_series_per_row_bundle_and_per_series_slices(tmp_path: Path) ->
     (tmp_path / "bad.csv").write_text("path,label,bundle\na,covid,nowhere\n")
     with pytest.raises(ConfigError, match="not a bundle folder"):
         read_series_rows(tmp_path / "bad.csv")
+
+
+def test_hu_image_input_matches_the_runtime_builder() -> None:
+    """``--render hu``: one real 8-bit image, grey->HU estimated, re-rendered; checked against
+    ``sdk.volume.resample.classifier_inputs`` on the letterboxed estimated-HU image."""
+    import onnxruntime as ort
+
+    from sdk.bundle import load_bundle
+    from sdk.evaluate import hu_image_input, image_lung_mask
+    from sdk.train.data import load_grey
+    from sdk.train.hu_estimate import estimate_hu_map, grey_to_hu, letterbox_hu
+    from sdk.volume.resample import classifier_inputs
+
+    index = shared_path("images_index.csv")
+    with index.open(newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["source"] == "ucsd-covid-ct")
+    b = load_bundle()
+    grey = load_grey(index.parent / row["path"])
+    mask = image_lung_mask(grey, ort.InferenceSession(str(b.lungs_path), providers=["CPUExecutionProvider"]))
+    x, reason = hu_image_input(grey, mask, 224, b.window)
+    est = estimate_hu_map(grey, mask)
+    if not est.ok:
+        assert x is None and reason == est.reason
+        return
+    hu, m = letterbox_hu(grey_to_hu(grey, est), mask)
+    ref = classifier_inputs(hu[None].astype(np.float64), m[None], [0], size=224, window=b.window)[0]
+    np.testing.assert_allclose(x, ref, atol=2e-4)
