@@ -445,7 +445,7 @@ def train_fold(cfg: FinetuneConfig, images: Pool, reals: Pool, held_out: Optiona
     torch.save(ckpt, out_dir / "best.pt")
     np.savez(out_dir / "predictions.npz", p_img=p_img, p_real=p_real)
     res = {"held_out": held_out, "threshold": threshold, "history": history, "seconds": round(time.perf_counter() - t0, 1),
-           "train_images": int(len(i_tr)), "train_real_slices": int(len(r_tr)),
+           "train_images": int(len(i_tr)), "train_real_slices": int(len(r_tr)) if cfg.real_weight > 0 else 0,
            "val_auc": common.roc_auc(images.y[va], p_img[va]),
            "test_auc": common.roc_auc(images.y[images.group == "test"], p_img[images.group == "test"])}
     if held_out:
@@ -548,13 +548,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--real-weight", type=float, default=FinetuneConfig.real_weight)
     ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
     ap.add_argument("--samples-per-epoch", type=int, default=FinetuneConfig.samples_per_epoch)
+    ap.add_argument("--freeze-stages", type=int, default=FinetuneConfig.freeze_stages)
     ap.add_argument("--threads", type=int, default=FinetuneConfig.threads)
     ap.add_argument("--masks-dir", default="runs/masks")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     cfg = FinetuneConfig(data_root=a.data_root, work_dir=a.work_dir, epochs=a.epochs, variants=a.variants,
                          real_weight=a.real_weight, lr=a.lr, threads=a.threads,
-                         samples_per_epoch=a.samples_per_epoch)
+                         samples_per_epoch=a.samples_per_epoch, freeze_stages=a.freeze_stages)
     prog = not a.no_progress
     if a.cmd == "validate-hu":
         from ..bundle import load_bundle

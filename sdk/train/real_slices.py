@@ -101,10 +101,14 @@ class RealSeries:
 def _slice_labels(spec: RealSeriesSpec, n_slices: int) -> np.ndarray:
     if spec.labels_file is None or spec.labels_row is None:
         return np.zeros(n_slices, np.int64)
+    # LEAD NOTE (17:40, from the opacity helper's check, see /work/wt-classifier/LEAD_NOTE_LABELS.md):
+    # the label rows run head -> feet (InstanceNumber order), ctsdk's volume runs feet -> head
+    # (ascending slice location): reverse them. As stored, P001's RUL lies below its RLL, and the
+    # within-series ground-glass AUC is 0.31 as stored vs 0.96 reversed (cap001: 0.33 vs 0.83).
     lab = np.asarray(np.load(spec.labels_file)[spec.labels_row]).astype(np.int64).reshape(-1)
     if lab[n_slices:].any():
         raise ConfigError(f"{spec.labels_file}: row {spec.labels_row} labels slices beyond the series' {n_slices} slices")
-    return lab[:n_slices]
+    return lab[:n_slices][::-1].copy()
 
 
 def load_real_series(spec: RealSeriesSpec, size: int = 224, lung_method: str = "auto") -> RealSeries:
