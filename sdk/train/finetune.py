@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -241,21 +241,20 @@ def _render(hu: np.ndarray, mask: np.ndarray, rng: Optional[np.random.Generator]
 
 
 def _frozen_features(model: Any, x: np.ndarray, n_frozen: int) -> np.ndarray:
+    """Stem + the first ``n_frozen`` stages of ``model`` on inputs ``x`` -> float16 features."""
     import torch
-    import torch.nn.functional as F
 
     with torch.inference_mode():
-        t = torch.from_numpy(x)
-        t = (t - model.mean) / model.std
+        t = (torch.from_numpy(x) - model.mean) / model.std
         bb = model.backbone
         f = bb.forward_stem(t)
         for i in range(n_frozen):
             f = bb.blocks[i](f)
-        del F
         return f.numpy().astype(np.float16)
 
 
 def _trainable_forward(model: Any, f: Any, mask: Any, n_frozen: int) -> Any:
+    """The rest of the network from cached features: stages ``n_frozen``.., head conv, head."""
     import torch.nn.functional as F
 
     bb = model.backbone
