@@ -120,11 +120,13 @@ def test_evaluate_images_cli_matches_independent_scoring(tmp_path: Path) -> None
         w.writeheader()
         w.writerows(pick)
     cmd = [sys.executable, "-c", "from sdk.cli import main; main()", "evaluate", "--images", str(small),
-           "--data-root", str(index.parent), "--n-bootstrap", "50", "--out", str(tmp_path / "out"), "--cases", "--json"]
+           "--data-root", str(index.parent), "--render", "8bit", "--n-bootstrap", "50", "--out", str(tmp_path / "out"),
+           "--cases", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
     assert d["overall"]["n"] == 6 and d["overall"]["n_pos"] == sum(r["label"] == "covid" for r in pick)
+    assert d["input"]["render"] == "8bit"
     assert set(d["per_source"]) == {"ucsd-covid-ct", "mosmed-midslices"}
     assert (tmp_path / "out" / "roc_images.png").is_file()
     c = sum(d["overall"]["confusion"].values())
