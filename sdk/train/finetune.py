@@ -39,7 +39,7 @@ from . import data as D
 from . import hu_estimate as H
 from . import real_slices as R
 
-__all__ = ["fold_bundle", "export_checkpoint", "FinetuneConfig", "prepare_images", "prepare_real", "validate_hu", "train_fold", "run_loso", "load_bundle_weights"]
+__all__ = ["build_hu_bundle", "fold_bundle", "export_checkpoint", "FinetuneConfig", "prepare_images", "prepare_real", "validate_hu", "train_fold", "run_loso", "load_bundle_weights"]
 
 _REPO = Path(__file__).resolve().parents[2]
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -537,9 +537,105 @@ def fold_bundle(checkpoint: Path, out_dir: Path, name: str, parity: Optional[np.
     return out_dir
 
 
+def build_hu_bundle(out: Path, export_dir: Path, checkpoint: Path, card: Path, metrics: Optional[Path] = None,
+                    version: str = "0.2.0", base: Optional[str] = None) -> Path:
+    """The shipped bundle (``base``) with the HU-trained classifier files of ``export_dir``
+    (``classifier_fp32/fp16/int8.onnx`` + ``calibration_report.json``), its slice threshold,
+    ``image_render: hu``, the INT8 verdict, ``metrics`` (JSON) and ``card`` as MODEL_CARD.md -
+    assembled with :func:`sdk.bundle.write_bundle` (sha256 of every file in the manifest)."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from ..bundle import load_bundle, write_bundle
+
+    b = load_bundle(base)
+    staging = Path(tempfile.mkdtemp(prefix="ctsdk-bundle-"))      # sources must live outside ``out``
+    files = {}
+    for k, f in b.files.items():
+        if f.role in ("classifier", "card"):
+            continue
+        shutil.copyfile(b.root / f.path, staging / f.path)
+        files[k] = (str(staging / f.path), f.role, f.precision)
+    for prec in ("fp32", "fp16", "int8"):
+        src = Path(export_dir) / f"classifier_{prec}.onnx"
+        if src.is_file():
+            files[f"classifier_{prec}"] = (str(src), "classifier", prec)
+    shutil.copyfile(card, staging / "MODEL_CARD.md")
+    files["model_card"] = (str(staging / "MODEL_CARD.md"), "card", "")
+    meta = json.loads(json.dumps(b.manifest))
+    meta["version"] = version
+    meta["description"] = ("Chest-CT series triage, non_covid vs covid: 2D lung U-Net, EfficientNet-Lite0 with lung-mask-weighted "
+                           "GAP trained on HU re-renderings of the 2D images (grey->HU estimated per image), XGBoost over 20 slice "
+                           "groups. Research use only - not for diagnosis.")
+    meta["image_render"] = "hu"
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    meta.setdefault("thresholds", {})["slice"] = float(ck["threshold"])
+    meta["thresholds"]["slice_rule"] = "Youden J on the val split (HU re-rendered images)"
+    for d in meta.get("training_data", []):
+        if d["name"] in ("ucsd-covid-ct", "sarscov2-ctscan-soares", "mosmed-midslices") and "HU re-rendered" not in d["use"]:
+            d["use"] += "; HU re-rendered (grey->HU estimated from anatomy; images it cannot estimate dropped)"
+        if d["name"] == "covid-ct-md sample series":
+            d["use"] = "evaluation only (the shipped classifier never saw them)"
+    meta.setdefault("provenance", {})["classifier"] = (f"{Path(checkpoint).parent} (python -m sdk.train.finetune final "
+                                                       "--real-weight 0: from the 0.1.0 classifier, conv_head + head fine-tuned "
+                                                       "on HU re-rendered images)")
+    report = Path(export_dir) / "calibration_report.json"
+    meta.pop("int8", None)
+    if "classifier_int8" in files and report.is_file():
+        cal = json.loads(report.read_text())
+        sp = cal.get("speed", {})
+        meta["provenance"]["int8"] = f"{export_dir} (ctsdk calibrate --render hu)"
+        meta["int8"] = {"passed": cal["passed"], "method": cal["chosen"]["method"], "auc_delta": cal["chosen"]["auc_delta"],
+                        "top1_agreement": cal["chosen"]["top1_agreement"],
+                        "extra_excluded_layers": cal["chosen"].get("extra_excluded", 0), "criteria": cal["criteria"],
+                        "speedup": sp.get("batch32", {}).get("speedup"), "speedup_batch1": sp.get("batch1", {}).get("speedup"),
+                        "note": f"{report}: ctsdk calibrate --render hu (HU re-rendered images)"}
+    if metrics is not None:
+        meta["metrics"] = json.loads(Path(metrics).read_text())
+    write_bundle(out, files, meta, overwrite=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return Path(out)
+
+
+def bundle_metrics(eval_json: Path, base_metrics: Dict[str, Any], work_dir: Path) -> Dict[str, Any]:
+    """The manifest's ``metrics`` from ``ctsdk evaluate --series ... --images ... --json`` output,
+    the paired comparison and the LOSO summary (``runs/hu``), keeping the lung U-Net's numbers."""
+    ev = json.loads(Path(eval_json).read_text())
+    s, i = ev["series"], ev["images"]
+    keys = ("n", "n_pos", "n_neg", "threshold", "auc", "sensitivity", "specificity", "accuracy", "confusion", "ci95")
+
+    def slim(m: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: m[k] for k in keys if k in m}
+
+    cmd = ("ctsdk evaluate --series runs/hu/series_all.csv --images docs/data/splits.csv --split test "
+           "--data-root ../shared/data --out runs/hu/eval_new --json")
+    loso = json.loads((Path(work_dir) / "loso" / "loso.json").read_text())
+    return {
+        "test_images_slice_level": {"command": cmd, "render": i["input"].get("render"), "excluded": len(i["excluded"]),
+                                    "overall": slim(i["overall"]), "per_source": {k: slim(v) for k, v in i["per_source"].items()}},
+        "covid_ct_md_series": {"command": cmd, "excluded": s["excluded"],
+                               "cases": [{k: c[k] for k in ("path", "label", "predicted", "p_covid", "mean_slice_p_covid", "n_slices")}
+                                         for c in s["cases"]],
+                               "slice_level": {k: slim(v) for k, v in s["slice_level"].items() if isinstance(v, dict) and "auc" in v},
+                               "note": "no series was seen in training: held-out for all three"},
+        "real_slices_paired_vs_0_1_0": json.loads((Path(work_dir) / "paired_new_vs_old.json").read_text()),
+        "loso_trained_with_real_slices_not_shipped": {"command": "python -m sdk.train.finetune loso", "pooled_auc": loso["pooled"]["auc"],
+                                                       "pooled_auc_ci95": loso["pooled"]["auc_ci95"]},
+        "lung_unet_seg2d_test_dice_mean": base_metrics.get("lung_unet_seg2d_test_dice_mean"),
+        "aggregator_simulated_bags": {"note": "0.1.0 numbers, measured with the 0.1.0 classifier's scores; not re-measured",
+                                      **{k: v for k, v in (base_metrics.get("aggregator_simulated_bags") or {}).items() if k != "note"}},
+    }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m sdk.train.finetune")
-    ap.add_argument("cmd", choices=["validate-hu", "prepare", "features", "loso", "final", "baseline", "fold-bundles"])
+    ap.add_argument("cmd", choices=["validate-hu", "prepare", "features", "loso", "final", "baseline", "fold-bundles", "bundle",
+                                    "compare-real"])
+    ap.add_argument("--out", default="", help="bundle: output folder (e.g. sdk/bundles/default)")
+    ap.add_argument("--eval-json", default="", help="bundle: `ctsdk evaluate --series ... --images ... --json` output "
+                    "(the manifest's metrics are made from it, runs/hu/paired_new_vs_old.json and runs/hu/loso/loso.json)")
     ap.add_argument("--data-root", default="")
     ap.add_argument("--work-dir", default="runs/hu")
     ap.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
@@ -550,11 +646,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--freeze-stages", type=int, default=FinetuneConfig.freeze_stages)
     ap.add_argument("--threads", type=int, default=FinetuneConfig.threads)
     ap.add_argument("--masks-dir", default="runs/masks")
+    ap.add_argument("--bundle", default="", help="initial weights (and the frozen layers): this bundle's FP32 classifier; "
+                    "default the shipped one. The 0.2.0 classifier was trained from 0.1.0 (git c3af4ec:sdk/bundles/default)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     cfg = FinetuneConfig(data_root=a.data_root, work_dir=a.work_dir, epochs=a.epochs, variants=a.variants,
                          real_weight=a.real_weight, lr=a.lr, threads=a.threads,
-                         samples_per_epoch=a.samples_per_epoch, freeze_stages=a.freeze_stages)
+                         samples_per_epoch=a.samples_per_epoch, freeze_stages=a.freeze_stages, bundle=a.bundle)
     prog = not a.no_progress
     if a.cmd == "validate-hu":
         from ..bundle import load_bundle
@@ -563,6 +661,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         (Path(cfg.work_dir) / "validate_hu.json").write_text(json.dumps(res, indent=2) + "\n")
         res = {k: v for k, v in res.items() if k != "cases"}
     elif a.cmd == "prepare":
+        if not D.mask_cache_path(a.masks_dir).is_file():   # lung masks of every image, from the bundle's U-Net
+            from ..bundle import load_bundle
+            from .classifier import build_mask_cache
+
+            build_mask_cache(D.read_splits_csv(cfg.splits_csv), cfg.root, Path(a.masks_dir), str(load_bundle(None).lungs_path), prog)
         res = {"images": prepare_images(cfg, Path(a.masks_dir), prog), "real": prepare_real(cfg)}
     elif a.cmd == "features":
         build_pools(cfg, prog)
@@ -573,6 +676,32 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     elif a.cmd == "final":
         images, reals, _ = build_pools(cfg, prog)
         res = train_fold(cfg, images, reals, None, Path(cfg.work_dir) / "final", prog)
+    elif a.cmd == "compare-real":  # the final model vs the shipped 0.1.0 weights, paired, on the real slices
+        images, reals, _ = build_pools(cfg, prog)
+        p_old = _head_predict(_base_model(cfg), reals.feats_eval, reals.masks_eval, cfg)
+        p_new = np.load(Path(cfg.work_dir) / "final" / "predictions.npz")["p_real"]
+        y, g = reals.y, reals.group
+        res = {}
+        for name, sel in (("all 425 selected slices", np.ones(len(y), bool)), ("P001 infected vs P001 clear", g == "covid-P001"),
+                          ("P001 infected vs normal001", (y == 1) | (g == "normal-normal001")),
+                          ("P001 infected vs cap001", (y == 1) | (g == "cap-cap001"))):
+            r = common.paired_bootstrap_diff(y[sel], p_new[sel], p_old[sel], common.roc_auc, 2000, 0)
+            r.update({"new": common.roc_auc(y[sel], p_new[sel]), "old": common.roc_auc(y[sel], p_old[sel])})
+            res[name] = r
+        (Path(cfg.work_dir) / "paired_new_vs_old.json").write_text(json.dumps(common._jsonable(res), indent=2))
+    elif a.cmd == "bundle":
+        if not a.out:
+            raise ConfigError("bundle needs --out FOLDER")
+        metrics = None
+        if a.eval_json:
+            from ..bundle import load_bundle
+
+            metrics = Path(cfg.work_dir) / "bundle_metrics.json"
+            metrics.write_text(json.dumps(bundle_metrics(Path(a.eval_json), load_bundle(None).manifest.get("metrics", {}),
+                                                         Path(cfg.work_dir)), indent=1))
+        out = build_hu_bundle(Path(a.out), Path(cfg.work_dir) / "export", Path(cfg.work_dir) / "final" / "best.pt",
+                              Path("docs/model_card.md"), metrics)
+        res = {"bundle": str(out)}
     elif a.cmd == "fold-bundles":
         real = R.load_real_series_cache(Path(cfg.work_dir) / "real_series.npz")
         parity = R.render_inputs(real[0].hu[::8], real[0].mask[::8], LUNG_WINDOW)
