@@ -117,6 +117,13 @@ def prepare_images(cfg: FinetuneConfig, masks_dir: Path, progress: bool = True) 
                "window_width_median": float(np.median([e[0] for e in est])),
                "air_anchor_used": float(np.mean([e[2] for e in est]))}
     (Path(cfg.work_dir) / "images_hu.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # path,split of the estimable images: `ctsdk calibrate --splits` keeps only these
+    import csv
+
+    with (Path(cfg.work_dir) / "images_hu_splits.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "split"])
+        w.writerows([r["path"], r["split"]] for r in keep)
     return summary
 
 
