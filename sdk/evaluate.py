@@ -45,6 +45,7 @@ __all__ = [
     "youden_threshold",
     "read_images_csv",
     "read_series_csv",
+    "align_slice_labels",
     "eval_image_input",
     "evaluate_images",
     "evaluate_series",
@@ -188,12 +189,38 @@ def read_series_csv(path: PathLike) -> List[Tuple[Path, str]]:
     return out
 
 
+LABEL_ORDERS = ("z", "reversed")
+
+
+def align_slice_labels(row: np.ndarray, n_slices: int, order: str = "z") -> np.ndarray:
+    """Per-slice 0/1 labels of a series of ``n_slices`` slices in our z order (ascending slice
+    location, ``Volume.z_mm``) from one label row padded beyond ``n_slices`` (e.g. to 200).
+
+    ``order="z"``: the row already runs in our z order (``row[:n]``). ``order="reversed"``: the
+    row runs the other way (head -> feet, InstanceNumber order), as COVID-CT-MD's slice-level
+    label files do (checked on anatomy: read as stored, P001's right upper lobe lies below its
+    right lower lobe) -> ``row[:n][::-1]``. The one owner of this alignment: training, the
+    domain-gap check and ``ctsdk evaluate`` all call it.
+    """
+    if order not in LABEL_ORDERS:
+        raise ConfigError(f"slice label order must be one of {LABEL_ORDERS}, not {order!r}")
+    lab = np.asarray(row).astype(np.int64).reshape(-1)
+    if lab.size < n_slices:
+        raise ConfigError(f"slice labels have {lab.size} entries for a series of {n_slices} slices")
+    if lab[n_slices:].any():
+        raise ConfigError(f"slice labels mark slices beyond the series' {n_slices} slices: wrong row or series?")
+    lab = lab[:n_slices]
+    return (lab[::-1] if order == "reversed" else lab).copy()
+
+
 def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
     """Series CSV rows with optional slice labels.
 
     Columns: ``path,label`` and, optionally, ``slice_labels`` (a ``.npy`` of per-slice 0/1 labels,
     rows = cases, columns = slices in ascending slice location, i.e. our z order; relative to the
-    CSV's folder) and ``slice_labels_row`` (the row of this series), and ``bundle`` (a bundle
+    CSV's folder) and ``slice_labels_row`` (the row of this series), ``slice_labels_order``
+    (``z`` - default - or ``reversed``: see :func:`align_slice_labels`; COVID-CT-MD's files are
+    ``reversed``), and ``bundle`` (a bundle
     folder that scores this row instead of the command's bundle - e.g. the leave-one-series-out
     fold model that never saw this series; relative to the CSV's folder). Returns dicts with
     ``path`` (Path), ``label``, ``slice_labels`` (1-D int array or None), ``bundle`` (Path or None).
@@ -211,13 +238,16 @@ def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
             if not fp.is_file() or not row.lstrip("-").isdigit():
                 raise ConfigError(f"{path}: row {p}: slice_labels {fp} must exist and slice_labels_row must be an integer")
             labels = np.asarray(np.load(fp)[int(row)]).astype(np.int64).reshape(-1)
+        order = (r.get("slice_labels_order") or "z").strip() or "z"
+        if order not in LABEL_ORDERS:
+            raise ConfigError(f"{path}: row {p}: slice_labels_order must be one of {LABEL_ORDERS}, not {order!r}")
         bundle = None
         bcol = (r.get("bundle") or "").strip()
         if bcol:
             bundle = Path(bcol) if Path(bcol).is_absolute() else path.parent / bcol
             if not (bundle / "manifest.json").is_file():
                 raise ConfigError(f"{path}: row {p}: bundle {bundle} is not a bundle folder (no manifest.json)")
-        out.append({"path": p, "label": label, "slice_labels": labels, "bundle": bundle})
+        out.append({"path": p, "label": label, "slice_labels": labels, "slice_labels_order": order, "bundle": bundle})
     return out
 
 
@@ -484,9 +514,8 @@ def evaluate_series(
         if y == 0:
             slice_y = np.zeros(idx.size, np.int64)
         elif labels is not None:
-            if idx.max() >= labels.size:
-                raise ConfigError(f"{path}: slice labels have {labels.size} entries, the series has slice {idx.max()}")
-            slice_y = labels[idx]
+            n_z = int(res.shape[0]) if res.shape else int(idx.max()) + 1
+            slice_y = align_slice_labels(labels, n_z, item.get("slice_labels_order", "z"))[idx]
         else:
             slice_y = None
         if slice_y is not None:

@@ -229,3 +229,29 @@ def test_hu_image_input_matches_the_runtime_builder() -> None:
     hu, m = letterbox_hu(grey_to_hu(grey, est), mask)
     ref = classifier_inputs(hu[None].astype(np.float64), m[None], [0], size=224, window=b.window)[0]
     np.testing.assert_allclose(x, ref, atol=2e-4)
+
+
+def test_align_slice_labels_orders_and_refusals() -> None:
+    from sdk.evaluate import align_slice_labels
+
+    row = np.zeros(200, np.int64)
+    row[[0, 1, 5]] = 1
+    np.testing.assert_array_equal(align_slice_labels(row, 6, "z"), [1, 1, 0, 0, 0, 1])
+    np.testing.assert_array_equal(align_slice_labels(row, 6, "reversed"), [1, 0, 0, 0, 1, 1])
+    with pytest.raises(ConfigError, match="beyond"):
+        align_slice_labels(row, 5, "z")          # slice 5 labelled in a 5-slice series
+    with pytest.raises(ConfigError, match="order"):
+        align_slice_labels(row, 6, "up")
+
+
+def test_covid_ct_md_labels_run_head_to_feet() -> None:
+    """COVID-CT-MD's slice labels, reversed into our z order, put P001's lobe labels in anatomical
+    order: the right upper lobe (RUL) above (higher z index than) the right lower lobe (RLL)."""
+    from sdk.evaluate import align_slice_labels
+    from sdk.train.real_slices import LABEL_ORDER
+
+    lobes = np.load(shared_path("dicom", "covid-ct-md", "labels", "Lobe-level-labels-updated-1.npy"))[0]   # (200, 5)
+    n = 148                                                                                                # P001 slices
+    rll = align_slice_labels(lobes[:, 2], n, LABEL_ORDER).nonzero()[0]       # lobes: LLL, LUL, RLL, RML, RUL
+    rul = align_slice_labels(lobes[:, 4], n, LABEL_ORDER).nonzero()[0]
+    assert rll.size and rul.size and np.median(rul) > np.median(rll)

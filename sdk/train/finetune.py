@@ -712,11 +712,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     elif a.cmd == "fold-bundles":
         real = R.load_real_series_cache(Path(cfg.work_dir) / "real_series.npz")
         parity = R.render_inputs(real[0].hu[::8], real[0].mask[::8], LUNG_WINDOW)
-        rows = ["path,label,slice_labels,slice_labels_row,bundle"]
+        rows = ["path,label,slice_labels,slice_labels_row,slice_labels_order,bundle"]
         for spec in R.covid_ct_md_specs(cfg.root):
             out = fold_bundle(Path(cfg.work_dir) / "loso" / spec.name / "best.pt", Path(cfg.work_dir) / "bundles" / spec.name,
                               f"ctsdk-loso-without-{spec.name}", parity)
-            lab = f"{spec.labels_file.resolve()},{spec.labels_row}" if spec.labels_file else ","
+            lab = f"{spec.labels_file.resolve()},{spec.labels_row},{R.LABEL_ORDER}" if spec.labels_file else ",,"
             rows.append(f"{spec.path.resolve()},{spec.label},{lab},{out.resolve()}")
         csv_path = Path(cfg.work_dir) / "loso_series.csv"
         csv_path.write_text("\n".join(rows) + "\n")

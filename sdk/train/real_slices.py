@@ -2,8 +2,10 @@
 
 The COVID-CT-MD sample series in ``shared/data/dicom/covid-ct-md`` (``covid-P001``, ``cap-cap001``,
 ``normal-normal001``) come with radiologists' slice-level infection labels
-(``labels/Slice-level-labels-updated-1.npy``: rows = labelled cases, columns = slices in
-ascending slice location; P001 is row 0, cap001 row 55; normals have no row).
+(``labels/Slice-level-labels-updated-1.npy``: rows = labelled cases, columns = slices, padded to
+200; P001 is row 0, cap001 row 55; normals have no row). The columns run head -> feet
+(InstanceNumber order), the reverse of our z order: ``sdk.evaluate.align_slice_labels`` with
+``order="reversed"``.
 
 Binary slice label for the ``non_covid`` / ``covid`` classifier: a slice of a COVID series
 labelled infected is positive (1); every other slice - a COVID slice without visible infection,
@@ -98,17 +100,19 @@ class RealSeries:
     infected: np.ndarray
 
 
+#: COVID-CT-MD's label rows run head -> feet (``sdk.evaluate.align_slice_labels``)
+LABEL_ORDER = "reversed"
+
+
 def _slice_labels(spec: RealSeriesSpec, n_slices: int) -> np.ndarray:
+    from ..evaluate import align_slice_labels
+
     if spec.labels_file is None or spec.labels_row is None:
         return np.zeros(n_slices, np.int64)
-    # LEAD NOTE (17:40, from the opacity helper's check, see /work/wt-classifier/LEAD_NOTE_LABELS.md):
-    # the label rows run head -> feet (InstanceNumber order), ctsdk's volume runs feet -> head
-    # (ascending slice location): reverse them. As stored, P001's RUL lies below its RLL, and the
-    # within-series ground-glass AUC is 0.31 as stored vs 0.96 reversed (cap001: 0.33 vs 0.83).
-    lab = np.asarray(np.load(spec.labels_file)[spec.labels_row]).astype(np.int64).reshape(-1)
-    if lab[n_slices:].any():
-        raise ConfigError(f"{spec.labels_file}: row {spec.labels_row} labels slices beyond the series' {n_slices} slices")
-    return lab[:n_slices][::-1].copy()
+    try:
+        return align_slice_labels(np.load(spec.labels_file)[spec.labels_row], n_slices, LABEL_ORDER)
+    except ConfigError as exc:
+        raise ConfigError(f"{spec.labels_file} row {spec.labels_row} ({spec.name}): {exc}") from exc
 
 
 def load_real_series(spec: RealSeriesSpec, size: int = 224, lung_method: str = "auto") -> RealSeries:
