@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..tables import read_csv_rows
+from ..volume.resample import LUNG_WINDOW  # the runtime's classifier window (one owner)
 from ..errors import ConfigError
 
 log = logging.getLogger("sdk.calibration")
@@ -222,7 +223,7 @@ class HuRenderPreprocessor(TrainingPreprocessor):
     :class:`TrainingPreprocessor`'s transform and are counted in ``mask_sources``
     (``hu_estimate_failed``); pass a CSV of estimable images to avoid them."""
 
-    window: Tuple[float, float] = (-1350.0, 150.0)
+    window: Tuple[float, float] = LUNG_WINDOW
 
     def __call__(self, rows: Sequence[Row]) -> np.ndarray:
         from ..train import data as D

@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..volume.resample import LUNG_WINDOW  # the runtime's classifier window (one owner)
 from . import common
 from . import data as D
 from . import hu_estimate as H
@@ -42,7 +43,6 @@ from . import real_slices as R
 __all__ = ["build_hu_bundle", "fold_bundle", "export_checkpoint", "FinetuneConfig", "prepare_images", "prepare_real", "validate_hu", "train_fold", "run_loso", "load_bundle_weights"]
 
 _REPO = Path(__file__).resolve().parents[2]
-LUNG_WINDOW = (-1350.0, 150.0)
 
 
 @dataclass
