@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..tables import read_csv_rows
+from ..volume.resample import LUNG_WINDOW  # the runtime's classifier window (one owner)
 from ..errors import ConfigError
 
 log = logging.getLogger("sdk.calibration")
@@ -214,6 +215,39 @@ class SimplePreprocessor:
         return out
 
 
+@dataclass
+class HuRenderPreprocessor(TrainingPreprocessor):
+    """What the HU-trained classifier sees: each 8-bit image's grey->HU map is estimated from its
+    anatomy (``sdk.train.hu_estimate``), the image is re-rendered in HU and windowed by the
+    runtime's rule (lung window, 224). Images whose map cannot be estimated fall back to
+    :class:`TrainingPreprocessor`'s transform and are counted in ``mask_sources``
+    (``hu_estimate_failed``); pass a CSV of estimable images to avoid them."""
+
+    window: Tuple[float, float] = LUNG_WINDOW
+
+    def __call__(self, rows: Sequence[Row]) -> np.ndarray:
+        from ..train import data as D
+        from ..train import hu_estimate as H
+        from ..train.real_slices import render_inputs
+
+        out = np.zeros((len(rows), 3, self.size, self.size), np.float32)
+        cache = self._masks()
+        for i, r in enumerate(rows):
+            g = D.load_grey(r.abs_path)
+            m = cache.get(r.path)
+            if m is None or m.shape != g.shape:
+                m = self._segment(g)
+            est = H.estimate_hu_map(g, m)
+            if not est.ok:
+                self.mask_sources["hu_estimate_failed"] = self.mask_sources.get("hu_estimate_failed", 0) + 1
+                out[i] = D.eval_input(g, m, self.size)
+                continue
+            self.mask_sources["hu_rendered"] = self.mask_sources.get("hu_rendered", 0) + 1
+            hu, mk = H.render_hu_image(g, m, est, self.size)
+            out[i] = render_inputs(hu[None], mk[None], self.window)[0]
+        return out
+
+
 def preprocessor(size: int = 224, mask_dir: Optional[os.PathLike] = None) -> Preprocessor:
     """Training's preprocessing (:class:`TrainingPreprocessor`) when ``sdk.train.data`` imports,
     else :class:`SimplePreprocessor` (with a warning)."""
@@ -235,4 +269,4 @@ def preprocess_batched(pre: Preprocessor, rows: Sequence[Row], batch: int = 64, 
     return np.concatenate(parts) if parts else np.zeros((0, 3, 224, 224), np.float32)
 
 
-__all__ = ["SimplePreprocessor", "TrainingPreprocessor", "Row", "composition", "load_rows", "preprocess_batched", "preprocessor", "stratified_sample"]
+__all__ = ["HuRenderPreprocessor", "SimplePreprocessor", "TrainingPreprocessor", "Row", "composition", "load_rows", "preprocess_batched", "preprocessor", "stratified_sample"]

@@ -350,32 +350,11 @@ def _positive_index(fp32_onnx: PathLike, n_classes: int) -> int:
     return n_classes - 1
 
 
-def calibrate(
-    fp32_onnx: PathLike,
-    images_csv: PathLike,
-    out: PathLike,
-    *,
-    n: int = 256,
-    method: str = "all",
-    splits_csv: Optional[Any] = "auto",
-    max_auc_drop: float = MAX_AUC_DROP,
-    min_agreement: float = MIN_AGREEMENT,
-    max_test: Optional[int] = None,
-    sensitivity_steps: int = 6,
-    exclude_per_step: int = 2,
-    bench: bool = True,
-    threads: int = 2,
-    seed: int = 0,
-    preprocess: Optional[Preprocessor] = None,
-    report_path: Optional[PathLike] = None,
-    progress: bool = True,
-) -> CalibrationReport:
-    """Calibrate ``fp32_onnx`` to an INT8 QDQ ONNX at ``out`` and report the accuracy delta.
+@dataclass
+class CalibrationOptions:
+    """How :func:`calibrate` samples, quantises, judges and reports (every field has a default).
 
-    Args:
-        fp32_onnx: the FP32 classifier (``ctsdk export``).
-        images_csv: labelled slices (format of ../shared/data/images_index.csv).
-        out: INT8 QDQ ONNX to write.
+    Attributes:
         n: calibration slices from the TRAIN split (stratified by source and class).
         method: "minmax" | "entropy" | "percentile", a comma list of them, or "all" (compare all,
             keep the best).
@@ -387,9 +366,43 @@ def calibrate(
             ``step * exclude_per_step`` backbone convolutions FP32, step = 1..sensitivity_steps,
             until the bar is met.
         bench: measure FP32 vs INT8 speed (batch 1 and 32, ``threads`` threads).
+        threads: ORT CPU threads for evaluation and timing.
+        seed: sampling seed.
         preprocess: rows -> (N, 3, S, S); default training's (see :func:`dataset.preprocessor`).
         report_path: also write the report as JSON there.
+        progress: progress bars on stderr.
     """
+
+    n: int = 256
+    method: str = "all"
+    splits_csv: Optional[Any] = "auto"
+    max_auc_drop: float = MAX_AUC_DROP
+    min_agreement: float = MIN_AGREEMENT
+    max_test: Optional[int] = None
+    sensitivity_steps: int = 6
+    exclude_per_step: int = 2
+    bench: bool = True
+    threads: int = 2
+    seed: int = 0
+    preprocess: Optional[Preprocessor] = None
+    report_path: Optional[PathLike] = None
+    progress: bool = True
+
+
+def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
+              options: Optional[CalibrationOptions] = None) -> CalibrationReport:
+    """Calibrate ``fp32_onnx`` to an INT8 QDQ ONNX at ``out`` and report the accuracy delta.
+
+    Args:
+        fp32_onnx: the FP32 classifier (``ctsdk export``).
+        images_csv: labelled slices (format of ../shared/data/images_index.csv).
+        out: INT8 QDQ ONNX to write.
+        options: :class:`CalibrationOptions` (default: all defaults).
+    """
+    o = options or CalibrationOptions()
+    n, method, splits_csv, max_auc_drop, min_agreement = o.n, o.method, o.splits_csv, o.max_auc_drop, o.min_agreement
+    max_test, sensitivity_steps, exclude_per_step, bench = o.max_test, o.sensitivity_steps, o.exclude_per_step, o.bench
+    threads, seed, preprocess, report_path, progress = o.threads, o.seed, o.preprocess, o.report_path, o.progress
     t0 = time.perf_counter()
     src, out = Path(fp32_onnx), Path(out)
     if not src.is_file():
@@ -525,5 +538,5 @@ def _rank(c: Dict[str, Any]) -> Tuple[float, float]:
     return (round(c["top1_agreement"], 6), -abs(d) if d == d else -1.0)
 
 
-__all__ = ["CalibrationError", "CalibrationReport", "METHODS", "benchmark", "calibrate", "calibrate_ranges", "compare",
+__all__ = ["CalibrationError", "CalibrationOptions", "CalibrationReport", "METHODS", "benchmark", "calibrate", "calibrate_ranges", "compare",
            "predict", "prepare", "quantize", "runtime_hints", "sensitivity"]

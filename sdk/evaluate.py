@@ -45,6 +45,7 @@ __all__ = [
     "youden_threshold",
     "read_images_csv",
     "read_series_csv",
+    "align_slice_labels",
     "eval_image_input",
     "evaluate_images",
     "evaluate_series",
@@ -188,13 +189,41 @@ def read_series_csv(path: PathLike) -> List[Tuple[Path, str]]:
     return out
 
 
+LABEL_ORDERS = ("z", "reversed")
+
+
+def align_slice_labels(row: np.ndarray, n_slices: int, order: str = "z") -> np.ndarray:
+    """Per-slice 0/1 labels of a series of ``n_slices`` slices in our z order (ascending slice
+    location, ``Volume.z_mm``) from one label row padded beyond ``n_slices`` (e.g. to 200).
+
+    ``order="z"``: the row already runs in our z order (``row[:n]``). ``order="reversed"``: the
+    row runs the other way (head -> feet, InstanceNumber order), as COVID-CT-MD's slice-level
+    label files do (checked on anatomy: read as stored, P001's right upper lobe lies below its
+    right lower lobe) -> ``row[:n][::-1]``. The one owner of this alignment: training, the
+    domain-gap check and ``ctsdk evaluate`` all call it.
+    """
+    if order not in LABEL_ORDERS:
+        raise ConfigError(f"slice label order must be one of {LABEL_ORDERS}, not {order!r}")
+    lab = np.asarray(row).astype(np.int64).reshape(-1)
+    if lab.size < n_slices:
+        raise ConfigError(f"slice labels have {lab.size} entries for a series of {n_slices} slices")
+    if lab[n_slices:].any():
+        raise ConfigError(f"slice labels mark slices beyond the series' {n_slices} slices: wrong row or series?")
+    lab = lab[:n_slices]
+    return (lab[::-1] if order == "reversed" else lab).copy()
+
+
 def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
     """Series CSV rows with optional slice labels.
 
     Columns: ``path,label`` and, optionally, ``slice_labels`` (a ``.npy`` of per-slice 0/1 labels,
     rows = cases, columns = slices in ascending slice location, i.e. our z order; relative to the
-    CSV's folder) and ``slice_labels_row`` (the row of this series). Returns dicts with ``path``
-    (Path), ``label``, ``slice_labels`` (1-D int array or None).
+    CSV's folder) and ``slice_labels_row`` (the row of this series), ``slice_labels_order``
+    (``z`` - default - or ``reversed``: see :func:`align_slice_labels`; COVID-CT-MD's files are
+    ``reversed``), and ``bundle`` (a bundle
+    folder that scores this row instead of the command's bundle - e.g. the leave-one-series-out
+    fold model that never saw this series; relative to the CSV's folder). Returns dicts with
+    ``path`` (Path), ``label``, ``slice_labels`` (1-D int array or None), ``bundle`` (Path or None).
     """
     path = Path(path)
     items = read_series_csv(path)
@@ -209,7 +238,16 @@ def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
             if not fp.is_file() or not row.lstrip("-").isdigit():
                 raise ConfigError(f"{path}: row {p}: slice_labels {fp} must exist and slice_labels_row must be an integer")
             labels = np.asarray(np.load(fp)[int(row)]).astype(np.int64).reshape(-1)
-        out.append({"path": p, "label": label, "slice_labels": labels})
+        order = (r.get("slice_labels_order") or "z").strip() or "z"
+        if order not in LABEL_ORDERS:
+            raise ConfigError(f"{path}: row {p}: slice_labels_order must be one of {LABEL_ORDERS}, not {order!r}")
+        bundle = None
+        bcol = (r.get("bundle") or "").strip()
+        if bcol:
+            bundle = Path(bcol) if Path(bcol).is_absolute() else path.parent / bcol
+            if not (bundle / "manifest.json").is_file():
+                raise ConfigError(f"{path}: row {p}: bundle {bundle} is not a bundle folder (no manifest.json)")
+        out.append({"path": p, "label": label, "slice_labels": labels, "slice_labels_order": order, "bundle": bundle})
     return out
 
 
@@ -223,6 +261,21 @@ def eval_image_input(grey01: np.ndarray, lung_mask: np.ndarray, size: int) -> np
     from .train.data import eval_input
 
     return np.asarray(eval_input(grey01, lung_mask, size), dtype=np.float32)
+
+
+def hu_image_input(grey01: np.ndarray, lung_mask: np.ndarray, size: int,
+                   window: Tuple[float, float]) -> Tuple[Optional[np.ndarray], str]:
+    """An 8-bit image as the runtime would render it from HU: the grey->HU map estimated from the
+    image's anatomy (``sdk.train.hu_estimate``), letterboxed with air, resized and windowed with
+    the runtime's rules. Returns ``(input (3, S, S), "")`` or ``(None, reason)``."""
+    from .train.hu_estimate import estimate_hu_map, render_hu_image
+    from .train.real_slices import render_inputs
+
+    est = estimate_hu_map(grey01, lung_mask)
+    if not est.ok:
+        return None, est.reason
+    hu, m = render_hu_image(grey01, lung_mask, est, size)
+    return render_inputs(hu[None], m[None], window)[0], ""
 
 
 def image_lung_mask(grey01: np.ndarray, lungs_session: Any) -> np.ndarray:
@@ -333,9 +386,16 @@ def evaluate_images(
     n_boot: int = 2000,
     seed: int = 0,
     progress: bool = True,
+    render: str = "auto",
 ) -> EvalReport:
     """Slice-level evaluation of the bundle's lung U-Net + classifier (ORT CPU, ``precision``'s
-    ONNX file) on labelled 8-bit images."""
+    ONNX file) on labelled 8-bit images.
+
+    ``render``: how an 8-bit image becomes the classifier input - ``"8bit"`` (letterbox of the grey
+    values, :func:`eval_image_input`), ``"hu"`` (grey->HU estimated from the image's anatomy and
+    re-rendered through the runtime's window, :func:`hu_image_input`; images whose map cannot be
+    estimated are listed in ``excluded``), or ``"auto"`` (the bundle manifest's
+    ``image_render``, default ``"8bit"``)."""
     from tqdm import tqdm
 
     from .bundle import Bundle, load_bundle
@@ -355,20 +415,39 @@ def evaluate_images(
     pos_idx = b.classes.index(b.positive_class)
     from .train.data import load_grey
 
-    scores = np.empty(len(rows), np.float64)
+    if render == "auto":
+        render = str(b.manifest.get("image_render", "8bit"))
+    if render not in ("8bit", "hu"):
+        raise ConfigError(f"render must be '8bit', 'hu' or 'auto', not {render!r}")
+    scores = np.full(len(rows), np.nan)
+    excluded: List[Dict[str, Any]] = []
     for i in tqdm(range(0, len(rows), batch), desc="evaluate images", unit="batch", disable=not progress):
         chunk = rows[i : i + batch]
-        x = []
-        for r in chunk:
+        x, at = [], []
+        for j, r in enumerate(chunk):
             grey = load_grey(r["abspath"])
-            x.append(eval_image_input(grey, image_lung_mask(grey, lungs), size))
-        scores[i : i + len(chunk)] = _infer(classifier, np.stack(x))["probs"][:, pos_idx]
+            mask = image_lung_mask(grey, lungs)
+            if render == "hu":
+                xi, reason = hu_image_input(grey, mask, size, b.window)
+                if xi is None:
+                    excluded.append({"path": r["path"], "label": r["label"], "reason": f"grey->HU not estimable: {reason}"})
+                    continue
+            else:
+                xi = eval_image_input(grey, mask, size)
+            x.append(xi)
+            at.append(i + j)
+        if x:
+            scores[at] = _infer(classifier, np.stack(x))["probs"][:, pos_idx]
+    keep = np.isfinite(scores)
+    rows = [r for r, k in zip(rows, keep) if k]
+    scores = scores[keep]
     y = np.asarray([is_positive(r["label"]) for r in rows], dtype=np.int64)
     sources = [r.get("source", "") or "(none)" for r in rows]
     cases = [{"path": r["path"], "label": r["label"], "source": s, "p_covid": float(p)} for r, s, p in zip(rows, sources, scores)]
     rep = _report("images", b, y, scores, sources, b.slice_threshold, cases, out, n_boot, seed)
+    rep.excluded = excluded
     rep.source = {"csv": str(csv_path), "split": split, "data_root": None if data_root is None else str(data_root),
-                  "n": len(rows), "runtime": classifier.info.to_dict()}
+                  "n": len(rows) + len(excluded), "render": render, "runtime": classifier.info.to_dict()}
     rep.wall_s = time.perf_counter() - t0
     _write(rep)
     return rep
@@ -394,14 +473,26 @@ def evaluate_series(
     items = read_series_rows(csv_path)
     triage = Triage(bundle, device=device, precision=precision, heatmaps=False)
     b = triage.bundle
+    per_row: Dict[str, Any] = {}
+
+    def triage_for(row_bundle: Optional[Path]) -> Any:
+        if row_bundle is None:
+            return triage
+        key = str(Path(row_bundle).resolve())
+        if key not in per_row:
+            per_row[key] = Triage(row_bundle, device=device, precision=precision, heatmaps=False)
+        return per_row[key]
+
     ys, ps, sources, cases, excluded = [], [], [], [], []
     sl_p: List[float] = []
     sl_y: List[int] = []
     sl_in_pos_series: List[bool] = []
+    sl_case: List[int] = []
     for item in tqdm(items, desc="evaluate series", unit="series", disable=not progress):
         path, label, labels = item["path"], item["label"], item["slice_labels"]
+        tri = triage_for(item.get("bundle"))
         try:
-            res = triage.run(path)
+            res = tri.run(path)
         except CtsdkError as exc:
             excluded.append({"path": str(path), "label": label, "error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -415,6 +506,7 @@ def evaluate_series(
         sources.append(label)
         slice_p = np.array([s.probabilities[b.positive_class] for s in res.slice_scores])
         case = {"path": str(path), "label": label, "predicted": res.label, "p_covid": float(p),
+                "bundle": f"{tri.bundle.name} {tri.bundle.version} ({tri.bundle.root})",
                 "mean_slice_p_covid": float(slice_p.mean()), "n_slices": len(res.slice_scores),
                 "lung_volume_ml": res.lung_volume_ml, "total_ms": res.timings_ms.get("total")}
         # slice level: every slice of a negative series is negative; a positive series needs labels
@@ -422,25 +514,36 @@ def evaluate_series(
         if y == 0:
             slice_y = np.zeros(idx.size, np.int64)
         elif labels is not None:
-            if idx.max() >= labels.size:
-                raise ConfigError(f"{path}: slice labels have {labels.size} entries, the series has slice {idx.max()}")
-            slice_y = labels[idx]
+            n_z = int(res.shape[0]) if res.shape else int(idx.max()) + 1
+            slice_y = align_slice_labels(labels, n_z, item.get("slice_labels_order", "z"))[idx]
         else:
             slice_y = None
         if slice_y is not None:
             sl_p.extend(slice_p.tolist())
             sl_y.extend(int(v) for v in slice_y)
             sl_in_pos_series.extend([bool(y)] * idx.size)
+            sl_case.extend([len(cases)] * idx.size)
             case["slices_labelled_positive"] = int(slice_y.sum())
+            if 0 < slice_y.sum() < slice_y.size:
+                case["slice_auc_within_series"] = auc(slice_y, slice_p)
         cases.append(case)
     if not ys:
         raise ConfigError(f"{csv_path}: no eligible series to evaluate ({len(excluded)} excluded)")
     rep = _report("series", b, np.asarray(ys), np.asarray(ps), sources, b.threshold, cases, out, n_boot, seed)
     rep.per_source = {k: v for k, v in rep.per_source.items()}  # per original label
     rep.excluded = excluded
-    rep.source = {"csv": str(csv_path), "n": len(items), "runtime": triage.runtime}
+    rep.source = {"csv": str(csv_path), "n": len(items), "runtime": triage.runtime,
+                  "per_row_bundles": sorted(per_row)}
     rep.slice_level = _slice_level(np.asarray(sl_y), np.asarray(sl_p), np.asarray(sl_in_pos_series, bool),
                                    b.slice_threshold, n_boot, seed)
+    if rep.slice_level:
+        rep.slice_level["per_series"] = _slice_per_series(cases, np.asarray(sl_y), np.asarray(sl_p), np.asarray(sl_case),
+                                                          b.slice_threshold, n_boot, seed)
+        if out is not None and "labelled_positive_vs_all_other" in rep.slice_level:
+            m = rep.slice_level["labelled_positive_vs_all_other"]
+            rep.files["roc_slices_png"] = str(plot_roc({"slices": (*roc_curve(np.asarray(sl_y), np.asarray(sl_p))[:2], m["auc"])},
+                                                       Path(out) / "roc_series_slices.png",
+                                                       title=f"{b.name} {b.version}: slices of the series"))
     rep.wall_s = time.perf_counter() - t0
     _write(rep)
     return rep
@@ -463,6 +566,23 @@ def _slice_level(y: np.ndarray, p: np.ndarray, in_pos: np.ndarray, threshold: fl
         m = in_pos
         out["within_positive_series"] = binary_metrics(y[m], p[m], threshold, n_boot=n_boot, seed=seed)
     out["note"] = "selected slices only; positives = labelled-infected slices of covid series; slices are correlated, CIs optimistic"
+    return out
+
+
+def _slice_per_series(cases: List[Dict[str, Any]], y: np.ndarray, p: np.ndarray, case_of: np.ndarray, threshold: float,
+                      n_boot: int, seed: int) -> Dict[str, Any]:
+    """Per series: its slices' mean P(covid), share above the slice threshold, and - when it has
+    both labels - the within-series slice AUC with its bootstrap CI."""
+    out: Dict[str, Any] = {}
+    for i, c in enumerate(cases):
+        sel = case_of == i
+        if not sel.any():
+            continue
+        d: Dict[str, Any] = {"n": int(sel.sum()), "n_pos": int(y[sel].sum()), "mean_p_covid": float(p[sel].mean()),
+                             "share_at_or_above_threshold": float((p[sel] >= threshold).mean())}
+        if 0 < y[sel].sum() < sel.sum():
+            d["within_series"] = binary_metrics(y[sel], p[sel], threshold, n_boot=n_boot, seed=seed)
+        out[Path(c["path"]).name] = d
     return out
 
 

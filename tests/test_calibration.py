@@ -185,8 +185,11 @@ def test_calibrate_report_matches_independent_evaluation(fp32_model, image_csv, 
     from sdk.calibration.quantize import calibrate, predict
 
     report_path = tmp_path / "report.json"
-    rep = calibrate(fp32_model, image_csv, tmp_path / "tiny_int8.onnx", n=16, splits_csv=None, method="minmax,percentile", bench=False,
-                    preprocess=SimplePreprocessor(64), sensitivity_steps=1, progress=False, report_path=report_path)
+    from sdk.calibration.quantize import CalibrationOptions
+
+    opts = CalibrationOptions(n=16, splits_csv=None, method="minmax,percentile", bench=False, preprocess=SimplePreprocessor(64),
+                              sensitivity_steps=1, progress=False, report_path=report_path)
+    rep = calibrate(fp32_model, image_csv, tmp_path / "tiny_int8.onnx", opts)
     assert report_path.is_file() and (tmp_path / "tiny_int8.onnx").is_file()
     assert rep.calibration["n"] == 16 and set(rep.calibration["composition"]) <= {"ucsd-covid-ct/covid", "ucsd-covid-ct/non-covid"}
     assert set(rep.methods) == {"minmax", "percentile"}   # entropy: same code path, ~100x slower (ORT's KL search)
@@ -220,6 +223,7 @@ def test_calibrate_cli_json(fp32_model, image_csv, tmp_path):
                         "--n", "8", "--method", "minmax", "--splits", "none", "--no-bench", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode in (0, 1), r.stderr          # 1 = written but below the accuracy bar
+    assert r.stdout.strip(), r.stderr[-3000:]
     d = json.loads(r.stdout)                          # stdout is exactly one JSON object
     assert d["int8_onnx"] == str(out) and out.is_file() and d["calibration"]["n"] == 8
     assert r.returncode == (0 if d["passed"] else 1)

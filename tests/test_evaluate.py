@@ -95,10 +95,10 @@ def test_csv_readers(tmp_path: Path) -> None:
     assert read_series_csv(tmp_path / "s.csv") == [(tmp_path / "series1", "covid"), (Path("/abs/series2"), "cap")]
 
 
-def test_cli_needs_exactly_one_input() -> None:
+def test_cli_needs_an_input() -> None:
     r = subprocess.run([sys.executable, "-c", "from sdk.cli import main; main(['evaluate', '--json'])"],
                        capture_output=True, text=True, cwd=SDK_HOME)
-    assert r.returncode == 2 and "exactly one" in r.stderr
+    assert r.returncode == 2 and "give --images CSV, --series CSV, or both" in r.stderr
 
 
 def test_evaluate_images_cli_matches_independent_scoring(tmp_path: Path) -> None:
@@ -120,11 +120,13 @@ def test_evaluate_images_cli_matches_independent_scoring(tmp_path: Path) -> None
         w.writeheader()
         w.writerows(pick)
     cmd = [sys.executable, "-c", "from sdk.cli import main; main()", "evaluate", "--images", str(small),
-           "--data-root", str(index.parent), "--n-bootstrap", "50", "--out", str(tmp_path / "out"), "--cases", "--json"]
+           "--data-root", str(index.parent), "--render", "8bit", "--n-bootstrap", "50", "--out", str(tmp_path / "out"),
+           "--cases", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
     assert d["overall"]["n"] == 6 and d["overall"]["n_pos"] == sum(r["label"] == "covid" for r in pick)
+    assert d["input"]["render"] == "8bit"
     assert set(d["per_source"]) == {"ucsd-covid-ct", "mosmed-midslices"}
     assert (tmp_path / "out" / "roc_images.png").is_file()
     c = sum(d["overall"]["confusion"].values())
@@ -165,3 +167,92 @@ def test_evaluate_series_on_phantoms(tmp_path: Path) -> None:
     assert sl["n"] == a["n_slices"] + b["n_slices"]
     assert sl["n_pos"] == a["slices_labelled_positive"] <= 10
     assert (tmp_path / "out" / "evaluation_series.json").is_file()
+
+
+def test_evaluate_series_per_row_bundle_and_per_series_slices(tmp_path: Path) -> None:
+    """A ``bundle`` column routes its row to that bundle (leave-one-series-out evaluation); the
+    per-series slice block is checked against an independent AUC; a missing bundle is refused."""
+    from sdk.bundle import load_bundle, write_bundle
+    from sdk.evaluate import evaluate_series, read_series_rows
+    from sdk.phantom import write_phantom_series
+
+    base = load_bundle()
+    files = {k: (str(base.root / f.path), f.role, f.precision) for k, f in base.files.items() if k != "classifier_int8"}
+    meta = dict(base.manifest, name="ctsdk-fold-test")
+    write_bundle(tmp_path / "fold", files, meta)
+    write_phantom_series(tmp_path / "a", n_slices=32, size=64, spacing=(2.5, 4.0, 4.0), ground_glass=True, seed=1)
+    write_phantom_series(tmp_path / "b", n_slices=32, size=64, spacing=(2.5, 4.0, 4.0), seed=2)
+    labels = np.zeros((1, 200), np.int64)
+    labels[0, 8:20] = 1
+    np.save(tmp_path / "labels.npy", labels)
+    (tmp_path / "series.csv").write_text("path,label,slice_labels,slice_labels_row,bundle\n"
+                                         "a,covid,labels.npy,0,fold\nb,normal,,,\n")
+    rep = evaluate_series(tmp_path / "series.csv", n_boot=20, out=tmp_path / "out", progress=False)
+    d = rep.to_dict()
+    a, b = d["cases"]
+    assert "ctsdk-fold-test" in a["bundle"] and base.name in b["bundle"] and "ctsdk-fold-test" not in b["bundle"]
+    assert d["input"]["per_row_bundles"] == [str((tmp_path / "fold").resolve())]
+    per = d["slice_level"]["per_series"]
+    assert set(per) == {"a", "b"} and per["b"]["n_pos"] == 0 and "within_series" not in per["b"]
+    if 0 < per["a"]["n_pos"] < per["a"]["n"]:
+        w = per["a"]["within_series"]
+        assert a["slice_auc_within_series"] == pytest.approx(w["auc"])
+    sl = d["slice_level"]["labelled_positive_vs_all_other"]
+    assert sl["n"] == per["a"]["n"] + per["b"]["n"]
+    assert (tmp_path / "out" / "roc_series_slices.png").is_file()
+    (tmp_path / "bad.csv").write_text("path,label,bundle\na,covid,nowhere\n")
+    with pytest.raises(ConfigError, match="not a bundle folder"):
+        read_series_rows(tmp_path / "bad.csv")
+
+
+def test_hu_image_input_matches_the_runtime_builder() -> None:
+    """``--render hu``: one real 8-bit image, grey->HU estimated, re-rendered; checked against
+    ``sdk.volume.resample.classifier_inputs`` on the letterboxed estimated-HU image."""
+    import onnxruntime as ort
+
+    from sdk.bundle import load_bundle
+    from sdk.evaluate import hu_image_input, image_lung_mask
+    from sdk.train.data import load_grey
+    from sdk.train.hu_estimate import estimate_hu_map, grey_to_hu, letterbox_hu
+    from sdk.volume.resample import classifier_inputs
+
+    index = shared_path("images_index.csv")
+    with index.open(newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["source"] == "ucsd-covid-ct")
+    b = load_bundle()
+    grey = load_grey(index.parent / row["path"])
+    mask = image_lung_mask(grey, ort.InferenceSession(str(b.lungs_path), providers=["CPUExecutionProvider"]))
+    x, reason = hu_image_input(grey, mask, 224, b.window)
+    est = estimate_hu_map(grey, mask)
+    if not est.ok:
+        assert x is None and reason == est.reason
+        return
+    hu, m = letterbox_hu(grey_to_hu(grey, est), mask)
+    ref = classifier_inputs(hu[None].astype(np.float64), m[None], [0], size=224, window=b.window)[0]
+    np.testing.assert_allclose(x, ref, atol=2e-4)
+
+
+def test_align_slice_labels_orders_and_refusals() -> None:
+    from sdk.evaluate import align_slice_labels
+
+    row = np.zeros(200, np.int64)
+    row[[0, 1, 5]] = 1
+    np.testing.assert_array_equal(align_slice_labels(row, 6, "z"), [1, 1, 0, 0, 0, 1])
+    np.testing.assert_array_equal(align_slice_labels(row, 6, "reversed"), [1, 0, 0, 0, 1, 1])
+    with pytest.raises(ConfigError, match="beyond"):
+        align_slice_labels(row, 5, "z")          # slice 5 labelled in a 5-slice series
+    with pytest.raises(ConfigError, match="order"):
+        align_slice_labels(row, 6, "up")
+
+
+def test_covid_ct_md_labels_run_head_to_feet() -> None:
+    """COVID-CT-MD's slice labels, reversed into our z order, put P001's lobe labels in anatomical
+    order: the right upper lobe (RUL) above (higher z index than) the right lower lobe (RLL)."""
+    from sdk.evaluate import align_slice_labels
+    from sdk.train.real_slices import LABEL_ORDER
+
+    lobes = np.load(shared_path("dicom", "covid-ct-md", "labels", "Lobe-level-labels-updated-1.npy"))[0]   # (200, 5)
+    n = 148                                                                                                # P001 slices
+    rll = align_slice_labels(lobes[:, 2], n, LABEL_ORDER).nonzero()[0]       # lobes: LLL, LUL, RLL, RML, RUL
+    rul = align_slice_labels(lobes[:, 4], n, LABEL_ORDER).nonzero()[0]
+    assert rll.size and rul.size and np.median(rul) > np.median(rll)

@@ -42,18 +42,25 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--max-test", type=int, default=None, help="Cap on test slices (stratified); default all.")
 @click.option("--threads", type=int, default=2, show_default=True, help="ORT CPU threads for evaluation and timing.")
 @click.option("--no-bench", is_flag=True, help="Skip the FP32 vs INT8 speed measurement.")
+@click.option("--render", type=click.Choice(["8bit", "hu"]), default="8bit", show_default=True,
+              help="How images become inputs: '8bit' = the 8-bit letterbox transform; 'hu' = grey->HU estimate, "
+                   "re-rendered through the runtime's window (for a classifier trained on HU renderings).")
 @json_option
 @handle_errors
 def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: str, splits_csv: Optional[str],
-              report_path: Optional[str], max_test: Optional[int], threads: int, no_bench: bool, as_json: bool) -> None:
+              report_path: Optional[str], max_test: Optional[int], threads: int, no_bench: bool, render: str, as_json: bool) -> None:
     """Quantise a classifier to INT8 (QDQ, per-channel, U8 activations / S8 weights) with
     calibration slices from the train split, compare MinMax / Entropy / Percentile on the test
     split, and report AUC/accuracy delta, top-1 agreement and the speed ratio. Exit 1 when the
     INT8 model misses the accuracy bar (the file is still written, marked by the report)."""
+    from ..calibration.dataset import HuRenderPreprocessor
+    from ..calibration.quantize import CalibrationOptions
     from ..calibration.quantize import calibrate as run
 
-    report = run(onnx_path, images_csv, out_path, n=n, method=method, splits_csv=None if splits_csv == "none" else splits_csv, max_test=max_test,
-                 bench=not no_bench, threads=threads, report_path=report_path, progress=not as_json)
+    opts = CalibrationOptions(n=n, method=method, splits_csv=None if splits_csv == "none" else splits_csv, max_test=max_test,
+                              bench=not no_bench, threads=threads, report_path=report_path, progress=not as_json,
+                              preprocess=HuRenderPreprocessor() if render == "hu" else None)
+    report = run(onnx_path, images_csv, out_path, opts)
     emit(report.to_dict(), as_json, _human)
     if not report.passed:
         sys.exit(1)

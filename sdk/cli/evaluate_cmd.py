@@ -28,11 +28,20 @@ def _human(d: Dict[str, Any]) -> str:
              "overall: " + _fmt(d["overall"])]
     for s, m in d["per_source"].items():
         lines.append(f"  {s}: " + _fmt(m))
+    for c in d.get("cases", []) if d["kind"] == "series" else []:
+        lines.append(f"  series {c['path']}: truth {c['label']}, decision {c['predicted']} (P(covid) {c['p_covid']:.3f})")
     for k, m in d.get("slice_level", {}).items():
-        if isinstance(m, dict):
+        if isinstance(m, dict) and "confusion" in m:
             lines.append(f"slice level, {k}: " + _fmt(m))
-    for e in d.get("excluded", []):
+    for name, m in d.get("slice_level", {}).get("per_series", {}).items():
+        within = m.get("within_series")
+        extra = f"; within-series {_fmt(within)}" if within else ""
+        lines.append(f"  slices of {name}: n={m['n']} (pos {m['n_pos']}), mean P(covid) {m['mean_p_covid']:.3f}{extra}")
+    excluded = d.get("excluded", [])
+    for e in excluded[:5]:
         lines.append(f"excluded: {e}")
+    if len(excluded) > 5:
+        lines.append(f"... {len(excluded) - 5} more excluded (see --json / --out)")
     for k, v in d.get("files", {}).items():
         lines.append(f"{k}: {v}")
     return "\n".join(lines)
@@ -53,6 +62,9 @@ def _human(d: Dict[str, Any]) -> str:
               help="Write the ROC PNG and the full JSON report (with per-case scores) here.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="Which of the bundle's classifier files to evaluate (ONNX Runtime CPU).")
+@click.option("--render", type=click.Choice(["auto", "8bit", "hu"]), default="auto", show_default=True,
+              help="With --images: '8bit' letterbox of the grey values, 'hu' = grey->HU estimate re-rendered through the "
+                   "runtime's window (images it cannot estimate are excluded and listed), 'auto' = the bundle's choice.")
 @click.option("--n-bootstrap", type=int, default=2000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (images mode).")
@@ -60,20 +72,30 @@ def _human(d: Dict[str, Any]) -> str:
 @json_option
 @handle_errors
 def evaluate(images_csv: Optional[str], split: Optional[str], data_root: Optional[str], series_csv: Optional[str],
-             bundle_path: Optional[str], out_dir: Optional[str], precision: str, n_bootstrap: int, seed: int, threads: Optional[int],
+             bundle_path: Optional[str], out_dir: Optional[str], precision: str, render: str, n_bootstrap: int, seed: int,
+             threads: Optional[int],
              cases: bool, as_json: bool) -> None:
-    """Evaluate a bundle on labelled images (slice level) or series (patient level)."""
+    """Evaluate a bundle on labelled images (slice level), series (patient + slice level), or both.
+
+    A series CSV may name a bundle per row (column ``bundle``): use it to score every series with
+    the leave-one-series-out model that never saw it."""
     from ..errors import ConfigError
     from ..evaluate import evaluate_images, evaluate_series
 
-    if (images_csv is None) == (series_csv is None):
-        raise ConfigError("give exactly one of --images CSV or --series CSV")
-    if series_csv is not None and (split or data_root):
-        raise ConfigError("--split and --data-root apply to --images only")
-    if images_csv is not None:
-        rep = evaluate_images(images_csv, bundle_path, split=split, data_root=data_root, out=out_dir,
-                              threads=threads, precision=precision, n_boot=n_bootstrap, seed=seed, progress=not as_json)
-    else:
+    if images_csv is None and series_csv is None:
+        raise ConfigError("give --images CSV, --series CSV, or both (the series report beside the image split)")
+    reports = {}
+    if series_csv is not None:
         rep = evaluate_series(series_csv, bundle_path, out=out_dir, device="cpu", precision=precision,
                               n_boot=n_bootstrap, seed=seed, progress=not as_json)
-    emit(rep.to_dict(with_cases=cases), as_json, _human)
+        # series decisions are always printed: 3-10 rows, the point of a series evaluation
+        reports["series"] = rep.to_dict(with_cases=True)
+    if images_csv is not None:
+        rep = evaluate_images(images_csv, bundle_path, split=split, data_root=data_root, out=out_dir,
+                              threads=threads, precision=precision, n_boot=n_bootstrap, seed=seed, progress=not as_json,
+                              render=render)
+        reports["images"] = rep.to_dict(with_cases=cases)
+    if len(reports) == 1:
+        emit(next(iter(reports.values())), as_json, _human)
+    else:
+        emit({"kind": "series+images", **reports}, as_json, lambda d: _human(d["series"]) + "\n\n" + _human(d["images"]))

@@ -447,7 +447,10 @@ def evaluate_covid_ct_md(checkpoint: str, data_root: Optional[str] = None, lung_
         scores[name] = (idx, p)
         out[name] = {"n_slices": int(vol.hu.shape[0]), "lung_slices": int(len(idx)), "lung_method": getattr(seg, "method", lung_method),
                      "mean_p_covid": float(p.mean()) if len(p) else float("nan")}
-    lab = np.load(labels_file)[0]
+    from ..evaluate import align_slice_labels
+    from .real_slices import LABEL_ORDER
+
+    lab = align_slice_labels(np.load(labels_file)[0], out["covid-P001"]["n_slices"], LABEL_ORDER)
     idx_c, p_c = scores["covid-P001"]
     inf = lab[idx_c] == 1
     idx_n, p_n = scores["normal-normal001"]
@@ -457,6 +460,7 @@ def evaluate_covid_ct_md(checkpoint: str, data_root: Optional[str] = None, lung_
     y2 = inf.astype(np.int64)
     out["p001_infected_vs_clear"] = common.binary_report(y2, p_c, threshold, n_boot)
     out["p001_labelled_infected_slices"] = int((lab == 1).sum())
+    out["slice_label_order"] = LABEL_ORDER
     return out
 
 
