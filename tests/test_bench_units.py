@@ -166,3 +166,18 @@ def test_fresh_process_peak_rss_does_not_inherit_the_parents() -> None:
     assert 5.0 < child < 300.0, child
     assert peak_rss_mb() >= rss_mb() - 1.0
     del ballast
+
+
+def test_naive_paper_baseline_runs_the_papers_pipeline(tmp_path) -> None:
+    """naive-paper: 3D U-Net on the volume zoomed to 128^3 and ResNet-50 on EVERY slice, eager."""
+    pytest.importorskip("torch", reason="torch is not installed (the naive baselines run PyTorch eager)")
+    from sdk.bench.pipelines import make_driver
+    from sdk.phantom import write_phantom_series
+
+    write_phantom_series(tmp_path / "s", n_slices=10, size=64)
+    drv = make_driver("naive-paper", None, 1)
+    drv.setup()
+    ms, summary = drv.run(str(tmp_path / "s"))
+    assert summary["n_classified"] == summary["n_slices"] == 10
+    assert "3D U-Net" in drv.info["segmenter"] and drv.info["classifier"]["model"] == "resnet50_mgap"
+    assert ms["lungs"] > 0 and ms["classify"] > 0 and ms["resample"] > 0

@@ -57,6 +57,10 @@ class NaiveConfig:
         volume_size: also zoom the whole volume to this cube (e.g. 128 for a 3D segmenter's
             input); None (default) because the product's default segmenter works on slices.
         threads: torch intra-op threads (0 = torch's default).
+        segmenter3d: the paper's lung segmentation instead of the 2D U-Net: the volume zoomed to
+            ``volume_size``^3 (SciPy), ``unet3d_lung`` in torch eager, the mask zoomed back.
+        classify_all: classify every slice (paper 000's pipeline as issue 15 measures it), not only
+            the slices with lung pixels.
     """
 
     classifier: str = "effnet_lite0_mgap"
@@ -69,6 +73,8 @@ class NaiveConfig:
     size: int = 224
     volume_size: Optional[int] = None
     threads: int = 0
+    segmenter3d: bool = False
+    classify_all: bool = False
 
 
 def list_dicom_files(source: SourceLike) -> List[str]:
@@ -151,7 +157,8 @@ class NaivePipeline:
     def _build_classifier(self) -> Any:
         from ..models import create_model
 
-        ckpt = self.config.classifier_weights or self._bundle_checkpoint()
+        # the bundle's checkpoint is the default classifier's; another architecture runs with its own or random weights
+        ckpt = self.config.classifier_weights or (self._bundle_checkpoint() if self.config.classifier == "effnet_lite0_mgap" else None)
         model, note = None, "no classifier checkpoint here"
         if ckpt is not None and ckpt.is_file():
             from ..models.classifier import load_checkpoint
@@ -184,6 +191,14 @@ class NaivePipeline:
 
     def _build_segmenter(self) -> Any:
         torch = self._torch
+        if self.config.segmenter3d:
+            from ..models import create_model
+
+            torch.manual_seed(0)
+            net = create_model("unet3d_lung").eval()
+            self._notes["segmenter"] = (f"3D U-Net (unet3d_lung, random weights: the cost reference) in torch eager on the "
+                                        f"volume zoomed to {self.config.volume_size}^3 with SciPy, mask zoomed back with SciPy")
+            return net
         ckpt = _find_checkpoint(self.config.segmenter_weights, REPO / "runs" / "seg", ["unet2d_lung.pt"])
         if ckpt is None or not ckpt.is_file():
             self._notes["segmenter"] = ("HU threshold + connected components (SciPy, full resolution): no U-Net "
@@ -248,7 +263,7 @@ class NaivePipeline:
         eligible, reasons = self._eligibility(slices[0][0], hu, z)
         ms["eligibility"] = (clock() - t) * 1e3
 
-        if self.config.volume_size:
+        if self.config.volume_size and not self.config.segmenter3d:
             t = clock()
             from scipy import ndimage as ndi
 
@@ -260,7 +275,7 @@ class NaivePipeline:
 
         t = clock()
         area = mask.reshape(mask.shape[0], -1).sum(axis=1)
-        selected = np.flatnonzero(area > 0)
+        selected = np.arange(mask.shape[0]) if self.config.classify_all else np.flatnonzero(area > 0)
         ms["select"] = (clock() - t) * 1e3
 
         probs = self._classify(hu, mask, selected, ms)
@@ -311,6 +326,8 @@ class NaivePipeline:
     def _segment(self, hu: np.ndarray, ms: Dict[str, float]) -> np.ndarray:
         """(Z, Y, X) uint8 lung mask at full resolution, one slice at a time."""
         clock = time.perf_counter
+        if self.config.segmenter3d:
+            return self._segment3d(hu, ms)
         if self._seg is None:
             t = clock()
             mask = threshold_lungs(hu)
@@ -334,6 +351,26 @@ class NaivePipeline:
                 t2 = clock()
                 ms["resample"] += (t1 - t) * 1e3
                 ms["lungs"] += (t2 - t1) * 1e3
+        return mask
+
+    def _segment3d(self, hu: np.ndarray, ms: Dict[str, float]) -> np.ndarray:
+        """Paper 000's way, naively: zoom the volume to n^3, 3D U-Net in torch eager, zoom back."""
+        from scipy import ndimage as ndi
+
+        clock = time.perf_counter
+        n = int(self.config.volume_size or 128)
+        lo, hi = self.config.seg_window
+        t = clock()
+        cube = window01(ndi.zoom(hu, (n / hu.shape[0], n / hu.shape[1], n / hu.shape[2]), order=1, grid_mode=True, mode="nearest"), lo, hi)
+        t1 = clock()
+        with self._torch.no_grad():
+            logits = self._seg(self._torch.from_numpy(cube[None, None].astype(np.float32))).numpy()[0, 0]
+        t2 = clock()
+        back = ndi.zoom(logits, (hu.shape[0] / n, hu.shape[1] / n, hu.shape[2] / n), order=1, grid_mode=True, mode="nearest")
+        mask = (back > 0).astype(np.uint8)
+        t3 = clock()
+        ms["resample"] += ((t1 - t) + (t3 - t2)) * 1e3
+        ms["lungs"] += (t2 - t1) * 1e3
         return mask
 
     def _classify(self, hu: np.ndarray, mask: np.ndarray, selected: np.ndarray, ms: Dict[str, float]) -> np.ndarray:

@@ -52,6 +52,8 @@ class RuntimeSpec:
 
 RUNTIMES: Dict[str, RuntimeSpec] = {
     "naive": RuntimeSpec("naive", "naive", "fp32", "PyTorch eager FP32, pydicom one file at a time, scipy.ndimage.zoom, one slice at a time"),
+    "naive-paper": RuntimeSpec("naive-paper", "naive", "fp32", "paper 000 naively (issue 15's naive pipeline): pydicom one file at a "
+                               "time, SciPy zoom to 128^3, 3D U-Net and ResNet-50 on every slice in PyTorch eager FP32"),
     "ort-fp32": RuntimeSpec("ort-fp32", "cpu", "fp32", "sdk.Triage on ONNX Runtime CPU, FP32"),
     "ort-int8": RuntimeSpec("ort-int8", "cpu", "int8", "sdk.Triage on ONNX Runtime CPU, INT8 QDQ classifier"),
     "ort-cuda-fp16": RuntimeSpec("ort-cuda-fp16", "cuda", "fp16", "sdk.Triage on ONNX Runtime CUDA EP, FP16 classifier"),
@@ -172,6 +174,9 @@ class NaiveDriver(Driver):
         from .naive import NaiveConfig, NaivePipeline
 
         cfg = NaiveConfig(bundle=self.bundle, threads=self.threads or 0)
+        if self.spec.name == "naive-paper":
+            cfg = NaiveConfig(bundle=self.bundle, threads=self.threads or 0, classifier="resnet50_mgap",
+                              segmenter3d=True, volume_size=128, classify_all=True)
         self._pipe = NaivePipeline(cfg)
         self._pipe.setup()
         self.info = {"runtime": {"backend": "torch", "provider": "eager", "precision": "fp32", "device": "cpu"},
