@@ -392,7 +392,7 @@ def test_one_uid_two_geometries_is_split(tmp_path):
 @pytest.mark.parametrize("syntax", ["j2k", "explicit"])
 def test_every_decode_mode_is_bit_identical(tmp_path, syntax):
     """serial, threads and forked processes write the same HU, bit for bit (the processes write
-    into a shared mapping), and ``auto`` picks processes for a compressed series only."""
+    into a shared mapping), and ``auto`` picks threads (no fork by default)."""
     try:
         write_phantom_series(tmp_path, n_slices=N, size=S, spacing=SP, transfer_syntax=syntax, noise_hu=20)
     except MissingDependencyError as exc:
@@ -406,7 +406,7 @@ def test_every_decode_mode_is_bit_identical(tmp_path, syntax):
         assert vol.files == ref.files and vol.warnings == ref.warnings
         assert set(t) == {"scan", "decode", "hu", "geometry"}
         forked = _in_shared_mapping(vol.hu)          # only the processes mode allocates one
-        assert forked == (mode == "processes" or (mode == "auto" and syntax == "j2k"))
+        assert forked == (mode == "processes")
 
 
 def _load_in_child(folder: str) -> bytes:

@@ -211,8 +211,8 @@ def test_covid19_ny_sbu_mixed_folders_choose_axial():
 
 @pytest.mark.slow
 def test_covid_parallel_decode_is_bit_identical_to_serial():
-    """covid-P001 (148 JPEG Lossless slices): the default load decodes in forked processes where
-    os.fork exists; its HU equal the serial path's bit for bit."""
+    """covid-P001 (148 JPEG Lossless slices): decoding in forked processes (where os.fork exists)
+    gives the serial path's HU bit for bit."""
     folder = str(shared_path("dicom", "covid-ct-md", "covid-P001"))
     from test_io_phantom import _in_shared_mapping
 

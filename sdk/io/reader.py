@@ -23,7 +23,7 @@ from ..errors import (
 from ..volume.core import SeriesMeta, Volume
 from . import geometry as geo
 from . import parallel
-from .decoders import NATIVE_SYNTAXES, decode_pixels, syntax_name
+from .decoders import decode_pixels, syntax_name
 
 log = logging.getLogger("sdk.io")
 
@@ -764,17 +764,17 @@ class DecodeStats:
 
 
 def _decode_mode(slices: List[_Slice], mode: str, n: int) -> str:
-    """``auto``: forked processes for compressed series of >= 8 planes (the JPEG decoders hold the
-    GIL, see sdk.io.parallel), threads otherwise (native pixel data is mostly I/O and NumPy)."""
+    """``auto``: threads. Forked processes (``decode="processes"``) get around the GIL that the
+    JPEG decoders hold (sdk.io.parallel), but on 2 cores they measured no faster than threads for
+    covid-P001 (median of 5 fresh loads: serial 1.58 s, threads 1.37 s, processes 1.62 s;
+    docs/benchmarks/ingest.md), and forking a process that already runs ONNX Runtime / CUDA threads
+    (an integrator's application) is not a safe default. Opt in where cores are many."""
     if mode not in DECODE_MODES:
         raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
     if mode != "auto":
         return mode
     if n <= 1 or len(slices) < 4:
         return "serial"
-    compressed = any(s.syntax not in NATIVE_SYNTAXES for s in slices)
-    if compressed and len(slices) >= 8 and parallel.can_fork():
-        return "processes"
     return "threads"
 
 
