@@ -273,9 +273,7 @@ def measure_opacity(
     label_map = ggo.view(np.uint8) * np.uint8(GGO)
     label_map[consolidation] = CONSOLIDATION
     # 4. zones: one histogram over (lung side, upper, peripheral, label) of the analysed voxels
-    upper, peripheral = _zones(lb, superior_is_high_z)
-    code = (lb.astype(np.int32) * 4 + upper.view(np.uint8) * 2 + peripheral.view(np.uint8)) * 3 + label_map
-    hist = np.bincount(code[analysed], minlength=3 * 4 * 3).reshape(3, 2, 2, 3)  # side, upper, periph, label
+    hist = _zone_histogram(lb, label_map, analysed, superior_is_high_z)  # side, upper, periph, label
     per_lung = {name: _stats(hist[v], ml) for name, v in (("left", LEFT), ("right", RIGHT))}
     per_zone = {"upper": _stats(hist[:, 1], ml), "lower": _stats(hist[:, 0], ml),
                 "peripheral": _stats(hist[:, :, 1], ml), "central": _stats(hist[:, :, 0], ml)}
@@ -312,27 +310,44 @@ def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) 
             part[part == v] = 0
 
 
-def _zones(lb: np.ndarray, superior_is_high_z: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """(upper, peripheral) boolean maps on the working grid (rules in the module docstring).
+def _zone_histogram(lb: np.ndarray, label_map: np.ndarray, analysed: np.ndarray,
+                    superior_is_high_z: bool) -> np.ndarray:
+    """(side, upper, peripheral, label) = (3, 2, 2, 3) voxel counts of the analysed lung (zones in
+    the module docstring).
 
-    Both are per-(lung, slice) thresholds looked up with one gather: ``table[label, z]``."""
+    *Upper* depends only on (lung, slice), so it is applied per run of slices (at most 3) instead of
+    per voxel; *peripheral* compares the 2D depth with that (lung, slice)'s threshold on a signed
+    depth map (right lung negated), so both lungs' per-slice maxima come from one max and one min."""
     import cv2
 
     nz = lb.shape[0]
     zi = np.arange(nz)
-    left, right = lb == LEFT, lb == RIGHT
     up = np.zeros((3, nz), bool)
-    for v, m in ((LEFT, left), (RIGHT, right)):
-        zs = np.nonzero(m.any(axis=(1, 2)))[0]
+    for v in (LEFT, RIGHT):
+        zs = np.nonzero((lb == v).any(axis=(1, 2)))[0]
         if zs.size:
             mid = 0.5 * (zs[0] + zs[-1])
             up[v] = zi > mid if superior_is_high_z else zi < mid
-    upper = (left & up[LEFT][:, None, None]) | (right & up[RIGHT][:, None, None])
     # depth = 2D distance to the lung boundary; peripheral = outer third of that slice's deepest point
-    dist = _tall(lambda im: cv2.distanceTransform(im, cv2.DIST_L2, 3), (lb > 0).view(np.uint8))
-    thr = [np.where(m, dist, 0.0).max(axis=(1, 2)) / 3.0 for m in (left, right)]
-    peripheral = (left & (dist <= thr[0][:, None, None])) | (right & (dist <= thr[1][:, None, None]))
-    return upper, peripheral
+    d = _tall(lambda im: cv2.distanceTransform(im, cv2.DIST_L2, 3), (lb > 0).view(np.uint8))
+    np.negative(d, out=d, where=lb == RIGHT)
+    thr_left = d.max(axis=(1, 2)) / 3.0            # float32, as the per-lung maxima of the depth
+    thr_right = -d.min(axis=(1, 2)) / 3.0
+    periph = (d <= thr_left[:, None, None]) & (d >= -thr_right[:, None, None])
+    # code 1 + (side, peripheral, label) for analysed voxels, 0 elsewhere (uint8: one byte a voxel)
+    code = lb * np.uint8(6)
+    code += periph.view(np.uint8) * np.uint8(3)
+    code += label_map
+    code += 1
+    code *= analysed.view(np.uint8)
+    hist = np.zeros((3, 2, 2, 3), np.int64)
+    key = up[LEFT].view(np.uint8) * 2 + up[RIGHT].view(np.uint8)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(key)) + 1, [nz]))
+    for a, b in zip(starts[:-1], starts[1:]):
+        counts = np.bincount(code[a:b].ravel(), minlength=19)[1:19].reshape(3, 2, 3)
+        for v in (LEFT, RIGHT):
+            hist[v, int(up[v, a])] += counts[v]
+    return hist
 
 
 def _pattern(consolidation: np.ndarray, lb: np.ndarray, hist: np.ndarray, per_lung: Dict[str, Dict[str, float]],
@@ -351,14 +366,18 @@ def _pattern(consolidation: np.ndarray, lb: np.ndarray, hist: np.ndarray, per_lu
         # components on a 2x coarser in-plane grid (2x2 max pooling: 4x less work, consolidation
         # is at least vessel_width wide so no component is lost), sizes counted at full grid
         nzb, nyb, nxb = cons.shape
-        pooled = np.zeros((nzb, (nyb + 1) // 2 * 2, (nxb + 1) // 2 * 2), bool)
-        pooled[:, :nyb, :nxb] = cons
-        pooled = pooled.reshape(nzb, pooled.shape[1] // 2, 2, pooled.shape[2] // 2, 2).any(axis=(2, 4))
-        coarse, n_comp = ndimage.label(pooled, structure=np.ones((3, 3, 3), bool))
-        cc = np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2)[:, :nyb, :nxb] * cons
-        sizes = np.bincount(cc.ravel(), minlength=n_comp + 1)[1:]
+        padded = np.zeros((nzb, (nyb + 1) // 2 * 2, (nxb + 1) // 2 * 2), np.uint8)
+        padded[:, :nyb, :nxb] = cons
+        quads = (padded[:, 0::2, 0::2], padded[:, 1::2, 0::2], padded[:, 0::2, 1::2], padded[:, 1::2, 1::2])
+        count = quads[0] + quads[1] + quads[2] + quads[3]      # consolidation voxels per coarse cell
+        coarse, n_comp = ndimage.label(count > 0, structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(coarse.ravel(), weights=count.ravel(), minlength=n_comp + 1)[1:]
         k = int(np.argmax(sizes)) + 1
-        which = np.bincount(lb[box][cc == k], minlength=3)[1:]
+        padded[:, :nyb, :nxb] &= lb[box] == LEFT              # left-lung consolidation voxels
+        left_count = quads[0] + quads[1] + quads[2] + quads[3]
+        in_k = coarse == k
+        n_left = int(left_count[in_k].sum())
+        which = (n_left, int(count[in_k].sum()) - n_left)
         side = LEFT if which[0] >= which[1] else RIGHT
         lung_n = float(hist[side].sum())
         largest = _frac(sizes[k - 1], lung_n)
