@@ -232,7 +232,7 @@ def measure_opacity(
         raise ConfigError(f"voxel spacing must be positive, got {tuple(spacing_mm)}")
     # the in-plane stride, then the lung bounding box on that grid (no pass over the native grid)
     s = max(1, int(round(config.target_pixel_mm / min(dy, dx))))
-    sub = lab[:, ::s, ::s]
+    sub = np.ascontiguousarray(lab[:, ::s, ::s])   # one strided read; every later pass is contiguous
     rows_any = sub.any(axis=2)                      # (z, y): one pass over the sampled grid
     zs = np.nonzero(rows_any.any(axis=1))[0]
     if zs.size == 0:
@@ -344,10 +344,25 @@ def _zone_histogram(lb: np.ndarray, label_map: np.ndarray, analysed: np.ndarray,
     key = up[LEFT].view(np.uint8) * 2 + up[RIGHT].view(np.uint8)
     starts = np.concatenate(([0], np.flatnonzero(np.diff(key)) + 1, [nz]))
     for a, b in zip(starts[:-1], starts[1:]):
-        counts = np.bincount(code[a:b].ravel(), minlength=19)[1:19].reshape(3, 2, 3)
+        counts = _count_codes(code[a:b], 19)[1:].reshape(3, 2, 3)
         for v in (LEFT, RIGHT):
             hist[v, int(up[v, a])] += counts[v]
     return hist
+
+
+def _count_codes(codes: np.ndarray, n: int) -> np.ndarray:
+    """``np.bincount(codes.ravel(), minlength=n)`` of a contiguous uint8 (z, rows, cols) array with
+    values < n, by OpenCV's 8-bit histogram (no cast to 64-bit indices). Its float32 bins are exact
+    below 2**24, so the slices are counted in chunks of fewer voxels than that."""
+    import cv2
+
+    nz, rows, cols = codes.shape
+    step = max(1, (1 << 23) // max(1, rows * cols))
+    total = np.zeros(n, np.int64)
+    for a in range(0, nz, step):
+        part = codes[a:a + step].reshape(-1, cols)
+        total += cv2.calcHist([part], [0], None, [n], [0, n]).ravel().astype(np.int64)
+    return total
 
 
 def _pattern(consolidation: np.ndarray, lb: np.ndarray, hist: np.ndarray, per_lung: Dict[str, Dict[str, float]],
@@ -371,7 +386,8 @@ def _pattern(consolidation: np.ndarray, lb: np.ndarray, hist: np.ndarray, per_lu
         quads = (padded[:, 0::2, 0::2], padded[:, 1::2, 0::2], padded[:, 0::2, 1::2], padded[:, 1::2, 1::2])
         count = quads[0] + quads[1] + quads[2] + quads[3]      # consolidation voxels per coarse cell
         coarse, n_comp = ndimage.label(count > 0, structure=np.ones((3, 3, 3), bool))
-        sizes = np.bincount(coarse.ravel(), weights=count.ravel(), minlength=n_comp + 1)[1:]
+        occupied = coarse > 0
+        sizes = np.bincount(coarse[occupied], weights=count[occupied], minlength=n_comp + 1)[1:]
         k = int(np.argmax(sizes)) + 1
         padded[:, :nyb, :nxb] &= lb[box] == LEFT              # left-lung consolidation voxels
         left_count = quads[0] + quads[1] + quads[2] + quads[3]
