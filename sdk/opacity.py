@@ -246,29 +246,37 @@ def measure_opacity(
     # OpenCV call handles all slices and a kernel of radius <= pad never mixes two of them
     pad = max(3, int(np.ceil(config.vessel_width_mm / 2.0 / min(py, px))) + 1)
     nz, rows, cols = z1 - z0, y1 - y0, x1 - x0
-    h = np.full((nz, rows + pad, cols), -1000, hu.dtype)
-    h[:, :rows] = hu[z0:z1, ::s, ::s][:, y0:y1, x0:x1]
     lb = np.zeros((nz, rows + pad, cols), np.uint8)
     lb[:, :rows] = sub[z0:z1, y0:y1, x0:x1]
     if lab.dtype == bool or lb.max(initial=0) <= 1:  # a binary mask: split at the x centroid
         lb = _split_lr(lb > 0)
     _trim_ends(lb, superior_is_high_z, config)
+    # every rule below is per slice: slices the trimming emptied are dropped (they count nothing)
+    kept = np.nonzero(lb.reshape(nz, -1).max(axis=1))[0]
+    if kept.size:
+        lb = lb[kept[0]:kept[-1] + 1]
+        z0, z1 = z0 + kept[0], z0 + kept[-1] + 1
+        nz = z1 - z0
+    h = np.full((nz, rows + pad, cols), -1000, hu.dtype)
+    h[:, :rows] = hu[z0:z1, ::s, ::s][:, y0:y1, x0:x1]
     lung = lb > 0
+    t = _HuThresholds(h.dtype, config)
 
     # 1. airways: in-lung air at least airway_width_mm wide (survives an opening with that square)
-    air = (lung & (h < config.air_hu)).view(np.uint8)
+    air = (lung & (h < t.air)).view(np.uint8)
     a_px = max(1, int(round(config.airway_width_mm / min(py, px))))
     airway = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)), air).view(bool)
-    analysed = lung & ~airway
+    analysed = lung ^ airway                                   # airway is inside the lung
     # 2. dense: opening with the vessel-width disk keeps consolidation, the rest is vessels
-    dense = analysed & (h > config.dense_hu)
+    dense = analysed & (h > t.dense)
     r_px = max(1, int(round(config.vessel_width_mm / 2.0 / min(py, px))))
     opened = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, _disk(r_px)), dense.view(np.uint8)).view(bool)
-    consolidation = opened & (h <= config.consolidation_max_hu)
-    vessels = dense & ~opened
+    consolidation = opened & (h <= t.consolidation_max)
+    vessels = dense ^ opened                                   # an opening lies inside its input
     # 3. ground glass, minus a one-pixel rim around vessels and airways, minus single pixels
     rim = _tall(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)), (vessels | airway).view(np.uint8)).view(bool)
-    ggo = analysed & (h >= config.ggo_lo_hu) & ~dense & ~rim
+    ggo = np.greater(analysed & (h >= t.ggo_lo), rim)          # a & ~rim
+    ggo &= h <= t.dense                                         # analysed & ~dense
     ggo = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), ggo.view(np.uint8)).view(bool)
     label_map = ggo.view(np.uint8) * np.uint8(GGO)
     label_map[consolidation] = CONSOLIDATION
@@ -292,6 +300,28 @@ def measure_opacity(
         config={k: float(v) for k, v in asdict(config).items()},
         label_map=full, origin=(int(y0) * s, int(x0) * s), native_shape=tuple(int(v) for v in hu.shape),
     )
+
+
+class _HuThresholds:
+    """The config's HU thresholds as values of the volume's dtype: for integer HU, ``h < t`` is
+    ``h < ceil(t)`` and ``h <= t`` is ``h <= floor(t)`` exactly, and the comparison stays in the
+    integer type (a Python float would cast every voxel to float64)."""
+
+    def __init__(self, dtype: np.dtype, config: OpacityConfig) -> None:
+        self.air = self._conv(dtype, config.air_hu, np.ceil)                  # h < air
+        self.dense = self._conv(dtype, config.dense_hu, np.floor)             # h > dense, h <= dense
+        self.consolidation_max = self._conv(dtype, config.consolidation_max_hu, np.floor)  # h <= max
+        self.ggo_lo = self._conv(dtype, config.ggo_lo_hu, np.ceil)            # h >= lo
+
+    @staticmethod
+    def _conv(dtype: np.dtype, value: float, rounding: Any) -> Any:
+        if not np.issubdtype(dtype, np.integer):
+            return float(value)      # float HU: the comparison as before
+        info = np.iinfo(dtype)
+        v = float(rounding(value))
+        if info.min <= v <= info.max:
+            return dtype.type(v)
+        return float(value)          # out of the dtype's range: keep the exact (slower) float test
 
 
 def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) -> None:
