@@ -364,34 +364,33 @@ def _zone_histogram(lb: np.ndarray, label_map: np.ndarray, analysed: np.ndarray,
     thr_left = d.max(axis=(1, 2)) / 3.0            # float32, as the per-lung maxima of the depth
     thr_right = -d.min(axis=(1, 2)) / 3.0
     periph = (d <= thr_left[:, None, None]) & (d >= -thr_right[:, None, None])
-    # code 1 + (side, peripheral, label) for analysed voxels, 0 elsewhere (uint8: one byte a voxel)
-    code = lb * np.uint8(6)
-    code += periph.view(np.uint8) * np.uint8(3)
-    code += label_map
-    code += 1
-    code *= analysed.view(np.uint8)
+    # (side, peripheral, label) counts of the analysed voxels, per run of slices with one `up` row
     hist = np.zeros((3, 2, 2, 3), np.int64)
     key = up[LEFT].view(np.uint8) * 2 + up[RIGHT].view(np.uint8)
     starts = np.concatenate(([0], np.flatnonzero(np.diff(key)) + 1, [nz]))
     for a, b in zip(starts[:-1], starts[1:]):
-        counts = _count_codes(code[a:b], 19)[1:].reshape(3, 2, 3)
+        counts = _joint_counts((lb[a:b], periph[a:b].view(np.uint8), label_map[a:b]), (3, 2, 3),
+                               analysed[a:b].view(np.uint8))
         for v in (LEFT, RIGHT):
             hist[v, int(up[v, a])] += counts[v]
     return hist
 
 
-def _count_codes(codes: np.ndarray, n: int) -> np.ndarray:
-    """``np.bincount(codes.ravel(), minlength=n)`` of a contiguous uint8 (z, rows, cols) array with
-    values < n, by OpenCV's 8-bit histogram (no cast to 64-bit indices). Its float32 bins are exact
-    below 2**24, so the slices are counted in chunks of fewer voxels than that."""
+def _joint_counts(images: Tuple[np.ndarray, ...], bins: Tuple[int, ...], mask: np.ndarray) -> np.ndarray:
+    """Joint histogram of small non-negative uint8 (z, rows, cols) maps over the voxels where
+    ``mask`` is nonzero (value v of map i in bin v, values < bins[i]): the ``np.bincount`` of the
+    combined code, by OpenCV's 8-bit histogram (no code array, no cast to 64-bit indices). Its
+    float32 bins are exact below 2**24, so the slices are counted in chunks of fewer voxels."""
     import cv2
 
-    nz, rows, cols = codes.shape
+    nz, rows, cols = mask.shape
     step = max(1, (1 << 23) // max(1, rows * cols))
-    total = np.zeros(n, np.int64)
+    total = np.zeros(bins, np.int64)
+    ranges = [r for n in bins for r in (0, n)]
     for a in range(0, nz, step):
-        part = codes[a:a + step].reshape(-1, cols)
-        total += cv2.calcHist([part], [0], None, [n], [0, n]).ravel().astype(np.int64)
+        parts = [np.ascontiguousarray(im[a:a + step]).reshape(-1, cols) for im in images]
+        m = np.ascontiguousarray(mask[a:a + step]).reshape(-1, cols)
+        total += cv2.calcHist(parts, list(range(len(parts))), m, list(bins), ranges).astype(np.int64)
     return total
 
 
