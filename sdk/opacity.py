@@ -250,11 +250,12 @@ def measure_opacity(
     lb[:, :rows] = sub[z0:z1, y0:y1, x0:x1]
     if lab.dtype == bool or lb.max(initial=0) <= 1:  # a binary mask: split at the x centroid
         lb = _split_lr(lb > 0)
-    _trim_ends(lb, superior_is_high_z, config)
+    present = _trim_ends(lb, superior_is_high_z, config)
     # every rule below is per slice: slices the trimming emptied are dropped (they count nothing)
     kept = np.nonzero(lb.reshape(nz, -1).max(axis=1))[0]
     if kept.size:
         lb = lb[kept[0]:kept[-1] + 1]
+        present = present[:, kept[0]:kept[-1] + 1]
         z0, z1 = z0 + kept[0], z0 + kept[-1] + 1
         nz = z1 - z0
     h = np.full((nz, rows + pad, cols), -1000, hu.dtype)
@@ -278,10 +279,10 @@ def measure_opacity(
     ggo = np.greater(analysed & (h >= t.ggo_lo), rim)          # a & ~rim
     ggo &= h <= t.dense                                         # analysed & ~dense
     ggo = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), ggo.view(np.uint8)).view(bool)
-    label_map = ggo.view(np.uint8) * np.uint8(GGO)
-    label_map[consolidation] = CONSOLIDATION
+    label_map = consolidation.view(np.uint8) * np.uint8(CONSOLIDATION)   # disjoint: ggo is not dense
+    label_map |= ggo.view(np.uint8)
     # 4. zones: one histogram over (lung side, upper, peripheral, label) of the analysed voxels
-    hist = _zone_histogram(lb, label_map, analysed, superior_is_high_z)  # side, upper, periph, label
+    hist = _zone_histogram(lb, present, label_map, analysed, superior_is_high_z)  # side, upper, periph, label
     per_lung = {name: _stats(hist[v], ml) for name, v in (("left", LEFT), ("right", RIGHT))}
     per_zone = {"upper": _stats(hist[:, 1], ml), "lower": _stats(hist[:, 0], ml),
                 "peripheral": _stats(hist[:, :, 1], ml), "central": _stats(hist[:, :, 0], ml)}
@@ -324,12 +325,16 @@ class _HuThresholds:
         return float(value)          # out of the dtype's range: keep the exact (slower) float test
 
 
-def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) -> None:
+def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) -> np.ndarray:
     """Drop (in place) the basal ``base_exclusion`` and apical ``apex_exclusion`` share of each
     lung's craniocaudal extent: partial volume with the diaphragm / liver / spleen (and masks
-    leaking into them) and tiny apical cross-sections read as opacity there."""
+    leaking into them) and tiny apical cross-sections read as opacity there.
+
+    Returns (3, z) bool: whether label v is still on slice z after the trimming."""
+    present = np.zeros((3, lb.shape[0]), bool)
     for v in (LEFT, RIGHT):
-        zs = np.nonzero((lb == v).any(axis=(1, 2)))[0]
+        present[v] = (lb == v).any(axis=(1, 2))
+        zs = np.nonzero(present[v])[0]
         if zs.size == 0:
             continue
         n = zs[-1] - zs[0] + 1
@@ -338,9 +343,11 @@ def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) 
         for sl in (slice(zs[0], zs[0] + lo), slice(zs[-1] + 1 - hi, zs[-1] + 1)):
             part = lb[sl]
             part[part == v] = 0
+            present[v, sl] = False
+    return present
 
 
-def _zone_histogram(lb: np.ndarray, label_map: np.ndarray, analysed: np.ndarray,
+def _zone_histogram(lb: np.ndarray, present: np.ndarray, label_map: np.ndarray, analysed: np.ndarray,
                     superior_is_high_z: bool) -> np.ndarray:
     """(side, upper, peripheral, label) = (3, 2, 2, 3) voxel counts of the analysed lung (zones in
     the module docstring).
@@ -354,7 +361,7 @@ def _zone_histogram(lb: np.ndarray, label_map: np.ndarray, analysed: np.ndarray,
     zi = np.arange(nz)
     up = np.zeros((3, nz), bool)
     for v in (LEFT, RIGHT):
-        zs = np.nonzero((lb == v).any(axis=(1, 2)))[0]
+        zs = np.nonzero(present[v])[0]
         if zs.size:
             mid = 0.5 * (zs[0] + zs[-1])
             up[v] = zi > mid if superior_is_high_z else zi < mid
