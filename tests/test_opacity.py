@@ -166,6 +166,35 @@ def test_trim_and_binary_mask_and_errors(phantom):
         measure_opacity(phantom["hu"][:-1], phantom["lab"], phantom["spacing"])
 
 
+def test_integer_hu_reads_the_same_as_float_hu(phantom):
+    """Integer HU is compared in its own dtype (thresholds rounded the exact way); the float path
+    is the plain comparison - both must give the same map and numbers, also for fractional thresholds."""
+    hu_int = np.round(phantom["hu"]).astype(np.int16)
+    for cfg in (NO_TRIM, OpacityConfig(ggo_lo_hu=-750.5, dense_hu=-299.5, consolidation_max_hu=49.5, air_hu=-950.5,
+                                       base_exclusion=0.0, apex_exclusion=0.0)):
+        a = measure_opacity(hu_int, phantom["lab"], phantom["spacing"], config=cfg)
+        b = measure_opacity(hu_int.astype(np.float32), phantom["lab"], phantom["spacing"], config=cfg)
+        assert a.to_dict() == b.to_dict()
+        assert np.array_equal(a.label_map, b.label_map)
+    assert a.ggo_fraction > 0.005 and a.consolidation_fraction > 0.001
+
+
+def test_joint_counts_equal_bincount():
+    """The OpenCV joint histogram (chunked below float32's exact range) against np.bincount."""
+    from sdk.opacity import _joint_counts
+
+    rng = np.random.default_rng(3)
+    shape = (140, 256, 256)                      # > 2**23 voxels: more than one chunk
+    a = rng.integers(0, 3, shape, dtype=np.uint8)
+    b = rng.integers(0, 2, shape, dtype=np.uint8)
+    c = rng.integers(0, 3, shape, dtype=np.uint8)
+    m = (rng.random(shape) < 0.7).view(np.uint8)
+    got = _joint_counts((a, b, c), (3, 2, 3), m)
+    code = (a.astype(np.int64) * 2 + b) * 3 + c
+    ref = np.bincount(code[m.view(bool)], minlength=18).reshape(3, 2, 3)
+    assert np.array_equal(got, ref)
+
+
 # --- real series --------------------------------------------------------------------------------
 def _auc(pos, neg):
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
