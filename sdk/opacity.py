@@ -264,20 +264,28 @@ def measure_opacity(
     t = _HuThresholds(h.dtype, config)
 
     # 1. airways: in-lung air at least airway_width_mm wide (survives an opening with that square)
-    air = (lung & (h < t.air)).view(np.uint8)
+    # (in-place NumPy steps into one scratch mask: every fresh full-size array costs page faults)
+    tmp = np.less(h, t.air)
+    tmp &= lung                                                # air inside the lung
     a_px = max(1, int(round(config.airway_width_mm / min(py, px))))
-    airway = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)), air).view(bool)
-    analysed = lung ^ airway                                   # airway is inside the lung
+    airway = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)),
+                   tmp.view(np.uint8)).view(bool)
+    analysed = np.bitwise_xor(lung, airway, out=lung)          # airway is inside the lung
     # 2. dense: opening with the vessel-width disk keeps consolidation, the rest is vessels
-    dense = analysed & (h > t.dense)
+    dense = np.greater(h, t.dense, out=tmp)
+    dense &= analysed
     r_px = max(1, int(round(config.vessel_width_mm / 2.0 / min(py, px))))
     opened = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, _disk(r_px)), dense.view(np.uint8)).view(bool)
-    consolidation = opened & (h <= t.consolidation_max)
-    vessels = dense ^ opened                                   # an opening lies inside its input
+    consolidation = np.less_equal(h, t.consolidation_max)
+    consolidation &= opened
+    vessels = np.bitwise_xor(dense, opened, out=opened)        # an opening lies inside its input
     # 3. ground glass, minus a one-pixel rim around vessels and airways, minus single pixels
-    rim = _tall(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)), (vessels | airway).view(np.uint8)).view(bool)
-    ggo = np.greater(analysed & (h >= t.ggo_lo), rim)          # a & ~rim
-    ggo &= h <= t.dense                                         # analysed & ~dense
+    rim = _tall(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)),
+                np.bitwise_or(vessels, airway, out=tmp).view(np.uint8)).view(bool)
+    ggo = np.greater_equal(h, t.ggo_lo, out=tmp)
+    ggo &= analysed
+    np.greater(ggo, rim, out=ggo)                               # & ~rim
+    ggo &= np.less_equal(h, t.dense, out=rim)                   # analysed & ~dense
     ggo = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), ggo.view(np.uint8)).view(bool)
     label_map = consolidation.view(np.uint8) * np.uint8(CONSOLIDATION)   # disjoint: ggo is not dense
     label_map |= ggo.view(np.uint8)
@@ -367,10 +375,12 @@ def _zone_histogram(lb: np.ndarray, present: np.ndarray, label_map: np.ndarray, 
             up[v] = zi > mid if superior_is_high_z else zi < mid
     # depth = 2D distance to the lung boundary; peripheral = outer third of that slice's deepest point
     d = _tall(lambda im: cv2.distanceTransform(im, cv2.DIST_L2, 3), (lb > 0).view(np.uint8))
-    np.negative(d, out=d, where=lb == RIGHT)
+    scratch = np.equal(lb, RIGHT)
+    np.negative(d, out=d, where=scratch)
     thr_left = d.max(axis=(1, 2)) / 3.0            # float32, as the per-lung maxima of the depth
     thr_right = -d.min(axis=(1, 2)) / 3.0
-    periph = (d <= thr_left[:, None, None]) & (d >= -thr_right[:, None, None])
+    periph = np.less_equal(d, thr_left[:, None, None])
+    periph &= np.greater_equal(d, -thr_right[:, None, None], out=scratch)
     # (side, peripheral, label) counts of the analysed voxels, per run of slices with one `up` row
     hist = np.zeros((3, 2, 2, 3), np.int64)
     key = up[LEFT].view(np.uint8) * 2 + up[RIGHT].view(np.uint8)
