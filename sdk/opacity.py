@@ -270,7 +270,7 @@ def measure_opacity(
     a_px = max(1, int(round(config.airway_width_mm / min(py, px))))
     airway = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)),
                    tmp.view(np.uint8)).view(bool)
-    analysed = np.bitwise_xor(lung, airway, out=lung)          # airway is inside the lung
+    analysed = np.greater(lung, airway, out=lung)              # lung & ~airway (bool a > b)
     # 2. dense: opening with the vessel-width disk keeps consolidation, the rest is vessels
     dense = np.greater(h, t.dense, out=tmp)
     dense &= analysed
@@ -278,7 +278,7 @@ def measure_opacity(
     opened = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, _disk(r_px)), dense.view(np.uint8)).view(bool)
     consolidation = np.less_equal(h, t.consolidation_max)
     consolidation &= opened
-    vessels = np.bitwise_xor(dense, opened, out=opened)        # an opening lies inside its input
+    vessels = np.greater(dense, opened, out=opened)            # dense & ~opened
     # 3. ground glass, minus a one-pixel rim around vessels and airways, minus single pixels
     rim = _tall(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)),
                 np.bitwise_or(vessels, airway, out=tmp).view(np.uint8)).view(bool)
