@@ -179,6 +179,53 @@ def test_integer_hu_reads_the_same_as_float_hu(phantom):
     assert a.ggo_fraction > 0.005 and a.consolidation_fraction > 0.001
 
 
+def _reference_rules(hu, lab, cfg, px):
+    """Steps 1-3 of the module docstring slice by slice the plain way (stride 1, no trimming)."""
+    import cv2
+
+    a_px = max(1, int(round(cfg.airway_width_mm / px)))
+    r_px = max(1, int(round(cfg.vessel_width_mm / 2.0 / px)))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1, 2 * r_px + 1))
+    label_map = np.zeros(hu.shape, np.uint8)
+    n_analysed = n_vessel = n_airway = 0
+    for z in range(hu.shape[0]):
+        h, lung = hu[z], lab[z] > 0
+        # pad each slice like the working layout (zero rows below) so the borders match
+        pad = lambda m: np.pad(m.astype(np.uint8), ((0, 8), (0, 0)))
+        unpad = lambda m: m[:h.shape[0]].astype(bool)
+        airway = unpad(cv2.morphologyEx(pad(lung & (h < cfg.air_hu)), cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)))
+        analysed = lung & ~airway
+        dense = analysed & (h > cfg.dense_hu)
+        opened = unpad(cv2.morphologyEx(pad(dense), cv2.MORPH_OPEN, disk))
+        vessels = dense & ~opened
+        rim = unpad(cv2.dilate(pad(vessels | airway), np.ones((3, 3), np.uint8)))
+        ggo = analysed & (h >= cfg.ggo_lo_hu) & ~dense & ~rim
+        ggo = unpad(cv2.morphologyEx(pad(ggo), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)))
+        label_map[z][ggo] = GGO
+        label_map[z][opened & (h <= cfg.consolidation_max_hu)] = CONSOLIDATION
+        n_analysed += int(analysed.sum()); n_vessel += int(vessels.sum()); n_airway += int(airway.sum())
+    return label_map, n_analysed, n_vessel, n_airway
+
+
+def test_rules_match_a_plain_per_slice_reference(phantom):
+    """On a 1.8 mm grid (2 px airway square: an even kernel) the working-grid implementation gives
+    the same voxels as the rules applied slice by slice with plain NumPy / float thresholds."""
+    spacing = (2.5, 1.8, 1.8)
+    hu, lab = np.round(phantom["hu"]).astype(np.int16), phantom["lab"]
+    hu[_disc(hu.shape, (5, 35), 80, 75, 5)] = -1000        # air across the right lung's medial edge
+    op = measure_opacity(hu, lab, spacing, config=NO_TRIM)
+    assert op.grid["stride"] == [1, 1, 1]
+    ref, n_analysed, n_vessel, n_airway = _reference_rules(hu.astype(np.float64), lab, NO_TRIM, 1.8)
+    got = np.stack([op.full_slice(z) for z in range(hu.shape[0])])
+    assert np.array_equal(got, ref)
+    ml = 2.5 * 1.8 * 1.8 / 1000.0
+    assert op.lung_ml == pytest.approx(n_analysed * ml)
+    assert op.removed["vessels_ml"] == pytest.approx(n_vessel * ml)
+    assert op.removed["airways_ml"] == pytest.approx(n_airway * ml)
+    assert op.ggo_fraction == pytest.approx((ref == GGO).sum() / n_analysed)
+    assert op.consolidation_fraction == pytest.approx((ref == CONSOLIDATION).sum() / n_analysed)
+
+
 def test_joint_counts_equal_bincount():
     """The OpenCV joint histogram (chunked below float32's exact range) against np.bincount."""
     from sdk.opacity import _joint_counts
