@@ -232,7 +232,7 @@ def measure_opacity(
         raise ConfigError(f"voxel spacing must be positive, got {tuple(spacing_mm)}")
     # the in-plane stride, then the lung bounding box on that grid (no pass over the native grid)
     s = max(1, int(round(config.target_pixel_mm / min(dy, dx))))
-    sub = lab[:, ::s, ::s]
+    sub = np.ascontiguousarray(lab[:, ::s, ::s])   # one strided read; every later pass is contiguous
     rows_any = sub.any(axis=2)                      # (z, y): one pass over the sampled grid
     zs = np.nonzero(rows_any.any(axis=1))[0]
     if zs.size == 0:
@@ -246,36 +246,51 @@ def measure_opacity(
     # OpenCV call handles all slices and a kernel of radius <= pad never mixes two of them
     pad = max(3, int(np.ceil(config.vessel_width_mm / 2.0 / min(py, px))) + 1)
     nz, rows, cols = z1 - z0, y1 - y0, x1 - x0
-    h = np.full((nz, rows + pad, cols), -1000, hu.dtype)
-    h[:, :rows] = hu[z0:z1, ::s, ::s][:, y0:y1, x0:x1]
     lb = np.zeros((nz, rows + pad, cols), np.uint8)
     lb[:, :rows] = sub[z0:z1, y0:y1, x0:x1]
     if lab.dtype == bool or lb.max(initial=0) <= 1:  # a binary mask: split at the x centroid
         lb = _split_lr(lb > 0)
-    _trim_ends(lb, superior_is_high_z, config)
+    present = _trim_ends(lb, superior_is_high_z, config)
+    # every rule below is per slice: slices the trimming emptied are dropped (they count nothing)
+    kept = np.nonzero(lb.reshape(nz, -1).max(axis=1))[0]
+    if kept.size:
+        lb = lb[kept[0]:kept[-1] + 1]
+        present = present[:, kept[0]:kept[-1] + 1]
+        z0, z1 = z0 + kept[0], z0 + kept[-1] + 1
+        nz = z1 - z0
+    h = np.full((nz, rows + pad, cols), -1000, hu.dtype)
+    h[:, :rows] = hu[z0:z1, ::s, ::s][:, y0:y1, x0:x1]
     lung = lb > 0
+    t = _HuThresholds(h.dtype, config)
 
     # 1. airways: in-lung air at least airway_width_mm wide (survives an opening with that square)
-    air = (lung & (h < config.air_hu)).view(np.uint8)
+    # (in-place NumPy steps into one scratch mask: every fresh full-size array costs page faults)
+    tmp = np.less(h, t.air)
+    tmp &= lung                                                # air inside the lung
     a_px = max(1, int(round(config.airway_width_mm / min(py, px))))
-    airway = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)), air).view(bool)
-    analysed = lung & ~airway
+    airway = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)),
+                   tmp.view(np.uint8)).view(bool)
+    analysed = np.greater(lung, airway, out=lung)              # lung & ~airway (bool a > b)
     # 2. dense: opening with the vessel-width disk keeps consolidation, the rest is vessels
-    dense = analysed & (h > config.dense_hu)
+    dense = np.greater(h, t.dense, out=tmp)
+    dense &= analysed
     r_px = max(1, int(round(config.vessel_width_mm / 2.0 / min(py, px))))
     opened = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, _disk(r_px)), dense.view(np.uint8)).view(bool)
-    consolidation = opened & (h <= config.consolidation_max_hu)
-    vessels = dense & ~opened
+    consolidation = np.less_equal(h, t.consolidation_max)
+    consolidation &= opened
+    vessels = np.greater(dense, opened, out=opened)            # dense & ~opened
     # 3. ground glass, minus a one-pixel rim around vessels and airways, minus single pixels
-    rim = _tall(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)), (vessels | airway).view(np.uint8)).view(bool)
-    ggo = analysed & (h >= config.ggo_lo_hu) & ~dense & ~rim
+    rim = _tall(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)),
+                np.bitwise_or(vessels, airway, out=tmp).view(np.uint8)).view(bool)
+    ggo = np.greater_equal(h, t.ggo_lo, out=tmp)
+    ggo &= analysed
+    np.greater(ggo, rim, out=ggo)                               # & ~rim
+    ggo &= np.less_equal(h, t.dense, out=rim)                   # analysed & ~dense
     ggo = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), ggo.view(np.uint8)).view(bool)
-    label_map = ggo.view(np.uint8) * np.uint8(GGO)
-    label_map[consolidation] = CONSOLIDATION
+    label_map = consolidation.view(np.uint8) * np.uint8(CONSOLIDATION)   # disjoint: ggo is not dense
+    label_map |= ggo.view(np.uint8)
     # 4. zones: one histogram over (lung side, upper, peripheral, label) of the analysed voxels
-    upper, peripheral = _zones(lb, superior_is_high_z)
-    code = (lb.astype(np.int32) * 4 + upper.view(np.uint8) * 2 + peripheral.view(np.uint8)) * 3 + label_map
-    hist = np.bincount(code[analysed], minlength=3 * 4 * 3).reshape(3, 2, 2, 3)  # side, upper, periph, label
+    hist = _zone_histogram(lb, present, label_map, analysed, superior_is_high_z)  # side, upper, periph, label
     per_lung = {name: _stats(hist[v], ml) for name, v in (("left", LEFT), ("right", RIGHT))}
     per_zone = {"upper": _stats(hist[:, 1], ml), "lower": _stats(hist[:, 0], ml),
                 "peripheral": _stats(hist[:, :, 1], ml), "central": _stats(hist[:, :, 0], ml)}
@@ -296,12 +311,38 @@ def measure_opacity(
     )
 
 
-def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) -> None:
+class _HuThresholds:
+    """The config's HU thresholds as values of the volume's dtype: for integer HU, ``h < t`` is
+    ``h < ceil(t)`` and ``h <= t`` is ``h <= floor(t)`` exactly, and the comparison stays in the
+    integer type (a Python float would cast every voxel to float64)."""
+
+    def __init__(self, dtype: np.dtype, config: OpacityConfig) -> None:
+        self.air = self._conv(dtype, config.air_hu, np.ceil)                  # h < air
+        self.dense = self._conv(dtype, config.dense_hu, np.floor)             # h > dense, h <= dense
+        self.consolidation_max = self._conv(dtype, config.consolidation_max_hu, np.floor)  # h <= max
+        self.ggo_lo = self._conv(dtype, config.ggo_lo_hu, np.ceil)            # h >= lo
+
+    @staticmethod
+    def _conv(dtype: np.dtype, value: float, rounding: Any) -> Any:
+        if not np.issubdtype(dtype, np.integer):
+            return float(value)      # float HU: the comparison as before
+        info = np.iinfo(dtype)
+        v = float(rounding(value))
+        if info.min <= v <= info.max:
+            return dtype.type(v)
+        return float(value)          # out of the dtype's range: keep the exact (slower) float test
+
+
+def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) -> np.ndarray:
     """Drop (in place) the basal ``base_exclusion`` and apical ``apex_exclusion`` share of each
     lung's craniocaudal extent: partial volume with the diaphragm / liver / spleen (and masks
-    leaking into them) and tiny apical cross-sections read as opacity there."""
+    leaking into them) and tiny apical cross-sections read as opacity there.
+
+    Returns (3, z) bool: whether label v is still on slice z after the trimming."""
+    present = np.zeros((3, lb.shape[0]), bool)
     for v in (LEFT, RIGHT):
-        zs = np.nonzero((lb == v).any(axis=(1, 2)))[0]
+        present[v] = (lb == v).any(axis=(1, 2))
+        zs = np.nonzero(present[v])[0]
         if zs.size == 0:
             continue
         n = zs[-1] - zs[0] + 1
@@ -310,29 +351,64 @@ def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) 
         for sl in (slice(zs[0], zs[0] + lo), slice(zs[-1] + 1 - hi, zs[-1] + 1)):
             part = lb[sl]
             part[part == v] = 0
+            present[v, sl] = False
+    return present
 
 
-def _zones(lb: np.ndarray, superior_is_high_z: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """(upper, peripheral) boolean maps on the working grid (rules in the module docstring).
+def _zone_histogram(lb: np.ndarray, present: np.ndarray, label_map: np.ndarray, analysed: np.ndarray,
+                    superior_is_high_z: bool) -> np.ndarray:
+    """(side, upper, peripheral, label) = (3, 2, 2, 3) voxel counts of the analysed lung (zones in
+    the module docstring).
 
-    Both are per-(lung, slice) thresholds looked up with one gather: ``table[label, z]``."""
+    *Upper* depends only on (lung, slice), so it is applied per run of slices (at most 3) instead of
+    per voxel; *peripheral* compares the 2D depth with that (lung, slice)'s threshold on a signed
+    depth map (right lung negated), so both lungs' per-slice maxima come from one max and one min."""
     import cv2
 
     nz = lb.shape[0]
     zi = np.arange(nz)
-    left, right = lb == LEFT, lb == RIGHT
     up = np.zeros((3, nz), bool)
-    for v, m in ((LEFT, left), (RIGHT, right)):
-        zs = np.nonzero(m.any(axis=(1, 2)))[0]
+    for v in (LEFT, RIGHT):
+        zs = np.nonzero(present[v])[0]
         if zs.size:
             mid = 0.5 * (zs[0] + zs[-1])
             up[v] = zi > mid if superior_is_high_z else zi < mid
-    upper = (left & up[LEFT][:, None, None]) | (right & up[RIGHT][:, None, None])
     # depth = 2D distance to the lung boundary; peripheral = outer third of that slice's deepest point
-    dist = _tall(lambda im: cv2.distanceTransform(im, cv2.DIST_L2, 3), (lb > 0).view(np.uint8))
-    thr = [np.where(m, dist, 0.0).max(axis=(1, 2)) / 3.0 for m in (left, right)]
-    peripheral = (left & (dist <= thr[0][:, None, None])) | (right & (dist <= thr[1][:, None, None]))
-    return upper, peripheral
+    d = _tall(lambda im: cv2.distanceTransform(im, cv2.DIST_L2, 3), (lb > 0).view(np.uint8))
+    scratch = np.equal(lb, RIGHT)
+    np.negative(d, out=d, where=scratch)
+    thr_left = d.max(axis=(1, 2)) / 3.0            # float32, as the per-lung maxima of the depth
+    thr_right = -d.min(axis=(1, 2)) / 3.0
+    periph = np.less_equal(d, thr_left[:, None, None])
+    periph &= np.greater_equal(d, -thr_right[:, None, None], out=scratch)
+    # (side, peripheral, label) counts of the analysed voxels, per run of slices with one `up` row
+    hist = np.zeros((3, 2, 2, 3), np.int64)
+    key = up[LEFT].view(np.uint8) * 2 + up[RIGHT].view(np.uint8)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(key)) + 1, [nz]))
+    for a, b in zip(starts[:-1], starts[1:]):
+        counts = _joint_counts((lb[a:b], periph[a:b].view(np.uint8), label_map[a:b]), (3, 2, 3),
+                               analysed[a:b].view(np.uint8))
+        for v in (LEFT, RIGHT):
+            hist[v, int(up[v, a])] += counts[v]
+    return hist
+
+
+def _joint_counts(images: Tuple[np.ndarray, ...], bins: Tuple[int, ...], mask: np.ndarray) -> np.ndarray:
+    """Joint histogram of small non-negative uint8 (z, rows, cols) maps over the voxels where
+    ``mask`` is nonzero (value v of map i in bin v, values < bins[i]): the ``np.bincount`` of the
+    combined code, by OpenCV's 8-bit histogram (no code array, no cast to 64-bit indices). Its
+    float32 bins are exact below 2**24, so the slices are counted in chunks of fewer voxels."""
+    import cv2
+
+    nz, rows, cols = mask.shape
+    step = max(1, (1 << 23) // max(1, rows * cols))
+    total = np.zeros(bins, np.int64)
+    ranges = [r for n in bins for r in (0, n)]
+    for a in range(0, nz, step):
+        parts = [np.ascontiguousarray(im[a:a + step]).reshape(-1, cols) for im in images]
+        m = np.ascontiguousarray(mask[a:a + step]).reshape(-1, cols)
+        total += cv2.calcHist(parts, list(range(len(parts))), m, list(bins), ranges).astype(np.int64)
+    return total
 
 
 def _pattern(consolidation: np.ndarray, lb: np.ndarray, hist: np.ndarray, per_lung: Dict[str, Dict[str, float]],
@@ -351,14 +427,19 @@ def _pattern(consolidation: np.ndarray, lb: np.ndarray, hist: np.ndarray, per_lu
         # components on a 2x coarser in-plane grid (2x2 max pooling: 4x less work, consolidation
         # is at least vessel_width wide so no component is lost), sizes counted at full grid
         nzb, nyb, nxb = cons.shape
-        pooled = np.zeros((nzb, (nyb + 1) // 2 * 2, (nxb + 1) // 2 * 2), bool)
-        pooled[:, :nyb, :nxb] = cons
-        pooled = pooled.reshape(nzb, pooled.shape[1] // 2, 2, pooled.shape[2] // 2, 2).any(axis=(2, 4))
-        coarse, n_comp = ndimage.label(pooled, structure=np.ones((3, 3, 3), bool))
-        cc = np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2)[:, :nyb, :nxb] * cons
-        sizes = np.bincount(cc.ravel(), minlength=n_comp + 1)[1:]
+        padded = np.zeros((nzb, (nyb + 1) // 2 * 2, (nxb + 1) // 2 * 2), np.uint8)
+        padded[:, :nyb, :nxb] = cons
+        quads = (padded[:, 0::2, 0::2], padded[:, 1::2, 0::2], padded[:, 0::2, 1::2], padded[:, 1::2, 1::2])
+        count = quads[0] + quads[1] + quads[2] + quads[3]      # consolidation voxels per coarse cell
+        coarse, n_comp = ndimage.label(count > 0, structure=np.ones((3, 3, 3), bool))
+        occupied = coarse > 0
+        sizes = np.bincount(coarse[occupied], weights=count[occupied], minlength=n_comp + 1)[1:]
         k = int(np.argmax(sizes)) + 1
-        which = np.bincount(lb[box][cc == k], minlength=3)[1:]
+        padded[:, :nyb, :nxb] &= lb[box] == LEFT              # left-lung consolidation voxels
+        left_count = quads[0] + quads[1] + quads[2] + quads[3]
+        in_k = coarse == k
+        n_left = int(left_count[in_k].sum())
+        which = (n_left, int(count[in_k].sum()) - n_left)
         side = LEFT if which[0] >= which[1] else RIGHT
         lung_n = float(hist[side].sum())
         largest = _frac(sizes[k - 1], lung_n)

@@ -166,6 +166,82 @@ def test_trim_and_binary_mask_and_errors(phantom):
         measure_opacity(phantom["hu"][:-1], phantom["lab"], phantom["spacing"])
 
 
+def test_integer_hu_reads_the_same_as_float_hu(phantom):
+    """Integer HU is compared in its own dtype (thresholds rounded the exact way); the float path
+    is the plain comparison - both must give the same map and numbers, also for fractional thresholds."""
+    hu_int = np.round(phantom["hu"]).astype(np.int16)
+    for cfg in (NO_TRIM, OpacityConfig(ggo_lo_hu=-750.5, dense_hu=-299.5, consolidation_max_hu=49.5, air_hu=-950.5,
+                                       base_exclusion=0.0, apex_exclusion=0.0)):
+        a = measure_opacity(hu_int, phantom["lab"], phantom["spacing"], config=cfg)
+        b = measure_opacity(hu_int.astype(np.float32), phantom["lab"], phantom["spacing"], config=cfg)
+        assert a.to_dict() == b.to_dict()
+        assert np.array_equal(a.label_map, b.label_map)
+    assert a.ggo_fraction > 0.005 and a.consolidation_fraction > 0.001
+
+
+def _reference_rules(hu, lab, cfg, px):
+    """Steps 1-3 of the module docstring slice by slice the plain way (stride 1, no trimming)."""
+    import cv2
+
+    a_px = max(1, int(round(cfg.airway_width_mm / px)))
+    r_px = max(1, int(round(cfg.vessel_width_mm / 2.0 / px)))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1, 2 * r_px + 1))
+    label_map = np.zeros(hu.shape, np.uint8)
+    n_analysed = n_vessel = n_airway = 0
+    for z in range(hu.shape[0]):
+        h, lung = hu[z], lab[z] > 0
+        # pad each slice like the working layout (zero rows below) so the borders match
+        pad = lambda m: np.pad(m.astype(np.uint8), ((0, 8), (0, 0)))
+        unpad = lambda m: m[:h.shape[0]].astype(bool)
+        airway = unpad(cv2.morphologyEx(pad(lung & (h < cfg.air_hu)), cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)))
+        analysed = lung & ~airway
+        dense = analysed & (h > cfg.dense_hu)
+        opened = unpad(cv2.morphologyEx(pad(dense), cv2.MORPH_OPEN, disk))
+        vessels = dense & ~opened
+        rim = unpad(cv2.dilate(pad(vessels | airway), np.ones((3, 3), np.uint8)))
+        ggo = analysed & (h >= cfg.ggo_lo_hu) & ~dense & ~rim
+        ggo = unpad(cv2.morphologyEx(pad(ggo), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)))
+        label_map[z][ggo] = GGO
+        label_map[z][opened & (h <= cfg.consolidation_max_hu)] = CONSOLIDATION
+        n_analysed += int(analysed.sum()); n_vessel += int(vessels.sum()); n_airway += int(airway.sum())
+    return label_map, n_analysed, n_vessel, n_airway
+
+
+def test_rules_match_a_plain_per_slice_reference(phantom):
+    """On a 1.8 mm grid (2 px airway square: an even kernel) the working-grid implementation gives
+    the same voxels as the rules applied slice by slice with plain NumPy / float thresholds."""
+    spacing = (2.5, 1.8, 1.8)
+    hu, lab = np.round(phantom["hu"]).astype(np.int16), phantom["lab"]
+    hu[_disc(hu.shape, (5, 35), 80, 75, 5)] = -1000        # air across the right lung's medial edge
+    op = measure_opacity(hu, lab, spacing, config=NO_TRIM)
+    assert op.grid["stride"] == [1, 1, 1]
+    ref, n_analysed, n_vessel, n_airway = _reference_rules(hu.astype(np.float64), lab, NO_TRIM, 1.8)
+    got = np.stack([op.full_slice(z) for z in range(hu.shape[0])])
+    assert np.array_equal(got, ref)
+    ml = 2.5 * 1.8 * 1.8 / 1000.0
+    assert op.lung_ml == pytest.approx(n_analysed * ml)
+    assert op.removed["vessels_ml"] == pytest.approx(n_vessel * ml)
+    assert op.removed["airways_ml"] == pytest.approx(n_airway * ml)
+    assert op.ggo_fraction == pytest.approx((ref == GGO).sum() / n_analysed)
+    assert op.consolidation_fraction == pytest.approx((ref == CONSOLIDATION).sum() / n_analysed)
+
+
+def test_joint_counts_equal_bincount():
+    """The OpenCV joint histogram (chunked below float32's exact range) against np.bincount."""
+    from sdk.opacity import _joint_counts
+
+    rng = np.random.default_rng(3)
+    shape = (140, 256, 256)                      # > 2**23 voxels: more than one chunk
+    a = rng.integers(0, 3, shape, dtype=np.uint8)
+    b = rng.integers(0, 2, shape, dtype=np.uint8)
+    c = rng.integers(0, 3, shape, dtype=np.uint8)
+    m = (rng.random(shape) < 0.7).view(np.uint8)
+    got = _joint_counts((a, b, c), (3, 2, 3), m)
+    code = (a.astype(np.int64) * 2 + b) * 3 + c
+    ref = np.bincount(code[m.view(bool)], minlength=18).reshape(3, 2, 3)
+    assert np.array_equal(got, ref)
+
+
 # --- real series --------------------------------------------------------------------------------
 def _auc(pos, neg):
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
