@@ -177,19 +177,25 @@ class TrainingPreprocessor:
                 self._seg = lambda g, _s=sess: unet2d.segment_slices_2d(g[None], _s)[0]
         return self._seg(grey)
 
+    def _grey_and_mask(self, r: Row, cache: Dict[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray, str]:
+        """The row's grey image and lung mask (the cached mask when it fits, else segmented), and
+        where the mask came from ("cache" | "unet2d" | "otsu")."""
+        from ..train import data as D
+
+        g = D.load_grey(r.abs_path)
+        m = cache.get(r.path)
+        if m is not None and m.shape == g.shape:
+            return g, m, "cache"
+        m = self._segment(g)
+        return g, m, "otsu" if getattr(self._seg, "__name__", "") == "grey_lung_mask" else "unet2d"
+
     def __call__(self, rows: Sequence[Row]) -> np.ndarray:
         from ..train import data as D
 
         out = np.zeros((len(rows), 3, self.size, self.size), np.float32)
         cache = self._masks()
         for i, r in enumerate(rows):
-            g = D.load_grey(r.abs_path)
-            m = cache.get(r.path)
-            if m is None or m.shape != g.shape:
-                m = self._segment(g)
-                key = "unet2d" if not getattr(self._seg, "__name__", "") == "grey_lung_mask" else "otsu"
-            else:
-                key = "cache"
+            g, m, key = self._grey_and_mask(r, cache)
             self.mask_sources[key] = self.mask_sources.get(key, 0) + 1
             out[i] = D.eval_input(g, m, self.size)
         return out
@@ -233,10 +239,7 @@ class HuRenderPreprocessor(TrainingPreprocessor):
         out = np.zeros((len(rows), 3, self.size, self.size), np.float32)
         cache = self._masks()
         for i, r in enumerate(rows):
-            g = D.load_grey(r.abs_path)
-            m = cache.get(r.path)
-            if m is None or m.shape != g.shape:
-                m = self._segment(g)
+            g, m, _ = self._grey_and_mask(r, cache)
             est = H.estimate_hu_map(g, m)
             if not est.ok:
                 self.mask_sources["hu_estimate_failed"] = self.mask_sources.get("hu_estimate_failed", 0) + 1
