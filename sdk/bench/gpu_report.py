@@ -643,6 +643,21 @@ def _agreement(gpu: Any, cpu: Any) -> Dict[str, Any]:
     return out
 
 
+def _warm_runs(tri: Any, source: Any, rounds: int, peak: float) -> Tuple[List[Dict[str, float]], Any, float]:
+    """``rounds`` warm ``tri.run(source)`` calls (3 at least, then until TRIAGE_BUDGET_S is spent):
+    their timings, the last result, and the sampled peak of NVML's used memory (MB)."""
+    runs: List[Dict[str, float]] = []
+    last = None
+    t_start = time.perf_counter()
+    for _ in range(max(1, rounds)):
+        last = tri.run(source)
+        runs.append(dict(last.timings_ms))
+        peak = max(peak, _nvml_used_mb() or 0.0)
+        if len(runs) >= 3 and time.perf_counter() - t_start > TRIAGE_BUDGET_S:
+            break
+    return runs, last, peak
+
+
 def section_triage(rounds: int, series: Optional[str], bundle: Optional[str], tmp: Path, device: str = "cuda",
                    lung_method: str = "auto") -> Dict[str, Any]:
     if device == "cuda":
@@ -666,26 +681,11 @@ def section_triage(rounds: int, series: Optional[str], bundle: Optional[str], tm
     out["first_run_ms"] = first.timings_ms
     out["runtime"] = dict(first.runtime)
     peak = mem["nvml_used_mb_after_init"] or 0.0
-    runs_files: List[Dict[str, float]] = []
-    last = first
-    t_start = time.perf_counter()
-    for _ in range(max(1, rounds)):
-        last = tri.run(path)
-        runs_files.append(dict(last.timings_ms))
-        peak = max(peak, _nvml_used_mb() or 0.0)
-        if len(runs_files) >= 3 and time.perf_counter() - t_start > TRIAGE_BUDGET_S:
-            break
+    runs_files, last, peak = _warm_runs(tri, path, rounds, peak)
     out["from_files"] = _stage_summary(runs_files)
     volume = load_series(path)
     tri.run(volume)
-    runs_vol: List[Dict[str, float]] = []
-    t_start = time.perf_counter()
-    for _ in range(max(1, rounds)):
-        last_v = tri.run(volume)
-        runs_vol.append(dict(last_v.timings_ms))
-        peak = max(peak, _nvml_used_mb() or 0.0)
-        if len(runs_vol) >= 3 and time.perf_counter() - t_start > TRIAGE_BUDGET_S:
-            break
+    runs_vol, last_v, peak = _warm_runs(tri, volume, rounds, peak)
     out["from_volume"] = _stage_summary(runs_vol)
     out["label"] = last_v.label
     out["probabilities"] = dict(last_v.probabilities)
