@@ -156,7 +156,6 @@ def _model_identity(result: Mapping[str, Any]) -> Tuple[str, str]:
 def build_sr(sources: Sequence[Any], result: Mapping[str, Any], uid_seed: str) -> Any:
     """Comprehensive SR of a triage result (see the module docstring for its content tree)."""
     hd = require("highdicom", "DICOM SR results")
-    from pydicom.dataset import Dataset
     from highdicom.sr import (CodeContentItem, CodedConcept, ContainerContentItem, NumContentItem,
                               TextContentItem)
 
@@ -188,27 +187,29 @@ def build_sr(sources: Sequence[Any], result: Mapping[str, Any], uid_seed: str) -
                                      value=str(prior.get("summary") or prior["change"])[:1024], relationship_type="CONTAINS"))
     root = ContainerContentItem(name=cc("18748-4", "LN", "Diagnostic imaging report"))
     root.ContentSequence = items
-    first = sources[0]
-    sr = hd.sr.ComprehensiveSR(
+    return _make_sr(hd.sr.ComprehensiveSR, root, sources, uid_seed, "sr", 1)
+
+
+def _make_sr(sr_class: Any, content: Any, sources: Sequence[Any], uid_seed: str, sop_key: str, instance_number: int) -> Any:
+    """One ctsdk SR of the results series (``sr_class``: highdicom's ComprehensiveSR or
+    Comprehensive3DSR): the settings every ctsdk SR shares, the local coding scheme declared, the
+    source's study kept."""
+    sr = sr_class(
         evidence=list(sources),
-        content=root,
+        content=content,
         series_instance_uid=_uid(uid_seed, "sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=_uid(uid_seed, "sr"),
-        instance_number=1,
+        sop_instance_uid=_uid(uid_seed, sop_key),
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
         series_description=f"ctsdk triage SR ({RESEARCH_ONLY})"[:64],
     )
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = LOCAL_SCHEME
-    scheme.CodingSchemeName = "ctsdk local codes (triage labels and probabilities)"
-    scheme.CodingSchemeResponsibleOrganization = "ctsdk"
-    sr.CodingSchemeIdentificationSequence = [scheme]
+    _declare_local_scheme(sr)
     if not sr.get("StudyInstanceUID"):
-        sr.StudyInstanceUID = first.get("StudyInstanceUID", "")
+        sr.StudyInstanceUID = sources[0].get("StudyInstanceUID", "")
     return sr
 
 
@@ -457,23 +458,7 @@ def build_measurement_sr(sources: Sequence[Any], result: Mapping[str, Any], uid_
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=list(sources),
-        content=report,
-        series_instance_uid=_uid(uid_seed, "sr-series"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=_uid(uid_seed, "sr-measurements"),
-        instance_number=2,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description=f"ctsdk triage SR ({RESEARCH_ONLY})"[:64],
-    )
-    _declare_local_scheme(sr)
-    if not sr.get("StudyInstanceUID"):
-        sr.StudyInstanceUID = sources[0].get("StudyInstanceUID", "")
-    return sr
+    return _make_sr(hd.sr.Comprehensive3DSR, report, sources, uid_seed, "sr-measurements", 2)
 
 
 def _save(ds: Any, path: Path) -> Path:
