@@ -481,3 +481,21 @@ def test_int16_overflow_falls_back_to_float32(tmp_path, truth):
     assert vol.hu.dtype == np.float32
     np.testing.assert_array_equal(vol.hu, np.stack([_pydicom_hu(p) for p in paths]))
     assert any("exceed int16" in w for w in vol.warnings)
+
+
+def test_stored_values_sign_extension_by_hand():
+    """12-bit signed samples in 16-bit words: 0x7FF -> 2047, 0x800 -> -2048, 0xFFF -> -1."""
+    from types import SimpleNamespace
+
+    from sdk.io.decoders import _stored_values
+
+    raw = np.array([[0x000, 0x7FF, 0x800, 0xFFF]], np.uint16)
+    ds = {"BitsStored": 12, "PixelRepresentation": 1}
+    meta = SimpleNamespace(BitsAllocated=16, get=lambda k, d=None: ds.get(k, d))
+    out = _stored_values(raw, meta)
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out, [[0, 2047, -2048, -1]])
+    ds["PixelRepresentation"] = 0
+    np.testing.assert_array_equal(_stored_values(raw, meta), raw)
+    ds.update(BitsStored=16, PixelRepresentation=1)
+    np.testing.assert_array_equal(_stored_values(np.array([0xFFFF], np.uint16), meta), [-1])

@@ -221,3 +221,38 @@ def test_covid_parallel_decode_is_bit_identical_to_serial():
     ser = load_series(folder, decode="serial")
     np.testing.assert_array_equal(par.hu, ser.hu)
     assert par.hu.dtype == ser.hu.dtype == np.int16 and par.files == ser.files
+
+
+def _lossless_sample() -> List[Path]:
+    """A few files of every lossless compressed syntax that ../shared/data holds."""
+    zoo = shared_path("dicom", "dicom-ts-zoo")
+    files = [zoo / n for n in ("jpeg-lossless-process14.dcm", "jpeg-lossless-sv1.dcm", "jpeg-ls-lossless.dcm",
+                               "jpeg-ls-lossless-dcmtk-mr.dcm", "jpeg-ls-near-lossless.dcm", "jpeg2000-lossless.dcm")]
+    for folder in ("covid-ct-md/covid-P001", "totalseg-j2k"):
+        d = DICOM / folder
+        if d.is_dir():
+            files += sorted(p for p in d.iterdir() if p.is_file())[:4]
+    return [f for f in files if f.is_file()]
+
+
+def test_imagecodecs_gives_the_stored_values_of_pylibjpeg_and_gdcm():
+    """The first decoder of the lossless syntaxes (imagecodecs) against two independent ones,
+    value for value and dtype for dtype, signed 16-bit and unsigned 12-bit data included."""
+    from sdk._lazy import available
+    from sdk.io.decoders import decode_pixels
+
+    if not available("imagecodecs"):
+        pytest.skip("imagecodecs is not installed")
+    files = _lossless_sample()
+    assert len(files) >= 6
+    signed = 0
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ours, used = decode_pixels(ds, str(f), chain=["imagecodecs"])
+        assert used == "imagecodecs"
+        signed += int(ds.PixelRepresentation == 1)
+        for other in ("pylibjpeg", "gdcm"):
+            ref, _ = decode_pixels(pydicom.dcmread(f), str(f), chain=[other])
+            assert ours.dtype == ref.dtype, (f.name, other)
+            np.testing.assert_array_equal(ours, ref, err_msg=f"{f.name} vs {other}")
+    assert signed >= 3
