@@ -118,7 +118,7 @@ class TensorRTBackend(Backend):
         return tensorrt_status()
 
     def loader(self, onnx_path: PathLike, precision: str, **kw: Any) -> Callable[[], Any]:
-        from ..export.tensorrt import CachedEngine
+        from .trt_build import CachedEngine
         from .trt import TrtSessionFromEngine
 
         engine = CachedEngine(onnx_path, precision=precision, cache_dir=kw.get("engine_cache_dir"),

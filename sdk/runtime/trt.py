@@ -87,7 +87,7 @@ class TrtSession(Session):
 
     Args:
         engine: engine path, serialized bytes, or a loader returning either (e.g.
-            :class:`EngineFromPath`, ``sdk.export.tensorrt.EngineFromOnnx``).
+            :class:`EngineFromPath`, ``sdk.runtime.trt_build.EngineFromOnnx``).
         precision: reported precision (default: the engine's sidecar key, else "fp32").
     """
 
