@@ -36,9 +36,9 @@ def _child(source: str, workers: int, chain: str, trace: bool) -> None:
 
     from sdk.io import decoders, load_series
 
-    # put the chosen decoder at the head of the chain (the default chain has gdcm first for JPEG
-    # Lossless only, see sdk/io/decoders.py)
-    first = {"gdcm-first": "gdcm", "pylibjpeg-first": "pylibjpeg"}[chain]
+    # put the chosen decoder at the head of the chain (the default chain has imagecodecs first for
+    # the lossless syntaxes, see sdk/io/decoders.py)
+    first = {"gdcm-first": "gdcm", "pylibjpeg-first": "pylibjpeg", "imagecodecs-first": "imagecodecs"}[chain]
     decoders.register_decoder(decoders._PLUGINS[first], first=True)
     if trace:
         tracemalloc.start()
@@ -132,6 +132,7 @@ def gil(source: str, n_slices: int) -> None:
     import threading
 
     import gdcm
+    import imagecodecs
     import pydicom
     from libjpeg import decode as lj_decode
     from pydicom.encaps import generate_frames
@@ -169,7 +170,8 @@ def gil(source: str, n_slices: int) -> None:
     free_rate = None
     for name, work in (("time.sleep(1.0) (GIL free)", lambda: time.sleep(1.0)),
                        ("pylibjpeg-libjpeg decode() x n", lambda: [lj_decode(fr) for fr in frames]),
-                       ("python-gdcm Image.GetBuffer() x n", lambda: [r.GetImage().GetBuffer() for r in readers])):
+                       ("python-gdcm Image.GetBuffer() x n", lambda: [r.GetImage().GetBuffer() for r in readers]),
+                       ("imagecodecs jpeg8_decode() x n", lambda: [imagecodecs.jpeg8_decode(fr) for fr in frames])):
         c, wall, cpu = probed(work)
         free_rate = free_rate or c / wall           # the first row: the probe alone
         per_call = "-" if "sleep" in name else f"{c / len(files):.1f}"
@@ -306,7 +308,7 @@ def main() -> None:
     ap.add_argument("--source", default=str(DATA / "covid-ct-md" / "covid-P001"))
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--chains", nargs="+", default=["pylibjpeg-first", "gdcm-first"])
+    ap.add_argument("--chains", nargs="+", default=["imagecodecs-first", "pylibjpeg-first", "gdcm-first"])
     ap.add_argument("--table", action="store_true", help="print the per-folder outcome table instead")
     ap.add_argument("--phantom", action="store_true", help="time writing/loading a 64x128x128 phantom instead")
     ap.add_argument("--modes", action="store_true", help="serial vs threads vs processes decode, side by side")
