@@ -598,10 +598,11 @@ def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt:
         workers: decode workers in all, the calling process included (None: min(4, cpu count);
             1: decode in the calling thread).
         progress: show a tqdm bar on stderr while decoding.
-        decode: ``"auto"`` (forked processes for compressed series, threads otherwise),
-            ``"processes"``, ``"threads"`` or ``"serial"``. The JPEG decoders hold the GIL, so only
-            processes decode in parallel (docs/benchmarks/ingest.md); every mode gives the same HU,
-            bit for bit. ``processes`` falls back to threads where ``os.fork`` does not exist.
+        decode: ``"auto"`` (threads; serial for tiny series), ``"processes"``, ``"threads"`` or
+            ``"serial"``. imagecodecs (first for the lossless syntaxes) releases the GIL, so threads
+            decode in parallel; pylibjpeg / GDCM (lossy JPEG, fallbacks) hold it, where only
+            processes run in parallel (docs/benchmarks/ingest.md). Every mode gives the same HU, bit
+            for bit. ``processes`` falls back to threads where ``os.fork`` does not exist.
         timings: if given, filled with wall-clock milliseconds per stage (keys added where the
             stage ran; the values add up to the load's wall time up to a few ms of bookkeeping):
 
@@ -764,11 +765,12 @@ class DecodeStats:
 
 
 def _decode_mode(slices: List[_Slice], mode: str, n: int) -> str:
-    """``auto``: threads. Forked processes (``decode="processes"``) get around the GIL that the
-    JPEG decoders hold (sdk.io.parallel), but on 2 cores they measured no faster than threads for
-    covid-P001 (median of 5 fresh loads: serial 1.58 s, threads 1.37 s, processes 1.62 s;
-    docs/benchmarks/ingest.md), and forking a process that already runs ONNX Runtime / CUDA threads
-    (an integrator's application) is not a safe default. Opt in where cores are many."""
+    """``auto``: threads. The first decoder of the lossless syntaxes (imagecodecs) releases the
+    GIL, so threads decode in parallel (covid-P001 on 2 threads: 0.28 s against 0.73 s with GDCM;
+    docs/benchmarks/ingest.md). Forked processes (``decode="processes"``) get around the GIL that
+    pylibjpeg / GDCM hold for the other syntaxes (sdk.io.parallel), but forking a process that
+    already runs ONNX Runtime / CUDA threads (an integrator's application) is not a safe default.
+    Opt in where cores are many and the syntax is lossy JPEG."""
     if mode not in DECODE_MODES:
         raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, not {mode!r}")
     if mode != "auto":
