@@ -17,6 +17,15 @@ Two inputs:
   slices in ascending slice location) and ``slice_labels_row`` add **slice-level** metrics on the
   selected slices (every slice of a negative series counts as negative).
 
+Per-slice scores (``slice_scores`` in the report, issue 14): the AUC with its bootstrap CI of (i)
+the CNN's P(covid), (ii) the slice's ground-glass fraction, (iii) its consolidation fraction
+(``sdk.opacity``, fixed HU rules) and (iv) the bundle's fused ``slice_score`` (``sdk.slice_score``),
+plus the paired difference fused - CNN: for series pooled, positives vs the negative series'
+slices, and per series (with both labels: within it; a negative series: the positive series'
+infected slices vs its slices), with an explicit leave-one-series-out statement (nothing there is
+fitted on the real series); for ``--images --render hu`` on the estimated HU, pooled and per
+source. A ROC PNG with the four curves (``roc_*_scores.png``).
+
 Metrics: ROC AUC (Mann-Whitney, ties counted half), sensitivity, specificity, accuracy, the
 confusion matrix, a per-source breakdown, and 95% percentile-bootstrap CIs (resampling cases with
 a fixed seed, so a rerun reproduces every number); ROC curve PNG (matplotlib Agg).
@@ -51,6 +60,7 @@ __all__ = [
     "evaluate_series",
     "plot_roc",
     "auc_with_ci",
+    "paired_auc_difference",
     "EvalReport",
 ]
 
@@ -560,6 +570,9 @@ def evaluate_series(
             sl_in_pos_series.extend([bool(y)] * idx.size)
             sl_case.extend([len(cases)] * idx.size)
             case["slices_labelled_positive"] = int(slice_y.sum())
+            case["slices"] = [{"index": int(sc.index), "y": int(v), "p_covid": float(pp), "ggo_fraction": sc.ggo_fraction,
+                               "consolidation_fraction": sc.consolidation_fraction, "slice_score": sc.slice_score}
+                              for sc, v, pp in zip(res.slice_scores, slice_y, slice_p)]
             if 0 < slice_y.sum() < slice_y.size:
                 case["slice_auc_within_series"] = auc(slice_y, slice_p)
         cases.append(case)
@@ -631,8 +644,29 @@ def auc_with_ci(y: np.ndarray, s: np.ndarray, n_boot: int = 2000, seed: int = 0)
     return d
 
 
+def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> Dict[str, Any]:
+    """AUC(a) - AUC(b) on the same slices with a paired percentile bootstrap (the same resampled
+    slices for both scores): ``{"diff", "ci95", "p_le_0"}`` (share of resamples with diff <= 0)."""
+    y = np.asarray(y).astype(np.int64)
+    d: Dict[str, Any] = {"diff": auc(y, a) - auc(y, b)}
+    if n_boot > 0 and 0 < y.sum() < y.size:
+        rng = np.random.default_rng(seed)
+        vals = []
+        for _ in range(int(n_boot)):
+            idx = rng.integers(0, y.size, y.size)
+            vals.append(auc(y[idx], a[idx]) - auc(y[idx], b[idx]))
+        v = np.asarray(vals)
+        v = v[np.isfinite(v)]
+        d["ci95"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+        d["p_le_0"] = float(np.mean(v <= 0))
+    return d
+
+
 def _auc_table(y: np.ndarray, named: Dict[str, np.ndarray], n_boot: int, seed: int) -> Dict[str, Any]:
-    return {k: auc_with_ci(y, v, n_boot, seed) for k, v in named.items()}
+    out: Dict[str, Any] = {k: auc_with_ci(y, v, n_boot, seed) for k, v in named.items()}
+    if "slice_score" in named:
+        out["slice_score_minus_cnn"] = paired_auc_difference(y, named["slice_score"], named["cnn"], n_boot, seed)
+    return out
 
 
 def _series_score_tables(cases: List[Dict[str, Any]], y: np.ndarray, named: Dict[str, np.ndarray], in_pos: np.ndarray,
@@ -678,7 +712,8 @@ def _series_score_tables(cases: List[Dict[str, Any]], y: np.ndarray, named: Dict
 
 
 def _plot_scores(y: np.ndarray, named: Dict[str, np.ndarray], table: Dict[str, Any], path: Path, title: str) -> Path:
-    curves = {k: (*roc_curve(y, v)[:2], table[k]["auc"]) for k, v in named.items() if k in table}
+    curves = {("fused slice_score" if k == "slice_score" else k): (*roc_curve(y, v)[:2], table[k]["auc"])
+              for k, v in named.items() if k in table}
     return plot_roc(curves, path, title=title)
 
 

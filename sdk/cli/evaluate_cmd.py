@@ -44,7 +44,11 @@ def _human(d: Dict[str, Any]) -> str:
             lo, hi = m.get("ci95") or [None, None]
             a = "n/a" if m.get("auc") is None else f"{m['auc']:.3f}"
             return f"{k} {a}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
-        return ", ".join(one(k, m) for k, m in t.items())
+        parts = [one(k, m) for k, m in t.items() if "auc" in m]
+        dd = t.get("slice_score_minus_cnn")
+        if dd and dd.get("ci95"):
+            parts.append(f"slice_score - cnn {dd['diff']:+.3f} [{dd['ci95'][0]:+.3f}, {dd['ci95'][1]:+.3f}]")
+        return ", ".join(parts)
 
     for k in ("pooled", "positive_vs_negative_series_slices"):
         if k in sc:
