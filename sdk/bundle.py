@@ -149,6 +149,14 @@ class Bundle:
         return float(self.manifest.get("thresholds", {}).get("slice", 0.5))
 
     @property
+    def slice_score_model(self) -> Any:
+        """The per-slice evidence score (:class:`sdk.slice_score.SliceScoreModel`) from the
+        manifest's ``slice_score`` block; None when the bundle has none."""
+        from .slice_score import SliceScoreModel
+
+        return SliceScoreModel.from_manifest(self.manifest.get("slice_score"))
+
+    @property
     def calibration_passed(self) -> bool:
         return bool(self.manifest.get("int8", {}).get("passed", False))
 

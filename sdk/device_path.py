@@ -406,7 +406,7 @@ class KernelPath:
         """Every stage after eligibility; returns (TriageResult, lung mask or a lazy host view)."""
         from .lungs import slice_thickness_mm
         from .slices import select_by_lung_area
-        from .triage import NOT_ELIGIBLE, SliceScore, TriageResult, _HeatmapSource
+        from .triage import NOT_ELIGIBLE, TriageResult, _HeatmapSource, slice_scores
 
         io = Transfers()
         xp = self.ops.xp
@@ -469,8 +469,8 @@ class KernelPath:
         with self._stage(timer, "aggregation"):
             decision = triage._decide_series(slice_probs, opacity, int(indices.size), lung_ml)
         z_mm = np.asarray(volume.z_mm, dtype=np.float64)
-        scores = [SliceScore(int(z), float(z_mm[z]), {c: float(p) for c, p in zip(triage.classes, row)})
-                  for z, row in zip(indices, slice_probs)]
+        scores = slice_scores(triage.classes, triage.positive, indices, z_mm, slice_probs, opacity,
+                              getattr(triage, "slice_score_model", None))
         heat = None
         if triage.keep_heatmaps and cams is not None:
             heat = _HeatmapSource(hu=volume.hu, mask=mask_view, cams=cams, window=triage.window,

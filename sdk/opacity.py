@@ -30,7 +30,10 @@ measure their error against the full grid.
 3. *Ground glass*: ``ggo_lo_hu`` <= HU <= ``dense_hu`` (-750...-300 HU), excluding a one-pixel rim
    around removed vessels and airways (partial volume there reads as ground glass), then a 3x3
    opening drops single pixels and one-pixel lines (noise, fissures, pleural partial volume).
-4. Fractions are of the analysed lung (lung minus airways): overall, per lung (labels 1 left,
+4. Fractions are of the analysed lung (lung minus airways): overall, per slice
+   (``slice_ggo_fraction`` / ``slice_consolidation_fraction`` / ``slice_lung_voxels``: one value
+   per native slice, counted on the same working grid in the same pass; NaN where the slice has
+   no analysed lung - outside the mask, or in the trimmed basal/apical ends), per lung (labels 1 left,
    2 right; a binary mask is split at the x centroid), per zone: *upper / lower* = above / below
    the middle of that lung's craniocaudal extent; *peripheral / central* = the outer third of each
    lung's cross-section by 2D distance to the lung boundary (depth <= 1/3 of that slice's
@@ -98,6 +101,11 @@ class LungOpacity:
         label_map: (z, y', x') uint8 0/1/2 on the working grid (not serialised).
         origin: (y0, x0) native index of ``label_map[:, 0, 0]``; native pixel (y, x) of the map's
             (i, j) is ``(y0 + i*stride, x0 + j*stride)``.
+        slice_ggo_fraction / slice_consolidation_fraction: (z,) float64, per native slice, the
+            share of that slice's analysed lung (working grid) in ground glass / consolidation;
+            NaN where the slice has no analysed lung. Not in ``to_dict()`` (per-slice values
+            travel with the slice scores, ``sdk.triage.SliceScore``).
+        slice_lung_voxels: (z,) int64 analysed-lung voxels per slice on the working grid (0: none).
     """
 
     lung_ml: float
@@ -115,6 +123,17 @@ class LungOpacity:
     label_map: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     origin: Tuple[int, int] = (0, 0)
     native_shape: Tuple[int, int, int] = (0, 0, 0)
+    slice_ggo_fraction: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    slice_consolidation_fraction: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    slice_lung_voxels: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+
+    def slice_fractions(self, z: int) -> Tuple[float, float]:
+        """(ground glass, consolidation) fraction of native slice ``z``'s analysed lung (NaN, NaN
+        when it has none or was not measured)."""
+        g, c = self.slice_ggo_fraction, self.slice_consolidation_fraction
+        if g is None or c is None or not 0 <= z < g.shape[0]:
+            return float("nan"), float("nan")
+        return float(g[z]), float(c[z])
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe dict (no arrays); floats rounded to 6 digits."""
@@ -289,6 +308,16 @@ def measure_opacity(
     ggo = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), ggo.view(np.uint8)).view(bool)
     label_map = consolidation.view(np.uint8) * np.uint8(CONSOLIDATION)   # disjoint: ggo is not dense
     label_map |= ggo.view(np.uint8)
+    # per-slice fractions of the analysed lung (ggo and consolidation lie inside it by construction)
+    n_lung = np.zeros(hu.shape[0], np.int64)
+    n_ggo = np.zeros(hu.shape[0], np.int64)
+    n_cons = np.zeros(hu.shape[0], np.int64)
+    n_lung[z0:z1] = np.count_nonzero(analysed.reshape(nz, -1), axis=1)
+    n_ggo[z0:z1] = np.count_nonzero(ggo.reshape(nz, -1), axis=1)
+    n_cons[z0:z1] = np.count_nonzero(consolidation.reshape(nz, -1), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = np.where(n_lung > 0, n_lung, np.nan)
+        slice_ggo, slice_cons = n_ggo / den, n_cons / den
     # 4. zones: one histogram over (lung side, upper, peripheral, label) of the analysed voxels
     hist = _zone_histogram(lb, present, label_map, analysed, superior_is_high_z)  # side, upper, periph, label
     per_lung = {name: _stats(hist[v], ml) for name, v in (("left", LEFT), ("right", RIGHT))}
@@ -308,6 +337,7 @@ def measure_opacity(
         grid={"stride": [1, s, s], "spacing_mm": [dz, py, px]},
         config={k: float(v) for k, v in asdict(config).items()},
         label_map=full, origin=(int(y0) * s, int(x0) * s), native_shape=tuple(int(v) for v in hu.shape),
+        slice_ggo_fraction=slice_ggo, slice_consolidation_fraction=slice_cons, slice_lung_voxels=n_lung,
     )
 
 

@@ -62,21 +62,68 @@ LUNG_METHODS = ("auto", "unet2d", "classical", "hybrid", "unet3d")
 #: weights and masked GAP by that kernel set, device-resident with "cuda"
 KERNELS = ("auto", "numpy", "gpu", "cuda", "cpu-harness", "reference")
 
-__all__ = ["Triage", "TriageResult", "SliceScore", "STAGES", "NOT_ELIGIBLE"]
+__all__ = ["Triage", "TriageResult", "SliceScore", "slice_scores", "STAGES", "NOT_ELIGIBLE"]
 
 
 # --- result ------------------------------------------------------------------------------------
+def _opt(v: Any) -> Optional[float]:
+    """A finite float, or None (NaN / missing)."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
 @dataclass(frozen=True)
 class SliceScore:
-    """Score of one selected slice: ``index`` into the volume's z axis, its position, probabilities."""
+    """Score of one selected slice: ``index`` into the volume's z axis, its position, the CNN's
+    class probabilities, and the slice's HU evidence.
+
+    ``ggo_fraction`` / ``consolidation_fraction``: share of the slice's analysed lung in ground
+    glass / consolidation (:attr:`sdk.opacity.LungOpacity.slice_ggo_fraction`; None when the
+    opacity was not measured or the slice has no analysed lung - e.g. the basal / apical ends the
+    opacity rules leave out). ``slice_score``: the bundle's fused per-slice evidence score
+    (:mod:`sdk.slice_score`; None when the bundle defines none).
+    """
 
     index: int
     z_mm: float
     probabilities: Dict[str, float]
+    ggo_fraction: Optional[float] = None
+    consolidation_fraction: Optional[float] = None
+    slice_score: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {"index": int(self.index), "z_mm": float(self.z_mm),
-                "probabilities": {k: float(v) for k, v in self.probabilities.items()}}
+                "probabilities": {k: float(v) for k, v in self.probabilities.items()},
+                "ggo_fraction": _opt(self.ggo_fraction), "consolidation_fraction": _opt(self.consolidation_fraction),
+                "slice_score": _opt(self.slice_score)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SliceScore":
+        return cls(int(d["index"]), float(d["z_mm"]), dict(d["probabilities"]), _opt(d.get("ggo_fraction")),
+                   _opt(d.get("consolidation_fraction")), _opt(d.get("slice_score")))
+
+
+def slice_scores(classes: List[str], positive: str, indices: np.ndarray, z_mm: np.ndarray, slice_probs: np.ndarray,
+                 opacity: Any = None, model: Any = None) -> List[SliceScore]:
+    """One :class:`SliceScore` per selected slice: the CNN's probabilities, the slice's opacity
+    fractions (from ``opacity``, a :class:`sdk.opacity.LungOpacity`) and the fused score
+    (``model``, a :class:`sdk.slice_score.SliceScoreModel`) - used by the host and kernel paths."""
+    idx = np.asarray(indices, dtype=np.int64)
+    probs = np.asarray(slice_probs, dtype=np.float64).reshape(idx.size, len(classes))
+    nan = np.full(idx.size, np.nan)
+    ggo = cons = nan
+    if opacity is not None and getattr(opacity, "slice_ggo_fraction", None) is not None:
+        ggo = np.asarray(opacity.slice_ggo_fraction, dtype=np.float64)[idx]
+        cons = np.asarray(opacity.slice_consolidation_fraction, dtype=np.float64)[idx]
+    fused = nan
+    if model is not None:
+        # without an opacity measurement the fractions are missing (the model's missing_fraction)
+        fused = np.asarray(model.score(probs[:, classes.index(positive)], ggo, cons), dtype=np.float64).reshape(-1)
+    return [SliceScore(int(z), float(z_mm[z]), {c: float(p) for c, p in zip(classes, row)},
+                       _opt(g), _opt(c), _opt(f))
+            for z, row, g, c, f in zip(idx, probs, ggo, cons, fused)]
 
 
 @dataclass
@@ -105,7 +152,9 @@ class TriageResult:
             aggregator's, with the HU opacity terms added to the positive class's logit.
         eligible: False when the series failed eligibility (``reasons`` say why).
         reasons: eligibility failures, or why the label is "indeterminate" (else empty).
-        slice_scores: per selected slice (z order): volume index, z_mm, class probabilities.
+        slice_scores: per selected slice (z order): volume index, z_mm, class probabilities, the
+            slice's ground-glass / consolidation fractions and the fused ``slice_score``
+            (:class:`SliceScore`).
         lung_volume_ml: segmented lung volume (None when not computed).
         timings_ms: per stage (see ``STAGES``).
         warnings: ingest warnings (skipped files, quirks) and pipeline warnings.
@@ -250,7 +299,7 @@ class TriageResult:
         return cls(
             label=d["label"], probabilities=dict(d["probabilities"]), eligible=bool(d["eligible"]),
             reasons=list(d.get("reasons", [])),
-            slice_scores=[SliceScore(int(s["index"]), float(s["z_mm"]), dict(s["probabilities"])) for s in d.get("slice_scores", [])],
+            slice_scores=[SliceScore.from_dict(s) for s in d.get("slice_scores", [])],
             lung_volume_ml=d.get("lung_volume_ml"), timings_ms=dict(d.get("timings_ms", {})),
             warnings=list(d.get("warnings", [])), runtime=dict(d.get("runtime", {})),
             series_uid=d.get("series_uid", ""), bundle=dict(d.get("bundle", {})), threshold=d.get("threshold"),
@@ -431,6 +480,8 @@ class Triage:
             self._inputs_fn, self.runtime["kernels"] = _input_builder(
                 "numpy" if kernels in ("gpu", "cuda") else kernels, self.runtime.get("device", "cpu"), self.runtime_reasons)
         self._aggregator = self.bundle.load_aggregator()
+        #: the per-slice evidence score of the bundle's manifest (None: the bundle defines none)
+        self.slice_score_model = self.bundle.slice_score_model
         self._warm_up()
         self.init_ms = (time.perf_counter() - t0) * 1000.0
         log.info("Triage ready in %.0f ms: bundle %s %s, runtime %s", self.init_ms, self.bundle.name,
@@ -634,8 +685,7 @@ class Triage:
         with timer("aggregation"):
             decision = self._decide_series(slice_probs, opacity, int(indices.size), float(seg.lung_volume_ml))
         z_mm = np.asarray(volume.z_mm, dtype=np.float64)
-        scores = [SliceScore(int(z), float(z_mm[z]), {c: float(p) for c, p in zip(self.classes, row)})
-                  for z, row in zip(indices, slice_probs)]
+        scores = slice_scores(self.classes, self.positive, indices, z_mm, slice_probs, opacity, self.slice_score_model)
         heat = None
         if self.keep_heatmaps:
             heat = _HeatmapSource(hu=volume.hu, mask=seg.mask, cams=cams, window=self.window,

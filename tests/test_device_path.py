@@ -93,6 +93,9 @@ def test_cpu_harness_triage_matches_numpy_path_on_p001(p001) -> None:
     for c in a.probabilities:
         assert a.probabilities[c] == pytest.approx(b.probabilities[c], abs=1e-4)
     assert a.lung_volume_ml == pytest.approx(b.lung_volume_ml, rel=1e-9)
+    # per-slice HU evidence and the fused score travel the kernel path too
+    assert [s.ggo_fraction for s in a.slice_scores] == [s.ggo_fraction for s in b.slice_scores]
+    assert np.allclose([s.slice_score for s in a.slice_scores], [s.slice_score for s in b.slice_scores], atol=1e-3)
     # copies of the orchestration: the volume once, per-slice areas and probabilities back
     t = a.transfers
     ups = [c for c in t["copies"] if c["dir"] == "h2d"]

@@ -77,6 +77,13 @@ def test_phantom_result_contract(phantom_result: TriageResult, engine) -> None:
     z = [s.z_mm for s in r.slice_scores]
     assert z == sorted(z)
     assert r.lung_volume_ml is not None and r.lung_volume_ml > 0
+    # per-slice HU evidence next to the CNN's probability, and the bundle's fused score
+    model = engine.slice_score_model
+    assert model is not None and any(s.ggo_fraction is not None for s in r.slice_scores)
+    for s in r.slice_scores:
+        assert s.slice_score == pytest.approx(model.score(s.probabilities["covid"], s.ggo_fraction if s.ggo_fraction is not None
+                                                          else float("nan"), s.consolidation_fraction if
+                                                          s.consolidation_fraction is not None else float("nan")), rel=1e-6)
 
 
 def test_phantom_numbers_match_independent_pipeline(phantom_result: TriageResult, engine, phantom) -> None:
@@ -135,7 +142,8 @@ def test_to_dict_json_round_trip(phantom_result: TriageResult) -> None:
                 "warnings", "runtime"):
         assert key in d
     assert set(d["runtime"]) >= {"provider", "precision", "device"}
-    assert set(d["slice_scores"][0]) == {"index", "z_mm", "probabilities"}
+    assert set(d["slice_scores"][0]) == {"index", "z_mm", "probabilities", "ggo_fraction", "consolidation_fraction",
+                                         "slice_score"}
     with pytest.raises(ConfigError, match="no heat maps"):
         back.heatmap(0)
 

@@ -37,6 +37,27 @@ def _human(d: Dict[str, Any]) -> str:
         within = m.get("within_series")
         extra = f"; within-series {_fmt(within)}" if within else ""
         lines.append(f"  slices of {name}: n={m['n']} (pos {m['n_pos']}), mean P(covid) {m['mean_p_covid']:.3f}{extra}")
+    sc = d.get("slice_scores", {})
+
+    def aucs(t: Dict[str, Any]) -> str:
+        def one(k: str, m: Dict[str, Any]) -> str:
+            lo, hi = m.get("ci95") or [None, None]
+            a = "n/a" if m.get("auc") is None else f"{m['auc']:.3f}"
+            return f"{k} {a}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
+        parts = [one(k, m) for k, m in t.items() if "auc" in m]
+        dd = t.get("slice_score_minus_cnn")
+        if dd and dd.get("ci95"):
+            parts.append(f"slice_score - cnn {dd['diff']:+.3f} [{dd['ci95'][0]:+.3f}, {dd['ci95'][1]:+.3f}]")
+        return ", ".join(parts)
+
+    for k in ("pooled", "positive_vs_negative_series_slices"):
+        if k in sc:
+            lines.append(f"slice scores, {k}: " + aucs(sc[k]))
+    for name, m in sc.get("per_series", {}).items():
+        if "auc" in m:
+            lines.append(f"  slice scores of {name} ({m['comparison']}): " + aucs(m["auc"]))
+    if "leave_one_series_out" in sc:
+        lines.append("leave-one-series-out: " + sc["leave_one_series_out"]["note"])
     excluded = d.get("excluded", [])
     for e in excluded[:5]:
         lines.append(f"excluded: {e}")
