@@ -36,15 +36,20 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .tables import read_csv_rows
+from .labels import (  # noqa: F401 - part of this module's API since 0.1
+    LABEL_ORDERS, POSITIVE, align_slice_labels, is_positive, read_images_csv, read_series_csv, read_series_rows,
+)
+from .metrics import (  # noqa: F401 - part of this module's API since 0.1
+    auc, auc_with_ci, binary_metrics, bootstrap_ci, paired_auc_difference, roc_curve, youden_threshold,
+)
+from .tables import json_safe
 from .errors import ConfigError, CtsdkError
 
 PathLike = Union[str, Path]
-POSITIVE = {"covid", "covid-19", "covid19"}
 
 __all__ = [
     "auc",
@@ -65,203 +70,7 @@ __all__ = [
 ]
 
 
-# --- metrics -----------------------------------------------------------------------------------
-def _check_binary(y: np.ndarray, p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y).astype(np.int64).reshape(-1)
-    p = np.asarray(p, dtype=np.float64).reshape(-1)
-    if y.shape != p.shape:
-        raise ConfigError(f"labels ({y.size}) and scores ({p.size}) differ in length")
-    if not np.isin(y, (0, 1)).all():
-        raise ConfigError("labels must be 0/1")
-    return y, p
-
-
-def auc(y: Sequence[int], p: Sequence[float]) -> float:
-    """ROC AUC = P(score of a positive > score of a negative) + 0.5 P(tie); NaN with one class."""
-    y, p = _check_binary(np.asarray(y), np.asarray(p))
-    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    from scipy.stats import rankdata
-
-    ranks = rankdata(p)  # average ranks for ties
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def roc_curve(y: Sequence[int], p: Sequence[float]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds), thresholds descending, starting at (0, 0) with +inf."""
-    y, p = _check_binary(np.asarray(y), np.asarray(p))
-    order = np.argsort(-p, kind="mergesort")
-    ps, ys = p[order], y[order]
-    distinct = np.r_[np.nonzero(np.diff(ps))[0], ys.size - 1]
-    tps = np.cumsum(ys)[distinct]
-    fps = (distinct + 1) - tps
-    n_pos, n_neg = max(int(ys.sum()), 1), max(int((1 - ys).sum()), 1)
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
-    thr = np.r_[np.inf, ps[distinct]]
-    return fpr, tpr, thr
-
-
-def youden_threshold(y: Sequence[int], p: Sequence[float]) -> float:
-    """Threshold maximising sensitivity + specificity - 1 (ties: the one closest to 0.5)."""
-    fpr, tpr, thr = roc_curve(y, p)
-    j = tpr - fpr
-    finite = np.isfinite(thr)
-    cand = np.nonzero(finite & (j >= j[finite].max() - 1e-12))[0]
-    best = cand[np.argmin(np.abs(thr[cand] - 0.5))]
-    return float(thr[best])
-
-
-def _point(y: np.ndarray, p: np.ndarray, threshold: float) -> Dict[str, Any]:
-    pred = (p >= threshold).astype(np.int64)
-    tp = int(((pred == 1) & (y == 1)).sum())
-    tn = int(((pred == 0) & (y == 0)).sum())
-    fp = int(((pred == 1) & (y == 0)).sum())
-    fn = int(((pred == 0) & (y == 1)).sum())
-    return {
-        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-        "accuracy": (tp + tn) / y.size if y.size else float("nan"),
-        "confusion": {"tp": tp, "fn": fn, "fp": fp, "tn": tn},
-    }
-
-
-def bootstrap_ci(
-    y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 2000, seed: int = 0, level: float = 0.95
-) -> Dict[str, List[float]]:
-    """Percentile bootstrap CIs of auc/sensitivity/specificity/accuracy (cases resampled, seeded)."""
-    y, p = _check_binary(y, p)
-    rng = np.random.default_rng(seed)
-    stats: Dict[str, List[float]] = {"auc": [], "sensitivity": [], "specificity": [], "accuracy": []}
-    n = y.size
-    for _ in range(int(n_boot)):
-        idx = rng.integers(0, n, n)
-        yb, pb = y[idx], p[idx]
-        stats["auc"].append(auc(yb, pb))
-        pt = _point(yb, pb, threshold)
-        for k in ("sensitivity", "specificity", "accuracy"):
-            stats[k].append(pt[k])
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    out = {}
-    for k, v in stats.items():
-        a = np.asarray(v, dtype=np.float64)
-        a = a[np.isfinite(a)]
-        out[k] = [float(np.percentile(a, lo)), float(np.percentile(a, hi))] if a.size else [float("nan")] * 2
-    return out
-
-
-def binary_metrics(y: Sequence[int], p: Sequence[float], threshold: float, *, n_boot: int = 2000, seed: int = 0) -> Dict[str, Any]:
-    """AUC, sensitivity, specificity, accuracy, confusion at ``threshold`` + 95% bootstrap CIs."""
-    y, p = _check_binary(np.asarray(y), np.asarray(p))
-    out: Dict[str, Any] = {"n": int(y.size), "n_pos": int(y.sum()), "n_neg": int((1 - y).sum()),
-                           "threshold": float(threshold), "auc": auc(y, p)}
-    out.update(_point(y, p, threshold))
-    out["ci95"] = bootstrap_ci(y, p, threshold, n_boot=n_boot, seed=seed) if n_boot > 0 and y.size else {}
-    out["bootstrap"] = {"n": int(n_boot), "seed": int(seed), "method": "percentile, cases resampled"}
-    return out
-
-
 # --- inputs ------------------------------------------------------------------------------------
-def is_positive(label: str) -> int:
-    return 1 if str(label).strip().lower().replace("_", "-") in POSITIVE else 0
-
-
-def read_images_csv(path: PathLike, split: Optional[str] = None, data_root: Optional[PathLike] = None) -> List[Dict[str, str]]:
-    """Rows of an images CSV with ``abspath`` added (relative to data_root or the CSV's folder)."""
-    path = Path(path)
-    rows = read_csv_rows(path, ("path", "label"), "images CSV (format of images_index.csv: path,label,source,split,patient)")
-    if split is not None:
-        if "split" not in rows[0]:
-            raise ConfigError(f"{path}: --split {split!r} given but the CSV has no 'split' column")
-        available = sorted({r["split"] for r in rows})
-        rows = [r for r in rows if r["split"] == split]
-        if not rows:
-            raise ConfigError(f"{path}: no rows with split {split!r}; splits present: {available}")
-    root = Path(data_root) if data_root is not None else path.parent
-    for r in rows:
-        p = Path(r["path"])
-        r["abspath"] = str(p if p.is_absolute() else root / p)
-    missing = [r["abspath"] for r in rows if not Path(r["abspath"]).is_file()]
-    if missing:
-        raise ConfigError(f"{path}: {len(missing)} image(s) not found, first {missing[0]} (paths are relative to "
-                          f"{'--data-root' if data_root else 'the CSV folder'}; pass --data-root)")
-    return rows
-
-
-def read_series_csv(path: PathLike) -> List[Tuple[Path, str]]:
-    """``path,label`` rows -> [(series path, label)], paths relative to the CSV's folder."""
-    path = Path(path)
-    rows = read_csv_rows(path, ("path", "label"), "series CSV")
-    out = []
-    for r in rows:
-        p = Path(r["path"])
-        out.append((p if p.is_absolute() else path.parent / p, r["label"]))
-    return out
-
-
-LABEL_ORDERS = ("z", "reversed")
-
-
-def align_slice_labels(row: np.ndarray, n_slices: int, order: str = "z") -> np.ndarray:
-    """Per-slice 0/1 labels of a series of ``n_slices`` slices in our z order (ascending slice
-    location, ``Volume.z_mm``) from one label row padded beyond ``n_slices`` (e.g. to 200).
-
-    ``order="z"``: the row already runs in our z order (``row[:n]``). ``order="reversed"``: the
-    row runs the other way (head -> feet, InstanceNumber order), as COVID-CT-MD's slice-level
-    label files do (checked on anatomy: read as stored, P001's right upper lobe lies below its
-    right lower lobe) -> ``row[:n][::-1]``. The one owner of this alignment: training, the
-    domain-gap check and ``ctsdk evaluate`` all call it.
-    """
-    if order not in LABEL_ORDERS:
-        raise ConfigError(f"slice label order must be one of {LABEL_ORDERS}, not {order!r}")
-    lab = np.asarray(row).astype(np.int64).reshape(-1)
-    if lab.size < n_slices:
-        raise ConfigError(f"slice labels have {lab.size} entries for a series of {n_slices} slices")
-    if lab[n_slices:].any():
-        raise ConfigError(f"slice labels mark slices beyond the series' {n_slices} slices: wrong row or series?")
-    lab = lab[:n_slices]
-    return (lab[::-1] if order == "reversed" else lab).copy()
-
-
-def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
-    """Series CSV rows with optional slice labels.
-
-    Columns: ``path,label`` and, optionally, ``slice_labels`` (a ``.npy`` of per-slice 0/1 labels,
-    rows = cases, columns = slices in ascending slice location, i.e. our z order; relative to the
-    CSV's folder) and ``slice_labels_row`` (the row of this series), ``slice_labels_order``
-    (``z`` - default - or ``reversed``: see :func:`align_slice_labels`; COVID-CT-MD's files are
-    ``reversed``), and ``bundle`` (a bundle
-    folder that scores this row instead of the command's bundle - e.g. the leave-one-series-out
-    fold model that never saw this series; relative to the CSV's folder). Returns dicts with
-    ``path`` (Path), ``label``, ``slice_labels`` (1-D int array or None), ``bundle`` (Path or None).
-    """
-    path = Path(path)
-    items = read_series_csv(path)
-    raw = read_csv_rows(path, ("path", "label"), "series CSV")
-    out: List[Dict[str, Any]] = []
-    for (p, label), r in zip(items, raw):
-        labels = None
-        f = (r.get("slice_labels") or "").strip()
-        if f:
-            fp = Path(f) if Path(f).is_absolute() else path.parent / f
-            row = (r.get("slice_labels_row") or "").strip()
-            if not fp.is_file() or not row.lstrip("-").isdigit():
-                raise ConfigError(f"{path}: row {p}: slice_labels {fp} must exist and slice_labels_row must be an integer")
-            labels = np.asarray(np.load(fp)[int(row)]).astype(np.int64).reshape(-1)
-        order = (r.get("slice_labels_order") or "z").strip() or "z"
-        if order not in LABEL_ORDERS:
-            raise ConfigError(f"{path}: row {p}: slice_labels_order must be one of {LABEL_ORDERS}, not {order!r}")
-        bundle = None
-        bcol = (r.get("bundle") or "").strip()
-        if bcol:
-            bundle = Path(bcol) if Path(bcol).is_absolute() else path.parent / bcol
-            if not (bundle / "manifest.json").is_file():
-                raise ConfigError(f"{path}: row {p}: bundle {bundle} is not a bundle folder (no manifest.json)")
-        out.append({"path": p, "label": label, "slice_labels": labels, "slice_labels_order": order, "bundle": bundle})
-    return out
-
-
 def eval_image_input(grey01: np.ndarray, lung_mask: np.ndarray, size: int) -> np.ndarray:
     """The classifier's evaluation transform of an 8-bit image -> (3, size, size) float32.
 
@@ -329,22 +138,7 @@ class EvalReport:
             d["slice_scores"] = self.slice_scores
         if with_cases:
             d["cases"] = self.cases
-        return _json_safe(d)
-
-
-def _json_safe(o: Any) -> Any:
-    """Plain JSON types; NaN / inf (e.g. AUC of a one-class subset) become None."""
-    if isinstance(o, dict):
-        return {str(k): _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float):
-        return o if np.isfinite(o) else None
-    if o is None or isinstance(o, (str, int, bool)):
-        return o
-    return str(o)
+        return json_safe(d)
 
 
 def plot_roc(curves: Dict[str, Tuple[np.ndarray, np.ndarray, float]], path: PathLike, title: str = "ROC") -> Path:
@@ -625,41 +419,6 @@ def _named_scores(p: np.ndarray, ggo: np.ndarray, cons: np.ndarray, fused: np.nd
     if np.isfinite(fused).any():
         out["slice_score"] = np.asarray(fused, np.float64)
     return out
-
-
-def auc_with_ci(y: np.ndarray, s: np.ndarray, n_boot: int = 2000, seed: int = 0) -> Dict[str, Any]:
-    """``{"n", "n_pos", "auc", "ci95"}`` (percentile bootstrap of the AUC, slices resampled, seeded)."""
-    y = np.asarray(y).astype(np.int64)
-    s = np.asarray(s, np.float64)
-    d: Dict[str, Any] = {"n": int(y.size), "n_pos": int(y.sum()), "auc": auc(y, s) if y.size else float("nan")}
-    if n_boot > 0 and 0 < y.sum() < y.size:
-        rng = np.random.default_rng(seed)
-        vals = []
-        for _ in range(int(n_boot)):
-            idx = rng.integers(0, y.size, y.size)
-            vals.append(auc(y[idx], s[idx]))
-        a = np.asarray(vals)
-        a = a[np.isfinite(a)]
-        d["ci95"] = [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))]
-    return d
-
-
-def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> Dict[str, Any]:
-    """AUC(a) - AUC(b) on the same slices with a paired percentile bootstrap (the same resampled
-    slices for both scores): ``{"diff", "ci95", "p_le_0"}`` (share of resamples with diff <= 0)."""
-    y = np.asarray(y).astype(np.int64)
-    d: Dict[str, Any] = {"diff": auc(y, a) - auc(y, b)}
-    if n_boot > 0 and 0 < y.sum() < y.size:
-        rng = np.random.default_rng(seed)
-        vals = []
-        for _ in range(int(n_boot)):
-            idx = rng.integers(0, y.size, y.size)
-            vals.append(auc(y[idx], a[idx]) - auc(y[idx], b[idx]))
-        v = np.asarray(vals)
-        v = v[np.isfinite(v)]
-        d["ci95"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-        d["p_le_0"] = float(np.mean(v <= 0))
-    return d
 
 
 def _auc_table(y: np.ndarray, named: Dict[str, np.ndarray], n_boot: int, seed: int) -> Dict[str, Any]:

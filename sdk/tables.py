@@ -1,9 +1,13 @@
-"""Reading the CSV tables ctsdk takes as input (images, series, predictions, manifests)."""
+"""Reading the CSV tables ctsdk takes as input (images, series, predictions, manifests), and
+:func:`json_safe`, the one converter of results to plain JSON types."""
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Union
+from typing import Any, Dict, Iterable, List, Union
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -25,3 +29,22 @@ def read_csv_rows(path: PathLike, required: Iterable[str], what: str) -> List[Di
         found = sorted(rows[0]) if rows else "(no rows)"
         raise ConfigError(f"{path}: {what} needs the columns {','.join(need)}; found {found}")
     return rows
+
+
+def json_safe(o: Any) -> Any:
+    """Plain JSON types for any result, config or report: dataclasses become dicts, NumPy scalars
+    Python numbers, paths and other objects strings; NaN / inf (e.g. AUC of a one-class subset)
+    become None."""
+    if is_dataclass(o) and not isinstance(o, type):
+        o = asdict(o)
+    if isinstance(o, dict):
+        return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float):
+        return o if np.isfinite(o) else None
+    if o is None or isinstance(o, (str, int, bool)):
+        return o
+    return str(o)

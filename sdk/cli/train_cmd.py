@@ -112,9 +112,9 @@ def make_subcommand(name: str) -> click.Command:
     def command(config_file: Optional[str], print_config: bool, as_json: bool, **given: Any) -> None:
         cfg = resolve_config(cls, config_file, given)
         if print_config:
-            from ..train.common import _jsonable
+            from ..tables import json_safe
 
-            emit(_jsonable(cfg), as_json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+            emit(json_safe(cfg), as_json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
             return
         require_train_deps(needs, f"ctsdk train {name}")
         train = getattr(mod, fn_name)

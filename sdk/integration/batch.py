@@ -194,9 +194,9 @@ class JsonlWriter:
     @staticmethod
     def encode(record: Dict[str, Any]) -> str:
         """One result line (compact JSON, NumPy values converted), without the newline."""
-        from .storage import _json_default
+        from .storage import json_default
 
-        return json.dumps(record, default=_json_default, separators=(",", ":"), allow_nan=True)
+        return json.dumps(record, default=json_default, separators=(",", ":"), allow_nan=True)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -107,12 +107,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: PathLike, payload: Dict[str, Any]) -> Path:
     """:func:`atomic_write_bytes` of a pretty JSON document."""
-    return atomic_write_bytes(path, (json.dumps(payload, indent=2, default=_json_default) + "\n").encode())
+    return atomic_write_bytes(path, (json.dumps(payload, indent=2, default=json_default) + "\n").encode())
 
 
 def append_jsonl_line(path: PathLike, payload: Dict[str, Any], lock: Optional[threading.Lock] = None) -> None:
     """Append one JSON line and flush + fsync it (an interrupted writer loses at most this line)."""
-    line = json.dumps(payload, default=_json_default, separators=(",", ":")) + "\n"
+    line = json.dumps(payload, default=json_default, separators=(",", ":")) + "\n"
     if "\n" in line[:-1]:  # json.dumps never emits raw newlines, but be explicit about the contract
         raise ConfigError(f"{path}: a JSONL record must be one line")
     ctx = lock if lock is not None else _NullLock()
@@ -131,7 +131,7 @@ class _NullLock:
         return None
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     try:
         import numpy as np
 

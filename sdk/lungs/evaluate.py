@@ -62,7 +62,7 @@ def load_dicom_volume(folder: str) -> Any:
 
 def evaluate_seg2d(data_dir: Path, session: Any, test_block=(1320, 10000)) -> Dict[str, Any]:
     """Per-slice Dice on the held-out seg2d block for both methods, with timings."""
-    from ..train.seg import load_seg2d, split_blocks
+    from .data import load_seg2d, split_blocks
     from .classical import segment_classical_2d
     from .unet2d import segment_slices_2d
 

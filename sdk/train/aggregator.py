@@ -167,7 +167,7 @@ def _place_runs(pos: np.ndarray, neg: np.ndarray, rng: np.random.Generator) -> n
 
 def _score_series(csv_path: str, bundle: str) -> Tuple[List[np.ndarray], np.ndarray, List[Dict[str, Any]]]:
     """Run the bundle over the series of a path,label CSV; returns slice probs, labels, rows."""
-    from ..evaluate import read_series_csv
+    from ..labels import read_series_csv
     from ..triage import Triage
 
     items = read_series_csv(csv_path)
@@ -200,7 +200,7 @@ def train_aggregator(cfg: AggTrainConfig) -> Dict[str, Any]:
     from tqdm import tqdm
 
     from ..aggregate import fit_aggregator
-    from ..evaluate import binary_metrics, youden_threshold
+    from ..metrics import binary_metrics, youden_threshold
 
     if cfg.series_role not in ("train", "eval"):
         raise ConfigError(f"series_role must be 'train' or 'eval', not {cfg.series_role!r}")
@@ -266,9 +266,9 @@ def train_aggregator(cfg: AggTrainConfig) -> Dict[str, Any]:
     metrics["wall_s"] = round(time.perf_counter() - t0, 2)
     agg.info.update({"threshold": thr, "metrics": {k: v for k, v in metrics.items() if k.endswith("_bags")}})
     agg.save(out)
-    from ..evaluate import _json_safe
+    from ..tables import json_safe
 
-    metrics = _json_safe(metrics)
+    metrics = json_safe(metrics)
     (out.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics["out"] = str(out)

@@ -447,7 +447,7 @@ def evaluate_covid_ct_md(checkpoint: str, data_root: Optional[str] = None, lung_
         scores[name] = (idx, p)
         out[name] = {"n_slices": int(vol.hu.shape[0]), "lung_slices": int(len(idx)), "lung_method": getattr(seg, "method", lung_method),
                      "mean_p_covid": float(p.mean()) if len(p) else float("nan")}
-    from ..evaluate import align_slice_labels
+    from ..labels import align_slice_labels
     from .real_slices import LABEL_ORDER
 
     lab = align_slice_labels(np.load(labels_file)[0], out["covid-P001"]["n_slices"], LABEL_ORDER)

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Typ
 import numpy as np
 
 from ..errors import ConfigError
+from ..tables import json_safe
 
 __all__ = [
     "seed_everything",
@@ -124,27 +125,13 @@ def progress(iterable: Iterable[T], desc: str = "", total: Optional[int] = None,
     return iter(tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, mininterval=2.0, **kw))
 
 
-def _jsonable(obj: Any) -> Any:
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 def save_config(cfg: Any, path: Union[str, Path], extra: Optional[Dict[str, Any]] = None) -> Path:
     """Write a config dataclass (plus ``extra``, e.g. versions) as indented JSON."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    d = _jsonable(cfg)
+    d = json_safe(cfg)
     if extra:
-        d = {**d, "_meta": _jsonable(extra)}
+        d = {**d, "_meta": json_safe(extra)}
     p.write_text(json.dumps(d, indent=2, sort_keys=False) + "\n")
     return p
 

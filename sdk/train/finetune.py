@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..tables import json_safe
 from ..volume.resample import LUNG_WINDOW  # the runtime's classifier window (one owner)
 from . import common
 from . import data as D
@@ -500,7 +501,7 @@ def summarise_loso(cfg: FinetuneConfig, reals: Pool, meta: Dict[str, Any], held_
     out["per_series"] = per
     np.savez(Path(cfg.work_dir) / "loso" / "held_out_predictions.npz", p=held_p, y=reals.y, group=reals.group,
              index=meta["real_index"], infected=meta["real_infected"])
-    (Path(cfg.work_dir) / "loso" / "loso.json").write_text(json.dumps(common._jsonable(out), indent=2) + "\n")
+    (Path(cfg.work_dir) / "loso" / "loso.json").write_text(json.dumps(json_safe(out), indent=2) + "\n")
     return out
 
 
@@ -695,7 +696,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             r = common.paired_bootstrap_diff(y[sel], p_new[sel], p_old[sel], common.roc_auc, 2000, 0)
             r.update({"new": common.roc_auc(y[sel], p_new[sel]), "old": common.roc_auc(y[sel], p_old[sel])})
             res[name] = r
-        (Path(cfg.work_dir) / "paired_new_vs_old.json").write_text(json.dumps(common._jsonable(res), indent=2))
+        (Path(cfg.work_dir) / "paired_new_vs_old.json").write_text(json.dumps(json_safe(res), indent=2))
     elif a.cmd == "bundle":
         if not a.out:
             raise ConfigError("bundle needs --out FOLDER")
@@ -730,8 +731,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         te = images.group == "test"
         res = {"real_all": common.binary_report(reals.y, p, 0.528, cfg.n_boot, cfg.seed),
                "image_test_hu_rendered": common.binary_report(images.y[te], pi[te], 0.528, cfg.n_boot, cfg.seed)}
-        (Path(cfg.work_dir) / "baseline.json").write_text(json.dumps(common._jsonable(res), indent=2) + "\n")
-    print(json.dumps(common._jsonable(res), indent=1))
+        (Path(cfg.work_dir) / "baseline.json").write_text(json.dumps(json_safe(res), indent=2) + "\n")
+    print(json.dumps(json_safe(res), indent=1))
     return res
 
 

@@ -4,7 +4,7 @@ The COVID-CT-MD sample series in ``shared/data/dicom/covid-ct-md`` (``covid-P001
 ``normal-normal001``) come with radiologists' slice-level infection labels
 (``labels/Slice-level-labels-updated-1.npy``: rows = labelled cases, columns = slices, padded to
 200; P001 is row 0, cap001 row 55; normals have no row). The columns run head -> feet
-(InstanceNumber order), the reverse of our z order: ``sdk.evaluate.align_slice_labels`` with
+(InstanceNumber order), the reverse of our z order: ``sdk.labels.align_slice_labels`` with
 ``order="reversed"``.
 
 Binary slice label for the ``non_covid`` / ``covid`` classifier: a slice of a COVID series
@@ -100,12 +100,12 @@ class RealSeries:
     infected: np.ndarray
 
 
-#: COVID-CT-MD's label rows run head -> feet (``sdk.evaluate.align_slice_labels``)
+#: COVID-CT-MD's label rows run head -> feet (``sdk.labels.align_slice_labels``)
 LABEL_ORDER = "reversed"
 
 
 def _slice_labels(spec: RealSeriesSpec, n_slices: int) -> np.ndarray:
-    from ..evaluate import align_slice_labels
+    from ..labels import align_slice_labels
 
     if spec.labels_file is None or spec.labels_row is None:
         return np.zeros(n_slices, np.int64)

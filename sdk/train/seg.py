@@ -17,7 +17,6 @@ stopping on validation Dice. Outputs in ``out``: ``unet2d_lung.pt`` (best state 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -59,33 +58,8 @@ class SegTrainConfig:
 
 
 # --- data ----------------------------------------------------------------------------------------
-def load_seg2d(data_dir: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read seg2d: (numbers (N,), images (N, 256, 256) uint8, lung masks (N, 256, 256) uint8 0/1)."""
-    import cv2
-
-    root = Path(data_dir)
-    index = root / "seg2d_index.csv"
-    if not index.is_file():
-        raise ConfigError(f"seg2d index not found: {index} (set --data to the seg2d folder)")
-    nums, imgs, masks = [], [], []
-    with index.open() as fh:
-        for row in csv.DictReader(fh):
-            img = cv2.imread(str(root / row["image"]), cv2.IMREAD_GRAYSCALE)
-            msk = cv2.imread(str(root / row["lung_mask"]), cv2.IMREAD_GRAYSCALE)
-            if img is None or msk is None:
-                raise ConfigError(f"cannot read {root / row['image']} or its lung mask {row['lung_mask']}")
-            nums.append(int(Path(row["image"]).stem))
-            imgs.append(img)
-            masks.append((msk > 127).astype(np.uint8))
-    order = np.argsort(nums)
-    return np.asarray(nums)[order], np.stack(imgs)[order], np.stack(masks)[order]
-
-
-def split_blocks(nums: np.ndarray, val: Tuple[int, int], test: Tuple[int, int]) -> Dict[str, np.ndarray]:
-    """Indices of the train / val / test contiguous number blocks."""
-    is_val = (nums >= val[0]) & (nums < val[1])
-    is_test = (nums >= test[0]) & (nums < test[1])
-    return {"train": np.where(~is_val & ~is_test)[0], "val": np.where(is_val)[0], "test": np.where(is_test)[0]}
+# the seg2d reader and its block split live with the segmenter (sdk.lungs.data), which evaluates on them too
+from ..lungs.data import load_seg2d, split_blocks  # noqa: E402,F401
 
 
 def augment(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: SegTrainConfig) -> Tuple[np.ndarray, np.ndarray]:

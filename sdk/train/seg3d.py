@@ -387,7 +387,7 @@ def seg2d_pseudo_volumes(data_dir: Path, pixel_mm: float, step_mm: float) -> Lis
     segmenter window (-1000, 400) gives back the 8-bit grey), ``pixel_mm`` in-plane and ``step_mm``
     between slices (both guesses). Returns [(volume, manual masks (n, 256, 256), numbers)]."""
     from ..volume.core import Volume
-    from .seg import load_seg2d, split_blocks
+    from ..lungs.data import load_seg2d, split_blocks
 
     nums, imgs, masks = load_seg2d(str(data_dir / "seg2d"))
     idx = split_blocks(nums, (0, 0), (1320, 10000))["test"]

@@ -87,7 +87,8 @@ def extract_features(splits_csv: Path, data_root: Path, bundle: Optional[str], o
     from tqdm import tqdm
 
     from ..bundle import load_bundle
-    from ..evaluate import image_lung_mask, is_positive, read_images_csv
+    from ..labels import is_positive, read_images_csv
+    from ..lungs import segment_slices_2d
     from ..runtime.ort import OrtSession
     from ..triage import _infer, _open_lungs
     from .data import load_grey
@@ -107,7 +108,7 @@ def extract_features(splits_csv: Path, data_root: Path, bundle: Optional[str], o
         xs, at = [], []
         for r in rows[i:i + batch]:
             grey = load_grey(r["abspath"])
-            mask = image_lung_mask(grey, lungs)
+            mask = np.asarray(segment_slices_2d(grey[None], lungs)[0], dtype=np.uint8)
             est = estimate_hu_map(grey, mask)
             rec = {"path": r["path"], "label": r["label"], "source": r.get("source", ""), "split": r.get("split", ""),
                    "y": is_positive(r["label"]), "p_cnn": float("nan"), "ggo": float("nan"), "cons": float("nan"),
@@ -155,7 +156,7 @@ def _design(rows: Sequence[Dict[str, Any]], transform: str, p_clip: float, missi
 def fit(features_csv: Path, out: Path, *, fit_split: str = "train", transform: str = "sqrt", ridge: float = 1e-3,
         p_clip: float = 1e-4, n_boot: int = 1000, seed: int = 0, command: str = "") -> Dict[str, Any]:
     """Fit ``[a, b, c, d]`` on ``fit_split``; AUCs of each term and of the fused score per split."""
-    from ..evaluate import auc, bootstrap_ci
+    from ..metrics import auc, bootstrap_ci
     from ..slice_score import SliceScoreModel
 
     rows = _read(features_csv)

@@ -1,0 +1,118 @@
+"""Label tables: image CSVs, series CSVs and per-slice label rows (torch-free).
+
+One owner for reading labels, shared by training (``sdk.train``) and evaluation
+(``sdk.evaluate``): which label strings are positive, the ``images_index.csv`` format, the series
+CSV with optional slice labels, and :func:`align_slice_labels`, the one place that decides in which
+order a label row runs against our z order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .errors import ConfigError
+from .tables import read_csv_rows
+
+PathLike = Union[str, Path]
+POSITIVE = {"covid", "covid-19", "covid19"}
+
+
+def is_positive(label: str) -> int:
+    return 1 if str(label).strip().lower().replace("_", "-") in POSITIVE else 0
+
+
+def read_images_csv(path: PathLike, split: Optional[str] = None, data_root: Optional[PathLike] = None) -> List[Dict[str, str]]:
+    """Rows of an images CSV with ``abspath`` added (relative to data_root or the CSV's folder)."""
+    path = Path(path)
+    rows = read_csv_rows(path, ("path", "label"), "images CSV (format of images_index.csv: path,label,source,split,patient)")
+    if split is not None:
+        if "split" not in rows[0]:
+            raise ConfigError(f"{path}: --split {split!r} given but the CSV has no 'split' column")
+        available = sorted({r["split"] for r in rows})
+        rows = [r for r in rows if r["split"] == split]
+        if not rows:
+            raise ConfigError(f"{path}: no rows with split {split!r}; splits present: {available}")
+    root = Path(data_root) if data_root is not None else path.parent
+    for r in rows:
+        p = Path(r["path"])
+        r["abspath"] = str(p if p.is_absolute() else root / p)
+    missing = [r["abspath"] for r in rows if not Path(r["abspath"]).is_file()]
+    if missing:
+        raise ConfigError(f"{path}: {len(missing)} image(s) not found, first {missing[0]} (paths are relative to "
+                          f"{'--data-root' if data_root else 'the CSV folder'}; pass --data-root)")
+    return rows
+
+
+def read_series_csv(path: PathLike) -> List[Tuple[Path, str]]:
+    """``path,label`` rows -> [(series path, label)], paths relative to the CSV's folder."""
+    path = Path(path)
+    rows = read_csv_rows(path, ("path", "label"), "series CSV")
+    out = []
+    for r in rows:
+        p = Path(r["path"])
+        out.append((p if p.is_absolute() else path.parent / p, r["label"]))
+    return out
+
+
+LABEL_ORDERS = ("z", "reversed")
+
+
+def align_slice_labels(row: np.ndarray, n_slices: int, order: str = "z") -> np.ndarray:
+    """Per-slice 0/1 labels of a series of ``n_slices`` slices in our z order (ascending slice
+    location, ``Volume.z_mm``) from one label row padded beyond ``n_slices`` (e.g. to 200).
+
+    ``order="z"``: the row already runs in our z order (``row[:n]``). ``order="reversed"``: the
+    row runs the other way (head -> feet, InstanceNumber order), as COVID-CT-MD's slice-level
+    label files do (checked on anatomy: read as stored, P001's right upper lobe lies below its
+    right lower lobe) -> ``row[:n][::-1]``. The one owner of this alignment: training, the
+    domain-gap check and ``ctsdk evaluate`` all call it.
+    """
+    if order not in LABEL_ORDERS:
+        raise ConfigError(f"slice label order must be one of {LABEL_ORDERS}, not {order!r}")
+    lab = np.asarray(row).astype(np.int64).reshape(-1)
+    if lab.size < n_slices:
+        raise ConfigError(f"slice labels have {lab.size} entries for a series of {n_slices} slices")
+    if lab[n_slices:].any():
+        raise ConfigError(f"slice labels mark slices beyond the series' {n_slices} slices: wrong row or series?")
+    lab = lab[:n_slices]
+    return (lab[::-1] if order == "reversed" else lab).copy()
+
+
+def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
+    """Series CSV rows with optional slice labels.
+
+    Columns: ``path,label`` and, optionally, ``slice_labels`` (a ``.npy`` of per-slice 0/1 labels,
+    rows = cases, columns = slices in ascending slice location, i.e. our z order; relative to the
+    CSV's folder) and ``slice_labels_row`` (the row of this series), ``slice_labels_order``
+    (``z`` - default - or ``reversed``: see :func:`align_slice_labels`; COVID-CT-MD's files are
+    ``reversed``), and ``bundle`` (a bundle
+    folder that scores this row instead of the command's bundle - e.g. the leave-one-series-out
+    fold model that never saw this series; relative to the CSV's folder). Returns dicts with
+    ``path`` (Path), ``label``, ``slice_labels`` (1-D int array or None), ``bundle`` (Path or None).
+    """
+    path = Path(path)
+    items = read_series_csv(path)
+    raw = read_csv_rows(path, ("path", "label"), "series CSV")
+    out: List[Dict[str, Any]] = []
+    for (p, label), r in zip(items, raw):
+        labels = None
+        f = (r.get("slice_labels") or "").strip()
+        if f:
+            fp = Path(f) if Path(f).is_absolute() else path.parent / f
+            row = (r.get("slice_labels_row") or "").strip()
+            if not fp.is_file() or not row.lstrip("-").isdigit():
+                raise ConfigError(f"{path}: row {p}: slice_labels {fp} must exist and slice_labels_row must be an integer")
+            labels = np.asarray(np.load(fp)[int(row)]).astype(np.int64).reshape(-1)
+        order = (r.get("slice_labels_order") or "z").strip() or "z"
+        if order not in LABEL_ORDERS:
+            raise ConfigError(f"{path}: row {p}: slice_labels_order must be one of {LABEL_ORDERS}, not {order!r}")
+        bundle = None
+        bcol = (r.get("bundle") or "").strip()
+        if bcol:
+            bundle = Path(bcol) if Path(bcol).is_absolute() else path.parent / bcol
+            if not (bundle / "manifest.json").is_file():
+                raise ConfigError(f"{path}: row {p}: bundle {bundle} is not a bundle folder (no manifest.json)")
+        out.append({"path": p, "label": label, "slice_labels": labels, "slice_labels_order": order, "bundle": bundle})
+    return out
