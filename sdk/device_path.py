@@ -406,7 +406,7 @@ class KernelPath:
         """Every stage after eligibility; returns (TriageResult, lung mask or a lazy host view)."""
         from .lungs import slice_thickness_mm
         from .slices import select_by_lung_area
-        from .triage import NOT_ELIGIBLE, TriageResult, _HeatmapSource, slice_scores
+        from .result import NOT_ELIGIBLE, TriageResult, HeatmapSource, slice_scores
 
         io = Transfers()
         xp = self.ops.xp
@@ -473,7 +473,7 @@ class KernelPath:
                               getattr(triage, "slice_score_model", None))
         heat = None
         if triage.keep_heatmaps and cams is not None:
-            heat = _HeatmapSource(hu=volume.hu, mask=mask_view, cams=cams, window=triage.window,
+            heat = HeatmapSource(hu=volume.hu, mask=mask_view, cams=cams, window=triage.window,
                                   class_index=triage.classes.index(triage.positive), opacity=opacity, z_mm=z_mm)
         block = None
         if opacity is not None:
