@@ -499,3 +499,23 @@ def test_stored_values_sign_extension_by_hand():
     np.testing.assert_array_equal(_stored_values(raw, meta), raw)
     ds.update(BitsStored=16, PixelRepresentation=1)
     np.testing.assert_array_equal(_stored_values(np.array([0xFFFF], np.uint16), meta), [-1])
+
+
+@pytest.mark.parametrize("dtype,lo,hi,intercept", [
+    (np.uint16, 0, 4095, -1024), (np.int16, -2000, 3000, 0), (np.uint16, 0, 65535, -32768), (np.uint8, 0, 255, -100),
+    (np.uint16, 30000, 40000, -1024), (np.int16, -32768, 32767, -1024), (np.int16, -100, 100, -32768),
+    (np.uint16, 0, 4095, 40000)])
+def test_store_hu_int16_fast_path_against_int64(dtype, lo, hi, intercept):
+    """stored + intercept into an int16 volume: exact where it fits, refused (-> float32) where not."""
+    from types import SimpleNamespace
+
+    from sdk.io.reader import _store_hu
+
+    stored = np.random.default_rng(0).integers(lo, hi + 1, size=(32, 32)).astype(dtype)
+    out = np.zeros((2, 32, 32), np.int16)
+    ok = _store_hu(out, 1, stored, SimpleNamespace(slope=1, intercept=intercept))
+    ref = stored.astype(np.int64) + intercept
+    assert ok == bool(ref.min() >= -32768 and ref.max() <= 32767)
+    if ok:
+        np.testing.assert_array_equal(out[1], ref)
+        assert not out[0].any()

@@ -738,9 +738,24 @@ def _hu_dtype(slices: List[_Slice]) -> np.dtype:
     return np.dtype(np.int16) if exact else np.dtype(np.float32)
 
 
+def _int16_view(stored: np.ndarray) -> Optional[np.ndarray]:
+    """``stored`` as int16 without a copy when that is exact (int16, or uint16 below 2^15), else None."""
+    if stored.dtype == np.int16:
+        return stored
+    if stored.dtype == np.uint16 and (not stored.size or int(stored.max()) <= 32767):
+        return stored.view(np.int16)
+    return None
+
+
 def _store_hu(out: np.ndarray, k: int, stored: np.ndarray, s: _Slice) -> bool:
     """out[k] = stored * slope + intercept; False when an int16 volume would overflow."""
     if out.dtype == np.int16:
+        fast = _int16_view(stored) if s.slope == 1 and -32768 <= int(s.intercept) <= 32767 else None
+        if fast is not None:                  # one int16 pass, no int32 copy (the usual CT case)
+            if fast.size and (int(fast.min()) + int(s.intercept) < -32768 or int(fast.max()) + int(s.intercept) > 32767):
+                return False
+            np.add(fast, np.int16(s.intercept), out=out[k])
+            return True
         v = stored.astype(np.int32)
         if s.slope != 1:
             v *= int(s.slope)
