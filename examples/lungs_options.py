@@ -6,6 +6,7 @@ Variants of :func:`sdk.lungs.segment` (hybrid method):
 
 - ``base``       today's default: FP32 U-Net every ~4 mm, classical work grid 128
 - ``int8``       the same with an INT8 (QDQ, static, per-channel) U-Net calibrated on seg2d *train* slices
+                 (the bundle's ``lungs_int8.onnx``; ``build_int8`` below was the first experiment's builder)
 - ``step6`` / ``step8``  the U-Net every ~6 / ~8 mm, logits z-interpolated in between
 - ``work96``     classical work grid 96 instead of 128
 - combinations of the above
@@ -73,7 +74,8 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "lungs_options.json")
-    ap.add_argument("--int8", type=Path, default=REPO / "runs" / "lungs_int8.onnx")
+    ap.add_argument("--int8", type=Path, default=REPO / "sdk" / "bundles" / "default" / "lungs_int8.onnx",
+                    help="INT8 U-Net (default: the bundle's, from `python -m sdk.train.seg quantize`; built here if missing)")
     a = ap.parse_args(argv)
     if not a.int8.is_file():
         a.int8.parent.mkdir(parents=True, exist_ok=True)

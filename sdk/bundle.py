@@ -5,7 +5,9 @@ Layout (the default bundle ships inside the package at ``sdk/bundles/default``):
     manifest.json        name, version, created, classes, inputs, preprocessing, thresholds,
                          training data + licences, metrics, files {name: {path, sha256, bytes,
                          role, precision}}
-    lungs_fp32.onnx      2D lung U-Net            (role "lungs")
+    lungs_fp32.onnx      2D lung U-Net            (role "lungs", precision "fp32")
+    lungs_int8.onnx      INT8 QDQ of the same     (role "lungs", precision "int8"; manifest block
+                         "lungs_int8": its Dice gate, `python -m sdk.train.seg quantize`)
     classifier_fp32.onnx slice classifier         (role "classifier", precision "fp32")
     classifier_int8.onnx INT8 QDQ of the same     (role "classifier", precision "int8")
     classifier_fp16.onnx FP16 (optional)          (role "classifier", precision "fp16")
@@ -183,8 +185,21 @@ class Bundle:
 
     @property
     def lungs_path(self) -> Optional[Path]:
-        files = self.role("lungs")
-        return self.root / files[0].path if files else None
+        """The FP32 2D lung U-Net (the role-"lungs" file without a precision or with "fp32")."""
+        paths = self.lungs_paths()
+        return paths.get("fp32") or next(iter(paths.values()), None)
+
+    def lungs_paths(self) -> Dict[str, Path]:
+        """{precision: path} of the 2D lung U-Net files (role "lungs"; no precision = "fp32")."""
+        return {f.precision or "fp32": self.root / f.path for f in self.role("lungs")}
+
+    @property
+    def lungs_int8_passed(self) -> bool:
+        """The INT8 lung U-Net passed its Dice gate (manifest ``lungs_int8.passed`` is true and
+        the bundle lists a role-"lungs" file of precision "int8"); see :mod:`sdk.lungs.int8`."""
+        from .lungs.int8 import gate_passed
+
+        return "int8" in self.lungs_paths() and gate_passed(self.manifest)
 
     @property
     def aggregator_path(self) -> Optional[Path]:

@@ -226,8 +226,10 @@ class KernelPath:
         if self.lungs == "unet3d":
             resample, lungs = k, f"unet3d-ort-{dev}-{self.unet3d.precision}"
         else:
+            from .lungs.int8 import stage_name
+
             method = triage.lung_method if triage.lung_method not in ("auto", "unet3d") else "hybrid"
-            lungs = f"{method}-cpu"
+            lungs = stage_name(method, getattr(triage, "lungs_precision", None))  # e.g. hybrid-unet2d-ort-cpu-int8
             resample = k if not self.ops.on_device and method != "unet2d" else "opencv (inside the CPU lung segmenter)"
         return {"upload": "pinned staging, 1 copy" if self.ops.on_device else "host (no device)",
                 "resample": resample, "lungs": lungs, "mask": f"threshold ({k})" if self.lungs == "unet3d" else "host segmenter",

@@ -51,6 +51,7 @@ CLASSIFIER_BATCH = 16
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LUNG_METHODS = ("auto", "unet2d", "classical", "hybrid", "unet3d")
+LUNGS_PRECISIONS = ("auto", "fp32", "int8")
 #: who builds the classifier's input batch (window + resize + mask channels):
 #: "numpy" (OpenCV/NumPy on the CPU), "gpu" (ctsdk's CUDA kernel via pycuda or CuPy),
 #: "cpu-harness" (the same kernel source compiled with g++: the kernel path without a GPU),
@@ -146,13 +147,35 @@ def _input_builder(kind: str, device: str, reasons: List[str]) -> Tuple[InputBui
     return on_cpu, "numpy"
 
 
-def _open_lungs(path: Optional[Path], threads: Optional[int]) -> Any:
-    """CPU ONNX Runtime session for the bundle's lung U-Net (small, FP32 only)."""
+def _open_lungs(path: Optional[Path], threads: Optional[int], precision: str = "fp32") -> Any:
+    """CPU ONNX Runtime session for the bundle's 2D lung U-Net (``lungs_fp32.onnx`` or, when
+    chosen by :func:`_choose_lungs`, ``lungs_int8.onnx``)."""
     if path is None:
         return None
     from .runtime.ort import OrtSession
 
-    return OrtSession(path, device="cpu", threads=threads, precision="fp32")
+    return OrtSession(path, device="cpu", threads=threads, precision=precision)
+
+
+def _choose_lungs(bundle: Any, lungs_precision: str, runtime: Dict[str, str], reasons: List[str]) -> Tuple[Optional[Path], str]:
+    """(2D lung U-Net path, precision) for the classifier ``runtime`` that really runs
+    (:func:`sdk.lungs.int8.choose_lungs_precision`); reasons are appended to ``reasons``."""
+    from .lungs.int8 import choose_lungs_precision
+
+    paths = bundle.lungs_paths()
+    if not paths:
+        return None, "fp32"
+    on_cpu = runtime.get("provider") == "CPUExecutionProvider" or runtime.get("device") == "cpu"
+    prec, why = choose_lungs_precision(lungs_precision, str(runtime.get("precision", "")), on_cpu, paths,
+                                       bundle.lungs_int8_passed)
+    reasons.extend(why)
+    return paths.get(prec) or paths.get(""), prec
+
+
+def _lungs_stage_name(method: str, precision: Optional[str]) -> str:
+    from .lungs.int8 import stage_name
+
+    return stage_name(method, precision)
 
 
 def _infer(session: Any, x: np.ndarray) -> Dict[str, np.ndarray]:
@@ -174,6 +197,11 @@ class Triage:
         precision: "auto" | "fp32" | "fp16" | "int8" (auto: INT8 on CPU when the bundle's
             calibration passed and INT8 measured faster, FP16 on a GPU).
         lung_method: "auto" | "unet2d" | "classical" (see :func:`sdk.lungs.segment`).
+        lungs_precision: the 2D lung U-Net's precision, "auto" | "fp32" | "int8". auto: INT8
+            (``lungs_int8.onnx``) when the classifier runs INT8 on the CPU and the bundle's
+            ``lungs_int8`` Dice gate passed, else FP32 (:mod:`sdk.lungs.int8`). Reported as
+            ``runtime["stages"]["lungs"]`` (e.g. "hybrid-unet2d-ort-cpu-int8"), the reason in
+            ``runtime_reasons``.
         heatmaps: keep references to the volume, mask and CAMs in each result so that
             ``heatmap(i)`` / ``save_heatmaps(dir)`` work (costs no time, holds memory until the
             result is dropped).
@@ -194,6 +222,7 @@ class Triage:
         precision: str = "auto",
         *,
         lung_method: str = "auto",
+        lungs_precision: str = "auto",
         heatmaps: bool = True,
         threads: Optional[int] = None,
         kernels: str = "auto",
@@ -209,6 +238,8 @@ class Triage:
             raise ConfigError(f"precision {precision!r} not in {PRECISIONS}")
         if lung_method not in LUNG_METHODS:
             raise ConfigError(f"lung_method {lung_method!r} not in {LUNG_METHODS}")
+        if lungs_precision not in LUNGS_PRECISIONS:
+            raise ConfigError(f"lungs_precision {lungs_precision!r} not in {LUNGS_PRECISIONS}")
         if int(classifier_batch) < 1:
             raise ConfigError(f"classifier_batch must be >= 1, got {classifier_batch}")
         self.classifier_batch = int(classifier_batch)
@@ -233,11 +264,21 @@ class Triage:
         self.window = self.preprocessing.classifier_window
         self.size = self.preprocessing.classifier_size
         self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads)
-        self._lungs = _open_lungs(self.bundle.lungs_path, threads) if lung_method != "classical" else None
+        self.lungs_precision: Optional[str] = None  # the 2D U-Net's precision (None: no 2D U-Net session)
+        self._lungs = None
+        if lung_method != "classical":
+            lpath, lprec = _choose_lungs(self.bundle, lungs_precision, self.runtime, self.runtime_reasons)
+            self._lungs = _open_lungs(lpath, threads, lprec)
+            self.lungs_precision = lprec if self._lungs is not None else None
         self._kpath = self._open_kernel_path(kernels, device, pooling, sync_timings)
         if self._kpath is None:
             self._inputs_fn, self.runtime["kernels"] = _input_builder(
                 "numpy" if kernels in ("gpu", "cuda") else kernels, self.runtime.get("device", "cpu"), self.runtime_reasons)
+            from .lungs import DEFAULT_METHOD
+
+            method = DEFAULT_METHOD if lung_method == "auto" else lung_method
+            if method != "unet3d":  # host path: what ran at the lungs stage (the kernel path names all stages)
+                self.runtime["stages"] = {"lungs": _lungs_stage_name(method, self.lungs_precision)}
         self._aggregator = self.bundle.load_aggregator()
         #: the per-slice evidence score of the bundle's manifest (None: the bundle defines none)
         self.slice_score_model = self.bundle.slice_score_model

@@ -82,11 +82,11 @@ def test_cpu_harness_triage_matches_numpy_path_on_p001(p001) -> None:
     st = harness.runtime["stages"]
     assert harness.runtime["kernels"] == "cpu-harness" and harness.runtime["path"] == "kernel"
     assert st["classifier_inputs"] == st["pooling"] == st["resample"] == "cpu-harness"
-    assert st["lungs"] in ("hybrid-cpu", "unet3d-ort-cpu-fp32") and st["classifier"] == "ort-cpu-fp32-features"
+    assert st["lungs"] in ("hybrid-unet2d-ort-cpu-fp32", "unet3d-ort-cpu-fp32") and st["classifier"] == "ort-cpu-fp32-features"
     assert {"provider", "precision", "device", "backend", "kernels"} <= set(harness.runtime)
     a = harness.run(p001)
     b = sdk.Triage(device="cpu", precision="fp32", kernels="numpy").run(p001)
-    assert b.runtime["kernels"] == "numpy" and "stages" not in b.runtime
+    assert b.runtime["kernels"] == "numpy" and b.runtime["stages"] == {"lungs": "hybrid-unet2d-ort-cpu-fp32"}
     assert a.label == b.label
     assert [s.index for s in a.slice_scores] == [s.index for s in b.slice_scores]
     assert np.abs(_probs(a) - _probs(b)).max() <= 1e-4

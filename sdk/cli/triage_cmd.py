@@ -27,7 +27,9 @@ def _human(d: Dict[str, Any]) -> str:
     else:
         lines.extend(f"not eligible: {r}" for r in d["reasons"])
     rt = d.get("runtime", {})
-    lines.append(f"runtime: {rt.get('provider', '?')} {rt.get('precision', '?')} on {rt.get('device', '?')}")
+    lungs_rt = (rt.get("stages") or {}).get("lungs") if isinstance(rt.get("stages"), dict) else None
+    lines.append(f"runtime: {rt.get('provider', '?')} {rt.get('precision', '?')} on {rt.get('device', '?')}"
+                 + (f"; lungs {lungs_rt}" if lungs_rt else ""))
     lines.append("timings (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in d["timings_ms"].items()))
     prior = d.get("prior")
     if prior:
@@ -48,6 +50,9 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model bundle folder (default: the bundle shipped in the package).")
 @click.option("--lung-method", type=click.Choice(["auto", "unet2d", "classical"]), default="auto", show_default=True)
+@click.option("--lungs-precision", type=click.Choice(["auto", "fp32", "int8"]), default="auto", show_default=True,
+              help="2D lung U-Net: auto = INT8 when the classifier runs INT8 on the CPU and the bundle's lungs_int8 "
+                   "Dice gate passed, else FP32 (runtime.stages.lungs says what ran).")
 @click.option("--heatmaps", "heatmaps_dir", type=click.Path(file_okay=False), default=None,
               help="Write one PNG heat-map overlay per selected slice into this folder.")
 @click.option("--top", type=int, default=None, help="With --heatmaps: only the TOP slices with the highest P(covid).")
@@ -67,7 +72,7 @@ def _human(d: Dict[str, Any]) -> str:
 @json_option
 @handle_errors
 def triage(source: str, series_uid: Optional[str], device: str, precision: str, bundle_path: Optional[str],
-           lung_method: str, heatmaps_dir: Optional[str], top: Optional[int], threads: Optional[int],
+           lung_method: str, lungs_precision: str, heatmaps_dir: Optional[str], top: Optional[int], threads: Optional[int],
            kernels: str, pooling: str, prior_path: Optional[str], dicom_dir: Optional[str], as_json: bool) -> None:
     """Triage one CT series (folder or file): label, probabilities, per-slice scores, stage timings.
 
@@ -75,7 +80,7 @@ def triage(source: str, series_uid: Optional[str], device: str, precision: str, 
     """
     from ..triage import Triage
 
-    engine = Triage(bundle_path, device=device, precision=precision, lung_method=lung_method,
+    engine = Triage(bundle_path, device=device, precision=precision, lung_method=lung_method, lungs_precision=lungs_precision,
                     heatmaps=heatmaps_dir is not None or dicom_dir is not None, threads=threads, kernels=kernels,
                     pooling=pooling)
     import time
