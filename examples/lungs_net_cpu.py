@@ -1,7 +1,7 @@
 """Lung U-Net cost, FP32 vs INT8: process CPU ms for 75 slices, 1 thread, batch 8, median of 5 alternating.
 
     .venv/bin/python examples/lungs_net_cpu.py   # the default bundle's lungs_fp32.onnx / lungs_int8.onnx
-                                                 # (lungs_int8.onnx: python -m sdk.train.seg quantize)
+                                                 # (lungs_int8.onnx: python -m sdk.calibration.lungs)
 """
 import time, numpy as np
 from sdk.runtime.ort import OrtSession

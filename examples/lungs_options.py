@@ -75,7 +75,7 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "lungs_options.json")
     ap.add_argument("--int8", type=Path, default=REPO / "sdk" / "bundles" / "default" / "lungs_int8.onnx",
-                    help="INT8 U-Net (default: the bundle's, from `python -m sdk.train.seg quantize`; built here if missing)")
+                    help="INT8 U-Net (default: the bundle's, from `python -m sdk.calibration.lungs`; built here if missing)")
     a = ap.parse_args(argv)
     if not a.int8.is_file():
         a.int8.parent.mkdir(parents=True, exist_ok=True)

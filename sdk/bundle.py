@@ -7,7 +7,7 @@ Layout (the default bundle ships inside the package at ``sdk/bundles/default``):
                          role, precision}}
     lungs_fp32.onnx      2D lung U-Net            (role "lungs", precision "fp32")
     lungs_int8.onnx      INT8 QDQ of the same     (role "lungs", precision "int8"; manifest block
-                         "lungs_int8": its Dice gate, `python -m sdk.train.seg quantize`)
+                         "lungs_int8": its Dice gate, `python -m sdk.calibration.lungs`)
     classifier_fp32.onnx slice classifier         (role "classifier", precision "fp32")
     classifier_int8.onnx INT8 QDQ of the same     (role "classifier", precision "int8")
     classifier_fp16.onnx FP16 (optional)          (role "classifier", precision "fp16")
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .hashing import sha256_file  # noqa: F401 - part of this module's API
 from .errors import BundleError, ConfigError
 from .preprocessing import Preprocessing
 
@@ -60,13 +60,10 @@ __all__ = [
 ]
 
 
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def lungs_int8_gate_passed(manifest: Mapping[str, Any]) -> bool:
+    """True only when the manifest's ``lungs_int8`` block says ``"passed": true`` (a bool)."""
+    block = manifest.get("lungs_int8")
+    return isinstance(block, Mapping) and block.get("passed") is True
 
 
 @dataclass(frozen=True)
@@ -197,9 +194,7 @@ class Bundle:
     def lungs_int8_passed(self) -> bool:
         """The INT8 lung U-Net passed its Dice gate (manifest ``lungs_int8.passed`` is true and
         the bundle lists a role-"lungs" file of precision "int8"); see :mod:`sdk.lungs.int8`."""
-        from .lungs.int8 import gate_passed
-
-        return "int8" in self.lungs_paths() and gate_passed(self.manifest)
+        return "int8" in self.lungs_paths() and lungs_int8_gate_passed(self.manifest)
 
     @property
     def aggregator_path(self) -> Optional[Path]:

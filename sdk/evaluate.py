@@ -214,7 +214,7 @@ def evaluate_images(
     from tqdm import tqdm
 
     from .bundle import Bundle, load_bundle
-    from .triage import _infer, _open_lungs
+    from .lungs.unet2d import open_session as open_lungs
 
     t0 = time.perf_counter()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -225,7 +225,7 @@ def evaluate_images(
     if precision not in files:
         raise ConfigError(f"bundle {b.root} has no {precision} classifier (has {sorted(files)})")
     classifier = OrtSession(files[precision], device="cpu", threads=threads, precision=precision)
-    lungs = _open_lungs(b.lungs_path, threads)
+    lungs = open_lungs(b.lungs_path, threads)
     size = b.input_size
     pos_idx = b.classes.index(b.positive_class)
     from .train.data import load_grey
@@ -257,7 +257,7 @@ def evaluate_images(
             x.append(xi)
             at.append(i + j)
         if x:
-            scores[at] = _infer(classifier, np.stack(x))["probs"][:, pos_idx]
+            scores[at] = np.asarray(classifier.infer({"image": np.stack(x)})["probs"])[:, pos_idx]
     keep = np.isfinite(scores)
     rows = [r for r, k in zip(rows, keep) if k]
     scores = scores[keep]

@@ -152,9 +152,9 @@ def _open_lungs(path: Optional[Path], threads: Optional[int], precision: str = "
     chosen by :func:`_choose_lungs`, ``lungs_int8.onnx``)."""
     if path is None:
         return None
-    from .runtime.ort import OrtSession
+    from .lungs.unet2d import open_session
 
-    return OrtSession(path, device="cpu", threads=threads, precision=precision)
+    return open_session(path, threads, precision)
 
 
 def _choose_lungs(bundle: Any, lungs_precision: str, runtime: Dict[str, str], reasons: List[str]) -> Tuple[Optional[Path], str]:
@@ -179,10 +179,7 @@ def _lungs_stage_name(method: str, precision: Optional[str]) -> str:
 
 
 def _infer(session: Any, x: np.ndarray) -> Dict[str, np.ndarray]:
-    if hasattr(session, "infer"):
-        return {k: np.asarray(v) for k, v in session.infer({"image": x}).items()}
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, (np.asarray(v) for v in session.run(names, {"image": x}))))
+    return {k: np.asarray(v) for k, v in session.infer({"image": x}).items()}
 
 
 # --- facade ------------------------------------------------------------------------------------

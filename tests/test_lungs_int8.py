@@ -51,7 +51,7 @@ def test_choose_lungs_precision(lungs, clf_prec, on_cpu, files, passed, want) ->
 
 
 def test_choose_lungs_precision_errors() -> None:
-    with pytest.raises(BundleError, match="sdk.train.seg quantize"):
+    with pytest.raises(BundleError, match="sdk.calibration.lungs"):
         choose_lungs_precision("int8", "int8", True, FP32_ONLY, False)
     with pytest.raises(ConfigError):
         choose_lungs_precision("fp16", "fp32", True, BOTH, True)
@@ -92,7 +92,7 @@ def test_default_bundle_lists_the_int8_unet() -> None:
         d = block["dice"][key]
         assert d["int8"] >= d["fp32"] - 0.005 and d["passed"]
     assert block["criteria"]["max_cip_dice_drop"] == block["criteria"]["max_seg2d_dice_drop"] == 0.005
-    assert block["command"].startswith("python -m sdk.train.seg quantize")
+    assert block["command"].startswith(("python -m sdk.calibration.lungs", "python -m sdk.train.seg quantize"))
     assert block["calibration"]["split"] == "train"
     assert all(260 <= n < 1320 for n in block["calibration"]["file_numbers"])   # never val / test slices
 
@@ -110,11 +110,11 @@ def test_bundle_without_gate_is_not_passed(tmp_path) -> None:
     assert m["files"]["lungs_int8"]["precision"] == "int8" and m["files"]["lungs_int8"]["role"] == "lungs"
 
 
-def test_quantize_subcommand_is_wired(capsys) -> None:
-    from sdk.train.seg import main
+def test_quantize_command_is_wired(capsys) -> None:
+    from sdk.calibration.lungs import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["quantize", "--help"])
+        main(["--help"])
     assert exc.value.code == 0 and "--bundle" in capsys.readouterr().out
 
 

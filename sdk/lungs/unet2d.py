@@ -89,8 +89,11 @@ def prepare_slices(grey: np.ndarray, size: int = NET_SIZE, clahe: bool = True) -
 NET_BATCH = 8
 
 
-def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: int = 0) -> Any:
-    """CPU :class:`sdk.runtime.ort.OrtSession` for the 2D lung U-Net (``onnx_path`` or the bundle's)."""
+def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: Optional[int] = 0,
+                 precision: str = "fp32") -> Any:
+    """CPU :class:`sdk.runtime.ort.OrtSession` for the 2D lung U-Net (``onnx_path`` or the bundle's
+    FP32 file; ``precision`` names the file's precision, "int8" for ``lungs_int8.onnx``). The one
+    opener of lung U-Net sessions: the Triage facade, evaluation and training all call it."""
     path = Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX
     if not path.is_file():
         raise BundleError(
@@ -98,7 +101,7 @@ def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: i
         )
     from ..runtime.ort import OrtSession
 
-    return OrtSession(path, device="cpu", threads=threads or None, precision="fp32")
+    return OrtSession(path, device="cpu", threads=threads or None, precision=precision)
 
 
 def as_session(session: SessionLike) -> Any:

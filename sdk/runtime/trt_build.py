@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .._lazy import require
 from ..errors import ConfigError, EngineBuildError, RuntimeUnavailableError
-from ..bundle import sha256_file
+from ..hashing import sha256_file
 from .engine_cache import PRECISIONS, EngineCache, EngineKey
 
 log = logging.getLogger("sdk.export")

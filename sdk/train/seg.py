@@ -1,7 +1,7 @@
 """Train the 2D lung U-Net on seg2d (``/work/shared/data/seg2d``) and export it to ONNX.
 
     python -m sdk.train.seg --out runs/seg            # ~5-9 min on 2 CPU cores
-    python -m sdk.train.seg quantize --bundle sdk/bundles/default   # INT8 U-Net + Dice gate (sdk.lungs.int8)
+    python -m sdk.calibration.lungs --bundle sdk/bundles/default   # INT8 U-Net + Dice gate
 
 Data: 404 slices (256^2, min-max + CLAHE by the source) with manual lung masks of COVID-19
 lungs. Consecutive file numbers are consecutive slices of one volume, so the split is by
@@ -246,10 +246,8 @@ def main(argv: List[str] | None = None) -> None:
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["quantize"]:  # INT8 lung U-Net into a bundle (sdk/lungs/int8.py)
-        from ..lungs.int8 import main as quantize_main
-
-        raise SystemExit(quantize_main(args[1:]))
+    if args[:1] == ["quantize"]:  # moved: the INT8 U-Net is built by sdk.calibration.lungs
+        raise SystemExit("the INT8 lung U-Net is built by `python -m sdk.calibration.lungs` (same options)")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=str(REPO / "runs" / "seg"))

@@ -90,7 +90,7 @@ def extract_features(splits_csv: Path, data_root: Path, bundle: Optional[str], o
     from ..labels import is_positive, read_images_csv
     from ..lungs import segment_slices_2d
     from ..runtime.ort import OrtSession
-    from ..triage import _infer, _open_lungs
+    from ..lungs.unet2d import open_session as open_lungs
     from .data import load_grey
     from .hu_estimate import estimate_hu_map, grey_to_hu, render_hu_image
     from .real_slices import render_inputs
@@ -100,7 +100,7 @@ def extract_features(splits_csv: Path, data_root: Path, bundle: Optional[str], o
     if limit:
         rows = rows[:limit]
     clf = OrtSession(b.classifier_paths()["fp32"], device="cpu", threads=threads, precision="fp32")
-    lungs = _open_lungs(b.lungs_path, threads)
+    lungs = open_lungs(b.lungs_path, threads)
     pos = b.classes.index(b.positive_class)
     out.parent.mkdir(parents=True, exist_ok=True)
     recs: List[Dict[str, Any]] = []
@@ -122,7 +122,7 @@ def extract_features(splits_csv: Path, data_root: Path, bundle: Optional[str], o
                 at.append(len(recs))
             recs.append(rec)
         if xs:
-            probs = _infer(clf, np.stack(xs).astype(np.float32))["probs"][:, pos]
+            probs = np.asarray(clf.infer({"image": np.stack(xs).astype(np.float32)})["probs"])[:, pos]
             for j, p in zip(at, probs):
                 recs[j]["p_cnn"] = float(p)
     with open(out, "w", newline="") as fh:
