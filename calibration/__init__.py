@@ -14,7 +14,7 @@ from sdk._lazy import lazy_exports
 _LAZY = {
     "calibrate": ".quantize", "CalibrationOptions": ".quantize", "CalibrationReport": ".quantize", "quantize": ".quantize", "prepare": ".quantize",
     "benchmark": ".quantize", "sensitivity": ".quantize", "METHODS": ".quantize", "runtime_hints": ".quantize",
-    "calibrate_ranges": ".quantize",
+    "calibrate_ranges": ".quantize", "weight_bias_shift": ".quantize", "apply_bias_shift": ".quantize",
     "load_rows": ".dataset", "stratified_sample": ".dataset", "preprocessor": ".dataset", "Row": ".dataset",
     "HuRenderPreprocessor": ".dataset",
     "roc_auc": ".metrics", "binary_summary": ".metrics",

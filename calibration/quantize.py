@@ -20,6 +20,13 @@ Recipe (FIELD_NOTES: only unsigned activations + signed weights pay on this CPU)
    budget ends; the report says so). Quantisation error born in the high-resolution early layers
    compounds through the network; on the trained classifier that prefix, not the layers with the
    largest local SQNR drop, is what restores agreement (docs/benchmarks/int8.md).
+   Only a PREFIX is really FP32: a convolution excluded between quantised layers (input from a
+   DequantizeLinear) has its FP32 weights re-quantised PER-TENSOR by ONNX Runtime's
+   ``WeightBiasQuantization`` graph transformer when the session loads (ORT 1.32), which is worse
+   than quantising it here per-channel.
+6. optional (``bias_correction``): each quantised convolution's bias absorbs the mean output shift
+   of its INT8 weights, ``sum (Q(W) - W) * E[x]`` with ``E[x]`` the per-channel input means on the
+   calibration slices (:func:`weight_bias_shift`).
 """
 from __future__ import annotations
 
@@ -150,14 +157,115 @@ def calibrate_ranges(prepped: PathLike, x_calib: np.ndarray, method: str, cache:
     return cache
 
 
+def conv_input_means(prepped: PathLike, x: np.ndarray, convs: Sequence[str], batch: int = 16) -> Dict[str, np.ndarray]:
+    """Per-channel mean of each named convolution's input over ``x`` (FP32 graph), keyed by conv
+    name. The means are reduced inside the graph (one ``ReduceMean`` output per input tensor), so
+    memory holds one batch's activations."""
+    onnx = require("onnx", "INT8 bias correction")
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(prepped))
+    nodes = {n.name: n for n in m.graph.node}
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 17)
+    tensors = sorted({nodes[c].input[0] for c in convs})
+    outs = []
+    for t in tensors:
+        o = f"{t}__ctsdk_chmean"
+        if opset >= 18:  # axes became an input
+            m.graph.initializer.append(numpy_helper.from_array(np.array([0, 2, 3], np.int64), f"{o}_axes"))
+            m.graph.node.append(helper.make_node("ReduceMean", [t, f"{o}_axes"], [o], keepdims=0))
+        else:
+            m.graph.node.append(helper.make_node("ReduceMean", [t], [o], axes=[0, 2, 3], keepdims=0))
+        m.graph.output.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, None))
+        outs.append(o)
+    with tempfile.TemporaryDirectory(prefix="ctsdk-means-") as tmp:
+        path = Path(tmp) / "means.onnx"
+        onnx.save_model(m, str(path))
+        sess = _session(path, 2)
+        name = sess.inputs[0].name
+        acc: List[Any] = [0.0] * len(outs)  # sums of batch means x batch size, per tensor
+        k = 0
+        for i in range(0, len(x), batch):
+            xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
+            res = sess.infer({name: xb}, outputs=outs)
+            acc = [a + res[o].astype(np.float64) * len(xb) for a, o in zip(acc, outs)]
+            k += len(xb)
+    means = {t: a / max(k, 1) for t, a in zip(tensors, acc)}
+    return {c: means[nodes[c].input[0]] for c in convs}
+
+
+def weight_bias_shift(prepped: PathLike, x: np.ndarray, convs: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Bias correction for weight quantisation (Nagel et al. 2019, "Data-free quantization", with
+    calibration data instead of BatchNorm statistics): for each convolution, the mean output shift
+    its INT8 weights cause, ``sum (Q(W) - W) * E[x]`` per output channel, where ``Q`` is the
+    quantiser :func:`quantize` applies (symmetric per-channel QInt8, scale = max|W| / 127) and
+    ``E[x]`` the per-channel input mean over ``x``. Subtracting it from the bias removes the
+    systematic part of the weight error (post-ReLU6 inputs have large means); padding borders are
+    ignored."""
+    onnx = require("onnx", "INT8 bias correction")
+    from onnx import numpy_helper
+
+    m = onnx.load(str(prepped), load_external_data=False)
+    nodes = {n.name: n for n in m.graph.node}
+    init = {t.name: t for t in m.graph.initializer}
+    means = conv_input_means(prepped, x, convs)
+    out: Dict[str, np.ndarray] = {}
+    for c in convs:
+        n = nodes[c]
+        if len(n.input) < 3 or n.input[1] not in init or n.input[2] not in init:
+            continue  # no constant weight or no bias initialiser: nothing to correct
+        w = numpy_helper.to_array(init[n.input[1]]).astype(np.float64)
+        amax = np.abs(w).reshape(w.shape[0], -1).max(1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).reshape(-1, *([1] * (w.ndim - 1)))
+        dw = (np.clip(np.round(w / scale), -127, 127) * scale - w).reshape(w.shape[0], w.shape[1], -1).sum(-1)
+        mu = means[c]
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if group == 1:
+            shift = dw @ mu
+        else:  # grouped: output channel o reads input channels (o // per_out_group) * cin_g ...
+            cin_g, per = w.shape[1], w.shape[0] // group
+            idx = (np.arange(w.shape[0]) // per)[:, None] * cin_g + np.arange(cin_g)[None, :]
+            shift = (dw * mu[idx]).sum(1)
+        out[c] = shift
+    return out
+
+
+def apply_bias_shift(prepped: PathLike, out: PathLike, shifts: Dict[str, np.ndarray], convs: Sequence[str]) -> Path:
+    """Copy of ``prepped`` whose ``convs`` (those that will be quantised) have ``bias - shift``."""
+    onnx = require("onnx", "INT8 bias correction")
+    from onnx import numpy_helper
+
+    m = onnx.load(str(prepped))
+    nodes = {n.name: n for n in m.graph.node}
+    init = {t.name: t for t in m.graph.initializer}
+    for c in convs:
+        if c not in shifts:
+            continue
+        bias = nodes[c].input[2]
+        b = numpy_helper.to_array(init[bias]).astype(np.float64)
+        init[bias].CopyFrom(numpy_helper.from_array((b - shifts[c]).astype(np.float32), bias))
+    onnx.save_model(m, str(out))
+    return Path(out)
+
+
 def quantize(prepped: PathLike, out: PathLike, method: str, exclude: Sequence[str], ranges: PathLike, *,
-             metadata: Optional[Dict[str, Any]] = None) -> Path:
+             metadata: Optional[Dict[str, Any]] = None, bias_shift: Optional[Dict[str, np.ndarray]] = None) -> Path:
     """QDQ static quantisation of ``prepped`` with precomputed ``ranges`` (see
     :func:`calibrate_ranges`): per-channel QInt8 weights, QUInt8 activations; ``exclude`` nodes
-    stay FP32."""
+    stay FP32. ``bias_shift`` (from :func:`weight_bias_shift`): the quantised convolutions' biases
+    are corrected first (the excluded ones keep theirs)."""
     q = require("onnxruntime.quantization", "INT8 calibration")
     onnx = require("onnx", "INT8 calibration")
     out = Path(out)
+    if bias_shift:
+        skip = set(exclude)
+        corrected = out.with_name(out.stem + ".bias_corrected.onnx")
+        apply_bias_shift(prepped, corrected, bias_shift, [c for c in bias_shift if c not in skip])
+        try:
+            return quantize(corrected, out, method, exclude, ranges,
+                            metadata={"bias_correction": "weights", **(metadata or {})})
+        finally:
+            corrected.unlink(missing_ok=True)
     with contextlib.redirect_stdout(sys.stderr):
         q.quantize_static(str(prepped), str(out), None, quant_format=q.QuantFormat.QDQ, per_channel=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
@@ -365,6 +473,11 @@ class CalibrationOptions:
         sensitivity_steps / exclude_per_step: the exclusion loop keeps the first
             ``step * exclude_per_step`` backbone convolutions FP32, step = 1..sensitivity_steps,
             until the bar is met.
+        bias_correction: correct each quantised convolution's bias for the mean output shift of
+            its INT8 weights on the calibration slices (:func:`weight_bias_shift`); halves the
+            probability error of the 0.2.0 classifier (docs/benchmarks/int8.md, 2026-12-04).
+        percentile: the Percentile method's upper percentile of |activation| (ORT's default
+            99.999; 99.99 clips more outliers).
         bench: measure FP32 vs INT8 speed (batch 1 and 32, ``threads`` threads).
         threads: ORT CPU threads for evaluation and timing.
         seed: sampling seed.
@@ -381,6 +494,8 @@ class CalibrationOptions:
     max_test: Optional[int] = None
     sensitivity_steps: int = 6
     exclude_per_step: int = 2
+    bias_correction: bool = False
+    percentile: float = 99.999
     bench: bool = True
     threads: int = 2
     seed: int = 0
@@ -437,12 +552,15 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
     with tempfile.TemporaryDirectory(prefix="ctsdk-calib-") as tmp:
         work = Path(tmp)
         prepped, head = prepare(src, work / "prepped.onnx")
+        # weight bias correction: shifts of every backbone conv, from the FP32 graph's input means on
+        # the calibration slices; each quantize() call corrects only the convs it quantises
+        shifts = weight_bias_shift(prepped, x_cal, backbone_convs(prepped, head)) if o.bias_correction else None
         best: Optional[Tuple[str, Path]] = None
         ranges: Dict[str, Path] = {}
         for m in methods:
             tm = time.perf_counter()
-            ranges[m] = calibrate_ranges(prepped, x_cal, m, work / f"ranges_{m}.json")
-            path = quantize(prepped, work / f"int8_{m}.onnx", m, head, ranges[m])
+            ranges[m] = calibrate_ranges(prepped, x_cal, m, work / f"ranges_{m}.json", percentile=o.percentile)
+            path = quantize(prepped, work / f"int8_{m}.onnx", m, head, ranges[m], bias_shift=shifts)
             cmp = compare(fp32_pred, predict(path, x_test, threads), y_test, pos)
             cmp["seconds"] = round(time.perf_counter() - tm, 2)
             results[m] = cmp
@@ -471,7 +589,8 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
                 if not add or (steps and len(add) == len(steps[-1]["excluded"])):
                     break
                 excl = list(head) + add
-                path = quantize(prepped, work / f"int8_{chosen_m}_x{step}.onnx", chosen_m, excl, ranges[chosen_m])
+                path = quantize(prepped, work / f"int8_{chosen_m}_x{step}.onnx", chosen_m, excl, ranges[chosen_m],
+                                bias_shift=shifts)
                 cmp = compare(fp32_pred, predict(path, x_test, threads), y_test, pos)
                 steps.append({"step": step, "excluded": add, **cmp})
                 ok = _passes(cmp, max_auc_drop, min_agreement)
@@ -497,7 +616,8 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
         criteria={"max_auc_drop": max_auc_drop, "min_top1_agreement": min_agreement},
         split_source=split_how,
         calibration={"n": len(calib_rows), "split": "train", "composition": composition(calib_rows), "seed": seed,
-                     "activation_type": "QUInt8", "weight_type": "QInt8 per-channel", "format": "QDQ"},
+                     "activation_type": "QUInt8", "weight_type": "QInt8 per-channel", "format": "QDQ",
+                     "bias_correction": o.bias_correction, "percentile": o.percentile},
         test={"n": len(test_rows), "composition": composition(test_rows), "positive_class_index": pos},
         fp32=fp32_metrics, methods=results, chosen=chosen, excluded_nodes=exclude, sensitivity_steps=steps,
         sensitivity=sens[:10], speed=speed, seconds=round(time.perf_counter() - t0, 1), versions=versions, notes=notes,
@@ -538,5 +658,6 @@ def _rank(c: Dict[str, Any]) -> Tuple[float, float]:
     return (round(c["top1_agreement"], 6), -abs(d) if d == d else -1.0)
 
 
-__all__ = ["CalibrationError", "CalibrationOptions", "CalibrationReport", "METHODS", "benchmark", "calibrate", "calibrate_ranges", "compare",
-           "predict", "prepare", "quantize", "runtime_hints", "sensitivity"]
+__all__ = ["CalibrationError", "CalibrationOptions", "CalibrationReport", "METHODS", "apply_bias_shift", "benchmark", "calibrate",
+           "calibrate_ranges", "compare", "conv_input_means", "predict", "prepare", "quantize", "runtime_hints", "sensitivity",
+           "weight_bias_shift"]

@@ -181,6 +181,50 @@ def test_qdq_quantisation_keeps_head_fp32(fp32_model, image_csv, tmp_path):
         assert s.info.precision == "int8"
 
 
+def test_bias_correction_uses_ort_weight_quantiser(fp32_model, image_csv, tmp_path):
+    """weight_bias_shift replicates ORT's per-channel QInt8 weights exactly, its shift equals the
+    brute-force mean output change of a 1x1 conv, and quantize(bias_shift=...) corrects only the
+    quantised convolutions."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sdk.calibration.quantize import (backbone_convs, calibrate_ranges, conv_input_means, prepare, quantize,
+                                          weight_bias_shift)
+
+    rows, _ = load_rows(image_csv)
+    x = SimplePreprocessor(64)(rows[:16])
+    prepped, head = prepare(fp32_model, tmp_path / "prepped.onnx")
+    convs = backbone_convs(prepped, head)
+    shifts = weight_bias_shift(prepped, x, convs)
+    assert set(shifts) == set(convs)
+    src = onnx.load(str(prepped))
+    nodes = {n.name: n for n in src.graph.node}
+    w32 = {t.name: numpy_helper.to_array(t) for t in src.graph.initializer}
+    # brute force for the 1x1 conv: mean over pixels of (Q(W) - W) x == shift
+    pw = next(c for c in convs if w32[nodes[c].input[1]].shape[2:] == (1, 1))
+    ranges = calibrate_ranges(prepped, x, "minmax", tmp_path / "ranges.json")
+    keep = [convs[0]]                                        # stem stays FP32 here
+    out = quantize(prepped, tmp_path / "bc.onnx", "minmax", list(head) + keep, ranges, bias_shift=shifts)
+    q = onnx.load(str(out))
+    qi = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    qn = {n.name: n for n in q.graph.node}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    dq = producer[qn[pw].input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    wq = qi[dq.input[0]].astype(np.float64) * qi[dq.input[1]].reshape(-1, 1, 1, 1)
+    w = w32[nodes[pw].input[1]].astype(np.float64)
+    mu = conv_input_means(prepped, x, [pw])[pw]
+    assert np.allclose((wq - w)[:, :, 0, 0] @ mu, shifts[pw], atol=1e-6)
+    # corrected bias (int32 * scale) on quantised convs; the excluded stem keeps its own bias
+    dqb = producer[qn[pw].input[2]]
+    b = qi[dqb.input[0]].astype(np.float64) * qi[dqb.input[1]]
+    step = float(np.max(qi[dqb.input[1]]))
+    assert np.allclose(b, w32[nodes[pw].input[2]] - shifts[pw], atol=step)
+    assert np.array_equal(qi[qn[keep[0]].input[2]], w32[nodes[keep[0]].input[2]])
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert meta.get("ctsdk.bias_correction") == "weights"
+
+
 def test_calibrate_report_matches_independent_evaluation(fp32_model, image_csv, tmp_path):
     from sdk.calibration.quantize import calibrate, predict
 
@@ -230,6 +274,27 @@ def test_calibrate_cli_json(fp32_model, image_csv, tmp_path):
     bad = subprocess.run([str(ctsdk), "calibrate", "--onnx", str(fp32_model), "--images", str(image_csv), "--out",
                           str(out), "--method", "kl", "--splits", "none"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--method must be one of" in bad.stderr
+
+
+def test_calibrate_cli_bias_correction_flags(fp32_model, image_csv, tmp_path):
+    """--bias-correction and --percentile reach CalibrationOptions and the report (in-process CLI)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sdk.cli.calibrate_cmd import calibrate as cmd
+
+    out = tmp_path / "bc_int8.onnx"
+    r = CliRunner().invoke(cmd, ["--onnx", str(fp32_model), "--images", str(image_csv), "--out", str(out), "--n", "8",
+                                 "--method", "percentile", "--percentile", "99.99", "--bias-correction", "--splits", "none",
+                                 "--no-bench", "--json"])
+    assert r.exit_code in (0, 1), r.output
+    d = json.loads(r.stdout)
+    assert d["calibration"]["bias_correction"] is True and d["calibration"]["percentile"] == 99.99
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta.get("ctsdk.bias_correction") == "weights"
 
 
 def test_runtime_hints_from_report(tmp_path):

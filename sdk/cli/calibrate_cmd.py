@@ -45,10 +45,15 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--render", type=click.Choice(["8bit", "hu"]), default="8bit", show_default=True,
               help="How images become inputs: '8bit' = the 8-bit letterbox transform; 'hu' = grey->HU estimate, "
                    "re-rendered through the runtime's window (for a classifier trained on HU renderings).")
+@click.option("--bias-correction", is_flag=True,
+              help="Correct each quantised convolution's bias for the mean output shift of its INT8 weights "
+                   "(per-channel input means of the calibration slices; docs/benchmarks/int8.md).")
+@click.option("--percentile", type=float, default=99.999, show_default=True,
+              help="Upper percentile of |activation| for --method percentile.")
 @json_option
 @handle_errors
 def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: str, splits_csv: Optional[str],
-              report_path: Optional[str], max_test: Optional[int], threads: int, no_bench: bool, render: str, as_json: bool) -> None:
+              report_path: Optional[str], max_test: Optional[int], threads: int, no_bench: bool, render: str, bias_correction: bool, percentile: float, as_json: bool) -> None:
     """Quantise a classifier to INT8 (QDQ, per-channel, U8 activations / S8 weights) with
     calibration slices from the train split, compare MinMax / Entropy / Percentile on the test
     split, and report AUC/accuracy delta, top-1 agreement and the speed ratio. Exit 1 when the
@@ -59,7 +64,8 @@ def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: st
 
     opts = CalibrationOptions(n=n, method=method, splits_csv=None if splits_csv == "none" else splits_csv, max_test=max_test,
                               bench=not no_bench, threads=threads, report_path=report_path, progress=not as_json,
-                              preprocess=HuRenderPreprocessor() if render == "hu" else None)
+                              preprocess=HuRenderPreprocessor() if render == "hu" else None,
+                              bias_correction=bias_correction, percentile=percentile)
     report = run(onnx_path, images_csv, out_path, opts)
     emit(report.to_dict(), as_json, _human)
     if not report.passed:
