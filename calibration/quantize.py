@@ -48,6 +48,7 @@ import numpy as np
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError
+from ..tables import json_safe
 from .dataset import Preprocessor, composition, load_rows, preprocess_batched, preprocessor, stratified_sample
 from .metrics import binary_summary
 
@@ -273,13 +274,13 @@ def quantize(prepped: PathLike, out: PathLike, method: str, exclude: Sequence[st
                           extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
                           calibration_cache_path=str(ranges))
     proto = onnx.load(str(out))
-    from ..export.onnx import _set_metadata
+    from ..export.onnx import set_metadata
 
     src = onnx.load(str(prepped), load_external_data=False)
     meta = {p.key[len("ctsdk."):]: p.value for p in src.metadata_props if p.key.startswith("ctsdk.")}
     meta.update({"precision": "int8", "calibration_method": method, "activation_type": "QUInt8",
                  "weight_type": "QInt8 per-channel", "fp32_nodes": len(exclude), **(metadata or {})})
-    _set_metadata(proto, meta)
+    set_metadata(proto, meta)
     onnx.save_model(proto, str(out))
     return out
 
@@ -425,25 +426,13 @@ class CalibrationReport:
     notes: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def save(self, path: PathLike) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(self.to_dict(), indent=1))
         return p
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    return obj
 
 
 def _positive_index(fp32_onnx: PathLike, n_classes: int) -> int:

@@ -232,7 +232,7 @@ def _tensor_specs(values: Sequence[Any]) -> List[Dict[str, Any]]:
     return specs
 
 
-def _set_metadata(model_proto: Any, metadata: Mapping[str, Any]) -> Dict[str, str]:
+def set_metadata(model_proto: Any, metadata: Mapping[str, Any]) -> Dict[str, str]:
     written: Dict[str, str] = {}
     keep = [p for p in model_proto.metadata_props if not p.key.startswith(META_PREFIX)]
     del model_proto.metadata_props[:]
@@ -349,7 +349,7 @@ def export_onnx(
         proto = _simplify(proto, notes)
     if actual_opset > opset:
         proto, actual_opset = _downgrade(proto, opset, actual_opset, notes)
-    _set_metadata(proto, {"opset": actual_opset, **(dict(metadata or {}))})
+    set_metadata(proto, {"opset": actual_opset, **(dict(metadata or {}))})
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
@@ -633,7 +633,7 @@ def export_fp16(
     meta = {p.key: p.value for p in half.metadata_props}
     meta_new = {k[len(META_PREFIX):]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
     meta_new.update({"precision": "fp16", "fp32_nodes": json.dumps(len(block_nodes)), "source_sha256": sha256_file(src)})
-    _set_metadata(half, meta_new)
+    set_metadata(half, meta_new)
     _save_single_file(half, out)
     init_types = Counter(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in half.graph.initializer)
     report = ExportReport(
@@ -661,5 +661,6 @@ def export_fp16(
 
 __all__ = [
     "CLASSIFIER_OUTPUTS", "ExportError", "ExportReport", "ParityReport", "classifier_metadata", "compare_outputs",
-    "export_fp16", "export_onnx", "fp32_head_nodes", "ort_cpu_session", "read_metadata", "run_onnx", "sha256_file", "torch_parity",
+    "export_fp16", "export_onnx", "fp32_head_nodes", "ort_cpu_session", "read_metadata", "run_onnx", "set_metadata", "sha256_file",
+    "torch_parity",
 ]
