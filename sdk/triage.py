@@ -48,9 +48,11 @@ log = logging.getLogger("sdk.triage")
 PathLike = Union[str, Path]
 STAGES = ("load", "eligibility", "resample", "lungs", "slice_selection", "opacity", "classifier_inputs",
           "classification", "aggregation", "total")
-#: slices per classifier call: 16 gives the same probabilities as 32 and ~165 MB less peak RSS
-#: (ORT's arena), at the same CPU speed (docs/benchmarks/cpu.md)
+#: slices per classifier call on a GPU (the kernel path pads every call to it)
 CLASSIFIER_BATCH = 16
+#: ... and on the CPU: 8 gives the same probabilities as 16 (max |dp| 0 on covid-P001) at the same
+#: speed and ~100 MiB less peak RSS (ORT's arena; docs/benchmarks/cpu.md)
+CLASSIFIER_BATCH_CPU = 8
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LUNG_METHODS = ("auto", "unet2d", "classical", "hybrid", "unet3d")
@@ -224,7 +226,8 @@ class Triage:
         threads: intra-op threads per ONNX Runtime session (None: the runtime's default).
         kernels: who builds the classifier inputs, see :data:`KERNELS`; reported as
             ``runtime["kernels"]``.
-        classifier_batch: slices per classifier call (the sessions are warmed up at this batch).
+        classifier_batch: slices per classifier call (the sessions are warmed up at this batch);
+            None: 8 when the classifier runs on the CPU, 16 on a GPU.
         pooling: kernel path only: "auto" | "kernel" (features graph + mask-weights / masked-GAP
             kernels + head) | "graph" (the classifier graph's own pooling).
         sync_timings: kernel path on a GPU: synchronise the device at stage boundaries so
@@ -242,7 +245,7 @@ class Triage:
         heatmaps: bool = True,
         threads: Optional[int] = None,
         kernels: str = "auto",
-        classifier_batch: int = CLASSIFIER_BATCH,
+        classifier_batch: Optional[int] = None,
         pooling: str = "auto",
         sync_timings: bool = False,
     ) -> None:
@@ -256,9 +259,8 @@ class Triage:
             raise ConfigError(f"lung_method {lung_method!r} not in {LUNG_METHODS}")
         if lungs_precision not in LUNGS_PRECISIONS:
             raise ConfigError(f"lungs_precision {lungs_precision!r} not in {LUNGS_PRECISIONS}")
-        if int(classifier_batch) < 1:
+        if classifier_batch is not None and int(classifier_batch) < 1:
             raise ConfigError(f"classifier_batch must be >= 1, got {classifier_batch}")
-        self.classifier_batch = int(classifier_batch)
         if kernels not in KERNELS:
             raise ConfigError(f"kernels {kernels!r} not in {KERNELS}")
         if pooling not in ("auto", "kernel", "graph"):
@@ -280,6 +282,9 @@ class Triage:
         self.window = self.preprocessing.classifier_window
         self.size = self.preprocessing.classifier_size
         self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads)
+        on_cpu = self.runtime.get("provider") == "CPUExecutionProvider" or self.runtime.get("device") == "cpu"
+        self.classifier_batch = int(classifier_batch) if classifier_batch is not None else (
+            CLASSIFIER_BATCH_CPU if on_cpu else CLASSIFIER_BATCH)
         self.lungs_precision: Optional[str] = None  # the 2D U-Net's precision (None: no 2D U-Net session)
         self._lungs = None
         if lung_method != "classical":

@@ -76,14 +76,18 @@ def _upsample_labels(labels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     if (h, w) == (H, W):
         return labels.copy()
     out = np.zeros((z, H, W), np.uint8)
+    small = np.empty((h, w), np.float32)       # reused buffers: no 1 MB temporaries per slice and lung
+    big = np.empty((H, W), np.float32)
+    hit = np.empty((H, W), bool)
     for k in range(z):
         if not labels[k].any():
             continue
         for lab in (RIGHT, LEFT):
-            m = labels[k] == lab
-            if m.any():
-                up = cv2.resize(m.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR) > 0.5
-                out[k][up] = lab
+            np.equal(labels[k], lab, out=small, casting="unsafe")
+            if small.any():
+                cv2.resize(small, (W, H), dst=big, interpolation=cv2.INTER_LINEAR)
+                np.greater(big, 0.5, out=hit)
+                out[k][hit] = lab
     return out
 
 
