@@ -229,3 +229,31 @@ def test_opencv_erosion_and_labels_equal_scipy() -> None:
             ref, n_ref = ndi.label(plane)
             assert n == n_ref
             assert len(set(zip(ours.ravel().tolist(), ref.ravel().tolist()))) == n + 1   # a bijection of labels
+
+
+def test_slice_counts_and_threaded_upsampling_against_references(monkeypatch) -> None:
+    """Per-slice LEFT/RIGHT counts against np.bincount; the label up-sampling on two threads
+    against the same code on one thread and against a per-slice OpenCV reference."""
+    import cv2
+
+    from sdk.lungs import _slice_counts
+    from sdk.lungs import classical as C
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((12, 24, 20), np.uint8)
+    labels[2:10, 4:18, 2:9] = C.LEFT
+    labels[2:10, 4:18, 11:18] = C.RIGHT
+    labels[5] = rng.integers(0, 3, (24, 20))
+    left, right = _slice_counts(labels)
+    for k in range(labels.shape[0]):
+        ref = np.bincount(labels[k].ravel(), minlength=3)
+        assert (left[k], right[k]) == (ref[C.LEFT], ref[C.RIGHT])
+    two = C._upsample_labels(labels, (61, 53))
+    monkeypatch.setattr(C, "UPSAMPLE_THREADS", 1)
+    np.testing.assert_array_equal(two, C._upsample_labels(labels, (61, 53)))
+    ref = np.zeros_like(two)
+    for k in range(labels.shape[0]):
+        for lab in (C.RIGHT, C.LEFT):          # LEFT written last: it wins ties
+            up = cv2.resize((labels[k] == lab).astype(np.float32), (53, 61), interpolation=cv2.INTER_LINEAR) > 0.5
+            ref[k][up] = lab
+    np.testing.assert_array_equal(two, ref)

@@ -109,9 +109,12 @@ def _slice_counts(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     flat = labels.reshape(labels.shape[0], -1)
     left = np.zeros(labels.shape[0], np.int64)
     right = np.zeros(labels.shape[0], np.int64)
-    for k in np.nonzero(flat.any(axis=1))[0]:
-        c = np.bincount(flat[k], minlength=3)
-        left[k], right[k] = c[LEFT], c[RIGHT]
+    hit = np.empty(flat.shape[1], bool)            # one reused buffer; compare + count are SIMD loops
+    for k in np.nonzero(flat.any(axis=1))[0]:      # (np.bincount widens every slice to intp: 5x slower)
+        np.equal(flat[k], LEFT, out=hit)
+        left[k] = np.count_nonzero(hit)
+        np.equal(flat[k], RIGHT, out=hit)
+        right[k] = np.count_nonzero(hit)
     return left, right
 
 
