@@ -163,6 +163,29 @@ def test_train_aggregator_end_to_end(tmp_path) -> None:
     assert json.loads((tmp_path / "agg" / "config.json").read_text())["bags_per_class"] == 60
 
 
+def test_compare_aggregators_rebuilds_the_trainers_bags(tmp_path) -> None:
+    """compare_aggregators scores the same val/test bags the trainer reported on."""
+    import json
+
+    from sdk.agg_predictions import join_cases
+    from sdk.train.aggregator import compare_aggregators
+    from sdk.train.aggregator import AggTrainConfig, train_aggregator
+
+    _predictions_csv(tmp_path / "pred.csv", np.random.default_rng(3))
+    cfg = AggTrainConfig(predictions=str(tmp_path / "pred.csv"), out=str(tmp_path / "agg" / "aggregator.json"),
+                         bags_per_class=40, n_bootstrap=20, num_boost_round=20, min_slices=5, max_slices=40)
+    m = train_aggregator(cfg)
+    conf = json.loads((tmp_path / "agg" / "config.json").read_text())
+    res = compare_aggregators(str(tmp_path / "pred.csv"), {"a": m["out"], "b": m["out"]},
+                              {"a": m["threshold"], "b": 0.5}, conf, str(tmp_path / "cmp.json"))
+    for step in ("val_bags", "test_bags"):
+        got = res["aggregators"]["a"][step]
+        assert got["auc"] == pytest.approx(m[step]["auc"]) and got["sensitivity"] == pytest.approx(m[step]["sensitivity"])
+        assert res["paired"][f"{step}: b - a"]["diff"] == pytest.approx(0.0)
+    rows = [{"path": "x.jpg", "label": "covid", "source": "s", "split": "val", "patient": "p1"}]
+    assert join_cases(rows, [{"path": "x.jpg", "p_covid": 0.25}]) == [dict(rows[0], p_covid="0.250000")]
+
+
 def test_contributions_sum_to_the_margin() -> None:
     """XGBoost pred_contribs (TreeSHAP) are exact: features + bias = logit of the positive class."""
     rng = np.random.default_rng(3)

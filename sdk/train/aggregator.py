@@ -30,7 +30,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from ..errors import ConfigError
 CLASSES = ["non_covid", "covid"]
 POSITIVE_LABELS = {"covid", "covid-19", "covid19"}
 
-__all__ = ["AggTrainConfig", "train_aggregator", "make_bags", "read_predictions", "series_label"]
+__all__ = ["AggTrainConfig", "train_aggregator", "make_bags", "read_predictions", "series_label", "compare_aggregators"]
 
 
 @dataclass
@@ -273,6 +273,55 @@ def train_aggregator(cfg: AggTrainConfig) -> Dict[str, Any]:
     (out.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics["out"] = str(out)
     return metrics
+
+
+# --- comparing aggregators on the same bags -----------------------------------------------------
+def compare_aggregators(predictions: str, aggregators: Dict[str, str], thresholds: Dict[str, float],
+                        config: Optional[Dict[str, Any]] = None, out: Optional[str] = None) -> Dict[str, Any]:
+    """Score the SAME simulated val/test bags with several aggregators (old vs new pair).
+
+    The bags are rebuilt exactly as ``sdk.train.aggregator.train_aggregator`` builds them
+    (one ``default_rng(seed)`` drawn through the train, val and test sets in that order), from
+    ``predictions`` and the trainer's config (``config.json`` of a run, or the defaults).
+    Returns per aggregator: val/test bag metrics at its own threshold (95 % bootstrap CIs), and
+    paired bootstrap AUC differences of every aggregator against the first one."""
+    from ..aggregate import Aggregator, group_features
+    from ..metrics import binary_metrics, paired_auc_difference
+
+    cfg = AggTrainConfig(**(config or {}))
+    rows = read_predictions(predictions)
+    rng = np.random.default_rng(cfg.seed)
+    kw = dict(min_slices=cfg.min_slices, max_slices=cfg.max_slices, covid_fraction_min=cfg.covid_fraction_min)
+    sets = {}
+    for step, splits in (("train", cfg.bag_splits), ("val", cfg.val_splits), ("test", cfg.test_splits)):
+        n = cfg.bags_per_class if step == "train" else max(10, cfg.bags_per_class // 4)
+        sets[step] = make_bags(_units(rows, _split_list(splits)), n, rng, **kw)
+    res: Dict[str, Any] = {"predictions": predictions, "config": config or {}, "aggregators": {}, "paired": {}}
+    scores: Dict[str, Dict[str, Any]] = {}
+    for name, path in aggregators.items():
+        agg = Aggregator.load(path)
+        thr = float(thresholds[name])
+        entry: Dict[str, Any] = {"path": str(path), "threshold": thr}
+        for step in ("val", "test"):
+            bags, y = sets[step]
+            x = np.stack([group_features(b, cfg.n_groups) for b in bags])
+            p = agg.predict_features(x)[:, 1]
+            scores.setdefault(step, {})[name] = (y, p)
+            entry[f"{step}_bags"] = binary_metrics(y, p, thr, n_boot=cfg.n_bootstrap, seed=cfg.seed)
+        res["aggregators"][name] = entry
+    first = next(iter(aggregators))
+    for step, d in scores.items():
+        y, p0 = d[first]
+        for name, (_, p) in d.items():
+            if name != first:
+                res["paired"][f"{step}_bags: {name} - {first}"] = paired_auc_difference(y, p, p0, cfg.n_bootstrap, cfg.seed)
+    from ..tables import json_safe
+
+    res = json_safe(res)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=2))
+    return res
 
 
 def main(argv: Sequence[str] = None) -> int:  # type: ignore[assignment]
