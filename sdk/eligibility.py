@@ -97,11 +97,10 @@ def lung_fraction(hu: np.ndarray, step: Optional[int] = None) -> float:
     if hu.size == 0:
         return 0.0
     s = step or max(1, hu.shape[2] // 128)
-    sub = np.asarray(hu[:, ::s, ::s], dtype=np.float32)
-    zs = np.linspace(0, sub.shape[0] - 1, num=min(sub.shape[0], 32)).round().astype(int)
+    zs = np.linspace(0, hu.shape[0] - 1, num=min(hu.shape[0], 32)).round().astype(int)
     body_n = lung_n = 0
-    for z in np.unique(zs):
-        sl = sub[z]
+    for z in np.unique(zs):                    # only the sampled slices are converted
+        sl = np.asarray(hu[z, ::s, ::s], dtype=np.float32)
         solid = sl > BODY_HU
         lab, n = ndimage.label(solid)
         if n == 0:
