@@ -185,6 +185,16 @@ def test_cpu_precision_auto_rule(tmp_path, tiny, passed, speedup, want):
         assert s.info.precision == want
 
 
+@pytest.mark.parametrize("passed", [True, False])
+def test_explicit_int8_runs_and_says_when_its_bar_failed(tmp_path, tiny, passed):
+    """precision="int8" runs the INT8 file either way; a failed calibration bar is named in the reasons."""
+    _, w, b = tiny
+    files = {"fp32": tiny[0], "int8": _conv_softmax_model(tmp_path / "m_int8.onnx", w, b, "int8")}
+    _, info, reasons = select_runtime("cpu", "int8", files, calibration_passed=passed)
+    assert info.precision == "int8"
+    assert any("did NOT pass its calibration bar" in r for r in reasons) is (not passed)
+
+
 def test_selection_argument_errors(tiny):
     with pytest.raises(ConfigError, match="device"):
         select_runtime("gpu", "auto", {"fp32": tiny[0]})

@@ -169,6 +169,12 @@ def _choose_precision(backend: Backend, precision: str, files: Mapping[str, Any]
             return None
         if precision == "fp16" and backend.device == "cpu":
             reasons.append("ort-cpu: fp16 requested; ORT CPU has few FP16 kernels, expect it slower than fp32")
+        if precision == "int8" and not calibration_passed:
+            msg = ("int8 requested although the bundle's INT8 classifier did NOT pass its calibration bar "
+                   "(manifest int8.passed is false: its top-1 agreement with FP32 is below the criterion); "
+                   "running it as asked - precision='auto' would run fp32")
+            reasons.append(msg)
+            log.warning(msg)
         return precision
     if backend.device == "cpu":
         if "int8" not in files:
