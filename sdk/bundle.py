@@ -60,9 +60,13 @@ __all__ = [
 ]
 
 
+#: manifest block (and ``files`` key) of the INT8 lung U-Net and its Dice gate
+LUNGS_INT8_KEY = "lungs_int8"
+
+
 def lungs_int8_gate_passed(manifest: Mapping[str, Any]) -> bool:
     """True only when the manifest's ``lungs_int8`` block says ``"passed": true`` (a bool)."""
-    block = manifest.get("lungs_int8")
+    block = manifest.get(LUNGS_INT8_KEY)
     return isinstance(block, Mapping) and block.get("passed") is True
 
 

@@ -1,21 +1,9 @@
-"""INT8 2D lung U-Net: which lung U-Net runs (issue 15). Building and gating the file is
-:mod:`sdk.calibration.lungs`:
+"""INT8 2D lung U-Net: which lung U-Net runs (issue 15).
 
-    python -m sdk.calibration.lungs --bundle sdk/bundles/default [--data ../shared/data]
-
-That command writes ``lungs_int8.onnx`` beside the bundle's ``lungs_fp32.onnx``: static QDQ,
-per-channel QInt8 weights, QUInt8 activations, MinMax ranges (``sdk.calibration.quantize``),
-calibrated on prepared seg2d slices of the *train* block only (``sdk.train.seg.split_blocks``:
-never the val block [0, 260) nor the held-out test block >= 1320). It then evaluates the gate
-
-- 3D Dice of the hybrid segmenter against the manual cip-ct64 mask
-  (``volumes/cip-copd-ct64/wholeLung-64.nrrd``): INT8 >= FP32 - 0.005;
-- mean per-slice Dice on the held-out seg2d test block: INT8 >= FP32 - 0.005;
-
-and rebuilds the bundle with :func:`sdk.bundle.write_bundle` (every file kept and re-hashed, plus
-``files.lungs_int8``: role "lungs", precision "int8") and a ``lungs_int8`` manifest block
-(passed, the Dice numbers, the criteria, the command). A file that fails the gate is still
-written, with ``passed: false``: ``lungs_precision="auto"`` never runs it.
+The file ``lungs_int8.onnx`` and its Dice gate (the manifest's ``lungs_int8`` block) are built by
+:mod:`sdk.calibration.lungs` (``python -m sdk.calibration.lungs --bundle ...``; what it
+quantises, on which slices, and the gate's criteria are described there). A file whose gate
+failed is never picked by ``lungs_precision="auto"``.
 
 Run-time choice (:func:`choose_lungs_precision`, used by :class:`sdk.Triage`): the lung session
 follows the classifier: INT8 when the classifier runs INT8 on the CPU and the bundle's
@@ -25,21 +13,14 @@ from __future__ import annotations
 
 from typing import Any, List, Mapping, Optional, Tuple
 
+from ..bundle import LUNGS_INT8_KEY
 from ..bundle import lungs_int8_gate_passed as gate_passed  # noqa: F401 - the bundle reads its manifest
 from ..errors import BundleError, ConfigError
 
 #: file name, manifest ``files`` key and manifest block of the INT8 U-Net
 INT8_FILE = "lungs_int8.onnx"
-FILES_KEY = "lungs_int8"
-MANIFEST_KEY = "lungs_int8"
-#: the gate: INT8 Dice may be at most this much below the FP32 U-Net's (one-sided)
-MAX_CIP_DICE_DROP = 0.005
-MAX_SEG2D_DICE_DROP = 0.005
-CALIB_N = 96
-CALIB_SEED = 0
+FILES_KEY = MANIFEST_KEY = LUNGS_INT8_KEY
 LUNGS_PRECISIONS = ("auto", "fp32", "int8")
-CIP_SERIES = ("dicom", "cip-ct64")
-CIP_MASK = ("volumes", "cip-copd-ct64", "wholeLung-64.nrrd")
 
 
 # --- run-time choice ---------------------------------------------------------------------------------
