@@ -455,10 +455,9 @@ class KernelPath:
             timer.ms["opacity_overlapped"] = (_time.perf_counter() - t0) * 1000.0
             return out
 
-        from concurrent.futures import ThreadPoolExecutor
+        from .pools import shared_pool
 
-        pool = ThreadPoolExecutor(max_workers=1)
-        opacity_future = pool.submit(opacity_job)
+        opacity_future = shared_pool("side").submit(opacity_job)
         with self._stage(timer, "classifier_inputs"):
             x = self.ops.classifier_inputs(d_hu, d_mask, indices, triage.size, triage.window, io=io)
         d_probs, d_cams = self._classify(x, triage.classifier_batch, triage.keep_heatmaps, io, timer)
@@ -467,7 +466,6 @@ class KernelPath:
             cams = None if d_cams is None else self.ops.download(d_cams, io, "CAMs (heat maps)")
         with self._stage(timer, "opacity"):
             opacity = opacity_future.result()
-            pool.shutdown(wait=False)
         with self._stage(timer, "aggregation"):
             decision = triage._decide_series(slice_probs, opacity, int(indices.size), lung_ml)
         z_mm = np.asarray(volume.z_mm, dtype=np.float64)

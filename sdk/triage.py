@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -42,6 +41,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from .errors import ConfigError, RuntimeUnavailableError
+from .pools import shared_pool
 
 log = logging.getLogger("sdk.triage")
 
@@ -87,22 +87,6 @@ class _Timer:
             yield
         finally:
             self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1000.0
-
-
-_SIDE_POOL: Optional[Any] = None
-_SIDE_LOCK = threading.Lock()
-
-
-def _side_pool() -> Any:
-    """The process-wide pool for work that overlaps the classifier (HU opacity); two workers so
-    concurrent ``run`` calls do not queue behind each other's job."""
-    global _SIDE_POOL
-    with _SIDE_LOCK:
-        if _SIDE_POOL is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _SIDE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctsdk-side")
-        return _SIDE_POOL
 
 
 # --- classifier session ------------------------------------------------------------------------
@@ -514,7 +498,7 @@ class Triage:
         # classifier; not an extra stage, as on the kernel path).
         opacity_warnings: List[str] = []
         with timer("opacity"):
-            pending = _side_pool().submit(self._timed_opacity, volume, seg, opacity_warnings)
+            pending = shared_pool("side").submit(self._timed_opacity, volume, seg, opacity_warnings)
         slice_probs, cams = self._classify(volume.hu, seg.mask, indices, timer)
         with timer("opacity"):
             opacity, opacity_ms = pending.result()

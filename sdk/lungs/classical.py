@@ -100,10 +100,9 @@ def _upsample_labels(labels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     if len(parts) == 1:
         run(parts[0])
     else:
-        from concurrent.futures import ThreadPoolExecutor
+        from ..pools import shared_pool
 
-        with ThreadPoolExecutor(len(parts), thread_name_prefix="ctsdk-upsample") as pool:
-            list(pool.map(run, parts))
+        list(shared_pool("upsample").map(run, parts))
     return out
 
 

@@ -9,7 +9,6 @@ the last call. Backends are registered by name (``get_runtime("ort-cpu")``).
 """
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,17 +146,11 @@ class Session:
                     raise ConfigError(f"input {name!r}: expected shape {spec.shape}, got {arr.shape}")
 
 
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_LOCK = threading.Lock()
-
-
 def _prefetch_pool() -> ThreadPoolExecutor:
-    """The helper threads that build the next batch's input (shared, created on first use)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctsdk-prefetch")
-        return _POOL
+    """The helper threads that build the next batch's input (:func:`sdk.pools.shared_pool`)."""
+    from ..pools import shared_pool
+
+    return shared_pool("prefetch")
 
 
 #: ORT type strings -> numpy dtype names (for sessions built outside ctsdk)
