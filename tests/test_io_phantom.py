@@ -218,17 +218,22 @@ def _lost_fraction(vol, paths, threshold: float = -500.0) -> float:
     return lost / max(total, 1)
 
 
+def _shift_in_plane(paths, step_mm) -> None:
+    """Rewrite each file's ImagePositionPatient: slice k moves by k x ``step_mm`` (x, y) in-plane."""
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [f"{ipp[0] + step_mm[0] * k:.6f}", f"{ipp[1] + step_mm[1] * k:.6f}", f"{ipp[2]:.6f}"]
+        ds.save_as(p)
+
+
 def test_tilt_correction_loses_nothing(tmp_path):
     """Slices whose field of view moves with the tilt (pixels unchanged, ImagePositionPatient
     shifted in-plane by 1.5 px per slice, as when the FOV follows the table): the last slices' body
     lies outside the first slice's grid. Every source pixel above -500 HU still lies inside the
     corrected volume and their count is kept (the first slice's 48x48 grid would lose ~30 %)."""
     paths = write_phantom_series(tmp_path, n_slices=20, size=48, spacing=(2.5, 0.8, 0.8))
-    for k, p in enumerate(paths):
-        ds = pydicom.dcmread(p)
-        ipp = [float(v) for v in ds.ImagePositionPatient]
-        ds.ImagePositionPatient = [f"{ipp[0]:.6f}", f"{ipp[1] + 1.5 * 0.8 * k:.6f}", f"{ipp[2]:.6f}"]
-        ds.save_as(p)
+    _shift_in_plane(paths, (0.0, 1.5 * 0.8))
     vol = load_series(tmp_path)
     assert vol.shape == (20, 48 + 29, 48)                                 # ceil(19 x 1.5) rows added
     # geometry: stack direction (0, 1.2, 2.5) mm per slice vs normal +z: atan(1.2 / 2.5), rotation
@@ -248,11 +253,7 @@ def test_offsets_too_large_for_a_gantry_tilt_are_refused(tmp_path):
     from sdk.errors import GeometryError
 
     paths = write_phantom_series(tmp_path, n_slices=6, size=16, spacing=(2.0, 1.0, 1.0))
-    for k, p in enumerate(paths):
-        ds = pydicom.dcmread(p)
-        ipp = [float(v) for v in ds.ImagePositionPatient]
-        ds.ImagePositionPatient = [f"{ipp[0] + 10.0 * k:.6f}", f"{ipp[1] + 10.0 * k:.6f}", f"{ipp[2]:.6f}"]
-        ds.save_as(p)
+    _shift_in_plane(paths, (10.0, 10.0))
     with pytest.raises(GeometryError, match=r"offset in-plane by up to 50 px .* needs a 66x66 grid for 16x16"):
         load_series(tmp_path)
 
