@@ -50,9 +50,10 @@ STAGES = ("load", "eligibility", "resample", "lungs", "slice_selection", "opacit
           "classification", "aggregation", "total")
 #: slices per classifier call on a GPU (the kernel path pads every call to it)
 CLASSIFIER_BATCH = 16
-#: ... and on the CPU: 8 gives the same probabilities as 16 (max |dp| 0 on covid-P001) at the same
-#: speed and ~100 MiB less peak RSS (ORT's arena; docs/benchmarks/cpu.md)
-CLASSIFIER_BATCH_CPU = 8
+#: ... and on the CPU: 4 per lane (two lanes on 2 cores: 8 slices in flight) gives the same
+#: probabilities as 8 and 16 (max |dp| 0 on covid-P001), is ~10 % faster than 8 per lane, and keeps
+#: ORT's arena (peak RSS) as small as one batch of 8 did (docs/benchmarks/cpu.md)
+CLASSIFIER_BATCH_CPU = 4
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LUNG_METHODS = ("auto", "unet2d", "classical", "hybrid", "unet3d")
@@ -90,7 +91,8 @@ class _Timer:
 
 
 # --- classifier session ------------------------------------------------------------------------
-def _open_classifier(bundle: Any, device: str, precision: str, threads: Optional[int]) -> Tuple[Any, Dict[str, str], List[str]]:
+def _open_classifier(bundle: Any, device: str, precision: str, threads: Optional[int],
+                     lanes: int = 1) -> Tuple[Any, Dict[str, str], List[str]]:
     """Open the classifier through :func:`sdk.runtime.select_runtime`; returns (session, runtime, reasons).
 
     ``runtime`` is what really runs (the session's own ``info``: ORT may fall back to CPU).
@@ -100,7 +102,7 @@ def _open_classifier(bundle: Any, device: str, precision: str, threads: Optional
     int8 = bundle.manifest.get("int8", {})
     loader, info, reasons = select_runtime(
         device, precision, bundle.classifier_paths(), bundle.calibration_passed,
-        int8_speedup=int8.get("speedup"), threads=threads, engine_cache_dir=bundle.engine_cache_dir(),
+        int8_speedup=int8.get("speedup"), threads=threads, engine_cache_dir=bundle.engine_cache_dir(), lanes=lanes,
     )
     session = loader()
     real = getattr(session, "info", info)
@@ -152,14 +154,14 @@ def _input_builder(kind: str, device: str, reasons: List[str]) -> Tuple[InputBui
     return on_cpu, "numpy"
 
 
-def _open_lungs(path: Optional[Path], threads: Optional[int], precision: str = "fp32") -> Any:
+def _open_lungs(path: Optional[Path], threads: Optional[int], precision: str = "fp32", lanes: int = 1) -> Any:
     """CPU ONNX Runtime session for the bundle's 2D lung U-Net (``lungs_fp32.onnx`` or, when
-    chosen by :func:`_choose_lungs`, ``lungs_int8.onnx``)."""
+    chosen by :func:`_choose_lungs`, ``lungs_int8.onnx``), its batches run in ``lanes`` lanes."""
     if path is None:
         return None
     from .lungs.unet2d import open_session
 
-    return open_session(path, threads, precision)
+    return open_session(path, threads, precision, lanes=lanes)
 
 
 def _choose_lungs(bundle: Any, lungs_precision: str, runtime: Dict[str, str], reasons: List[str]) -> Tuple[Optional[Path], str]:
@@ -207,7 +209,12 @@ class Triage:
         heatmaps: keep references to the volume, mask and CAMs in each result so that
             ``heatmap(i)`` / ``save_heatmaps(dir)`` work (costs no time, holds memory until the
             result is dropped).
-        threads: intra-op threads per ONNX Runtime session (None: the runtime's default).
+        threads: intra-op threads per ONNX Runtime session (None: the runtime's default; on the
+            CPU that is the cores shared out between ``lanes``).
+        lanes: CPU sessions (classifier, 2D lung U-Net): batches run side by side, each on its
+            own intra-op threads (:func:`sdk.runtime.ort.cpu_lanes`). None: one lane per core (at
+            most 4) when ``threads`` is None, else 1 (batches one after the other on ``threads``).
+            Same results either way; reported as ``runtime["cpu_lanes"]``.
         kernels: who builds the classifier inputs, see :data:`KERNELS`; reported as
             ``runtime["kernels"]``.
         classifier_batch: slices per classifier call (the sessions are warmed up at this batch);
@@ -232,6 +239,7 @@ class Triage:
         classifier_batch: Optional[int] = None,
         pooling: str = "auto",
         sync_timings: bool = False,
+        lanes: Optional[int] = None,
     ) -> None:
         from .bundle import Bundle, load_bundle
 
@@ -251,6 +259,8 @@ class Triage:
             raise ConfigError(f"pooling {pooling!r} not in ('auto', 'kernel', 'graph')")
         if threads is not None and int(threads) < 1:
             raise ConfigError(f"threads must be >= 1 or None, got {threads}")
+        if lanes is not None and int(lanes) < 1:
+            raise ConfigError(f"lanes must be >= 1 or None, got {lanes}")
         t0 = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.device, self.precision, self.lung_method = device, precision, lung_method
@@ -265,7 +275,13 @@ class Triage:
         self.preprocessing = self.bundle.preprocessing
         self.window = self.preprocessing.classifier_window
         self.size = self.preprocessing.classifier_size
-        self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads)
+        from .device_path import PATH_KERNELS
+        from .runtime.ort import cpu_lanes
+
+        #: CPU batches in flight per stage (the kernel path runs its own sessions, one lane)
+        self.lanes = 1 if kernels in PATH_KERNELS else cpu_lanes(threads, lanes)
+        self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads,
+                                                                                 self.lanes)
         on_cpu = self.runtime.get("provider") == "CPUExecutionProvider" or self.runtime.get("device") == "cpu"
         self.classifier_batch = int(classifier_batch) if classifier_batch is not None else (
             CLASSIFIER_BATCH_CPU if on_cpu else CLASSIFIER_BATCH)
@@ -273,9 +289,11 @@ class Triage:
         self._lungs = None
         if lung_method != "classical":
             lpath, lprec = _choose_lungs(self.bundle, lungs_precision, self.runtime, self.runtime_reasons)
-            self._lungs = _open_lungs(lpath, threads, lprec)
+            self._lungs = _open_lungs(lpath, threads, lprec, self.lanes)
             self.lungs_precision = lprec if self._lungs is not None else None
         self._kpath = self._open_kernel_path(kernels, device, pooling, sync_timings)
+        if self.runtime.get("device") == "cpu" or self._lungs is not None:
+            self.runtime["cpu_lanes"] = str(self.lanes)
         if self._kpath is None:
             self._inputs_fn, self.runtime["kernels"] = _input_builder(
                 "numpy" if kernels in ("gpu", "cuda") else kernels, self.runtime.get("device", "cpu"), self.runtime_reasons)

@@ -211,6 +211,30 @@ def test_fast_finishing_steps_equal_scipy_references() -> None:
         assert np.array_equal(_dilate_in_plane(sparse, reach), ndi.binary_dilation(sparse, structure=plane, iterations=reach))
 
 
+def test_both_lungs_closed_side_by_side_equal_the_sequential_reference() -> None:
+    """_close_sides (left lung on a helper thread, right on the caller) against SciPy written out:
+    zero-padded 3D closing by the ball, then per-slice hole filling, one side at a time; a missing
+    side gives None."""
+    from scipy import ndimage as ndi
+
+    from sdk.lungs.classical import LEFT, RIGHT, _ball, _close_sides
+
+    rng = np.random.default_rng(8)
+    labels = np.zeros((12, 40, 50), np.uint8)
+    labels[:, 5:35, 3:22] = LEFT * (rng.random((12, 30, 19)) < 0.8)
+    labels[:, 5:35, 28:47] = RIGHT * (rng.random((12, 30, 19)) < 0.8)
+    ball = _ball((1.0, 2.0, 2.0))
+    got = _close_sides(labels, ball)
+    for k in (LEFT, RIGHT):
+        pad = [(b // 2, b // 2) for b in ball.shape]
+        closed = ndi.binary_closing(np.pad(labels == k, pad), structure=ball)[1:-1, 2:-2, 2:-2]
+        ref = np.stack([ndi.binary_fill_holes(s) for s in closed])
+        assert np.array_equal(got[k], ref)
+    only_left = np.where(labels == RIGHT, 0, labels).astype(np.uint8)
+    one = _close_sides(only_left, ball)
+    assert one[RIGHT] is None and np.array_equal(one[LEFT], got[LEFT])
+
+
 def test_opencv_erosion_and_labels_equal_scipy() -> None:
     """The left/right split's in-plane erosion and per-slice labels (OpenCV) against SciPy:
     the same eroded voxels (zero border) and the same 4-connected partition of every slice."""

@@ -249,6 +249,72 @@ def test_infer_batched_equals_one_call_with_and_without_prefetch(tiny):
             s.infer_batched(x, batch=0)
 
 
+def test_infer_batched_in_lanes_keeps_sample_order_and_runs_batches_side_by_side(tiny):
+    """lanes > 1: every batch is built and run on a lane thread, at most ``lanes`` at once; the
+    outputs equal the single full-batch call's, in sample order, whatever order the lanes end in."""
+    import threading
+    import time as _time
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(11, 2, 5, 5)).astype(np.float32)
+    with OrtSession(tiny[0], threads=1, lanes=3) as s:
+        assert s.lanes == 3
+        ref = s.infer({"image": x})
+        lock = threading.Lock()
+        state = {"now": 0, "peak": 0}
+        threads_seen = set()
+
+        def make(i0, i1):
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+                threads_seen.add(threading.current_thread().name)
+            _time.sleep(0.02 * (3 - i0 % 3))  # later batches finish first
+            with lock:
+                state["now"] -= 1
+            return x[i0:i1]
+
+        t = {}
+        got = s.infer_batched(make, 11, batch=2, timings=t)
+        np.testing.assert_allclose(got["probs"], ref["probs"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["feat"], ref["feat"], rtol=1e-5, atol=1e-5)
+        assert 2 <= state["peak"] <= 3                       # side by side, never more than the lanes
+        assert all(n.startswith("ctsdk-lanes") for n in threads_seen)
+        assert t["prepare_ms"] > 0 and t["infer_ms"] >= 0
+        one = s.infer_batched(make, 11, batch=2, lanes=1)  # per-call override: one batch at a time
+        np.testing.assert_array_equal(one["probs"], got["probs"])
+        with pytest.raises(ConfigError, match="lanes must be >= 1"):
+            s.infer_batched(x, batch=2, lanes=0)
+    with pytest.raises(ConfigError, match="lanes must be >= 1"):
+        OrtSession(tiny[0], lanes=0)
+
+
+def test_cpu_lanes_policy(monkeypatch):
+    """One lane per core (at most MAX_AUTO_LANES) unless the caller chose threads; the lanes share
+    the cores' intra-op threads."""
+    from sdk.runtime.ort import MAX_AUTO_LANES, cpu_lanes, lane_threads
+
+    monkeypatch.setenv("CTSDK_THREADS", "2")
+    assert cpu_lanes() == 2 and lane_threads(None, 2) == 1
+    assert cpu_lanes(threads=2) == 1 and cpu_lanes(threads=1, lanes=3) == 3
+    assert lane_threads(3, 2) == 3
+    monkeypatch.setenv("CTSDK_THREADS", "16")
+    assert cpu_lanes() == MAX_AUTO_LANES and lane_threads(None, MAX_AUTO_LANES) == 16 // MAX_AUTO_LANES
+    with pytest.raises(ConfigError, match="lanes must be >= 1"):
+        cpu_lanes(lanes=0)
+
+
+def test_select_runtime_cpu_lanes(tiny):
+    """select_runtime passes lanes to the ORT CPU session: one intra-op thread per lane by default."""
+    from sdk.runtime.ort import default_threads
+
+    loader, info, _ = select_runtime("cpu", "fp32", {"fp32": tiny[0]}, lanes=2)
+    s = loader()
+    assert s.lanes == 2 and s.threads == max(1, default_threads() // 2)
+    s1 = select_runtime("cpu", "fp32", {"fp32": tiny[0]}, threads=3)[0]()
+    assert s1.lanes == 1 and s1.threads == 3
+
+
 # --- CUDA session configuration, batch padding, device buffers ----------------------------------------
 def test_cuda_provider_options_are_explicit(monkeypatch):
     from sdk.runtime.ort import cuda_provider_options, providers_for

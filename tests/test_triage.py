@@ -185,6 +185,23 @@ def test_concurrent_runs_equal_sequential(engine, phantom, phantom_result, tmp_p
         assert [s.to_dict() for s in r.slice_scores] == [s.to_dict() for s in ref.slice_scores]
 
 
+def test_lanes_give_the_same_triage_also_concurrently(engine, phantom, phantom_result) -> None:
+    """CPU lanes (batches of the classifier and the lung U-Net side by side, one intra-op thread
+    each) change no number: same series and slice probabilities as one lane, also when several
+    runs share the lane threads at once; the runtime block says how many lanes ran."""
+    lanes = sdk.Triage(device="cpu", precision="fp32", lanes=2, threads=1)
+    assert lanes.runtime["cpu_lanes"] == "2" and engine.runtime["cpu_lanes"] == "1"
+    assert lanes._classifier.lanes == 2 and lanes._lungs.lanes == 2
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lanes.run, [phantom] * 3))
+    for r in results:
+        assert r.probabilities == phantom_result.probabilities
+        assert [s.to_dict() for s in r.slice_scores] == [s.to_dict() for s in phantom_result.slice_scores]
+        assert r.lung_volume_ml == phantom_result.lung_volume_ml
+    with pytest.raises(ConfigError, match="lanes"):
+        sdk.Triage(device="cpu", lanes=0)
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="device"):
         sdk.Triage(device="tpu")

@@ -90,10 +90,12 @@ NET_BATCH = 8
 
 
 def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: Optional[int] = 0,
-                 precision: str = "fp32") -> Any:
+                 precision: str = "fp32", lanes: Optional[int] = None) -> Any:
     """CPU :class:`sdk.runtime.ort.OrtSession` for the 2D lung U-Net (``onnx_path`` or the bundle's
     FP32 file; ``precision`` names the file's precision, "int8" for ``lungs_int8.onnx``). The one
-    opener of lung U-Net sessions: the Triage facade, evaluation and training all call it."""
+    opener of lung U-Net sessions: the Triage facade, evaluation and training all call it.
+    ``lanes`` > 1: batches run side by side, each on ``threads`` or the cores / lanes intra-op
+    threads (:func:`sdk.runtime.ort.cpu_lanes`)."""
     path = Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX
     if not path.is_file():
         raise BundleError(
@@ -101,7 +103,11 @@ def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: O
         )
     from ..runtime.ort import OrtSession
 
-    return OrtSession(path, device="cpu", threads=threads or None, precision=precision)
+    from ..runtime.ort import lane_threads
+
+    n_lanes = int(lanes or 1)
+    intra = (threads or None) if n_lanes == 1 else lane_threads(threads or None, n_lanes)
+    return OrtSession(path, device="cpu", threads=intra, precision=precision, lanes=n_lanes)
 
 
 def as_session(session: SessionLike) -> Any:

@@ -48,6 +48,8 @@ class Session:
 
     def __init__(self) -> None:
         self.last_ms: float = 0.0
+        #: batches :meth:`infer_batched` runs at once (CPU sessions opened with ``lanes``; 1 elsewhere)
+        self.lanes: int = 1
 
     # context manager -------------------------------------------------------------------------
     def __enter__(self) -> "Session":
@@ -70,6 +72,7 @@ class Session:
         outputs: Optional[Sequence[str]] = None,
         prefetch: bool = True,
         timings: Optional[Dict[str, float]] = None,
+        lanes: Optional[int] = None,
     ) -> Dict[str, np.ndarray]:
         """Run ``n`` samples in batches of ``batch`` and concatenate every output along axis 0.
 
@@ -85,10 +88,21 @@ class Session:
             prefetch: build batch k+1 (``make``) in a helper thread while batch k runs; the
                 runtime releases the GIL, so input preparation and inference overlap. Inputs
                 do not depend on each other, so results are the same either way.
-            timings: receives ``prepare_ms`` (time waiting for inputs) and ``infer_ms``.
+            timings: receives ``prepare_ms`` (time waiting for inputs) and ``infer_ms``; with
+                lanes, ``prepare_ms`` is the time a lane spent building inputs (summed over the
+                lanes, divided by their number) and ``infer_ms`` the rest of the wall time.
+            lanes: batches in flight at once (default: the session's ``lanes``). With ``lanes``
+                > 1 each of that many helper threads builds a batch's input and runs it
+                (:func:`sdk.pools.shared_pool` "lanes"): on a CPU session opened with one
+                intra-op thread per lane this keeps every core busy through the serial parts
+                of a network and the input building (docs/benchmarks/cpu.md). Every sample is
+                computed as in sequence; outputs keep the sample order.
         """
         if int(batch) < 1:
             raise ConfigError(f"batch must be >= 1, got {batch}")
+        n_lanes = int(lanes if lanes is not None else self.lanes)
+        if n_lanes < 1:
+            raise ConfigError(f"lanes must be >= 1, got {lanes}")
         make = source if callable(source) else (lambda i0, i1, a=source: a[i0:i1])
         total = int(n if n is not None else len(source))  # type: ignore[arg-type]
         if input_name is None:
@@ -96,6 +110,8 @@ class Session:
                 raise ConfigError(f"the model has inputs {[t.name for t in self.inputs]}: pass input_name")
             input_name = self.inputs[0].name
         spans = [(i, min(i + int(batch), total)) for i in range(0, total, int(batch))]
+        if n_lanes > 1 and len(spans) > 1:
+            return self._infer_lanes(make, spans, n_lanes, input_name, outputs, timings)
         parts: Dict[str, List[np.ndarray]] = {}
         wait = run = 0.0
         pool = _prefetch_pool() if prefetch and callable(source) and len(spans) > 1 else None
@@ -118,6 +134,35 @@ class Session:
         if not spans:
             return {}
         return {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in parts.items()}
+
+    def _infer_lanes(self, make: Callable[[int, int], np.ndarray], spans: List[Tuple[int, int]], lanes: int,
+                     input_name: str, outputs: Optional[Sequence[str]],
+                     timings: Optional[Dict[str, float]]) -> Dict[str, np.ndarray]:
+        """:meth:`infer_batched` with ``lanes`` batches in flight: each job builds one batch's input
+        and runs it; the outputs are concatenated in span order."""
+        t_start = time.perf_counter()
+
+        def job(span: Tuple[int, int]) -> Tuple[Dict[str, np.ndarray], float]:
+            t0 = time.perf_counter()
+            x = np.ascontiguousarray(make(*span))
+            prep = time.perf_counter() - t0
+            return {k: np.asarray(v) for k, v in self.infer({input_name: x}, outputs).items()}, prep
+
+        pool = _lanes_pool(lanes)
+        pending: List = []
+        results: List[Tuple[Dict[str, np.ndarray], float]] = []
+        # at most ``lanes`` batches in flight (the pool may be larger when shared by several calls)
+        for span in spans:
+            if len(pending) >= lanes:
+                results.append(pending.pop(0).result())
+            pending.append(pool.submit(job, span))
+        results.extend(f.result() for f in pending)
+        wall = time.perf_counter() - t_start
+        if timings is not None:
+            prep = sum(p for _, p in results) / lanes
+            timings.update(prepare_ms=prep * 1e3, infer_ms=max(0.0, wall - prep) * 1e3)
+        names = list(results[0][0])
+        return {k: np.concatenate([r[k] for r, _ in results]) for k in names}
 
     def infer(self, feed: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
         self._check(feed)
@@ -151,6 +196,13 @@ def _prefetch_pool() -> ThreadPoolExecutor:
     from ..pools import shared_pool
 
     return shared_pool("prefetch")
+
+
+def _lanes_pool(lanes: int) -> ThreadPoolExecutor:
+    """The threads that run batches side by side (:func:`sdk.pools.shared_pool` "lanes")."""
+    from ..pools import WORKERS, shared_pool
+
+    return shared_pool("lanes", max(WORKERS, int(lanes)))
 
 
 #: ORT type strings -> numpy dtype names (for sessions built outside ctsdk)

@@ -104,6 +104,36 @@ def session_threads(device: str, threads: Optional[int] = None) -> int:
     return default_threads()
 
 
+#: most lanes the CPU default opens (each in-flight batch holds its own activations in ORT's arena)
+MAX_AUTO_LANES = 4
+
+
+def cpu_lanes(threads: Optional[int] = None, lanes: Optional[int] = None) -> int:
+    """Batches a CPU pipeline runs side by side: ``lanes`` when given; else one per core (at most
+    :data:`MAX_AUTO_LANES`) when ``threads`` is not given, and 1 when it is (the caller chose
+    intra-op threads, so batches run one after the other as before).
+
+    On 2 cores, two lanes of one intra-op thread each against one session of two threads:
+    INT8 classifier on 133 slices 455 -> 412 ms, the whole INT8 triage 1.66 -> 1.36 s (the
+    serial parts of the networks and the input building fill the other core;
+    docs/benchmarks/cpu.md)."""
+    if lanes is not None:
+        if int(lanes) < 1:
+            raise ConfigError(f"lanes must be >= 1, got {lanes}")
+        return int(lanes)
+    if threads is not None:
+        return 1
+    return max(1, min(default_threads(), MAX_AUTO_LANES))
+
+
+def lane_threads(threads: Optional[int], lanes: int) -> int:
+    """Intra-op threads of a CPU session run in ``lanes`` lanes: ``threads`` when given, else the
+    usable cores shared out between the lanes (at least 1)."""
+    if threads is not None:
+        return session_threads("cpu", threads)
+    return max(1, default_threads() // max(1, int(lanes)))
+
+
 def cuda_provider_options(
     device_id: int = 0,
     *,
@@ -278,6 +308,9 @@ class OrtSession(Session):
             the CPU from it (on 2 cores: pipelined classification 2.7 s -> 1.9 s wall, 1.30 ->
             0.91 s CPU, ``examples/ort_spinning_check.py``, docs/benchmarks/cpu.md).
         fixed_batch: run every call at this batch (pad the last, split larger ones); None = as fed.
+        lanes: CPU only: batches :meth:`infer_batched` runs side by side (default 1); open the
+            session with ``threads=lane_threads(None, lanes)`` so the lanes share the cores
+            (:func:`cpu_lanes` is the product's choice). Ignored (1) on CUDA.
         cuda_graph: capture a CUDA graph (CUDA only; needs ``fixed_batch`` and CuPy).
         profile: file prefix for ORT's profiler JSON (``end_profiling()`` returns the file).
     """
@@ -299,6 +332,7 @@ class OrtSession(Session):
         cuda_graph: bool = False,
         profile: Optional[str] = None,
         spinning: bool = False,
+        lanes: Optional[int] = None,
     ) -> None:
         super().__init__()
         ort = _ort()
@@ -311,6 +345,9 @@ class OrtSession(Session):
             raise ConfigError(f"fixed_batch must be >= 1 or None, got {fixed_batch}")
         if cuda_graph and (device != "cuda" or fixed_batch is None):
             raise ConfigError("cuda_graph=True needs device='cuda' and a fixed_batch (a CUDA graph replays fixed shapes)")
+        if lanes is not None and int(lanes) < 1:
+            raise ConfigError(f"lanes must be >= 1 or None, got {lanes}")
+        self.lanes = int(lanes or 1) if device == "cpu" else 1
         self.fixed_batch = int(fixed_batch) if fixed_batch is not None else None
         self.cuda_graph = bool(cuda_graph)
         user = dict(provider_options or {})
@@ -653,6 +690,6 @@ class OrtSessionFromOnnx:
         return f"OrtSessionFromOnnx({str(self.path)!r}{', ' + kw if kw else ''})"
 
 
-__all__ = ["CPU_EP", "CUDA_EP", "CUDNN_SEARCH", "OrtSession", "OrtSessionFromOnnx", "batch_chunks", "cai_dtype",
-           "cuda_provider_options", "default_threads", "pad_batch", "probe_provider", "providers_for",
+__all__ = ["CPU_EP", "CUDA_EP", "CUDNN_SEARCH", "MAX_AUTO_LANES", "OrtSession", "OrtSessionFromOnnx", "batch_chunks", "cai_dtype",
+           "cpu_lanes", "cuda_provider_options", "default_threads", "lane_threads", "pad_batch", "probe_provider", "providers_for",
            "resolve_output_shapes", "session_threads"]

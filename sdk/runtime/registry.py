@@ -81,7 +81,11 @@ class OrtCpuBackend(Backend):
     def loader(self, onnx_path: PathLike, precision: str, **kw: Any) -> Callable[[], Any]:
         from .ort import OrtSessionFromOnnx
 
-        return OrtSessionFromOnnx(onnx_path, device="cpu", precision=precision, threads=kw.get("threads"))
+        from .ort import lane_threads
+
+        lanes = int(kw.get("lanes") or 1)
+        threads = kw.get("threads") if lanes == 1 else lane_threads(kw.get("threads"), lanes)
+        return OrtSessionFromOnnx(onnx_path, device="cpu", precision=precision, threads=threads, lanes=lanes)
 
     def device_name(self) -> str:
         return "cpu"
@@ -208,6 +212,7 @@ def select_runtime(
     batch: Tuple[int, int, int] = (1, 8, 32),
     fixed_batch: Optional[int] = None,
     cuda_graph: bool = False,
+    lanes: Optional[int] = None,
 ) -> Tuple[Callable[[], Any], RuntimeInfo, List[str]]:
     """Pick a backend and precision for this machine.
 
@@ -224,6 +229,9 @@ def select_runtime(
         fixed_batch: ORT CUDA runs every classifier call at this batch (the last batch padded), so
             the shapes never vary; None = as fed.
         cuda_graph: ORT CUDA captures a CUDA graph (needs ``fixed_batch`` and CuPy).
+        lanes: ORT CPU: batches run side by side by ``infer_batched`` (the session then has
+            ``threads`` or the cores / lanes intra-op threads; :func:`sdk.runtime.ort.cpu_lanes`).
+            None or 1: one batch at a time on ``threads``. GPU backends ignore it.
 
     Returns:
         ``(loader, info, reasons)``: ``loader()`` creates the Session (nothing is built before);
@@ -253,7 +261,7 @@ def select_runtime(
         if prec is None:
             continue
         loader = backend.loader(files[prec], prec, threads=threads, engine_cache_dir=engine_cache_dir, batch=batch,
-                                fixed_batch=fixed_batch, cuda_graph=cuda_graph)
+                                fixed_batch=fixed_batch, cuda_graph=cuda_graph, lanes=lanes)
         info = RuntimeInfo(backend=backend.backend, provider=backend.provider, precision=prec, device=backend.device_name())
         reasons.append(f"selected {name} / {prec}: {files[prec].name}")
         for r in reasons:
