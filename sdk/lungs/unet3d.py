@@ -175,18 +175,17 @@ SessionLike = Any  # ctsdk Session (.infer), onnxruntime.InferenceSession (.run)
 
 def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: int = 0,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
-    """ONNX Runtime session for the 3D U-Net (default: the bundle's ``lungs3d_fp32.onnx``)."""
+    """ctsdk :class:`sdk.runtime.ort.OrtSession` for the 3D U-Net (default: the bundle's
+    ``lungs3d_fp32.onnx``); ``providers`` naming ``CUDAExecutionProvider`` opens it on the GPU
+    (falling back to the CPU with the reason in ``fallback_reasons``), else on the CPU."""
     path = Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX
     if not path.is_file():
         raise BundleError(f"3D lung U-Net model not found: {path} (train and export it with "
                           "`python -m sdk.train.seg3d`, or pass onnx_path=...)")
-    import onnxruntime as ort
+    from ..runtime.ort import CUDA_EP, OrtSession
 
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=list(providers))
+    device = "cuda" if CUDA_EP in tuple(providers) else "cpu"
+    return OrtSession(path, device=device, threads=threads or None)
 
 
 def predict_cube(x: Any, session: SessionLike) -> Any:
