@@ -230,6 +230,7 @@ def _split_left_right(lung: np.ndarray, max_erosions: int = 6) -> np.ndarray:
         seed_lab[seeds[0]], seed_lab[seeds[1]] = 1, 2
         a = np.zeros(lung.shape, bool)
         b = np.zeros(lung.shape, bool)
+        seed_cx: List[float] = []                  # the seeds' x centroids, computed once when needed
         for k in range(lung.shape[0]):
             if not lung[k].any():
                 continue
@@ -247,8 +248,9 @@ def _split_left_right(lung: np.ndarray, max_erosions: int = 6) -> np.ndarray:
                     near = seed_lab[k][idx[0], idx[1]]
                 else:  # no seed in this slice: use the seeds' x centroids
                     xs = np.arange(lung.shape[2])
-                    ca = (seeds[0].sum(axis=(0, 1)) * xs).sum() / max(seeds[0].sum(), 1)
-                    cb = (seeds[1].sum(axis=(0, 1)) * xs).sum() / max(seeds[1].sum(), 1)
+                    if not seed_cx:
+                        seed_cx.extend((seeds[j].sum(axis=(0, 1)) * xs).sum() / max(seeds[j].sum(), 1) for j in (0, 1))
+                    ca, cb = seed_cx
                     near = np.where(np.abs(xs - ca) < np.abs(xs - cb), 1, 2)[None, :].repeat(lung.shape[1], 0)
                 a[k] |= mixed & (near == 1)
                 b[k] |= mixed & (near == 2)
