@@ -103,11 +103,7 @@ def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: O
         )
     from ..runtime.ort import OrtSession
 
-    from ..runtime.ort import lane_threads
-
-    n_lanes = int(lanes or 1)
-    intra = (threads or None) if n_lanes == 1 else lane_threads(threads or None, n_lanes)
-    return OrtSession(path, device="cpu", threads=intra, precision=precision, lanes=n_lanes)
+    return OrtSession(path, device="cpu", threads=threads or None, precision=precision, lanes=lanes)
 
 
 def as_session(session: SessionLike) -> Any:

@@ -308,9 +308,9 @@ class OrtSession(Session):
             the CPU from it (on 2 cores: pipelined classification 2.7 s -> 1.9 s wall, 1.30 ->
             0.91 s CPU, ``examples/ort_spinning_check.py``, docs/benchmarks/cpu.md).
         fixed_batch: run every call at this batch (pad the last, split larger ones); None = as fed.
-        lanes: CPU only: batches :meth:`infer_batched` runs side by side (default 1); open the
-            session with ``threads=lane_threads(None, lanes)`` so the lanes share the cores
-            (:func:`cpu_lanes` is the product's choice). Ignored (1) on CUDA.
+        lanes: CPU only: batches :meth:`infer_batched` runs side by side (default 1). Without
+            ``threads`` each lane gets its share of the cores as intra-op threads
+            (:func:`lane_threads`); :func:`cpu_lanes` is the product's choice. Ignored (1) on CUDA.
         cuda_graph: capture a CUDA graph (CUDA only; needs ``fixed_batch`` and CuPy).
         profile: file prefix for ORT's profiler JSON (``end_profiling()`` returns the file).
     """
@@ -356,7 +356,7 @@ class OrtSession(Session):
         self.cuda_options = cuda_provider_options(self.device_id, cudnn_conv_algo_search=search,
                                                   cuda_graph=self.cuda_graph, extra=user) if device == "cuda" else {}
         so = ort.SessionOptions()
-        self.threads = session_threads(device, threads)
+        self.threads = lane_threads(threads, self.lanes) if self.lanes > 1 else session_threads(device, threads)
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3

@@ -81,11 +81,8 @@ class OrtCpuBackend(Backend):
     def loader(self, onnx_path: PathLike, precision: str, **kw: Any) -> Callable[[], Any]:
         from .ort import OrtSessionFromOnnx
 
-        from .ort import lane_threads
-
-        lanes = int(kw.get("lanes") or 1)
-        threads = kw.get("threads") if lanes == 1 else lane_threads(kw.get("threads"), lanes)
-        return OrtSessionFromOnnx(onnx_path, device="cpu", precision=precision, threads=threads, lanes=lanes)
+        return OrtSessionFromOnnx(onnx_path, device="cpu", precision=precision, threads=kw.get("threads"),
+                                  lanes=kw.get("lanes"))
 
     def device_name(self) -> str:
         return "cpu"
