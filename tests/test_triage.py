@@ -223,13 +223,14 @@ def test_triage_subprocess_never_imports_torch(phantom: Path) -> None:
 
 def test_cli_json_is_one_object_and_heatmaps(phantom: Path, tmp_path: Path) -> None:
     out = subprocess.run(CTSDK + ["triage", str(phantom), "--device", "cpu", "--json", "--heatmaps", str(tmp_path / "h"), "--top", "2",
-                                  "--dicom-out", str(tmp_path / "dcm")],
+                                  "--dicom-out", str(tmp_path / "dcm"), "--lanes", "3"],
                          capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)  # the whole stdout is one JSON object
     assert d["eligible"] and d["label"] in ("covid", "non_covid", "indeterminate") and len(d["heatmaps"]) == 2
     assert (d["label"] == "indeterminate") == bool(d["reasons"]) and d["lung_opacity"]["decision"]["rules"]
     assert all(Path(p).is_file() for p in d["heatmaps"])
+    assert d["runtime"]["cpu_lanes"] == "3"
     # the phantom's planted ground glass: opacity block, TID 1500 measurements and the SEG written
     assert d["lung_opacity"]["ggo_fraction"] > 0.005
     assert d["dicom_results"] == ["sr.dcm", "sc-001.dcm", "sc-002.dcm", "sc-003.dcm", "measurements.dcm", "seg.dcm"]

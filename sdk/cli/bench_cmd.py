@@ -62,7 +62,8 @@ def _human(report: Dict[str, Any]) -> str:
 @click.option("--scaling-repeat", type=int, default=1, show_default=True, help="Calls per runtime and slice count.")
 @click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model bundle folder (default: the bundle shipped in the package).")
-@click.option("--threads", type=int, default=None, help="Intra-op threads for ONNX Runtime and torch (default: each library's).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for ONNX Runtime and torch (default: each library's; the product then runs its CPU "
+                   "sessions in lanes, one per core - given, one batch at a time on THREADS).")
 @click.option("--phantom-slices", type=int, default=64, show_default=True, help="Slices of the default phantom (no SOURCE).")
 @click.option("--phantom-size", type=int, default=256, show_default=True, help="Matrix of the default phantom (no SOURCE).")
 @click.option("--cold-fresh/--no-cold-fresh", default=True, show_default=True,

@@ -56,7 +56,10 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--heatmaps", "heatmaps_dir", type=click.Path(file_okay=False), default=None,
               help="Write one PNG heat-map overlay per selected slice into this folder.")
 @click.option("--top", type=int, default=None, help="With --heatmaps: only the TOP slices with the highest P(covid).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime threads per session.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session.")
+@click.option("--lanes", type=click.IntRange(min=1), default=None,
+              help="CPU: classifier / lung U-Net batches run side by side (default: one per core, at most 4, "
+                   "unless --threads is given; runtime.cpu_lanes says what ran).")
 @click.option("--kernels", type=click.Choice(["auto", "numpy", "gpu", "cuda", "cpu-harness", "reference"]), default="auto",
               show_default=True,
               help="numpy: the host path (OpenCV inputs, graph pooling). cuda/gpu (auto on a CUDA device): the "
@@ -73,7 +76,7 @@ def _human(d: Dict[str, Any]) -> str:
 @handle_errors
 def triage(source: str, series_uid: Optional[str], device: str, precision: str, bundle_path: Optional[str],
            lung_method: str, lungs_precision: str, heatmaps_dir: Optional[str], top: Optional[int], threads: Optional[int],
-           kernels: str, pooling: str, prior_path: Optional[str], dicom_dir: Optional[str], as_json: bool) -> None:
+           lanes: Optional[int], kernels: str, pooling: str, prior_path: Optional[str], dicom_dir: Optional[str], as_json: bool) -> None:
     """Triage one CT series (folder or file): label, probabilities, per-slice scores, stage timings.
 
     Research use only - not for diagnosis.
@@ -81,8 +84,8 @@ def triage(source: str, series_uid: Optional[str], device: str, precision: str, 
     from ..triage import Triage
 
     engine = Triage(bundle_path, device=device, precision=precision, lung_method=lung_method, lungs_precision=lungs_precision,
-                    heatmaps=heatmaps_dir is not None or dicom_dir is not None, threads=threads, kernels=kernels,
-                    pooling=pooling)
+                    heatmaps=heatmaps_dir is not None or dicom_dir is not None, threads=threads, lanes=lanes,
+                    kernels=kernels, pooling=pooling)
     import time
 
     t0 = time.perf_counter()
