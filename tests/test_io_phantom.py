@@ -520,3 +520,16 @@ def test_store_hu_int16_fast_path_against_int64(dtype, lo, hi, intercept):
     if ok:
         np.testing.assert_array_equal(out[1], ref)
         assert not out[0].any()
+
+
+def test_default_decode_workers(monkeypatch) -> None:
+    """Threads: one more than the usable cores (the codec keeps every core busy while a thread
+    holds the GIL between planes), processes: the cores; at most DEFAULT_WORKERS; 1 on one core."""
+    import os
+
+    from sdk.io import reader
+
+    for cores, threads, procs in ((1, 1, 1), (2, 3, 2), (3, 4, 3), (16, reader.DEFAULT_WORKERS, reader.DEFAULT_WORKERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert reader.default_workers() == threads and reader.default_workers("threads") == threads
+        assert reader.default_workers("processes") == procs

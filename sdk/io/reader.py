@@ -36,6 +36,22 @@ NON_IMAGE_MODALITIES = {"SR", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "KO", "PR",
 NOT_DICOM_SUFFIXES = {".md", ".txt", ".csv", ".npy", ".npz", ".json", ".xml", ".png", ".jpg", ".jpeg",
                       ".nrrd", ".nii", ".gz", ".zip", ".pdf", ".py", ".html", ".tsv", ".log"}
 DEFAULT_WORKERS = 4
+
+
+def default_workers(mode: str = "auto") -> int:
+    """Decode workers when the caller gives none: for threads (``auto``, ``threads``) one more than
+    the usable cores, at most :data:`DEFAULT_WORKERS`; for ``processes`` the cores (at most
+    :data:`DEFAULT_WORKERS`); 1 on a single core. A thread's decode holds the GIL for a moment
+    (reading the plane's bytes, finding its frame) around the codec call that releases it; a
+    worker more than the cores keeps the codec running on every core through those moments
+    (covid-P001 on 2 cores: decode 166 -> 149 ms with 3 threads, median of 11; same HU bit for bit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 1
+    if cores <= 1:
+        return 1
+    return min(DEFAULT_WORKERS, cores if mode == "processes" else cores + 1)
 DECODE_MODES = ("auto",) + parallel.MODES
 TIMING_KEYS = ("scan", "decode", "hu", "geometry")
 
@@ -595,8 +611,8 @@ def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt:
         series_uid: pick this series (a SeriesInfo.uid) instead of the default choice.
         allow_tilt: correct gantry tilt by shearing each slice in-plane (else raise GantryTiltError).
         allow_gaps: keep series with missing slices (a warning) instead of raising MissingSlicesError.
-        workers: decode workers in all, the calling process included (None: min(4, cpu count);
-            1: decode in the calling thread).
+        workers: decode workers in all, the calling process included (None: :func:`default_workers`:
+            threads the usable cores + 1, processes the cores, at most 4; 1: decode in the calling thread).
         progress: show a tqdm bar on stderr while decoding.
         decode: ``"auto"`` (threads; serial for tiny series), ``"processes"``, ``"threads"`` or
             ``"serial"``. imagecodecs (first for the lossless syntaxes) releases the GIL, so threads
@@ -833,7 +849,7 @@ def _decode_into(slices: List[_Slice], out: np.ndarray, workers: Optional[int], 
     failures: Dict[int, SeriesError] = {}
     overflow: List[int] = []
     st = stats if stats is not None else DecodeStats()
-    n = workers if workers is not None else min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    n = workers if workers is not None else default_workers(mode)
     t_start = time.perf_counter()
     bar = None
     if progress:
@@ -989,7 +1005,7 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     # order and check gaps from the headers alone (fail fast), then decode in slice order
     slices, sg, extras = _order(slices)
     _check_gaps(slices, sg, group, allow_gaps, [])
-    n_workers = workers if workers is not None else min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    n_workers = workers if workers is not None else default_workers(decode)
     mode = _decode_mode(slices, decode, n_workers)
     shape = (len(slices), slices[0].rows, slices[0].cols)
     hu = parallel.shared_empty(shape, _hu_dtype(slices)) if mode == "processes" else (alloc or np.empty)(shape, _hu_dtype(slices))
