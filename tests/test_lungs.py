@@ -67,9 +67,13 @@ def test_classical_phantom_dice_labels_and_volume() -> None:
     assert seg.left_volume_ml + seg.right_volume_ml == pytest.approx(seg.lung_volume_ml, rel=1e-6)
 
 
-def test_classical_splits_touching_lungs() -> None:
+def test_classical_splits_touching_lungs(monkeypatch) -> None:
+    from sdk.lungs import classical as C
+
     hu, truth, _ = phantom(separation_px=22)   # ellipsoids overlap at the midline: one component
     labels, info = segment_classical_hu(hu, (2.5, 2.2, 2.2))
+    monkeypatch.setattr(C, "SLICE_THREADS", 1)  # the per-slice steps on one thread: the same labels
+    np.testing.assert_array_equal(segment_classical_hu(hu, (2.5, 2.2, 2.2))[0], labels)
     assert info["n_components"] == 1.0
     ratio = (labels == LEFT).sum() / (labels == RIGHT).sum()
     assert 0.8 < ratio < 1.25
@@ -256,8 +260,9 @@ def test_opencv_erosion_and_labels_equal_scipy() -> None:
 
 
 def test_slice_counts_and_threaded_upsampling_against_references(monkeypatch) -> None:
-    """Per-slice LEFT/RIGHT counts against np.bincount; the label up-sampling on two threads
-    against the same code on one thread and against a per-slice OpenCV reference."""
+    """Per-slice LEFT/RIGHT counts against np.bincount; the label up-sampling and the HU
+    down-sampling on two threads against the same code on one thread and against per-slice
+    OpenCV references."""
     import cv2
 
     from sdk.lungs import _slice_counts
@@ -273,8 +278,13 @@ def test_slice_counts_and_threaded_upsampling_against_references(monkeypatch) ->
         ref = np.bincount(labels[k].ravel(), minlength=3)
         assert (left[k], right[k]) == (ref[C.LEFT], ref[C.RIGHT])
     two = C._upsample_labels(labels, (61, 53))
-    monkeypatch.setattr(C, "UPSAMPLE_THREADS", 1)
+    hu = rng.normal(-500, 300, (12, 61, 53)).astype(np.int16)
+    down = C._downsample(hu, (24, 20))
+    monkeypatch.setattr(C, "SLICE_THREADS", 1)
     np.testing.assert_array_equal(two, C._upsample_labels(labels, (61, 53)))
+    np.testing.assert_array_equal(down, C._downsample(hu, (24, 20)))
+    np.testing.assert_array_equal(down, np.stack([cv2.resize(p.astype(np.float32), (20, 24), interpolation=cv2.INTER_AREA)
+                                                  for p in hu]))
     ref = np.zeros_like(two)
     for k in range(labels.shape[0]):
         for lab in (C.RIGHT, C.LEFT):          # LEFT written last: it wins ties

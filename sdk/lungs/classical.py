@@ -52,8 +52,27 @@ class ClassicalConfig:
 Downsample = Callable[[np.ndarray, Tuple[int, int]], np.ndarray]
 
 
+#: threads of the per-slice lung steps (down- and up-sampling, the left/right split) (2: the cores this product is measured on)
+SLICE_THREADS = 2
+
+
+def _per_slice(run: Callable[[List[int]], None], todo: List[int]) -> None:
+    """``run(part)`` over interleaved parts of the slice indices ``todo`` on SLICE_THREADS
+    threads (:func:`sdk.pools.shared_pool` "slices"; OpenCV, SciPy and NumPy's loops release the GIL).
+    Each slice belongs to one part, so the result does not depend on the split; few slices run
+    in the caller."""
+    parts = [todo[i::SLICE_THREADS] for i in range(SLICE_THREADS)] if len(todo) > 8 else [todo]
+    if len(parts) == 1:
+        run(parts[0])
+        return
+    from ..pools import shared_pool
+
+    list(shared_pool("slices").map(run, parts))
+
+
 def _downsample(hu: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """(z, H, W) -> (z, h, w) float32 by area averaging per slice (cv2.INTER_AREA)."""
+    """(z, H, W) -> (z, h, w) float32 by area averaging per slice (cv2.INTER_AREA), slices on
+    :func:`_per_slice` threads."""
     import cv2
 
     z, h0, w0 = hu.shape
@@ -61,13 +80,15 @@ def _downsample(hu: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     if (h, w) == (h0, w0):
         return hu.astype(np.float32)
     out = np.empty((z, h, w), np.float32)
-    for k in range(z):
-        out[k] = cv2.resize(hu[k].astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+
+    def run(part: List[int]) -> None:
+        plane = np.empty((h0, w0), np.float32)   # per-worker buffer: no 1 MB temporary per slice
+        for k in part:
+            np.copyto(plane, hu[k], casting="unsafe")
+            out[k] = cv2.resize(plane, (w, h), interpolation=cv2.INTER_AREA)
+
+    _per_slice(run, list(range(z)))
     return out
-
-
-#: threads that up-sample the label map (2: the cores this product is measured on)
-UPSAMPLE_THREADS = 2
 
 
 def _upsample_labels(labels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -94,15 +115,7 @@ def _upsample_labels(labels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
                     np.greater(big, 0.5, out=hit)
                     np.copyto(out[k], lab, where=hit)
 
-    # OpenCV and NumPy's loops release the GIL: two threads on interleaved slices (each slice is
-    # written by one thread only, so the result does not depend on the split)
-    parts = [todo[i::UPSAMPLE_THREADS] for i in range(UPSAMPLE_THREADS)] if len(todo) > 8 else [todo]
-    if len(parts) == 1:
-        run(parts[0])
-    else:
-        from ..pools import shared_pool
-
-        list(shared_pool("upsample").map(run, parts))
+    _per_slice(run, todo)
     return out
 
 
@@ -230,30 +243,14 @@ def _split_left_right(lung: np.ndarray, max_erosions: int = 6) -> np.ndarray:
         seed_lab[seeds[0]], seed_lab[seeds[1]] = 1, 2
         a = np.zeros(lung.shape, bool)
         b = np.zeros(lung.shape, bool)
-        seed_cx: List[float] = []                  # the seeds' x centroids, computed once when needed
-        for k in range(lung.shape[0]):
-            if not lung[k].any():
-                continue
-            lab2, n2 = _label_2d(lung[k])
-            hits = np.bincount(lab2.ravel() * 3 + seed_lab[k].ravel(), minlength=(n2 + 1) * 3).reshape(n2 + 1, 3)
-            only_a = (hits[:, 1] > 0) & (hits[:, 2] == 0)
-            only_b = (hits[:, 2] > 0) & (hits[:, 1] == 0)
-            only_a[0] = only_b[0] = False
-            a[k] = only_a[lab2]
-            b[k] = only_b[lab2]
-            mixed = lung[k] & ~a[k] & ~b[k]
-            if mixed.any():
-                if seed_lab[k].any():
-                    _, idx = ndi.distance_transform_edt(seed_lab[k] == 0, return_indices=True)
-                    near = seed_lab[k][idx[0], idx[1]]
-                else:  # no seed in this slice: use the seeds' x centroids
-                    xs = np.arange(lung.shape[2])
-                    if not seed_cx:
-                        seed_cx.extend((seeds[j].sum(axis=(0, 1)) * xs).sum() / max(seeds[j].sum(), 1) for j in (0, 1))
-                    ca, cb = seed_cx
-                    near = np.where(np.abs(xs - ca) < np.abs(xs - cb), 1, 2)[None, :].repeat(lung.shape[1], 0)
-                a[k] |= mixed & (near == 1)
-                b[k] |= mixed & (near == 2)
+        xs = np.arange(lung.shape[2])
+        seed_cx = tuple(float((seeds[j].sum(axis=(0, 1)) * xs).sum() / max(seeds[j].sum(), 1)) for j in (0, 1))
+
+        def run(part: List[int]) -> None:
+            for k in part:
+                _split_slice(lung[k], seed_lab[k], seed_cx, a[k], b[k])
+
+        _per_slice(run, [k for k in range(lung.shape[0]) if lung[k].any()])
     else:  # per-slice cut at the mask's x centroid
         xs = np.arange(lung.shape[2])
         cx = float((lung.sum(axis=(0, 1)) * xs).sum() / max(total, 1))
@@ -265,6 +262,33 @@ def _split_left_right(lung: np.ndarray, max_erosions: int = 6) -> np.ndarray:
     left, right = (a, b) if ca > cb else (b, a)
     out[left], out[right] = LEFT, RIGHT
     return out
+
+
+def _split_slice(lung: np.ndarray, seed_lab: np.ndarray, seed_cx: Tuple[float, float], a: np.ndarray,
+                 b: np.ndarray) -> None:
+    """One slice of :func:`_split_left_right`, written into ``a`` / ``b``: a 2D component touching
+    one seed takes its side; one touching both (the junction) or none is split pixel-wise by the
+    nearest seed pixel (2D distance transform), or by the seeds' x centroids ``seed_cx`` when the
+    slice has no seed pixel."""
+    lab2, n2 = _label_2d(lung)
+    hits = np.bincount(lab2.ravel() * 3 + seed_lab.ravel(), minlength=(n2 + 1) * 3).reshape(n2 + 1, 3)
+    only_a = (hits[:, 1] > 0) & (hits[:, 2] == 0)
+    only_b = (hits[:, 2] > 0) & (hits[:, 1] == 0)
+    only_a[0] = only_b[0] = False
+    a[...] = only_a[lab2]
+    b[...] = only_b[lab2]
+    mixed = lung & ~a & ~b
+    if not mixed.any():
+        return
+    if seed_lab.any():
+        _, idx = ndi.distance_transform_edt(seed_lab == 0, return_indices=True)
+        near = seed_lab[idx[0], idx[1]]
+    else:
+        xs = np.arange(lung.shape[1])
+        ca, cb = seed_cx
+        near = np.where(np.abs(xs - ca) < np.abs(xs - cb), 1, 2)[None, :].repeat(lung.shape[0], 0)
+    a |= mixed & (near == 1)
+    b |= mixed & (near == 2)
 
 
 def _assign_left_right(two: np.ndarray) -> np.ndarray:
