@@ -67,6 +67,27 @@ def test_classical_phantom_dice_labels_and_volume() -> None:
     assert seg.left_volume_ml + seg.right_volume_ml == pytest.approx(seg.lung_volume_ml, rel=1e-6)
 
 
+def test_airway_removal_dilates_the_tree_as_a_whole_volume_dilation_would() -> None:
+    """The trachea + bronchi tree found in the phantom is removed grown by one voxel (a 3D
+    cross) and clipped to the candidates - as a dilation of the whole volume gives, although the
+    code dilates only the tree's bounding box."""
+    from scipy import ndimage as ndi
+
+    from sdk.lungs import classical as C
+
+    hu, truth, _ = phantom()
+    cfg = C.ClassicalConfig()
+    grid = C.work_grid(hu.shape, (2.5, 2.2, 2.2), cfg.work_size)
+    small = C._downsample(hu, (grid.h, grid.w))
+    cand = C._largest_components(C._interior_air(small < cfg.threshold_hu), grid.voxel_ml, cfg) > 0
+    out, info = C._remove_airways(cand, small, grid.px_mm2, grid.voxel_ml, cfg)
+    assert info["airway_mode"] == 1.0 and info["airway_removed_ml"] > 0
+    removed = cand & ~out
+    lab, _ = ndi.label(cand & (small < cfg.airway_hu))
+    tree = np.isin(lab, np.unique(lab[removed & (lab > 0)]))      # the dark component(s) removed
+    np.testing.assert_array_equal(removed, ndi.binary_dilation(tree, iterations=1) & cand)
+
+
 def test_classical_splits_touching_lungs(monkeypatch) -> None:
     from sdk.lungs import classical as C
 

@@ -189,7 +189,11 @@ def _remove_airways(cand: np.ndarray, hu: np.ndarray, px_mm2: float, voxel_ml: f
         tree = lab == sid
         ml = float(tree.sum() * voxel_ml)
         if ml <= cfg.airway_max_ml:
-            tree = ndi.binary_dilation(tree, iterations=1) & cand
+            # one dilation step within the tree's bounding box + 1 voxel: nothing farther can change
+            box = _bbox(tree, margin=1)
+            grown = np.zeros(tree.shape, bool)
+            grown[box] = ndi.binary_dilation(tree[box], iterations=1)
+            tree = grown & cand
             out &= ~tree
             info.update(airway_removed_ml=float(tree.sum() * voxel_ml), airway_mode=1.0)
             return out, info
