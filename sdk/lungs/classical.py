@@ -143,18 +143,22 @@ def _interior_air(air: np.ndarray) -> np.ndarray:
 
 
 def _largest_components(mask: np.ndarray, voxel_ml: float, cfg: ClassicalConfig) -> np.ndarray:
-    """Keep the largest component and a second one if large enough; returns a 0/1/2 label map."""
-    lab, n = ndi.label(mask)
-    if n == 0:
+    """Keep the largest component and a second one if large enough; returns a 0/1/2 label map.
+    Labelled within the mask's bounding box (the same components, numbered in the same raster
+    order, as labelling the whole volume)."""
+    box = _bbox(mask, margin=0)
+    if box is None:
         return np.zeros(mask.shape, np.uint8)
+    lab, n = ndi.label(mask[box])
     sizes = np.bincount(lab.ravel())[1:] * voxel_ml
     order = np.argsort(sizes)[::-1]
     out = np.zeros(mask.shape, np.uint8)
     if sizes[order[0]] < cfg.min_lung_ml:
         return out
-    out[lab == order[0] + 1] = 1
+    sub = out[box]
+    sub[lab == order[0] + 1] = 1
     if n > 1 and sizes[order[1]] >= max(cfg.min_lung_ml, cfg.second_fraction * sizes[order[0]]):
-        out[lab == order[1] + 1] = 2
+        sub[lab == order[1] + 1] = 2
     return out
 
 
