@@ -67,6 +67,33 @@ def test_classical_phantom_dice_labels_and_volume() -> None:
     assert seg.left_volume_ml + seg.right_volume_ml == pytest.approx(seg.lung_volume_ml, rel=1e-6)
 
 
+def test_largest_components_equal_whole_volume_labelling() -> None:
+    """_largest_components labels only the mask's bounding box: the same 0/1/2 map as labelling
+    the whole volume and keeping the largest and (if large enough) the second component."""
+    from scipy import ndimage as ndi
+
+    from sdk.lungs import classical as C
+
+    cfg = C.ClassicalConfig()
+    rng = np.random.default_rng(2)
+    for trial in range(4):
+        m = np.zeros((20, 40, 50), bool)
+        m[3:17, 5 + trial:30, 4:22] = ndi.binary_opening(rng.random((14, 25 - trial, 18)) < 0.8)
+        m[4:15, 8:33, 27:46 - trial] = True
+        m[18, 38, 48] = True                        # a one-voxel speck at the far corner
+        ml = 0.02 if trial < 2 else 0.002
+        lab, n = ndi.label(m)
+        sizes = np.bincount(lab.ravel())[1:] * ml
+        order = np.argsort(sizes)[::-1]
+        ref = np.zeros(m.shape, np.uint8)
+        if sizes[order[0]] >= cfg.min_lung_ml:
+            ref[lab == order[0] + 1] = 1
+            if n > 1 and sizes[order[1]] >= max(cfg.min_lung_ml, cfg.second_fraction * sizes[order[0]]):
+                ref[lab == order[1] + 1] = 2
+        np.testing.assert_array_equal(C._largest_components(m, ml, cfg), ref)
+    assert not C._largest_components(np.zeros((3, 4, 5), bool), 1.0, cfg).any()
+
+
 def test_airway_removal_dilates_the_tree_as_a_whole_volume_dilation_would() -> None:
     """The trachea + bronchi tree found in the phantom is removed grown by one voxel (a 3D
     cross) and clipped to the candidates - as a dilation of the whole volume gives, although the
