@@ -152,6 +152,7 @@ def select_slices(
     min_area_mm2: float = 300.0,
     max_gap: int = 2,
     max_slices: Optional[int] = None,
+    lung_voxels: Optional[np.ndarray] = None,
 ) -> SliceSelection:
     """Choose the slices to classify.
 
@@ -163,6 +164,8 @@ def select_slices(
         min_area_mm2: lung rule, absolute minimum lung area.
         max_gap: fill gaps of up to this many slices between selected slices.
         max_slices: keep at most this many, evenly spaced over the selection (None = all).
+        lung_voxels: (z,) lung voxels per slice of ``lung_mask`` when the caller has them
+            (``LungSegmentation.slice_voxels``); None: counted here.
 
     Returns:
         :class:`SliceSelection`.
@@ -178,8 +181,12 @@ def select_slices(
     if max_slices is not None and max_slices < 1:
         raise ConfigError(f"max_slices must be >= 1 or None, not {max_slices}")
     ps = tuple(float(v) for v in volume.pixel_spacing_mm)
-    # per-slice lung pixel counts without a bool copy of the mask (a 38 MB fresh allocation per series)
-    lung_area = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1) * ps[0] * ps[1]
+    if lung_voxels is None:
+        # per-slice lung pixel counts without a bool copy of the mask (a 38 MB fresh allocation per series)
+        lung_voxels = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    elif np.shape(lung_voxels) != (mask.shape[0],):
+        raise ConfigError(f"lung_voxels has shape {np.shape(lung_voxels)}, the mask has {mask.shape[0]} slices")
+    lung_area = np.asarray(lung_voxels, dtype=np.int64) * ps[0] * ps[1]
     lung_ok, area_thr, amax = lung_rule(lung_area, min_area_fraction, min_area_mm2)
     dark_area, dark_ok, dark_details = paper002_dark_area(hu, ps)
     keep = {"lung": lung_ok, "paper002": dark_ok, "both": lung_ok & dark_ok, "either": lung_ok | dark_ok}[rule]

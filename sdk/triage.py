@@ -498,25 +498,26 @@ class Triage:
             seg = self._segment(volume)
         self._split_resample(seg, timer)
         warnings.extend(f"lungs: {w}" for w in getattr(seg, "warnings", ()))
+        # HU opacity needs only the volume and the lung mask: it runs in a side thread while the
+        # slices are selected and classified (NumPy / OpenCV and ONNX Runtime release the GIL).
+        # "opacity" is the time the pipeline waited for it (hand-off + what did not overlap),
+        # "opacity_overlapped" its own wall time (hidden behind the selection and the classifier;
+        # not an extra stage, as on the kernel path).
+        opacity_warnings: List[str] = []
+        with timer("opacity"):
+            pending = shared_pool("side").submit(self._timed_opacity, volume, seg, opacity_warnings)
         with timer("slice_selection"):
             from .slices import select_slices
 
-            sel = select_slices(volume, seg.mask)
+            sel = select_slices(volume, seg.mask, lung_voxels=getattr(seg, "slice_voxels", None))
         indices = np.asarray(sel.indices, dtype=np.int64)
         if indices.size == 0:
+            pending.exception()  # wait for the side job (it reads the volume); its outcome is not used
             return TriageResult(label=NOT_ELIGIBLE, probabilities={}, eligible=False,
                                 reasons=["no slice passed slice selection (no lung found in the series)"],
                                 lung_volume_ml=float(seg.lung_volume_ml), warnings=warnings, **base), seg.mask
         if indices.size < 20:
             warnings.append(f"only {indices.size} slices selected (< 20 aggregation groups): slices are repeated across groups")
-        # HU opacity needs only the volume and the lung mask, the classifier only the selected
-        # slices: opacity runs in a side thread while the classifier runs (NumPy / OpenCV and ONNX
-        # Runtime release the GIL). "opacity" is the time the pipeline waited for it (hand-off +
-        # what did not overlap), "opacity_overlapped" its own wall time (hidden behind the
-        # classifier; not an extra stage, as on the kernel path).
-        opacity_warnings: List[str] = []
-        with timer("opacity"):
-            pending = shared_pool("side").submit(self._timed_opacity, volume, seg, opacity_warnings)
         slice_probs, cams = self._classify(volume.hu, seg.mask, indices, timer)
         with timer("opacity"):
             opacity, opacity_ms = pending.result()

@@ -54,6 +54,11 @@ def test_lung_rule_threshold_and_gap_filling() -> None:
     few = select_slices(vol, mask, max_slices=3, min_area_fraction=0.5, min_area_mm2=0.0)
     assert len(few) == 3 and set(few.indices) <= set(sel.indices)
     assert few.indices[0] == sel.indices[0] and few.indices[-1] == sel.indices[-1]
+    # the segmenter's own per-slice counts give the same selection without counting again
+    given = select_slices(vol, mask, rule="lung", min_area_fraction=0.5, min_area_mm2=0.0, max_gap=2,
+                          lung_voxels=mask.reshape(z, -1).sum(1))
+    np.testing.assert_array_equal(given.indices, sel.indices)
+    np.testing.assert_array_equal(given.lung_area_mm2, sel.lung_area_mm2)
 
 
 def test_select_slices_validates() -> None:
@@ -62,6 +67,8 @@ def test_select_slices_validates() -> None:
         select_slices(vol, np.zeros((3, 8, 8), bool), rule="best")
     with pytest.raises(ConfigError, match="shape"):
         select_slices(vol, np.zeros((2, 8, 8), bool))
+    with pytest.raises(ConfigError, match="lung_voxels"):
+        select_slices(vol, np.zeros((3, 8, 8), bool), lung_voxels=np.zeros(4, np.int64))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +80,9 @@ def labelled_series():
     out = {}
     for folder, row in (("covid-P001", 0), ("cap-cap001", 55)):
         vol = load_dicom_volume(str(shared_path("dicom", "covid-ct-md", folder)))
-        out[folder] = (vol, segment(vol, "classical").mask, labels[row, : vol.shape[0]])
+        seg = segment(vol, "classical")
+        np.testing.assert_array_equal(seg.slice_voxels, np.count_nonzero(seg.mask.reshape(vol.shape[0], -1), axis=1))
+        out[folder] = (vol, seg.mask, labels[row, : vol.shape[0]])
     return out
 
 

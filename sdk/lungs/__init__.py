@@ -59,6 +59,8 @@ class LungSegmentation:
         z_range: (first, last) slice index containing lung, or None when the mask is empty.
         warnings: fallbacks and oddities (e.g. auto fell back to classical, and why).
         info: numbers describing the run (working resolution, airway removal, ...).
+        slice_voxels: (z,) int64 lung voxels per slice (``mask`` counted per slice; None when the
+            segmenter did not count them) - slice selection uses it instead of counting again.
     """
 
     mask: np.ndarray
@@ -71,6 +73,7 @@ class LungSegmentation:
     z_range: Optional[Tuple[int, int]]
     warnings: Tuple[str, ...] = ()
     info: Dict[str, float] = field(default_factory=dict)
+    slice_voxels: Optional[np.ndarray] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe summary (no arrays)."""
@@ -346,4 +349,5 @@ def segment(
         z_range=(int(zs[0]), int(zs[-1])) if zs.size else None,
         warnings=tuple(warns),
         info=info,
+        slice_voxels=left + right,
     )
