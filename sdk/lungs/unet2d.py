@@ -85,8 +85,9 @@ def prepare_slices(grey: np.ndarray, size: int = NET_SIZE, clahe: bool = True) -
 
 
 #: slices per U-Net call: the same logits as larger batches, and ORT's arena for the 128^2
-#: activations stays ~4x smaller than at 32 (peak RSS, docs/benchmarks/cpu.md)
-NET_BATCH = 8
+#: activations stays small (peak RSS, docs/benchmarks/cpu.md). 4: with two CPU lanes the network
+#: time on covid-P001 is 236 -> 227 ms against 8 (2: 222 ms), one lane 255 -> 261 ms (noise)
+NET_BATCH = 4
 
 
 def open_session(onnx_path: Optional[Union[str, os.PathLike]] = None, threads: Optional[int] = 0,
