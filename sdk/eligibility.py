@@ -10,13 +10,13 @@ human-readable reason per failed criterion, and ``checks`` holds the measured va
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .volume.core import Volume
 
-__all__ = ["Eligibility", "check", "MAX_THICKNESS_MM", "MIN_SLICES", "MIN_LUNG_FRACTION"]
+__all__ = ["Eligibility", "check", "header_eligible", "lung_fraction", "MAX_THICKNESS_MM", "MIN_SLICES", "MIN_LUNG_FRACTION"]
 
 MAX_THICKNESS_MM = 3.0        # paper 000: slice thickness > 3 mm excluded
 MIN_SLICES = 20               # fewer planes cannot cover both lungs at <= 3 mm (20 x 3 mm = 6 cm)
@@ -112,8 +112,31 @@ def lung_fraction(hu: np.ndarray, step: Optional[int] = None) -> float:
     return float(lung_n / body_n) if body_n else 0.0
 
 
-def check(volume: Volume) -> Eligibility:
-    """Apply the eligibility criteria to ``volume`` (see module docstring and docs/ingest.md)."""
+def check(volume: Volume, *, lung_fraction_value: Optional[float] = None) -> Eligibility:
+    """Apply the eligibility criteria to ``volume`` (see module docstring and docs/ingest.md).
+
+    ``lung_fraction_value``: :func:`lung_fraction` of ``volume.hu`` when the caller computed it
+    already (e.g. in a helper thread while other work ran, as ``sdk.Triage`` does); None: computed
+    here. Either way the result is the same."""
+    checks, reasons = _header_checks(volume)
+    frac = lung_fraction(volume.hu) if lung_fraction_value is None else float(lung_fraction_value)
+    ok = frac >= MIN_LUNG_FRACTION
+    checks["lung_fraction"] = {"ok": ok, "value": round(frac, 4), "limit": MIN_LUNG_FRACTION}
+    if not ok:
+        reasons.append(f"field of view without lungs (lung-like voxels {frac:.1%} of the body < "
+                       f"{MIN_LUNG_FRACTION:.0%})")
+    return Eligibility(eligible=not reasons, reasons=reasons, checks=checks)
+
+
+def header_eligible(volume: Volume) -> bool:
+    """Whether every criterion except the lung fraction passes (header values and geometry only:
+    no pass over the voxels). False means :func:`check` will say not eligible whatever the voxels."""
+    return not _header_checks(volume)[1]
+
+
+def _header_checks(volume: Volume) -> Tuple[Dict[str, Dict[str, Any]], List[str]]:
+    """(checks, reasons) of the criteria read from the header and the geometry (all but the lung
+    fraction)."""
     meta = volume.meta
     checks: Dict[str, Dict[str, Any]] = {}
     reasons: List[str] = []
@@ -150,12 +173,4 @@ def check(volume: Volume) -> Eligibility:
     checks["orientation"] = {"ok": ok, "value": orient, "limit": "axial"}
     if not ok:
         reasons.append(f"{orient} series; triage needs axial slices")
-
-    frac = lung_fraction(volume.hu)
-    ok = frac >= MIN_LUNG_FRACTION
-    checks["lung_fraction"] = {"ok": ok, "value": round(frac, 4), "limit": MIN_LUNG_FRACTION}
-    if not ok:
-        reasons.append(f"field of view without lungs (lung-like voxels {frac:.1%} of the body < "
-                       f"{MIN_LUNG_FRACTION:.0%})")
-
-    return Eligibility(eligible=not reasons, reasons=reasons, checks=checks)
+    return checks, reasons

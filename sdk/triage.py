@@ -485,17 +485,33 @@ class Triage:
         """Every stage after loading; returns the result (timings filled by the caller) and the lung mask."""
         warnings: List[str] = list(volume.warnings)
         base = self._base(volume)
-        with timer("eligibility"):
-            from .eligibility import check
+        from .eligibility import check, header_eligible, lung_fraction
 
-            elig = check(volume)
-        if not elig.eligible:
-            return TriageResult(label=NOT_ELIGIBLE, probabilities={}, eligible=False, reasons=list(elig.reasons),
-                                warnings=warnings, **base), None
+        with timer("eligibility"):
+            overlap = self._kpath is None and header_eligible(volume)
+            if not overlap:
+                elig = check(volume)
+        if not overlap and not elig.eligible:
+            return self._not_eligible(elig, warnings, base), None
         if self._kpath is not None:
             return self._kpath.triage(self, volume, timer, warnings, base)
+        # the header criteria passed: the voxel criterion (lung fraction) runs in a side thread while
+        # the lungs are segmented (no stage waits for it); a series that fails it is still reported
+        # not eligible, with the same reasons, and its lung mask is dropped
+        with timer("eligibility"):
+            fraction = shared_pool("side").submit(lung_fraction, volume.hu)
+        seg_error: Optional[Exception] = None
         with timer("lungs"):
-            seg = self._segment(volume)
+            try:
+                seg = self._segment(volume)
+            except Exception as exc:  # raised below, unless the series is not eligible anyway
+                seg_error = exc
+        with timer("eligibility"):
+            elig = check(volume, lung_fraction_value=fraction.result())
+        if not elig.eligible:
+            return self._not_eligible(elig, warnings, base), None
+        if seg_error is not None:
+            raise seg_error
         self._split_resample(seg, timer)
         warnings.extend(f"lungs: {w}" for w in getattr(seg, "warnings", ()))
         # HU opacity needs only the volume and the lung mask: it runs in a side thread while the
@@ -540,6 +556,11 @@ class Triage:
                               reasons=list(decision.reasons), slice_scores=scores, lung_volume_ml=float(seg.lung_volume_ml),
                               warnings=warnings, lung_opacity=block, _heat=heat, **base)
         return result, seg.mask
+
+    @staticmethod
+    def _not_eligible(elig: Any, warnings: List[str], base: Dict[str, Any]) -> TriageResult:
+        return TriageResult(label=NOT_ELIGIBLE, probabilities={}, eligible=False, reasons=list(elig.reasons),
+                            warnings=warnings, **base)
 
     # --- hooks ----------------------------------------------------------------------------------
     def _compare_prior(self, current: TriageResult, volume: Any, mask: Optional[np.ndarray], prior: Any) -> Dict[str, Any]:

@@ -75,3 +75,38 @@ def test_too_few_slices_not_ct_non_axial_no_lungs(phantom_hu):
     assert not nolung.eligible and any("without lungs" in r for r in nolung.reasons)
     assert nolung.checks["lung_fraction"]["value"] == 0.0
     assert check(_volume(phantom_hu)).eligible
+
+
+def test_header_criteria_and_a_given_lung_fraction(phantom_hu):
+    """header_eligible is check() without the voxel criterion; a lung fraction computed elsewhere
+    gives the same result as computing it here."""
+    from sdk.eligibility import header_eligible
+
+    vol = _volume(phantom_hu)
+    assert header_eligible(vol) and not header_eligible(_volume(phantom_hu[: MIN_SLICES - 1]))
+    head = np.where(phantom_hu < -500, np.where(phantom_hu == -1000, -1000, 40), phantom_hu).astype(np.int16)
+    nolung = _volume(head)
+    assert header_eligible(nolung)                 # only the voxels make it ineligible
+    for v in (vol, nolung):
+        assert check(v, lung_fraction_value=lung_fraction(v.hu)) == check(v)
+
+
+def test_triage_overlaps_the_lung_fraction_and_still_reports_ineligible(phantom_hu, monkeypatch):
+    """sdk.Triage runs the lung fraction beside the lung segmentation: a series without lungs
+    (header criteria pass) is not eligible with check()'s reasons, even when the segmenter fails
+    on it; on an eligible series the segmenter's error is raised."""
+    import sdk
+
+    engine = sdk.Triage(device="cpu", precision="fp32", threads=1)
+    head = np.where(phantom_hu < -500, np.where(phantom_hu == -1000, -1000, 40), phantom_hu).astype(np.int16)
+    nolung = _volume(head)
+    r = engine.run(nolung)
+    assert r.label == "not_eligible" and r.reasons == check(nolung).reasons
+
+    def broken(volume):
+        raise RuntimeError("segmenter failed")
+
+    monkeypatch.setattr(engine, "_segment", broken)
+    assert engine.run(nolung).reasons == check(nolung).reasons
+    with pytest.raises(RuntimeError, match="segmenter failed"):
+        engine.run(_volume(phantom_hu))
