@@ -313,7 +313,7 @@ def test_slice_counts_and_threaded_upsampling_against_references(monkeypatch) ->
     OpenCV references."""
     import cv2
 
-    from sdk.lungs import _slice_counts
+    from sdk.lungs import _mask_and_counts
     from sdk.lungs import classical as C
 
     rng = np.random.default_rng(3)
@@ -321,10 +321,13 @@ def test_slice_counts_and_threaded_upsampling_against_references(monkeypatch) ->
     labels[2:10, 4:18, 2:9] = C.LEFT
     labels[2:10, 4:18, 11:18] = C.RIGHT
     labels[5] = rng.integers(0, 3, (24, 20))
-    left, right = _slice_counts(labels)
-    for k in range(labels.shape[0]):
-        ref = np.bincount(labels[k].ravel(), minlength=3)
-        assert (left[k], right[k]) == (ref[C.LEFT], ref[C.RIGHT])
+    tall = np.concatenate([labels, labels[::-1, :, ::-1], labels])   # > 8 slices with lung: two threads
+    for lab in (labels, tall):
+        mask, left, right = _mask_and_counts(lab)
+        np.testing.assert_array_equal(mask, lab > 0)
+        for k in range(lab.shape[0]):
+            ref = np.bincount(lab[k].ravel(), minlength=3)
+            assert (left[k], right[k]) == (ref[C.LEFT], ref[C.RIGHT])
     two = C._upsample_labels(labels, (61, 53))
     hu = rng.normal(-500, 300, (12, 61, 53)).astype(np.int16)
     down = C._downsample(hu, (24, 20))

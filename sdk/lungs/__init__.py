@@ -17,7 +17,7 @@ import time
 import warnings as _warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -107,18 +107,28 @@ def _volume_ml(counts: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: Tuple[flo
     return float((area_mm2 * slice_thickness_mm(z_mm, fallback_dz)).sum() / 1000.0)
 
 
-def _slice_counts(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-slice voxel counts of LEFT and RIGHT (one pass over the label volume, no bool copies)."""
+def _mask_and_counts(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(``labels > 0``, per-slice LEFT counts, per-slice RIGHT counts) in one pass over each slice,
+    slices on two threads (:func:`sdk.lungs.classical._per_slice`; NumPy's loops release the GIL)."""
+    from .classical import _per_slice
+
     flat = labels.reshape(labels.shape[0], -1)
+    mask = np.zeros(labels.shape, bool)
+    mflat = mask.reshape(labels.shape[0], -1)
     left = np.zeros(labels.shape[0], np.int64)
     right = np.zeros(labels.shape[0], np.int64)
-    hit = np.empty(flat.shape[1], bool)            # one reused buffer; compare + count are SIMD loops
-    for k in np.nonzero(flat.any(axis=1))[0]:      # (np.bincount widens every slice to intp: 5x slower)
-        np.equal(flat[k], LEFT, out=hit)
-        left[k] = np.count_nonzero(hit)
-        np.equal(flat[k], RIGHT, out=hit)
-        right[k] = np.count_nonzero(hit)
-    return left, right
+
+    def run(part: List[int]) -> None:
+        hit = np.empty(flat.shape[1], bool)        # one buffer per worker; compare + count are SIMD loops
+        for k in part:                             # (np.bincount widens every slice to intp: 5x slower)
+            np.greater(flat[k], 0, out=mflat[k])
+            np.equal(flat[k], LEFT, out=hit)
+            left[k] = np.count_nonzero(hit)
+            np.equal(flat[k], RIGHT, out=hit)
+            right[k] = np.count_nonzero(hit)
+
+    _per_slice(run, [int(k) for k in np.nonzero(flat.any(axis=1))[0]])
+    return mask, left, right
 
 
 _SESSIONS: Dict[str, Any] = {}
@@ -329,10 +339,9 @@ def segment(
                                         downsample=downsample)
     else:
         labels, info = segment_classical_hu(hu, volume.spacing, cfg, timings, downsample)
-    mask = labels > 0
+    mask, left, right = _mask_and_counts(labels)
     fallback_dz = float(getattr(volume.meta, "slice_thickness_mm", None) or volume.spacing[0] or 1.0)
     ps = volume.pixel_spacing_mm
-    left, right = _slice_counts(labels)
     zs = np.nonzero(left + right)[0]
     t1 = time.perf_counter()
     timings["total"] = (t1 - t0) * 1e3
