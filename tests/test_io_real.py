@@ -250,9 +250,33 @@ def test_imagecodecs_gives_the_stored_values_of_pylibjpeg_and_gdcm():
         ds = pydicom.dcmread(f)
         ours, used = decode_pixels(ds, str(f), chain=["imagecodecs"])
         assert used == "imagecodecs"
+        deferred, _ = decode_pixels(pydicom.dcmread(f, defer_size=2048), str(f), chain=["imagecodecs"])
+        np.testing.assert_array_equal(deferred, ours)       # the frame read straight from the file
         signed += int(ds.PixelRepresentation == 1)
         for other in ("pylibjpeg", "gdcm"):
             ref, _ = decode_pixels(pydicom.dcmread(f), str(f), chain=[other])
             assert ours.dtype == ref.dtype, (f.name, other)
             np.testing.assert_array_equal(ours, ref, err_msg=f"{f.name} vs {other}")
     assert signed >= 3
+
+
+def test_encapsulated_frames_equal_pydicoms(tmp_path):
+    """The single-frame fast path (value read at the deferred element's offset, items walked with
+    struct) gives pydicom's generate_frames output: real files (deferred and in memory), several
+    fragments behind a filled Basic Offset Table, and a damaged item list that falls back to pydicom."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from sdk.io.decoders import _single_frame, encapsulated_frames
+
+    for f in _lossless_sample():
+        ref = list(generate_frames(pydicom.dcmread(f).PixelData, number_of_frames=1))
+        for ds in (pydicom.dcmread(f, defer_size=2048), pydicom.dcmread(f)):
+            assert _single_frame(ds) == ref[0], f.name          # the fast path itself, not the fallback
+            assert encapsulated_frames(ds, 1) == ref, f.name
+    ds = pydicom.dcmread(_lossless_sample()[0])
+    stream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([stream], fragments_per_frame=3, has_bot=True)
+    assert _single_frame(ds) == stream and encapsulated_frames(ds, 1) == [stream]
+    ds.PixelData = ds.PixelData[:-5]                         # the last item cut short
+    assert _single_frame(ds) is None
+    assert encapsulated_frames(ds, 1) == list(generate_frames(ds.PixelData, number_of_frames=1))
