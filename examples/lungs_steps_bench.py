@@ -63,7 +63,7 @@ def main() -> None:
         "finish_lungs": (lambda: old_c.finish_lungs((learned & new_l._dilate_in_plane(cand, reach)) | cand, grid, cfg)[0],
                          lambda: new_c.finish_lungs((learned & new_l._dilate_in_plane(cand, reach)) | cand, grid, cfg)[0]),
         "lung volumes": (lambda: [old_l._volume_ml(m, vol.z_mm, vol.pixel_spacing_mm, 2.0) for m in (seg.mask, seg.labels == 1, seg.labels == 2)],
-                         lambda: [new_l._volume_ml(c, vol.z_mm, vol.pixel_spacing_mm, 2.0) for c in (lambda lr: (lr[0] + lr[1], lr[0], lr[1]))(new_l._slice_counts(seg.labels))]),
+                         lambda: [new_l._volume_ml(c, vol.z_mm, vol.pixel_spacing_mm, 2.0) for c in (lambda mlr: (mlr[1] + mlr[2], mlr[1], mlr[2]))(new_l._mask_and_counts(seg.labels))]),
     }
     for name, (fo, fn) in pairs.items():
         fo(), fn()
