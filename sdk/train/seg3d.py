@@ -478,11 +478,11 @@ def evaluate(data_dir: Path, onnx_dir: Path, repeats: int = 3) -> Dict[str, Any]
     x = prepare_cube(p001)
     lat: Dict[str, Any] = {}
     for p, s in sess.items():
-        s.run([PROB_NAME], {INPUT_NAME: x})
+        s.infer({INPUT_NAME: x}, [PROB_NAME])
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            s.run([PROB_NAME], {INPUT_NAME: x})
+            s.infer({INPUT_NAME: x}, [PROB_NAME])
             ts.append((time.perf_counter() - t0) * 1e3)
         lat[f"ort_cpu_2threads_{p}_ms"] = {"median": round(float(np.median(ts)), 1), "min": round(float(np.min(ts)), 1)}
     runs = [segment_unet3d(p001, sess["fp32"]).timings_ms for _ in range(3)]
