@@ -45,11 +45,12 @@ class Session:
     inputs: List[TensorSpec]
     outputs: List[TensorSpec]
     info: RuntimeInfo
+    #: batches :meth:`infer_batched` runs at once (class default for subclasses that do not call
+    #: ``Session.__init__``; CPU sessions opened with ``lanes`` set their own)
+    lanes: int = 1
 
     def __init__(self) -> None:
         self.last_ms: float = 0.0
-        #: batches :meth:`infer_batched` runs at once (CPU sessions opened with ``lanes``; 1 elsewhere)
-        self.lanes: int = 1
 
     # context manager -------------------------------------------------------------------------
     def __enter__(self) -> "Session":
