@@ -29,7 +29,8 @@ def _human(d: Dict[str, Any]) -> str:
     rt = d.get("runtime", {})
     lungs_rt = (rt.get("stages") or {}).get("lungs") if isinstance(rt.get("stages"), dict) else None
     lines.append(f"runtime: {rt.get('provider', '?')} {rt.get('precision', '?')} on {rt.get('device', '?')}"
-                 + (f"; lungs {lungs_rt}" if lungs_rt else ""))
+                 + (f"; lungs {lungs_rt}" if lungs_rt else "")
+                 + (f"; {rt['cpu_lanes']} CPU lane(s)" if rt.get("cpu_lanes") else ""))
     lines.append("timings (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in d["timings_ms"].items()))
     prior = d.get("prior")
     if prior:
