@@ -7,7 +7,7 @@ pipeline overlaps work on).
 ``prefetch``: the next batch's inputs while the runtime runs the current one
 (:meth:`sdk.runtime.base.Session.infer_batched`); ``side``: work that overlaps the classifier (HU
 opacity, both Triage paths); ``slices``: the per-slice lung steps (down- and up-sampling, the
-left/right split); ``lungs``: the closing of one lung while the caller closes the other
+left/right split, the native mask and its counts); ``lungs``: the closing of one lung while the caller closes the other
 (:mod:`sdk.lungs.classical`); ``lanes``: batches run side by side (``Session.infer_batched`` with
 lanes > 1). A job never waits on a job of its own pool, so a pool cannot deadlock itself. The
 threads are idle between calls and end with the process.

@@ -52,7 +52,8 @@ class ClassicalConfig:
 Downsample = Callable[[np.ndarray, Tuple[int, int]], np.ndarray]
 
 
-#: threads of the per-slice lung steps (down- and up-sampling, the left/right split) (2: the cores this product is measured on)
+#: threads of the per-slice lung steps (down- and up-sampling, the left/right split, the native mask
+#: and its counts in sdk.lungs); 2: the cores this product is measured on
 SLICE_THREADS = 2
 
 
