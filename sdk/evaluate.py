@@ -322,6 +322,7 @@ def evaluate_series(
     sl_g: List[float] = []
     sl_c: List[float] = []
     sl_f: List[float] = []
+    sl_z: List[float] = []
     sl_y: List[int] = []
     sl_in_pos_series: List[bool] = []
     sl_case: List[int] = []
@@ -360,12 +361,14 @@ def evaluate_series(
             sl_g.extend(np.nan if sc.ggo_fraction is None else sc.ggo_fraction for sc in res.slice_scores)
             sl_c.extend(np.nan if sc.consolidation_fraction is None else sc.consolidation_fraction for sc in res.slice_scores)
             sl_f.extend(np.nan if sc.slice_score is None else sc.slice_score for sc in res.slice_scores)
+            sl_z.extend(np.nan if sc.z_context_score is None else sc.z_context_score for sc in res.slice_scores)
             sl_y.extend(int(v) for v in slice_y)
             sl_in_pos_series.extend([bool(y)] * idx.size)
             sl_case.extend([len(cases)] * idx.size)
             case["slices_labelled_positive"] = int(slice_y.sum())
             case["slices"] = [{"index": int(sc.index), "y": int(v), "p_covid": float(pp), "ggo_fraction": sc.ggo_fraction,
-                               "consolidation_fraction": sc.consolidation_fraction, "slice_score": sc.slice_score}
+                               "consolidation_fraction": sc.consolidation_fraction, "slice_score": sc.slice_score,
+                               "z_context_score": sc.z_context_score}
                               for sc, v, pp in zip(res.slice_scores, slice_y, slice_p)]
             if 0 < slice_y.sum() < slice_y.size:
                 case["slice_auc_within_series"] = auc(slice_y, slice_p)
@@ -390,7 +393,7 @@ def evaluate_series(
     if sl_y:
         model = b.slice_score_model
         named = _named_scores(np.asarray(sl_p), np.asarray(sl_g), np.asarray(sl_c), np.asarray(sl_f),
-                              model.missing_fraction if model is not None else 0.0)
+                              model.missing_fraction if model is not None else 0.0, np.asarray(sl_z, np.float64))
         rep.slice_scores = _series_score_tables(cases, np.asarray(sl_y), named, np.asarray(sl_in_pos_series, bool),
                                                 np.asarray(sl_case), np.asarray(sl_g), n_boot, seed)
         rep.slice_scores["model"] = None if model is None else model.to_manifest()
@@ -404,20 +407,25 @@ def evaluate_series(
 
 
 # --- per-slice score comparison (CNN, HU fractions, fused) ---------------------------------------
-SCORE_NAMES = ("cnn", "ggo", "consolidation", "slice_score")
+SCORE_NAMES = ("cnn", "cnn_z", "ggo", "consolidation", "slice_score")
 SCORES_NOTE = ("AUC of each per-slice score alone: cnn = the classifier's P(covid); ggo / consolidation = the slice's "
                "fraction of analysed lung (HU rules, sdk.opacity; a slice without analysed lung counts as the "
-               "model's missing_fraction, 0); slice_score = the bundle manifest's fused score (sdk.slice_score). "
+               "model's missing_fraction, 0); slice_score = the bundle manifest's fused score (sdk.slice_score); "
+               "cnn_z = the CNN's logits averaged over the selected slices within +-5 mm in z (sdk.slice_score.z_context, "
+               "window fixed a priori). "
                "95% percentile bootstrap CIs over slices (correlated within a series: optimistic).")
 
 
-def _named_scores(p: np.ndarray, ggo: np.ndarray, cons: np.ndarray, fused: np.ndarray, missing: float) -> Dict[str, np.ndarray]:
-    """The four per-slice scores (NaN fractions -> ``missing``; a score that is all NaN is left out)."""
+def _named_scores(p: np.ndarray, ggo: np.ndarray, cons: np.ndarray, fused: np.ndarray, missing: float,
+                  zctx: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """The per-slice scores (NaN fractions -> ``missing``; a score that is all NaN is left out)."""
     out = {"cnn": np.asarray(p, np.float64),
            "ggo": np.where(np.isfinite(ggo), ggo, missing).astype(np.float64),
            "consolidation": np.where(np.isfinite(cons), cons, missing).astype(np.float64)}
     if np.isfinite(fused).any():
         out["slice_score"] = np.asarray(fused, np.float64)
+    if zctx is not None and np.isfinite(zctx).all() and np.asarray(zctx).size:
+        out["cnn_z"] = np.asarray(zctx, np.float64)
     return out
 
 
@@ -425,6 +433,8 @@ def _auc_table(y: np.ndarray, named: Dict[str, np.ndarray], n_boot: int, seed: i
     out: Dict[str, Any] = {k: auc_with_ci(y, v, n_boot, seed) for k, v in named.items()}
     if "slice_score" in named:
         out["slice_score_minus_cnn"] = paired_auc_difference(y, named["slice_score"], named["cnn"], n_boot, seed)
+    if "cnn_z" in named:
+        out["cnn_z_minus_cnn"] = paired_auc_difference(y, named["cnn_z"], named["cnn"], n_boot, seed)
     return out
 
 

@@ -36,7 +36,9 @@ class SliceScore:
     glass / consolidation (:attr:`sdk.opacity.LungOpacity.slice_ggo_fraction`; None when the
     opacity was not measured or the slice has no analysed lung - e.g. the basal / apical ends the
     opacity rules leave out). ``slice_score``: the bundle's fused per-slice evidence score
-    (:mod:`sdk.slice_score`; None when the bundle defines none).
+    (:mod:`sdk.slice_score`; None when the bundle defines none). ``z_context_score``: the CNN's
+    P(positive) with z context - the logits of the selected slices within
+    :data:`sdk.slice_score.Z_CONTEXT_MM` of this one averaged (:func:`sdk.slice_score.z_context`).
     """
 
     index: int
@@ -45,24 +47,28 @@ class SliceScore:
     ggo_fraction: Optional[float] = None
     consolidation_fraction: Optional[float] = None
     slice_score: Optional[float] = None
+    z_context_score: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {"index": int(self.index), "z_mm": float(self.z_mm),
                 "probabilities": {k: float(v) for k, v in self.probabilities.items()},
                 "ggo_fraction": _opt(self.ggo_fraction), "consolidation_fraction": _opt(self.consolidation_fraction),
-                "slice_score": _opt(self.slice_score)}
+                "slice_score": _opt(self.slice_score), "z_context_score": _opt(self.z_context_score)}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "SliceScore":
         return cls(int(d["index"]), float(d["z_mm"]), dict(d["probabilities"]), _opt(d.get("ggo_fraction")),
-                   _opt(d.get("consolidation_fraction")), _opt(d.get("slice_score")))
+                   _opt(d.get("consolidation_fraction")), _opt(d.get("slice_score")), _opt(d.get("z_context_score")))
 
 
 def slice_scores(classes: List[str], positive: str, indices: np.ndarray, z_mm: np.ndarray, slice_probs: np.ndarray,
                  opacity: Any = None, model: Any = None) -> List[SliceScore]:
     """One :class:`SliceScore` per selected slice: the CNN's probabilities, the slice's opacity
     fractions (from ``opacity``, a :class:`sdk.opacity.LungOpacity`) and the fused score
-    (``model``, a :class:`sdk.slice_score.SliceScoreModel`) - used by the host and kernel paths."""
+    (``model``, a :class:`sdk.slice_score.SliceScoreModel`), and the z-context score
+    (:func:`sdk.slice_score.z_context`) - used by the host and kernel paths."""
+    from .slice_score import z_context
+
     idx = np.asarray(indices, dtype=np.int64)
     probs = np.asarray(slice_probs, dtype=np.float64).reshape(idx.size, len(classes))
     nan = np.full(idx.size, np.nan)
@@ -74,9 +80,11 @@ def slice_scores(classes: List[str], positive: str, indices: np.ndarray, z_mm: n
     if model is not None:
         # without an opacity measurement the fractions are missing (the model's missing_fraction)
         fused = np.asarray(model.score(probs[:, classes.index(positive)], ggo, cons), dtype=np.float64).reshape(-1)
+    zpos = np.asarray(z_mm, dtype=np.float64)[idx]
+    zc = z_context(probs[:, classes.index(positive)], zpos) if idx.size else nan
     return [SliceScore(int(z), float(z_mm[z]), {c: float(p) for c, p in zip(classes, row)},
-                       _opt(g), _opt(c), _opt(f))
-            for z, row, g, c, f in zip(idx, probs, ggo, cons, fused)]
+                       _opt(g), _opt(c), _opt(f), _opt(q))
+            for z, row, g, c, f, q in zip(idx, probs, ggo, cons, fused, zc)]
 
 
 @dataclass

@@ -188,3 +188,66 @@ def test_paired_difference_of_the_fused_score() -> None:
     assert t["slice_score_minus_cnn"]["diff"] == pytest.approx(auc(y, a) - auc(y, b))
     lo, hi = t["slice_score_minus_cnn"]["ci95"]
     assert lo <= t["slice_score_minus_cnn"]["diff"] <= hi and 0.0 <= t["slice_score_minus_cnn"]["p_le_0"] <= 1.0
+
+
+# --- z context --------------------------------------------------------------------------------------
+def _z_context_loop(p, z, half):
+    """Independent reference: a plain double loop over slices."""
+    out = []
+    for zi in z:
+        ls = [math.log(min(max(pj, 1e-4), 1 - 1e-4) / (1 - min(max(pj, 1e-4), 1 - 1e-4)))
+              for pj, zj in zip(p, z) if abs(zj - zi) <= half + 1e-9]
+        out.append(1.0 / (1.0 + math.exp(-sum(ls) / len(ls))))
+    return np.array(out)
+
+
+def test_z_context_matches_a_loop_with_uneven_spacing_gaps_and_any_order() -> None:
+    from sdk.slice_score import Z_CONTEXT_MM, z_context
+
+    rng = np.random.default_rng(3)
+    z = np.r_[np.arange(0, 20, 2.0), np.arange(40, 52, 3.0), [5.0, 100.0]]   # uneven, a gap, an isolated slice
+    rng.shuffle(z)
+    p = rng.uniform(0, 1, z.size)
+    p[0], p[1] = 0.0, 1.0                                                    # clipped, not infinite
+    got = z_context(p, z)
+    assert np.allclose(got, _z_context_loop(p, z, Z_CONTEXT_MM), atol=1e-12)
+    iso = int(np.argmax(z == 100.0))
+    assert got[iso] == pytest.approx(np.clip(p[iso], 1e-4, 1 - 1e-4))          # no neighbour: its own (clipped) probability
+    assert np.allclose(z_context(p, z, 1e-3), np.clip(p, 1e-4, 1 - 1e-4))     # window narrower than the spacing
+    wide = z_context(p, z, 1e6)                                               # one window over all: one value
+    assert np.allclose(wide, wide[0])
+
+
+def test_z_context_refuses_bad_input() -> None:
+    from sdk.slice_score import z_context
+
+    with pytest.raises(ConfigError, match="positions"):
+        z_context([0.5, 0.5], [0.0])
+    with pytest.raises(ConfigError, match="finite"):
+        z_context([0.5, np.nan], [0.0, 1.0])
+    with pytest.raises(ConfigError, match="half_window_mm"):
+        z_context([0.5], [0.0], 0.0)
+    assert z_context([], []).size == 0
+
+
+def test_slice_scores_carry_the_z_context_score_and_the_tables_compare_it() -> None:
+    from sdk.evaluate import _auc_table, _named_scores, auc
+    from sdk.slice_score import z_context
+    from sdk.triage import SliceScore, TriageResult, slice_scores
+
+    probs = np.array([[0.8, 0.2], [0.4, 0.6], [0.5, 0.5], [0.1, 0.9]], np.float32)
+    idx = np.array([0, 1, 2, 9])
+    z_mm = np.arange(12) * 2.0
+    out = slice_scores(["non_covid", "covid"], "covid", idx, z_mm, probs)
+    want = z_context(probs[:, 1], z_mm[idx])
+    assert [s.z_context_score for s in out] == pytest.approx(list(want))
+    r = TriageResult(label="covid", probabilities={"covid": 0.9, "non_covid": 0.1}, eligible=True, slice_scores=out)
+    assert TriageResult.from_dict(json.loads(json.dumps(r.to_dict()))).slice_scores == out
+    assert SliceScore.from_dict({"index": 1, "z_mm": 2.0, "probabilities": {"covid": 0.5}}).z_context_score is None
+    y = np.array([0, 1, 0, 1, 1, 0])
+    p = np.array([0.2, 0.6, 0.5, 0.4, 0.9, 0.1])
+    zc = np.array([0.3, 0.7, 0.2, 0.8, 0.9, 0.1])
+    named = _named_scores(p, np.zeros(6), np.zeros(6), np.full(6, np.nan), 0.0, zc)
+    t = _auc_table(y, named, n_boot=30, seed=0)
+    assert t["cnn_z"]["auc"] == pytest.approx(auc(y, zc)) and t["cnn_z_minus_cnn"]["diff"] == pytest.approx(auc(y, zc) - auc(y, p))
+    assert "cnn_z" not in _named_scores(p, np.zeros(6), np.zeros(6), np.full(6, np.nan), 0.0)

@@ -143,7 +143,7 @@ def test_to_dict_json_round_trip(phantom_result: TriageResult) -> None:
         assert key in d
     assert set(d["runtime"]) >= {"provider", "precision", "device"}
     assert set(d["slice_scores"][0]) == {"index", "z_mm", "probabilities", "ggo_fraction", "consolidation_fraction",
-                                         "slice_score"}
+                                         "slice_score", "z_context_score"}
     with pytest.raises(ConfigError, match="no heat maps"):
         back.heatmap(0)
 
