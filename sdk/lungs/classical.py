@@ -430,11 +430,60 @@ def finish_lungs(
     return labels, int(two.max())
 
 
+def _stacked_2d(vol: np.ndarray, kernel: np.ndarray, erode: bool) -> np.ndarray:
+    """2D dilation (or erosion, border value 0) of every (y, x) slice of a uint8 0/1 stack by
+    ``kernel``, in one OpenCV call: the slices are stacked into one tall image with zero rows
+    between them (at least the kernel's half height), so no slice reaches its neighbour."""
+    import cv2
+
+    nz, ny, nx = vol.shape
+    sep = max(1, kernel.shape[0] // 2)
+    tall = np.zeros((nz, ny + sep, nx), np.uint8)
+    tall[:, :ny] = vol
+    flat = tall.reshape(nz * (ny + sep), nx)
+    if erode:
+        res = cv2.erode(flat, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    else:
+        res = cv2.dilate(flat, kernel)
+    return res.reshape(nz, ny + sep, nx)[:, :ny]
+
+
+def _binary_closing_ball(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
+    """``ndi.binary_closing(mask, structure=ball)`` (border value 0) for a structuring element
+    that is symmetric with odd sides (:func:`_ball`), as per-slice OpenCV morphology.
+
+    A 3D dilation by the ball is the union over its z offsets ``dz`` of the 2D dilation of slice
+    ``z + dz`` by the ball's section at ``dz``; the erosion is the intersection of the 2D erosions,
+    where a section that falls outside the stack erodes to 0 (SciPy's border value 0). The same
+    voxels as SciPy (tests), ~3x faster on a lung's box.
+    """
+    m8 = np.ascontiguousarray(mask, dtype=np.uint8)
+    nz, rz = m8.shape[0], ball.shape[0] // 2
+    sections = [np.ascontiguousarray(ball[i], dtype=np.uint8) for i in range(ball.shape[0])]
+    dil = np.zeros(m8.shape, np.uint8)
+    for i, k in enumerate(sections):
+        dz = i - rz
+        lo, hi = max(0, -dz), min(nz, nz - dz)
+        if lo < hi and k.any():
+            dil[lo:hi] |= _stacked_2d(m8[lo + dz:hi + dz], k, erode=False)
+    out = np.ones(m8.shape, np.uint8)
+    for i, k in enumerate(sections):
+        if not k.any():
+            continue
+        dz = i - rz
+        lo, hi = max(0, -dz), min(nz, nz - dz)
+        out[:lo] = 0
+        out[hi:] = 0
+        if lo < hi:
+            out[lo:hi] &= _stacked_2d(dil[lo + dz:hi + dz], k, erode=True)
+    return out.astype(bool)
+
+
 def _close_side(m: np.ndarray, ball: np.ndarray) -> np.ndarray:
     """3D closing of one lung by ``ball`` (zero-padded so the closing sees no border), then
     per-slice hole filling."""
     pad = [(int(b // 2),) * 2 for b in ball.shape]
-    mc = ndi.binary_closing(np.pad(m, pad), structure=ball)[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, m.shape))]
+    mc = _binary_closing_ball(np.pad(m, pad), ball)[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, m.shape))]
     return _fill_holes_per_slice(mc)
 
 
