@@ -118,7 +118,14 @@ class DecoderPlugin:
         """Stored values (no rescale) as an ndarray: (rows, cols) or (frames, rows, cols)."""
         from pydicom.pixels import pixel_array
 
-        return pixel_array(ds, decoding_plugin=self.pydicom_plugin, raw=False)
+        return pixel_array(as_dataset(ds), decoding_plugin=self.pydicom_plugin, raw=False)
+
+
+def as_dataset(ds):
+    """A pydicom ``Dataset`` for ``ds``: ``ds`` itself, or the whole file behind a header-only
+    :class:`sdk.io.header.HeaderDataset` (read by pydicom on this first call)."""
+    read_all = getattr(type(ds), "dataset", None)
+    return read_all(ds) if callable(read_all) else ds
 
 
 def _libjpeg_syntaxes() -> Tuple[str, ...]:

@@ -189,8 +189,15 @@ def _expand(source: Source) -> Tuple[List[Any], bool, List[str]]:
     return out, len(out) == 1, notes
 
 
+#: read the headers of plain single-frame files of the lossless archive syntaxes with the fast
+#: scan (:mod:`sdk.io.header`: pydicom's values, ~5x less time; covid-P001 scan 120 -> ~25 ms);
+#: False reads every file with ``pydicom.dcmread`` (tests compare both on every file of ../shared/data)
+FAST_HEADERS = True
+
+
 def _read(path: str) -> Tuple[Any, List[str]]:
-    """dcmread with deferred pixel data; ACR-NEMA headless files are read with force=True."""
+    """The file's header: :func:`sdk.io.header.scan_header` for the plain case, else dcmread with
+    deferred pixel data; ACR-NEMA headless files are read with force=True."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -201,6 +208,15 @@ def _read(path: str) -> Tuple[Any, List[str]]:
         raise NotDicomError(f"cannot read file: {exc}", path, "check permissions") from None
     if size == 0:
         raise NotDicomError("empty file (0 bytes)", path, "re-copy the file from the source")
+    if FAST_HEADERS:
+        from .header import scan_header
+
+        try:
+            fast = scan_header(path)
+        except OSError as exc:
+            raise NotDicomError(f"cannot read file: {exc}", path, "check permissions") from None
+        if fast is not None:
+            return fast, notes
     try:
         with _pywarnings.catch_warnings():
             _pywarnings.simplefilter("ignore")
