@@ -262,9 +262,12 @@ def test_interrupt_then_resume_redoes_nothing(archive, cluster, local_run, tmp_p
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     n_total = len(local_run)
     deadline = time.monotonic() + 240
-    # interrupt once a few series ran on the actors (the driver-side error lines come first)
+    # interrupt as soon as the first lines are written (the driver writes the junk files' error lines
+    # before the actors report): waiting for actor lines raced the end of the run - Ray delivers the
+    # actors' results in bursts, and with a fast ingest the rest of the archive followed within the
+    # same burst, so SIGINT came after the last series
     while time.monotonic() < deadline and proc.poll() is None:
-        if sum(1 for r in _lines(out) if r.get("ray_node_id")) >= 3:
+        if len(_lines(out)) >= 2:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be interrupted"
@@ -273,7 +276,7 @@ def test_interrupt_then_resume_redoes_nothing(archive, cluster, local_run, tmp_p
     assert proc.returncode == 130, (proc.returncode, stderr[-3000:])
     before_bytes = out.read_bytes()
     before = _by_key(_lines(out))
-    assert 3 <= len(before) < n_total
+    assert 2 <= len(before) < n_total
     r = _cli(_ray_args(archive, out, cluster["address"], "--no-progress", "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
