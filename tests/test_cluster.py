@@ -168,7 +168,7 @@ def archive(tmp_path_factory) -> Path:
     from sdk.phantom import write_phantom_series
 
     root = tmp_path_factory.mktemp("cluster_archive")
-    for i in range(10):
+    for i in range(6):
         write_phantom_series(root / f"phantom{i}", n_slices=28 + 2 * i, size=128, series_uid=f"1.2.826.0.1.3680043.77.{i}",
                              ground_glass=i % 2 == 1, consolidation=i % 3 == 2, noise_hu=5.0 * i, seed=i)
     write_phantom_series(root / "gappy", n_slices=30, size=128, missing=(10, 11, 12), series_uid="1.2.826.0.1.3680043.77.99")
@@ -214,6 +214,13 @@ def _ray_args(archive: Path, out: Path, address: str, *extra: str) -> List[str]:
             "--out", str(out), "--json", *extra]
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default. A shell runs background jobs with
+    SIGINT ignored (``pytest ... &``), the child inherits that, and Python then installs no
+    KeyboardInterrupt handler - the SIGINT the interrupt test sends would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_until(args: List[str], out: Path, ready, attempts: int = 3) -> subprocess.Popen:
     """Start ``ctsdk`` with ``args`` (writing ``out``) and return the running process once
     ``ready(lines)`` holds. The tests below act on a run *in progress* (SIGINT, a node removed);
@@ -223,7 +230,7 @@ def _run_until(args: List[str], out: Path, ready, attempts: int = 3) -> subproce
         if out.exists():
             out.unlink()
         proc = subprocess.Popen(CLI + args, cwd=str(SDK_HOME), env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             if ready(_lines(out)):
@@ -278,7 +285,9 @@ def test_gpu_actors_on_a_cpu_cluster_are_refused(archive, cluster, tmp_path):
 def test_interrupt_then_resume_redoes_nothing(archive, cluster, local_run, tmp_path):
     out = tmp_path / "resume.jsonl"
     # one actor: its results stream in one by one, so the run is still going when the first arrives;
-    # SIGINT once the first series ran on the actor (the driver-side error lines come first)
+    # SIGINT once the first series ran on the actor (the driver-side error lines come first). The
+    # child gets SIGINT's default disposition back (_sigint_default): run from a background shell
+    # job it would inherit "ignored" and finish every series
     args = _ray_args(archive, out, cluster["address"], "--no-progress")
     args[args.index("--workers") + 1] = "1"
     n_total = len(local_run)
