@@ -40,7 +40,9 @@ def test_resend_late_instance_and_failure_isolation(two_series, tmp_path):
         return inventory(files)
 
     out = tmp_path / "out"
-    lst = Listener(ListenerConfig(out=out, port=0, quiet_seconds=0.6, workers=2, queue_size=1), lambda: triage).start()
+    # quiet period 1.2 s: series b's C-STOREs and the 0.2 s sleep below must fit inside it (0.6 s was
+    # exceeded on a loaded 2-core machine, and series a was already DONE at the check)
+    lst = Listener(ListenerConfig(out=out, port=0, quiet_seconds=1.2, workers=2, queue_size=1), lambda: triage).start()
     try:
         target = ForwardTarget(*lst.address, "CTSDK")
         forward_files(a[:4], target, calling_ae="S")
@@ -49,7 +51,7 @@ def test_resend_late_instance_and_failure_isolation(two_series, tmp_path):
         assert not (out / "series" / "1.2.826.0.1.1" / "DONE").exists()  # still inside the quiet period
         assert lst.wait_idle(30)
         forward_files(a[:4], target, calling_ae="S")  # a re-send changes nothing
-        time.sleep(1.2)
+        time.sleep(1.8)
         assert lst.wait_idle(30)
         assert [r["series_key"] for r in _ledger(out)].count("1.2.826.0.1.1") == 1
         forward_files(a[4:], target, calling_ae="S")  # a late instance re-opens the series once
