@@ -209,16 +209,9 @@ def _remove_airways(cand: np.ndarray, hu: np.ndarray, px_mm2: float, voxel_ml: f
 
 def _erode_in_plane(mask: np.ndarray) -> np.ndarray:
     """``ndi.binary_erosion(mask, structure=np.ones((1, 3, 3)))`` (border value 0) in one OpenCV
-    call: the slices are stacked into one 2D image with a zero row between them, so no slice sees
-    its neighbour and every slice edge erodes as SciPy's zero border does."""
-    import cv2
-
-    nz, ny, nx = mask.shape
-    tall = np.zeros((nz, ny + 1, nx), np.uint8)
-    tall[:, :ny] = mask
-    flat = cv2.erode(tall.reshape(nz * (ny + 1), nx), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT,
-                     borderValue=0)
-    return flat.reshape(nz, ny + 1, nx)[:, :ny].astype(bool)
+    call (:func:`stacked_2d`: no slice sees its neighbour, every slice edge erodes as SciPy's zero
+    border does)."""
+    return stacked_2d(np.asarray(mask, dtype=np.uint8), np.ones((3, 3), np.uint8), erode=True).astype(bool)
 
 
 def _label_2d(plane: np.ndarray) -> Tuple[np.ndarray, int]:
@@ -430,7 +423,7 @@ def finish_lungs(
     return labels, int(two.max())
 
 
-def _stacked_2d(vol: np.ndarray, kernel: np.ndarray, erode: bool) -> np.ndarray:
+def stacked_2d(vol: np.ndarray, kernel: np.ndarray, erode: bool) -> np.ndarray:
     """2D dilation (or erosion, border value 0) of every (y, x) slice of a uint8 0/1 stack by
     ``kernel``, in one OpenCV call: the slices are stacked into one tall image with zero rows
     between them (at least the kernel's half height), so no slice reaches its neighbour."""
@@ -465,7 +458,7 @@ def _binary_closing_ball(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
         dz = i - rz
         lo, hi = max(0, -dz), min(nz, nz - dz)
         if lo < hi and k.any():
-            dil[lo:hi] |= _stacked_2d(m8[lo + dz:hi + dz], k, erode=False)
+            dil[lo:hi] |= stacked_2d(m8[lo + dz:hi + dz], k, erode=False)
     out = np.ones(m8.shape, np.uint8)
     for i, k in enumerate(sections):
         if not k.any():
@@ -475,7 +468,7 @@ def _binary_closing_ball(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
         out[:lo] = 0
         out[hi:] = 0
         if lo < hi:
-            out[lo:hi] &= _stacked_2d(dil[lo + dz:hi + dz], k, erode=True)
+            out[lo:hi] &= stacked_2d(dil[lo + dz:hi + dz], k, erode=True)
     return out.astype(bool)
 
 
