@@ -118,7 +118,7 @@ def test_long_headers_and_undefined_length_sequences_read_like_pydicom(tmp_path)
 
 
 @pytest.mark.skipif(not DICOM.exists(), reason="../shared/data/dicom not present")
-def test_what_the_scan_refuses_goes_to_pydicom(tmp_path) -> None:
+def test_what_the_scan_refuses_goes_to_pydicom(tmp_path, monkeypatch) -> None:
     src = _p001_file()
     raw = src.read_bytes()
     cases = {
@@ -138,6 +138,14 @@ def test_what_the_scan_refuses_goes_to_pydicom(tmp_path) -> None:
     ds.decompress()                                                   # explicit VR LE, not encapsulated
     ds.save_as(tmp_path / "native.dcm", enforce_file_format=True)
     assert H.scan_header(str(tmp_path / "native.dcm")) is None
+    ds = pydicom.dcmread(src)
+    ds.decompress()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(tmp_path / "implicit.dcm", enforce_file_format=True)
+    assert (tmp_path / "implicit.dcm").stat().st_size > H._HEAD_BYTES
+    with monkeypatch.context() as m:                                  # refused from the file meta: the
+        m.setattr(H, "_read_all", lambda path: pytest.fail("read whole"))   # 0.5 MB file is not read whole
+        assert H.scan_header(str(tmp_path / "implicit.dcm")) is None
     ds = pydicom.dcmread(src)
     del ds.PixelData                                                  # no Pixel Data: pydicom says what is wrong
     ds.save_as(tmp_path / "nopixels.dcm", enforce_file_format=True)

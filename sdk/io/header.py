@@ -80,10 +80,14 @@ class _Refuse(Exception):
     """The walk met something it does not handle: pydicom reads the file."""
 
 
+class _NeedMore(_Refuse):
+    """The walk ran past the bytes read so far (the whole file may still be plain)."""
+
+
 def _element(buf: bytes, pos: int) -> Tuple[int, bytes, int, int]:
     """(tag, VR, value length, value offset) of the explicit-VR-LE element at ``pos``."""
     if pos + 8 > len(buf):
-        raise _Refuse("truncated element header")
+        raise _NeedMore("element header past the bytes read")
     group, elem = struct.unpack_from("<HH", buf, pos)
     tag = (group << 16) | elem
     if group == 0xFFFE:   # item / delimiters: no VR
@@ -91,7 +95,7 @@ def _element(buf: bytes, pos: int) -> Tuple[int, bytes, int, int]:
     vr = buf[pos + 4:pos + 6]
     if vr in _LONG_VRS:
         if pos + 12 > len(buf):
-            raise _Refuse("truncated element header")
+            raise _NeedMore("element header past the bytes read")
         return tag, vr, struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
     if not vr.isalpha() or not vr.isupper():
         raise _Refuse(f"not an explicit VR at offset {pos}")
@@ -122,16 +126,16 @@ def _skip_item(buf: bytes, pos: int) -> int:
         else:
             pos += length
         if pos > len(buf):
-            raise _Refuse("element runs past the end of the file")
+            raise _NeedMore("element runs past the bytes read")
 
 
 def _walk(buf: bytes, pos: int, stop_group: Optional[int] = None) -> Iterator[Tuple[int, bytes, int, int]]:
     """Top-level elements (tag, VR, length, value offset) from ``pos``; stops before the first
     element of another group than ``stop_group`` (the file meta), or after Pixel Data."""
     while pos < len(buf):
+        if stop_group is not None and pos + 2 <= len(buf) and struct.unpack_from("<H", buf, pos)[0] != stop_group:
+            return   # the dataset starts: its encoding may not be explicit VR (the syntax says)
         tag, vr, length, start = _element(buf, pos)
-        if stop_group is not None and tag >> 16 != stop_group:
-            return
         yield tag, vr, length, start
         if tag == _PIXEL_DATA:
             return
@@ -142,7 +146,7 @@ def _walk(buf: bytes, pos: int, stop_group: Optional[int] = None) -> Iterator[Tu
         else:
             pos = start + length
         if pos > len(buf):
-            raise _Refuse("element runs past the end of the file")
+            raise _NeedMore("element runs past the bytes read")
 
 
 def _read_all(path: str) -> bytes:
@@ -174,7 +178,7 @@ def _scan(path: str, buf: bytes) -> Optional["HeaderDataset"]:
                 return None
             kept[tag] = (vr.decode("ascii"), buf[start:start + length])
     if pixel is None:
-        raise _Refuse("no Pixel Data before the end of the header")
+        raise _NeedMore("no Pixel Data in the bytes read")
     return HeaderDataset(path, meta, kept, pixel[0], pixel[1])
 
 
@@ -187,9 +191,9 @@ def scan_header(path: str) -> Optional["HeaderDataset"]:
     try:
         try:
             return _scan(path, buf)
-        except _Refuse:
+        except _NeedMore:
             if not more:
-                return None
+                return None                        # the file ends there: truncated or no Pixel Data
         return _scan(path, _read_all(path))    # the header did not fit in the first read
     except (_Refuse, struct.error, UnicodeDecodeError, ValueError):
         return None
