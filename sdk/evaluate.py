@@ -481,7 +481,8 @@ def _series_score_tables(cases: List[Dict[str, Any]], y: np.ndarray, named: Dict
 
 
 def _plot_scores(y: np.ndarray, named: Dict[str, np.ndarray], table: Dict[str, Any], path: Path, title: str) -> Path:
-    curves = {("fused slice_score" if k == "slice_score" else k): (*roc_curve(y, v)[:2], table[k]["auc"])
+    names = {"slice_score": "fused slice_score", "cnn_z": "cnn, ±5 mm z context"}
+    curves = {names.get(k, k): (*roc_curve(y, v)[:2], table[k]["auc"])
               for k, v in named.items() if k in table}
     return plot_roc(curves, path, title=title)
 
