@@ -81,7 +81,7 @@ def slice_scores(classes: List[str], positive: str, indices: np.ndarray, z_mm: n
         # without an opacity measurement the fractions are missing (the model's missing_fraction)
         fused = np.asarray(model.score(probs[:, classes.index(positive)], ggo, cons), dtype=np.float64).reshape(-1)
     zpos = np.asarray(z_mm, dtype=np.float64)[idx]
-    zc = z_context(probs[:, classes.index(positive)], zpos) if idx.size else nan
+    zc = z_context(probs[:, classes.index(positive)], zpos)
     return [SliceScore(int(z), float(z_mm[z]), {c: float(p) for c, p in zip(classes, row)},
                        _opt(g), _opt(c), _opt(f), _opt(q))
             for z, row, g, c, f, q in zip(idx, probs, ggo, cons, fused, zc)]

@@ -66,10 +66,11 @@ KEPT: Dict[int, Tuple[str, Tuple[str, ...]]] = {
     0x00281053: ("RescaleSlope", ("DS",)),
 }
 _KEYWORDS = {kw: tag for tag, (kw, _) in KEPT.items()}
-#: elements whose presence sends the file to pydicom (multi-frame / enhanced images, DICOMDIRs)
-_REFUSE = {0x00280008, 0x52009229, 0x52009230, 0x00041220}
-#: keywords of elements the scan refuses (so a HeaderDataset never holds one)
-_ABSENT = {"NumberOfFrames", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "DirectoryRecordSequence"}
+#: elements whose presence sends the file to pydicom (multi-frame / enhanced images, DICOMDIRs);
+#: so a HeaderDataset never holds one, and answers "absent" for their keywords without the file
+_REFUSE = {0x00280008: "NumberOfFrames", 0x52009229: "SharedFunctionalGroupsSequence",
+           0x52009230: "PerFrameFunctionalGroupsSequence", 0x00041220: "DirectoryRecordSequence"}
+_ABSENT = frozenset(_REFUSE.values())
 _FILE_META = {0x00020002: "MediaStorageSOPClassUID", 0x00020003: "MediaStorageSOPInstanceUID",
               0x00020010: "TransferSyntaxUID"}
 #: bytes read first; a header longer than this is read whole
@@ -113,20 +114,25 @@ def _skip_sequence(buf: bytes, pos: int) -> int:
         pos = pos + length if length != _UNDEFINED else _skip_item(buf, pos)
 
 
+def _after(buf: bytes, vr: bytes, length: int, start: int) -> int:
+    """Offset after the element whose value (``length`` bytes, or an undefined-length sequence)
+    starts at ``start``."""
+    if length == _UNDEFINED:
+        if vr != b"SQ":
+            raise _Refuse("undefined length outside a sequence")
+        return _skip_sequence(buf, start)
+    if start + length > len(buf):
+        raise _NeedMore("element runs past the bytes read")
+    return start + length
+
+
 def _skip_item(buf: bytes, pos: int) -> int:
     """Offset after an undefined-length item whose elements start at ``pos``."""
     while True:
         tag, vr, length, pos = _element(buf, pos)
         if tag == _ITEM_END:
             return pos
-        if length == _UNDEFINED:
-            if vr != b"SQ":
-                raise _Refuse("undefined length outside a sequence")
-            pos = _skip_sequence(buf, pos)
-        else:
-            pos += length
-        if pos > len(buf):
-            raise _NeedMore("element runs past the bytes read")
+        pos = _after(buf, vr, length, pos)
 
 
 def _walk(buf: bytes, pos: int, stop_group: Optional[int] = None) -> Iterator[Tuple[int, bytes, int, int]]:
@@ -139,14 +145,7 @@ def _walk(buf: bytes, pos: int, stop_group: Optional[int] = None) -> Iterator[Tu
         yield tag, vr, length, start
         if tag == _PIXEL_DATA:
             return
-        if length == _UNDEFINED:
-            if vr != b"SQ":
-                raise _Refuse("undefined length outside a sequence")
-            pos = _skip_sequence(buf, start)
-        else:
-            pos = start + length
-        if pos > len(buf):
-            raise _NeedMore("element runs past the bytes read")
+        pos = _after(buf, vr, length, start)
 
 
 def _read_all(path: str) -> bytes:
