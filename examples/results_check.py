@@ -35,7 +35,7 @@ def _series_dirs(root: Path) -> List[Path]:
     return [root / s for s in SERIES if (root / s).exists()]
 
 
-def run_all(root: Path, precision: str, base: Path | None = None) -> Dict[str, Any]:
+def run_all(root: Path, precision: str, base: Path | None = None, lungs_precision: str = "auto") -> Dict[str, Any]:
     """Triage every series; ``base``: use the old package copied there as ``sdk_base`` instead."""
     import importlib
 
@@ -44,7 +44,8 @@ def run_all(root: Path, precision: str, base: Path | None = None) -> Dict[str, A
     sdk = importlib.import_module("sdk_base" if base is not None else "sdk")
     SeriesError = importlib.import_module(sdk.__name__ + ".errors").SeriesError
 
-    tri = sdk.Triage(device="cpu", precision=precision, heatmaps=False)
+    kwargs = {} if lungs_precision == "auto" else {"lungs_precision": lungs_precision}
+    tri = sdk.Triage(device="cpu", precision=precision, heatmaps=False, **kwargs)
     out: Dict[str, Any] = {"runtime": tri.runtime, "series": {}}
     for d in _series_dirs(root):
         key = str(d.relative_to(root))
@@ -97,11 +98,12 @@ def main(argv: List[str] | None = None) -> int:
     g.add_argument("--compare", type=Path, help="compare this run with a recorded file")
     ap.add_argument("--data", type=Path, default=DICOM)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--lungs-precision", default="auto", help="the 2D lung U-Net's precision (Triage(lungs_precision=))")
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--base", type=Path, default=None,
                     help="run an old copy of the package (folder holding sdk_base/, see examples/side_by_side.py)")
     a = ap.parse_args(argv)
-    res = run_all(a.data, a.precision, a.base)
+    res = run_all(a.data, a.precision, a.base, a.lungs_precision)
     if a.record:
         a.record.parent.mkdir(parents=True, exist_ok=True)
         a.record.write_text(json.dumps(res, indent=1))
