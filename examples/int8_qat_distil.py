@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from int8_lsq_refit import _cmp, _session  # same folder: the session-5 experiment
+
 WORK = Path("runs/int8x")
 FP32 = "sdk/bundles/default/classifier_fp32.onnx"
 BASELINE = WORK / "work" / "first12.onnx"
@@ -184,19 +186,14 @@ class QdqGraph(torch.nn.Module):
 
 
 def ort_logits(model, x, bs=32):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.log_severity_level = 2, 3
-    data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
-    s = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    """Logits of an ONNX file or ModelProto under ONNX Runtime (CPU, 2 threads), ``bs`` slices a call."""
+    s = _session(onnx.load(model) if isinstance(model, (str, Path)) else model)
     return np.concatenate([s.run(["logits"], {"image": x[i:i + bs].astype(np.float32)})[0] for i in range(0, len(x), bs)])
 
 
 def cmp(lq, lf):
-    pq = torch.softmax(torch.from_numpy(lq), 1).numpy()[:, 1]
-    pf = torch.softmax(torch.from_numpy(lf), 1).numpy()[:, 1]
-    return dict(flips=int(((pq >= 0.5) != (pf >= 0.5)).sum()), mean=round(float(np.abs(pq - pf).mean()), 5),
-                max=round(float(np.abs(pq - pf).max()), 4))
+    """Flips / mean / max |dp| of p(covid), from logits (int8_lsq_refit's comparison)."""
+    return _cmp(*(torch.softmax(torch.from_numpy(lg), 1).numpy()[:, 1] for lg in (lq, lf)))
 
 
 def prepare_train(n: int = 1400, seed: int = 1) -> None:
