@@ -196,7 +196,7 @@ def cmp(lq, lf):
     return _cmp(*(torch.softmax(torch.from_numpy(lg), 1).numpy()[:, 1] for lg in (lq, lf)))
 
 
-def prepare_train(n: int = 1400, seed: int = 1) -> None:
+def prepare_train(n: int = 1400, seed: int = 1, out: str = "train.npz") -> None:
     """HU-rendered classifier inputs of ``n`` stratified train-split images (estimable ones), float16."""
     from sdk.calibration.dataset import HuRenderPreprocessor, load_rows, stratified_sample
 
@@ -210,7 +210,7 @@ def prepare_train(n: int = 1400, seed: int = 1) -> None:
             xs.append(x[0].astype(np.float16)), keep.append(r.path)
         if i % 200 == 0:
             print(f"prepare {i}/{n}", file=sys.stderr, flush=True)
-    np.savez(WORK / "train.npz", x=np.stack(xs), path=np.array(keep))
+    np.savez(WORK / out, x=np.stack(xs), path=np.array(keep))
     print("train", len(xs), "of", n)
 
 
@@ -237,36 +237,78 @@ def simcheck(qdq_path: Path, n: int = 4) -> None:
         print(f"{name:40s} codes differing {float((d > 0).mean()):.4f}  max {d.max():.0f}  mean {d.mean():.4f}")
 
 
+def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Distillation inputs near the data: left-right flip, window jitter on the grey channel
+    (g -> clip(a*g + b), a in [0.9, 1.1], b in [-0.04, 0.04]) and an in-plane shift of up to 8 px
+    (zero fill = air / no lung); channel 2 is grey x mask again."""
+    x = x.astype(np.float32).copy()
+    for k in range(len(x)):
+        if rng.random() < 0.5:
+            x[k] = x[k, :, :, ::-1]
+        g = np.clip(x[k, 0] * rng.uniform(0.9, 1.1) + rng.uniform(-0.04, 0.04), 0.0, 1.0)
+        x[k, 0] = g
+        dy, dx = (int(v) for v in rng.integers(-8, 9, 2))
+        x[k] = np.roll(x[k], (dy, dx), axis=(1, 2))
+        if dy > 0:
+            x[k, :, :dy] = 0
+        elif dy < 0:
+            x[k, :, dy:] = 0
+        if dx > 0:
+            x[k, :, :, :dx] = 0
+        elif dx < 0:
+            x[k, :, :, dx:] = 0
+        x[k, 2] = x[k, 0] * x[k, 1]
+    return x
+
+
 def train(a: argparse.Namespace) -> None:
+    """Distil: the FP32 teacher labels every (augmented) batch on the fly; the epoch with the best
+    val agreement (flips, then mean |dp|) is kept; test is computed for that one only."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    rng = np.random.default_rng(0)
     qdq, fp32 = onnx.load(a.qdq), onnx.load(FP32)
-    tr = np.load(WORK / "train.npz")["x"]
+    tr = np.load(WORK / a.data)["x"]
     va = np.load(WORK / "val.npz")["x"]
-    te = np.load(WORK / "test.npz")["x"]
-    lf_tr, lf_va, lf_te = (ort_logits(FP32, x) for x in (tr, va, te))
-    print("start: val", cmp(ort_logits(qdq, va), lf_va), "test", cmp(ort_logits(qdq, te), lf_te), flush=True)
+    lf_va = ort_logits(FP32, va)
+    teacher = _session(fp32)
+    print(f"train slices {len(tr)}; start: val", cmp(ort_logits(qdq, va), lf_va), flush=True)
     g = QdqGraph(qdq, fp32, train_fp32=a.train_fp32)
-    target = torch.from_numpy((lf_tr[:, 1] - lf_tr[:, 0]).astype(np.float32))
     opt = torch.optim.Adam(g.latent.parameters(), lr=a.lr)
-    n = len(tr)
+    n, best = len(tr), None
+    step, total_steps = 0, a.epochs * (n // a.bs)
     for ep in range(a.epochs):
-        perm = np.random.default_rng(ep).permutation(n)
+        perm = rng.permutation(n)
         t0, tot = time.time(), 0.0
         for i in range(0, n - a.bs + 1, a.bs):
-            b = perm[i:i + a.bs]
-            lg = g(torch.from_numpy(tr[b].astype(np.float32)))
-            loss = F.mse_loss(lg[:, 1] - lg[:, 0], target[b])
+            x = tr[perm[i:i + a.bs]]
+            x = augment(x, rng) if a.augment else x.astype(np.float32)
+            lt = teacher.run(["logits"], {"image": x})[0]
+            lg = g(torch.from_numpy(x))
+            ds, dt = lg[:, 1] - lg[:, 0], torch.from_numpy(lt[:, 1] - lt[:, 0])
+            if a.loss == "prob":   # |dp| is what the bar counts: slices near 0.5 weigh most
+                loss = F.mse_loss(torch.sigmoid(ds), torch.sigmoid(dt)) * 100.0
+            else:
+                loss = F.mse_loss(ds, dt)
             opt.zero_grad()
             loss.backward()
+            for group in opt.param_groups:   # cosine decay over all steps
+                group["lr"] = a.lr * 0.5 * (1 + np.cos(np.pi * step / total_steps))
             opt.step()
-            tot += float(loss.detach()) * len(b)
+            step += 1
+            tot += float(loss.detach()) * len(x)
             if (i // a.bs) % 20 == 0:
                 print(f"epoch {ep} {i}/{n} loss {float(loss.detach()):.5f} {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-        print(f"epoch {ep}: train mse (interpreter) {tot / n:.5f}, val (ORT)", cmp(ort_logits(g.export(), va), lf_va), flush=True)
-    m = g.export()
+        m = g.export()
+        v = cmp(ort_logits(m, va), lf_va)
+        print(f"epoch {ep}: train mse (interpreter) {tot / n:.5f}, val (ORT)", v, f"{time.time() - t0:.0f} s", flush=True)
+        onnx.save(m, str(a.out).replace(".onnx", f"_ep{ep}.onnx"))
+        if best is None or (v["flips"], v["mean"]) < (best[1]["flips"], best[1]["mean"]):
+            best = (ep, v, m)
+    ep, v, m = best
     onnx.save(m, a.out)
-    print("final: val", cmp(ort_logits(m, va), lf_va), "test", cmp(ort_logits(m, te), lf_te))
+    te = np.load(WORK / "test.npz")["x"]
+    print(f"kept epoch {ep} (val {v}); test (ORT)", cmp(ort_logits(m, te), ort_logits(FP32, te)), flush=True)
 
 
 def main() -> None:
@@ -278,6 +320,9 @@ def main() -> None:
     ap.add_argument("--bs", type=int, default=16)
     ap.add_argument("--train-fp32", action="store_true", help="also train the FP32 convs and the head (unstable at 3e-6)")
     ap.add_argument("--out", type=Path, default=WORK / "work" / "qat.onnx")
+    ap.add_argument("--data", default="train.npz", help="train-split slices under runs/int8x/ (prepare writes train.npz)")
+    ap.add_argument("--loss", choices=["logit", "prob"], default="logit", help="MSE of the logit difference, or of p(covid)")
+    ap.add_argument("--augment", action="store_true", help="flip / window jitter / shift each batch; the teacher labels it")
     a = ap.parse_args()
     if a.step == "prepare":
         prepare_train()
