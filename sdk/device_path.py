@@ -446,9 +446,9 @@ class KernelPath:
             if seg is None:
                 from types import SimpleNamespace
 
-                from .lungs.unet3d import labels_to_volume
+                from .lungs.unet3d import CubeLabels
 
-                seg = SimpleNamespace(labels=None, mask=labels_to_volume(cube_mask, geom))
+                seg = SimpleNamespace(labels=None, mask=CubeLabels(cube_mask, geom))   # sampled at opacity's stride only
             out = triage._opacity(volume, seg, warnings)
             # its compute time, hidden behind the classification: informational, not a stage (the
             # "opacity" stage below is only the wait that was not hidden, so stages sum to the wall time)

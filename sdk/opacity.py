@@ -218,7 +218,7 @@ def _split_lr(mask: np.ndarray) -> np.ndarray:
 # --- the measurement ---------------------------------------------------------------------------
 def measure_opacity(
     hu: np.ndarray,
-    lung_labels: np.ndarray,
+    lung_labels: Any,
     spacing_mm: Sequence[float],
     *,
     superior_is_high_z: bool = True,
@@ -230,7 +230,9 @@ def measure_opacity(
     Args:
         hu: (z, y, x) HU volume.
         lung_labels: (z, y, x) 0 background / 1 left / 2 right lung (``LungSegmentation.labels``),
-            or a boolean/0-1 mask (split at the x centroid).
+            or a boolean/0-1 mask (split at the x centroid); or a lazy source with ``shape`` and
+            ``strided(step) -> labels[:, ::step, ::step]`` (:class:`sdk.lungs.unet3d.CubeLabels`:
+            only the voxels read here are sampled).
         spacing_mm: (z, y, x) voxel size in mm (z: the median slice step).
         superior_is_high_z: whether increasing z index goes towards the head (LPS +z along the
             slice normal; True for ctsdk volumes of axial series).
@@ -243,15 +245,17 @@ def measure_opacity(
     import cv2
 
     hu = np.asarray(hu)
-    lab = np.asarray(lung_labels)
-    if hu.shape != lab.shape or hu.ndim != 3:
-        raise ConfigError(f"HU volume {hu.shape} and lung labels {lab.shape} must be the same 3-D shape")
+    strided = getattr(lung_labels, "strided", None)   # a lazy source (sdk.lungs.unet3d.CubeLabels)
+    lab = lung_labels if strided is not None else np.asarray(lung_labels)
+    if hu.shape != tuple(lab.shape) or hu.ndim != 3:
+        raise ConfigError(f"HU volume {hu.shape} and lung labels {tuple(lab.shape)} must be the same 3-D shape")
     dz, dy, dx = (float(s) for s in spacing_mm)
     if min(dz, dy, dx) <= 0:
         raise ConfigError(f"voxel spacing must be positive, got {tuple(spacing_mm)}")
     # the in-plane stride, then the lung bounding box on that grid (no pass over the native grid)
     s = max(1, int(round(config.target_pixel_mm / min(dy, dx))))
-    sub = np.ascontiguousarray(lab[:, ::s, ::s])   # one strided read; every later pass is contiguous
+    # one strided read (a lazy source samples only these voxels); every later pass is contiguous
+    sub = np.ascontiguousarray(strided(s) if strided is not None else lab[:, ::s, ::s])
     rows_any = sub.any(axis=2)                      # (z, y): one pass over the sampled grid
     zs = np.nonzero(rows_any.any(axis=1))[0]
     if zs.size == 0:
@@ -267,7 +271,7 @@ def measure_opacity(
     nz, rows, cols = z1 - z0, y1 - y0, x1 - x0
     lb = np.zeros((nz, rows + pad, cols), np.uint8)
     lb[:, :rows] = sub[z0:z1, y0:y1, x0:x1]
-    if lab.dtype == bool or lb.max(initial=0) <= 1:  # a binary mask: split at the x centroid
+    if sub.dtype == bool or lb.max(initial=0) <= 1:  # a binary mask: split at the x centroid
         lb = _split_lr(lb > 0)
     present = _trim_ends(lb, superior_is_high_z, config)
     # every rule below is per slice: slices the trimming emptied are dropped (they count nothing)

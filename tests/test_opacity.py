@@ -272,3 +272,31 @@ def test_labelled_infected_slices_have_more_ground_glass(covid_p001):
     auc = _auc(ggo[big & (y == 1)], ggo[big & (y == 0)])
     assert auc >= 0.85, auc
     assert op.per_lung["left"]["lung_ml"] > 1000 and op.per_lung["right"]["lung_ml"] > 1000
+
+
+def test_a_lazy_cube_label_source_measures_the_same_as_the_full_labels():
+    """The GPU path hands the 3D U-Net's label cube to the host opacity as CubeLabels (sampled only at
+    the opacity grid's stride): every number and the label map equal those from the full volume."""
+    from sdk.lungs.unet3d import CubeLabels, cube_geometry, labels_to_volume
+
+    shape, spacing, n = (24, 192, 192), (2.0, 0.75, 0.75), 32
+    g = cube_geometry(shape, np.arange(shape[0]) * spacing[0], spacing[1:], n=n)
+    c = np.arange(n)
+    cz, cy, cx = np.meshgrid(c, c, c, indexing="ij")
+    cube = np.zeros((n, n, n), np.uint8)
+    for v, x0 in ((1, 0.70 * n), (2, 0.30 * n)):
+        cube[((cx - x0) / (0.17 * n)) ** 2 + ((cy - 0.5 * n) / (0.32 * n)) ** 2 + ((cz - n / 2) / (0.3 * n)) ** 2 <= 1] = v
+    full = labels_to_volume(cube, g)
+    rng = np.random.default_rng(4)
+    hu = np.where(full > 0, -850.0, 40.0) + rng.normal(0, 15, shape)
+    hu[8:14, 80:120, 120:150] = -550.0                                  # ground glass in the left lung
+    for labels in (cube, (cube > 0).astype(np.uint8)):                   # split lungs, and a binary mask
+        a = measure_opacity(hu, labels_to_volume(labels, g), spacing, config=NO_TRIM)
+        b = measure_opacity(hu, CubeLabels(labels, g), spacing, config=NO_TRIM)
+        assert a.grid["stride"][1] > 1                                  # the strided path is exercised
+        assert json.dumps(a.to_dict(), sort_keys=True) == json.dumps(b.to_dict(), sort_keys=True)
+        assert a.ggo_fraction > 0
+        np.testing.assert_array_equal(a.label_map, b.label_map)
+        np.testing.assert_array_equal(a.slice_ggo_fraction, b.slice_ggo_fraction)
+    with pytest.raises(ConfigError, match="same 3-D shape"):
+        measure_opacity(hu[:-1], CubeLabels(cube, g), spacing)

@@ -12,7 +12,7 @@ import pytest
 from sdk.bundle import load_bundle
 from sdk.errors import ConfigError
 from sdk.lungs.unet3d import (
-    CUBE, DEFAULT_ONNX, DEFAULT_ONNX_FP16, INPUT_NAME, PROB_NAME, RESAMPLE, cube_geometry, cube_to_volume,
+    CUBE, DEFAULT_ONNX, DEFAULT_ONNX_FP16, INPUT_NAME, PROB_NAME, RESAMPLE, CubeLabels, cube_geometry, cube_to_volume,
     labels_to_volume, postprocess_cube, prepare_cube,
 )
 from sdk.volume.core import Volume
@@ -76,6 +76,23 @@ def test_cube_to_volume_is_trilinear_sampling_with_clamping():
     np.testing.assert_array_equal(labels_to_volume(labels, g), labels[np.ix_(iz, iy, ix)])
     with pytest.raises(ConfigError, match="cube shape"):
         cube_to_volume(cube[:-1], g)
+
+
+def test_cube_labels_sample_only_the_strided_grid():
+    """CubeLabels (the GPU path's host opacity input) equals labels_to_volume's full array at every
+    stride, without building it; np.asarray gives the full array."""
+    shape, sp, n = (19, 50, 37), (1.1, 0.8), 16
+    z = np.cumsum(np.r_[0.0, np.full(18, 2.0)])
+    g = cube_geometry(shape, z, sp, n=n)
+    cube = np.random.default_rng(3).integers(0, 3, (n, n, n)).astype(np.uint8)
+    full = labels_to_volume(cube, g)
+    src = CubeLabels(cube, g)
+    assert src.shape == shape == full.shape
+    for step in (1, 2, 3, 4):
+        got = src.strided(step)
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, full[:, ::step, ::step])
+    np.testing.assert_array_equal(np.asarray(src), full)
 
 
 def test_postprocess_keeps_two_lungs_left_at_larger_x():

@@ -62,6 +62,7 @@ __all__ = [
     "cube_to_volume",
     "interp_matrix",
     "labels_to_volume",
+    "CubeLabels",
     "open_session",
     "segment_unet3d",
 ]
@@ -309,10 +310,36 @@ def interp_matrix(geometry: CubeGeometry, axis: int) -> np.ndarray:
     return m
 
 
-def labels_to_volume(labels: np.ndarray, geometry: CubeGeometry) -> np.ndarray:
-    """Nearest-cell sampling of a (128, 128, 128) label cube at every volume voxel (uint8)."""
+def labels_to_volume(labels: np.ndarray, geometry: CubeGeometry, step: int = 1) -> np.ndarray:
+    """Nearest-cell sampling of a (128, 128, 128) label cube at every volume voxel (uint8); with
+    ``step`` > 1 only at every ``step``-th row and column of each slice (``full[:, ::step, ::step]``)."""
     iz, iy, ix = (geometry.nearest(a) for a in range(3))
-    return np.asarray(labels, np.uint8)[iz][:, iy][:, :, ix]
+    return np.asarray(labels, np.uint8)[iz][:, iy[::step]][:, :, ix[::step]]
+
+
+@dataclass(frozen=True)
+class CubeLabels:
+    """A label cube seen at the volume's grid without building the volume-sized array.
+
+    :func:`sdk.opacity.measure_opacity` reads labels only at its in-plane stride (every 4th row and
+    column of a 512² series): ``strided(step)`` samples just those, where :func:`labels_to_volume`
+    would build all 148 x 512² voxels first (the GPU path's host opacity spent most of its time there).
+    """
+
+    cube: np.ndarray
+    geometry: CubeGeometry
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(v) for v in self.geometry.volume_shape)  # type: ignore[return-value]
+
+    def strided(self, step: int) -> np.ndarray:
+        """``labels_to_volume(cube, geometry)[:, ::step, ::step]``, sampled directly (uint8)."""
+        return labels_to_volume(self.cube, self.geometry, step)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        full = labels_to_volume(self.cube, self.geometry)
+        return full if dtype is None else full.astype(dtype)
 
 
 def _grow_labels(labels: np.ndarray) -> np.ndarray:
