@@ -358,8 +358,10 @@ class KernelPath:
             nz = volume.hu.shape[0]
             z_index = np.arange(nz, dtype=np.float64)  # z unchanged: one output slice per input slice
 
-            def downsample(hu: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
+            def area(hu: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
                 return self.ops.resample(hu, z_index, (nz, int(hw[0]), int(hw[1])), mode="area", io=io)
+
+            downsample = area
         method = triage.lung_method if triage.lung_method != "unet3d" else "auto"
         kwargs: Dict[str, Any] = {"method": method, "downsample": downsample}
         if triage._lungs is not None:
