@@ -488,18 +488,16 @@ class Triage:
         from .eligibility import check, header_eligible, lung_fraction
 
         with timer("eligibility"):
-            overlap = self._kpath is None and header_eligible(volume)
-            if not overlap:
-                elig = check(volume)
-        if not overlap and not elig.eligible:
-            return self._not_eligible(elig, warnings, base), None
-        if self._kpath is not None:
-            return self._kpath.triage(self, volume, timer, warnings, base)
+            if not header_eligible(volume):
+                return self._not_eligible(check(volume), warnings, base), None
         # the header criteria passed: the voxel criterion (lung fraction) runs in a side thread while
-        # the lungs are segmented (no stage waits for it); a series that fails it is still reported
-        # not eligible, with the same reasons, and its lung mask is dropped
+        # the lungs are segmented - on the kernel path while the device works - so no stage waits for
+        # it; a series that fails it is still reported not eligible, with the same reasons, and its
+        # lung mask (kernel path: its whole result) is dropped
         with timer("eligibility"):
             fraction = shared_pool("side").submit(lung_fraction, volume.hu)
+        if self._kpath is not None:
+            return self._kpath_then_eligibility(volume, timer, warnings, base, fraction)
         seg_error: Optional[Exception] = None
         with timer("lungs"):
             try:
@@ -556,6 +554,25 @@ class Triage:
                               reasons=list(decision.reasons), slice_scores=scores, lung_volume_ml=float(seg.lung_volume_ml),
                               warnings=warnings, lung_opacity=block, _heat=heat, **base)
         return result, seg.mask
+
+    def _kpath_then_eligibility(self, volume: Any, timer: _Timer, warnings: List[str], base: Dict[str, Any],
+                                fraction: Any) -> Tuple[TriageResult, Optional[np.ndarray]]:
+        """The kernel path's result, kept only when the lung fraction (computed meanwhile) passes;
+        its error is raised only for an eligible series."""
+        from .eligibility import check
+
+        try:
+            out = self._kpath.triage(self, volume, timer, list(warnings), base)
+            error: Optional[Exception] = None
+        except Exception as exc:  # raised below, unless the series is not eligible anyway
+            out, error = None, exc
+        with timer("eligibility"):
+            elig = check(volume, lung_fraction_value=fraction.result())
+        if not elig.eligible:
+            return self._not_eligible(elig, warnings, base), None
+        if error is not None:
+            raise error
+        return out
 
     @staticmethod
     def _not_eligible(elig: Any, warnings: List[str], base: Dict[str, Any]) -> TriageResult:

@@ -110,3 +110,39 @@ def test_triage_overlaps_the_lung_fraction_and_still_reports_ineligible(phantom_
     assert engine.run(nolung).reasons == check(nolung).reasons
     with pytest.raises(RuntimeError, match="segmenter failed"):
         engine.run(_volume(phantom_hu))
+
+
+def test_kernel_path_overlaps_the_lung_fraction_and_still_reports_ineligible(phantom_hu, monkeypatch):
+    """The kernel path (here its CPU harness) runs the lung fraction beside the device work, the same
+    way: a series without lungs is not eligible with check()'s reasons (also when the path fails on
+    it), an eligible series gets the path's result, and its error is raised."""
+    import sdk
+
+    engine = sdk.Triage(device="cpu", precision="fp32", threads=1, kernels="cpu-harness")
+    head = np.where(phantom_hu < -500, np.where(phantom_hu == -1000, -1000, 40), phantom_hu).astype(np.int16)
+    nolung = _volume(head)
+    r = engine.run(nolung)
+    assert r.label == "not_eligible" and r.reasons == check(nolung).reasons
+    assert r.timings_ms["eligibility"] > 0
+    seen = []
+    real = engine._kpath.triage
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(engine._kpath, "triage", spy)
+    eligible = _volume(phantom_hu)
+    assert check(eligible).eligible
+    assert engine.run(eligible) is seen[-1]                 # the path's own result
+    dropped = engine.run(nolung)                            # the path ran, its result was dropped
+    assert len(seen) == 2 and dropped is not seen[-1] and dropped.reasons == check(nolung).reasons
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel path failed")
+
+    monkeypatch.setattr(engine._kpath, "triage", broken)
+    assert engine.run(nolung).reasons == check(nolung).reasons
+    with pytest.raises(RuntimeError, match="kernel path failed"):
+        engine.run(eligible)
