@@ -274,7 +274,11 @@ def train(a: argparse.Namespace) -> None:
     teacher = _session(fp32)
     print(f"train slices {len(tr)}; start: val", cmp(ort_logits(qdq, va), lf_va), flush=True)
     g = QdqGraph(qdq, fp32, train_fp32=a.train_fp32)
-    opt = torch.optim.Adam(g.latent.parameters(), lr=a.lr)
+    if a.biases_only:   # a few thousand per-channel numbers instead of every weight: less to overfit
+        keep = {key for key, _, _, kind in g.wq.values() if kind == "b"}
+        for key, p in g.latent.items():
+            p.requires_grad_(key in keep)
+    opt = torch.optim.Adam([p for p in g.latent.parameters() if p.requires_grad], lr=a.lr)
     n, best = len(tr), None
     step, total_steps = 0, a.epochs * (n // a.bs)
     for ep in range(a.epochs):
@@ -322,6 +326,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=WORK / "work" / "qat.onnx")
     ap.add_argument("--data", default="train.npz", help="train-split slices under runs/int8x/ (prepare writes train.npz)")
     ap.add_argument("--loss", choices=["logit", "prob"], default="logit", help="MSE of the logit difference, or of p(covid)")
+    ap.add_argument("--biases-only", action="store_true", help="train only the quantised convs' INT32 biases")
     ap.add_argument("--augment", action="store_true", help="flip / window jitter / shift each batch; the teacher labels it")
     a = ap.parse_args()
     if a.step == "prepare":
