@@ -497,19 +497,12 @@ class Triage:
         with timer("eligibility"):
             fraction = shared_pool("side").submit(lung_fraction, volume.hu)
         if self._kpath is not None:
-            return self._kpath_then_eligibility(volume, timer, warnings, base, fraction)
-        seg_error: Optional[Exception] = None
-        with timer("lungs"):
-            try:
-                seg = self._segment(volume)
-            except Exception as exc:  # raised below, unless the series is not eligible anyway
-                seg_error = exc
-        with timer("eligibility"):
-            elig = check(volume, lung_fraction_value=fraction.result())
-        if not elig.eligible:
-            return self._not_eligible(elig, warnings, base), None
-        if seg_error is not None:
-            raise seg_error
+            out, failed = self._beside_lung_fraction(
+                lambda: self._kpath.triage(self, volume, timer, list(warnings), base), volume, fraction, timer)
+            return (self._not_eligible(failed, warnings, base), None) if failed is not None else out
+        seg, failed = self._beside_lung_fraction(lambda: self._segment(volume), volume, fraction, timer, "lungs")
+        if failed is not None:
+            return self._not_eligible(failed, warnings, base), None
         self._split_resample(seg, timer)
         warnings.extend(f"lungs: {w}" for w in getattr(seg, "warnings", ()))
         # HU opacity needs only the volume and the lung mask: it runs in a side thread while the
@@ -555,24 +548,27 @@ class Triage:
                               warnings=warnings, lung_opacity=block, _heat=heat, **base)
         return result, seg.mask
 
-    def _kpath_then_eligibility(self, volume: Any, timer: _Timer, warnings: List[str], base: Dict[str, Any],
-                                fraction: Any) -> Tuple[TriageResult, Optional[np.ndarray]]:
-        """The kernel path's result, kept only when the lung fraction (computed meanwhile) passes;
-        its error is raised only for an eligible series."""
+    @staticmethod
+    def _beside_lung_fraction(work: Callable[[], Any], volume: Any, fraction: Any, timer: _Timer,
+                              stage: Optional[str] = None) -> Tuple[Any, Any]:
+        """Run ``work`` (timed as ``stage``) while ``fraction`` (the lung-fraction future) computes;
+        returns (its result, None), or (None, the failed Eligibility) for a series that is not
+        eligible. ``work``'s error is raised only for an eligible series."""
         from .eligibility import check
 
-        try:
-            out = self._kpath.triage(self, volume, timer, list(warnings), base)
-            error: Optional[Exception] = None
-        except Exception as exc:  # raised below, unless the series is not eligible anyway
-            out, error = None, exc
+        out, error = None, None
+        with timer(stage) if stage else contextlib.nullcontext():
+            try:
+                out = work()
+            except Exception as exc:  # raised below, unless the series is not eligible anyway
+                error = exc
         with timer("eligibility"):
             elig = check(volume, lung_fraction_value=fraction.result())
         if not elig.eligible:
-            return self._not_eligible(elig, warnings, base), None
+            return None, elig
         if error is not None:
             raise error
-        return out
+        return out, None
 
     @staticmethod
     def _not_eligible(elig: Any, warnings: List[str], base: Dict[str, Any]) -> TriageResult:
