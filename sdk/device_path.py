@@ -48,6 +48,9 @@ PATH_KERNELS = {"cpu-harness": "cpu-harness", "reference": "numpy", "cuda": "cud
 LUNGS = ("auto", "unet3d", "hybrid")
 POOLING = ("auto", "kernel", "graph")
 CUBE = 128
+#: threads the host HU opacity splits its slices over here: on a GPU machine the device does the
+#: classification meanwhile, so the host cores are free (all but one, at most 8; 1 on a 2-core box)
+OPACITY_WORKERS = max(1, min(8, (os.cpu_count() or 1) - 1))
 _SET_LABEL = {"numpy": "numpy", "cpu-harness": "cpu-harness", "cuda": "cuda-kernel"}
 
 __all__ = ["KernelPath", "PATH_KERNELS", "LUNGS", "POOLING", "Unet3dSpec"]
@@ -451,7 +454,7 @@ class KernelPath:
                 from .lungs.unet3d import CubeLabels
 
                 seg = SimpleNamespace(labels=None, mask=CubeLabels(cube_mask, geom))   # sampled at opacity's stride only
-            out = triage._opacity(volume, seg, warnings)
+            out = triage._opacity(volume, seg, warnings, workers=OPACITY_WORKERS)
             # its compute time, hidden behind the classification: informational, not a stage (the
             # "opacity" stage below is only the wait that was not hidden, so stages sum to the wall time)
             timer.ms["opacity_overlapped"] = (_time.perf_counter() - t0) * 1000.0

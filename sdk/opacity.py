@@ -56,7 +56,7 @@ only numbers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -66,6 +66,8 @@ __all__ = ["OpacityConfig", "LungOpacity", "measure_opacity", "GGO", "CONSOLIDAT
 
 GGO, CONSOLIDATION = 1, 2
 LEFT, RIGHT = 1, 2
+#: the most threads :func:`measure_opacity` splits its slices over (``workers``)
+OPACITY_WORKERS_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -174,12 +176,6 @@ def full_label_slice(op: LungOpacity, z: int) -> np.ndarray:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def _tall(fn: Any, stack: np.ndarray) -> np.ndarray:
-    """Apply a 2D OpenCV operation to a (z, rows + pad, cols) stack as one tall image (no copy)."""
-    z, h, w = stack.shape
-    return fn(stack.reshape(z * h, w)).reshape(z, h, w)
-
-
 def _disk(radius_px: int) -> np.ndarray:
     import cv2
 
@@ -224,6 +220,7 @@ def measure_opacity(
     superior_is_high_z: bool = True,
     config: OpacityConfig = OpacityConfig(),
     keep_map: bool = True,
+    workers: int = 1,
 ) -> LungOpacity:
     """Measure ground glass and consolidation in the lungs (rules in the module docstring).
 
@@ -238,12 +235,13 @@ def measure_opacity(
             slice normal; True for ctsdk volumes of axial series).
         config: thresholds.
         keep_map: keep the 0/1/2 ``label_map`` (heat-map overlay, DICOM SEG).
+        workers: threads the slices are split over (at most :data:`OPACITY_WORKERS_MAX`; every
+            rule is per slice, so the numbers do not depend on it). 1 on the CPU path, where the
+            classifier already keeps the cores busy; the GPU path's host has cores to spare.
 
     Raises:
         ConfigError: shapes differ, the spacing is not positive, or the mask is empty.
     """
-    import cv2
-
     hu = np.asarray(hu)
     strided = getattr(lung_labels, "strided", None)   # a lazy source (sdk.lungs.unet3d.CubeLabels)
     lab = lung_labels if strided is not None else np.asarray(lung_labels)
@@ -281,49 +279,40 @@ def measure_opacity(
         present = present[:, kept[0]:kept[-1] + 1]
         z0, z1 = z0 + kept[0], z0 + kept[-1] + 1
         nz = z1 - z0
-    h = np.full((nz, rows + pad, cols), -1000, hu.dtype)
-    h[:, :rows] = hu[z0:z1, ::s, ::s][:, y0:y1, x0:x1]
-    lung = lb > 0
+    H = rows + pad
+    h = np.full((nz, H, cols), -1000, hu.dtype)   # slice rows filled per slab below; pad rows stay air
     t = _HuThresholds(h.dtype, config)
+    kernels = (np.ones((max(1, int(round(config.airway_width_mm / min(py, px)))),) * 2, np.uint8),
+               _disk(max(1, int(round(config.vessel_width_mm / 2.0 / min(py, px))))), np.ones((3, 3), np.uint8))
+    up = _upper_rows(present, nz, superior_is_high_z)
+    h_rows, lb_rows = h.reshape(nz * H, cols), lb.reshape(nz * H, cols)
 
-    # 1. airways: in-lung air at least airway_width_mm wide (survives an opening with that square)
-    # (in-place NumPy steps into one scratch mask: every fresh full-size array costs page faults)
-    tmp = np.less(h, t.air)
-    tmp &= lung                                                # air inside the lung
-    a_px = max(1, int(round(config.airway_width_mm / min(py, px))))
-    airway = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((a_px, a_px), np.uint8)),
-                   tmp.view(np.uint8)).view(bool)
-    analysed = np.greater(lung, airway, out=lung)              # lung & ~airway (bool a > b)
-    # 2. dense: opening with the vessel-width disk keeps consolidation, the rest is vessels
-    dense = np.greater(h, t.dense, out=tmp)
-    dense &= analysed
-    r_px = max(1, int(round(config.vessel_width_mm / 2.0 / min(py, px))))
-    opened = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, _disk(r_px)), dense.view(np.uint8)).view(bool)
-    consolidation = np.less_equal(h, t.consolidation_max)
-    consolidation &= opened
-    vessels = np.greater(dense, opened, out=opened)            # dense & ~opened
-    # 3. ground glass, minus a one-pixel rim around vessels and airways, minus single pixels
-    rim = _tall(lambda im: cv2.dilate(im, np.ones((3, 3), np.uint8)),
-                np.bitwise_or(vessels, airway, out=tmp).view(np.uint8)).view(bool)
-    ggo = np.greater_equal(h, t.ggo_lo, out=tmp)
-    ggo &= analysed
-    np.greater(ggo, rim, out=ggo)                               # & ~rim
-    ggo &= np.less_equal(h, t.dense, out=rim)                   # analysed & ~dense
-    ggo = _tall(lambda im: cv2.morphologyEx(im, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)), ggo.view(np.uint8)).view(bool)
-    label_map = consolidation.view(np.uint8) * np.uint8(CONSOLIDATION)   # disjoint: ggo is not dense
-    label_map |= ggo.view(np.uint8)
-    # per-slice fractions of the analysed lung (ggo and consolidation lie inside it by construction)
-    n_lung = np.zeros(hu.shape[0], np.int64)
-    n_ggo = np.zeros(hu.shape[0], np.int64)
-    n_cons = np.zeros(hu.shape[0], np.int64)
-    n_lung[z0:z1] = np.count_nonzero(analysed.reshape(nz, -1), axis=1)
-    n_ggo[z0:z1] = np.count_nonzero(ggo.reshape(nz, -1), axis=1)
-    n_cons[z0:z1] = np.count_nonzero(consolidation.reshape(nz, -1), axis=1)
+    def slab(a: int, b: int) -> _Slab:
+        """Every per-slice rule for slices [a, b). OpenCV runs on the tall image from the previous
+        slice's empty rows on (``lead``), so it sees exactly what one whole-stack call sees."""
+        h[a:b, :rows] = hu[z0 + a:z0 + b, ::s, ::s][:, y0:y1, x0:x1]
+        lead = pad if a > 0 else 0
+        r0, r1 = a * H - lead, b * H
+        analysed, airway, vessels, consolidation, ggo, label_map = (
+            m[lead:].reshape(b - a, H, cols) for m in _rules_rows(h_rows[r0:r1], lb_rows[r0:r1], t, kernels))
+        return _Slab(
+            n_lung=np.count_nonzero(analysed.reshape(b - a, -1), axis=1),
+            n_ggo=np.count_nonzero(ggo.reshape(b - a, -1), axis=1),
+            n_cons=np.count_nonzero(consolidation.reshape(b - a, -1), axis=1),
+            vessels=int(np.count_nonzero(vessels)), airways=int(np.count_nonzero(airway)),
+            hist=_zone_rows(lb_rows[r0:r1], lead, up[:, a:b], label_map, analysed),
+            consolidation=consolidation, label_map=label_map)
+
+    parts = _map_slabs(slab, nz, workers)
+    hist = sum(p.hist for p in parts)
+    n_lung, n_ggo, n_cons = (np.zeros(hu.shape[0], np.int64) for _ in range(3))
+    for arr, key in ((n_lung, "n_lung"), (n_ggo, "n_ggo"), (n_cons, "n_cons")):
+        arr[z0:z1] = np.concatenate([getattr(p, key) for p in parts])
+    consolidation = parts[0].consolidation if len(parts) == 1 else np.concatenate([p.consolidation for p in parts])
+    label_map = parts[0].label_map if len(parts) == 1 else np.concatenate([p.label_map for p in parts])
     with np.errstate(invalid="ignore", divide="ignore"):
         den = np.where(n_lung > 0, n_lung, np.nan)
         slice_ggo, slice_cons = n_ggo / den, n_cons / den
-    # 4. zones: one histogram over (lung side, upper, peripheral, label) of the analysed voxels
-    hist = _zone_histogram(lb, present, label_map, analysed, superior_is_high_z)  # side, upper, periph, label
     per_lung = {name: _stats(hist[v], ml) for name, v in (("left", LEFT), ("right", RIGHT))}
     per_zone = {"upper": _stats(hist[:, 1], ml), "lower": _stats(hist[:, 0], ml),
                 "peripheral": _stats(hist[:, :, 1], ml), "central": _stats(hist[:, :, 0], ml)}
@@ -337,7 +326,7 @@ def measure_opacity(
         consolidation_fraction=total["consolidation_fraction"], opacity_fraction=total["opacity_fraction"],
         ggo_ml=float(hist[..., GGO].sum()) * ml, consolidation_ml=float(hist[..., CONSOLIDATION].sum()) * ml,
         per_lung=per_lung, per_zone=per_zone, pattern=pattern,
-        removed={"vessels_ml": float(np.count_nonzero(vessels)) * ml, "airways_ml": float(np.count_nonzero(airway)) * ml},
+        removed={"vessels_ml": float(sum(p.vessels for p in parts)) * ml, "airways_ml": float(sum(p.airways for p in parts)) * ml},
         grid={"stride": [1, s, s], "spacing_mm": [dz, py, px]},
         config={k: float(v) for k, v in asdict(config).items()},
         label_map=full, origin=(int(y0) * s, int(x0) * s), native_shape=tuple(int(v) for v in hu.shape),
@@ -389,17 +378,8 @@ def _trim_ends(lb: np.ndarray, superior_is_high_z: bool, config: OpacityConfig) 
     return present
 
 
-def _zone_histogram(lb: np.ndarray, present: np.ndarray, label_map: np.ndarray, analysed: np.ndarray,
-                    superior_is_high_z: bool) -> np.ndarray:
-    """(side, upper, peripheral, label) = (3, 2, 2, 3) voxel counts of the analysed lung (zones in
-    the module docstring).
-
-    *Upper* depends only on (lung, slice), so it is applied per run of slices (at most 3) instead of
-    per voxel; *peripheral* compares the 2D depth with that (lung, slice)'s threshold on a signed
-    depth map (right lung negated), so both lungs' per-slice maxima come from one max and one min."""
-    import cv2
-
-    nz = lb.shape[0]
+def _upper_rows(present: np.ndarray, nz: int, superior_is_high_z: bool) -> np.ndarray:
+    """(3, z) bool: slice z is in lung v's upper half (above / below the middle of its extent)."""
     zi = np.arange(nz)
     up = np.zeros((3, nz), bool)
     for v in (LEFT, RIGHT):
@@ -407,8 +387,68 @@ def _zone_histogram(lb: np.ndarray, present: np.ndarray, label_map: np.ndarray, 
         if zs.size:
             mid = 0.5 * (zs[0] + zs[-1])
             up[v] = zi > mid if superior_is_high_z else zi < mid
+    return up
+
+
+def _rules_rows(h: np.ndarray, lb: np.ndarray, t: "_HuThresholds",
+                kernels: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> Tuple[np.ndarray, ...]:
+    """Rules 1-3 on rows of the tall image (slices with their empty rows; every rule is per slice).
+    Returns (analysed, airway, vessels, consolidation, ground glass, 0/1/2 label map) over the same rows."""
+    import cv2
+
+    k_air, k_disk, k3 = kernels
+    # (in-place NumPy steps into one scratch mask: every fresh array costs page faults)
+    lung = lb > 0
+    tmp = np.less(h, t.air)
+    tmp &= lung                                                # 1. air inside the lung ...
+    airway = cv2.morphologyEx(tmp.view(np.uint8), cv2.MORPH_OPEN, k_air).view(bool)   # ... at least airway_width wide
+    analysed = np.greater(lung, airway, out=lung)              # lung & ~airway (bool a > b)
+    dense = np.greater(h, t.dense, out=tmp)                    # 2. dense: the vessel-width opening keeps
+    dense &= analysed                                          #    consolidation, the rest is vessels
+    opened = cv2.morphologyEx(dense.view(np.uint8), cv2.MORPH_OPEN, k_disk).view(bool)
+    consolidation = np.less_equal(h, t.consolidation_max)
+    consolidation &= opened
+    vessels = np.greater(dense, opened, out=opened)            # dense & ~opened
+    # 3. ground glass, minus a one-pixel rim around vessels and airways, minus single pixels
+    rim = cv2.dilate(np.bitwise_or(vessels, airway, out=tmp).view(np.uint8), k3).view(bool)
+    ggo = np.greater_equal(h, t.ggo_lo, out=tmp)
+    ggo &= analysed
+    np.greater(ggo, rim, out=ggo)                              # & ~rim
+    ggo &= np.less_equal(h, t.dense, out=rim)                  # analysed & ~dense
+    ggo = cv2.morphologyEx(ggo.view(np.uint8), cv2.MORPH_OPEN, k3).view(bool)
+    label_map = consolidation.view(np.uint8) * np.uint8(CONSOLIDATION)   # disjoint: ggo is not dense
+    label_map |= ggo.view(np.uint8)
+    return analysed, airway, vessels, consolidation, ggo, label_map
+
+
+@dataclass
+class _Slab:
+    """What :func:`measure_opacity` keeps of one run of slices."""
+
+    n_lung: np.ndarray
+    n_ggo: np.ndarray
+    n_cons: np.ndarray
+    vessels: int
+    airways: int
+    hist: np.ndarray
+    consolidation: np.ndarray
+    label_map: np.ndarray
+
+
+def _zone_rows(lb_rows: np.ndarray, lead: int, up: np.ndarray, label_map: np.ndarray, analysed: np.ndarray) -> np.ndarray:
+    """(side, upper, peripheral, label) = (3, 2, 2, 3) voxel counts of the analysed lung in a run of
+    slices (zones in the module docstring): ``lb_rows`` are their tall-image rows after ``lead``
+    rows of the previous slice's empty rows; ``up``, ``label_map``, ``analysed`` are the slices'.
+
+    *Upper* depends only on (lung, slice), so it is applied per run of slices (at most 3) instead of
+    per voxel; *peripheral* compares the 2D depth with that (lung, slice)'s threshold on a signed
+    depth map (right lung negated), so both lungs' per-slice maxima come from one max and one min."""
+    import cv2
+
+    nz, rows, cols = analysed.shape
+    lb = lb_rows[lead:].reshape(nz, rows, cols)
     # depth = 2D distance to the lung boundary; peripheral = outer third of that slice's deepest point
-    d = _tall(lambda im: cv2.distanceTransform(im, cv2.DIST_L2, 3), (lb > 0).view(np.uint8))
+    d = cv2.distanceTransform((lb_rows > 0).view(np.uint8), cv2.DIST_L2, 3)[lead:].reshape(nz, rows, cols)
     scratch = np.equal(lb, RIGHT)
     np.negative(d, out=d, where=scratch)
     thr_left = d.max(axis=(1, 2)) / 3.0            # float32, as the per-lung maxima of the depth
@@ -425,6 +465,19 @@ def _zone_histogram(lb: np.ndarray, present: np.ndarray, label_map: np.ndarray, 
         for v in (LEFT, RIGHT):
             hist[v, int(up[v, a])] += counts[v]
     return hist
+
+
+def _map_slabs(fn: Any, nz: int, workers: int) -> List[Any]:
+    """``fn(a, b)`` over ``workers`` runs of slices covering [0, nz), on the ``opacity`` thread pool
+    (OpenCV and NumPy release the GIL); one call on [0, nz) when ``workers`` is 1."""
+    n = max(1, min(int(workers), nz))
+    if n == 1:
+        return [fn(0, nz)]
+    from .pools import shared_pool
+
+    edges = np.linspace(0, nz, n + 1).round().astype(int)
+    pool = shared_pool("opacity", OPACITY_WORKERS_MAX)
+    return [f.result() for f in [pool.submit(fn, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]]
 
 
 def _joint_counts(images: Tuple[np.ndarray, ...], bins: Tuple[int, ...], mask: np.ndarray) -> np.ndarray:

@@ -404,16 +404,17 @@ class Triage:
         return out, (time.perf_counter() - t0) * 1000.0
 
     @staticmethod
-    def _opacity(volume: Any, seg: Any, warnings: List[str]) -> Any:
-        """HU lung-opacity measurement (:func:`sdk.opacity.measure_opacity`); None with a warning
-        when it cannot be measured (the CNN decision stands alone then)."""
+    def _opacity(volume: Any, seg: Any, warnings: List[str], workers: int = 1) -> Any:
+        """HU lung-opacity measurement (:func:`sdk.opacity.measure_opacity`, its slices split over
+        ``workers`` threads); None with a warning when it cannot be measured (the CNN decision
+        stands alone then)."""
         from .errors import ConfigError as _ConfigError
         from .opacity import measure_opacity
 
         labels = seg.labels if getattr(seg, "labels", None) is not None else seg.mask
         superior_up = float(np.asarray(volume.direction, dtype=np.float64)[2, 2]) >= 0.0
         try:
-            return measure_opacity(volume.hu, labels, volume.spacing, superior_is_high_z=superior_up)
+            return measure_opacity(volume.hu, labels, volume.spacing, superior_is_high_z=superior_up, workers=workers)
         except _ConfigError as exc:
             warnings.append(f"opacity: not measured ({exc})")
             return None

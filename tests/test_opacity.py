@@ -300,3 +300,21 @@ def test_a_lazy_cube_label_source_measures_the_same_as_the_full_labels():
         np.testing.assert_array_equal(a.slice_ggo_fraction, b.slice_ggo_fraction)
     with pytest.raises(ConfigError, match="same 3-D shape"):
         measure_opacity(hu[:-1], CubeLabels(cube, g), spacing)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 7])
+def test_slices_split_over_threads_measure_the_same(phantom, workers):
+    """measure_opacity(workers=k) splits the slices into k runs (each OpenCV call starting at the
+    previous slice's empty rows): every number, the label map and the per-slice arrays equal the
+    one-run measurement, for split lungs, for a binary mask (split at the x centroid) and for lungs
+    whose every slice reaches the first row of the box (where an OpenCV call starting at a slice
+    instead of at the empty rows before it would see the image border)."""
+    prism = np.repeat(phantom["lab"][20:21], phantom["lab"].shape[0], axis=0)   # every slice reaches the box's top row
+    for lab in (phantom["lab"], phantom["lab"] > 0, prism):
+        one = measure_opacity(phantom["hu"], lab, phantom["spacing"], config=NO_TRIM)
+        many = measure_opacity(phantom["hu"], lab, phantom["spacing"], config=NO_TRIM, workers=workers)
+        assert one.consolidation_fraction > 0 and one.ggo_fraction > 0 and one.removed["vessels_ml"] > 0
+        assert json.dumps(one.to_dict(), sort_keys=True) == json.dumps(many.to_dict(), sort_keys=True)
+        np.testing.assert_array_equal(one.label_map, many.label_map)
+        for key in ("slice_ggo_fraction", "slice_consolidation_fraction", "slice_lung_voxels"):
+            np.testing.assert_array_equal(getattr(one, key), getattr(many, key))
