@@ -40,6 +40,7 @@ import numpy as np
 
 from .errors import BundleError, ConfigError
 from .kernel_ops import KernelSet, Transfers, open_kernel_set
+from .pools import usable_cores
 
 log = logging.getLogger("sdk.device_path")
 
@@ -50,7 +51,7 @@ POOLING = ("auto", "kernel", "graph")
 CUBE = 128
 #: threads the host HU opacity splits its slices over here: on a GPU machine the device does the
 #: classification meanwhile, so the host cores are free (all but one, at most 8; 1 on a 2-core box)
-OPACITY_WORKERS = max(1, min(8, (os.cpu_count() or 1) - 1))
+OPACITY_WORKERS = max(1, min(8, usable_cores() - 1))
 _SET_LABEL = {"numpy": "numpy", "cpu-harness": "cpu-harness", "cuda": "cuda-kernel"}
 
 __all__ = ["KernelPath", "PATH_KERNELS", "LUNGS", "POOLING", "Unet3dSpec"]

@@ -9,11 +9,12 @@ pipeline overlaps work on).
 opacity, both Triage paths); ``slices``: the per-slice lung steps (down- and up-sampling, the
 left/right split, the native mask and its counts); ``lungs``: the closing of one lung while the caller closes the other
 (:mod:`sdk.lungs.classical`); ``lanes``: batches run side by side (``Session.infer_batched`` with
-lanes > 1). A job never waits on a job of its own pool, so a pool cannot deadlock itself. The
+lanes > 1); ``opacity``: runs of slices of the HU opacity (``measure_opacity(workers=k)``). A job never waits on a job of its own pool, so a pool cannot deadlock itself. The
 threads are idle between calls and end with the process.
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict
@@ -32,3 +33,12 @@ def shared_pool(name: str, workers: int = WORKERS) -> ThreadPoolExecutor:
         if pool is None:
             pool = _POOLS[name] = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix=f"ctsdk-{name}")
         return pool
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container or ``taskset`` can allow fewer
+    than ``os.cpu_count()``); ``os.cpu_count()`` where affinity is not available."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)

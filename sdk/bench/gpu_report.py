@@ -34,7 +34,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from ..pools import usable_cores
 from .stats import summarize
 
 SCHEMA = "ctsdk.gpu_report/1"
@@ -132,7 +132,7 @@ def section_environment() -> Dict[str, Any]:
     from ..runtime.gpu import gpu_info
 
     env: Dict[str, Any] = {"status": "ok", "python": platform.python_version(), "platform": platform.platform(),
-                           "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+                           "cpu_cores": usable_cores()}
     g = gpu_info()
     env["gpu"] = g.to_dict() if g else None
     try:
@@ -377,7 +377,7 @@ def _pycuda_primary_pushed() -> Iterator[None]:
 
 def _ort_configs(provider: str) -> List[Dict[str, Any]]:
     """The matrix: name, how the session is built, and what a call feeds."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     old = {"device_id": True, "threads": cores, "search": None}  # main before this change
     rows: List[Dict[str, Any]] = [
         {"name": "InferenceSession default (providers=[CUDA])", "plain": {"device_id": False, "threads": None, "search": None}},
@@ -479,7 +479,7 @@ def _own_context_child(path: str, rounds: int) -> Dict[str, Any]:
     drv.init()
     ctx = drv.Device(0).make_context()  # pushed: current on this thread
     try:
-        cores = len(os.sched_getaffinity(0))
+        cores = usable_cores()
         cfg = {"plain": {"device_id": True, "threads": cores, "search": None}}
         return _measure_config(cfg, path, "CUDAExecutionProvider", rounds)
     except Exception as exc:  # noqa: BLE001

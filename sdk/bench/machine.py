@@ -13,6 +13,8 @@ import sys
 from importlib import metadata
 from typing import Any, Dict, List, Optional
 
+from ..pools import usable_cores  # noqa: F401 - part of this module's API (machine_info, bench)
+
 # distributions whose versions matter for the numbers (pip names)
 LIBRARIES = (
     "ctsdk", "numpy", "scipy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "python-gdcm",
@@ -47,12 +49,6 @@ def cpu_flags() -> List[str]:
     return []
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (affinity), which can be fewer than os.cpu_count()."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def gpus() -> List[Dict[str, Any]]:

@@ -45,10 +45,9 @@ def default_workers(mode: str = "auto") -> int:
     (reading the plane's bytes, finding its frame) around the codec call that releases it; a
     worker more than the cores keeps the codec running on every core through those moments
     (covid-P001 on 2 cores: decode 166 -> 149 ms with 3 threads, median of 11; same HU bit for bit)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
+    from ..pools import usable_cores
+
+    cores = usable_cores()
     if cores <= 1:
         return 1
     return min(DEFAULT_WORKERS, cores if mode == "processes" else cores + 1)

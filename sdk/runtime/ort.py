@@ -86,10 +86,9 @@ def default_threads() -> int:
     env = os.environ.get("CTSDK_THREADS")
     if env:
         return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    from ..pools import usable_cores
+
+    return usable_cores()
 
 
 def session_threads(device: str, threads: Optional[int] = None) -> int:
