@@ -46,7 +46,7 @@ log = logging.getLogger("sdk.device_path")
 
 #: Triage(kernels=...) values that take the kernel path, and the kernel set each uses
 PATH_KERNELS = {"cpu-harness": "cpu-harness", "reference": "numpy", "cuda": "cuda", "gpu": "cuda"}
-LUNGS = ("auto", "unet3d", "hybrid")
+LUNGS = ("auto", "unet3d", "hybrid", "hybrid3d")
 POOLING = ("auto", "kernel", "graph")
 CUBE = 128
 #: threads the host HU opacity splits its slices over here: on a GPU machine the device does the
@@ -199,7 +199,7 @@ class KernelPath:
         "classical" for the host segmenter."""
         method = triage.lung_method
         if lungs == "auto" and method != "auto":
-            lungs = "unet3d" if method == "unet3d" else "hybrid"
+            lungs = method if method in ("unet3d", "hybrid3d") else "hybrid"
         elif lungs == "auto" and not self.ops.on_device:
             lungs = "hybrid"  # the CPU keeps the hybrid (issue 13); lung_method="unet3d" to change
         # FP32 3D U-Net by default, also on the GPU: on covid-P001 the FP16 cube mask moved edge voxels
@@ -207,9 +207,9 @@ class KernelPath:
         # sensitive to the mask it pools with. $CTSDK_LUNGS3D_PRECISION=fp16 picks the FP16 file.
         self.unet3d = Unet3dSpec.from_bundle(triage.bundle, os.environ.get("CTSDK_LUNGS3D_PRECISION", "fp32"))
         self._lungs3d = None
-        if lungs == "unet3d" and self.unet3d is None:
-            raise BundleError(f"{triage.bundle.root}: lungs='unet3d' but the bundle has no lungs3d_*.onnx")
-        if self.unet3d is not None and lungs in ("auto", "unet3d"):
+        if lungs in ("unet3d", "hybrid3d") and self.unet3d is None:
+            raise BundleError(f"{triage.bundle.root}: lungs={lungs!r} but the bundle has no lungs3d_*.onnx")
+        if self.unet3d is not None and lungs in ("auto", "unet3d", "hybrid3d"):
             self._lungs3d = self._session(self.unet3d.path, self.unet3d.precision)
             spec = self._lungs3d.inputs[0]
             self._lungs3d_in = (spec.name, spec.dtype)
@@ -217,7 +217,7 @@ class KernelPath:
             probs = [o for o in outs if "prob" in o.lower()]
             self._lungs3d_out = probs[0] if probs else outs[0]
             self._lungs3d_logits = not probs and "logit" in outs[0].lower()
-            self.lungs = "unet3d"
+            self.lungs = "hybrid3d" if lungs == "hybrid3d" else "unet3d"
         else:
             if self.unet3d is None:
                 self.reasons.append("no 3D lung U-Net (lungs3d_*.onnx) in the bundle: hybrid 2D/classical lungs on the CPU")
@@ -229,6 +229,8 @@ class KernelPath:
         clf_prec = self.precision
         if self.lungs == "unet3d":
             resample, lungs = k, f"unet3d-ort-{dev}-{self.unet3d.precision}"
+        elif self.lungs == "hybrid3d":  # the cube on the set, the hybrid's classical steps on the host
+            resample, lungs = k, f"hybrid-unet3d-ort-{dev}-{self.unet3d.precision}+classical-cpu"
         else:
             from .lungs.int8 import stage_name
 
@@ -330,9 +332,24 @@ class KernelPath:
     # --- stages ----------------------------------------------------------------------------------
     def _lungs_unet3d(self, volume: Any, d_hu: Any, io: Transfers, timer: Any) -> Tuple[Any, Tuple[Any, Any]]:
         """(mask at the volume grid (uint8, kernel-set array), (cube mask, cube geometry))."""
-        from .lungs.unet3d import cube_geometry, cube_to_volume
+        from .lungs.unet3d import cube_to_volume
 
         xp, spec = self.ops.xp, self.unet3d
+        prob, thr, geom = self._unet3d_cube(volume, d_hu, io, timer)
+        with self._stage(timer, "lungs"):
+            m128 = (prob > thr).astype(xp.uint8)
+            if self.ops.on_device:  # cube_to_volume uploads its z taps and in-plane interpolation matrices
+                nz, ny, nx = (int(v) for v in volume.hu.shape)
+                io.record("h2d", "cube -> volume taps and interpolation matrices (unet3d.cube_to_volume)",
+                          nz * (8 + 8 + 4) + (ny + nx) * spec.size * 4)
+            mask = cube_to_volume(prob, geom, thr)
+            return mask.view(xp.uint8), (m128, geom)
+
+    def _unet3d_cube(self, volume: Any, d_hu: Any, io: Transfers, timer: Any) -> Tuple[Any, float, Any]:
+        """The 3D U-Net on the kernel set: (probability cube, its threshold, cube geometry)."""
+        from .lungs.unet3d import cube_geometry
+
+        spec = self.unet3d
         st = getattr(volume.meta, "slice_thickness_mm", None)
         name, dtype = self._lungs3d_in
         with self._stage(timer, "resample"):
@@ -344,17 +361,12 @@ class KernelPath:
             out = self._run(self._lungs3d, name, cube.reshape((1, 1) + tuple(cube.shape)), [self._lungs3d_out], io)
             prob = out[self._lungs3d_out].reshape(cube.shape)
             thr = 0.0 if self._lungs3d_logits else spec.threshold
-            geom = cube_geometry(volume.hu.shape, volume.z_mm, volume.pixel_spacing_mm, st, spec.size)
-            m128 = (prob > thr).astype(xp.uint8)
-            if self.ops.on_device:  # cube_to_volume uploads its z taps and in-plane interpolation matrices
-                nz, ny, nx = (int(v) for v in volume.hu.shape)
-                io.record("h2d", "cube -> volume taps and interpolation matrices (unet3d.cube_to_volume)",
-                          nz * (8 + 8 + 4) + (ny + nx) * spec.size * 4)
-            mask = cube_to_volume(prob, geom, thr)
-            return mask.view(xp.uint8), (m128, geom)
+            return prob, thr, cube_geometry(volume.hu.shape, volume.z_mm, volume.pixel_spacing_mm, st, spec.size)
 
-    def _lungs_hybrid(self, triage: Any, volume: Any, io: Transfers, timer: Any, warnings: List[str]) -> Tuple[Any, Any]:
-        """(mask at the volume grid (uint8, kernel-set array), the host LungSegmentation)."""
+    def _lungs_hybrid(self, triage: Any, volume: Any, io: Transfers, timer: Any, warnings: List[str],
+                      learned_cube: Any = None) -> Tuple[Any, Any]:
+        """(mask at the volume grid (uint8, kernel-set array), the host LungSegmentation);
+        ``learned_cube``: the 3D U-Net's cube (host CubeLabels) as the hybrid's learned part."""
         from . import lungs
 
         downsample = None
@@ -366,9 +378,11 @@ class KernelPath:
                 return self.ops.resample(hu, z_index, (nz, int(hw[0]), int(hw[1])), mode="area", io=io)
 
             downsample = area
-        method = triage.lung_method if triage.lung_method != "unet3d" else "auto"
+        method = triage.lung_method if triage.lung_method not in ("unet3d", "hybrid3d") else "auto"
         kwargs: Dict[str, Any] = {"method": method, "downsample": downsample}
-        if triage._lungs is not None:
+        if learned_cube is not None:
+            kwargs.update(method="hybrid", learned_cube=learned_cube)
+        elif triage._lungs is not None:
             kwargs["session"] = triage._lungs
         with self._stage(timer, "lungs"):
             seg = lungs.segment(volume, **kwargs)
@@ -425,7 +439,14 @@ class KernelPath:
             cube_mask = self.ops.download(m128, io, "3D U-Net cube mask (HU opacity on the host)")
             seg_for_opacity: Any = None
         else:
-            d_mask, seg_for_opacity = self._lungs_hybrid(triage, volume, io, timer, warnings)
+            learned = None
+            if self.lungs == "hybrid3d":  # the cube comes back (2 MB); the classical steps run on the host
+                from .lungs.unet3d import CubeLabels
+
+                prob, thr, geom = self._unet3d_cube(volume, d_hu, io, timer)
+                learned = CubeLabels(self.ops.download((prob > thr).astype(xp.uint8), io,
+                                                       "3D U-Net cube mask (the hybrid's learned part, host)"), geom)
+            d_mask, seg_for_opacity = self._lungs_hybrid(triage, volume, io, timer, warnings, learned)
         with self._stage(timer, "slice_selection"):
             nz = int(d_mask.shape[0])
             px = self.ops.download(d_mask.reshape(nz, -1).sum(axis=1, dtype=xp.int64), io, "lung pixels per slice")

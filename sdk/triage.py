@@ -56,7 +56,7 @@ CLASSIFIER_BATCH = 16
 CLASSIFIER_BATCH_CPU = 4
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
-LUNG_METHODS = ("auto", "unet2d", "classical", "hybrid", "unet3d")
+LUNG_METHODS = ("auto", "unet2d", "classical", "hybrid", "unet3d", "hybrid3d")
 LUNGS_PRECISIONS = ("auto", "fp32", "int8")
 #: who builds the classifier's input batch (window + resize + mask channels):
 #: "numpy" (OpenCV/NumPy on the CPU), "gpu" (ctsdk's CUDA kernel via pycuda or CuPy),
@@ -200,7 +200,7 @@ class Triage:
             is installed and usable; ``TriageResult.runtime`` reports what ran).
         precision: "auto" | "fp32" | "fp16" | "int8" (auto: INT8 on CPU when the bundle's
             calibration passed and INT8 measured faster, FP16 on a GPU).
-        lung_method: "auto" | "unet2d" | "classical" (see :func:`sdk.lungs.segment`).
+        lung_method: "auto" | "unet2d" | "classical" | "hybrid" | "unet3d" | "hybrid3d" (see :func:`sdk.lungs.segment`).
         lungs_precision: the 2D lung U-Net's precision, "auto" | "fp32" | "int8". auto: INT8
             (``lungs_int8.onnx``) when the classifier runs INT8 on the CPU and the bundle's
             ``lungs_int8`` Dice gate passed, else FP32 (:mod:`sdk.lungs.int8`). Reported as
@@ -369,7 +369,7 @@ class Triage:
         from . import lungs
 
         kwargs: Dict[str, Any] = {"method": self.lung_method, "preprocessing": self.preprocessing}
-        if self._lungs is not None and self.lung_method != "unet3d":  # the 2D U-Net's session
+        if self._lungs is not None and self.lung_method not in ("unet3d", "hybrid3d"):  # the 2D U-Net's session
             kwargs["session"] = self._lungs
         return lungs.segment(volume, **kwargs)
 

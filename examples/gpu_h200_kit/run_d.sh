@@ -12,6 +12,6 @@ echo "=== pytest (GPU machine, whole suite, -n 12)"
 timeout ${PYTEST_S:-210} python3 -m pytest -q -n 12 -p no:cacheprovider -rfEs --junitxml=$R/junit.xml > $R/pytest.log 2>&1; echo "pytest rc $?"
 grep -E "passed|failed" $R/pytest.log | tail -2; grep -E "^(FAILED|ERROR)" $R/pytest.log | cut -c1-300 | head -30
 echo "=== GPU report"
-timeout ${REPORT_S:-250} python3 -m sdk.bench.gpu_report --out $R/report --series $P001 --rounds ${ROUNDS:-5} --backends cupy --lungs auto,hybrid > $R/report.log 2>&1; echo "report rc $?"; tail -25 $R/report.log
+timeout ${REPORT_S:-250} python3 -m sdk.bench.gpu_report --out $R/report --series $P001 --rounds ${ROUNDS:-5} --backends cupy --lungs auto,hybrid,hybrid3d > $R/report.log 2>&1; echo "report rc $?"; tail -25 $R/report.log
 tar -C $R -czf $OUT/results.tar.gz .
 ls -la $OUT

@@ -899,7 +899,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--bundle", default=None, help="model bundle folder (default: the packaged bundle)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--backends", default=None, help="comma-separated kernel backends to measure in-process (cupy,pycuda; default: every installed one)")
-    p.add_argument("--lungs", default="auto", help="comma-separated lung methods for the Triage section (auto,hybrid,unet3d): one section each")
+    p.add_argument("--lungs", default="auto", help="comma-separated lung methods for the Triage section (auto,hybrid,unet3d,hybrid3d): one section each")
     p.add_argument("--smoke-cpu", action="store_true", help="run the ORT/Triage code paths on the CPU (checks this script; numbers mean nothing)")
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]

@@ -40,7 +40,7 @@ __all__ = [
     "RIGHT",
 ]
 
-METHODS = ("auto", "classical", "unet2d", "hybrid", "unet3d")
+METHODS = ("auto", "classical", "unet2d", "hybrid", "unet3d", "hybrid3d")
 #: method used by ``method="auto"`` (chosen by Dice on diseased lungs, docs/segmentation.md)
 DEFAULT_METHOD = "hybrid"
 
@@ -237,9 +237,26 @@ def _dilate_in_plane(mask: np.ndarray, reach: int) -> np.ndarray:
     return stacked_2d(m8, kernel, erode=False) > 0
 
 
+def _cube_on_grid(learned_cube: Any, grid: Any, zr: Tuple[int, int], timings: Dict[str, float]) -> Tuple[np.ndarray, int]:
+    """A 3D U-Net's 0/1 cube (:class:`sdk.lungs.unet3d.CubeLabels`) at the working grid: nearest
+    cube cell of every working-grid voxel of slices ``zr`` (the in-plane pixel centres of the
+    working grid, the slices' own z), in place of the 2D U-Net's mask."""
+    from dataclasses import replace
+
+    from .unet3d import labels_to_volume
+
+    t0 = time.perf_counter()
+    g = replace(learned_cube.geometry, volume_shape=(grid.native[0], grid.h, grid.w),
+                pixel_spacing_mm=(float(grid.spacing[1]), float(grid.spacing[2])))
+    out = np.zeros((grid.native[0], grid.h, grid.w), bool)
+    out[zr[0]:zr[1] + 1] = labels_to_volume(learned_cube.cube, g)[zr[0]:zr[1] + 1] > 0
+    timings["net_ms"] = (time.perf_counter() - t0) * 1e3
+    return out, 0
+
+
 def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bool, timings: Dict[str, float],
                      net_z_step_mm: Optional[float] = None, pre: Optional[Preprocessing] = None,
-                     downsample: Any = None) -> Tuple[np.ndarray, Dict[str, float]]:
+                     downsample: Any = None, learned_cube: Any = None) -> Tuple[np.ndarray, Dict[str, float]]:
     """``unet2d``: U-Net on the body z range, then the classical finishing steps (two largest
     components, left / right, closing, hole filling, up-sampling). ``hybrid``: the union of the
     U-Net mask and the classical candidates (dark lung the net misses, e.g. emphysema, plus dense
@@ -260,7 +277,10 @@ def _segment_learned(volume: Any, session: Any, cfg: ClassicalConfig, hybrid: bo
         timings["z_range_ms"] = (time.perf_counter() - t0) * 1e3
     if zr is None:
         return np.zeros(hu.shape, np.uint8), {"net_slices": 0.0, "n_components": 0.0}
-    learned, n_run = _learned_small(volume, zr, session, grid, timings, net_z_step_mm, pre)
+    if learned_cube is not None:  # the learned part from a 3D U-Net's cube (e.g. computed on a GPU)
+        learned, n_run = _cube_on_grid(learned_cube, grid, zr, timings)
+    else:
+        learned, n_run = _learned_small(volume, zr, session, grid, timings, net_z_step_mm, pre)
     if hybrid:
         t0 = time.perf_counter()
         reach = max(1, int(round(HYBRID_REACH_MM / grid.spacing[1])))
@@ -281,6 +301,7 @@ def segment(
     downsample: Any = None,
     net_z_step_mm: Optional[float] = None,
     preprocessing: Optional[Preprocessing] = None,
+    learned_cube: Any = None,
 ) -> LungSegmentation:
     """Segment both lungs of a CT volume.
 
@@ -288,7 +309,9 @@ def segment(
         volume: :class:`sdk.volume.Volume` (HU (z, y, x), ``z_mm``, ``pixel_spacing_mm``).
         method: ``"auto"`` (the measured default, :data:`DEFAULT_METHOD`; falls back to the
             classical method with a warning when the ONNX model or onnxruntime is missing),
-            ``"classical"`` or ``"unet2d"``.
+            ``"classical"``, ``"unet2d"``, ``"hybrid"``, ``"unet3d"`` (the 3D U-Net alone) or
+            ``"hybrid3d"`` (the hybrid with the 3D U-Net's cube as its learned part: the mask the
+            classifier agrees with, docs/benchmarks/gpu.md; ``session``/``onnx_path`` = lungs3d).
         session: a ctsdk Session (:class:`sdk.runtime.ort.OrtSession`) for the 2D U-Net (reused
             across calls); otherwise one is opened from ``onnx_path`` (default
             ``sdk/bundles/default/lungs_fp32.onnx``) and cached.
@@ -300,6 +323,10 @@ def segment(
             :data:`NET_Z_STEP_MM`); the slices in between get z-interpolated logits.
         preprocessing: the U-Net's input window and size (a bundle's
             :attr:`sdk.bundle.Bundle.preprocessing`; default: the default bundle's values).
+        learned_cube: ``method="hybrid"`` only: a 3D U-Net's 0/1 cube as
+            :class:`sdk.lungs.unet3d.CubeLabels` (cube + geometry; e.g. the GPU path's) is the
+            learned part instead of the 2D U-Net, sampled at the working grid; the classical
+            candidates and finishing steps are the hybrid's (no 2D U-Net session is needed).
 
     Returns:
         :class:`LungSegmentation` at the native grid.
@@ -317,12 +344,21 @@ def segment(
         from .unet3d import segment_unet3d
 
         return segment_unet3d(volume, session, onnx_path=onnx_path)
+    label = method
+    if method == "hybrid3d":  # the hybrid with the 3D U-Net's cube as its learned part (session: lungs3d_*.onnx)
+        if learned_cube is None:
+            from .unet3d import cube_mask
+
+            learned_cube = cube_mask(volume, session, onnx_path=onnx_path)
+        method, session = "hybrid", None
     warns = []
     t0 = time.perf_counter()
     timings: Dict[str, float] = {}
     chosen = DEFAULT_METHOD if method == "auto" else method
+    if learned_cube is not None and chosen != "hybrid":
+        raise ConfigError(f"learned_cube is the learned part of the hybrid segmenter; method {method!r} does not take it")
     sess = None
-    if chosen in ("unet2d", "hybrid"):
+    if chosen in ("unet2d", "hybrid") and learned_cube is None:
         try:
             sess = _session_for(session, onnx_path)
         except (BundleError, MissingDependencyError, ImportError) as exc:
@@ -333,7 +369,7 @@ def segment(
     cfg = config or ClassicalConfig()
     if chosen in ("unet2d", "hybrid"):
         labels, info = _segment_learned(volume, sess, cfg, chosen == "hybrid", timings, net_z_step_mm, preprocessing,
-                                        downsample=downsample)
+                                        downsample=downsample, learned_cube=learned_cube)
     else:
         labels, info = segment_classical_hu(hu, volume.spacing, cfg, timings, downsample)
     mask, left, right = _mask_and_counts(labels)
@@ -350,7 +386,7 @@ def segment(
         lung_volume_ml=_volume_ml(left + right, volume.z_mm, ps, fallback_dz),
         left_volume_ml=_volume_ml(left, volume.z_mm, ps, fallback_dz),
         right_volume_ml=_volume_ml(right, volume.z_mm, ps, fallback_dz),
-        method=chosen,
+        method="hybrid3d" if label == "hybrid3d" else chosen,
         timings_ms=timings,
         z_range=(int(zs[0]), int(zs[-1])) if zs.size else None,
         warnings=tuple(warns),

@@ -63,6 +63,7 @@ __all__ = [
     "interp_matrix",
     "labels_to_volume",
     "CubeLabels",
+    "cube_mask",
     "open_session",
     "segment_unet3d",
 ]
@@ -357,6 +358,19 @@ _SESSIONS: Dict[str, Any] = {}
 def _per_slice(mask: np.ndarray) -> np.ndarray:
     """Voxels per slice of a (z, y, x) mask (what ``sdk.lungs._volume_ml`` takes)."""
     return np.count_nonzero(np.asarray(mask).reshape(mask.shape[0], -1), axis=1)
+
+
+def cube_mask(volume: Any, session: SessionLike = None, *, onnx_path: Optional[Union[str, os.PathLike]] = None,
+              threshold: float = THRESHOLD) -> CubeLabels:
+    """The 3D U-Net's thresholded 0/1 cube on the CPU, with its geometry - the learned part of
+    ``sdk.lungs.segment(method="hybrid3d")`` (what the GPU path computes on the device)."""
+    if session is None:
+        key = str(Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX)
+        if key not in _SESSIONS:
+            _SESSIONS[key] = open_session(key)
+        session = _SESSIONS[key]
+    prob = np.asarray(predict_cube(prepare_cube(volume), session), np.float32)[0, 0]
+    return CubeLabels((prob > threshold).astype(np.uint8), _volume_geometry(volume))
 
 
 def segment_unet3d(
