@@ -287,7 +287,7 @@ class Triage:
             CLASSIFIER_BATCH_CPU if on_cpu else CLASSIFIER_BATCH)
         self.lungs_precision: Optional[str] = None  # the 2D U-Net's precision (None: no 2D U-Net session)
         self._lungs = None
-        if lung_method != "classical":
+        if lung_method not in ("classical", "hybrid3d"):  # hybrid3d: the 3D U-Net is the learned part
             lpath, lprec = _choose_lungs(self.bundle, lungs_precision, self.runtime, self.runtime_reasons)
             self._lungs = _open_lungs(lpath, threads, lprec, self.lanes)
             self.lungs_precision = lprec if self._lungs is not None else None

@@ -250,7 +250,7 @@ def _cube_on_grid(learned_cube: Any, grid: Any, zr: Tuple[int, int], timings: Di
                 pixel_spacing_mm=(float(grid.spacing[1]), float(grid.spacing[2])))
     out = np.zeros((grid.native[0], grid.h, grid.w), bool)
     out[zr[0]:zr[1] + 1] = labels_to_volume(learned_cube.cube, g)[zr[0]:zr[1] + 1] > 0
-    timings["net_ms"] = (time.perf_counter() - t0) * 1e3
+    timings["learned_cube_ms"] = (time.perf_counter() - t0) * 1e3   # sampling only: the net ran elsewhere
     return out, 0
 
 
@@ -344,7 +344,7 @@ def segment(
         from .unet3d import segment_unet3d
 
         return segment_unet3d(volume, session, onnx_path=onnx_path)
-    label = method
+    asked = method
     if method == "hybrid3d":  # the hybrid with the 3D U-Net's cube as its learned part (session: lungs3d_*.onnx)
         if learned_cube is None:
             from .unet3d import cube_mask
@@ -386,7 +386,7 @@ def segment(
         lung_volume_ml=_volume_ml(left + right, volume.z_mm, ps, fallback_dz),
         left_volume_ml=_volume_ml(left, volume.z_mm, ps, fallback_dz),
         right_volume_ml=_volume_ml(right, volume.z_mm, ps, fallback_dz),
-        method="hybrid3d" if label == "hybrid3d" else chosen,
+        method="hybrid3d" if asked == "hybrid3d" else chosen,
         timings_ms=timings,
         z_range=(int(zs[0]), int(zs[-1])) if zs.size else None,
         warnings=tuple(warns),
