@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
-
-import numpy as np
+from typing import Any, Dict, List, Mapping, Optional
 
 __all__ = ["DecisionConfig", "Decision", "hu_terms", "decide", "INDETERMINATE"]
 

@@ -84,7 +84,6 @@ def write_z_resampled(source: PathLike, n_slices: int, out_dir: PathLike) -> Lis
 
     Returns the written paths in slice order. See the module docstring for the rule.
     """
-    import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

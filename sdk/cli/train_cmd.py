@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from ..errors import ConfigError, MissingDependencyError
+from ..errors import MissingDependencyError
 from ._common import emit, handle_errors, json_option
 
 # subcommand -> (module, config class, train function, packages needed to train, help)

@@ -14,7 +14,7 @@ Registered builders (see ``sdk.models``): ``effnet_lite0_mgap`` (edge default), 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
