@@ -40,6 +40,7 @@ import numpy as np
 
 from .errors import BundleError, ConfigError
 from .kernel_ops import KernelSet, Transfers, open_kernel_set
+from .opacity import OPACITY_WORKERS_MAX
 from .pools import usable_cores
 
 log = logging.getLogger("sdk.device_path")
@@ -51,7 +52,7 @@ POOLING = ("auto", "kernel", "graph")
 CUBE = 128
 #: threads the host HU opacity splits its slices over here: on a GPU machine the device does the
 #: classification meanwhile, so the host cores are free (all but one, at most 8; 1 on a 2-core box)
-OPACITY_WORKERS = max(1, min(8, usable_cores() - 1))
+OPACITY_WORKERS = max(1, min(OPACITY_WORKERS_MAX, usable_cores() - 1))
 _SET_LABEL = {"numpy": "numpy", "cpu-harness": "cpu-harness", "cuda": "cuda-kernel"}
 
 __all__ = ["KernelPath", "PATH_KERNELS", "LUNGS", "POOLING", "Unet3dSpec"]
@@ -335,9 +336,8 @@ class KernelPath:
         from .lungs.unet3d import cube_to_volume
 
         xp, spec = self.ops.xp, self.unet3d
-        prob, thr, geom = self._unet3d_cube(volume, d_hu, io, timer)
+        prob, thr, m128, geom = self._unet3d_cube(volume, d_hu, io, timer)
         with self._stage(timer, "lungs"):
-            m128 = (prob > thr).astype(xp.uint8)
             if self.ops.on_device:  # cube_to_volume uploads its z taps and in-plane interpolation matrices
                 nz, ny, nx = (int(v) for v in volume.hu.shape)
                 io.record("h2d", "cube -> volume taps and interpolation matrices (unet3d.cube_to_volume)",
@@ -345,8 +345,9 @@ class KernelPath:
             mask = cube_to_volume(prob, geom, thr)
             return mask.view(xp.uint8), (m128, geom)
 
-    def _unet3d_cube(self, volume: Any, d_hu: Any, io: Transfers, timer: Any) -> Tuple[Any, float, Any]:
-        """The 3D U-Net on the kernel set: (probability cube, its threshold, cube geometry)."""
+    def _unet3d_cube(self, volume: Any, d_hu: Any, io: Transfers, timer: Any) -> Tuple[Any, float, Any, Any]:
+        """The 3D U-Net on the kernel set: (probability cube, its threshold, the thresholded uint8
+        cube, cube geometry)."""
         from .lungs.unet3d import cube_geometry
 
         spec = self.unet3d
@@ -361,7 +362,8 @@ class KernelPath:
             out = self._run(self._lungs3d, name, cube.reshape((1, 1) + tuple(cube.shape)), [self._lungs3d_out], io)
             prob = out[self._lungs3d_out].reshape(cube.shape)
             thr = 0.0 if self._lungs3d_logits else spec.threshold
-            return prob, thr, cube_geometry(volume.hu.shape, volume.z_mm, volume.pixel_spacing_mm, st, spec.size)
+            geom = cube_geometry(volume.hu.shape, volume.z_mm, volume.pixel_spacing_mm, st, spec.size)
+            return prob, thr, (prob > thr).astype(self.ops.xp.uint8), geom
 
     def _lungs_hybrid(self, triage: Any, volume: Any, io: Transfers, timer: Any, warnings: List[str],
                       learned_cube: Any = None) -> Tuple[Any, Any]:
@@ -443,9 +445,8 @@ class KernelPath:
             if self.lungs == "hybrid3d":  # the cube comes back (2 MB); the classical steps run on the host
                 from .lungs.unet3d import CubeLabels
 
-                prob, thr, geom = self._unet3d_cube(volume, d_hu, io, timer)
-                learned = CubeLabels(self.ops.download((prob > thr).astype(xp.uint8), io,
-                                                       "3D U-Net cube mask (the hybrid's learned part, host)"), geom)
+                _, _, m128, geom = self._unet3d_cube(volume, d_hu, io, timer)
+                learned = CubeLabels(self.ops.download(m128, io, "3D U-Net cube mask (the hybrid's learned part, host)"), geom)
             d_mask, seg_for_opacity = self._lungs_hybrid(triage, volume, io, timer, warnings, learned)
         with self._stage(timer, "slice_selection"):
             nz = int(d_mask.shape[0])

@@ -355,6 +355,16 @@ def _grow_labels(labels: np.ndarray) -> np.ndarray:
 _SESSIONS: Dict[str, Any] = {}
 
 
+def _session_or_cached(session: SessionLike, onnx_path: Optional[Union[str, os.PathLike]]) -> SessionLike:
+    """``session``, or the process's cached session of ``onnx_path`` (default :data:`DEFAULT_ONNX`)."""
+    if session is not None:
+        return session
+    key = str(Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = open_session(key)
+    return _SESSIONS[key]
+
+
 def _per_slice(mask: np.ndarray) -> np.ndarray:
     """Voxels per slice of a (z, y, x) mask (what ``sdk.lungs._volume_ml`` takes)."""
     return np.count_nonzero(np.asarray(mask).reshape(mask.shape[0], -1), axis=1)
@@ -364,12 +374,7 @@ def cube_mask(volume: Any, session: SessionLike = None, *, onnx_path: Optional[U
               threshold: float = THRESHOLD) -> CubeLabels:
     """The 3D U-Net's thresholded 0/1 cube on the CPU, with its geometry - the learned part of
     ``sdk.lungs.segment(method="hybrid3d")`` (what the GPU path computes on the device)."""
-    if session is None:
-        key = str(Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX)
-        if key not in _SESSIONS:
-            _SESSIONS[key] = open_session(key)
-        session = _SESSIONS[key]
-    prob = np.asarray(predict_cube(prepare_cube(volume), session), np.float32)[0, 0]
+    prob = np.asarray(predict_cube(prepare_cube(volume), _session_or_cached(session, onnx_path)), np.float32)[0, 0]
     return CubeLabels((prob > threshold).astype(np.uint8), _volume_geometry(volume))
 
 
@@ -402,11 +407,7 @@ def segment_unet3d(
     if hu is None or np.ndim(hu) != 3:
         raise ConfigError(f"segment_unet3d() needs an sdk.volume.Volume with a (z, y, x) HU array, "
                           f"got {type(volume).__name__}")
-    if session is None:
-        key = str(Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX)
-        if key not in _SESSIONS:
-            _SESSIONS[key] = open_session(key)
-        session = _SESSIONS[key]
+    session = _session_or_cached(session, onnx_path)
     t0 = time.perf_counter()
     geom = _volume_geometry(volume)
     x = prepare_cube(volume)
