@@ -300,8 +300,8 @@ class Triage:
             from .lungs import DEFAULT_METHOD
 
             method = DEFAULT_METHOD if lung_method == "auto" else lung_method
-            if method != "unet3d":  # host path: what ran at the lungs stage (the kernel path names all stages)
-                self.runtime["stages"] = {"lungs": _lungs_stage_name(method, self.lungs_precision)}
+            # host path: what ran at the lungs stage (the kernel path names all stages)
+            self.runtime["stages"] = {"lungs": _lungs_stage_name(method, self.lungs_precision)}
         self._aggregator = self.bundle.load_aggregator()
         #: the per-slice evidence score of the bundle's manifest (None: the bundle defines none)
         self.slice_score_model = self.bundle.slice_score_model

@@ -224,7 +224,7 @@ def test_hybrid3d_agrees_with_the_cpu_path(series) -> None:
     assert ("d2h", "3D U-Net cube mask (the hybrid's learned part, host)") in whats
     assert whats.count(("h2d", "lung mask (host segmenter)")) == 1
     host = sdk.Triage(device="cpu", precision="fp32", lung_method="hybrid3d")
-    assert host.runtime["stages"]["lungs"] == "hybrid-unet3d-ort-fp32+classical-cpu"
+    assert host.runtime["stages"]["lungs"] == eng.runtime["stages"]["lungs"] == "hybrid-unet3d-ort-cpu-fp32+classical-cpu"
     same = host.run(vol)
     assert same.label == got.label and same.probabilities["covid"] == pytest.approx(got.probabilities["covid"], abs=1e-4)
 

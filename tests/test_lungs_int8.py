@@ -61,6 +61,9 @@ def test_stage_names() -> None:
     assert stage_name("hybrid", "int8") == "hybrid-unet2d-ort-cpu-int8"
     assert stage_name("unet2d", "fp32") == "unet2d-ort-cpu-fp32"
     assert stage_name("classical", None) == "classical-cpu"
+    # the 3D U-Net runs FP32 on the host path; the names match the kernel path's with device "cpu"
+    assert stage_name("unet3d", None) == "unet3d-ort-cpu-fp32"
+    assert stage_name("hybrid3d", None) == "hybrid-unet3d-ort-cpu-fp32+classical-cpu"
 
 
 def test_triage_choice_follows_classifier_runtime() -> None:

@@ -16,7 +16,6 @@ import os
 import time
 import warnings as _warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -131,16 +130,11 @@ def _mask_and_counts(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.nda
     return mask, left, right
 
 
-_SESSIONS: Dict[str, Any] = {}
-
-
 def _session_for(session: Any, onnx_path: Optional[Union[str, os.PathLike]]) -> Any:
-    if session is not None:
-        return session
-    key = str(Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = open_session(key)
-    return _SESSIONS[key]
+    """``session``, or the process's cached 2D U-Net session of ``onnx_path`` (default :data:`DEFAULT_ONNX`)."""
+    from ..runtime.base import session_or_cached
+
+    return session_or_cached(session, onnx_path, DEFAULT_ONNX, open_session, "lungs2d")
 
 
 def _body_z_range(hu: np.ndarray, margin: int = 2) -> Optional[Tuple[int, int]]:

@@ -64,9 +64,13 @@ def choose_lungs_precision(lungs_precision: str, classifier_precision: str, clas
 
 
 def stage_name(method: str, precision: Optional[str]) -> str:
-    """``runtime["stages"]["lungs"]``: "hybrid-unet2d-ort-cpu-int8", "unet2d-ort-cpu-fp32", "classical-cpu"."""
-    if method == "hybrid3d":  # the 3D U-Net (FP32, this process's ORT) + the hybrid's classical steps
-        return "hybrid-unet3d-ort-fp32+classical-cpu"
+    """``runtime["stages"]["lungs"]`` on the host path: "hybrid-unet2d-ort-cpu-int8", "unet2d-ort-cpu-fp32",
+    "classical-cpu", "unet3d-ort-cpu-fp32", "hybrid-unet3d-ort-cpu-fp32+classical-cpu" - the kernel path
+    (:mod:`sdk.device_path`) writes the same names with its own device."""
+    if method == "unet3d":  # the 3D U-Net (FP32 on the host) alone
+        return "unet3d-ort-cpu-fp32"
+    if method == "hybrid3d":  # the 3D U-Net (FP32 on the host) + the hybrid's classical steps
+        return "hybrid-unet3d-ort-cpu-fp32+classical-cpu"
     if precision is None or method == "classical":
         return f"{method}-cpu"
     net = f"unet2d-ort-cpu-{precision}"

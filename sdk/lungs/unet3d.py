@@ -352,17 +352,11 @@ def _grow_labels(labels: np.ndarray) -> np.ndarray:
     return np.where(labels > 0, labels, grown).astype(np.uint8)
 
 
-_SESSIONS: Dict[str, Any] = {}
-
-
 def _session_or_cached(session: SessionLike, onnx_path: Optional[Union[str, os.PathLike]]) -> SessionLike:
-    """``session``, or the process's cached session of ``onnx_path`` (default :data:`DEFAULT_ONNX`)."""
-    if session is not None:
-        return session
-    key = str(Path(onnx_path) if onnx_path is not None else DEFAULT_ONNX)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = open_session(key)
-    return _SESSIONS[key]
+    """``session``, or the process's cached 3D U-Net session of ``onnx_path`` (default :data:`DEFAULT_ONNX`)."""
+    from ..runtime.base import session_or_cached
+
+    return session_or_cached(session, onnx_path, DEFAULT_ONNX, open_session, "lungs3d")
 
 
 def _per_slice(mask: np.ndarray) -> np.ndarray:

@@ -9,10 +9,12 @@ the last call. Backends are registered by name (``get_runtime("ort-cpu")``).
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -228,3 +230,21 @@ class ExternalOrtSession(Session):
     def _infer_impl(self, feed: Mapping[str, np.ndarray], outputs: Optional[Sequence[str]]) -> Dict[str, np.ndarray]:
         names = list(outputs) if outputs else [t.name for t in self.outputs]
         return dict(zip(names, self._sess.run(names, {k: np.ascontiguousarray(v) for k, v in feed.items()})))  # type: ignore[attr-defined]
+
+
+# --- process-wide cache of model sessions opened by path ---------------------------------------------
+_CACHED: Dict[Tuple[str, str], Any] = {}
+_CACHED_LOCK = threading.Lock()
+
+
+def session_or_cached(session: Any, onnx_path: Any, default: Any, opener: Callable[[str], Any], kind: str) -> Any:
+    """``session`` when given; else this process's one session of ``onnx_path`` (``default`` when
+    None), opened once by ``opener(path)`` and kept under ``(kind, path)`` - the free functions of
+    ``sdk.lungs`` (2D U-Net) and ``sdk.lungs.unet3d`` (3D U-Net) share their sessions this way."""
+    if session is not None:
+        return session
+    key = (kind, str(Path(onnx_path) if onnx_path is not None else Path(default)))
+    with _CACHED_LOCK:
+        if key not in _CACHED:
+            _CACHED[key] = opener(key[1])
+        return _CACHED[key]
