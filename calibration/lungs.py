@@ -163,12 +163,12 @@ def quantize_bundle(bundle_dir: Path, data_root: Path, *, n_calib: int = CALIB_N
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m sdk.calibration.lungs``: see the module docstring."""
     from ..bundle import DEFAULT_BUNDLE_DIR
-    from ..train.seg import REPO
+    from ..paths import shared_data_root
 
     ap = argparse.ArgumentParser(prog=COMMAND,
                                  description="INT8 lung U-Net into a bundle, calibrated on seg2d train slices, Dice-gated")
     ap.add_argument("--bundle", default=str(DEFAULT_BUNDLE_DIR), help="bundle folder holding lungs_fp32.onnx (rebuilt in place)")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="shared data root (seg2d/, dicom/cip-ct64, volumes/)")
+    ap.add_argument("--data", default=str(shared_data_root()), help="shared data root (seg2d/, dicom/cip-ct64, volumes/)")
     ap.add_argument("--n-calib", type=int, default=CALIB_N)
     ap.add_argument("--seed", type=int, default=CALIB_SEED)
     ap.add_argument("--threads", type=int, default=2)

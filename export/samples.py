@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -26,12 +25,12 @@ import numpy as np
 
 log = logging.getLogger("sdk.export")
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def shared_data_root() -> Path:
-    """``$CTSDK_SHARED_DATA`` or ``../shared/data`` beside the checkout."""
-    return Path(os.environ.get("CTSDK_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+    """The shared data folder (:func:`sdk.paths.shared_data_root`)."""
+    from ..paths import shared_data_root as root
+
+    return root()
 
 
 def _fill_holes(m: np.ndarray) -> np.ndarray:

@@ -20,6 +20,9 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CTSDK_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+# the tests know where the data is (beside this checkout); say so to the ctsdk under test, which may
+# be an installed copy that cannot find it itself (sdk.paths), and to its subprocesses
+os.environ.setdefault("CTSDK_SHARED_DATA", str(SHARED_DATA))
 #: the folder holding the `sdk` package under test: the checkout for an editable install, the
 #: target folder for `pip install --target DIR .`. Subprocesses run here (cwd comes first on a
 #: `python -c` / `-m` sys.path), so they import the same ctsdk as the tests - never the source tree

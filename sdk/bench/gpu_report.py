@@ -587,10 +587,9 @@ def section_ort(rounds: int, bundle: Optional[str], out_dir: Path, provider: str
 def default_series(tmp: Path) -> Tuple[str, str]:
     """(path, what) of the series to triage: covid-P001 from ../shared/data (or
     ``$CTSDK_SHARED_DATA``) when present, else a phantom written to ``tmp``."""
-    base = os.environ.get("CTSDK_SHARED_DATA")
-    roots = [Path(base)] if base else []
-    roots.append(Path(__file__).resolve().parents[2].parent / "shared" / "data")
-    for root in roots:
+    from ..paths import shared_data_candidates
+
+    for root in shared_data_candidates():
         p = root / "dicom" / "covid-ct-md" / "covid-P001"
         if p.is_dir():
             return str(p), "covid-P001"

@@ -23,6 +23,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from ..paths import shared_data_root
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -128,7 +130,7 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     from .unet2d import DEFAULT_ONNX, open_session
 
     ap = argparse.ArgumentParser(description="Dice report of the lung segmenters")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--data", default=str(shared_data_root()))
     ap.add_argument("--onnx", default=str(DEFAULT_ONNX))
     ap.add_argument("--metrics", default=str(REPO / "runs" / "seg" / "metrics.json"))
     a = ap.parse_args(argv)

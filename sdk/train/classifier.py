@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,9 +50,10 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 def default_data_root() -> Path:
-    """``$CTSDK_SHARED_DATA`` or ``<repo>/../shared/data`` (the layout the tests use)."""
-    env = os.environ.get("CTSDK_SHARED_DATA")
-    return Path(env) if env else (_REPO.parent / "shared" / "data")
+    """``$CTSDK_SHARED_DATA`` or ``<repo>/../shared/data`` (:func:`sdk.paths.shared_data_root`)."""
+    from ..paths import shared_data_root
+
+    return shared_data_root()
 
 
 @dataclass

@@ -28,10 +28,11 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..paths import shared_data_root
 from ..lungs.unet2d import CLAHE_SIZE, INPUT_NAME, NET_SIZE, OUTPUT_NAME, prepare_slice
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "seg2d"
+DEFAULT_DATA = shared_data_root() / "seg2d"
 
 
 @dataclass

@@ -51,9 +51,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..paths import shared_data_root
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_DATA = shared_data_root()
 DEFAULT_KIT = Path("/work/main/.cache/device/unet3d")
 KIT_SCRIPT = Path(__file__).resolve().parent / "seg3d_kit.py"
 TEST_SERIES = "cip-ct64"

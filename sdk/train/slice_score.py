@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..paths import shared_data_root
+
 __all__ = ["ASSUMED_FOV_MM", "image_opacity", "fit_logistic", "extract_features", "fit", "main"]
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -273,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("features")
     f.add_argument("--splits", default=str(_REPO / "docs/data/splits.csv"))
-    f.add_argument("--data-root", default=str(_REPO.parent / "shared/data"))
+    f.add_argument("--data-root", default=str(shared_data_root()))
     f.add_argument("--bundle", default=None)
     f.add_argument("--out", default="runs/slice_score/image_features.csv")
     f.add_argument("--limit", type=int, default=0)
