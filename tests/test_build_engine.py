@@ -222,3 +222,48 @@ def test_cli_bad_batch_exits_2(tmp_path):
     r = subprocess.run([str(CTSDK), "build-engine", "--model", "x.onnx", "--batch", "8,4,2"],
                        capture_output=True, text=True, timeout=120, cwd=SDK_HOME)
     assert r.returncode == 2 and "--batch must satisfy" in r.stderr
+
+
+def test_model_name_resolves_in_the_default_bundle():
+    """`ctsdk build-engine --model classifier --precision fp16` on a target GPU takes the packaged
+    bundle's file (the one sdk.Triage() runs), not a development folder."""
+    from sdk.bundle import DEFAULT_BUNDLE_DIR
+
+    for name, prec in (("classifier", "fp16"), ("classifier", "int8"), ("lungs3d", "fp16")):
+        assert resolve_model(name, prec) == DEFAULT_BUNDLE_DIR / f"{name}_{prec}.onnx"
+    with pytest.raises(ConfigError, match=r"classifier_fp8\.onnx not found|precision"):
+        resolve_model("classifier", "fp8")
+
+
+def test_engine_of_a_bundle_file_lands_where_triage_looks(tmp_path, monkeypatch):
+    """An engine built from a bundle's ONNX is cached in Bundle.engine_cache_dir() - the folder
+    sdk.Triage passes to its TensorRT loader (sdk.triage -> select_runtime(engine_cache_dir=...))
+    - for the packaged bundle, for a user bundle, and with $CTSDK_ENGINE_CACHE; a file outside any
+    bundle keeps the old rule; a bundle with a changed file is refused as the runtime refuses it."""
+    import shutil
+
+    from sdk.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+    from sdk.errors import BundleError
+    from sdk.runtime.trt_build import bundle_of
+
+    monkeypatch.delenv("CTSDK_ENGINE_CACHE", raising=False)
+    packaged = DEFAULT_BUNDLE_DIR / "classifier_fp16.onnx"
+    assert BuildConfig(onnx=packaged).engine_cache().root == load_bundle().engine_cache_dir()
+
+    user = tmp_path / "mybundle"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, user)
+    want = load_bundle(user).engine_cache_dir()
+    assert want == user.parent / "mybundle.engines"
+    assert BuildConfig(onnx=user / "classifier_fp16.onnx").engine_cache().root == want
+
+    monkeypatch.setenv("CTSDK_ENGINE_CACHE", str(tmp_path / "cache"))
+    assert BuildConfig(onnx=user / "classifier_fp16.onnx").engine_cache().root == load_bundle(user).engine_cache_dir()
+    assert load_bundle(user).engine_cache_dir().parent == tmp_path / "cache"
+    monkeypatch.delenv("CTSDK_ENGINE_CACHE")
+
+    stray = _onnx_file(user / "extra_fp16.onnx", "fp16")  # in the folder, not in the manifest
+    assert bundle_of(stray) is None
+    assert BuildConfig(onnx=stray).engine_cache().root == user / "engines"
+    (user / "aggregator.json").write_text("{}")
+    with pytest.raises(BundleError, match="aggregator.json"):
+        BuildConfig(onnx=user / "classifier_fp16.onnx").engine_cache()

@@ -31,7 +31,8 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Engine file (default: the engine cache beside the ONNX, keyed by GPU/TensorRT/precision).")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), default=None,
-              help="Where NAME is looked up (default runs/deploy).")
+              help="Bundle folder where NAME is looked up (default: the packaged default bundle, the one "
+                   "sdk.Triage() runs); an engine built from a bundle's file lands where Triage looks for it.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Engine cache folder.")
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds a matching engine.")
 @click.option("--measure-warm", is_flag=True, help="Build twice and report the warm (timing-cached) build time too.")

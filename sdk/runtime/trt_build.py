@@ -2,7 +2,7 @@
 timing cache.
 
     from sdk.runtime.trt_build import BuildConfig, build_engine     # also exported as sdk.export.tensorrt
-    report = build_engine(BuildConfig(onnx="runs/deploy/classifier_fp16.onnx", precision="fp16",
+    report = build_engine(BuildConfig(onnx="sdk/bundles/default/classifier_fp16.onnx", precision="fp16",
                                       batch=(1, 8, 32), timing_cache="runs/deploy/trt.cache"))
 
 Precision comes from the ONNX:
@@ -148,19 +148,42 @@ def check_onnx_for_plan(onnx_path: PathLike, plan: PrecisionPlan, kind: Optional
 
 def resolve_model(model: str, precision: str, bundle_dir: Optional[PathLike] = None) -> Path:
     """``--model`` as an ONNX path, or a model NAME looked up as ``<bundle_dir>/<NAME>_<precision>.onnx``
-    (default bundle dir: ``runs/deploy``)."""
+    (default: the packaged default bundle, the one ``sdk.Triage()`` runs)."""
     p = Path(model)
     if p.suffix == ".onnx" or p.exists():
         if not p.is_file():
             raise ConfigError(f"{p}: ONNX file not found")
         return p
-    root = Path(bundle_dir) if bundle_dir else Path(__file__).resolve().parents[1] / "runs" / "deploy"
+    if bundle_dir:
+        root = Path(bundle_dir)
+    else:
+        from ..bundle import DEFAULT_BUNDLE_DIR
+
+        root = DEFAULT_BUNDLE_DIR
     cand = root / f"{model}_{precision}.onnx"
     if cand.is_file():
         return cand
     have = sorted(x.name for x in root.glob("*.onnx")) if root.is_dir() else []
     raise ConfigError(f"no {precision} ONNX for model {model!r}: {cand} not found (have {have or 'nothing'} in {root}); "
                       "pass an ONNX path or export/calibrate first")
+
+
+def bundle_of(onnx: PathLike) -> Any:
+    """The ctsdk bundle (:class:`sdk.bundle.Bundle`, verified) whose manifest lists the file
+    ``onnx``, or None for a file outside any bundle.
+
+    Raises:
+        BundleError: the folder is a bundle but one of its files changed (the runtime would refuse
+            it too; the message names the file).
+    """
+    from ..bundle import MANIFEST, load_bundle
+
+    path = Path(onnx).resolve()
+    if not (path.parent / MANIFEST).is_file():
+        return None
+    bundle = load_bundle(path.parent)
+    listed = {(bundle.root / bf.path).resolve() for bf in bundle.files.values()}
+    return bundle if path in listed else None
 
 
 def engine_key(onnx_path: PathLike, precision: str, batch: Tuple[int, int, int], gpu_name: str,
@@ -192,10 +215,15 @@ class BuildConfig:
             raise ConfigError(f"--workspace must be 16..1048576 MB, got {self.workspace_mb}")
 
     def engine_cache(self) -> EngineCache:
-        """``cache_dir``, else ``$CTSDK_ENGINE_CACHE``, else ``engines/`` beside the ONNX when that
-        folder is writable (a bundle inside site-packages may not be), else ``~/.cache/ctsdk/engines``."""
+        """``cache_dir``; else, for a file of a ctsdk bundle, that bundle's
+        :meth:`sdk.bundle.Bundle.engine_cache_dir` - where ``sdk.Triage`` looks, so an engine built by
+        ``ctsdk build-engine`` is the one the runtime loads; else ``$CTSDK_ENGINE_CACHE``, else
+        ``engines/`` beside the ONNX when that folder is writable, else ``~/.cache/ctsdk/engines``."""
         if self.cache_dir:
             return EngineCache(self.cache_dir)
+        bundle = bundle_of(self.onnx)
+        if bundle is not None:
+            return EngineCache(bundle.engine_cache_dir())
         if os.environ.get("CTSDK_ENGINE_CACHE"):
             return EngineCache(os.environ["CTSDK_ENGINE_CACHE"])
         beside = Path(self.onnx).parent
@@ -342,6 +370,6 @@ class CachedEngine:
 
 EngineFromOnnx = CachedEngine
 
-__all__ = ["BuildConfig", "BuildReport", "CachedEngine", "EngineFromOnnx", "PrecisionPlan", "build_engine",
+__all__ = ["BuildConfig", "BuildReport", "CachedEngine", "EngineFromOnnx", "PrecisionPlan", "build_engine", "bundle_of",
            "check_onnx_for_plan", "engine_key", "onnx_precision", "parse_batch", "precision_plan", "profile_shapes",
            "resolve_model"]
