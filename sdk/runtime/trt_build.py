@@ -328,6 +328,10 @@ def build_engine(cfg: BuildConfig) -> BuildReport:
                                "none" if tc is None else ("warm" if tc.is_file() else "cold"), plan.to_dict(), info,
                                target.stat().st_size, warnings)
         state = "none" if tc is None else ("warm" if tc.is_file() else "cold")
+        # a cold build takes minutes and shows nothing else; sdk.Triage lands here on first use
+        log.warning("building the TensorRT %s engine of %s for %s (batch %s, timing cache %s): minutes, once; "
+                    "cached in %s (`ctsdk build-engine --model %s` builds it ahead of time)",
+                    cfg.precision, onnx_path.name, gpu.name, ",".join(map(str, batch)), state, cache.root, onnx_path)
         try:
             data, secs = _build_bytes(trt, pg, onnx_path, plan, batch, cfg.workspace_mb, tc)
             warm_s = None
