@@ -27,9 +27,10 @@ have_trt=1
 for prec in fp16 int8; do
   onnx="$BUNDLE/classifier_${prec}.onnx"
   [ -f "$onnx" ] || { echo "skip $prec: $onnx not in the bundle" >&2; continue; }
-  # cold build, then a warm rebuild reusing the timing cache (--measure-warm reports both times)
-  if ! ctsdk build-engine --model "$onnx" --precision "$prec" --batch 1,8,32 \
-       --timing-cache "$CACHE/timing.cache" --cache-dir "$CACHE" --measure-warm --json \
+  # cold build, then a warm rebuild reusing the timing cache (--measure-warm reports both times);
+  # a bundle's file goes to the bundle's engine cache ($CACHE), where Triage looks for it
+  if ! ctsdk build-engine --model classifier --bundle "$BUNDLE" --precision "$prec" --batch 1,8,32 \
+       --timing-cache "$CACHE/timing.cache" --measure-warm --json \
        > "$OUT/build_${prec}.json"; then
     have_trt=0; break
   fi
