@@ -131,9 +131,18 @@ class PycudaPrimaryContext:
     Like ``pycuda.autoprimaryctx``, the primary context is pushed once on the thread that creates
     this object and stays current there for the life of the process, so pycuda objects that the
     garbage collector frees on that thread (device allocations, modules) always find their context;
-    other threads push it for the duration of a call (:meth:`active`). At exit (``atexit``) the pool's
-    held blocks are freed, pycuda's caches cleared and the resident push popped, before pycuda's own
-    module cleanup checks that the context stack is empty (it aborts the process otherwise)."""
+    other threads push it for the duration of a call (:meth:`active`). At exit (``atexit``) the pool
+    stops holding blocks (its held ones are freed), pycuda's caches are cleared and the resident push
+    popped, before pycuda's own module cleanup checks that the context stack is empty (it aborts the
+    process otherwise).
+
+    Why *stop* holding rather than only free the held blocks: device arrays still alive at exit are
+    garbage-collected after the pop. Returned to a pool that still holds blocks, the first one makes
+    the pool "start holding", which captures the *current* context - there is none by then, pycuda
+    throws inside a destructor and the process aborts ("explicit_context_dependent failed: invalid
+    device context", the H200 run of 2026-12-04; pycuda issue #163). A pool that stopped holding
+    frees each returned block at once through its allocator, which activates the (still valid)
+    primary context for the call."""
 
     def __init__(self, index: int) -> None:
         import pycuda.driver as drv  # lazy: optional dependency
@@ -175,7 +184,7 @@ class PycudaPrimaryContext:
         try:
             with self.active():
                 self.drv.Context.synchronize()
-                self.pool.free_held()
+                self.pool.stop_holding()  # frees the held blocks; later returns are freed at once (class doc)
             from pycuda.tools import clear_context_caches
 
             clear_context_caches()
