@@ -234,7 +234,7 @@ class ExternalOrtSession(Session):
 
 # --- process-wide cache of model sessions opened by path ---------------------------------------------
 _CACHED: Dict[Tuple[str, str], Any] = {}
-_CACHED_LOCK = threading.Lock()
+_CACHED_LOCK = threading.RLock()  # an opener that asks for another cached session does not deadlock
 
 
 def session_or_cached(session: Any, onnx_path: Any, default: Any, opener: Callable[[str], Any], kind: str) -> Any:
