@@ -23,14 +23,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..paths import shared_data_root  # re-exported: the one owner of the data folder
+
 log = logging.getLogger("sdk.export")
-
-
-def shared_data_root() -> Path:
-    """The shared data folder (:func:`sdk.paths.shared_data_root`)."""
-    from ..paths import shared_data_root as root
-
-    return root()
 
 
 def _fill_holes(m: np.ndarray) -> np.ndarray:

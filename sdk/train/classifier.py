@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..paths import shared_data_root
 from . import common
 from . import data as D
 
@@ -49,11 +50,9 @@ log = logging.getLogger("sdk.train.classifier")
 _REPO = Path(__file__).resolve().parents[2]
 
 
-def default_data_root() -> Path:
-    """``$CTSDK_SHARED_DATA`` or ``<repo>/../shared/data`` (:func:`sdk.paths.shared_data_root`)."""
-    from ..paths import shared_data_root
-
-    return shared_data_root()
+#: ``$CTSDK_SHARED_DATA`` or ``<repo>/../shared/data``: :func:`sdk.paths.shared_data_root` under the name
+#: the trainers' configs use
+default_data_root = shared_data_root
 
 
 @dataclass
