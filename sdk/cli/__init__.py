@@ -26,6 +26,7 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "bench": ("sdk.cli.bench_cmd", "bench", "Per-stage latency of every usable runtime against a naive baseline."),
     "listen": ("sdk.cli.listen_cmd", "listen", "DICOM C-STORE listener that triages each complete series."),
     "triage-batch": ("sdk.cli.batch_cmd", "triage_batch", "Triage every series under an archive folder into JSONL."),
+    "info": ("sdk.cli.info_cmd", "info", "What this machine and bundle give ctsdk, and what sdk.Triage() would run here."),
 }
 
 
