@@ -49,3 +49,16 @@ def test_cli_json_says_what_triage_runs() -> None:
 def test_cli_missing_bundle_exits_2(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["info", "--bundle", str(tmp_path / "nope")])
     assert r.exit_code == 2
+
+
+def test_does_not_build_a_tensorrt_engine_to_answer(monkeypatch, tmp_path: Path) -> None:
+    """Where TensorRT is usable but the bundle's engine folder is empty, opening Triage() would
+    build an engine (minutes): info says so instead of opening it."""
+    from sdk.runtime.registry import TensorRTBackend
+
+    monkeypatch.setenv("CTSDK_ENGINE_CACHE", str(tmp_path / "engines"))
+    monkeypatch.setattr(TensorRTBackend, "status", lambda self: (True, "TensorRT 11.0 (stand-in)"))
+    d = machine_info(open_triage=True)
+    assert "ctsdk build-engine" in d["triage_auto"]["skipped"]
+    r = CliRunner().invoke(cli, ["info"], catch_exceptions=False)
+    assert r.exit_code == 0 and "not opened" in r.output

@@ -4,7 +4,8 @@ For an engineer on a target machine before shipping: the runtimes and why each i
 the GPU and the kernel backends, the bundle (verified) and its precision gates, where TensorRT
 engines for it are cached and which are there, the shared data folder, the ``CTSDK_*`` variables
 that are set - and, by opening the facade once (``--no-open`` skips it), the runtime it really
-chose and the reasons.
+chose and the reasons. Where TensorRT is usable and no engine is cached yet, the facade is not
+opened (it would build one first, for minutes); the output says so.
 """
 from __future__ import annotations
 
@@ -82,7 +83,12 @@ def machine_info(bundle_path: Optional[str] = None, *, open_triage: bool = True)
         "shared_data": {"path": str(data), "exists": data.is_dir(), "looked_in": [str(p) for p in shared_data_candidates()]},
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CTSDK_")},
     }
-    if open_triage:
+    if open_triage and out["runtimes"].get("tensorrt", {}).get("available") and not out["tensorrt_engines"]["engines"]:
+        # Triage() would pick TensorRT and build its engine now: minutes, not what `info` is for
+        out["triage_auto"] = {"skipped": "TensorRT is usable here and the bundle's engine folder holds no engine: "
+                                         "opening sdk.Triage() would build one first (minutes). Build it with "
+                                         "`ctsdk build-engine --model classifier --precision fp16`, then run ctsdk info again"}
+    elif open_triage:
         from ..triage import Triage
 
         tri = Triage(bundle=bundle_path, heatmaps=False)
@@ -117,7 +123,9 @@ def _human(d: Dict[str, Any]) -> str:
     if d["env"]:
         lines.append("env: " + ", ".join(f"{k}={v}" for k, v in d["env"].items()))
     t = d.get("triage_auto")
-    if t:
+    if t and "skipped" in t:
+        lines.append("sdk.Triage() here: not opened - " + t["skipped"])
+    elif t:
         st = t["runtime"].get("stages", {})
         lines.append(f"sdk.Triage() here: {t['runtime'].get('provider')} {t['runtime'].get('precision')} on "
                      f"{t['runtime'].get('device')}, kernels {t['runtime'].get('kernels')}, lungs {st.get('lungs', t['lung_method'])} "
