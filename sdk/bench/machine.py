@@ -49,8 +49,6 @@ def cpu_flags() -> List[str]:
     return []
 
 
-
-
 def gpus() -> List[Dict[str, Any]]:
     """GPUs reported by nvidia-smi (name, memory, driver); [] when there is none."""
     exe = shutil.which("nvidia-smi")

@@ -9,7 +9,6 @@ opened (it would build one first, for minutes); the output says so.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import sys
@@ -19,30 +18,23 @@ import click
 
 from ._common import emit, handle_errors, json_option
 
-#: optional packages whose presence changes what ctsdk can do here
-PACKAGES = ("onnxruntime", "cupy", "pycuda", "tensorrt", "polygraphy", "torch", "xgboost", "imagecodecs", "pylibjpeg",
-            "gdcm", "pynetdicom", "highdicom", "ray")
+#: optional packages whose presence changes what ctsdk can do here: {name: its pip distributions}
+PACKAGES = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "cupy": ("cupy-cuda13x", "cupy-cuda12x", "cupy"),
+            "pycuda": ("pycuda",), "tensorrt": ("tensorrt",), "polygraphy": ("polygraphy",), "torch": ("torch",),
+            "xgboost": ("xgboost", "xgboost-cpu"), "imagecodecs": ("imagecodecs",), "pylibjpeg": ("pylibjpeg",),
+            "gdcm": ("python-gdcm",), "pynetdicom": ("pynetdicom",), "highdicom": ("highdicom",), "ray": ("ray",)}
 
 
 def _packages() -> Dict[str, Optional[str]]:
-    """{package: version, or None when it is not installed} without importing the heavy ones."""
-    from importlib import metadata
+    """{package: version (with the distribution when it is not the package's own name), or None when
+    not installed}, from the installed distributions' metadata (sdk.bench.machine.library_versions)."""
+    from ..bench.machine import library_versions
 
-    dists = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "cupy": ("cupy-cuda13x", "cupy-cuda12x", "cupy"),
-             "gdcm": ("python-gdcm",), "xgboost": ("xgboost", "xgboost-cpu")}
+    found = library_versions(tuple(d for dists in PACKAGES.values() for d in dists))
     out: Dict[str, Optional[str]] = {}
-    for pkg in PACKAGES:
-        if importlib.util.find_spec(pkg) is None:
-            out[pkg] = None
-            continue
-        version = "installed"
-        for dist in dists.get(pkg, (pkg,)):
-            try:
-                version = f"{metadata.version(dist)} ({dist})" if dist != pkg else metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        out[pkg] = version
+    for pkg, dists in PACKAGES.items():
+        dist = next((d for d in dists if d in found), None)
+        out[pkg] = None if dist is None else (found[dist] if dist == pkg else f"{found[dist]} ({dist})")
     return out
 
 
@@ -91,7 +83,7 @@ def machine_info(bundle_path: Optional[str] = None, *, open_triage: bool = True)
     elif open_triage:
         from ..triage import Triage
 
-        tri = Triage(bundle=bundle_path, heatmaps=False)
+        tri = Triage(bundle=bundle, heatmaps=False)  # the bundle loaded (and verified) above
         out["triage_auto"] = {"runtime": tri.runtime, "reasons": list(tri.runtime_reasons), "lung_method": tri.lung_method,
                               "init_ms": round(tri.init_ms, 1)}
     return out
