@@ -25,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from sdk.paths import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CTSDK_SHARED_DATA", REPO.parent / "shared" / "data")) / "dicom"
+DATA = shared_data_root() / "dicom"
 
 
 def _child(source: str, workers: int, chain: str, trace: bool) -> None:

@@ -20,7 +20,9 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-DEFAULT_SERIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "covid-ct-md" / "covid-P001"
+from sdk.paths import shared_data_root
+
+DEFAULT_SERIES = shared_data_root() / "dicom" / "covid-ct-md" / "covid-P001"
 
 
 def _pct(xs: List[float]) -> Dict[str, float]:

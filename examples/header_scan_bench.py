@@ -13,12 +13,14 @@ import statistics
 import time
 from pathlib import Path
 
+from sdk.paths import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "dicom" / "covid-ct-md" / "covid-P001"))
+    ap.add_argument("--source", default=str(shared_data_root() / "dicom" / "covid-ct-md" / "covid-P001"))
     ap.add_argument("--rounds", type=int, default=11)
     a = ap.parse_args()
     from sdk.io import load_series

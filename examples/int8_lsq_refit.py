@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdk.paths import shared_data_root
+
 WORK = Path("runs/int8x")
 FP32 = "sdk/bundles/default/classifier_fp32.onnx"
 #: the largest |INT32 bias| used, a little below 2^31 - 1
@@ -32,7 +34,7 @@ INT32_BIAS_LIMIT = 0.999 * (2 ** 31 - 1)
 def prepare() -> None:
     from sdk.calibration.dataset import HuRenderPreprocessor, load_rows, stratified_sample
 
-    rows, _ = load_rows("../shared/data/images_index.csv", "docs/data/splits.csv")
+    rows, _ = load_rows(shared_data_root() / "images_index.csv", "docs/data/splits.csv")
     pre = HuRenderPreprocessor()
     WORK.mkdir(parents=True, exist_ok=True)
 

@@ -36,6 +36,8 @@ from onnx import numpy_helper
 
 from int8_lsq_refit import _cmp, _session  # same folder: the session-5 experiment
 
+from sdk.paths import shared_data_root
+
 WORK = Path("runs/int8x")
 FP32 = "sdk/bundles/default/classifier_fp32.onnx"
 BASELINE = WORK / "work" / "first12.onnx"
@@ -200,7 +202,7 @@ def prepare_train(n: int = 1400, seed: int = 1, out: str = "train.npz") -> None:
     """HU-rendered classifier inputs of ``n`` stratified train-split images (estimable ones), float16."""
     from sdk.calibration.dataset import HuRenderPreprocessor, load_rows, stratified_sample
 
-    rows, _ = load_rows("../shared/data/images_index.csv", "docs/data/splits.csv")
+    rows, _ = load_rows(shared_data_root() / "images_index.csv", "docs/data/splits.csv")
     pre = HuRenderPreprocessor()
     xs, keep = [], []
     for i, r in enumerate(stratified_sample([r for r in rows if r.split == "train"], n, seed)):

@@ -21,8 +21,10 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from sdk.paths import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = shared_data_root()
 SERIES = ["covid-P001", "cap-cap001", "normal-normal001"]
 
 VARIANTS: Dict[str, Dict[str, Any]] = {

@@ -26,8 +26,10 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from sdk.paths import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = shared_data_root()
 TRIAGE_SERIES = ["covid-ct-md/covid-P001", "covid-ct-md/cap-cap001", "covid-ct-md/normal-normal001"]
 
 

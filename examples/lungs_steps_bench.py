@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sdk.paths import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "dicom"
+DATA = shared_data_root() / "dicom"
 
 
 def cpu_ms(fn, rounds):

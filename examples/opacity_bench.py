@@ -5,8 +5,8 @@
 Loads and segments each series once (not timed), then 7 timed calls: median / min of
 ``time.process_time`` (CPU of this process) and of the wall clock, with the load average.
 """
+import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -15,18 +15,29 @@ import numpy as np
 from sdk import lungs
 from sdk.io import load_series
 from sdk.opacity import measure_opacity
+from sdk.paths import shared_data_root
 
-root = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1].parent / "shared" / "data")
-for n in ["covid-P001", "cap-cap001", "normal-normal001"]:
-    vol = load_series(root / "dicom" / "covid-ct-md" / n)
-    lab = lungs.segment(vol).labels
-    hu, sp = vol.hu, vol.spacing
-    measure_opacity(hu, lab, sp)
-    cpu, wall = [], []
-    for _ in range(7):
-        c, w = time.process_time(), time.perf_counter()
+DATA = shared_data_root()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", nargs="?", type=Path, default=DATA, help="the shared data folder (default: %(default)s)")
+    root = ap.parse_args().data
+    for n in ["covid-P001", "cap-cap001", "normal-normal001"]:
+        vol = load_series(root / "dicom" / "covid-ct-md" / n)
+        lab = lungs.segment(vol).labels
+        hu, sp = vol.hu, vol.spacing
         measure_opacity(hu, lab, sp)
-        cpu.append((time.process_time() - c) * 1000)
-        wall.append((time.perf_counter() - w) * 1000)
-    print(f"{n} {hu.shape}: cpu median {np.median(cpu):.0f} ms (min {min(cpu):.0f}), "
-          f"wall median {np.median(wall):.0f} ms (min {min(wall):.0f}); load {os.getloadavg()[0]:.1f}")
+        cpu, wall = [], []
+        for _ in range(7):
+            c, w = time.process_time(), time.perf_counter()
+            measure_opacity(hu, lab, sp)
+            cpu.append((time.process_time() - c) * 1000)
+            wall.append((time.perf_counter() - w) * 1000)
+        print(f"{n} {hu.shape}: cpu median {np.median(cpu):.0f} ms (min {min(cpu):.0f}), "
+              f"wall median {np.median(wall):.0f} ms (min {min(wall):.0f}); load {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdk.paths import shared_data_root
+
 SERIES = (("covid-P001", "covid", 0), ("cap-cap001", "cap", 55), ("normal-normal001", "normal", None))
 
 
@@ -47,7 +49,7 @@ def main() -> None:
     from sdk.opacity import measure_opacity
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    ap.add_argument("--data", default=str(shared_data_root()))
     ap.add_argument("--out", default="runs/opacity/report.json")
     args = ap.parse_args()
     root = Path(args.data) / "dicom" / "covid-ct-md"

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-SERIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "covid-ct-md" / "covid-P001"
+from sdk.paths import shared_data_root
+
+SERIES = shared_data_root() / "dicom" / "covid-ct-md" / "covid-P001"
 
 
 def mem() -> Dict[str, int]:

@@ -10,6 +10,7 @@ labelled-positive slices against all others within the bin. Nothing is fitted.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,18 +19,6 @@ from typing import List, Tuple
 import numpy as np
 
 BANDS = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.01))
-
-
-def auc(y: np.ndarray, p: np.ndarray) -> float:
-    """Mann-Whitney AUC (ties counted half)."""
-    from scipy.stats import rankdata
-
-    n1 = int(y.sum())
-    n0 = y.size - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(p)
-    return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def slice_rows(report: dict) -> List[Tuple[str, int, float, float]]:
@@ -50,10 +39,13 @@ def slice_rows(report: dict) -> List[Tuple[str, int, float, float]]:
 
 
 def main(argv: List[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__)
-        return 2
-    rows = slice_rows(json.loads(Path(argv[0]).read_text()))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("report", type=Path, help="the JSON `ctsdk evaluate --series ... --json` printed")
+    args = ap.parse_args(argv)
+    from sdk.metrics import auc
+
+    rows = slice_rows(json.loads(args.report.read_text()))
     kind = np.array([r[0] for r in rows])
     y, p, a = (np.array([r[i] for r in rows]) for i in (1, 2, 3))
     print(f"{len(rows)} slices, {int(y.sum())} labelled positive; pooled AUC {auc(y, p):.3f}")

@@ -21,8 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
+from sdk.paths import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-DICOM = REPO.parent / "shared" / "data" / "dicom"
+DICOM = shared_data_root() / "dicom"
 SERIES = [
     "covid-ct-md/covid-P001", "covid-ct-md/cap-cap001", "covid-ct-md/normal-normal001",
     "covid19-ny-sbu/A002304", "covid19-ny-sbu/A067967", "covid19-ny-sbu/A072894",

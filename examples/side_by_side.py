@@ -22,8 +22,10 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
+from sdk.paths import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "dicom"
+DATA = shared_data_root() / "dicom"
 
 
 def _timed(fn: Callable[[], Any]) -> Tuple[Any, float, float]:

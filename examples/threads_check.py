@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+from sdk.paths import shared_data_root
+
+DATA = shared_data_root() / "dicom"
 
 
 def main() -> None:

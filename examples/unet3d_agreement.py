@@ -12,12 +12,14 @@ Everything else (classifier FP32 on ORT CPU, opacity of the hybrid mask, aggrega
 """
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
 from typing import Any, Dict
 
 import numpy as np
 
-DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "covid-ct-md"
+from sdk.paths import shared_data_root
+
+DICOM = shared_data_root() / "dicom" / "covid-ct-md"
 SERIES = ("covid-P001", "cap-cap001", "normal-normal001")
 
 
@@ -51,6 +53,7 @@ def hybrid_with_unet3d(engine: Any, volume: Any, mask3d: np.ndarray) -> Any:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     import sdk
     from sdk.slices import select_slices
 

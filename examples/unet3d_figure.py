@@ -15,6 +15,7 @@ from sdk.io import load_series
 from sdk.lungs import segment
 from sdk.lungs.nrrd import read_nrrd
 from sdk.lungs.unet3d import segment_unet3d
+from sdk.paths import shared_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def panel(hu, ref, pred, size=256):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--data", default=str(shared_data_root()))
     ap.add_argument("--out", default=str(REPO / "docs" / "segmentation" / "unet3d.png"))
     a = ap.parse_args()
     data = Path(a.data)
