@@ -192,6 +192,26 @@ def test_classical_dice_on_cip_reference_mask(cip) -> None:
 
 
 @needs_onnx
+def test_default_method_dice_gate_on_cip_reference_mask() -> None:
+    """The Dice report behind the segmentation gates (``python -m sdk.lungs.evaluate``) on the
+    manual cip-ct64 mask: the default method (hybrid) keeps its documented 0.957 (gate: within
+    0.005 of it), and the report's Dice is the test's own."""
+    from sdk.lungs import DEFAULT_METHOD
+    from sdk.lungs.evaluate import evaluate_cip, load_dicom_volume
+    from sdk.lungs.nrrd import read_nrrd
+    from sdk.lungs.unet2d import open_session
+
+    vol = load_dicom_volume(str(shared_path("dicom", "cip-ct64")))
+    ref = read_nrrd(shared_path("volumes", "cip-copd-ct64", "wholeLung-64.nrrd")).data > 0
+    report = evaluate_cip(shared_path(), open_session(DEFAULT_ONNX))
+    assert DEFAULT_METHOD == "hybrid"
+    assert report["hybrid"]["dice"] >= 0.9572 - 0.005
+    assert report["classical"]["dice"] >= 0.95
+    assert report["reference_ml"] == pytest.approx(ref.sum() * np.prod(vol.spacing) / 1000)
+    assert report["hybrid"]["dice"] == pytest.approx(dice(segment(vol, "hybrid").mask, ref), abs=1e-12)
+
+
+@needs_onnx
 def test_unet2d_on_heldout_seg2d_block() -> None:
     from sdk.lungs import segment_slices_2d
     from sdk.train.seg import load_seg2d, split_blocks
