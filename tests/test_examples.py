@@ -1,8 +1,9 @@
-"""Every script in examples/ answers ``--help``: it imports against today's package (no removed
-private name, no moved module) and parses its arguments before doing any work.
+"""Every script in examples/, and every ``python -m sdk....`` command module of the package, answers
+``--help``: it imports against today's package (no removed private name, no moved module) and
+parses its arguments before doing any work.
 
-The docs quote these scripts as the commands behind their numbers, so one that no longer starts is
-a broken reproduction recipe. A script skips only where a package it imports is not installed.
+The docs quote these as the commands behind their numbers, so one that no longer starts is a
+broken reproduction recipe. One skips only where a package it imports is not installed.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import pytest
 
@@ -21,17 +22,33 @@ from conftest import SDK_HOME
 EXAMPLES_DIR = SDK_HOME / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.py"))
 MISSING = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
+MAIN_GUARD = re.compile(r'^if __name__ == "__main__":', re.M)
 
 
-def _help(script: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), "--help"], cwd=SDK_HOME, capture_output=True,
-                          text=True, timeout=120)
+def _command_modules() -> List[str]:
+    """Modules of the installed package with a ``__main__`` guard (``python -m`` commands)."""
+    out = set()
+    for pkg in ("sdk", "sdk.export", "sdk.kernels", "sdk.calibration"):
+        root = Path(importlib.import_module(pkg).__file__).parent
+        for f in root.rglob("*.py"):
+            if MAIN_GUARD.search(f.read_text(errors="replace")):
+                out.add(".".join([pkg, *f.relative_to(root).with_suffix("").parts]))
+    return sorted(out)
+
+
+MODULES = _command_modules()
+
+
+def _help(argv: List[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv, "--help"], cwd=SDK_HOME, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def helps() -> Dict[str, subprocess.CompletedProcess]:
+    commands = {p.name: [str(p)] for p in EXAMPLES}
+    commands.update({m: ["-m", m] for m in MODULES})
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip((p.name for p in EXAMPLES), pool.map(_help, EXAMPLES)))
+        return dict(zip(commands, pool.map(_help, commands.values())))
 
 
 def test_there_are_examples() -> None:
@@ -40,8 +57,12 @@ def test_there_are_examples() -> None:
     assert len(EXAMPLES) >= 10
 
 
-@pytest.mark.parametrize("name", [p.name for p in EXAMPLES])
-def test_example_answers_help(helps: Dict[str, subprocess.CompletedProcess], name: str) -> None:
+def test_there_are_command_modules() -> None:
+    assert {"sdk.lungs.evaluate", "sdk.train.classifier", "sdk.bench.gpu_report", "sdk.kernels.build"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", [p.name for p in EXAMPLES] + MODULES)
+def test_answers_help(helps: Dict[str, subprocess.CompletedProcess], name: str) -> None:
     r = helps[name]
     missing = MISSING.search(r.stderr)
     if r.returncode != 0 and missing and importlib.util.find_spec(missing.group(1).split(".")[0]) is None:
