@@ -192,17 +192,15 @@ def test_classical_dice_on_cip_reference_mask(cip) -> None:
 
 
 @needs_onnx
-def test_default_method_dice_gate_on_cip_reference_mask() -> None:
+def test_default_method_dice_gate_on_cip_reference_mask(cip) -> None:
     """The Dice report behind the segmentation gates (``python -m sdk.lungs.evaluate``) on the
     manual cip-ct64 mask: the default method (hybrid) keeps its documented 0.957 (gate: within
     0.005 of it), and the report's Dice is the test's own."""
     from sdk.lungs import DEFAULT_METHOD
-    from sdk.lungs.evaluate import evaluate_cip, load_dicom_volume
-    from sdk.lungs.nrrd import read_nrrd
+    from sdk.lungs.evaluate import evaluate_cip
     from sdk.lungs.unet2d import open_session
 
-    vol = load_dicom_volume(str(shared_path("dicom", "cip-ct64")))
-    ref = read_nrrd(shared_path("volumes", "cip-copd-ct64", "wholeLung-64.nrrd")).data > 0
+    vol, ref = cip
     report = evaluate_cip(shared_path(), open_session(DEFAULT_ONNX))
     assert DEFAULT_METHOD == "hybrid"
     assert report["hybrid"]["dice"] >= 0.9572 - 0.005
