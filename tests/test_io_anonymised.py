@@ -189,6 +189,53 @@ def test_same_position_different_pixels_is_a_typed_error(tmp_path, same_uid):
     assert "max |HU difference| 100" in msg
 
 
+@pytest.mark.parametrize("study_per_file", [False, True])
+def test_series_uid_regenerated_per_file_loads_as_one_series(tmp_path, truth, study_per_file):
+    """An anonymiser that generated a new SeriesInstanceUID (and maybe StudyInstanceUID) for every
+    file: N single-image "series" of one geometry at distinct positions are one series again."""
+    paths = _series(tmp_path)
+
+    def edit(k: int, ds: pydicom.Dataset) -> None:
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.7{k}"
+        if study_per_file:
+            ds.StudyInstanceUID = f"1.2.826.0.1.3680043.8.498.8{k}"
+
+    _rewrite(paths, edit)
+    vol = load_series(tmp_path)
+    np.testing.assert_array_equal(vol.hu, truth)
+    text = _text(vol)
+    assert f"{N} single-image series with one geometry and distinct positions" in text
+    assert ("a StudyInstanceUID per file" if study_per_file else "one StudyInstanceUID") in text
+    infos = list_series(tmp_path)
+    assert len(infos) == 1 and infos[0].n_files == N and infos[0].chosen
+    assert any("SeriesInstanceUID differs on every file" in e for e in infos[0].errors)
+
+
+def test_single_image_series_of_two_studies_are_not_merged(tmp_path):
+    """Per-file SeriesInstanceUIDs, but two StudyInstanceUIDs each on several files (a prior and a
+    current study, say): not one series - a typed error naming the tie, as before."""
+    paths = _series(tmp_path)
+
+    def edit(k: int, ds: pydicom.Dataset) -> None:
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.7{k}"
+        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.8.498.{8 + k % 2}"
+
+    _rewrite(paths, edit)
+    with pytest.raises(MixedSeriesError, match=f"{N} equally ranked series"):
+        load_series(tmp_path)
+
+
+def test_too_few_single_image_series_are_not_merged(tmp_path):
+    from sdk.io.reader import MIN_SPLIT_SERIES
+
+    paths = _series(tmp_path)
+    for extra in paths[MIN_SPLIT_SERIES - 1:]:
+        extra.unlink()
+    paths = paths[:MIN_SPLIT_SERIES - 1]
+    _rewrite(paths, lambda k, ds: setattr(ds, "SeriesInstanceUID", f"1.2.826.0.1.3680043.8.498.7{k}"))
+    assert len(list_series(tmp_path)) == MIN_SPLIT_SERIES - 1
+
+
 @pytest.mark.slow
 def test_real_series_anonymised_with_placeholder_uid(tmp_path):
     """covid-P001 rewritten the way the reported 167-slice series was damaged: no SOPInstanceUID,
@@ -215,3 +262,21 @@ def test_real_series_anonymised_with_placeholder_uid(tmp_path):
     text = _text(vol)
     assert f"{len(files) + 1} files share SOPInstanceUID {PLACEHOLDER} at {len(files)} distinct position(s)" in text
     assert sum(": skipped: " in w for w in vol.warnings) == 1
+
+
+@pytest.mark.slow
+def test_real_series_with_uids_regenerated_per_file(tmp_path):
+    """covid-P001 with a new SeriesInstanceUID and StudyInstanceUID in every file: one series again,
+    equal to the untouched files."""
+    from pydicom.uid import generate_uid
+
+    src = shared_path("dicom", "covid-ct-md", "covid-P001")
+    ref = load_series(src)
+    for k, f in enumerate(sorted(src.glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+        ds.save_as(tmp_path / f"{k:04d}.dcm")
+    vol = load_series(tmp_path)
+    np.testing.assert_array_equal(vol.hu, ref.hu)
+    np.testing.assert_allclose(vol.z_mm, ref.z_mm)
+    assert sum("SeriesInstanceUID differs on every file" in w for w in vol.warnings) == 1

@@ -451,8 +451,54 @@ class _Group:
                 -(self.thickness or 1e9))
 
 
+#: at least this many single-image "series" of one geometry, at distinct positions, are read as
+#: one series whose SeriesInstanceUID an anonymiser regenerated for every file
+MIN_SPLIT_SERIES = 10
+
+
+def _study_uid(s: _Slice) -> str:
+    return str(getattr(s.ds, "StudyInstanceUID", "") or "")
+
+
+def _merge_split_series(groups: List[_Group]) -> List[_Group]:
+    """Single-image groups that are one series whose SeriesInstanceUID differs on every file.
+
+    Merged when at least :data:`MIN_SPLIT_SERIES` single-frame images share modality, geometry
+    (orientation, matrix, pixel spacing), ImageType and slice thickness, lie at distinct positions,
+    and either share one StudyInstanceUID or each carry their own (the anonymiser regenerated every
+    UID). Images of two real studies (each UID on several files) are never merged; nor is anything
+    that already forms a multi-image series. The merged group carries a note that names the damage.
+    """
+    by_key: Dict[Tuple[Any, ...], List[_Group]] = {}
+    for g in groups:
+        s = g.first
+        if len(g.slices) == 1 and s.frame is None and s.ipp is not None and s.iop is not None:
+            by_key.setdefault((s.modality, s.geometry_key, s.image_type[:2], s.thickness), []).append(g)
+    merged: Dict[int, _Group] = {}
+    drop: set = set()
+    for members in by_key.values():
+        if len(members) < MIN_SPLIT_SERIES:
+            continue
+        positions = {tuple(round(v, 2) for v in m.first.ipp) for m in members}   # type: ignore[union-attr]
+        studies = [_study_uid(m.first) for m in members]
+        if len(positions) != len(members) or len(set(studies)) not in (1, len(members)):
+            continue
+        uids = [m.uid for m in members]
+        group = _Group(f"{uids[0]}+{len(uids) - 1}", [m.first for m in members])
+        group.errors.append(
+            f"series {group.uid}: {len(members)} single-image series with one geometry and distinct positions "
+            f"({'one StudyInstanceUID' if len(set(studies)) == 1 else 'a StudyInstanceUID per file'}) loaded as "
+            f"one series: their SeriesInstanceUID differs on every file (an anonymiser that regenerated UIDs "
+            f"per file?); first {uids[0]}, last {uids[-1]}")
+        merged[id(members[0])] = group
+        drop.update(id(m) for m in members[1:])
+    return [merged.get(id(g), g) for g in groups if id(g) not in drop]
+
+
 def _group(slices: List[_Slice]) -> List[_Group]:
-    """SeriesInstanceUID first; split by geometry, then by acquisition where positions collide."""
+    """SeriesInstanceUID first; split by geometry, then by acquisition where positions collide;
+    then single-image series that are one series split by per-file UIDs are merged back
+    (:func:`_merge_split_series`)."""
     by_uid: Dict[str, List[_Slice]] = {}
     for s in slices:
         by_uid.setdefault(s.series_uid, []).append(s)
@@ -472,7 +518,7 @@ def _group(slices: List[_Slice]) -> List[_Group]:
                 unnamed += 1
                 gid = f"unnamed-{unnamed}"
             groups.append(_Group(gid, part))
-    return groups
+    return _merge_split_series(groups)
 
 
 def _split_acquisitions(part: List[_Slice]) -> List[List[_Slice]]:
@@ -581,7 +627,7 @@ def _infos(scan: _Scan, groups: List[_Group], where: Optional[str]) -> List[Seri
             why = f"not chosen: {choice_error}"
         else:
             why = f"not chosen: {_describe_rank(g)}"
-        errs = tuple(n for s in g.slices for n in s.notes) + tuple(_identity_warnings(g.uid, g.slices))
+        errs = tuple(g.errors) + tuple(n for s in g.slices for n in s.notes) + tuple(_identity_warnings(g.uid, g.slices))
         infos.append(SeriesInfo(
             uid=g.uid, description=g.description, modality=g.modality, n_files=len(g.slices),
             orientation=g.orientation, shape=(len(g.slices), f.rows, f.cols), transfer_syntaxes=g.syntaxes,
@@ -1003,6 +1049,7 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
                 alloc: Optional[Callable[[Tuple[int, ...], Any], np.ndarray]] = None) -> Volume:
     clock = clock or _Clock()
     slices = list(group.slices)
+    warnings.extend(group.errors)
     for s in slices:
         warnings.extend(s.notes)
     warnings.extend(_identity_warnings(group.uid, slices))
