@@ -56,6 +56,28 @@ def test_discovery_groups_folders_by_series(tree):
     assert skipped == 1  # README.md; hidden folders are not walked
 
 
+def test_discovery_merges_a_series_whose_uid_was_regenerated_per_file(tmp_path):
+    """An anonymiser gave every file its own SeriesInstanceUID: the folder is one series for the
+    batch, as for sdk.io.load_series (one record, not one per file); nine such files are not."""
+    import pydicom
+
+    from sdk.io.reader import MIN_SPLIT_SERIES
+    from sdk.phantom import write_phantom_series
+
+    n = MIN_SPLIT_SERIES + 2
+    for folder, count in (("split", n), ("few", MIN_SPLIT_SERIES - 1)):
+        for k, p in enumerate(write_phantom_series(tmp_path / folder, n_slices=count, size=32)):
+            ds = pydicom.dcmread(p)
+            ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.9{k}"
+            ds.save_as(p)
+    refs, _ = discover_series(tmp_path)
+    split = [r for r in refs if r.key.startswith("split::")]
+    assert len(split) == 1 and len(split[0].files) == n
+    assert split[0].key.startswith("split::1.2.826.0.1.3680043.8.498.9") and split[0].key.endswith(f"+{n - 1}")
+    assert sorted(split[0].files) == sorted(str(p) for p in (tmp_path / "split").iterdir())
+    assert len([r for r in refs if r.key.startswith("few::")]) == MIN_SPLIT_SERIES - 1
+
+
 def test_jsonl_writer_survives_a_torn_line(tmp_path):
     path = tmp_path / "r.jsonl"
     with JsonlWriter(path) as w:

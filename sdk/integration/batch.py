@@ -85,6 +85,34 @@ def _header(path: Path) -> Any:
                                "the file is truncated or damaged") from exc
 
 
+def _merge_split_series(groups: Dict[str, List[str]], info: Dict[str, Tuple[str, str]]) -> None:
+    """Single-file groups of one folder that the reader reads as one series (an anonymiser gave
+    every file its own SeriesInstanceUID: :func:`sdk.io.reader._merge_split_series`) become one
+    group, keyed by the reader's id, so the batch triages the series once instead of each file.
+    Only asked where a folder holds at least ``MIN_SPLIT_SERIES`` single-file groups; a folder the
+    reader cannot group keeps the header grouping."""
+    from ..io import series_files
+    from ..io.reader import MIN_SPLIT_SERIES
+
+    singles = {groups[k][0]: k for k, files in groups.items() if len(files) == 1}
+    if len(singles) < MIN_SPLIT_SERIES:
+        return
+    try:
+        found = series_files(sorted(singles))
+    except CtsdkError as exc:
+        log.info("regrouping %d single-file series failed, kept apart: %s", len(singles), exc)
+        return
+    for uid, files in found:
+        if len(files) < 2 or not all(f in singles for f in files):
+            continue
+        modality = info[singles[files[0]]][1]
+        for f in files:
+            key = singles[f]
+            del groups[key], info[key]
+        groups[uid] = list(files)
+        info[uid] = (uid, modality)
+
+
 def discover_series(root: PathLike) -> Tuple[List[SeriesRef], int]:
     """Every series under ``root`` (sorted, stable keys) and the number of non-DICOM files skipped.
 
@@ -126,6 +154,7 @@ def discover_series(root: PathLike) -> Tuple[List[SeriesRef], int]:
             gkey = uid if uid else "no-uid-" + hashlib.sha256(str(ds.get("SOPClassUID", "")).encode()).hexdigest()[:8]
             groups.setdefault(gkey, []).append(str(path))
             info.setdefault(gkey, (uid, str(ds.get("Modality", "") or "")))
+        _merge_split_series(groups, info)
         for gkey in sorted(groups):
             uid, modality = info[gkey]
             refs.append(SeriesRef(key=f"{rel_folder}::{gkey}", path=str(folder), files=tuple(groups[gkey]),

@@ -662,6 +662,18 @@ def list_series(source: Source) -> List[SeriesInfo]:
     return _infos(scan, groups, where)
 
 
+def series_files(source: Source) -> List[Tuple[str, Tuple[str, ...]]]:
+    """The series of ``source`` as :func:`list_series` groups them - ``(id, file paths)`` each, in
+    scan order - for callers that hand files on (the batch engine's discovery). Files that are no
+    image are left out (:func:`list_series` names them).
+
+    Raises:
+        SeriesError subclass: nothing in the source is a DICOM image.
+    """
+    _, groups, _ = _scan_groups(source)
+    return [(g.uid, tuple(dict.fromkeys(s.path for s in g.slices if s.path))) for g in groups]
+
+
 def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
                 allow_gaps: bool = False, workers: Optional[int] = None, progress: bool = False,
                 decode: str = "auto", timings: Optional[Dict[str, float]] = None,
