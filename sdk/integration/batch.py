@@ -85,7 +85,7 @@ def _header(path: Path) -> Any:
                                "the file is truncated or damaged") from exc
 
 
-def _merge_split_series(groups: Dict[str, List[str]], info: Dict[str, Tuple[str, str]]) -> None:
+def _regroup_split_series(groups: Dict[str, List[str]], info: Dict[str, Tuple[str, str]]) -> None:
     """Single-file groups of one folder that the reader reads as one series (an anonymiser gave
     every file its own SeriesInstanceUID: :func:`sdk.io.reader._merge_split_series`) become one
     group, keyed by the reader's id, so the batch triages the series once instead of each file.
@@ -154,7 +154,7 @@ def discover_series(root: PathLike) -> Tuple[List[SeriesRef], int]:
             gkey = uid if uid else "no-uid-" + hashlib.sha256(str(ds.get("SOPClassUID", "")).encode()).hexdigest()[:8]
             groups.setdefault(gkey, []).append(str(path))
             info.setdefault(gkey, (uid, str(ds.get("Modality", "") or "")))
-        _merge_split_series(groups, info)
+        _regroup_split_series(groups, info)
         for gkey in sorted(groups):
             uid, modality = info[gkey]
             refs.append(SeriesRef(key=f"{rel_folder}::{gkey}", path=str(folder), files=tuple(groups[gkey]),
