@@ -12,32 +12,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
 
 from sdk.paths import shared_data_root
 
 DEFAULT = [shared_data_root() / "dicom" / "covid-ct-md" / n for n in ("covid-P001", "cap-cap001", "normal-normal001")]
-
-
-def conditions(op: Dict[str, Any], cfg: Any) -> Dict[str, List[Tuple[str, float, str, float]]]:
-    """(feature, value, comparison, bar) of every condition of every HU term (all must hold to fire)."""
-    p = op["pattern"]
-    ggo = float(op["ggo_fraction"])
-    return {
-        "no_opacity": [("ggo_fraction", ggo, "<", cfg.no_opacity_fraction)],
-        "lobar_consolidation": [("largest_consolidation_fraction", p["largest_consolidation_fraction"], ">=", cfg.lobar_fraction)],
-        "unilateral": [("involved_lungs", float(p["involved_lungs"]), "==", 1.0),
-                       ("bilateral_index", p["bilateral_index"], "<", cfg.unilateral_index)],
-        "covid_typical": [("ggo_fraction", ggo, ">=", cfg.typical_ggo_fraction),
-                          ("bilateral_index", p["bilateral_index"], ">=", cfg.typical_bilateral),
-                          ("peripheral_index", p["peripheral_index"], ">=", cfg.typical_peripheral),
-                          ("lower_index", p["lower_index"], ">=", cfg.typical_lower),
-                          ("ggo_share", p["ggo_share"], ">=", cfg.typical_ggo_share)],
-    }
-
-
-def holds(value: float, op: str, bar: float) -> bool:
-    return {"<": value < bar, ">=": value >= bar, "==": value == bar}[op]
 
 
 def main() -> None:
@@ -45,17 +23,16 @@ def main() -> None:
     ap.add_argument("series", nargs="*", type=Path, default=DEFAULT)
     args = ap.parse_args()
     import sdk
-    from sdk.decision import DecisionConfig
+    from sdk.decision import condition_holds, hu_conditions
 
-    cfg = DecisionConfig()
     triage = sdk.Triage(heatmaps=False)
     for path in args.series:
         r = triage.run(path)
         print(f"{path.name}: {r.label} (P(covid) {r.probabilities.get('covid', float('nan')):.3f})")
         if not r.lung_opacity:
             continue
-        for term, conds in conditions(r.lung_opacity, cfg).items():
-            ok = [holds(v, o, b) for _, v, o, b in conds]
+        for term, conds in hu_conditions(r.lung_opacity).items():
+            ok = [condition_holds(c) for c in conds]
             failing = [c for c, k in zip(conds, ok) if not k]
             if all(ok):
                 margin = min(abs(v - b) for _, v, _, b in conds)

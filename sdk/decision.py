@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-__all__ = ["DecisionConfig", "Decision", "hu_terms", "decide", "INDETERMINATE"]
+__all__ = ["DecisionConfig", "Decision", "Condition", "hu_conditions", "condition_holds", "hu_terms", "decide",
+           "INDETERMINATE"]
 
 INDETERMINATE = "indeterminate"
 
@@ -108,20 +109,42 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def hu_terms(opacity: Mapping[str, Any], cfg: DecisionConfig = DecisionConfig()) -> Dict[str, float]:
-    """The HU logit terms from a ``LungOpacity.to_dict()`` block (0.0 where a rule does not fire)."""
+#: one condition of an HU term: (feature, measured value, comparison, bar)
+Condition = Tuple[str, float, str, float]
+_HOLDS = {"<": lambda v, b: v < b, ">=": lambda v, b: v >= b, "==": lambda v, b: v == b}
+
+
+def hu_conditions(opacity: Mapping[str, Any], cfg: DecisionConfig = DecisionConfig()) -> Dict[str, List[Condition]]:
+    """Every condition of every HU term (a term fires when all of its conditions hold), from a
+    ``LungOpacity.to_dict()`` block: the rules of :func:`hu_terms`, readable with their margins."""
     p = opacity["pattern"]
     ggo = float(opacity["ggo_fraction"])
-    typical = (ggo >= cfg.typical_ggo_fraction and p["bilateral_index"] >= cfg.typical_bilateral
-               and p["peripheral_index"] >= cfg.typical_peripheral and p["lower_index"] >= cfg.typical_lower
-               and p["ggo_share"] >= cfg.typical_ggo_share)
-    unilateral = int(p["involved_lungs"]) == 1 and p["bilateral_index"] < cfg.unilateral_index
     return {
-        "no_opacity": cfg.w_no_opacity if ggo < cfg.no_opacity_fraction else 0.0,
-        "lobar_consolidation": cfg.w_lobar if p["largest_consolidation_fraction"] >= cfg.lobar_fraction else 0.0,
-        "unilateral": cfg.w_unilateral if unilateral else 0.0,
-        "covid_typical": cfg.w_typical if typical else 0.0,
+        "no_opacity": [("ggo_fraction", ggo, "<", cfg.no_opacity_fraction)],
+        "lobar_consolidation": [("largest_consolidation_fraction", float(p["largest_consolidation_fraction"]), ">=",
+                                 cfg.lobar_fraction)],
+        "unilateral": [("involved_lungs", float(int(p["involved_lungs"])), "==", 1.0),
+                       ("bilateral_index", float(p["bilateral_index"]), "<", cfg.unilateral_index)],
+        "covid_typical": [("ggo_fraction", ggo, ">=", cfg.typical_ggo_fraction),
+                          ("bilateral_index", float(p["bilateral_index"]), ">=", cfg.typical_bilateral),
+                          ("peripheral_index", float(p["peripheral_index"]), ">=", cfg.typical_peripheral),
+                          ("lower_index", float(p["lower_index"]), ">=", cfg.typical_lower),
+                          ("ggo_share", float(p["ggo_share"]), ">=", cfg.typical_ggo_share)],
     }
+
+
+def condition_holds(cond: Condition) -> bool:
+    """Whether one :data:`Condition` holds."""
+    _, value, op, bar = cond
+    return _HOLDS[op](value, bar)
+
+
+def hu_terms(opacity: Mapping[str, Any], cfg: DecisionConfig = DecisionConfig()) -> Dict[str, float]:
+    """The HU logit terms from a ``LungOpacity.to_dict()`` block (0.0 where a rule does not fire)."""
+    weights = {"no_opacity": cfg.w_no_opacity, "lobar_consolidation": cfg.w_lobar,
+               "unilateral": cfg.w_unilateral, "covid_typical": cfg.w_typical}
+    return {term: weights[term] if all(condition_holds(c) for c in conds) else 0.0
+            for term, conds in hu_conditions(opacity, cfg).items()}
 
 
 def decide(
