@@ -63,6 +63,43 @@ def test_store_is_idempotent_and_atomic(tmp_path):
     assert not list(a.path.parent.glob("*.tmp"))
 
 
+def test_one_uid_at_two_positions_is_two_files_across_a_restart(tmp_path):
+    """The same SOPInstanceUID at another position is another slice (kept); at the same position it
+    is a re-send (replaces). After a restart the first file's position is read back from disk."""
+    from sdk.integration.storage import position_token
+    from sdk.phantom import write_phantom_series
+
+    files = write_phantom_series(tmp_path / "src", n_slices=2, size=16)
+    pos = [position_token(pydicom.dcmread(str(f)).ImagePositionPatient) for f in files]
+    assert pos[0] != pos[1] and position_token([1, 2]) is None and position_token(None) is None
+    data = [f.read_bytes() for f in files]
+    store = SeriesStore(tmp_path / "out")
+    a = store.store("1.2.3", "1.2.3.4", data[0], pos[0])
+    b = store.store("1.2.3", "1.2.3.4", data[1], pos[1])
+    assert a.is_new and b.is_new and b.uid_reused and a.path != b.path and b.path.name.startswith("1.2.3.4~p")
+    again = SeriesStore(tmp_path / "out")  # restart: positions are not in memory any more
+    c = again.store("1.2.3", "1.2.3.4", data[1], pos[1])
+    d = again.store("1.2.3", "1.2.3.4", data[0], pos[0])
+    assert (c.path, c.is_new, c.uid_reused) == (b.path, False, False) and (d.path, d.is_new) == (a.path, False)
+    assert [p.read_bytes() for p in (a.path, b.path)] == data and len(again.instance_names("1.2.3")) == 2
+
+
+def test_merge_series_moves_every_instance_and_removes_the_pieces(tmp_path):
+    store = SeriesStore(tmp_path / "out")
+    store.store("1.2.3.1", "1.2.3.9", b"one")
+    store.store("1.2.3.2", "1.2.3.9", b"two")  # the same instance name in two series
+    store.store("1.2.3.3", "1.2.3.8", b"three")
+    with pytest.raises(ConfigError, match="into itself"):
+        store.merge_series(["1.2.3.1"], "1.2.3.1")
+    names = store.merge_series(["1.2.3.1", "1.2.3.2", "1.2.3.3"], "merged-1.2.3.1")
+    assert len(names) == 3 and names == store.instance_names("merged-1.2.3.1") and store.version("merged-1.2.3.1") == 3
+    assert store.series_keys() == ["merged-1.2.3.1"]
+    assert sorted(p.name for p in (tmp_path / "out" / "series").iterdir()) == ["merged-1.2.3.1"]
+    folder = store.instances_dir("merged-1.2.3.1")
+    assert sorted((folder / n).read_bytes() for n in names) == [b"one", b"three", b"two"]
+    assert SeriesStore(tmp_path / "out").instance_names("merged-1.2.3.1") == names  # as on disk
+
+
 def test_atomic_write_never_shows_a_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")

@@ -69,3 +69,75 @@ def test_resend_late_instance_and_failure_isolation(two_series, tmp_path):
                                "traceback": failed["error"]["traceback"]}
     assert [r["state"] for r in ledger if r["series_key"] == "1.2.826.0.1.2"] == ["failed"]  # not retried
     assert lst.counts["duplicates"] == 4 and lst.counts["received"] == 8
+
+
+def _rewrite(paths, **values):
+    """Rewrite elements of every file (values: name -> callable(k) giving file k's value)."""
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(str(p))
+        for name, value in values.items():
+            setattr(ds, name, value(k))
+            if name == "SOPInstanceUID":
+                ds.file_meta.MediaStorageSOPInstanceUID = value(k)
+        ds.save_as(str(p))
+
+
+def test_placeholder_sop_uid_keeps_every_slice(tmp_path):
+    """An anonymiser wrote one SOPInstanceUID into every file: each position is its own slice on
+    disk (not written over the first), the series is triaged once with all of them, and a re-send
+    replaces files instead of adding any."""
+    from sdk.io import load_series
+    from sdk.phantom import write_phantom_series
+
+    paths = write_phantom_series(tmp_path / "src", n_slices=6, size=32, series_uid="1.2.826.0.1.7")
+    _rewrite(paths, SOPInstanceUID=lambda k: "1.2.826.0.1.7.1")
+    out = tmp_path / "out"
+    lst = Listener(ListenerConfig(out=out, port=0, quiet_seconds=0.8, workers=1), lambda: inventory).start()
+    try:
+        target = ForwardTarget(*lst.address, "CTSDK")
+        forward_files(paths, target, calling_ae="S")
+        assert lst.wait_idle(30)
+        forward_files(paths, target, calling_ae="S")  # a re-send of all six
+        time.sleep(1.2)
+        assert lst.wait_idle(30)
+    finally:
+        lst.stop()
+    stored = sorted((out / "series" / "1.2.826.0.1.7" / "instances").glob("*.dcm"))
+    assert len(stored) == 6 and sum("~p" in p.name for p in stored) == 5
+    assert lst.counts["uid_reused"] == 5 and lst.counts["received"] == 6 and lst.counts["duplicates"] == 6
+    runs = [r for r in _ledger(out) if r["series_key"] == "1.2.826.0.1.7"]
+    assert [(r["state"], r["n_instances"]) for r in runs] == [("done", 6)]  # the re-send re-opened nothing
+    vol = load_series(stored)
+    ref = load_series(paths)
+    assert vol.shape == ref.shape == (6, 32, 32) and (vol.hu == ref.hu).all()
+
+
+def test_series_uid_regenerated_per_file_is_triaged_once(tmp_path):
+    """An anonymiser gave every file its own SeriesInstanceUID: the single-instance series are held
+    until they are all quiet, moved into one series folder and triaged once as one series; a real
+    series sent beside them is untouched, and fewer than MIN_SPLIT_SERIES such files are not merged."""
+    from sdk.io import load_series
+    from sdk.io.reader import MIN_SPLIT_SERIES
+    from sdk.phantom import write_phantom_series
+
+    n = MIN_SPLIT_SERIES + 2
+    split = write_phantom_series(tmp_path / "split", n_slices=n, size=32)
+    _rewrite(split, SeriesInstanceUID=lambda k: f"1.2.826.0.1.8.{k + 1}")
+    whole = write_phantom_series(tmp_path / "whole", n_slices=4, size=32, series_uid="1.2.826.0.1.9")
+    out = tmp_path / "out"
+    lst = Listener(ListenerConfig(out=out, port=0, quiet_seconds=0.8, workers=1), lambda: inventory).start()
+    try:
+        target = ForwardTarget(*lst.address, "CTSDK")
+        forward_files(split[: n // 2], target, calling_ae="S")
+        forward_files(whole, target, calling_ae="S")
+        forward_files(split[n // 2:], target, calling_ae="S")
+        assert lst.wait_idle(30)
+    finally:
+        lst.stop()
+    runs = {r["series_key"]: r for r in _ledger(out)}
+    assert sorted(runs) == ["1.2.826.0.1.9", "merged-1.2.826.0.1.8.1"], sorted(runs)
+    assert runs["merged-1.2.826.0.1.8.1"]["n_instances"] == n and runs["1.2.826.0.1.9"]["n_instances"] == 4
+    assert lst.counts["series_merged"] == 1
+    assert sorted(p.name for p in (out / "series").iterdir()) == ["1.2.826.0.1.9", "merged-1.2.826.0.1.8.1"]
+    vol = load_series(sorted((out / "series" / "merged-1.2.826.0.1.8.1" / "instances").glob("*.dcm")))
+    assert vol.shape == load_series(split).shape == (n, 32, 32)

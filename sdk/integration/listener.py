@@ -12,6 +12,12 @@ A restart rebuilds the state from disk: series without a matching marker are tri
 quiet period, series with one are never redone. Instances that arrive after a series was triaged
 re-open it (a new revision), which is the only way a series is triaged twice.
 
+Anonymiser damage (docs/ingest.md): a file whose SOPInstanceUID is already stored at another
+position is kept as its own slice (:meth:`SeriesStore.store`); single-instance series that the
+reader reads as one series - an anonymiser gave every file its own SeriesInstanceUID - are held
+until no such single has arrived for a quiet period, then moved into one series folder
+(:meth:`SeriesStore.merge_series`) and triaged once.
+
 Security: calling AE titles must be on the allow-list (else A-ASSOCIATE-RJ, "calling AE title not
 recognised", and a WARNING log line); an optional source-address allow-list closes the TCP
 connection of any other peer before any DICOM is read; optional TLS (server certificate, and
@@ -32,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError
-from .storage import SeriesStore, atomic_write_json, instance_set_digest
+from .storage import SeriesStore, atomic_write_json, instance_set_digest, position_token
 from .triage_fns import TriageFn, TriageOutput, normalise_output
 
 log = logging.getLogger("sdk.integration.listener")
@@ -43,6 +49,10 @@ __all__ = ["ListenerConfig", "Listener", "ForwardTarget", "parse_forward", "load
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
+
+#: a single-instance series waits for other singles to go quiet (they may be one series split by
+#: per-file SeriesInstanceUIDs) at most this many quiet periods after its own arrival
+SPLIT_HOLD_MAX_PERIODS = 6.0
 
 
 @dataclass(frozen=True)
@@ -160,7 +170,9 @@ class Listener:
         self._threads: List[threading.Thread] = []
         self._server: Any = None
         self.counts = {"received": 0, "duplicates": 0, "refused": 0, "rejected_associations": 0,
-                       "refused_connections": 0, "triaged": 0, "failed": 0}
+                       "refused_connections": 0, "triaged": 0, "failed": 0, "uid_reused": 0,
+                       "series_merged": 0}
+        self._singles_checked: frozenset = frozenset()
         self._load_settled()
 
     def _count(self, name: str) -> None:
@@ -304,17 +316,23 @@ class Listener:
             ds = event.dataset
             sop_uid = ds.get("SOPInstanceUID", None) or getattr(event.request, "AffectedSOPInstanceUID", "")
             series_uid = ds.get("SeriesInstanceUID", "")
+            position = position_token(ds.get("ImagePositionPatient"))
             encoded = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # a data set pydicom cannot parse
             self._count("refused")
             log.warning("refused an instance from %s: cannot decode it (%s)", event.assoc.requestor.ae_title, exc)
             return STATUS_CANNOT_UNDERSTAND
         try:
-            stored = self.store.store(str(series_uid), str(sop_uid), encoded)
+            stored = self.store.store(str(series_uid), str(sop_uid), encoded, position)
         except (OSError, CtsdkError) as exc:
             self._count("refused")
             log.error("could not store instance %r of series %r: %s", str(sop_uid)[:80], str(series_uid)[:80], exc)
             return STATUS_OUT_OF_RESOURCES
+        if stored.uid_reused:
+            self._count("uid_reused")
+            log.warning("series %s: SOPInstanceUID %s arrived again at another position (%s): kept as a "
+                        "distinct slice (%s), not written over the first (an anonymiser's placeholder UID?)",
+                        stored.series_key, str(sop_uid)[:80], position, stored.path.name)
         if stored.is_new:  # bumps the series version: a settled series re-opens
             self._count("received")
         else:
@@ -329,12 +347,19 @@ class Listener:
 
     def _scheduler(self) -> None:
         while not self._stop.is_set():
+            singles = self._pending_singles()
+            hold = bool(singles) and min(self.store.seconds_since_arrival(k) for k in singles) < self.cfg.quiet_seconds
+            if singles and not hold:
+                self._merge_split_series(singles)
             for key in self.store.series_keys():
                 with self._lock:
                     if key in self._inflight:
                         continue
-                if self._is_settled(key) or self.store.seconds_since_arrival(key) < self.cfg.quiet_seconds:
+                since = self.store.seconds_since_arrival(key)
+                if self._is_settled(key) or since < self.cfg.quiet_seconds:
                     continue
+                if hold and key in singles and since < SPLIT_HOLD_MAX_PERIODS * self.cfg.quiet_seconds:
+                    continue  # another single is still arriving: they may be one split series
                 try:
                     self._queue.put_nowait(key)
                 except queue.Full:
@@ -342,6 +367,47 @@ class Listener:
                 with self._lock:
                     self._inflight.add(key)
             self._stop.wait(self.cfg.tick_s)
+
+    def _pending_singles(self) -> Set[str]:
+        """Series of one instance that were never triaged and are not queued: the pieces of a series
+        whose SeriesInstanceUID an anonymiser regenerated per file, if there are enough of them."""
+        out: Set[str] = set()
+        for key in self.store.series_keys():
+            with self._lock:
+                if key in self._inflight or key in self._settled:
+                    continue
+            if len(self.store.instance_names(key)) == 1 and self.store.marker(key) is None:
+                out.add(key)
+        return out
+
+    def _merge_split_series(self, singles: Set[str]) -> None:
+        """Move quiet single-instance series that the reader groups as one series into one series
+        folder (named after the first of them), so that it is triaged once, as a whole."""
+        from ..io import series_files
+        from ..io.reader import MIN_SPLIT_SERIES
+
+        if len(singles) < MIN_SPLIT_SERIES or frozenset(singles) == self._singles_checked:
+            return
+        self._singles_checked = frozenset(singles)
+        by_path = {str(self.store.instance_paths(k)[0]): k for k in sorted(singles)}
+        try:
+            groups = series_files(sorted(by_path))
+        except CtsdkError as exc:
+            log.info("%d single-instance series were not regrouped: %s", len(singles), exc)
+            return
+        for uid, files in groups:
+            keys = [by_path[f] for f in files if f in by_path]
+            if len(files) < 2 or len(keys) != len(files):
+                continue
+            into = f"merged-{keys[0]}"
+            names = self.store.merge_series(keys, into)
+            if names is None:  # an instance of one of them is being written: look again next tick
+                self._singles_checked = frozenset()
+                continue
+            self._count("series_merged")
+            log.warning("%d single-instance series look like one series whose SeriesInstanceUID differs on "
+                        "every file (an anonymiser that regenerated UIDs per file?): moved into series %s "
+                        "(%d instances) and triaged as one", len(keys), into, len(names))
 
     def _worker(self) -> None:
         try:

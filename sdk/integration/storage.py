@@ -3,6 +3,8 @@
 Layout under the listener's ``--out`` folder::
 
     OUT/series/<series-key>/instances/<sop-key>.dcm   one file per SOP instance (idempotent)
+    OUT/series/<series-key>/instances/<sop-key>~p<hash>.dcm   the same SOPInstanceUID at another
+                                                      position (an anonymiser's placeholder UID)
     OUT/series/<series-key>/results/                  result.json, sr.dcm, sc-*.dcm, heat-map PNGs
     OUT/series/<series-key>/DONE | FAILED             state marker (JSON), written atomically last
     OUT/triage-log.jsonl                              one line per triage run (audit ledger)
@@ -11,6 +13,11 @@ Every name on disk is derived from a network value only after validation: a UID 
 DICOM UID grammar (PS3.5 9.1: dot-separated numbers without leading zeros, at most 64 characters)
 is used as is; anything else becomes ``h-`` + a SHA-256 prefix, so a crafted value such as
 ``../../x`` can never name a path outside ``OUT``.
+
+One SOPInstanceUID is one instance - a re-send replaces its file - *at one position*: anonymisers
+write one placeholder UID into every file of a series, and a file that arrives with a UID already
+stored at another ImagePositionPatient is a distinct slice, kept under its own name (the reader's
+duplicate rule, docs/ingest.md), not written over the first.
 
 Writes are durable before they are acknowledged: temp file in the same folder, ``fsync``, atomic
 ``os.replace``, then ``fsync`` of the folder.
@@ -21,12 +28,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from ..errors import ConfigError
 
@@ -41,6 +49,7 @@ __all__ = [
     "append_jsonl_line",
     "SeriesStore",
     "StoredInstance",
+    "position_token",
 ]
 
 #: DICOM UID grammar (PS3.5 section 9.1).
@@ -146,6 +155,29 @@ def json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def position_token(position: Any) -> Optional[str]:
+    """ImagePositionPatient as a comparable token, rounded to 0.01 mm as the reader compares
+    positions; None when absent or not three numbers."""
+    try:
+        values = [float(v) for v in position]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != 3:
+        return None
+    return "\\".join(f"{v:.2f}" for v in values)
+
+
+def _read_position(path: Path) -> Optional[str]:
+    """The position token of a stored instance (read back after a restart), None if unreadable."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["ImagePositionPatient"])
+        return position_token(ds.get("ImagePositionPatient"))
+    except Exception:  # an unreadable file has no position to compare: the re-send replaces it
+        return None
+
+
 def instance_set_digest(names: Iterable[str]) -> str:
     """Order-independent digest of a series' instance file names (what a DONE marker covers)."""
     h = hashlib.sha256()
@@ -162,6 +194,9 @@ class StoredInstance:
     series_key: str
     path: Path
     is_new: bool
+    #: True when the SOPInstanceUID was already stored at another position and this file is now
+    #: kept beside it under its own name (an anonymiser's placeholder UID); False for its re-sends
+    uid_reused: bool = False
 
 
 class SeriesStore:
@@ -181,6 +216,8 @@ class SeriesStore:
         self._instances: Dict[str, Set[str]] = {}
         self._versions: Dict[str, int] = {}  # +1 per new instance: cheap "did anything arrive?"
         self._last_arrival: Dict[str, float] = {}
+        self._positions: Dict[Tuple[str, str], Optional[str]] = {}  # (series, file) -> position token
+        self._writing: Dict[str, int] = {}  # series -> writes in flight (a merge waits for none)
         self._rescan()
 
     # --- paths ------------------------------------------------------------------------------
@@ -197,21 +234,30 @@ class SeriesStore:
         return self.series_dir(series_key) / "results"
 
     # --- receiving --------------------------------------------------------------------------
-    def store(self, series_uid: Any, sop_uid: Any, encoded: bytes) -> StoredInstance:
+    def store(self, series_uid: Any, sop_uid: Any, encoded: bytes, position: Optional[str] = None) -> StoredInstance:
         """Durably store one encoded DICOM file (preamble + meta + data set) under its series.
 
         Names come from :func:`safe_key`; re-sending an instance replaces the same file (exactly
-        one file per SOPInstanceUID). Returns only after the bytes and the rename are on disk.
+        one file per SOPInstanceUID and position). ``position`` (:func:`position_token` of the
+        file's ImagePositionPatient) tells a re-send from another slice that carries the same UID:
+        that one is kept under ``<sop-key>~p<hash>.dcm``. Returns only after the bytes and the
+        rename are on disk.
         """
         seed = hashlib.sha256(encoded).digest()
         series_key = safe_key(series_uid, b"series")
         sop_key = safe_key(sop_uid, seed)
-        name = sop_key + INSTANCE_SUFFIX
         folder = self.instances_dir(series_key)
-        target = (folder / name).resolve()
-        if target.parent != folder:
-            raise ConfigError(f"instance name {name!r} would leave {folder}; refusing it")
-        atomic_write_bytes(target, encoded)
+        with self._lock:
+            name, reused = self._claim_name(series_key, sop_key, position)
+            self._writing[series_key] = self._writing.get(series_key, 0) + 1
+        try:
+            target = (folder / name).resolve()
+            if target.parent != folder:
+                raise ConfigError(f"instance name {name!r} would leave {folder}; refusing it")
+            atomic_write_bytes(target, encoded)
+        finally:
+            with self._lock:
+                self._writing[series_key] -= 1
         with self._lock:
             names = self._instances.setdefault(series_key, set())
             is_new = name not in names
@@ -221,7 +267,69 @@ class SeriesStore:
                 self._last_arrival[series_key] = time.monotonic()
             else:
                 self._last_arrival.setdefault(series_key, time.monotonic())
-        return StoredInstance(series_key, target, is_new)
+        return StoredInstance(series_key, target, is_new, reused)
+
+    def _claim_name(self, series_key: str, sop_key: str, position: Optional[str]) -> Tuple[str, bool]:
+        """The file name for an instance (called under the lock; the position is recorded at once,
+        so two associations storing one UID at two positions at the same time get two names)."""
+        base = sop_key + INSTANCE_SUFFIX
+        if position is None:
+            return base, False
+        key = (series_key, base)
+        if key not in self._positions:
+            on_disk = base in self._instances.get(series_key, ())
+            self._positions[key] = _read_position(self.instances_dir(series_key) / base) if on_disk else position
+        known = self._positions[key]
+        if known is None or known == position:
+            self._positions[key] = position
+            return base, False
+        alt = f"{sop_key}~p{hashlib.sha256(position.encode()).hexdigest()[:12]}{INSTANCE_SUFFIX}"
+        self._positions[(series_key, alt)] = position
+        return alt, alt not in self._instances.get(series_key, ())  # a re-send of it is no news
+
+    def merge_series(self, sources: Sequence[str], into: str) -> Optional[List[str]]:
+        """Move every instance of the series ``sources`` into the series ``into`` and remove the
+        emptied series folders; returns the instance names of ``into``, or None (nothing moved)
+        while an instance of a source is being written - ask again later.
+
+        For series that are one series split by per-file SeriesInstanceUIDs (the listener asks
+        :func:`sdk.io.series_files` first). Only for series that were never triaged: their folders
+        hold instances and nothing else. A name already taken in ``into`` gets the source's key
+        as a suffix; every move is an atomic rename within ``OUT``. The store's lock is held
+        throughout, so no instance is written into a source while it is moved and removed.
+        """
+        if into in sources:
+            raise ConfigError(f"cannot merge series {into!r} into itself")
+        dest = self.instances_dir(into)
+        with self._lock:
+            if any(self._writing.get(src, 0) for src in sources):
+                return None
+            dest.mkdir(parents=True, exist_ok=True)
+            taken = set(self._instances.get(into, ()))
+            moved: Set[str] = set()
+            for src in sources:
+                for name in sorted(self._instances.get(src, ())):
+                    target = name
+                    if target in taken:
+                        suffix = hashlib.sha256(src.encode()).hexdigest()[:8]
+                        target = f"{name[:-len(INSTANCE_SUFFIX)]}~s{suffix}{INSTANCE_SUFFIX}"
+                    os.replace(self.instances_dir(src) / name, dest / target)
+                    taken.add(target)
+                    moved.add(target)
+            _fsync_dir(dest)
+            for src in sources:
+                shutil.rmtree(self.series_dir(src))
+            _fsync_dir(self.series_root)
+            self._instances[into] = taken
+            self._versions[into] = self._versions.get(into, 0) + len(moved)
+            arrivals = [self._last_arrival[s] for s in sources if s in self._last_arrival]
+            self._last_arrival[into] = max(arrivals) if arrivals else time.monotonic()
+            for src in sources:
+                self._instances.pop(src, None)
+                self._versions.pop(src, None)
+                self._last_arrival.pop(src, None)
+            self._positions = {k: v for k, v in self._positions.items() if k[0] not in sources}
+            return sorted(taken)
 
     # --- state ------------------------------------------------------------------------------
     def _rescan(self) -> None:
