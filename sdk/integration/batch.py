@@ -91,20 +91,10 @@ def _regroup_split_series(groups: Dict[str, List[str]], info: Dict[str, Tuple[st
     group, keyed by the reader's id, so the batch triages the series once instead of each file.
     Only asked where a folder holds at least ``MIN_SPLIT_SERIES`` single-file groups; a folder the
     reader cannot group keeps the header grouping."""
-    from ..io import series_files
-    from ..io.reader import MIN_SPLIT_SERIES
+    from ..io import regroup_single_files
 
     singles = {groups[k][0]: k for k, files in groups.items() if len(files) == 1}
-    if len(singles) < MIN_SPLIT_SERIES:
-        return
-    try:
-        found = series_files(sorted(singles))
-    except CtsdkError as exc:
-        log.info("regrouping %d single-file series failed, kept apart: %s", len(singles), exc)
-        return
-    for uid, files in found:
-        if len(files) < 2 or not all(f in singles for f in files):
-            continue
+    for uid, files in regroup_single_files(list(singles)):
         modality = info[singles[files[0]]][1]
         for f in files:
             key = singles[f]

@@ -383,22 +383,14 @@ class Listener:
     def _merge_split_series(self, singles: Set[str]) -> None:
         """Move quiet single-instance series that the reader groups as one series into one series
         folder (named after the first of them), so that it is triaged once, as a whole."""
-        from ..io import series_files
-        from ..io.reader import MIN_SPLIT_SERIES
+        from ..io import regroup_single_files
 
-        if len(singles) < MIN_SPLIT_SERIES or frozenset(singles) == self._singles_checked:
+        if frozenset(singles) == self._singles_checked:
             return
         self._singles_checked = frozenset(singles)
         by_path = {str(self.store.instance_paths(k)[0]): k for k in sorted(singles)}
-        try:
-            groups = series_files(sorted(by_path))
-        except CtsdkError as exc:
-            log.info("%d single-instance series were not regrouped: %s", len(singles), exc)
-            return
-        for uid, files in groups:
-            keys = [by_path[f] for f in files if f in by_path]
-            if len(files) < 2 or len(keys) != len(files):
-                continue
+        for _, files in regroup_single_files(list(by_path)):
+            keys = [by_path[f] for f in files]
             into = f"merged-{keys[0]}"
             names = self.store.merge_series(keys, into)
             if names is None:  # an instance of one of them is being written: look again next tick

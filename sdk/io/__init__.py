@@ -14,10 +14,10 @@ from .decoders import (
     DecoderPlugin, available_decoders, decode_pixels, decoder_chain, register_decoder, syntax_name,
     unregister_decoder,
 )
-from .reader import SeriesInfo, inspect_and_load, list_series, load_series, series_files
+from .reader import SeriesInfo, inspect_and_load, list_series, load_series, regroup_single_files, series_files
 
 __all__ = [
-    "SeriesInfo", "inspect_and_load", "list_series", "load_series", "series_files",
+    "SeriesInfo", "inspect_and_load", "list_series", "load_series", "regroup_single_files", "series_files",
     "DecoderPlugin", "available_decoders", "decode_pixels", "decoder_chain", "register_decoder", "syntax_name",
     "unregister_decoder",
 ]

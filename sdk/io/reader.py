@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from ..errors import (
-    ConfigError, CorruptFileError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
+    ConfigError, CorruptFileError, CtsdkError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
     NoImageSeriesError, NotCTError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError,
 )
 from ..volume.core import SeriesMeta, Volume
@@ -672,6 +672,23 @@ def series_files(source: Source) -> List[Tuple[str, Tuple[str, ...]]]:
     """
     _, groups, _ = _scan_groups(source)
     return [(g.uid, tuple(dict.fromkeys(s.path for s in g.slices if s.path))) for g in groups]
+
+
+def regroup_single_files(files: Sequence[str]) -> List[Tuple[str, Tuple[str, ...]]]:
+    """Of files that each arrived as a series of their own, the groups the reader reads as one
+    series (an anonymiser regenerated every file's SeriesInstanceUID: :data:`MIN_SPLIT_SERIES` or
+    more images of one geometry at distinct positions) - ``(reader id, files)`` for each group of
+    two or more, for callers that group files before reading them (the batch's discovery, the
+    listener's store). Empty when fewer files are given or none of them is a DICOM image."""
+    if len(files) < MIN_SPLIT_SERIES:
+        return []
+    try:
+        found = series_files(sorted(files))
+    except CtsdkError as exc:
+        log.info("%d single-file series not regrouped: %s", len(files), exc)
+        return []
+    given = set(files)
+    return [(uid, fs) for uid, fs in found if len(fs) >= 2 and all(f in given for f in fs)]
 
 
 def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt: bool = True,
