@@ -363,7 +363,11 @@ def test_series_choice_and_override(tmp_path):
     infos = list_series(tmp_path)
     assert [i.uid for i in infos] == ["1.2.3.2", "1.2.3.1"]
     assert infos[0].chosen and not infos[1].chosen and "most planes" in infos[0].reason
-    assert load_series(tmp_path).meta.series_uid == "1.2.3.2"
+    vol = load_series(tmp_path)
+    assert vol.meta.series_uid == "1.2.3.2"
+    # the choice among two series is a warning that names both; one series alone gets none
+    assert [w.split(":")[0] for w in vol.warnings] == ["series 1.2.3.2", "series 1.2.3.1 not loaded (CT, axial, ORIGINAL\\PRIMARY, 10 planes, 5 mm)"]
+    assert load_series(tmp_path / "thin").warnings == ()
     assert load_series(tmp_path, "1.2.3.1").shape == (10, 32, 32)
     with pytest.raises(NoImageSeriesError):
         load_series(tmp_path, "9.9.9")

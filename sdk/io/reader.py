@@ -750,7 +750,10 @@ def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_
     infos = _infos(scan, groups, where)
     group, reason = _choose(groups, series_uid, where or "")
     warnings = _skipped(scan)
-    warnings.append(f"series {group.uid}: {reason}")
+    if len(groups) > 1:  # a choice was made: say which and why (one series is no news)
+        warnings.append(f"series {group.uid}: {reason}")
+    else:
+        log.debug("series %s: %s", group.uid, reason)
     for g in groups:
         if g is not group:
             warnings.append(f"series {g.uid} not loaded ({_describe_rank(g)})")
