@@ -55,7 +55,9 @@ def lazy_exports(package: str, table: Dict[str, str]) -> Tuple[Callable[[str], A
 
     ``table`` maps a public name to the module that defines it (absolute, or relative to
     ``package`` with a leading dot); ``"module:attr"`` exports ``attr`` under the public name.
-    The value is cached in the package namespace after the first access.
+    The value is cached in the package namespace after the first access. A name that is no export
+    but a submodule is imported on first access too, so ``import sdk; sdk.io.load_series(...)``
+    works as the docs write it (the import binds it in the package).
 
         _LAZY = {"OrtSession": ".ort"}
         __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
@@ -65,6 +67,8 @@ def lazy_exports(package: str, table: Dict[str, str]) -> Tuple[Callable[[str], A
     def __getattr__(name: str) -> Any:
         spec = table.get(name)
         if spec is None:
+            if not name.startswith("_") and available(f"{package}.{name}"):
+                return importlib.import_module(f"{package}.{name}")  # a submodule: sdk.io after `import sdk`
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         module, _, attr = spec.partition(":")
         value = getattr(importlib.import_module(module, package), attr or name)

@@ -223,6 +223,19 @@ def test_import_sdk_stays_light():
     assert out.stdout.strip() == ""
 
 
+def test_submodules_are_reachable_after_import_sdk():
+    """``import sdk`` then ``sdk.io.load_series`` / ``sdk.models.create_model`` etc. as the README
+    writes them (they raised AttributeError until something else imported the submodule)."""
+    code = ("import sys, sdk;"
+            "names = [sdk.io.list_series, sdk.io.load_series, sdk.models.create_model, sdk.prior.compare,"
+            " sdk.integration.discover_series, sdk.eligibility, sdk.runtime.OrtSession.__name__];"
+            "missing = hasattr(sdk, 'no_such_module') or hasattr(sdk.io, 'no_such_module');"
+            "print(len(names), missing, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=SDK_HOME)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["7", "False", "False"]
+
+
 def test_infer_batched_equals_one_call_with_and_without_prefetch(tiny):
     """Session.infer_batched: batches of 3 (last one short) from an array or a builder, with or
     without the prefetch thread, give the single full-batch call's outputs; timings are filled."""
