@@ -249,3 +249,27 @@ def test_opacity_map_off_the_series_is_refused(phantom, opacity_case, tmp_path):
     bad = OpacityMap(omap.z_mm + 1000.0, omap.labels)
     with pytest.raises(ResultWriteError, match="no source instance"):
         write_dicom_results(phantom, result, [], tmp_path, opacity=bad)
+
+
+def test_header_warnings_are_logged_not_shown(phantom, tmp_path, caplog):
+    """A source PatientName highdicom warns about (as lung-pet-ct-dx's 'Lung_Dx-A0002') reaches the
+    log once at INFO, naming the folder, not the user's terminal as a UserWarning; files are written."""
+    import logging
+    import warnings
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = []
+    for p in phantom:
+        ds = pydicom.dcmread(str(p))
+        ds.PatientName = "Lung_Dx-A0002"
+        ds.save_as(str(src / p.name))
+        files.append(src / p.name)
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.INFO, "sdk.integration.results"):
+        warnings.simplefilter("always")
+        paths = write_dicom_results(files, {"label": "not_eligible", "eligible": False, "reasons": ["x"]},
+                                    [], tmp_path / "out")
+    assert [p.name for p in paths] == ["sr.dcm", "sc-001.dcm"] and shown == []
+    lines = [r.getMessage() for r in caplog.records if "while building the DICOM results" in r.getMessage()]
+    assert lines and all(str(tmp_path / "out") in l for l in lines) and any("Lung_Dx-A0002" in l for l in lines)
+    assert len(lines) == len(set(lines))

@@ -26,6 +26,8 @@ the same SOP Instance UIDs and a PACS de-duplicates instead of showing two repor
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
 from pathlib import Path
 from typing import Any, List, Mapping, Sequence, Tuple
 
@@ -37,6 +39,9 @@ from .storage import atomic_write_bytes, instance_set_digest
 from .triage_fns import RESEARCH_ONLY, Overlay
 
 log = logging.getLogger("sdk.integration.results")
+
+#: warnings.catch_warnings swaps process-wide state: one writer at a time records them
+_WARNINGS_LOCK = threading.Lock()
 
 __all__ = ["write_dicom_results", "build_sr", "build_sc", "build_seg", "build_measurement_sr", "SEG_SERIES_NUMBER", "forward_files", "key_image_overlay",
            "patient_orientation", "SR_SERIES_NUMBER", "SC_SERIES_NUMBER"]
@@ -257,10 +262,26 @@ def write_dicom_results(files: Sequence[Path], result: Mapping[str, Any], overla
     opacity measurements / ``opacity`` is an :class:`~sdk.integration.triage_fns.OpacityMap` with
     any opacity) for a triaged series into ``out_dir``; return their paths.
 
+    Python warnings that pydicom / highdicom raise about the source headers while the objects are
+    built (e.g. "'Lung_Dx-A0002' is unlikely to represent the intended person name") are logged
+    once each at INFO on ``sdk.integration.results``, naming ``out_dir``, instead of reaching the
+    user's terminal as multi-line UserWarnings: the objects are written regardless.
+
     Raises:
         ResultWriteError: a source cannot be re-read, highdicom refuses the inputs (e.g. a source
             with an invalid UID), or a file cannot be written. The message names the series folder.
     """
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return _write_dicom_results(files, result, overlays, out_dir, max_sc, opacity)
+        finally:
+            for text in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+                log.info("%s: while building the DICOM results: %s", out_dir, text)
+
+
+def _write_dicom_results(files: Sequence[Path], result: Mapping[str, Any], overlays: Sequence[Overlay],
+                         out_dir: Path, max_sc: int, opacity: Any) -> List[Path]:
     files = [Path(f) for f in files]
     if not files:
         raise ResultWriteError(f"{out_dir}: no source instances to reference in the DICOM results")
