@@ -31,7 +31,6 @@ from ..errors import ConfigError
 from ..paths import shared_data_root
 from ..lungs.unet2d import CLAHE_SIZE, INPUT_NAME, NET_SIZE, OUTPUT_NAME, prepare_slice
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = shared_data_root() / "seg2d"
 
 
@@ -40,7 +39,7 @@ class SegTrainConfig:
     """Everything that decides a training run (saved as config.json beside the weights)."""
 
     data_dir: str = str(DEFAULT_DATA)
-    out_dir: str = str(REPO / "runs" / "seg")
+    out_dir: str = "runs/seg"  # relative to the working directory, like every runs/ default
     size: int = NET_SIZE
     base: int = 16
     levels: int = 4
@@ -251,7 +250,7 @@ def main(argv: List[str] | None = None) -> None:
         raise SystemExit("the INT8 lung U-Net is built by `python -m sdk.calibration.lungs` (same options)")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--out", default=str(REPO / "runs" / "seg"))
+    p.add_argument("--out", default="runs/seg")
     p.add_argument("--epochs", type=int, default=SegTrainConfig.epochs)
     p.add_argument("--base", type=int, default=SegTrainConfig.base)
     p.add_argument("--size", type=int, default=SegTrainConfig.size)

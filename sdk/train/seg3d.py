@@ -1,6 +1,6 @@
 """3D lung U-Net (128^3) distilled from the hybrid segmenter: data prep, training, export.
 
-    python -m sdk.train.seg3d prep   [--data ../shared/data] [--out /work/main/.cache/device/unet3d]
+    python -m sdk.train.seg3d prep   [--data ../shared/data] [--out .cache/device/unet3d]
     python -m sdk.train.seg3d train  [--data-dir DIR] [--out runs/seg3d] [--seconds 1800] [--device auto]
     python -m sdk.train.seg3d export --ckpt runs/seg3d/unet3d_lung.pt --out runs/seg3d [--bundle sdk/bundles/default]
     python -m sdk.train.seg3d bundle --onnx-dir DIR [--bundle sdk/bundles/default]   # re-add after a merge
@@ -55,7 +55,8 @@ from ..paths import shared_data_root
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = shared_data_root()
-DEFAULT_KIT = Path("/work/main/.cache/device/unet3d")
+#: relative to the working directory (the repository root in the docs), like every runs/ default
+DEFAULT_KIT = Path(".cache/device/unet3d")
 KIT_SCRIPT = Path(__file__).resolve().parent / "seg3d_kit.py"
 TEST_SERIES = "cip-ct64"
 VAL_SERIES = "covid-ct-md/normal-normal001"
@@ -236,7 +237,7 @@ class Seg3DTrainConfig:
     """``ctsdk train seg3d`` / ``python -m sdk.train.seg3d train`` (see sdk/train/seg3d_kit.py)."""
 
     data_dir: str = str(DEFAULT_KIT)
-    out_dir: str = str(REPO / "runs" / "seg3d")
+    out_dir: str = "runs/seg3d"
     seconds: float = 1800.0
     device: str = "auto"
     batch_size: int = 0          # 0 = 4 on CUDA, 2 on CPU
@@ -506,7 +507,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         t.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
     e = sub.add_parser("export", help="FP32/FP16 ONNX (+ add to a bundle)")
     e.add_argument("--ckpt", required=True)
-    e.add_argument("--out", default=str(REPO / "runs" / "seg3d"))
+    e.add_argument("--out", default="runs/seg3d")
     e.add_argument("--data-dir", default=str(DEFAULT_KIT))
     e.add_argument("--bundle", default=None, help="also add the two ONNX files to this bundle folder")
     e.add_argument("--metrics", default=None, help="JSON file stored as manifest metrics.lungs3d")
@@ -515,7 +516,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     bnd.add_argument("--bundle", default=str(REPO / "sdk" / "bundles" / "default"))
     v = sub.add_parser("evaluate", help="Dice report + CPU latency of exported ONNX files")
     v.add_argument("--data", default=str(DEFAULT_DATA))
-    v.add_argument("--onnx-dir", default=str(REPO / "runs" / "seg3d"))
+    v.add_argument("--onnx-dir", default="runs/seg3d")
     v.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
     if args.cmd == "bundle":
