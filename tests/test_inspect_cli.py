@@ -47,7 +47,7 @@ def test_inspect_error_is_one_line_exit_2(tmp_path):
     f.write_text("hello")
     res = CliRunner().invoke(cli, ["inspect", str(f), "--json"])
     assert res.exit_code == 2
-    assert res.stdout == ""
+    assert json.loads(res.stdout)["error"]["type"] == "NotDicomError"
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ctsdk: error: ") and "x.dcm" in lines[0]
 

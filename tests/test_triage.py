@@ -242,7 +242,9 @@ def test_cli_exit_2_on_series_error(tmp_path: Path) -> None:
     bad.write_bytes(b"")
     out = subprocess.run(CTSDK + ["triage", str(bad), "--json"], capture_output=True, text=True, cwd=SDK_HOME, timeout=300)
     assert out.returncode == 2
-    assert out.stdout == "" and "empty.dcm" in out.stderr and "Traceback" not in out.stderr
+    assert "empty.dcm" in out.stderr and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    err = json.loads(out.stdout)["error"]  # --json: the error is one JSON object on stdout too
+    assert err["type"] == "NotDicomError" and err["exit_code"] == 2 and "empty.dcm" in err["message"]
 
 
 def test_covid_p001(engine) -> None:

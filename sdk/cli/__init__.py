@@ -18,7 +18,7 @@ from .. import __version__
 COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "inspect": ("sdk.cli.inspect_cmd", "inspect", "List the series in a DICOM source and describe the chosen one."),
     "triage": ("sdk.cli.triage_cmd", "triage", "Triage one CT series: label, probabilities, slice scores, timings."),
-    "train": ("sdk.cli.train_cmd", "train", "Train the lung segmenter, slice classifier or aggregator (needs ctsdk[train])."),
+    "train": ("sdk.cli.train_cmd", "train", "Train the 2D/3D lung segmenter, slice classifier or aggregator (needs ctsdk[train])."),
     "export": ("sdk.cli.export_cmd", "export", "Export a checkpoint to ONNX (FP32/FP16) with a parity check (needs ctsdk[train])."),
     "calibrate": ("sdk.cli.calibrate_cmd", "calibrate", "INT8 QDQ calibration on real slices, with an accuracy report."),
     "build-engine": ("sdk.cli.build_engine_cmd", "build_engine", "Build a TensorRT engine on this GPU (needs ctsdk[gpu])."),
@@ -55,7 +55,21 @@ class LazyGroup(click.Group):
 import importlib.util  # noqa: E402  (used by LazyGroup)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = """\b
+Examples:
+  ctsdk info --no-open
+  ctsdk inspect ../shared/data/dicom/covid-ct-md/covid-P001
+  ctsdk triage ../shared/data/dicom/covid-ct-md/covid-P001 --json
+  ctsdk triage-batch ../shared/data/dicom --out /tmp/ctsdk-batch.jsonl --overwrite
+  ctsdk COMMAND --help
+
+\b
+Exit codes: 0 success; 1 the command ran but missed its bar (its --help says when); 2 bad
+arguments, input, configuration, a missing package or an output that cannot be written (one
+line "ctsdk: error: ..." on stderr; with --json also {"error": {...}} on stdout); 130 interrupted."""
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="ctsdk")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
 def cli(verbose: int) -> None:

@@ -1,17 +1,31 @@
-"""Shared CLI plumbing: logging to stderr, --json output, CtsdkError -> exit 2."""
+"""Shared CLI plumbing: logging to stderr, --json output, errors -> one stderr line and exit 2,
+and the pre-flight checks of output locations.
+
+Exit codes every command keeps: 0 success; 1 the command ran but its result misses its bar (named
+in the command's help: a failed accuracy/parity gate, a batch where no series got a result); 2 a
+usage, configuration, input or file-system error (one line ``ctsdk: error: ...`` on stderr, and
+with ``--json`` also one ``{"error": {...}}`` object on stdout); 130 interrupted.
+"""
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
 import sys
-from typing import Any, Callable, Dict
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
 import click
 
-from ..errors import CtsdkError
+from ..errors import CtsdkError, ResultWriteError
 
 log = logging.getLogger("sdk")
+
+#: click ``Context.meta`` key: set once a command printed its result (so an error raised after it
+#: adds no second JSON object on stdout)
+_EMITTED = "ctsdk.emitted"
 
 
 def setup_logging(verbose: int = 0) -> None:
@@ -23,7 +37,9 @@ def setup_logging(verbose: int = 0) -> None:
     root.setLevel(level)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (logs stay on stderr).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help='Print one JSON object on stdout (logs stay on stderr); on an error '
+                                '{"error": {"type", "message", "exit_code"}}.')
 
 
 def emit(payload: Dict[str, Any], as_json: bool, human: Callable[[Dict[str, Any]], str]) -> None:
@@ -32,6 +48,9 @@ def emit(payload: Dict[str, Any], as_json: bool, human: Callable[[Dict[str, Any]
         click.echo(json.dumps(payload, default=_json_default))
     else:
         click.echo(human(payload))
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_EMITTED] = True
 
 
 def _json_default(obj: Any) -> Any:
@@ -44,18 +63,128 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def warn(message: str) -> None:
+    """One line on stderr (``ctsdk: warning: ...``), whatever the log level."""
+    click.echo(f"ctsdk: warning: {one_line(message)}", err=True)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined (the CLI promises one line on stderr per error)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: reason`` for a file-system error, Python's text (``[Errno 98] ...``) for a socket/TLS one."""
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    if names:
+        return f"{' -> '.join(names)}: {exc.strerror or str(exc)}"
+    return str(exc) or type(exc).__name__
+
+
+def _json_requested(kwargs: Dict[str, Any]) -> bool:
+    if "as_json" in kwargs:
+        return bool(kwargs["as_json"])
+    ctx = click.get_current_context(silent=True)  # commands without the option (a stub taking any args)
+    return bool(ctx is not None and "--json" in (ctx.args or []))
+
+
+def _fail(exc: BaseException, message: str, code: int, as_json: bool) -> None:
+    line = one_line(message)
+    ctx = click.get_current_context(silent=True)
+    if as_json and not (ctx is not None and ctx.meta.get(_EMITTED)):
+        err: Dict[str, Any] = {"type": type(exc).__name__, "message": line, "exit_code": code}
+        path = getattr(exc, "path", None) or getattr(exc, "filename", None)
+        if path is not None:
+            err["path"] = str(path)
+        try:
+            click.echo(json.dumps({"error": err}, default=_json_default))
+        except OSError:  # stdout itself is gone (a closed pipe): the stderr line still says why
+            pass
+    click.echo(f"ctsdk: error: {line}" if code != 130 else f"ctsdk: {line}", err=True)
+    log.debug("traceback of the error above", exc_info=exc)  # ctsdk -vv: the traceback too
+    sys.exit(code)
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: any CtsdkError becomes one line on stderr and exit code 2 (never a traceback)."""
+    """Decorator: a CtsdkError or an OSError (a file, folder, socket or TLS problem) becomes one
+    line on stderr and exit code 2 - never a traceback; with ``--json`` also one
+    ``{"error": {"type", "message", "exit_code"[, "path"]}}`` object on stdout (unless the command
+    already printed its result). Any other exception is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = _json_requested(kwargs)
         try:
             return fn(*args, **kwargs)
         except CtsdkError as exc:
-            click.echo(f"ctsdk: error: {exc}", err=True)
-            sys.exit(getattr(exc, "exit_code", 2))
-        except KeyboardInterrupt:
-            click.echo("ctsdk: interrupted", err=True)
-            sys.exit(130)
+            _fail(exc, str(exc), int(getattr(exc, "exit_code", 2)), as_json)
+        except OSError as exc:
+            _fail(exc, os_error_text(exc), 2, as_json)
+        except KeyboardInterrupt as exc:
+            _fail(exc, "interrupted", 130, as_json)
 
     return wrapper
+
+
+# --- output locations, checked before the long work starts ---------------------------------------
+def _probe_dir(folder: Path) -> Optional[str]:
+    """None when ``folder`` exists or can be created and a file can be written in it, else the
+    reason. Leaves nothing behind: folders it had to create are removed again."""
+    missing: List[Path] = []
+    p = folder
+    while not p.exists() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a folder"
+    created: List[Path] = []
+    try:
+        for m in reversed(missing):
+            m.mkdir()
+            created.append(m)
+        fd, tmp = tempfile.mkstemp(prefix=".ctsdk-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+        return None
+    except OSError as exc:
+        return os_error_text(exc)
+    finally:
+        for m in reversed(created):
+            try:
+                m.rmdir()
+            except OSError:
+                pass
+
+
+def check_output_dir(path: Optional[str], option: str) -> None:
+    """Raise ResultWriteError (exit 2) unless folder ``path`` (an ``option`` value) can be created
+    and written. Call it before loading models or reading series, so a run that could not save its
+    results never starts."""
+    if path is None:
+        return
+    folder = Path(path)
+    reason = f"{folder} is a file, not a folder" if folder.is_file() else _probe_dir(folder)
+    if reason:
+        raise ResultWriteError(f"{option} {path}: cannot write there ({reason}); give a folder you can create "
+                               "and write to (checked before starting: nothing was run)")
+
+
+def check_output_file(path: Optional[str], option: str) -> None:
+    """As :func:`check_output_dir` for an output file: its folder must be writable, and an existing
+    file must be a writable file (its content is not touched here)."""
+    if path is None:
+        return
+    f = Path(path)
+    if f.is_dir():
+        reason: Optional[str] = f"{f} is a folder; give a file name"
+    else:
+        reason = _probe_dir(f.parent if str(f.parent) else Path("."))
+        if reason is None and f.exists():
+            try:
+                with open(f, "ab"):  # append mode, nothing written: the content stays as it is
+                    pass
+            except OSError as exc:
+                reason = os_error_text(exc)
+    if reason:
+        raise ResultWriteError(f"{option} {path}: cannot write there ({reason}); give a file in a folder you can "
+                               "write to (checked before starting: nothing was run)")

@@ -2,14 +2,32 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import click
 
-from ._common import emit, handle_errors, json_option
+from ._common import check_output_file, emit, handle_errors, json_option
+
+EXAMPLES = """\b
+Examples:
+  ctsdk triage-batch ../shared/data/dicom/covid-ct-md --out /tmp/ctsdk-batch.jsonl --overwrite
+  ctsdk triage-batch ../shared/data/dicom --out /tmp/ctsdk-batch.jsonl --resume --workers 2
+  ctsdk triage-batch ../shared/data/dicom/bad-inputs --out /tmp/ctsdk-bad.jsonl --overwrite --json
+  ctsdk triage-batch --manifest SERIES_CSV --out /tmp/ctsdk-manifest.jsonl
+  (SERIES_CSV: a CSV with a 'path' column of series folders or files)
+
+\b
+Exit codes:
+  0    the run finished and at least one series got a result (not_eligible and indeterminate
+       are results); series that failed are error lines in --out and counted in the summary
+  1    series were found but none got a result (every line is an error), or, with
+       --fail-on-error, at least one series failed
+  2    bad arguments, --out cannot be written, or no series found (nothing to triage)
+  130  interrupted (rerun with --resume)"""
 
 
-@click.command("triage-batch")
+@click.command("triage-batch", epilog=EXAMPLES)
 @click.argument("root", type=click.Path(exists=True), required=False)
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV with a 'path' column (series folders or files, relative to the CSV) to triage instead of ROOT.")
@@ -26,11 +44,13 @@ from ._common import emit, handle_errors, json_option
 @click.option("--overwrite", is_flag=True, help="Start --out afresh when it exists.")
 @click.option("--triage-fn", default=None, help="module:function triage hook (default: sdk.triage.Triage).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--fail-on-error", is_flag=True,
+              help="Exit 1 when any series failed (default: exit 1 only when no series got a result).")
 @json_option
 @handle_errors
 def triage_batch(root: Optional[str], manifest: Optional[str], out_path: str, workers: int, engine: str,
                  ray_address: Optional[str], cpus_per_worker: float, gpus_per_worker: float, resume: bool,
-                 overwrite: bool, triage_fn: Optional[str], no_progress: bool, as_json: bool) -> None:
+                 overwrite: bool, triage_fn: Optional[str], no_progress: bool, fail_on_error: bool, as_json: bool) -> None:
     """Triage every series under ROOT (or listed in --manifest) into JSON lines, with a summary table
     and a label PNG.
 
@@ -41,6 +61,8 @@ def triage_batch(root: Optional[str], manifest: Optional[str], out_path: str, wo
 
     if (root is None) == (manifest is None):
         raise ConfigError("give either ROOT (an archive folder) or --manifest CSV, not both and not neither")
+    check_output_file(out_path, "--out")  # before any series is read: the run must be able to save
+    out_existed = Path(out_path).exists()
     from ..integration.batch import BatchOptions
 
     options = BatchOptions(resume=resume, overwrite=overwrite, triage_fn=triage_fn, progress=not no_progress)
@@ -60,7 +82,21 @@ def triage_batch(root: Optional[str], manifest: Optional[str], out_path: str, wo
 
             discovered = discover_manifest(manifest)
         summary = run_batch(root or manifest, out_path, options, workers=workers, discovered=discovered)
+    if summary.discovered == 0 and not summary.interrupted:
+        out = Path(out_path)
+        if not out_existed and out.is_file() and out.stat().st_size == 0:
+            out.unlink()  # nothing to triage: leave no empty results file behind
+        where = f"--manifest {manifest}" if manifest is not None else str(root)
+        raise ConfigError(f"{where}: no DICOM series found ({summary.skipped_non_dicom} non-DICOM file(s) ignored): "
+                          "nothing to triage; give the folder that holds the DICOM files")
     emit(summary.to_dict(), as_json, lambda d: summary.table())
     if summary.interrupted:
         click.echo("ctsdk: interrupted (rerun with --resume)", err=True)
         sys.exit(130)
+    n_failed = sum(summary.errors.values())
+    n_ok = sum(summary.labels.values())
+    if n_failed and (n_ok == 0 or fail_on_error):
+        what = "no series got a result" if n_ok == 0 else "--fail-on-error"
+        click.echo(f"ctsdk: {n_failed} of {n_failed + n_ok} series failed ({what}); the error lines are in {summary.out}",
+                   err=True)
+        sys.exit(1)

@@ -7,9 +7,21 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from ._common import emit, handle_errors, json_option
+from ._common import check_output_dir, emit, handle_errors, json_option
 
 _RUNTIME_NAMES = "naive,ort-fp32,ort-int8,ort-cuda-fp16,trt-fp16,trt-int8"
+
+EXAMPLES = """\b
+Examples:
+  ctsdk bench --runtimes ort-fp32,ort-int8 --repeat 3 --batch-sizes none --no-cold-fresh
+  ctsdk bench ../shared/data/dicom/covid-ct-md/covid-P001 --out /tmp/ctsdk-bench
+  ctsdk bench SERIES_DIR --runtimes naive,ort-fp32,trt-fp16 --scaling 64,150,300 --json
+  (no SOURCE: a synthetic phantom; SERIES_DIR: a folder of one CT series; runtimes that cannot
+  run here are reported as skipped with the reason)
+
+\b
+Exit codes: 0 the report was printed (skipped runtimes included); 2 bad arguments or an output
+folder that cannot be written (one line on stderr)."""
 
 
 def _ints(text: Optional[str], what: str) -> List[int]:
@@ -49,7 +61,7 @@ def _human(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("bench")
+@click.command("bench", epilog=EXAMPLES)
 @click.argument("sources", nargs=-1, type=click.Path(exists=True))
 @click.option("--runtimes", default=_RUNTIME_NAMES, show_default=True,
               help="Comma-separated runtimes; those that cannot run here are listed as skipped with the reason.")
@@ -85,6 +97,8 @@ def bench(sources: Tuple[str, ...], runtimes: str, repeat: int, warmup: int, bat
     classifier batch sizes, and the speed-up of each runtime over the naive PyTorch-eager
     baseline. All runtimes run in this one process, interleaved round-robin after warm-up.
     """
+    check_output_dir(out_dir, "--out")  # before any runtime is timed: the report must be savable
+    check_output_dir(gpu_report_dir, "--gpu-report")
     if gpu_report_dir:
         from pathlib import Path
 

@@ -5,7 +5,18 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import emit, handle_errors, json_option
+from ._common import check_output_dir, check_output_file, emit, handle_errors, json_option
+
+EXAMPLES = """\b
+Examples:
+  ctsdk build-engine --model classifier --precision fp16
+  ctsdk build-engine --model classifier --precision int8 --batch 1,8,32 --measure-warm --json
+  ctsdk build-engine --model ONNX_PATH --precision fp16 --out /tmp/classifier_fp16.engine
+  (needs an NVIDIA GPU and ctsdk[gpu]; ONNX_PATH: an FP16 or Q/DQ INT8 ONNX)
+
+\b
+Exit codes: 0 the engine was built or found in the cache; 2 bad arguments, no TensorRT here, a
+failed build or an output that cannot be written (one line on stderr)."""
 
 
 def _human(d: Dict[str, Any]) -> str:
@@ -20,10 +31,11 @@ def _human(d: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("build-engine")
+@click.command("build-engine", epilog=EXAMPLES)
 @click.option("--model", "model", required=True,
               help="An ONNX path, or a NAME resolved as <bundle>/<NAME>_<precision>.onnx (e.g. classifier).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
+              help="Engine precision; NAME resolves to <bundle>/<NAME>_<precision>.onnx (int8: the Q/DQ ONNX).")
 @click.option("--batch", default="1,8,32", show_default=True, help="Optimisation profile MIN,OPT,MAX batch sizes.")
 @click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True, help="Builder workspace (MB).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
@@ -51,6 +63,9 @@ def build_engine(model: str, precision: str, batch: str, workspace_mb: int, timi
     from ..runtime.trt import import_tensorrt
 
     profile = parse_batch(batch)                    # argument errors first (exit 2)
+    check_output_file(out_path, "--out")            # and outputs that could not be saved
+    check_output_file(timing_cache, "--timing-cache")
+    check_output_dir(cache_dir, "--cache-dir")
     import_tensorrt("ctsdk build-engine")           # then: is TensorRT here at all? (exit 2, one line)
     onnx = resolve_model(model, precision, bundle_dir)
     cfg = BuildConfig(onnx=onnx, precision=precision, batch=profile, workspace_mb=workspace_mb,

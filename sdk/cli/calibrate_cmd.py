@@ -6,13 +6,27 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import emit, handle_errors, json_option
+from ._common import check_output_file, emit, handle_errors, json_option
+
+EXAMPLES = """\b
+Examples:
+  ctsdk calibrate --onnx sdk/bundles/default/classifier_fp32.onnx --images ../shared/data/images_index.csv \\
+      --splits docs/data/splits.csv --out /tmp/ctsdk-classifier_int8.onnx --n 64 --method minmax \\
+      --max-test 64 --no-bench
+  ctsdk calibrate --onnx FP32_ONNX --images ../shared/data/images_index.csv --out /tmp/int8.onnx \\
+      --report /tmp/int8.json --json
+  (FP32_ONNX: a classifier exported by `ctsdk export`)
+
+\b
+Exit codes: 0 the INT8 model passed the accuracy bar; 1 it missed the bar (the file is still
+written, the report says so); 2 bad arguments or an output that cannot be written."""
 
 
 def _human(d: Dict[str, Any]) -> str:
     lines = [f"INT8 {d['int8_onnx']} from {d['fp32_onnx']}: {'PASS' if d['passed'] else 'FAIL'} "
              f"(AUC drop <= {d['criteria']['max_auc_drop']}, top-1 agreement >= {d['criteria']['min_top1_agreement']})",
-             f"  calibration: {d['calibration']['n']} train slices {d['calibration']['composition']}",
+             f"  calibration: {d['calibration']['n']} train slices ("
+             + ", ".join(f"{k} {v}" for k, v in d["calibration"]["composition"].items()) + ")",
              f"  test: {d['test']['n']} slices; FP32 AUC {d['fp32']['auc']:.4f}, accuracy {d['fp32']['accuracy']:.4f}"]
     for m, r in d["methods"].items():
         lines.append(f"  {m:10s} AUC {r['auc']:.4f} ({r['auc_delta']:+.4f}), accuracy {r['accuracy']:.4f} "
@@ -27,7 +41,7 @@ def _human(d: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("calibrate")
+@click.command("calibrate", epilog=EXAMPLES)
 @click.option("--onnx", "onnx_path", type=click.Path(exists=True, dir_okay=False), required=True, help="FP32 classifier ONNX.")
 @click.option("--images", "images_csv", type=click.Path(exists=True, dir_okay=False), required=True,
               help="Labelled slices CSV (format of ../shared/data/images_index.csv).")
@@ -58,6 +72,8 @@ def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: st
     calibration slices from the train split, compare MinMax / Entropy / Percentile on the test
     split, and report AUC/accuracy delta, top-1 agreement and the speed ratio. Exit 1 when the
     INT8 model misses the accuracy bar (the file is still written, marked by the report)."""
+    check_output_file(out_path, "--out")  # before the calibration runs: the model must be savable
+    check_output_file(report_path, "--report")
     from ..calibration.dataset import HuRenderPreprocessor
     from ..calibration.quantize import CalibrationOptions
     from ..calibration.quantize import calibrate as run

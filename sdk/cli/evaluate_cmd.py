@@ -5,7 +5,18 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import emit, handle_errors, json_option
+from ._common import check_output_dir, emit, handle_errors, json_option
+
+EXAMPLES = """\b
+Examples:
+  ctsdk evaluate --images docs/data/splits.csv --split test --data-root ../shared/data
+  ctsdk evaluate --images docs/data/splits.csv --split test --data-root ../shared/data --out /tmp/ctsdk-eval --json
+  ctsdk evaluate --series SERIES_CSV --images docs/data/splits.csv --split test --data-root ../shared/data
+  (SERIES_CSV: path,label rows of series folders, label covid = positive)
+
+\b
+Exit codes: 0 the report was printed; 2 bad arguments, unreadable CSV or an --out folder that
+cannot be written (one line on stderr)."""
 
 
 def _fmt(m: Dict[str, Any]) -> str:
@@ -68,7 +79,7 @@ def _human(d: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("evaluate")
+@click.command("evaluate", epilog=EXAMPLES)
 @click.option("--images", "images_csv", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Images CSV (images_index.csv format: path,label,source,split,patient).")
 @click.option("--split", default=None, help="With --images: only rows of this split (e.g. test).")
@@ -86,8 +97,9 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--render", type=click.Choice(["auto", "8bit", "hu"]), default="auto", show_default=True,
               help="With --images: '8bit' letterbox of the grey values, 'hu' = grey->HU estimate re-rendered through the "
                    "runtime's window (images it cannot estimate are excluded and listed), 'auto' = the bundle's choice.")
-@click.option("--n-bootstrap", type=int, default=2000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-bootstrap", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Bootstrap resamples for the 95 % confidence intervals.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the bootstrap (same seed, same CIs).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads (images mode).")
 @click.option("--cases/--no-cases", default=False, show_default=True, help="Include per-case scores in the printed JSON.")
 @json_option
@@ -105,6 +117,7 @@ def evaluate(images_csv: Optional[str], split: Optional[str], data_root: Optiona
 
     if images_csv is None and series_csv is None:
         raise ConfigError("give --images CSV, --series CSV, or both (the series report beside the image split)")
+    check_output_dir(out_dir, "--out")  # before any model runs: the ROC and report must be savable
     reports = {}
     if series_csv is not None:
         rep = evaluate_series(series_csv, bundle_path, out=out_dir, device="cpu", precision=precision,

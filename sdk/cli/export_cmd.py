@@ -5,7 +5,17 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import emit, handle_errors, json_option
+from ._common import check_output_file, emit, handle_errors, json_option
+
+EXAMPLES = """\b
+Examples:
+  ctsdk export --model effnet_lite0_mgap --out /tmp/ctsdk-classifier_fp32.onnx --fp16
+  ctsdk export --model effnet_lite0_mgap --checkpoint CHECKPOINT_PT --out /tmp/classifier_fp32.onnx --json
+  (CHECKPOINT_PT: best.pt of `ctsdk train classifier`; without it the model's default weights)
+
+\b
+Exit codes: 0 exported and the parity check passed; 1 the parity check failed (files written);
+2 bad arguments, a missing package (ctsdk[train]) or an output that cannot be written."""
 
 
 def _human(d: Dict[str, Any]) -> str:
@@ -23,7 +33,7 @@ def _human(d: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("export")
+@click.command("export", epilog=EXAMPLES)
 @click.option("--model", "model_name", required=True, help="Registered model name (see sdk.models.list_models()).")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Trained checkpoint (best.pt from `ctsdk train classifier`); without it the model's default weights.")
@@ -43,6 +53,7 @@ def export(model_name: str, checkpoint: Optional[str], out_path: str, fp16: bool
     import sys
     from pathlib import Path
 
+    check_output_file(out_path, "--out")  # before the model is built: the ONNX must be savable
     from ..export.onnx import classifier_metadata, export_fp16, export_onnx
 
     model = load_model(model_name, checkpoint)

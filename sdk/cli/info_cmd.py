@@ -126,7 +126,14 @@ def _human(d: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("info")
+@click.command("info", epilog="""\b
+Examples:
+  ctsdk info
+  ctsdk info --no-open --json
+  ctsdk info --bundle sdk/bundles/default
+
+\b
+Exit codes: 0 the report was printed; 2 the bundle cannot be loaded (one line on stderr).""")
 @click.option("--bundle", "bundle_path", type=click.Path(file_okay=False, exists=True), default=None,
               help="Bundle folder (default: the packaged default bundle).")
 @click.option("--no-open", "no_open", is_flag=True, help="Do not open sdk.Triage() to show what it would run (faster).")

@@ -8,6 +8,22 @@ import click
 from ..errors import MixedSeriesError
 from ._common import emit, handle_errors, json_option
 
+EXAMPLES = """\b
+Examples:
+  ctsdk inspect ../shared/data/dicom/covid-ct-md/covid-P001
+  ctsdk inspect ../shared/data/dicom/covid-ct-md/covid-P001 --json
+  ctsdk inspect SERIES_DIR --series-uid SERIES_UID --allow-gaps
+  (SERIES_DIR: a DICOM folder or file; SERIES_UID: one of the UIDs it lists)
+
+\b
+Exit codes: 0 a series was described; 2 no usable series, an ambiguous choice (the listing is
+printed first) or bad input (one line on stderr)."""
+
+
+def _mm(values: Any, digits: int = 2) -> str:
+    """``[a, b, ...]`` rounded for people (``-52.10000000000002`` -> ``-52.1``)."""
+    return "[" + ", ".join(f"{round(float(v), digits):g}" for v in values) + "]"
+
 
 def inspect_source(source: str, series_uid: Optional[str] = None, *, allow_gaps: bool = False) -> Dict[str, Any]:
     """Everything `ctsdk inspect` prints, as one JSON-safe dict."""
@@ -75,9 +91,9 @@ def _human(p: Dict[str, Any]) -> str:
         return "\n".join(lines)
     lines += [
         f"chosen: {p['chosen']} ({p['reason']})",
-        f"shape (z, y, x): {tuple(p['shape'])}   spacing (z, y, x) mm: {tuple(p['spacing_mm'])}"
+        f"shape (z, y, x): {tuple(p['shape'])}   spacing (z, y, x) mm: {tuple(round(float(v), 4) for v in p['spacing_mm'])}"
         f"{'' if p['uniform_z'] else '  (uneven z)'}",
-        f"orientation: {p['orientation']} (canonical LPS)   z range mm: {p['z_range_mm']}",
+        f"orientation: {p['orientation']} (canonical LPS)   z range mm: {_mm(p['z_range_mm'])}",
         f"transfer syntax: {', '.join(p['transfer_syntaxes'])}",
         f"HU range: {p['hu_range']} ({p['hu_dtype']})",
         f"eligible: {'yes' if p['eligible'] else 'no'}",
@@ -89,7 +105,7 @@ def _human(p: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command("inspect")
+@click.command("inspect", epilog=EXAMPLES)
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--series-uid", default=None, help="Describe this series instead of the default choice.")
 @click.option("--allow-gaps", is_flag=True, help="Load series with missing slices (warning instead of error).")

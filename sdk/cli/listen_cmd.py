@@ -1,21 +1,64 @@
 """``ctsdk listen``: DICOM C-STORE listener that triages each complete series exactly once."""
 from __future__ import annotations
 
+import errno
 import signal
+import socket
+import ssl
 import threading
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import click
 
-from ._common import emit, handle_errors, json_option
+from ._common import check_output_dir, emit, handle_errors, json_option
+
+EXAMPLES = """\b
+Examples:
+  ctsdk listen --port 11112 --ae-title CTSDK --out /tmp/ctsdk-listener
+  ctsdk listen --port 0 --out /tmp/ctsdk-listener --triage-fn sdk.integration.triage_fns:inventory
+  ctsdk listen --port 11112 --bind 0.0.0.0 --allow-ae SCANNER1 --out /tmp/ctsdk-listener \\
+      --tls-cert SERVER_CERT_PEM --tls-key SERVER_KEY_PEM
+  (--port 0: any free port, written to OUT/listener.json; SERVER_CERT_PEM / SERVER_KEY_PEM: your
+  PEM certificate and private key. Stop with Ctrl-C or SIGTERM.)
+
+\b
+Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad arguments, --out cannot be written, or the
+address cannot be listened on (port in use, bad --bind, unreadable TLS files)."""
+
+#: what to do when the listening socket cannot be opened, by errno
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another program listens there: stop it or choose another --port (0 = any free port)",
+    errno.EACCES: "ports below 1024 need privileges: choose --port 1024 or above",
+    errno.EADDRNOTAVAIL: "--bind must be an address of this machine (127.0.0.1, 0.0.0.0 or one of its interfaces)",
+}
+
+
+def _start(listener: Any, bind: str, port: int, tls_cert: Optional[str], tls_key: Optional[str]) -> None:
+    """Open the listening socket; a bad address, a busy port or unreadable TLS files become one
+    ConfigError naming the option and what to do (exit 2), not a traceback."""
+    from ..errors import ConfigError
+
+    try:
+        listener.start()
+    except ssl.SSLError as exc:
+        raise ConfigError(f"--tls-cert {tls_cert} / --tls-key {tls_key}: cannot load the certificate and key ({exc}); "
+                          "give a PEM certificate and its matching PEM private key") from exc
+    except socket.gaierror as exc:
+        raise ConfigError(f"--bind {bind}: not a usable address ({exc.strerror or exc}); give an IP address of this "
+                          "machine, e.g. 127.0.0.1 or 0.0.0.0") from exc
+    except OSError as exc:
+        if exc.filename is not None:
+            raise  # a file problem: the CLI names the file
+        hint = _BIND_HINTS.get(exc.errno or 0, "check --bind and --port")
+        raise ConfigError(f"cannot listen on {bind}:{port} ({exc.strerror or exc}); {hint}") from exc
 
 
 def _human(d: Dict[str, Any]) -> str:
     return "\n".join(f"{k}: {v}" for k, v in d.items())
 
 
-@click.command("listen")
+@click.command("listen", epilog=EXAMPLES)
 @click.option("--port", type=int, default=11112, show_default=True, help="TCP port (0: any free port, see OUT/listener.json).")
 @click.option("--ae-title", default="CTSDK", show_default=True, help="Our AE title (called AE).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
@@ -54,6 +97,7 @@ def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[st
     Runs until SIGINT/SIGTERM; with --json prints a summary object when it stops. A restart on the
     same --out resumes pending series and never redoes finished ones. Research use only.
     """
+    check_output_dir(out_dir, "--out")  # before the socket opens: received series must be storable
     from ..integration.listener import Listener, ListenerConfig, load_triage_factory, parse_forward
     from ..integration.storage import atomic_write_json
 
@@ -76,22 +120,26 @@ def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[st
     def _on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    listener = Listener(cfg, factory).start()
-    import os
-    import time
-
-    host, bound_port = listener.address
-    atomic_write_json(Path(out_dir) / "listener.json", {
-        "pid": os.getpid(), "host": host, "port": bound_port, "ae_title": ae_title,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    listener = None
     try:
+        listener = Listener(cfg, factory)
+        _start(listener, bind, port, tls_cert, tls_key)
+        import os
+        import time
+
+        host, bound_port = listener.address
+        atomic_write_json(Path(out_dir) / "listener.json", {
+            "pid": os.getpid(), "host": host, "port": bound_port, "ae_title": ae_title,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
         while not stop.wait(0.5):
             pass
     finally:
-        listener.stop()
+        if listener is not None:  # stop() is safe after a failed start (nothing to stop)
+            listener.stop()
         if dispatcher is not None:
             dispatcher.close()
+        for s, handler in previous.items():  # a failed start leaves the caller's handlers as they were
+            signal.signal(s, handler)
     emit(listener.summary(), as_json, _human)

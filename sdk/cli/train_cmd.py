@@ -1,4 +1,4 @@
-"""``ctsdk train seg|classifier|aggregator`` - training commands (need ``ctsdk[train]``).
+"""``ctsdk train seg|classifier|seg3d|aggregator`` - training commands (need ``ctsdk[train]``).
 
 Each subcommand's options are generated from its config dataclass's fields
 (``sdk.train.seg.SegTrainConfig``, ``sdk.train.classifier.ClassifierTrainConfig``,
@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import click
 
 from ..errors import MissingDependencyError
-from ._common import emit, handle_errors, json_option
+from ._common import check_output_dir, check_output_file, emit, handle_errors, json_option
 
 # subcommand -> (module, config class, train function, packages needed to train, help)
 SUBCOMMANDS: Dict[str, Tuple[str, str, str, Tuple[str, ...], str]] = {
@@ -35,6 +35,110 @@ SUBCOMMANDS: Dict[str, Tuple[str, str, str, Tuple[str, ...], str]] = {
 }
 
 
+#: one line of help per config field (every generated option has one; tests/test_cli_errors.py
+#: checks that each field of each config class is listed): shared texts, then per subcommand
+FIELD_HELP: Dict[str, str] = {
+    "out_dir": "Run folder: weights, ONNX, config.json and metrics are written here.",
+    "seed": "Random seed (data order, augmentation, initialisation).",
+    "threads": "CPU threads for torch.",
+    "lr": "Learning rate.",
+    "weight_decay": "Weight decay of the optimiser.",
+    "batch_size": "Images per training batch.",
+    "epochs": "Maximum training epochs.",
+    "patience": "Early stopping: epochs without a validation improvement before training stops.",
+    "base": "Channels of the U-Net's first level (doubling per level).",
+    "levels": "U-Net levels (resolutions).",
+}
+FIELD_HELP_BY_COMMAND: Dict[str, Dict[str, str]] = {
+    "seg": {
+        "data_dir": "Folder of the 2D lung training slices and masks (shared data seg2d).",
+        "size": "Network input side in pixels (slices are resized to SIZE x SIZE).",
+        "val_block": "File-number range LO HI (HI excluded) of the validation slices.",
+        "test_block": "File-number range LO HI (HI excluded) of the test slices.",
+        "max_minutes": "Time budget of the training loop in minutes; training stops after the epoch that passes it.",
+        "p_reclahe": "Probability that an augmented slice is re-prepared with CLAHE (else min-max only), as at inference.",
+        "opset": "ONNX opset of the exported model.",
+        "notes": "Free-text note saved in config.json.",
+    },
+    "classifier": {
+        "model": "Classifier architecture from sdk.models (e.g. effnet_lite0_mgap, resnet50_mgap).",
+        "data_root": "Folder the image paths are relative to ('' = $CTSDK_SHARED_DATA or ../shared/data).",
+        "index_csv": "Images CSV path,label,source,split,patient ('' = DATA_ROOT/images_index.csv).",
+        "splits_csv": "path,split CSV that fixes the split ('' = computed and written to OUT_DIR/splits.csv).",
+        "out_dir": "Runs folder: the run is written to OUT_DIR/<model> (best.pt, metrics.json, predictions.csv).",
+        "masks_dir": "Lung-mask cache folder ('' = OUT_DIR/masks).",
+        "seg_onnx": "2D lung U-Net ONNX that builds the mask cache ('' = use the cache only).",
+        "input_size": "Input side in pixels (a multiple of 32, >= 64).",
+        "samples_per_epoch": "Images drawn per epoch (0 = the whole train split).",
+        "freeze_stages": "Backbone stages kept at their ImageNet weights (the stem and stages 0 to N-1).",
+        "loss": "Training loss: focal or ce (cross-entropy).",
+        "focal_gamma": "Focusing parameter gamma of the focal loss.",
+        "class_weighting": "Loss weights per class: balanced (n / (K * n_k)) or none.",
+        "drop_rate": "Dropout rate before the classifier head.",
+        "pretrained": "Start from ImageNet weights (--no-pretrained: random initialisation).",
+        "max_minutes": "Cap of the training loop in minutes; stops before an epoch that would overrun it (0 = no cap).",
+        "limit": "Keep at most this many images per split (0 = all; for smoke tests).",
+        "predict_all": "After training, write predictions.csv for every image (the aggregator's input).",
+        "n_boot": "Bootstrap resamples for the confidence intervals of the val/test metrics.",
+        "progress": "Progress bars on stderr.",
+    },
+    "seg3d": {
+        "data_dir": "Folder of the 128^3 training cubes (written by `python -m sdk.train.seg3d prep`).",
+        "seconds": "Wall-clock budget of the whole run in seconds.",
+        "device": "auto (CUDA when available, else CPU), cuda or cpu.",
+        "batch_size": "Cubes per training batch (0 = 4 on CUDA, 2 on CPU).",
+        "crop": "Training crop side in voxels (0 = 128 on CUDA, the whole cube; 64 on CPU).",
+        "eval_every": "Seconds between validations (0 = 20 on CUDA, 300 on CPU).",
+        "init": "Start from this state dict, e.g. a previous run's unet3d_lung.pt ('' = random initialisation).",
+    },
+    "aggregator": {
+        "predictions": "Classifier predictions.csv whose slice scores make the training bags ('' = none).",
+        "series": "CSV path,label of real series scored with --bundle ('' = none).",
+        "series_role": "train: add --series to the training set; eval: report them only.",
+        "bundle": "Bundle that scores --series ('' = the default bundle).",
+        "out": "Aggregator JSON to write.",
+        "bag_splits": "Comma-separated splits the training bags are drawn from.",
+        "val_splits": "Splits of the early-stopping and threshold bags ('' = none).",
+        "test_splits": "Splits of the report-only bags ('' = none).",
+        "bags_per_class": "Training bags per class (val/test: a quarter of this).",
+        "min_slices": "Fewest slices in a synthetic bag.",
+        "max_slices": "Most slices in a synthetic bag.",
+        "covid_fraction_min": "Share of COVID slices in a covid bag ~ U(this, 1).",
+        "n_groups": "Ordered slice groups whose mean probabilities are the features (paper 001: 20).",
+        "num_boost_round": "Most XGBoost boosting rounds.",
+        "max_depth": "XGBoost tree depth.",
+        "eta": "XGBoost learning rate.",
+        "early_stopping_rounds": "Stop when the validation loss did not improve for this many rounds.",
+        "n_bootstrap": "Bootstrap resamples for the confidence intervals.",
+        "seed": "Random seed (bag sampling, XGBoost, bootstrap).",
+    },
+}
+
+#: the "Examples:" epilog of each subcommand (run from the repository root)
+EXAMPLES: Dict[str, str] = {
+    "seg": """  ctsdk train seg --print-config
+  ctsdk train seg --epochs 1 --max-minutes 2 --out-dir /tmp/ctsdk-seg""",
+    "classifier": """  ctsdk train classifier --print-config
+  ctsdk train classifier --epochs 1 --limit 64 --out-dir /tmp/ctsdk-classifier
+  ctsdk train classifier --config RUN_CONFIG_JSON --epochs 2
+  (RUN_CONFIG_JSON: the config.json of an earlier run)""",
+    "seg3d": """  ctsdk train seg3d --print-config
+  ctsdk train seg3d --data-dir CUBES_DIR --seconds 600 --out-dir /tmp/ctsdk-seg3d
+  (CUBES_DIR: the output of `python -m sdk.train.seg3d prep`)""",
+    "aggregator": """  ctsdk train aggregator --print-config
+  ctsdk train aggregator --predictions PREDICTIONS_CSV --out /tmp/ctsdk-aggregator.json
+  (PREDICTIONS_CSV: predictions.csv of `ctsdk train classifier`)""",
+}
+
+_TRAIN_EXIT = ("\b\nExit codes: 0 trained (or config printed); 2 bad options or config, a missing package\n"
+               "(ctsdk[train]) or an output folder that cannot be written (one line on stderr).")
+
+
+def field_help(command: str, name: str) -> str:
+    """The help line of config field ``name`` of ``ctsdk train <command>`` ('' when none is written)."""
+    return FIELD_HELP_BY_COMMAND.get(command, {}).get(name) or FIELD_HELP.get(name, "")
+
+
 def require_train_deps(packages: Sequence[str], feature: str) -> None:
     """Raise MissingDependencyError (exit 2, "pip install 'ctsdk[train]'") for a missing package."""
     from .._lazy import require
@@ -43,8 +147,9 @@ def require_train_deps(packages: Sequence[str], feature: str) -> None:
         require(pkg, feature)
 
 
-def _field_option(f: "dataclasses.Field[Any]", hint: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """One click option for a dataclass field (default None = "not given", so --config can fill it)."""
+def _field_option(f: "dataclasses.Field[Any]", hint: Any, text: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One click option for a dataclass field (default None = "not given", so --config can fill it);
+    ``text``: its one-line help, followed by the field's default."""
     name = "--" + f.name.replace("_", "-")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -54,6 +159,7 @@ def _field_option(f: "dataclasses.Field[Any]", hint: Any) -> Callable[[Callable[
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
     shown = f"[default: {default!r}]" if default not in ("", None, []) else ""
+    shown = f"{text} {shown}".strip()
     dest = f.name
     if hint is bool:
         return click.option(f"{name}/--no-{f.name.replace('_', '-')}", dest, default=None, help=f"{shown}")
@@ -117,17 +223,20 @@ def make_subcommand(name: str) -> click.Command:
             emit(json_safe(cfg), as_json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
             return
         require_train_deps(needs, f"ctsdk train {name}")
+        check_output_dir(getattr(cfg, "out_dir", None) or None, "--out-dir")  # before training: results must be savable
+        check_output_file(getattr(cfg, "out", None) or None, "--out")
         train = getattr(mod, fn_name)
         result = train(cfg)
         emit(result if isinstance(result, dict) else {"result": result}, as_json, _human)
 
     for f in reversed(fields):
-        command = _field_option(f, hints[f.name])(command)
+        command = _field_option(f, hints[f.name], field_help(name, f.name))(command)
     command = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                            help="JSON config (e.g. a saved config.json); command-line options override it.")(command)
     command = click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")(command)
     command = json_option(command)
-    return click.command(name=name, help=f"{help_text}\n\nOptions mirror {module}.{cls_name}.")(command)
+    epilog = f"\b\nExamples:\n{EXAMPLES[name]}\n\n{_TRAIN_EXIT}" if name in EXAMPLES else None
+    return click.command(name=name, help=f"{help_text}\n\nOptions mirror {module}.{cls_name}.", epilog=epilog)(command)
 
 
 class TrainGroup(click.Group):
@@ -161,9 +270,13 @@ def _unavailable(name: str, exc: ImportError) -> click.Command:
     return stub
 
 
-@click.group(cls=TrainGroup, name="train")
+@click.group(cls=TrainGroup, name="train", epilog="""\b
+Examples:
+  ctsdk train classifier --print-config
+  ctsdk train seg --epochs 1 --max-minutes 2 --out-dir /tmp/ctsdk-seg
+  ctsdk train classifier --help""")
 def train() -> None:
-    """Train the lung segmenter, slice classifier or aggregator (needs ctsdk[train])."""
+    """Train the 2D or 3D lung segmenter, the slice classifier or the aggregator (needs ctsdk[train])."""
 
 
 __all__ = ["train", "make_subcommand", "resolve_config", "require_train_deps", "SUBCOMMANDS"]
