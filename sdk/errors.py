@@ -112,6 +112,27 @@ class ConfigError(CtsdkError):
     """Invalid arguments or configuration values."""
 
 
+# --- prior-study comparison ----------------------------------------------------------------------
+class PriorError(CtsdkError):
+    """A prior study was given but is not compared with the current one. ``Triage.run(prior=...)``
+    never raises it: the current result stands and ``TriageResult.prior`` holds
+    ``{"error": "<class name>: <message>", "checks": ...}`` (see :func:`sdk.prior.check_pair`)."""
+
+
+class PriorNotEligibleError(PriorError):
+    """The current or the prior series failed eligibility: there is no lung burden to compare."""
+
+
+class PriorPatientMismatchError(PriorError):
+    """The two series' DICOM headers name different patients (PatientID, or PatientSex /
+    PatientBirthDate where both are written)."""
+
+
+class PriorOrderError(PriorError):
+    """The "prior" is newer than the current study (its date/time is later), so the change would
+    read backwards."""
+
+
 # --- scanner / PACS integration ----------------------------------------------------------------
 class DicomNetworkError(CtsdkError):
     """A DICOM network operation failed (association refused, C-STORE status not Success, timeout)."""

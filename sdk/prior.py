@@ -30,18 +30,39 @@
 Requirements: both inputs must be volumes (at least ``min_slices`` slices covering
 ``min_extent_mm``); single slices or thick-slab localisers raise :class:`~sdk.errors.ConfigError`
 rather than produce a number that means nothing.
+
+**Is it a prior of this patient?** :func:`check_pair` reads both series' DICOM headers
+(``SeriesMeta.identity``, kept out of every output) before anything is compared; ``Triage.run``
+calls it and refuses (with ``check_pair(...).error()``, a :class:`~sdk.errors.PriorError` in
+``TriageResult.prior``, the current result untouched) only on positive evidence:
+
+- **another patient** (:class:`~sdk.errors.PriorPatientMismatchError`): both PatientIDs written and
+  different (unless both IssuerOfPatientID are written and differ: then the IDs are not
+  comparable), or PatientSex / PatientBirthDate written in both and different;
+- **the prior is newer** (:class:`~sdk.errors.PriorOrderError`): the first of StudyDate(+Time),
+  SeriesDate, AcquisitionDate, ContentDate written in both puts the prior after the current study.
+  Refused rather than silently swapped: the result's label is the current series', and "improved"
+  against a later study means the opposite; the caller passes the studies the other way round.
+
+A missing, empty or placeholder field never refuses: the check is listed in ``not_checked``
+("patient identity not checked: PatientID absent in prior"). The same StudyInstanceUID (and equal
+dates) is reported as ``study: "same study"`` / ``"same series"`` with a warning, and compared: two
+series of one examination, whose change measures reconstruction and segmentation, not disease.
+``Triage.run(..., prior_checks=False)`` (CLI ``--prior-unchecked``) compares whatever the headers
+say, and records what would have refused.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 
-from .errors import ConfigError, ResultWriteError
+from .errors import ConfigError, PriorError, PriorOrderError, PriorPatientMismatchError, ResultWriteError
 
 log = logging.getLogger("sdk.prior")
 
@@ -49,8 +70,8 @@ PathLike = Union[str, Path]
 LEFT, RIGHT = 1, 2
 CHANGES = ("improved", "stable", "worse")
 
-__all__ = ["PriorConfig", "PriorComparison", "compare", "lung_labels", "opacity_burden", "classify_change",
-           "rigid_register", "to_grid", "euler_matrix", "CHANGES"]
+__all__ = ["PriorConfig", "PriorComparison", "PriorChecks", "check_pair", "compare", "lung_labels", "opacity_burden",
+           "classify_change", "rigid_register", "to_grid", "euler_matrix", "CHANGES"]
 
 
 @dataclass(frozen=True)
@@ -135,67 +156,345 @@ def _py(v: Any) -> Any:
     return v
 
 
+# --- is it a prior of this patient? (DICOM headers) ---------------------------------------------
+#: PatientID values anonymisers write into every study: equal placeholders prove nothing
+PLACEHOLDER_IDS = frozenset({"ANONYMOUS", "ANONYMIZED", "ANONYMISED", "ANON", "UNKNOWN", "NONE", "NULL", "N/A", "NA",
+                             "0", "00000000", "PATIENT", "NOID", "NO ID"})
+#: (date, time) header pairs that order two studies, first written in both wins
+_WHEN = (("StudyDate", "StudyTime", "study_date", "study_time"),
+         ("SeriesDate", "SeriesTime", "series_date", "series_time"),
+         ("AcquisitionDate", "AcquisitionTime", "acquisition_date", "acquisition_time"),
+         ("ContentDate", "ContentTime", "content_date", "content_time"))
+_OVERRIDE = "prior_checks=False (ctsdk triage --prior-unchecked)"
+
+
+@dataclass
+class PriorChecks:
+    """What :func:`check_pair` found in the two series' headers (``to_dict()`` is JSON-safe and
+    holds no patient identity except the two PatientIDs of a mismatch, in ``problems``).
+
+    Attributes:
+        patient: "same" | "different" | "not checked".
+        order: "prior earlier" | "prior later" | "same time" | "not checked".
+        study: "different studies" | "same study" | "same series" | "not checked".
+        interval_days: current minus prior (days; whole days when a time is missing), or None.
+        checked: what was compared and how it came out, one line each.
+        not_checked: checks that could not be made and why ("... absent in prior").
+        problems: reasons not to compare (another patient, prior newer); empty when it may be compared.
+        enforced: False when the caller overrode the checks (``prior_checks=False``).
+    """
+
+    patient: str = "not checked"
+    order: str = "not checked"
+    study: str = "not checked"
+    interval_days: Optional[float] = None
+    checked: List[str] = field(default_factory=list)
+    not_checked: List[str] = field(default_factory=list)
+    problems: List[str] = field(default_factory=list)
+    enforced: bool = True
+    error_type: Type[PriorError] = field(default=PriorError, repr=False)
+
+    @property
+    def refused(self) -> bool:
+        """True when the checks are enforced and found a reason not to compare."""
+        return self.enforced and bool(self.problems)
+
+    def error(self) -> Optional[PriorError]:
+        """The typed error that refuses the comparison (None when there is no problem): the type
+        names the first problem (patient before order), the message lists all and what to do."""
+        if not self.problems:
+            return None
+        if self.error_type is PriorOrderError and self.patient != "different":
+            todo = f"pass the earlier study as prior (swap the two), or {_OVERRIDE} if the dates are known to be wrong"
+        else:
+            todo = (f"pass an earlier study of the same patient as prior, or {_OVERRIDE} if you know both are one "
+                    "patient (e.g. IDs from two issuers)")
+        return self.error_type("; ".join(self.problems) + f" - {todo}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"enforced": self.enforced, "patient": self.patient, "order": self.order, "study": self.study,
+                "interval_days": self.interval_days, "checked": list(self.checked),
+                "not_checked": list(self.not_checked), "problems": list(self.problems)}
+
+
+def _parse_da(value: str) -> Optional[_dt.date]:
+    v = value.strip().replace(".", "").replace("-", "")  # DA is YYYYMMDD; ACR-NEMA wrote YYYY.MM.DD
+    if len(v) != 8 or not v.isdigit():
+        return None
+    try:
+        return _dt.date(int(v[:4]), int(v[4:6]), int(v[6:]))
+    except ValueError:
+        return None
+
+
+def _parse_tm(value: str) -> Optional[_dt.time]:
+    v = value.strip().replace(":", "")  # TM is HH[MM[SS[.F{1,6}]]]; ACR-NEMA wrote HH:MM:SS
+    main, _, frac = v.partition(".")
+    if not main.isdigit() or len(main) not in (2, 4, 6) or (frac and not frac.isdigit()):
+        return None
+    hh, mm, ss = int(main[:2]), int(main[2:4] or 0), min(int(main[4:6] or 0), 59)  # 60: leap second
+    if hh > 23 or mm > 59:
+        return None
+    return _dt.time(hh, mm, ss, int((frac + "000000")[:6]) if frac else 0)
+
+
+def _identity(x: Any) -> Tuple[Any, Any]:
+    """(SeriesMeta or None, StudyIdentity or None) of a Volume / SeriesMeta."""
+    meta = getattr(x, "meta", x)
+    return meta, getattr(meta, "identity", None)
+
+
+def _norm_name(v: str) -> str:
+    return " ".join(v.upper().replace("^", " ").split())
+
+
+def check_pair(current: Any, prior: Any, *, enforce: bool = True) -> PriorChecks:
+    """Is ``prior`` an earlier study of the same patient as ``current``? (Volumes or SeriesMeta.)
+
+    Reads ``SeriesMeta.identity`` (the reader fills it from the first file's header) and the
+    Study/SeriesInstanceUIDs; never raises. The policy (module docstring, docs/integration.md):
+    ``problems`` holds only positive evidence - different PatientIDs, different PatientSex or
+    PatientBirthDate, a prior dated after the current study; missing, empty or placeholder fields
+    go to ``not_checked`` and do not stop the comparison. ``enforce=False`` records the same
+    findings with ``enforced: False`` (the caller compares anyway).
+    """
+    out = PriorChecks(enforced=bool(enforce))
+    cur_meta, cur = _identity(current)
+    pri_meta, pri = _identity(prior)
+    if cur is None or pri is None:
+        which = " and ".join(w for w, i in (("current", cur), ("prior", pri)) if i is None)
+        out.not_checked.append(f"patient identity and order not checked: no DICOM header for the {which} study "
+                               "(given as an in-memory Volume?)")
+        _check_study(out, cur_meta, pri_meta, False)
+        return out
+    for side, ident in (("current", cur), ("prior", pri)):
+        if ident.identity_removed == "YES":
+            out.checked.append(f"the {side} headers are de-identified (PatientIdentityRemoved YES): PatientID and dates "
+                               "are checked as written (an anonymiser may have replaced or shifted them)")
+    _check_patient(out, cur, pri)
+    _check_study(out, cur_meta, pri_meta, _check_order(out, cur, pri))
+    return out
+
+
+def _check_study(out: PriorChecks, cur_meta: Any, pri_meta: Any, dates_differ: bool) -> None:
+    cs, ps = (str(getattr(m, "study_uid", "") or "") for m in (cur_meta, pri_meta))
+    cr, pr = (str(getattr(m, "series_uid", "") or "") for m in (cur_meta, pri_meta))
+    if not cs or not ps:
+        out.not_checked.append("same study not checked: StudyInstanceUID absent in "
+                               + ("both" if not cs and not ps else "current" if not cs else "prior"))
+    elif cs != ps:
+        out.study = "different studies"
+        out.checked.append("StudyInstanceUID: different studies")
+    elif dates_differ:
+        out.study = "different studies"
+        out.checked.append("StudyInstanceUID is the same but the dates differ: the UID is not trusted "
+                           "(an anonymiser's placeholder?); the two are treated as different studies")
+    elif cr and cr == pr:
+        out.study = "same series"
+        out.checked.append(f"the prior is the current series itself (SeriesInstanceUID {cr}): a comparison with "
+                           "itself, not with an earlier study")
+    else:
+        out.study = "same study"
+        out.checked.append(f"the prior is another series of the same study (StudyInstanceUID {cs}): the change "
+                           "measures reconstruction and segmentation differences, not disease change")
+
+
+def _check_patient(out: PriorChecks, cur: Any, pri: Any) -> None:
+    mismatch: List[str] = []
+    cid, pid = cur.patient_id, pri.patient_id
+    if not cid or not pid:
+        where = "both" if not cid and not pid else "current" if not cid else "prior"
+        out.not_checked.append(f"patient identity not checked: PatientID absent in {where}")
+    elif cur.issuer_of_patient_id and pri.issuer_of_patient_id and cur.issuer_of_patient_id != pri.issuer_of_patient_id:
+        out.not_checked.append(f"patient identity not checked: PatientIDs of different issuers "
+                               f"({cur.issuer_of_patient_id!r} / {pri.issuer_of_patient_id!r}) are not comparable")
+    elif cid.upper() in PLACEHOLDER_IDS and pid.upper() in PLACEHOLDER_IDS:
+        out.not_checked.append(f"patient identity not checked: PatientID is a placeholder ({cid!r} / {pid!r})")
+    elif cid == pid:
+        out.patient = "same"
+        out.checked.append("PatientID: the same in both")
+    else:
+        mismatch.append(f"PatientID {pid!r} (prior) vs {cid!r} (current)")
+    # supporting evidence: written in both and different is a mismatch of its own (values of sex and
+    # age are named; birth dates and names are not printed)
+    sex = (cur.patient_sex.upper(), pri.patient_sex.upper())
+    if all(sex) and sex[0] != sex[1] and {"M", "F"} >= set(sex):  # "O" (other) is no evidence either way
+        mismatch.append(f"PatientSex {sex[1]} (prior) vs {sex[0]} (current)")
+    elif all(sex) and sex[0] == sex[1]:
+        out.checked.append("PatientSex: the same in both")
+    if cur.patient_birth_date and pri.patient_birth_date:
+        if cur.patient_birth_date != pri.patient_birth_date:
+            mismatch.append("PatientBirthDate differs")
+        else:
+            out.checked.append("PatientBirthDate: the same in both")
+    names = (_norm_name(cur.patient_name), _norm_name(pri.patient_name))
+    if all(names):  # spelling and component order vary between systems: a note, never a refusal
+        out.checked.append("PatientName: the same in both" if names[0] == names[1]
+                           else "PatientName differs (not used to refuse: spellings vary between systems)")
+    if not mismatch:
+        return
+    if cur.patient_age and pri.patient_age and cur.patient_age != pri.patient_age:
+        mismatch.append(f"PatientAge {pri.patient_age} (prior) vs {cur.patient_age} (current)")
+    out.patient = "different"
+    out.problems.insert(0, "the prior is another patient: " + ", ".join(mismatch))
+    out.error_type = PriorPatientMismatchError
+
+
+def _check_order(out: PriorChecks, cur: Any, pri: Any) -> bool:
+    """Sets ``out.order``; True when the two studies are on different days."""
+    absent: List[str] = []
+    for da, tm, dkey, tkey in _WHEN:
+        c_raw, p_raw = getattr(cur, dkey), getattr(pri, dkey)
+        cd, pd = _parse_da(c_raw), _parse_da(p_raw)
+        if cd is None or pd is None:
+            for side, raw, parsed in (("current", c_raw, cd), ("prior", p_raw, pd)):
+                if parsed is None:
+                    absent.append(f"{da} {'absent' if not raw else 'not a date (' + repr(raw) + ')'} in {side}")
+            continue
+        ct, pt = _parse_tm(getattr(cur, tkey)), _parse_tm(getattr(pri, tkey))
+        if ct is not None and pt is not None:
+            c_when, p_when = _dt.datetime.combine(cd, ct), _dt.datetime.combine(pd, pt)
+            days = round((c_when - p_when).total_seconds() / 86400.0, 3)
+            fields, fmt = f"{da}/{tm}", "%Y-%m-%d %H:%M:%S"
+        else:
+            c_when, p_when = cd, pd  # type: ignore[assignment]
+            days = float((cd - pd).days)
+            fields, fmt = da, "%Y-%m-%d"
+        when = f"prior {p_when.strftime(fmt)}, current {c_when.strftime(fmt)}"
+        if p_when < c_when:
+            out.order, out.interval_days = "prior earlier", days
+            out.checked.append(f"{fields}: the prior is {days:g} day(s) earlier ({when})")
+        elif p_when > c_when:
+            out.order, out.interval_days = "prior later", days
+            out.problems.append(f"the prior is newer than the current study: {fields} {when} "
+                                f"({-days:g} day(s) later): the change would read backwards")
+            if out.error_type is PriorError:
+                out.error_type = PriorOrderError
+        elif fields == da:  # the same day, a time missing (or unreadable) on one side at least
+            out.order, out.interval_days = "not checked", 0.0
+            missing = "both" if ct is None and pt is None else "current" if ct is None else "prior"
+            out.not_checked.append(f"order not checked: both on {da} {c_when.strftime(fmt)} and {tm} absent in {missing}")
+        else:
+            out.order, out.interval_days = "same time", 0.0
+            out.checked.append(f"{fields}: the prior has the same date and time as the current study ({when})")
+        if absent:
+            out.checked.append(f"order from {da} (" + "; ".join(absent) + ")")
+        return cd != pd
+    out.not_checked.append("order not checked: no date written in both (" + "; ".join(absent) + ")")
+    return False
+
+
 # --- masks and burden ---------------------------------------------------------------------------
+#: slices per block for the whole-volume passes below (masks, counts): the arithmetic is the same
+#: as on the whole array, but no volume-sized temporary is allocated (on the shared 2-core machine,
+#: fresh 38-155 MB temporaries cost more than the arithmetic)
+_SLAB = 8
+
+
+def _slabs(n: int) -> List[slice]:
+    return [slice(z, min(z + _SLAB, n)) for z in range(0, n, _SLAB)]
+
+
+def _label(lung: np.ndarray) -> Tuple[np.ndarray, int]:
+    """``scipy.ndimage.label`` into uint16 (half the memory of its int32 default; the same
+    labels), int32 when there are too many components for uint16."""
+    from scipy import ndimage as ndi
+
+    out = np.empty(lung.shape, np.uint16)
+    try:
+        return out, int(ndi.label(lung, output=out))
+    except RuntimeError:  # "insufficient bit-depth": more than 65535 components
+        lab, n = ndi.label(lung)
+        return lab, int(n)
+
+
+def _x_counts(m: np.ndarray) -> np.ndarray:
+    """Voxels per x column of a boolean (z, y, x) array (int64), slab by slab."""
+    h = np.zeros(m.shape[2], np.int64)
+    for sl in _slabs(m.shape[0]):
+        h += m[sl].sum(axis=(0, 1))
+    return h
+
+
+def _cx(h: np.ndarray, xs: np.ndarray) -> float:
+    """x centroid from per-column counts (integer sums: the same value as from the whole boolean array)."""
+    return float((h * xs).sum() / max(int(h.sum()), 1))
+
+
 def lung_labels(mask: np.ndarray) -> np.ndarray:
     """uint8 map 0 / LEFT (1) / RIGHT (2) from a labelled or binary lung mask.
 
     A mask containing the value 2 is taken as already labelled (sdk.lungs convention). A binary
     mask is split into its two largest connected components when the second is at least 10 % of
     the first, else at the x centroid; the component with the larger mean x is the Left lung.
+    (Centroids come from per-column voxel counts and the map is written slab by slab: the same
+    result as whole-array boolean masks, without their volume-sized temporaries.)
     """
-    from scipy import ndimage as ndi
-
     m = np.asarray(mask)
     if m.ndim != 3:
         raise ConfigError(f"lung mask must be 3-D (z, y, x), got shape {m.shape}")
-    if (m == RIGHT).any():
+    if m.dtype != np.bool_ and (m == RIGHT).any():
         out = np.zeros(m.shape, np.uint8)
         out[m == LEFT] = LEFT
         out[m == RIGHT] = RIGHT
         return out
-    lung = m > 0
+    lung = m if m.dtype == np.bool_ else m > 0
     xs = np.arange(m.shape[2])
-    lab, n = ndi.label(lung)
-    parts: Tuple[np.ndarray, np.ndarray]
+    slabs = _slabs(m.shape[0])
+    lab, n = _label(lung)
     if n >= 2:
-        sizes = np.bincount(lab.ravel())[1:]
+        sizes = np.zeros(n + 1, np.int64)
+        for sl in slabs:
+            sizes += np.bincount(lab[sl].ravel(), minlength=n + 1)
+        sizes = sizes[1:]
         o = np.argsort(sizes)[::-1]
         if sizes[o[1]] >= 0.1 * sizes[o[0]]:
-            a, b = lab == o[0] + 1, lab == o[1] + 1
-            rest = lung & ~a & ~b
-            parts = (a, b)
-            if rest.any():  # small islands join the nearer lung by x
-                ca, cb = (_centroid_x(p, xs) for p in parts)
+            ia, ib = int(o[0]) + 1, int(o[1]) + 1
+            ha, hb, hr = (np.zeros(m.shape[2], np.int64) for _ in range(3))
+            for sl in slabs:
+                a, b = lab[sl] == ia, lab[sl] == ib
+                ha += a.sum(axis=(0, 1))
+                hb += b.sum(axis=(0, 1))
+                hr += (lung[sl] & ~a & ~b).sum(axis=(0, 1))
+            near_a = None
+            if hr.any():  # small islands join the nearer lung by x
+                ca, cb = _cx(ha, xs), _cx(hb, xs)
                 near_a = np.abs(xs - ca) <= np.abs(xs - cb)
-                parts = (a | (rest & near_a[None, None, :]), b | (rest & ~near_a[None, None, :]))
-        else:
-            parts = _split_at_centroid(lung, xs)
-    else:
-        parts = _split_at_centroid(lung, xs)
-    a, b = parts
-    left, right = (a, b) if _centroid_x(a, xs) > _centroid_x(b, xs) else (b, a)
-    out = np.zeros(m.shape, np.uint8)
-    out[left] = LEFT
-    out[right] = RIGHT
+                ha, hb = ha + np.where(near_a, hr, 0), hb + np.where(near_a, 0, hr)
+            la, lb = (LEFT, RIGHT) if _cx(ha, xs) > _cx(hb, xs) else (RIGHT, LEFT)
+            out = np.zeros(m.shape, np.uint8)
+            for sl in slabs:
+                a, b = lab[sl] == ia, lab[sl] == ib
+                if near_a is not None:
+                    rest = lung[sl] & ~a & ~b
+                    a |= rest & near_a[None, None, :]
+                    b |= rest & ~near_a[None, None, :]
+                view = out[sl]
+                view[a] = la
+                view[b] = lb
+            return out
+    # one component (or a small second one): split at the x centroid of the whole lung
+    h = _x_counts(lung)
+    below = xs < _cx(h, xs)
+    left_below = _cx(np.where(below, h, 0), xs) > _cx(np.where(below, 0, h), xs)
+    side = np.where(below, LEFT if left_below else RIGHT, RIGHT if left_below else LEFT).astype(np.uint8)
+    out = np.empty(m.shape, np.uint8)
+    for sl in slabs:
+        np.multiply(lung[sl], side[None, None, :], out=out[sl])
     return out
-
-
-def _centroid_x(m: np.ndarray, xs: np.ndarray) -> float:
-    return float((m.sum(axis=(0, 1)) * xs).sum() / max(int(m.sum()), 1))
-
-
-def _split_at_centroid(lung: np.ndarray, xs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    cx = _centroid_x(lung, xs)
-    return lung & (xs[None, None, :] < cx), lung & (xs[None, None, :] >= cx)
 
 
 def opacity_burden(hu: np.ndarray, labels: np.ndarray, threshold_hu: float, voxel_ml: float) -> Dict[str, Dict[str, float]]:
     """Per lung (``left``, ``right``, ``both``): lung volume (ml), opacified volume (ml), burden fraction."""
-    op = np.asarray(hu) > threshold_hu
+    hu, labels = np.asarray(hu), np.asarray(labels)
+    counts = {name: [0, 0] for name in ("left", "right", "both")}
+    for sl in _slabs(labels.shape[0]):  # integer counts, slab by slab (no volume-sized temporaries)
+        op, lab = hu[sl] > threshold_hu, labels[sl]
+        for name, sel in (("left", lab == LEFT), ("right", lab == RIGHT), ("both", lab > 0)):
+            counts[name][0] += int(sel.sum())
+            counts[name][1] += int((op & sel).sum())
     out: Dict[str, Dict[str, float]] = {}
-    for name, sel in (("left", labels == LEFT), ("right", labels == RIGHT), ("both", labels > 0)):
-        n = int(sel.sum())
-        k = int((op & sel).sum())
+    for name, (n, k) in counts.items():
         out[name] = {"volume_ml": n * voxel_ml, "opacity_ml": k * voxel_ml, "burden": k / n if n else float("nan")}
     return out
 
@@ -261,17 +560,23 @@ def to_grid(field_zyx: np.ndarray, z_mm: np.ndarray, spacing_yx: Tuple[float, fl
     where cell ``k`` spans ``[origin + k g, origin + (k+1) g)``, in the volume's own frame
     (z from ``z_mm``, y and x from the first voxel centre at 0).
     """
-    f = np.asarray(field_zyx, dtype=np.float32)
+    f = np.asarray(field_zyx)
+    if f.dtype != np.bool_:
+        f = f.astype(np.float32, copy=False)
     axes_pos = [np.asarray(z_mm, np.float64), np.arange(f.shape[1]) * float(spacing_yx[0]),
                 np.arange(f.shape[2]) * float(spacing_yx[1])]
     origin = []
     for axis, pos in enumerate(axes_pos):
         step = float(np.median(np.diff(pos))) if pos.size > 1 else g
         if step > g / 2.0:  # fewer than 2 samples per cell: averaging would alias (biased centroids)
-            f, o = _interp_axis(f, pos, g, axis)
+            f, o = _interp_axis(f.astype(np.float32, copy=False), pos, g, axis)
             origin.append(o)
             continue
         starts, counts, o = _axis_groups(pos, g)
+        if f.dtype == np.bool_:  # a mask at native resolution: no float copy of the whole volume
+            f = _bool_block_mean(f, starts, counts, axis)
+            origin.append(o)
+            continue
         s = np.add.reduceat(f, starts, axis=axis)
         shape = [1, 1, 1]
         shape[axis] = counts.size
@@ -279,6 +584,26 @@ def to_grid(field_zyx: np.ndarray, z_mm: np.ndarray, spacing_yx: Tuple[float, fl
             f = np.where(counts.reshape(shape) > 0, s / np.maximum(counts, 1).reshape(shape), 0.0).astype(np.float32)
         origin.append(o)
     return f, np.asarray(origin)
+
+
+def _bool_block_mean(mask: np.ndarray, starts: np.ndarray, counts: np.ndarray, axis: int) -> np.ndarray:
+    """The float path's block mean of a boolean field along ``axis``, bit for bit, without its
+    full-volume float32 / float64 temporaries (a 148 x 512 x 512 mask: 155 + 2 x 155 MB, most of
+    what to_grid cost - page faults on a shared machine).
+
+    The float path sums 0/1 values (exact integers in float32), divides in float64 and rounds to
+    float32; here the integer sums index a per-cell table ``float32(k / count)`` built the same way,
+    so every value is the same. Empty cells (no voxel) are 0, as there.
+    """
+    cmax = int(counts.max()) if counts.size else 0
+    sums = np.add.reduceat(mask.view(np.uint8), starts, axis=axis, dtype=np.uint8 if cmax < 256 else np.int64)
+    out = np.empty(sums.shape, np.float32)
+    k = np.arange(cmax + 1, dtype=np.float64)
+    for i, c in enumerate(counts.tolist()):
+        lut = (k / c).astype(np.float32) if c > 0 else np.zeros(k.size, np.float32)
+        sel = (slice(None),) * axis + (i,)
+        out[sel] = lut[sums[sel]]
+    return out
 
 
 def euler_matrix(angles_deg: Sequence[float]) -> np.ndarray:
@@ -407,7 +732,8 @@ def _check_volume(volume: Any, mask: np.ndarray, which: str, cfg: PriorConfig) -
             f"{which} study ({getattr(volume.meta, 'series_uid', '') or 'series'}): {nz} slice(s) covering "
             f"{extent:.0f} mm - a prior comparison needs a chest volume (>= {cfg.min_slices} slices, "
             f">= {cfg.min_extent_mm:.0f} mm); single slices cannot be registered or give a lung burden")
-    if not (np.asarray(mask) > 0).any():
+    m = np.asarray(mask)
+    if not (m.any() if m.dtype == np.bool_ else (m > 0).any()):
         raise ConfigError(f"{which} study: the lung mask is empty (lung segmentation found no lung)")
 
 
@@ -463,15 +789,23 @@ def compare(
     # grid sizes may differ: PriorConfig.registration_grid_mm / grid_mm)
     t1 = time.perf_counter()
 
-    def grids(volume: Any, lab: np.ndarray, g: float) -> Tuple[np.ndarray, np.ndarray, GridSpec]:
-        lung, origin = to_grid(lab > 0, volume.z_mm, volume.pixel_spacing_mm, g)
-        op, _ = to_grid((volume.hu > cfg.threshold_hu) & (lab > 0), volume.z_mm, volume.pixel_spacing_mm, g)
-        return lung, op, GridSpec(lung.shape, g, origin)
+    def grids(volume: Any, lab: np.ndarray) -> Tuple[np.ndarray, GridSpec, np.ndarray, np.ndarray, GridSpec]:
+        """(lung grid, spec) at registration_grid_mm and (lung grid, opacity grid, spec) at grid_mm;
+        each grid is computed once (the registration grid is the fine grid when the sizes agree,
+        and the registration needs no opacity grid)."""
+        lung_in = lab > 0
+        g = cfg.grid_mm
+        lung, origin = to_grid(lung_in, volume.z_mm, volume.pixel_spacing_mm, g)
+        op, _ = to_grid((volume.hu > cfg.threshold_hu) & lung_in, volume.z_mm, volume.pixel_spacing_mm, g)
+        spec = GridSpec(lung.shape, g, origin)
+        if cfg.registration_grid_mm == g:
+            return lung, spec, lung, op, spec
+        r = cfg.registration_grid_mm
+        lung_r, origin_r = to_grid(lung_in, volume.z_mm, volume.pixel_spacing_mm, r)
+        return lung_r, GridSpec(lung_r.shape, r, origin_r), lung, op, spec
 
-    cur_lung_r, _, cur_r = grids(current_volume, cur_lab, cfg.registration_grid_mm)
-    pri_lung_r, _, pri_r = grids(prior_volume, pri_lab, cfg.registration_grid_mm)
-    cur_lung_g, cur_op_g, cur_g = grids(current_volume, cur_lab, cfg.grid_mm)
-    pri_lung_g, pri_op_g, pri_g = grids(prior_volume, pri_lab, cfg.grid_mm)
+    cur_lung_r, cur_r, cur_lung_g, cur_op_g, cur_g = grids(current_volume, cur_lab)
+    pri_lung_r, pri_r, pri_lung_g, pri_op_g, pri_g = grids(prior_volume, pri_lab)
     timings["grids"] = (time.perf_counter() - t1) * 1000
     t2 = time.perf_counter()
     params, c_cur, c_pri, reg = rigid_register(cur_lung_r, cur_r, pri_lung_r, pri_r, cfg)

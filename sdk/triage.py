@@ -439,7 +439,8 @@ class Triage:
         )
 
     # --- public ---------------------------------------------------------------------------------
-    def run(self, series: Any, *, series_uid: Optional[str] = None, prior: Any = None) -> TriageResult:
+    def run(self, series: Any, *, series_uid: Optional[str] = None, prior: Any = None,
+            prior_checks: bool = True) -> TriageResult:
         """Triage one series.
 
         Args:
@@ -448,7 +449,10 @@ class Triage:
             series_uid: pick this series when the source holds several.
             prior: an earlier study of the same patient (same kinds of input as ``series``) to
                 compare with (paper 003, :func:`sdk.prior.compare`); the comparison lands in
-                ``TriageResult.prior`` (``{"error": ...}`` when the prior cannot be compared).
+                ``TriageResult.prior`` (``{"error": ...}`` when the prior cannot be compared),
+                with the header checks of :func:`sdk.prior.check_pair` as ``prior["checks"]``.
+            prior_checks: False compares the prior even when its headers name another patient or
+                a later date (the findings are still recorded, and warned about).
 
         Raises:
             SeriesError: the input cannot become a CT volume (names the file and the problem).
@@ -463,7 +467,7 @@ class Triage:
         result, mask = self._triage_volume(volume, timer)
         if prior is not None:
             with timer("prior"):
-                result.prior = self._compare_prior(result, volume, mask, prior)
+                result.prior = self._compare_prior(result, volume, mask, prior, prior_checks)
         timer.ms["total"] = (time.perf_counter() - t_total) * 1000.0
         result.timings_ms = self._ordered(timer.ms)
         return result
@@ -577,27 +581,43 @@ class Triage:
                             warnings=warnings, **base)
 
     # --- hooks ----------------------------------------------------------------------------------
-    def _compare_prior(self, current: TriageResult, volume: Any, mask: Optional[np.ndarray], prior: Any) -> Dict[str, Any]:
+    def _compare_prior(self, current: TriageResult, volume: Any, mask: Optional[np.ndarray], prior: Any,
+                       checks: bool = True) -> Dict[str, Any]:
         """Prior-study comparison hook (paper 003); the comparison itself is :func:`sdk.prior.compare`.
 
-        The prior is loaded (unless it is a Volume) and triaged with the same models; the two
-        studies' volumes, lung masks and slice scores go to ``sdk.prior.compare``. A prior that
-        cannot be compared (not eligible, single slices, unreadable) gives ``{"error": ...}`` and a
+        The prior is loaded (unless it is a Volume), its headers are checked against the current
+        study's (:func:`sdk.prior.check_pair`: another patient or a later prior is refused unless
+        ``checks`` is False - before the prior is triaged, so a refusal costs only the load), then
+        it is triaged with the same models and the two studies' volumes, lung masks and slice
+        scores go to ``sdk.prior.compare``. A prior that cannot be compared (refused by the checks,
+        not eligible, single slices, unreadable) gives ``{"error": ..., "checks": ...}`` and a
         warning instead of losing the current study's result.
         """
-        from .errors import CtsdkError
+        from .errors import CtsdkError, PriorNotEligibleError
 
         try:
             from . import prior as prior_mod
         except ImportError as exc:  # pragma: no cover - the module ships with the package
             raise ConfigError("prior-study comparison is not available in this install (sdk.prior is missing)") from exc
+        found = None
+        ms: Dict[str, float] = {}
         try:
             if not current.eligible or mask is None:
-                raise ConfigError("the current series is not eligible: " + "; ".join(current.reasons))
+                raise PriorNotEligibleError("the current series is not eligible: " + "; ".join(current.reasons))
+            t0 = time.perf_counter()
             prior_volume = self._load(prior)
+            ms["load"] = (time.perf_counter() - t0) * 1000.0
+            found = prior_mod.check_pair(volume, prior_volume, enforce=checks)
+            refusal = found.error() if found.refused else None
+            if refusal is not None:
+                raise refusal
+            log.info("prior: loaded %s slices in %.1f s; triaging it", prior_volume.shape[0], ms["load"] / 1000.0)
+            t0 = time.perf_counter()
             prior_result, prior_mask = self._triage_volume(prior_volume, _Timer())
+            ms["triage"] = (time.perf_counter() - t0) * 1000.0
             if not prior_result.eligible or prior_mask is None:
-                raise ConfigError("the prior series is not eligible: " + "; ".join(prior_result.reasons))
+                raise PriorNotEligibleError("the prior series is not eligible: " + "; ".join(prior_result.reasons))
+            log.info("prior: triaged in %.1f s; comparing", ms["triage"] / 1000.0)
             comparison = prior_mod.compare(
                 volume, np.asarray(mask), prior_volume, np.asarray(prior_mask),
                 current_slice_scores=[s.to_dict() for s in current.slice_scores],
@@ -606,10 +626,23 @@ class Triage:
             )
         except CtsdkError as exc:
             current.warnings.append(f"prior comparison skipped: {exc}")
-            return {"error": f"{type(exc).__name__}: {exc}"}
+            failed: Dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}"}
+            if found is not None:
+                failed["checks"] = found.to_dict()
+            return failed
         out = comparison.to_dict()
+        out["checks"] = found.to_dict()
+        if found.problems:  # only when the caller overrode the checks
+            current.warnings.append("prior compared although its headers say: " + "; ".join(found.problems)
+                                    + " (prior_checks=False)")
+        if found.study == "same series":
+            current.warnings.append("prior comparison: the prior is the current series itself, not an earlier study")
+        elif found.study == "same study":
+            current.warnings.append("prior comparison: the prior is another series of the same study; the change "
+                                    "measures reconstruction and segmentation differences, not disease change")
         out["prior_series"] = {"series_uid": prior_result.series_uid, "label": prior_result.label,
-                               "probabilities": dict(prior_result.probabilities)}
+                               "probabilities": dict(prior_result.probabilities),
+                               "timings_ms": {k: round(v, 1) for k, v in ms.items()}}
         return out
 
     @staticmethod

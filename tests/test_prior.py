@@ -140,6 +140,64 @@ def test_lung_labels_split_a_binary_mask():
     np.testing.assert_array_equal(lung_labels(labelled), labelled)
 
 
+def _labels_whole_array(mask: np.ndarray) -> np.ndarray:
+    """lung_labels' rule written with whole-array boolean masks (how it was first written): the
+    slab-wise, count-based lung_labels must give exactly this."""
+    lung = mask > 0
+    xs = np.arange(mask.shape[2])
+
+    def cx(m: np.ndarray) -> float:
+        return float((m.sum(axis=(0, 1)) * xs).sum() / max(int(m.sum()), 1))
+
+    lab, n = ndi.label(lung)
+    a = b = None
+    if n >= 2:
+        sizes = np.bincount(lab.ravel())[1:]
+        o = np.argsort(sizes)[::-1]
+        if sizes[o[1]] >= 0.1 * sizes[o[0]]:
+            a, b = lab == o[0] + 1, lab == o[1] + 1
+            rest = lung & ~a & ~b
+            if rest.any():
+                near = np.abs(xs - cx(a)) <= np.abs(xs - cx(b))
+                a, b = a | (rest & near), b | (rest & ~near)
+    if a is None:
+        c = cx(lung)
+        a, b = lung & (xs < c), lung & (xs >= c)
+    left, right = (a, b) if cx(a) > cx(b) else (b, a)
+    out = np.zeros(mask.shape, np.uint8)
+    out[left], out[right] = LEFT, RIGHT
+    return out
+
+
+def test_lung_labels_and_to_grid_fast_paths_are_exact():
+    """The memory-lean paths (slab-wise lung_labels, the boolean block mean of to_grid) give the
+    same values bit for bit as the whole-array formulation / to_grid's float path."""
+    rng = np.random.default_rng(3)
+    for t in range(24):
+        shape = tuple(int(v) for v in rng.integers((9, 6, 6), (30, 40, 40)))
+        if t % 3 == 0:    # two lungs, islands
+            m = np.zeros(shape, bool)
+            m[:, 1:-1, 1:shape[2] // 2 - 1] = True
+            m[:, 2:-2, shape[2] // 2 + 1:-1] = t % 2 == 0
+            m |= rng.random(shape) > 0.97
+        elif t % 3 == 1:  # blobs
+            m = ndi.gaussian_filter(rng.random(shape), 1.5) > 0.5
+        else:             # dust
+            m = rng.random(shape) > rng.uniform(0.6, 0.95)
+        if t % 6 == 5:    # one block whose x centroid is a whole column (5.0): the split's tie
+            m = np.zeros(shape, bool)
+            m[1:-1, 1:-1, 2:9] = True
+        for mask in (m, m.astype(np.uint8)):
+            np.testing.assert_array_equal(lung_labels(mask), _labels_whole_array(mask))
+        z = np.cumsum(rng.choice([0.7, 1.0, 2.0, 6.0], size=shape[0]))  # uneven, with empty and thick cells
+        for g in (2.0, 4.0):
+            fast, o1 = to_grid(m, z, (0.8, 1.3), g)
+            ref, o2 = to_grid(m.astype(np.float32), z, (0.8, 1.3), g)
+            assert fast.dtype == ref.dtype == np.float32
+            np.testing.assert_array_equal(fast, ref)
+            np.testing.assert_array_equal(o1, o2)
+
+
 def test_change_thresholds():
     assert classify_change(0.031, 0.03) == "worse" and classify_change(-0.031, 0.03) == "improved"
     assert classify_change(0.03, 0.03) == "stable" and classify_change(0.0, 0.03) == "stable"

@@ -20,7 +20,7 @@ from ..errors import (
     ConfigError, CorruptFileError, CtsdkError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
     NoImageSeriesError, NotCTError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError,
 )
-from ..volume.core import SeriesMeta, Volume
+from ..volume.core import SeriesMeta, StudyIdentity, Volume
 from . import geometry as geo
 from . import parallel
 from .decoders import decode_pixels, syntax_name
@@ -1248,6 +1248,7 @@ def _meta(group: _Group, slices: List[_Slice], tilt: float, header_tilt: Optiona
         series_uid=group.uid, frame_of_reference_uid=s("FrameOfReferenceUID"),
         transfer_syntaxes=tuple(sorted({x.syntax for x in slices})), image_type=slices[0].image_type,
         gantry_tilt_deg=float(tilt), gantry_tilt_header_deg=header_tilt, n_files=len({x.path or id(x.ds) for x in slices}),
+        identity=StudyIdentity.from_dataset(ds),
     )
 
 

@@ -23,8 +23,55 @@ AFFINE_MAX_ERROR = 0.05
 
 
 @dataclass(frozen=True)
+class StudyIdentity:
+    """Patient and study-time header values, as written (stripped; "" when absent or empty).
+
+    Only for checking that a prior study belongs to the same patient and is earlier
+    (:func:`sdk.prior.check_pair`); it is kept out of :meth:`SeriesMeta.to_dict`, ``repr`` and
+    every result, so patient identity never reaches a JSON/SR output through it.
+    """
+
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    patient_age: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    series_date: str = ""
+    series_time: str = ""
+    acquisition_date: str = ""
+    acquisition_time: str = ""
+    content_date: str = ""
+    content_time: str = ""
+    identity_removed: str = ""        # PatientIdentityRemoved ("YES" on de-identified data)
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> "StudyIdentity":
+        """From a pydicom Dataset (any object with DICOM keyword attributes)."""
+        def s(kw: str) -> str:
+            v = getattr(ds, kw, None)
+            return "" if v is None else str(v).strip()
+
+        return cls(patient_id=s("PatientID"), issuer_of_patient_id=s("IssuerOfPatientID"), patient_name=s("PatientName"),
+                   patient_birth_date=s("PatientBirthDate"), patient_sex=s("PatientSex"), patient_age=s("PatientAge"),
+                   study_date=s("StudyDate"), study_time=s("StudyTime"), series_date=s("SeriesDate"),
+                   series_time=s("SeriesTime"), acquisition_date=s("AcquisitionDate"),
+                   acquisition_time=s("AcquisitionTime"), content_date=s("ContentDate"), content_time=s("ContentTime"),
+                   identity_removed=s("PatientIdentityRemoved").upper())
+
+    def __repr__(self) -> str:  # never print identity by accident (logs, tracebacks)
+        return "StudyIdentity(<withheld>)"
+
+
+@dataclass(frozen=True)
 class SeriesMeta:
-    """Identity-free summary of the series (no patient name, id, birth date...)."""
+    """Identity-free summary of the series (no patient name, id, birth date...).
+
+    ``identity`` (patient / study-time headers for the prior-study checks) is the one exception:
+    it is excluded from ``to_dict()`` and ``repr``.
+    """
 
     modality: str = ""
     manufacturer: str = ""
@@ -43,9 +90,11 @@ class SeriesMeta:
     gantry_tilt_deg: float = 0.0      # from the slice positions (sdk.io.geometry.tilt_from_offsets); 0 = no shear
     n_files: int = 0
     gantry_tilt_header_deg: Optional[float] = None   # GantryDetectorTilt as written (vendors differ in sign)
+    identity: Optional[StudyIdentity] = field(default=None, repr=False)  # None: no DICOM header (not in to_dict)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dict(self.__dict__)
+        d.pop("identity", None)
         d["transfer_syntaxes"] = list(self.transfer_syntaxes)
         d["image_type"] = list(self.image_type)
         return d
