@@ -150,11 +150,17 @@ def _header_checks(volume: Volume) -> Tuple[Dict[str, Dict[str, Any]], List[str]
     thick = meta.slice_thickness_mm
     if thick is None and volume.shape[0] > 1:
         thick = float(volume.spacing[0])
-    ok = thick is not None and thick <= MAX_THICKNESS_MM + 1e-6
-    checks["slice_thickness_mm"] = {"ok": ok, "value": thick, "limit": MAX_THICKNESS_MM}
+    span = meta.slice_thickness_range_mm
+    thickest = span[1] if span is not None else thick   # every slice must pass, not the median one
+    ok = thickest is not None and thickest <= MAX_THICKNESS_MM + 1e-6
+    checks["slice_thickness_mm"] = {"ok": ok, "value": thickest, "limit": MAX_THICKNESS_MM}
+    if span is not None and span[0] != span[1]:
+        checks["slice_thickness_mm"].update(range=list(span), median=thick)
     if not ok:
-        reasons.append(f"slice thickness {thick if thick is not None else 'unknown'} mm > {MAX_THICKNESS_MM:g} mm "
-                       "(paper 000 excludes thicker slices)")
+        said = (f"{span[0]:g}-{span[1]:g} mm (median {thick:g} mm), thickest {span[1]:g} mm"
+                if span is not None and span[0] != span[1] and thick is not None else
+                f"{thickest} mm" if thickest is not None else "unknown")
+        reasons.append(f"slice thickness {said} > {MAX_THICKNESS_MM:g} mm (paper 000 excludes thicker slices)")
 
     contrast = contrast_given(meta.contrast_agent, meta.series_description)
     checks["contrast"] = {"ok": not contrast, "value": meta.contrast_agent, "limit": "no contrast agent"}

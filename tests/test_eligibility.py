@@ -45,6 +45,24 @@ def test_thick_slices(tmp_path):
     assert any("thickness 5.0 mm > 3 mm" in r for r in res.reasons)
 
 
+def test_mixed_thickness_is_judged_by_the_thickest_slice(tmp_path):
+    """A quarter of the slices 5 mm thick (median 2 mm): not eligible, and the reason gives the
+    range, the median and the thickest slice instead of a median no slice has."""
+    import pydicom
+
+    paths = write_phantom_series(tmp_path, n_slices=24, size=64, spacing=(2.0, 0.9, 0.9))
+    for p in paths[-6:]:
+        ds = pydicom.dcmread(str(p))
+        ds.SliceThickness = 5.0
+        ds.save_as(str(p))
+    vol = load_series(tmp_path)
+    assert vol.meta.slice_thickness_mm == 2.0 and vol.meta.slice_thickness_range_mm == (2.0, 5.0)
+    res = check(vol)
+    assert not res.eligible
+    assert res.checks["slice_thickness_mm"] == {"ok": False, "value": 5.0, "limit": 3.0, "range": [2.0, 5.0], "median": 2.0}
+    assert any("slice thickness 2-5 mm (median 2 mm), thickest 5 mm > 3 mm" in r for r in res.reasons)
+
+
 def test_contrast(tmp_path, phantom_hu):
     write_phantom_series(tmp_path, n_slices=24, size=64, spacing=(2.0, 0.9, 0.9), contrast_agent="OMNIPAQUE 350")
     vol = load_series(tmp_path)

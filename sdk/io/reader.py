@@ -433,6 +433,11 @@ class _Group:
         return float(np.median(vals)) if vals else None
 
     @property
+    def thickness_range(self) -> Optional[Tuple[float, float]]:
+        vals = [float(s.thickness) for s in self.slices if s.thickness]
+        return (min(vals), max(vals)) if vals else None
+
+    @property
     def syntaxes(self) -> Tuple[str, ...]:
         return tuple(sorted({s.syntax for s in self.slices}))
 
@@ -1243,7 +1248,8 @@ def _meta(group: _Group, slices: List[_Slice], tilt: float, header_tilt: Optiona
         kernel = "\\".join(str(k) for k in kernel)
     return SeriesMeta(
         modality=group.modality or "CT", manufacturer=s("Manufacturer"), model=s("ManufacturerModelName"),
-        kvp=kvp_f, kernel=kernel, slice_thickness_mm=group.thickness, contrast_agent=_contrast(ds),
+        kvp=kvp_f, kernel=kernel, slice_thickness_mm=group.thickness, slice_thickness_range_mm=group.thickness_range,
+        contrast_agent=_contrast(ds),
         series_description=s("SeriesDescription"), body_part=s("BodyPartExamined"), study_uid=s("StudyInstanceUID"),
         series_uid=group.uid, frame_of_reference_uid=s("FrameOfReferenceUID"),
         transfer_syntaxes=tuple(sorted({x.syntax for x in slices})), image_type=slices[0].image_type,

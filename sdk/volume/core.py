@@ -78,7 +78,8 @@ class SeriesMeta:
     model: str = ""
     kvp: Optional[float] = None
     kernel: str = ""
-    slice_thickness_mm: Optional[float] = None
+    slice_thickness_mm: Optional[float] = None   # median over the slices that state one
+    slice_thickness_range_mm: Optional[Tuple[float, float]] = None   # (thinnest, thickest) of those
     contrast_agent: str = ""          # ContrastBolusAgent and friends, joined; "" when none
     series_description: str = ""
     body_part: str = ""
@@ -97,6 +98,8 @@ class SeriesMeta:
         d.pop("identity", None)
         d["transfer_syntaxes"] = list(self.transfer_syntaxes)
         d["image_type"] = list(self.image_type)
+        if self.slice_thickness_range_mm is not None:
+            d["slice_thickness_range_mm"] = list(self.slice_thickness_range_mm)
         return d
 
 
