@@ -314,7 +314,9 @@ def _check_patient(out: PriorChecks, cur: Any, pri: Any) -> None:
         out.patient = "same"
         out.checked.append("PatientID: the same in both")
     else:
-        mismatch.append(f"PatientID {pid!r} (prior) vs {cid!r} (current)")
+        # the values stay out: this text lands in result JSON, listener results and logs, which the
+        # product keeps free of patient identity (SeriesMeta.to_dict has none either)
+        mismatch.append("PatientID differs (the IDs are not repeated here; compare the two studies' headers)")
     # supporting evidence: written in both and different is a mismatch of its own (values of sex and
     # age are named; birth dates and names are not printed)
     sex = (cur.patient_sex.upper(), pri.patient_sex.upper())
