@@ -171,7 +171,8 @@ _OVERRIDE = "prior_checks=False (ctsdk triage --prior-unchecked)"
 @dataclass
 class PriorChecks:
     """What :func:`check_pair` found in the two series' headers (``to_dict()`` is JSON-safe and
-    holds no patient identity except the two PatientIDs of a mismatch, in ``problems``).
+    holds no patient identity: a PatientID mismatch is said, not quoted; only placeholder IDs such
+    as "ANONYMOUS", issuers, sex and age values are named).
 
     Attributes:
         patient: "same" | "different" | "not checked".
