@@ -14,6 +14,9 @@ import numpy as np
 
 from .errors import ConfigError
 
+#: The statement every result object carries (result JSON, human output, DICOM objects).
+RESEARCH_ONLY = "Research use only - not for diagnosis"
+
 PathLike = Union[str, Path]
 NOT_ELIGIBLE = "not_eligible"
 
@@ -252,6 +255,7 @@ class TriageResult:
             "prior": self.prior,
             "transfers": self.transfers,
             "lung_opacity": self.lung_opacity,
+            "statement": RESEARCH_ONLY,
         }
 
     @classmethod

@@ -231,6 +231,7 @@ def test_cli_json_is_one_object_and_heatmaps(phantom: Path, tmp_path: Path) -> N
     assert (d["label"] == "indeterminate") == bool(d["reasons"]) and d["lung_opacity"]["decision"]["rules"]
     assert all(Path(p).is_file() for p in d["heatmaps"])
     assert d["runtime"]["cpu_lanes"] == "3"
+    assert d["statement"] == "Research use only - not for diagnosis"  # every result object says so
     # the phantom's planted ground glass: opacity block, TID 1500 measurements and the SEG written
     assert d["lung_opacity"]["ggo_fraction"] > 0.005
     assert d["dicom_results"] == ["sr.dcm", "sc-001.dcm", "sc-002.dcm", "sc-003.dcm", "measurements.dcm", "seg.dcm"]

@@ -27,7 +27,7 @@ def _num(v: Any) -> str:
 
 
 def _human(d: Dict[str, Any]) -> str:
-    lines = [f"label: {d['label']}"]
+    lines = [f"label: {d['label']}   ({d.get('statement', 'Research use only - not for diagnosis')})"]
     if d["eligible"]:
         probs = ", ".join(f"{k} {v:.3f}" for k, v in d["probabilities"].items())
         lines.append(f"probabilities: {probs} (threshold {d['threshold']:.3f} on {d['bundle'].get('positive_class')})")

@@ -22,8 +22,7 @@ log = logging.getLogger("sdk.integration")
 __all__ = ["Overlay", "OpacityMap", "opacity_from_result", "TriageOutput", "TriageFn", "normalise_output", "make_triage_fn", "inventory", "ingest_check",
            "overlays_from_result", "RESEARCH_ONLY"]
 
-#: The statement every result object carries.
-RESEARCH_ONLY = "Research use only - not for diagnosis"
+from ..result import RESEARCH_ONLY  # noqa: E402 - re-exported: the one owner is sdk.result
 
 
 @dataclass(frozen=True)
