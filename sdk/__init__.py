@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ._lazy import lazy_exports
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # = pyproject.toml [project] version (tests/test_runtime.py); the bundle has its own
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {

@@ -223,6 +223,16 @@ def test_import_sdk_stays_light():
     assert out.stdout.strip() == ""
 
 
+def test_package_version_has_one_value():
+    """sdk.__version__ (in the DICOM objects' SoftwareVersions, ctsdk --version) is pyproject's."""
+    import re
+
+    import sdk
+
+    text = (Path(SDK_HOME) / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == sdk.__version__
+
+
 def test_submodules_are_reachable_after_import_sdk():
     """``import sdk`` then ``sdk.io.load_series`` / ``sdk.models.create_model`` etc. as the README
     writes them (they raised AttributeError until something else imported the submodule)."""
