@@ -189,6 +189,19 @@ def test_same_position_different_pixels_is_a_typed_error(tmp_path, same_uid):
     assert "max |HU difference| 100" in msg
 
 
+def test_byte_identical_copy_is_called_a_copy_not_a_distinct_slice(tmp_path, truth):
+    """One file copied under another name (same UID, same position): the note says copies of one
+    image (never "kept as distinct slices"), the copy is dropped once, the volume is the truth."""
+    paths = _series(tmp_path)
+    shutil.copy(paths[3], tmp_path / "copy_of_3.dcm")
+    vol = load_series(tmp_path)
+    np.testing.assert_array_equal(vol.hu, truth)
+    shared = [w for w in vol.warnings if "share SOPInstanceUID" in w]
+    assert len(shared) == 1 and "at one position: copies of one image" in shared[0]
+    assert not any("kept as distinct slices" in w for w in vol.warnings)
+    assert len([w for w in vol.warnings if ": skipped: duplicate SOPInstanceUID" in w]) == 1
+
+
 @pytest.mark.parametrize("study_per_file", [False, True])
 def test_series_uid_regenerated_per_file_loads_as_one_series(tmp_path, truth, study_per_file):
     """An anonymiser that generated a new SeriesInstanceUID (and maybe StudyInstanceUID) for every

@@ -821,6 +821,11 @@ def _identity_warnings(gid: str, slices: List[_Slice]) -> List[str]:
     shared = [(uid, m) for uid, m in by_uid.items() if len(m) > 1]
     for uid, members in shared[:MAX_SHARED_UID_NOTES]:
         where = {tuple(round(v, 3) for v in s.ipp) for s in members if s.ipp is not None}
+        if len(where) <= 1:  # copies of one instance: said as such, not as distinct slices
+            out.append(f"series {gid}: {len(members)} files share SOPInstanceUID {uid} at one position: copies of one "
+                       "image - one is kept when their pixels are identical, different pixels are refused (checked "
+                       "when decoded)")
+            continue
         out.append(f"series {gid}: {len(members)} files share SOPInstanceUID {uid} at {len(where)} distinct "
                    "position(s): kept as distinct slices; only a copy at the same position with identical "
                    "pixels is dropped as a duplicate")
