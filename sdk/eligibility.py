@@ -159,7 +159,7 @@ def _header_checks(volume: Volume) -> Tuple[Dict[str, Dict[str, Any]], List[str]
     if not ok:
         said = (f"{span[0]:g}-{span[1]:g} mm (median {thick:g} mm), thickest {span[1]:g} mm"
                 if span is not None and span[0] != span[1] and thick is not None else
-                f"{thickest} mm" if thickest is not None else "unknown")
+                f"{round(thickest, 2)} mm" if thickest is not None else "unknown")
         reasons.append(f"slice thickness {said} > {MAX_THICKNESS_MM:g} mm (paper 000 excludes thicker slices)")
 
     contrast = contrast_given(meta.contrast_agent, meta.series_description)
