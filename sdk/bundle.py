@@ -54,6 +54,7 @@ __all__ = [
     "BundleFile",
     "load_bundle",
     "write_bundle",
+    "refresh_card",
     "verify_bundle",
     "sha256_file",
     "DEFAULT_BUNDLE_DIR",
@@ -385,6 +386,32 @@ def write_bundle(
     return load_bundle(out)
 
 
+def refresh_card(bundle_dir: Union[str, Path], card: Union[str, Path]) -> "Bundle":
+    """Replace a bundle's model card (the file of role ``card``) with ``card`` and update its
+    sha256, size and the bundle's total in manifest.json; every other entry, ``created`` included,
+    stays as it is. For the card's text only (docs/model_card.md is its source): models are never
+    touched here. Returns the re-loaded (verified) bundle.
+
+    Raises:
+        ConfigError: ``card`` is not a file, or the bundle has no card entry.
+    """
+    out, src = Path(bundle_dir), Path(card)
+    if not src.is_file():
+        raise ConfigError(f"{src}: no such model card file")
+    manifest = json.loads((out / MANIFEST).read_text())
+    names = [n for n, e in manifest.get("files", {}).items() if e.get("role") == "card"]
+    if len(names) != 1:
+        raise ConfigError(f"{out}: expected one file of role 'card' in {MANIFEST}, found {len(names)}")
+    entry = manifest["files"][names[0]]
+    dst = out / entry["path"]
+    shutil.copyfile(src, dst)
+    old = int(entry["bytes"])
+    entry["sha256"], entry["bytes"] = sha256_file(dst), dst.stat().st_size
+    manifest["total_bytes"] = int(manifest.get("total_bytes", 0)) - old + entry["bytes"]
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return load_bundle(out)
+
+
 # --- command line ------------------------------------------------------------------------------
 def _parse_file_arg(text: str) -> Tuple[str, Tuple[str, str, str]]:
     """``name=path:role[:precision]``."""
@@ -413,12 +440,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     v.add_argument("path", nargs="?")
     s = sub.add_parser("show", help="print the bundle summary as JSON")
     s.add_argument("path", nargs="?")
+    c = sub.add_parser("card", help="replace the bundle's MODEL_CARD.md with CARD and re-hash it (text only)")
+    c.add_argument("path", help="bundle folder (e.g. sdk/bundles/default)")
+    c.add_argument("--card", default="docs/model_card.md", help="the card's source (default: docs/model_card.md)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
             meta = json.loads(Path(args.meta).read_text())
             files = dict(_parse_file_arg(f) for f in args.file)
             bundle = write_bundle(args.out, files, meta, overwrite=args.overwrite)
+        elif args.cmd == "card":
+            bundle = refresh_card(args.path, args.card)
         else:
             bundle = load_bundle(args.path)
         print(json.dumps(bundle.summary(), indent=2))

@@ -106,6 +106,30 @@ def test_bundle_cli_verify_exit_codes(bundle_copy: Path) -> None:
     assert bad.returncode == 2 and "MODEL_CARD.md" in bad.stderr and "changed" in bad.stderr
 
 
+def test_shipped_card_is_the_docs_card() -> None:
+    """Integrators get the bundle's MODEL_CARD.md: it is docs/model_card.md, byte for byte (after an
+    edit of the docs card: python -m sdk.bundle card sdk/bundles/default)."""
+    assert (DEFAULT_BUNDLE_DIR / "MODEL_CARD.md").read_bytes() == (Path(SDK_HOME) / "docs" / "model_card.md").read_bytes()
+
+
+def test_refresh_card_rehashes_only_the_card(bundle_copy: Path, tmp_path: Path) -> None:
+    from sdk.bundle import refresh_card
+
+    before = json.loads((bundle_copy / "manifest.json").read_text())
+    card = tmp_path / "card.md"
+    card.write_text("# a new card\nResearch use only.\n")
+    b = refresh_card(bundle_copy, card)  # re-loaded: every sha256 verified
+    after = json.loads((bundle_copy / "manifest.json").read_text())
+    assert (bundle_copy / "MODEL_CARD.md").read_bytes() == card.read_bytes() and b.name == before["name"]
+    changed = {k for k in before["files"] if before["files"][k] != after["files"][k]}
+    assert changed == {"model_card"} and after["files"]["model_card"]["bytes"] == card.stat().st_size
+    assert after["total_bytes"] - before["total_bytes"] == card.stat().st_size - before["files"]["model_card"]["bytes"]
+    assert {k: v for k, v in after.items() if k not in ("files", "total_bytes")} == \
+        {k: v for k, v in before.items() if k not in ("files", "total_bytes")}
+    with pytest.raises(ConfigError, match="no such model card"):
+        refresh_card(bundle_copy, tmp_path / "missing.md")
+
+
 def test_default_manifest_agrees_with_its_models() -> None:
     """The manifest's preprocessing / classes are what the shipped graphs were exported with."""
     import onnxruntime as ort
