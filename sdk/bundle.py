@@ -257,7 +257,7 @@ class Bundle:
 def _read_manifest(root: Path) -> Dict[str, Any]:
     mpath = root / MANIFEST
     if not root.is_dir():
-        raise BundleError(f"{root}: bundle folder not found (pass a folder containing {MANIFEST}, or None for the default bundle)")
+        raise BundleError(f"{root}: bundle folder not found (pass a folder containing {MANIFEST}; leave the bundle out - bundle=None, no --bundle - for the one shipped in the package)")
     if not mpath.is_file():
         raise BundleError(f"{mpath}: manifest not found; a bundle is a folder with {MANIFEST} (build one with `python -m sdk.bundle build`)")
     try:
