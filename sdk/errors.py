@@ -36,6 +36,11 @@ class NotDicomError(SeriesError):
     """The file is not DICOM at all (text, JPEG, empty...)."""
 
 
+class SourceNotFoundError(NotDicomError, FileNotFoundError):
+    """The path given as a series does not exist (a NotDicomError for callers that catch that,
+    and a FileNotFoundError for those that catch the standard one)."""
+
+
 class CorruptFileError(SeriesError):
     """DICOM that cannot be parsed or whose pixel data is truncated/inconsistent."""
 

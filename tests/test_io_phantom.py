@@ -335,6 +335,17 @@ def test_single_bad_file_raises_its_own_error(tmp_path):
     assert "cut.dcm" in str(exc.value)
 
 
+def test_missing_path_is_a_source_not_found_error(tmp_path):
+    """A path that does not exist: SourceNotFoundError, which is both a NotDicomError (ctsdk's
+    contract) and a FileNotFoundError (the standard one), naming the path."""
+    from sdk.errors import NotDicomError, SourceNotFoundError
+
+    with pytest.raises(SourceNotFoundError, match="no such file or folder") as exc:
+        load_series(tmp_path / "nope")
+    assert isinstance(exc.value, NotDicomError) and isinstance(exc.value, FileNotFoundError)
+    assert exc.value.path == str(tmp_path / "nope") or str(exc.value.path) == str(tmp_path / "nope")
+
+
 def test_folder_of_only_bad_files(tmp_path):
     (tmp_path / "a.dcm").write_text("x")
     (tmp_path / "b.dcm").write_bytes(b"")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from ..errors import (
-    ConfigError, CorruptFileError, CtsdkError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
+    ConfigError, CorruptFileError, CtsdkError, SourceNotFoundError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
     NoImageSeriesError, NotCTError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError,
 )
 from ..volume.core import SeriesMeta, StudyIdentity, Volume
@@ -172,7 +172,7 @@ def _expand(source: Source) -> Tuple[List[Any], bool, List[str]]:
             return items, False, notes
         if p.is_file():
             return [str(p)], True, notes
-        raise NotDicomError("no such file or folder", p, "check the path")
+        raise SourceNotFoundError("no such file or folder", p, "check the path")
     items = list(source)
     if not items:
         raise NoImageSeriesError("empty list of files / datasets given", None, "pass a folder or a non-empty list")
