@@ -241,6 +241,22 @@ def test_opacity_seg_frames_match_the_map(phantom, opacity_case, tmp_path):
     dciodvfy(paths[-1])
 
 
+def test_every_object_carries_the_package_version(phantom, opacity_case, tmp_path):
+    """SoftwareVersions = the ctsdk package on every object; the bundle's version stays the
+    algorithm's (SR Algorithm Version, the measurements' device model name)."""
+    from sdk import __version__
+
+    result, omap, _ = opacity_case
+    paths = write_dicom_results(phantom, result, [_overlay(phantom[3], 4)], tmp_path, opacity=omap)
+    assert [p.name for p in paths] == ["sr.dcm", "sc-001.dcm", "measurements.dcm", "seg.dcm"]
+    for p in paths:
+        ds = pydicom.dcmread(str(p))
+        assert ds.SoftwareVersions == __version__, p.name
+        assert ds.Manufacturer == "ctsdk"
+    assert _content(pydicom.dcmread(str(paths[0])))["Algorithm Version"] == RESULT["bundle"]["version"]
+    assert RESULT["bundle"]["version"] != __version__
+
+
 def test_opacity_map_off_the_series_is_refused(phantom, opacity_case, tmp_path):
     from sdk.errors import ResultWriteError
     from sdk.integration.triage_fns import OpacityMap

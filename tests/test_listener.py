@@ -11,7 +11,6 @@ test_listener_triage.py).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -262,7 +261,12 @@ def test_restart_does_not_redo_finished_series(run):
     before = (out / "triage-log.jsonl").read_text()
     summary = run["listener"].terminate()
     assert summary["rejected_associations"] >= 1
+    assert summary["forwarded"] == summary["forward_failed"] == summary["forward_pending"] == 0  # no --forward
+    stopped = json.loads((out / "listener.json").read_text())  # a clean stop says so
+    assert stopped["running"] is False and stopped["pid"] == run["listener"].proc.pid and "stopped_at" in stopped
     third = ListenerProc(out, _free_port(), run["log"])
+    assert json.loads((out / "listener.json").read_text())["running"] is True
     time.sleep(QUIET_S + 1.5)  # a pending series would be triaged by now
     third.terminate()
     assert (out / "triage-log.jsonl").read_text() == before
+    assert json.loads((out / "listener.json").read_text())["pid"] == third.proc.pid

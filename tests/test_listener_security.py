@@ -145,6 +145,31 @@ def test_ip_and_ae_allow_lists(series, tmp_path):
     assert not list((tmp_path / "a").glob("series/*/instances/*.dcm"))
 
 
+def test_called_ae_title_is_checked_only_when_asked(series, tmp_path, caplog):
+    """By default any called AE title is accepted (senders often get it wrong); with
+    require_called_ae an association calling another AE title is rejected, with its own log line."""
+    import logging
+
+    lst = Listener(ListenerConfig(out=tmp_path / "a", port=0, quiet_seconds=0.2), lambda: inventory).start()
+    try:
+        assert forward_files(series[:1], ForwardTarget(*lst.address, "ANYTHING"), calling_ae="S") == 1
+    finally:
+        lst.stop()
+    caplog.set_level(logging.WARNING, logger="sdk.integration.listener")
+    lst = Listener(ListenerConfig(out=tmp_path / "b", port=0, quiet_seconds=0.2, require_called_ae=True),
+                   lambda: inventory).start()
+    try:
+        with pytest.raises(DicomNetworkError, match="rejected"):
+            forward_files(series[:1], ForwardTarget(*lst.address, "ANYTHING"), calling_ae="S", timeout_s=5)
+        assert forward_files(series[:1], ForwardTarget(*lst.address, "CTSDK"), calling_ae="S") == 1
+        assert lst.counts["rejected_associations"] == 1
+    finally:
+        lst.stop()
+    lines = [r.getMessage() for r in caplog.records if "rejected association" in r.getMessage()]
+    assert lines == ["rejected association from calling AE 'S' at 127.0.0.1: called AE title 'ANYTHING' is not ours "
+                     "('CTSDK'; --require-called-ae)"]
+
+
 def _make_pki(d: Path) -> dict:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, with openssl."""
     def run(*args: str) -> None:

@@ -64,6 +64,9 @@ def test_resend_late_instance_and_failure_isolation(two_series, tmp_path):
     assert [r["n_instances"] for r in runs_a] == [4, 5] and [r["state"] for r in runs_a] == ["done", "done"]
     marker = json.loads((out / "series" / "1.2.826.0.1.1" / "DONE").read_text())
     assert marker["revision"] == 2 and marker["n_instances"] == 5
+    # the ledger says which revision and which instance set each run covered
+    assert [r["revision"] for r in runs_a] == [1, 2] and runs_a[-1]["instances_digest"] == marker["instances_digest"]
+    assert runs_a[0]["instances_digest"] != marker["instances_digest"]
     failed = json.loads((out / "series" / "1.2.826.0.1.2" / "FAILED").read_text())
     assert failed["error"] == {"type": "RuntimeError", "message": "model exploded on series b",
                                "traceback": failed["error"]["traceback"]}

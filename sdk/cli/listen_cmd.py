@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 import socket
 import ssl
@@ -19,8 +20,14 @@ Examples:
   ctsdk listen --port 0 --out /tmp/ctsdk-listener --triage-fn sdk.integration.triage_fns:inventory
   ctsdk listen --port 11112 --bind 0.0.0.0 --allow-ae SCANNER1 --out /tmp/ctsdk-listener \\
       --tls-cert SERVER_CERT_PEM --tls-key SERVER_KEY_PEM
+  ctsdk listen --port 11112 --out /tmp/ctsdk-listener --forward 10.0.0.7:104:PACS
   (--port 0: any free port, written to OUT/listener.json; SERVER_CERT_PEM / SERVER_KEY_PEM: your
   PEM certificate and private key. Stop with Ctrl-C or SIGTERM.)
+
+\b
+Logging (stderr): the listener's INFO lines are shown - the start, one line per finished series
+(label, instances, time, forwarded or not); --quiet shows warnings and errors only; ctsdk -vv
+listen adds DEBUG.
 
 \b
 Exit codes: 0 stopped by SIGINT/SIGTERM; 2 bad arguments, --out cannot be written, or the
@@ -60,7 +67,7 @@ def _human(d: Dict[str, Any]) -> str:
 
 @click.command("listen", epilog=EXAMPLES)
 @click.option("--port", type=int, default=11112, show_default=True, help="TCP port (0: any free port, see OUT/listener.json).")
-@click.option("--ae-title", default="CTSDK", show_default=True, help="Our AE title (called AE).")
+@click.option("--ae-title", default="CTSDK", show_default=True, help="Our AE title: the called AE for senders, the calling AE when forwarding.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Storage root: series/<uid>/instances, results, DONE/FAILED markers, triage-log.jsonl.")
 @click.option("--bind", default="127.0.0.1", show_default=True,
@@ -75,38 +82,76 @@ def _human(d: Dict[str, Any]) -> str:
               help="A series is complete when no new instance arrived for this long.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Triage worker threads (one model per worker).")
 @click.option("--queue-size", type=int, default=8, show_default=True, help="Complete series waiting for a worker (bounded).")
-@click.option("--forward", default=None, help="C-STORE the SR and SC results to HOST:PORT:AET.")
+@click.option("--forward", default=None,
+              help="After each series, C-STORE every DICOM result (SR, measurements SR, SCs, SEG) to HOST:PORT:AET, "
+                   "calling as --ae-title (the receiver must accept that AE title). A failed forward is retried "
+                   "from disk, without re-triaging (--forward-retry), and again at the next start.")
+@click.option("--forward-retry", "forward_retry", default="30,120,600", show_default=True, metavar="SECONDS,...",
+              help="Delays between forward attempts while running; after the last, the next start retries. "
+                   "'none': no retry until the next start.")
+@click.option("--require-called-ae", is_flag=True,
+              help="Reject associations whose called AE title is not --ae-title (default: any called AE is accepted).")
 @click.option("--triage-fn", default=None,
-              help="module:function triage hook (default: sdk.triage.Triage; "
-                   "sdk.integration.triage_fns:inventory runs no model, for commissioning).")
+              help="module:function triage hook (default: sdk.integration.triage_fns:make_triage_fn, the real "
+                   "sdk.triage.Triage with the default bundle; sdk.integration.triage_fns:inventory runs no model, "
+                   "for commissioning).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker threads here; ray: each worker's triage runs on a Ray actor (needs ctsdk[cluster]).")
 @click.option("--ray-address", default=None, help="--engine ray: 'auto', HOST:PORT of a head node, or none for a private Ray.")
 @click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="--engine ray: logical CPUs per actor.")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="--engine ray: GPUs per actor.")
 @click.option("--no-dicom-results", is_flag=True, help="Write result.json only (no SR / SC objects).")
+@click.option("--quiet", "-q", is_flag=True, help="Log warnings and errors only (no INFO line per series).")
 @json_option
 @handle_errors
 def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[str, ...], allow_ip: Tuple[str, ...],
            tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str], quiet_seconds: float, workers: int,
-           queue_size: int, forward: Optional[str], triage_fn: Optional[str], engine: str, ray_address: Optional[str],
+           queue_size: int, forward: Optional[str], forward_retry: str, require_called_ae: bool,
+           triage_fn: Optional[str], engine: str, ray_address: Optional[str],
            cpus_per_worker: float, gpus_per_worker: float,
-           no_dicom_results: bool, as_json: bool) -> None:
+           no_dicom_results: bool, quiet: bool, as_json: bool) -> None:
     """Receive CT series over DICOM, store them durably, triage each complete series once.
 
     Runs until SIGINT/SIGTERM; with --json prints a summary object when it stops. A restart on the
-    same --out resumes pending series and never redoes finished ones. Research use only.
+    same --out resumes pending series, never redoes finished ones and retries forwards that did
+    not get through. Research use only.
     """
     check_output_dir(out_dir, "--out")  # before the socket opens: received series must be storable
-    from ..integration.listener import Listener, ListenerConfig, load_triage_factory, parse_forward
-    from ..integration.storage import atomic_write_json
+    from ..integration.listener import ListenerConfig, parse_forward, parse_retry_schedule
 
     cfg = ListenerConfig(
         out=Path(out_dir), port=port, ae_title=ae_title, bind=bind, allow_ae=tuple(allow_ae), allow_ip=tuple(allow_ip),
         tls_cert=Path(tls_cert) if tls_cert else None, tls_key=Path(tls_key) if tls_key else None,
         tls_ca=Path(tls_ca) if tls_ca else None, quiet_seconds=quiet_seconds, workers=workers, queue_size=queue_size,
-        forward=parse_forward(forward) if forward else None, dicom_results=not no_dicom_results,
+        forward=parse_forward(forward) if forward else None, forward_retry_s=parse_retry_schedule(forward_retry),
+        require_called_ae=require_called_ae, dicom_results=not no_dicom_results,
     )
+    # the operator's log: INFO of the listener by default (ctsdk's own default is WARNING, -v INFO,
+    # -vv DEBUG); --quiet: warnings only. Put back on return (in-process callers, tests).
+    listener_log = logging.getLogger("sdk.integration.listener")
+    previous_level = listener_log.level
+    if quiet:
+        listener_log.setLevel(logging.WARNING)
+    elif listener_log.getEffectiveLevel() > logging.INFO:
+        listener_log.setLevel(logging.INFO)
+    try:
+        _serve(cfg, tls_cert, tls_key, triage_fn, engine, ray_address, cpus_per_worker, gpus_per_worker, as_json)
+    finally:
+        listener_log.setLevel(previous_level)
+
+
+def _serve(cfg: Any, tls_cert: Optional[str], tls_key: Optional[str], triage_fn: Optional[str], engine: str,
+           ray_address: Optional[str], cpus_per_worker: float, gpus_per_worker: float, as_json: bool) -> None:
+    """Run the listener until SIGINT/SIGTERM, keep OUT/listener.json current, print the summary."""
+    import os
+    import time
+
+    from ..integration.listener import Listener, load_triage_factory
+    from ..integration.storage import atomic_write_json
+
+    def now() -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
     dispatcher = None
     if engine == "ray":
         from ..cluster import RayDispatcher  # imports Ray only here (and says what to install)
@@ -122,17 +167,15 @@ def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[st
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     listener = None
+    status: Optional[Dict[str, Any]] = None
+    status_file = Path(cfg.out) / "listener.json"
     try:
         listener = Listener(cfg, factory)
-        _start(listener, bind, port, tls_cert, tls_key)
-        import os
-        import time
-
+        _start(listener, cfg.bind, cfg.port, tls_cert, tls_key)
         host, bound_port = listener.address
-        atomic_write_json(Path(out_dir) / "listener.json", {
-            "pid": os.getpid(), "host": host, "port": bound_port, "ae_title": ae_title,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        status = {"pid": os.getpid(), "host": host, "port": bound_port, "ae_title": cfg.ae_title,
+                  "running": True, "started_at": now()}
+        atomic_write_json(status_file, status)
         while not stop.wait(0.5):
             pass
     finally:
@@ -142,4 +185,6 @@ def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[st
             dispatcher.close()
         for s, handler in previous.items():  # a failed start leaves the caller's handlers as they were
             signal.signal(s, handler)
+        if status is not None:  # stopped cleanly: the file says so (a kill leaves "running": true)
+            atomic_write_json(status_file, {**status, "running": False, "stopped_at": now()})
     emit(listener.summary(), as_json, _human)

@@ -7,6 +7,9 @@ Flow::
         DONE/FAILED marker does not cover exactly the instances on disk ─► bounded queue
     N workers: triage_fn(instance files) ─► results/result.json, sr.dcm, sc-*.dcm
         ─► optional C-STORE forward ─► DONE marker (atomic, written last) + ledger line
+        + one INFO line per finished series
+    forwarder (with ``forward``): results whose forward failed are re-sent from disk - never
+        re-triaged - after each delay of ``forward_retry_s``, and again at the next start
 
 A restart rebuilds the state from disk: series without a matching marker are triaged after a fresh
 quiet period, series with one are never redone. Instances that arrive after a series was triaged
@@ -19,9 +22,10 @@ until no such single has arrived for a quiet period, then moved into one series 
 (:meth:`SeriesStore.merge_series`) and triaged once.
 
 Security: calling AE titles must be on the allow-list (else A-ASSOCIATE-RJ, "calling AE title not
-recognised", and a WARNING log line); an optional source-address allow-list closes the TCP
-connection of any other peer before any DICOM is read; optional TLS (server certificate, and
-client certificates when a CA is given).
+recognised", and a WARNING log line); opt-in, the called AE title must be ours
+(``require_called_ae``); an optional source-address allow-list closes the TCP connection of any
+other peer before any DICOM is read; optional TLS (server certificate, and client certificates
+when a CA is given).
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ from .triage_fns import TriageFn, TriageOutput, normalise_output
 
 log = logging.getLogger("sdk.integration.listener")
 
-__all__ = ["ListenerConfig", "Listener", "ForwardTarget", "parse_forward", "load_triage_factory"]
+__all__ = ["ListenerConfig", "Listener", "ForwardTarget", "parse_forward", "parse_retry_schedule",
+           "forward_pending", "load_triage_factory"]
 
 # Status codes (PS3.4 Annex B / PS3.7 C.4.2)
 STATUS_SUCCESS = 0x0000
@@ -53,6 +58,13 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 #: a single-instance series waits for other singles to go quiet (they may be one series split by
 #: per-file SeriesInstanceUIDs) at most this many quiet periods after its own arrival
 SPLIT_HOLD_MAX_PERIODS = 6.0
+
+#: default delays (seconds) between forward attempts of one series' results in a running listener:
+#: after the first failure 30 s, then 2 min, then 10 min; then no more tries until the next start
+DEFAULT_FORWARD_RETRY_S: Tuple[float, ...] = (30.0, 120.0, 600.0)
+
+#: forward attempts kept in a DONE marker (``forward.attempts``; ``forward.n_attempts`` counts all)
+MAX_ATTEMPTS_KEPT = 10
 
 
 @dataclass(frozen=True)
@@ -67,20 +79,69 @@ class ForwardTarget:
         return f"{self.host}:{self.port}:{self.ae_title}"
 
 
-def parse_forward(text: str) -> ForwardTarget:
-    """Parse ``HOST:PORT:AET`` (e.g. ``127.0.0.1:11112:PACS``)."""
+def parse_forward(text: str, what: str = "--forward") -> ForwardTarget:
+    """Parse ``HOST:PORT:AET`` (e.g. ``127.0.0.1:11112:PACS``); ``what`` names the value in errors."""
     parts = text.rsplit(":", 2)
     if len(parts) != 3 or not parts[0] or not parts[2]:
-        raise ConfigError(f"--forward {text!r}: expected HOST:PORT:AET, e.g. 127.0.0.1:11112:PACS")
+        raise ConfigError(f"{what} {text!r}: expected HOST:PORT:AET, e.g. 127.0.0.1:11112:PACS")
     try:
         port = int(parts[1])
     except ValueError:
-        raise ConfigError(f"--forward {text!r}: port {parts[1]!r} is not an integer") from None
+        raise ConfigError(f"{what} {text!r}: port {parts[1]!r} is not an integer") from None
     if not 0 < port < 65536:
-        raise ConfigError(f"--forward {text!r}: port {port} outside 1-65535")
+        raise ConfigError(f"{what} {text!r}: port {port} outside 1-65535")
     if len(parts[2]) > 16:
-        raise ConfigError(f"--forward {text!r}: AE title longer than 16 characters")
+        raise ConfigError(f"{what} {text!r}: AE title longer than 16 characters")
     return ForwardTarget(parts[0], port, parts[2])
+
+
+def parse_retry_schedule(text: str) -> Tuple[float, ...]:
+    """Parse ``--forward-retry``: comma-separated delays in seconds (``30,120,600``); ``none`` or
+    an empty string: no retry while running (the next start still retries)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        delays = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--forward-retry {text!r}: expected delays in seconds separated by commas, "
+                          "e.g. 30,120,600 (or none)") from None
+    _check_retry_schedule(delays)
+    return delays
+
+
+def _check_retry_schedule(delays: Sequence[float]) -> None:
+    try:
+        bad = len(delays) > 20 or any(not float(d) >= 0 for d in delays)  # "not >=" also refuses NaN
+    except (TypeError, ValueError):
+        bad = True
+    if bad:
+        raise ConfigError(f"--forward-retry {','.join(str(d) for d in delays)}: expected at most 20 delays, "
+                          "each >= 0 seconds, e.g. 30,120,600")
+
+
+def forward_pending(marker: Optional[Dict[str, Any]]) -> bool:
+    """True when a DONE marker says the series' results were meant to be forwarded and were not
+    delivered yet (``forward.state == "pending"``; a marker written before retries existed: a
+    ``forward_error`` without ``forwarded_to``)."""
+    if not marker or marker.get("state", "done") != "done":
+        return False
+    fwd = marker.get("forward")
+    if isinstance(fwd, dict):
+        return fwd.get("state") == "pending"
+    return "forward_error" in marker and "forwarded_to" not in marker
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class _ForwardDue:
+    """A series whose results wait for a forward retry in this run."""
+
+    at: float        # time.monotonic() of the next attempt
+    failures: int    # failed attempts in this run (indexes ``forward_retry_s``)
+    revision: int    # the DONE marker revision the results belong to
 
 
 @dataclass
@@ -100,6 +161,10 @@ class ListenerConfig:
     workers: int = 1
     queue_size: int = 8
     forward: Optional[ForwardTarget] = None
+    #: delays (s) between forward attempts while running; after the last, the next start retries
+    forward_retry_s: Tuple[float, ...] = DEFAULT_FORWARD_RETRY_S
+    #: reject associations whose called AE title is not ``ae_title`` (off: senders often get it wrong)
+    require_called_ae: bool = False
     dicom_results: bool = True
     max_associations: int = 16
     tick_s: float = 0.25
@@ -118,6 +183,7 @@ class ListenerConfig:
             raise ConfigError(f"--workers {self.workers}: must be >= 1")
         if self.queue_size < 1:
             raise ConfigError(f"--queue-size {self.queue_size}: must be >= 1")
+        _check_retry_schedule(tuple(self.forward_retry_s))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both to enable TLS")
         if self.tls_ca is not None and self.tls_cert is None:
@@ -169,10 +235,16 @@ class Listener:
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._server: Any = None
+        #: ``received``: new unique instances; ``triaged`` / ``failed``: triage runs (a series
+        #: re-opened by late instances counts once per run); ``forwarded`` / ``forward_failed``:
+        #: forward attempts that delivered every result / that failed (first tries and retries)
         self.counts = {"received": 0, "duplicates": 0, "refused": 0, "rejected_associations": 0,
                        "refused_connections": 0, "triaged": 0, "failed": 0, "uid_reused": 0,
-                       "series_merged": 0}
+                       "series_merged": 0, "forwarded": 0, "forward_failed": 0}
         self._singles_checked: frozenset = frozenset()
+        self._forward_due: Dict[str, _ForwardDue] = {}  # results waiting for a forward retry
+        self._forward_given_up: Set[str] = set()  # no more tries in this run (the next start retries)
+        self._reused_seen: Dict[str, int] = {}  # series -> reused-UID files logged (first at WARNING)
         self._load_settled()
 
     def _count(self, name: str) -> None:
@@ -181,14 +253,26 @@ class Listener:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _load_settled(self) -> None:
+        unforwarded: List[str] = []
+        now = time.monotonic()
         for key in self.store.series_keys():
             m = self.store.marker(key)
             names, version = self.store.snapshot(key)
             if m is not None and m.get("instances_digest") == instance_set_digest(names):
                 self._settled[key] = version
+                if forward_pending(m):  # a restart retries every forward that never got through
+                    unforwarded.append(key)
+                    if self.cfg.forward is not None:
+                        self._forward_due[key] = _ForwardDue(now, 0, int(m.get("revision", 0)))
         pending = [k for k in self.store.series_keys() if not self._is_settled(k)]
         if pending:
-            log.warning("resuming %d pending series from %s: %s", len(pending), self.store.root, ", ".join(pending[:5]))
+            log.info("resuming %d pending series from %s: %s", len(pending), self.store.root, ", ".join(pending[:5]))
+        if unforwarded and self.cfg.forward is not None:
+            log.info("%d finished series have results not yet forwarded; sending them to %s now: %s",
+                     len(unforwarded), self.cfg.forward, ", ".join(unforwarded[:5]))
+        elif unforwarded:
+            log.warning("%d finished series have results that were never forwarded (start with --forward to "
+                        "send them): %s", len(unforwarded), ", ".join(unforwarded[:5]))
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -210,9 +294,14 @@ class Listener:
         s = threading.Thread(target=self._scheduler, name="ctsdk-scheduler", daemon=True)
         s.start()
         self._threads.append(s)
+        if self.cfg.forward is not None:
+            f = threading.Thread(target=self._forwarder, name="ctsdk-forward", daemon=True)
+            f.start()
+            self._threads.append(f)
         host, port = self.address
-        log.warning("listening on %s:%d as %s (TLS %s); storing under %s", host, port, self.cfg.ae_title,
-                    "on" if self.cfg.tls_cert else "off", self.store.root)
+        log.info("listening on %s:%d as %s (TLS %s); storing under %s%s", host, port, self.cfg.ae_title,
+                 "on" if self.cfg.tls_cert else "off", self.store.root,
+                 f"; forwarding results to {self.cfg.forward} as {self.cfg.ae_title}" if self.cfg.forward else "")
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -243,12 +332,18 @@ class Listener:
         return False
 
     def summary(self) -> Dict[str, Any]:
+        """Counters of this run (see ``counts``) plus ``series`` / ``settled`` on disk and
+        ``forward_pending``: finished series whose results still wait for a forward."""
         keys = self.store.series_keys()
+        with self._lock:
+            counts = dict(self.counts)
+            pending = len(set(self._forward_due) | self._forward_given_up)
         return {
             "out": str(self.store.root),
             "series": len(keys),
             "settled": sum(self._is_settled(k) for k in keys),
-            **self.counts,
+            **counts,
+            "forward_pending": pending,
         }
 
     # --- network side -------------------------------------------------------------------------
@@ -286,6 +381,7 @@ class Listener:
         ae.add_supported_context(Verification)
         if self.cfg.allow_ae:
             ae.require_calling_aet = list(self.cfg.allow_ae)
+        ae.require_called_aet = bool(self.cfg.require_called_ae)
         ae.maximum_associations = self.cfg.max_associations
         ae.acse_timeout = 30
         ae.dimse_timeout = 120
@@ -302,13 +398,25 @@ class Listener:
 
     def _on_accepted(self, event: Any) -> None:
         rq = event.assoc.requestor
-        log.info("association accepted from %s (%s)", rq.ae_title, rq.address)
+        # DEBUG: some senders open one association per instance; the finished-series line says what arrived
+        log.debug("association accepted from %s (%s)", rq.ae_title, rq.address)
 
     def _on_rejected(self, event: Any) -> None:
         rq = event.assoc.requestor
         self._count("rejected_associations")
-        log.warning("rejected association from calling AE %r at %s: not in --allow-ae (%s)",
-                    rq.ae_title, rq.address, ", ".join(self.cfg.allow_ae))
+        log.warning("rejected association from calling AE %r at %s: %s", rq.ae_title, rq.address,
+                    self._rejection_reason(rq))
+
+    def _rejection_reason(self, rq: Any) -> str:
+        """Why pynetdicom rejected an association (the event does not say): the checks it made."""
+        allowed = [a.strip() for a in self.cfg.allow_ae]
+        if allowed and str(rq.ae_title).strip() not in allowed:
+            return f"not in --allow-ae ({', '.join(self.cfg.allow_ae)})"
+        called = getattr(getattr(rq, "primitive", None), "called_ae_title", None)
+        if self.cfg.require_called_ae and called is not None and str(called).strip() != self.cfg.ae_title.strip():
+            return f"called AE title {str(called).strip()!r} is not ours ({self.cfg.ae_title!r}; --require-called-ae)"
+        return (f"refused by the association negotiation (at most {self.cfg.max_associations} associations at once; "
+                "the pynetdicom log says more)")
 
     def _on_store(self, event: Any) -> int:
         """C-STORE handler: durable write first, then Success; never raises into pynetdicom."""
@@ -328,11 +436,16 @@ class Listener:
             self._count("refused")
             log.error("could not store instance %r of series %r: %s", str(sop_uid)[:80], str(series_uid)[:80], exc)
             return STATUS_OUT_OF_RESOURCES
-        if stored.uid_reused:
-            self._count("uid_reused")
-            log.warning("series %s: SOPInstanceUID %s arrived again at another position (%s): kept as a "
-                        "distinct slice (%s), not written over the first (an anonymiser's placeholder UID?)",
-                        stored.series_key, str(sop_uid)[:80], position, stored.path.name)
+        if stored.uid_reused:  # the first per series at WARNING, the rest at DEBUG; the count is in its finished line
+            with self._lock:
+                self.counts["uid_reused"] += 1
+                nth = self._reused_seen[stored.series_key] = self._reused_seen.get(stored.series_key, 0) + 1
+            log.log(logging.WARNING if nth == 1 else logging.DEBUG,
+                    "series %s: SOPInstanceUID %s arrived again at another position (%s): kept as a distinct slice "
+                    "(%s), not written over the first (an anonymiser's placeholder UID?)%s",
+                    stored.series_key, str(sop_uid)[:80], position, stored.path.name,
+                    "; further ones in this series are logged at DEBUG and counted in its finished line"
+                    if nth == 1 else "")
         if stored.is_new:  # bumps the series version: a settled series re-opens
             self._count("received")
         else:
@@ -360,12 +473,16 @@ class Listener:
                     continue
                 if hold and key in singles and since < SPLIT_HOLD_MAX_PERIODS * self.cfg.quiet_seconds:
                     continue  # another single is still arriving: they may be one split series
+                with self._lock:  # claimed before it is queued: the forwarder never holds it at the same time
+                    if key in self._inflight:
+                        continue
+                    self._inflight.add(key)
                 try:
                     self._queue.put_nowait(key)
                 except queue.Full:
+                    with self._lock:
+                        self._inflight.discard(key)
                     break  # bounded: the series stays pending on disk and is offered next tick
-                with self._lock:
-                    self._inflight.add(key)
             self._stop.wait(self.cfg.tick_s)
 
     def _pending_singles(self) -> Set[str]:
@@ -424,20 +541,26 @@ class Listener:
                 self._queue.task_done()
 
     def process_series(self, key: str, triage_fn: TriageFn) -> Dict[str, Any]:
-        """Triage one series now, write its results and its marker; never raises."""
-        from .results import forward_files, write_dicom_results
+        """Triage one series now, write its results, forward them, write its marker and its
+        ledger line, log one line; never raises."""
+        from .results import write_dicom_results
 
         names, version = self.store.snapshot(key)
         paths = [self.store.instances_dir(key) / n for n in names]
         results_dir = self.store.results_dir(key)
         results_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._reused_seen.pop(key, None)  # instances arriving from now on re-open the series: log afresh
+        n_reused = sum("~p" in n for n in names)  # files kept beside one with their SOPInstanceUID
         t0 = time.perf_counter()
-        record: Dict[str, Any] = {"series_key": key, "n_instances": len(names)}
+        record: Dict[str, Any] = {"series_key": key, "n_instances": len(names), "uid_reused": n_reused}
+        forwarded: Optional[bool] = None  # None: nothing to forward
         try:
             out = normalise_output(triage_fn(paths))
             record["triage_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             result = dict(out.result)
-            result["listener"] = {"series_key": key, "n_instances": len(names), "triage_ms": record["triage_ms"]}
+            result["listener"] = {"series_key": key, "n_instances": len(names), "triage_ms": record["triage_ms"],
+                                  "uid_reused": n_reused}
             atomic_write_json(results_dir / "result.json", result)
             files: List[Path] = []
             if self.cfg.dicom_results:
@@ -448,13 +571,11 @@ class Listener:
                     log.error("series %s: DICOM results not written: %s", key, exc)
             record["results"] = [p.name for p in files]
             if self.cfg.forward is not None and files:
-                try:
-                    forward_files(files, self.cfg.forward, calling_ae=self.cfg.ae_title)
-                    record["forwarded_to"] = str(self.cfg.forward)
-                except CtsdkError as exc:
-                    record["forward_error"] = str(exc)
-                    log.error("series %s: forward to %s failed: %s", key, self.cfg.forward, exc)
+                forwarded, entry = self._forward_once(files)
+                set_fields, _ = _forward_fields([], entry, forwarded)
+                record.update(set_fields)
             record["label"] = result.get("label")
+            record["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             self.store.mark(key, "done", names, record)
             self._count("triaged")
             state = "done"
@@ -462,11 +583,135 @@ class Listener:
             record["error"] = {"type": type(exc).__name__, "message": str(exc)}
             if not isinstance(exc, CtsdkError):
                 record["error"]["traceback"] = traceback.format_exc(limit=8)
+            record["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             self.store.mark(key, "failed", names, record)
             self._count("failed")
             state = "failed"
-            log.error("series %s failed: %s: %s", key, type(exc).__name__, exc)
+            forwarded = None
+            log.error("series %s failed after %.0f ms (%d instances): %s: %s", key, record["total_ms"], len(names),
+                      type(exc).__name__, exc)
+        marker = self.store.marker(key) or {}
+        revision = int(marker.get("revision", 0))
         with self._lock:
             self._settled[key] = version  # instances that arrived during the run re-open the series
-        self.store.log_run({**record, "state": state, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            self._forward_due.pop(key, None)  # this run's results replace any older ones waiting
+            self._forward_given_up.discard(key)
+        self.store.log_run({**record, "state": state, "revision": revision,
+                            "instances_digest": marker.get("instances_digest", instance_set_digest(names)),
+                            "at": _utc_now()})
+        if state == "done":  # one line: INFO, or WARNING / ERROR when the forward failed (the failure's only line)
+            level = logging.INFO
+            if forwarded is None:
+                fwd_text = "not forwarded (no --forward)" if self.cfg.forward is None else \
+                    "not forwarded (no DICOM results)"
+            elif forwarded:
+                fwd_text = f"forwarded to {self.cfg.forward}"
+            else:
+                text, gave_up = self._after_forward_failure(key, revision, 1, str(record["forward_error"]),
+                                                            int(record["forward"]["n_attempts"]))
+                fwd_text = f"results not forwarded: {text}"
+                level = logging.ERROR if gave_up else logging.WARNING
+            log.log(level, "series %s done: %s, %d instances%s, %.0f ms (triage %.0f ms), %s",
+                    key, record.get("label"), len(names),
+                    f" ({n_reused} with a reused SOPInstanceUID, kept as distinct slices)" if n_reused else "",
+                    record["total_ms"], record["triage_ms"], fwd_text)
         return record
+
+    # --- forwarding -------------------------------------------------------------------------------
+    def _forward_once(self, files: Sequence[Path]) -> Tuple[bool, Dict[str, Any]]:
+        """One C-STORE of ``files`` to the forward target: (delivered, the attempt's record)."""
+        from .results import forward_files
+
+        target = self.cfg.forward
+        entry: Dict[str, Any] = {"at": _utc_now(), "target": str(target)}
+        try:
+            entry["sent"] = forward_files(files, target, calling_ae=self.cfg.ae_title)
+        except Exception as exc:  # a forward failure never fails the series
+            text = str(exc) if isinstance(exc, CtsdkError) else f"{type(exc).__name__}: {exc}"
+            entry["error"] = text if str(target) in text else f"forward to {target}: {text}"
+            self._count("forward_failed")
+            return False, entry
+        self._count("forwarded")
+        return True, entry
+
+    def _after_forward_failure(self, key: str, revision: int, failures: int, error: str,
+                               n_attempts: int) -> Tuple[str, bool]:
+        """Schedule the next try of a failed forward (``failures``: failed attempts in this run):
+        (the text for the one log line of this failure, True when no try is left in this run)."""
+        delays = tuple(self.cfg.forward_retry_s)
+        with self._lock:
+            if failures <= len(delays):
+                delay = float(delays[failures - 1])
+                self._forward_due[key] = _ForwardDue(time.monotonic() + delay, failures, revision)
+                return f"{error} (attempt {n_attempts}; next try in {delay:g} s)", False
+            self._forward_due.pop(key, None)
+            self._forward_given_up.add(key)
+        return f"{error} (attempt {n_attempts}; no more tries until the listener restarts)", True
+
+    def _forwarder(self) -> None:
+        """Retry the forwards that failed, one series at a time, from the results on disk."""
+        while not self._stop.is_set():
+            now = time.monotonic()
+            key = None
+            with self._lock:
+                for k, due in sorted(self._forward_due.items(), key=lambda kv: kv[1].at):
+                    if due.at <= now and k not in self._inflight:
+                        key = k
+                        self._inflight.add(k)  # triage of this series waits for the retry, and vice versa
+                        break
+            if key is None:
+                self._stop.wait(self.cfg.tick_s)
+                continue
+            try:
+                self._retry_forward(key)
+            except Exception as exc:  # a bug here must not end the retries of the other series
+                log.error("series %s: forward retry failed unexpectedly: %s: %s", key, type(exc).__name__, exc)
+                with self._lock:
+                    self._forward_due.pop(key, None)
+                    self._forward_given_up.add(key)
+            finally:
+                with self._lock:
+                    self._inflight.discard(key)
+
+    def _retry_forward(self, key: str) -> None:
+        with self._lock:
+            due = self._forward_due.get(key)
+        if due is None:
+            return
+        m = self.store.marker(key)
+        if not self._is_settled(key) or not forward_pending(m) or int(m.get("revision", 0)) != due.revision:
+            with self._lock:  # re-opened, re-triaged or delivered meanwhile: nothing of this revision to send
+                self._forward_due.pop(key, None)
+            return
+        results_dir = self.store.results_dir(key)
+        files = [results_dir / n for n in (m.get("results") or [])]
+        fwd = m.get("forward") if isinstance(m.get("forward"), dict) else {}
+        n_before = int(fwd.get("n_attempts", 0) or 0) or (1 if "forward_error" in m else 0)  # older markers: 1 try
+        ok, entry = self._forward_once(files)
+        set_fields, remove = _forward_fields(fwd.get("attempts") or [], entry, ok, n_before)
+        if not self.store.update_marker(key, set_fields, remove, expect_revision=due.revision):
+            with self._lock:
+                self._forward_due.pop(key, None)
+            return
+        n = int(set_fields["forward"]["n_attempts"])
+        if ok:
+            with self._lock:
+                self._forward_due.pop(key, None)
+            log.info("series %s: results forwarded to %s (%d objects, attempt %d)", key, self.cfg.forward,
+                     entry["sent"], n)
+            return
+        text, gave_up = self._after_forward_failure(key, due.revision, due.failures + 1, entry["error"], n)
+        log.log(logging.ERROR if gave_up else logging.WARNING, "series %s: results not forwarded: %s", key, text)
+
+
+def _forward_fields(attempts: Sequence[Dict[str, Any]], entry: Dict[str, Any], ok: bool,
+                    n_before: int = 0) -> Tuple[Dict[str, Any], Tuple[str, ...]]:
+    """The DONE marker fields after a forward attempt, and the fields to drop: ``forwarded_to``
+    (delivered) or ``forward_error`` (the last error), and ``forward`` = {target, state "sent" /
+    "pending", n_attempts, attempts (the last :data:`MAX_ATTEMPTS_KEPT`)}."""
+    kept = [*attempts, entry][-MAX_ATTEMPTS_KEPT:]
+    fwd = {"target": entry["target"], "state": "sent" if ok else "pending",
+           "n_attempts": max(n_before, len(attempts)) + 1, "attempts": kept}
+    if ok:
+        return {"forwarded_to": entry["target"], "forward": fwd}, ("forward_error",)
+    return {"forward_error": entry["error"], "forward": fwd}, ("forwarded_to",)

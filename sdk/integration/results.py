@@ -22,6 +22,12 @@ For each triaged series:
 UIDs of result objects are derived from the source series and the set of instances triaged
 (``pydicom.uid.generate_uid(entropy_srcs=...)``), so re-running a series after a crash produces
 the same SOP Instance UIDs and a PACS de-duplicates instead of showing two reports.
+
+Versions: every object carries SoftwareVersions (0018,1020) = the ctsdk package version
+(``sdk.__version__``, the software that wrote it); the model bundle's name and version are the
+*algorithm* (SR: DCM 111001/111003 "Algorithm Name/Version"; measurements: the device observer's
+name / model name). The SEG's algorithm is ctsdk's own HU opacity code, so its Algorithm
+Identification version is the package version too.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from typing import Any, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from .._lazy import require
-from ..errors import DicomNetworkError, ResultWriteError
+from ..errors import ConfigError, CorruptFileError, DicomNetworkError, NotDicomError, ResultWriteError
 from .storage import atomic_write_bytes, instance_set_digest
 from .triage_fns import RESEARCH_ONLY, Overlay
 
@@ -199,6 +205,8 @@ def _make_sr(sr_class: Any, content: Any, sources: Sequence[Any], uid_seed: str,
     """One ctsdk SR of the results series (``sr_class``: highdicom's ComprehensiveSR or
     Comprehensive3DSR): the settings every ctsdk SR shares, the local coding scheme declared, the
     source's study kept."""
+    from .. import __version__
+
     sr = sr_class(
         evidence=list(sources),
         content=content,
@@ -211,6 +219,7 @@ def _make_sr(sr_class: Any, content: Any, sources: Sequence[Any], uid_seed: str,
         is_final=False,
         is_verified=False,
         series_description=f"ctsdk triage SR ({RESEARCH_ONLY})"[:64],
+        software_versions=__version__,
     )
     _declare_local_scheme(sr)
     if not sr.get("StudyInstanceUID"):
@@ -222,6 +231,8 @@ def build_sc(ref: Any, overlay: Overlay, uid_seed: str, index: int) -> Any:
     """RGB Secondary Capture of one overlay, in the source's study, referencing its source slice."""
     hd = require("highdicom", "DICOM Secondary Capture results")
     from pydicom.dataset import Dataset
+
+    from .. import __version__
 
     rgb = np.ascontiguousarray(overlay.rgb)
     spacing = None
@@ -242,6 +253,7 @@ def build_sc(ref: Any, overlay: Overlay, uid_seed: str, index: int) -> Any:
         patient_orientation=patient_orientation(ref),
         series_description=f"ctsdk heat maps ({RESEARCH_ONLY})"[:64],
         transfer_syntax_uid="1.2.840.10008.1.2.1",
+        software_versions=__version__,
     )
     src = Dataset()
     src.ReferencedSOPClassUID = ref.SOPClassUID
@@ -490,17 +502,54 @@ def _save(ds: Any, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def forward_files(files: Sequence[Path], target: Any, calling_ae: str = "CTSDK", timeout_s: float = 30.0) -> int:
-    """C-STORE ``files`` to ``target`` (a :class:`~sdk.integration.listener.ForwardTarget`).
+def _forward_target(target: Any) -> Any:
+    """``target`` as an object with ``host``, ``port``, ``ae_title``; a ``HOST:PORT:AET`` str is parsed."""
+    if isinstance(target, str):
+        from .listener import parse_forward  # here, not at import: listener.py imports this module lazily too
 
-    Returns the number of instances stored. Raises DicomNetworkError when the association is
-    refused or any C-STORE status is not Success (0x0000).
+        return parse_forward(target, what="forward target")
+    if all(hasattr(target, a) for a in ("host", "port", "ae_title")):
+        return target
+    raise ConfigError(f"forward target {target!r}: expected 'HOST:PORT:AET' (e.g. '127.0.0.1:11112:PACS') or a "
+                      "sdk.integration.listener.ForwardTarget")
+
+
+def forward_files(files: Sequence[Path], target: Any, calling_ae: str = "CTSDK", timeout_s: float = 30.0) -> int:
+    """C-STORE the DICOM ``files`` to ``target`` over one association; returns how many were stored.
+
+    Args:
+        files: DICOM files (each is read whole and sent in its own transfer syntax).
+        target: ``"HOST:PORT:AET"`` (as ``ctsdk listen --forward``) or a
+            :class:`~sdk.integration.listener.ForwardTarget`; its AE title is the *called* AE.
+        calling_ae: our AE title as the peer sees it (its allow-list must accept it).
+        timeout_s: ACSE, DIMSE and network timeout of the association.
+
+    Raises:
+        ConfigError: ``target`` is neither (a malformed string, another type).
+        NotDicomError / CorruptFileError: a file is not DICOM / cannot be read as DICOM (the
+            message names it); nothing was sent. A missing file raises FileNotFoundError.
+        DicomNetworkError: the association is refused or not answered, or a C-STORE status is
+            not Success (0x0000).
     """
     require("pynetdicom", "forwarding DICOM results")
     import pydicom
+    from pydicom.errors import InvalidDicomError
     from pynetdicom import AE
 
-    datasets = [pydicom.dcmread(str(f)) for f in files]
+    target = _forward_target(target)
+    datasets = []
+    for f in files:
+        try:
+            datasets.append(pydicom.dcmread(str(f)))
+        except InvalidDicomError as exc:
+            raise NotDicomError("not a DICOM file, so it cannot be forwarded", path=f,
+                                hint=f"forward DICOM files only ({exc})") from exc
+        except OSError:
+            raise
+        except Exception as exc:
+            raise CorruptFileError(f"cannot read it as DICOM to forward it ({type(exc).__name__}: {exc})", path=f) from exc
+    if not datasets:
+        return 0
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     for cls, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
@@ -508,7 +557,8 @@ def forward_files(files: Sequence[Path], target: Any, calling_ae: str = "CTSDK",
     assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
     if not assoc.is_established:
         raise DicomNetworkError(f"forward to {target}: association not established "
-                                f"({'rejected' if assoc.is_rejected else 'aborted or no answer'}); check --forward and the peer's AE allow-list")
+                                f"({'rejected' if assoc.is_rejected else 'aborted or no answer'}); check the target "
+                                f"and that its AE allow-list accepts calling AE {calling_ae!r}")
     sent = 0
     try:
         for f, d in zip(files, datasets):

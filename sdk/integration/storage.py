@@ -7,7 +7,8 @@ Layout under the listener's ``--out`` folder::
                                                       position (an anonymiser's placeholder UID)
     OUT/series/<series-key>/results/                  result.json, sr.dcm, sc-*.dcm, heat-map PNGs
     OUT/series/<series-key>/DONE | FAILED             state marker (JSON), written atomically last
-    OUT/triage-log.jsonl                              one line per triage run (audit ledger)
+    OUT/triage-log.jsonl                              one line per triage run (audit ledger: the
+                                                      marker's fields, revision, instances_digest)
 
 Every name on disk is derived from a network value only after validation: a UID that matches the
 DICOM UID grammar (PS3.5 9.1: dot-separated numbers without leading zeros, at most 64 characters)
@@ -213,6 +214,7 @@ class SeriesStore:
         self.ledger = self.root / "triage-log.jsonl"
         self._lock = threading.Lock()
         self._ledger_lock = threading.Lock()
+        self._marker_lock = threading.Lock()  # mark() and update_marker() rewrite one marker at a time
         self._instances: Dict[str, Set[str]] = {}
         self._versions: Dict[str, int] = {}  # +1 per new instance: cheap "did anything arrive?"
         self._last_arrival: Dict[str, float] = {}
@@ -403,24 +405,45 @@ class SeriesStore:
         if state not in ("done", "failed"):
             raise ConfigError(f"unknown series state {state!r}; expected 'done' or 'failed'")
         d = self.series_dir(series_key)
-        prev = self.marker(series_key)
-        payload = {
-            "series_key": series_key,
-            "n_instances": len(names),
-            "instances_digest": instance_set_digest(names),
-            "revision": int(prev.get("revision", 0)) + 1 if prev else 1,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **extra,
-        }
-        name = DONE_MARKER if state == "done" else FAILED_MARKER
-        other = FAILED_MARKER if state == "done" else DONE_MARKER
-        path = atomic_write_json(d / name, payload)
-        try:
-            (d / other).unlink()
-            _fsync_dir(d)
-        except FileNotFoundError:
-            pass
-        return path
+        with self._marker_lock:
+            prev = self.marker(series_key)
+            payload = {
+                "series_key": series_key,
+                "n_instances": len(names),
+                "instances_digest": instance_set_digest(names),
+                "revision": int(prev.get("revision", 0)) + 1 if prev else 1,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **extra,
+            }
+            name = DONE_MARKER if state == "done" else FAILED_MARKER
+            other = FAILED_MARKER if state == "done" else DONE_MARKER
+            path = atomic_write_json(d / name, payload)
+            try:
+                (d / other).unlink()
+                _fsync_dir(d)
+            except FileNotFoundError:
+                pass
+            return path
+
+    def update_marker(self, series_key: str, changes: Dict[str, Any], remove: Sequence[str] = (),
+                      expect_revision: Optional[int] = None) -> bool:
+        """Rewrite the DONE marker atomically with ``changes`` set and ``remove`` dropped, keeping
+        its revision and instance digest (what it covers does not change; e.g. a forward retry's
+        outcome). False, nothing written, when there is no DONE marker or its revision is not
+        ``expect_revision`` (the series was triaged again meanwhile)."""
+        with self._marker_lock:
+            m = self.marker(series_key)
+            if m is None or m.get("state") != "done":
+                return False
+            if expect_revision is not None and int(m.get("revision", 0)) != int(expect_revision):
+                return False
+            m.pop("state", None)  # added by marker(), not stored
+            for k in remove:
+                m.pop(k, None)
+            m.update({k: v for k, v in changes.items() if k not in ("revision", "instances_digest", "n_instances")})
+            m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            atomic_write_json(self.series_dir(series_key) / DONE_MARKER, m)
+            return True
 
     def log_run(self, payload: Dict[str, Any]) -> None:
         """Append one line to the triage ledger (one line per triage run, for auditing)."""
