@@ -551,7 +551,10 @@ def _split_acquisitions(part: List[_Slice]) -> List[List[_Slice]]:
 def _describe_rank(g: _Group) -> str:
     it = "\\".join(g.first.image_type[:2]) or "no ImageType"
     thick = f"{g.thickness:g} mm" if g.thickness else "thickness unknown"
-    return f"{g.modality or 'no modality'}, {g.orientation}, {it}, {len(g.slices)} planes, {thick}"
+    n = len(g.slices)
+    at = len({tuple(round(v, 3) for v in s.ipp) for s in g.slices if s.ipp is not None})
+    planes = f"{n} planes" if at in (0, n) else f"{n} planes at {at} position(s)"  # copies are counted by file
+    return f"{g.modality or 'no modality'}, {g.orientation}, {it}, {planes}, {thick}"
 
 
 def _choose(groups: List[_Group], series_uid: Optional[str], where: str) -> Tuple[_Group, str]:
