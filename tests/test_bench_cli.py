@@ -175,3 +175,23 @@ def test_product_stages_are_triage_timings_regrouped(bench_run) -> None:
         assert w["lungs"] == pytest.approx(t["lungs"], abs=0.05)
         assert w["classify"] == pytest.approx(t["classification"], abs=0.05)
         assert w["total"] >= t["total"] - 0.05  # the bench's wall clock encloses Triage's own total
+
+
+def test_report_names_the_product_default_and_what_the_numbers_are_over(bench_run) -> None:
+    """The reader learns which runtime the product runs by default, how many calls a p95 is over,
+    and each runtime's own peak RSS (not the bench process's, shared by every runtime)."""
+    from sdk.cli.bench_cmd import _human
+
+    report = bench_run["report"]
+    default = report["product_default_cpu"]["runtime"]
+    assert default in ("ort-fp32", "ort-int8") and report["product_default_cpu"]["reason"]
+    goal = report["series"][0]["goal"]
+    assert goal["default_runtime"] == default
+    assert set(goal["by_runtime"]) == {k for k in _ok(report) if k.startswith("ort-")}
+    assert goal["default_met"] == goal["by_runtime"][default]["met"]
+    md = (bench_run["out"] / "bench.md").read_text()
+    assert f"{default} (CPU default)" in md and "1 measured call per runtime" in md and "synthetic phantom" in md
+    text = _human(report)
+    assert f"{default}*" in text and "fresh-process peak RSS" in text and "(n=1)" in text
+    fresh = _ok(report)[default]["cold"]["fresh_process"]["max_rss_mb"]
+    assert f"fresh-process peak RSS {fresh:.0f} MiB" in text

@@ -16,6 +16,7 @@ Examples:
   ctsdk bench --runtimes ort-fp32,ort-int8 --repeat 3 --batch-sizes none --no-cold-fresh
   ctsdk bench ../shared/data/dicom/covid-ct-md/covid-P001 --out /tmp/ctsdk-bench
   ctsdk bench SERIES_DIR --runtimes naive,ort-fp32,trt-fp16 --scaling 64,150,300 --json
+  ctsdk bench SERIES_DIR --runtimes naive-paper,ort-fp32,ort-int8 --out /tmp/ctsdk-bench   (issue 15's goal)
   (no SOURCE: a synthetic phantom; SERIES_DIR: a folder of one CT series; runtimes that cannot
   run here are reported as skipped with the reason)
 
@@ -36,26 +37,43 @@ def _ints(text: Optional[str], what: str) -> List[int]:
 
 
 def _human(report: Dict[str, Any]) -> str:
-    """Short terminal summary: per runtime warm p50 total, speed-up, skipped reasons, goal."""
-    from ..bench.report import goal_text
+    """Short terminal summary: per runtime warm p50 total, speed-ups, skipped reasons, warnings, goal."""
+    from ..bench.report import BASELINES, FEW_CALLS, goal_text
 
     lines = []
     for s in report["series"]:
         lines.append(f"series {s['source'].get('path')}:")
+        default = (s.get("goal") or {}).get("default_runtime")
+        ran = {k for k, v in s["runtimes"].items() if v.get("status") == "ok"}
+        few = False
         for name, r in s["runtimes"].items():
+            label = f"{name}*" if name == default else name
             if r.get("status") != "ok":
-                lines.append(f"  {name:14s} skipped: {r.get('reason')}")
+                lines.append(f"  {label:14s} skipped: {r.get('reason')}")
                 continue
             w = r["warm"]["total"]
-            sp = (r.get("speedup_vs_naive") or {}).get("total_p50")
+            few = few or int(w.get("n") or 0) < FEW_CALLS
             stages = ", ".join(f"{k} {v['p50']:.0f}" for k, v in r["warm"].items() if k != "total")
-            fresh = (r["cold"].get("fresh_process") or {}).get("total_ms")
-            cold = fresh if fresh is not None else r["cold"]["total_ms"]
-            lines.append(f"  {name:14s} p50 {w['p50']:8.0f} ms  p95 {w['p95']:8.0f} ms  cold {cold:8.0f} ms  "
-                         f"peak RSS {r['memory']['peak_rss_mb']:.0f} MiB  "
-                         + ("(baseline)" if name == "naive" else f"speed-up {sp:.1f}x" if sp else ""))
+            fresh = r["cold"].get("fresh_process") or {}
+            cold = fresh.get("total_ms") if fresh.get("total_ms") is not None else r["cold"]["total_ms"]
+            rss = (f"fresh-process peak RSS {fresh['max_rss_mb']:.0f} MiB" if fresh.get("max_rss_mb") is not None else
+                   f"bench-process peak RSS {r['memory']['peak_rss_mb']:.0f} MiB (all runtimes loaded)")
+            speed = []
+            for base, key, _ in BASELINES:
+                if base == name:
+                    speed.append("(baseline)")
+                elif base in ran and (r.get(key) or {}).get("total_p50"):
+                    speed.append(f"{r[key]['total_p50']:.1f}x vs {base}")
+            lines.append(f"  {label:14s} p50 {w['p50']:8.0f} ms  p95 {w['p95']:8.0f} ms  (n={w.get('n')})  "
+                         f"cold {cold:8.0f} ms  {rss}  " + ", ".join(speed))
             lines.append(f"  {'':14s} stages p50 (ms): {stages}")
-        lines.append("  " + goal_text(s["goal"]).replace("**", ""))
+        if default:
+            lines.append("  * the product's CPU default (Triage(device='cpu'), precision auto)")
+        if few:
+            lines.append(f"  p95 of fewer than {FEW_CALLS} calls is about the slowest call seen, not a tail latency")
+        for w in s.get("warnings") or []:
+            lines.append(f"  warning: {w}")
+        lines.append("  " + goal_text(s["goal"]).replace("**", "").replace("\n\n", "\n  "))
     if report.get("outputs"):
         lines.append(f"report: {report['outputs']['markdown']}")
     return "\n".join(lines)
@@ -64,13 +82,15 @@ def _human(report: Dict[str, Any]) -> str:
 @click.command("bench", epilog=EXAMPLES)
 @click.argument("sources", nargs=-1, type=click.Path(exists=True))
 @click.option("--runtimes", default=_RUNTIME_NAMES, show_default=True,
-              help="Comma-separated runtimes; those that cannot run here are listed as skipped with the reason.")
+              help="Comma-separated runtimes; those that cannot run here are listed as skipped with the reason. "
+                   "Also naive-paper (issue 15's naive pipeline and the goal's reference; not in the default list: it "
+                   "adds about 2 minutes on a 148-slice series).")
 @click.option("--repeat", type=int, default=5, show_default=True, help="Measured calls per runtime (after warm-up).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Unrecorded calls per runtime after the cold call.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Classifier batch sizes for series/min ('none' to skip).")
 @click.option("--batch-repeat", type=int, default=2, show_default=True, help="Calls per runtime and batch size.")
 @click.option("--scaling", default="none", show_default=True,
-              help="Slice counts for the scaling curve, e.g. 64,150,300,600 (needs a real SOURCE or the phantom).")
+              help="Slice counts for the scaling curve, e.g. 64,150,300,600 (made from the first SOURCE, or the phantom).")
 @click.option("--scaling-repeat", type=int, default=1, show_default=True, help="Calls per runtime and slice count.")
 @click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model bundle folder (default: the bundle shipped in the package).")
