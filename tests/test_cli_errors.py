@@ -432,3 +432,24 @@ def test_examples_parse_and_name_real_paths(name, tmp_path, monkeypatch):
                 assert Path(w).exists(), f"{ex}: {w} does not exist in the repository"
         errors = [_parse_example(words, tmp_path / kind) for kind in ("file", "dir")]
         assert "" in errors, f"{ex}: {errors[0]}"
+
+
+def test_console_script_usage_error_is_a_json_object_with_json(tmp_path):
+    """Click's own usage errors (here: SOURCE does not exist) through the console script entry
+    point: click's message and exit 2, plus one {"error": ...} object on stdout with --json."""
+    import subprocess
+    import sys
+
+    code = "import sys; from sdk.cli import main; main(sys.argv[1:])"
+    missing = str(tmp_path / "nope")
+    with_json = subprocess.run([sys.executable, "-c", code, "triage", missing, "--json"], capture_output=True,
+                               text=True, cwd=SDK_HOME, timeout=60)
+    assert with_json.returncode == 2 and "does not exist" in with_json.stderr
+    err = json.loads(with_json.stdout)["error"]
+    assert err["exit_code"] == 2 and "does not exist" in err["message"] and missing in err["message"]
+    plain = subprocess.run([sys.executable, "-c", code, "triage", missing], capture_output=True, text=True,
+                           cwd=SDK_HOME, timeout=60)
+    assert plain.returncode == 2 and plain.stdout == "" and "does not exist" in plain.stderr
+    version = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True,
+                             cwd=SDK_HOME, timeout=60)
+    assert version.returncode == 0 and "ctsdk, version" in version.stdout

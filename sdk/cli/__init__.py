@@ -80,4 +80,27 @@ def cli(verbose: int) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    cli.main(args=argv, prog_name="ctsdk")
+    """The console script. Click's own usage errors (an unknown option, a path that does not
+    exist, a bad choice) keep click's message and exit code 2; with ``--json`` on the command line
+    they are also one ``{"error": {...}}`` object on stdout, as every other error is."""
+    import json
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rv = cli.main(args=args, prog_name="ctsdk", standalone_mode=False)
+    except click.ClickException as exc:
+        if "--json" in args:
+            click.echo(json.dumps({"error": {"type": type(exc).__name__, "message": exc.format_message(),
+                                             "exit_code": exc.exit_code}}))
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("ctsdk: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:  # stdout closed early (`ctsdk ... | head`): quiet, as click's standalone mode
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no flush error at exit
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

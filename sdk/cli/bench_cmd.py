@@ -16,8 +16,9 @@ Examples:
   ctsdk bench --runtimes ort-fp32,ort-int8 --repeat 3 --batch-sizes none --no-cold-fresh
   ctsdk bench ../shared/data/dicom/covid-ct-md/covid-P001 --out /tmp/ctsdk-bench
   ctsdk bench SERIES_DIR --runtimes naive,ort-fp32,trt-fp16 --scaling 64,150,300 --json
-  ctsdk bench SERIES_DIR --runtimes naive-paper,ort-fp32,ort-int8 --out /tmp/ctsdk-bench   (issue 15's goal)
-  (no SOURCE: a synthetic phantom; SERIES_DIR: a folder of one CT series; runtimes that cannot
+  ctsdk bench SERIES_DIR --runtimes naive-paper,ort-fp32,ort-int8 --out /tmp/ctsdk-bench-goal
+  (no SOURCE: a synthetic phantom; SERIES_DIR: a folder of one CT series; the last line is issue
+  15's goal run - naive-paper is its baseline; runtimes that cannot
   run here are reported as skipped with the reason)
 
 \b
