@@ -10,9 +10,17 @@ from ._common import check_output_dir, check_output_file, emit, handle_errors, j
 EXAMPLES = """\b
 Examples:
   ctsdk build-engine --model classifier --precision fp16
-  ctsdk build-engine --model classifier --precision int8 --batch 1,8,32 --measure-warm --json
+  ctsdk build-engine --model classifier --precision fp16 --timing-cache /tmp/ctsdk_trt.cache --measure-warm --json
   ctsdk build-engine --model ONNX_PATH --precision fp16 --out /tmp/classifier_fp16.engine
-  (needs an NVIDIA GPU and ctsdk[gpu]; ONNX_PATH: an FP16 or Q/DQ INT8 ONNX)
+  ctsdk build-engine --model QDQ_ONNX --precision int8 --batch 1,8,32
+  (needs an NVIDIA GPU and ctsdk[gpu]; ONNX_PATH: an FP16 ONNX; QDQ_ONNX: a symmetric INT8 Q/DQ ONNX)
+
+\b
+Check an engine against ONNX Runtime (parity; docs/deployment.md section 4):
+  polygraphy run classifier_fp32.onnx --onnxrt --input-shapes image:[8,3,224,224] \\
+      --val-range image:[0,1] --save-inputs in.json --save-outputs ref.json
+  polygraphy run ENGINE --trt --load-inputs in.json --load-outputs ref.json --atol 0.05 --rtol 0.05
+  (ENGINE: the "engine" path this command prints; written, never run here: no TensorRT)
 
 \b
 Exit codes: 0 the engine was built or found in the cache; 2 bad arguments, no TensorRT here, a
@@ -35,19 +43,22 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--model", "model", required=True,
               help="An ONNX path, or a NAME resolved as <bundle>/<NAME>_<precision>.onnx (e.g. classifier).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
-              help="Engine precision; NAME resolves to <bundle>/<NAME>_<precision>.onnx (int8: the Q/DQ ONNX).")
+              help="Engine precision; NAME resolves to <bundle>/<NAME>_<precision>.onnx (fp16: the FP16 ONNX, int8: a "
+                   "symmetric Q/DQ ONNX); on TensorRT 11 the file decides the precision.")
 @click.option("--batch", default="1,8,32", show_default=True, help="Optimisation profile MIN,OPT,MAX batch sizes.")
 @click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True, help="Builder workspace (MB).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file: loaded if present, updated after the build (cold vs warm build time).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="Engine file (default: the engine cache beside the ONNX, keyed by GPU/TensorRT/precision).")
+              help="Also write the engine (and its .json sidecar) here; it is cached as well (see Cache above).")
 @click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), default=None,
               help="Bundle folder where NAME is looked up (default: the packaged default bundle, the one "
                    "sdk.Triage() runs); an engine built from a bundle's file lands where Triage looks for it.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Engine cache folder.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Engine cache folder (default: see Cache above).")
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds a matching engine.")
-@click.option("--measure-warm", is_flag=True, help="Build twice and report the warm (timing-cached) build time too.")
+@click.option("--measure-warm", is_flag=True,
+              help="Build twice and report the warm (timing-cached) build time too (needs --timing-cache).")
 @json_option
 @handle_errors
 def build_engine(model: str, precision: str, batch: str, workspace_mb: int, timing_cache: Optional[str],
@@ -55,9 +66,19 @@ def build_engine(model: str, precision: str, batch: str, workspace_mb: int, timi
                  measure_warm: bool, as_json: bool) -> None:
     """Build a TensorRT engine for this GPU from an FP32 / FP16 / INT8-QDQ ONNX.
 
-    TensorRT 11 takes the precision from the ONNX (FP16 ONNX for fp16, Q/DQ ONNX for int8);
-    TensorRT 10 also sets the FP16/INT8 builder flags. Engines are cached under a key of ONNX
-    sha256, GPU, compute capability, TensorRT version, precision and batch profile.
+    Precision: TensorRT 11 has no FP16/INT8 builder flags and builds strongly typed networks, so
+    the precision comes from the ONNX - fp16 needs the FP16 ONNX (its Casts, `ctsdk export
+    --fp16`), int8 a Q/DQ ONNX (`ctsdk calibrate`); a file of the wrong kind is refused.
+    TensorRT 10 builds weakly typed and sets the FP16 (int8: INT8 + FP16) flags. TensorRT takes
+    only symmetric INT8 Q/DQ (zero point 0); the bundle's CPU INT8 file (QUInt8 activations) is
+    not one, so an int8 build of it is expected to fail (docs/deployment.md).
+
+    Cache: --cache-dir; else, for a file of a ctsdk bundle, the bundle's engine folder (where
+    sdk.Triage loads engines: $CTSDK_ENGINE_CACHE/<name>-<version>, <bundle>.engines/ beside a
+    user bundle, ${XDG_CACHE_HOME:-~/.cache}/ctsdk/engines/<name>-<version> for the packaged one);
+    else $CTSDK_ENGINE_CACHE, engines/ beside the ONNX, or ~/.cache/ctsdk/engines. Files are
+    <stem>.<precision>.<digest>.engine with a .json sidecar holding the key (ONNX sha256, GPU,
+    compute capability, TensorRT version, precision, batch profile), checked on every load.
     """
     from ..export.tensorrt import BuildConfig, build_engine as run, parse_batch, resolve_model
     from ..runtime.trt import import_tensorrt
