@@ -84,3 +84,16 @@ def test_agreement_of_two_results():
                   "from_files": {"total": {"p50": 501.0}}})
     assert g == {"volume_total_p50_ms<=30": True, "files_total_p50_ms<=500": False, "same_label_as_cpu": True,
                  "max_abs_dp<=0.02": False}
+
+
+@pytest.mark.parametrize("args, what", [(["--backends", "cupyy"], "--backends: unknown ['cupyy']"),
+                                        (["--lungs", "auto,hybird"], "--lungs: unknown ['hybird']"),
+                                        (["--sections", "kernel"], "unknown sections ['kernel']")])
+def test_options_are_checked_before_anything_runs(tmp_path, capsys, args, what):
+    """A typo in --backends / --lungs / --sections exits 2 naming it, before any section runs (it
+    used to measure nothing, or fail in a section, on a GPU minutes in)."""
+    with pytest.raises(SystemExit) as exc:
+        gr.main(["--out", str(tmp_path / "r"), *args])
+    assert exc.value.code == 2 and what in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert gr.KERNEL_BACKENDS == tuple(__import__("sdk.kernels.gpu", fromlist=["gpu_backends"]).gpu_backends())

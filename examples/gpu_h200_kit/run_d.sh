@@ -35,7 +35,7 @@ pack
 echo "=== [${SECONDS}s] GPU report (timeout $REPORT_S s)"
 timeout -k 10 $REPORT_S python3 -m sdk.bench.gpu_report --out $R/report --series $P001 --rounds ${ROUNDS:-5} --backends cupy \
     --lungs ${LUNGS:-auto,hybrid,hybrid3d} --sections ${SECTIONS:-environment,kernels,ort,triage} > $R/report.log 2>&1
-echo "[${SECONDS}s] report rc $? (0 = also no abort at exit; 124 = cut by the timeout: report/gpu_report.json holds the sections done)"
+echo "[${SECONDS}s] report rc $? (0 = every section ran or said why not, and no abort at exit; 1 = a section failed: report/gpu.md says which; 2 = a bad option; 124 = cut by the timeout: report/gpu_report.json holds the sections done)"
 tail -12 $R/report.log
 pack
 

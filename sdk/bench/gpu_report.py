@@ -50,6 +50,8 @@ from .stats import summarize
 SCHEMA = "ctsdk.gpu_report/1"
 NOT_ON_GPU = "not run on a GPU"
 SECTIONS = ("environment", "kernels", "ort", "triage")
+#: in-process kernel backends --backends may name (sdk.kernels.gpu.gpu_backends)
+KERNEL_BACKENDS = ("cupy", "pycuda")
 #: the slice batch of the classifier in the product (Triage.classifier_batch default)
 BATCH = 32
 #: the batch sequence of the "varying batch" configurations (a series' last batch differs)
@@ -905,14 +907,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = sorted(set(sections) - set(SECTIONS))
     if bad:
         p.error(f"unknown sections {bad}; choose from {SECTIONS}")
+    # checked before anything runs: a typo must not cost a GPU session's minutes
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()] if a.backends else None
+    bad = sorted(set(backends or ()) - set(KERNEL_BACKENDS))
+    if bad:
+        p.error(f"--backends: unknown {bad}; choose from {','.join(KERNEL_BACKENDS)}")
+    from ..triage import LUNG_METHODS
+
+    lungs = [m.strip() for m in a.lungs.split(",") if m.strip()]
+    bad = sorted(set(lungs) - set(LUNG_METHODS))
+    if bad or not lungs:
+        p.error(f"--lungs: unknown {bad or '(empty)'}; choose from {','.join(LUNG_METHODS)}")
     rep = run_report(Path(a.out), series=a.series, rounds=max(1, a.rounds), bundle=a.bundle, sections=sections,
-                     smoke_cpu=a.smoke_cpu, backends=[b.strip() for b in a.backends.split(",")] if a.backends else None,
-                     lungs=[m.strip() for m in a.lungs.split(",") if m.strip()])
+                     smoke_cpu=a.smoke_cpu, backends=backends, lungs=lungs)
     failed = [n for n, s in rep["sections"].items() if s.get("status") == "error"]
     print(f"wrote {Path(a.out) / 'gpu_report.json'}, {Path(a.out) / 'gpu.md'}"
           + (f", {rep['charts']['summary']}" if rep.get("charts", {}).get("summary") else "")
           + (f"; sections with errors: {failed}" if failed else ""))
-    return 0
+    return 1 if failed else 0  # 1: a section failed (gpu.md says why); "not run on a GPU" is no failure
 
 
 if __name__ == "__main__":  # pragma: no cover
