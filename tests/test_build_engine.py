@@ -224,6 +224,16 @@ def test_cli_bad_batch_exits_2(tmp_path):
     assert r.returncode == 2 and "--batch must satisfy" in r.stderr
 
 
+def test_cli_measure_warm_needs_a_timing_cache():
+    """--measure-warm without --timing-cache did nothing silently; now exit 2 before TensorRT is asked."""
+    from click.testing import CliRunner
+
+    from sdk.cli import cli
+
+    r = CliRunner().invoke(cli, ["build-engine", "--model", "classifier", "--precision", "fp16", "--measure-warm"])
+    assert r.exit_code == 2 and "--measure-warm needs --timing-cache" in r.stderr
+
+
 def test_model_name_resolves_in_the_default_bundle():
     """`ctsdk build-engine --model classifier --precision fp16` on a target GPU takes the packaged
     bundle's file (the one sdk.Triage() runs), not a development folder."""

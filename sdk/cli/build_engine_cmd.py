@@ -84,6 +84,11 @@ def build_engine(model: str, precision: str, batch: str, workspace_mb: int, timi
     from ..runtime.trt import import_tensorrt
 
     profile = parse_batch(batch)                    # argument errors first (exit 2)
+    if measure_warm and timing_cache is None:
+        from ..errors import ConfigError
+
+        raise ConfigError("--measure-warm needs --timing-cache FILE: the warm build is the rebuild that reads "
+                          "the timing cache the first build wrote (without one both builds are cold)")
     check_output_file(out_path, "--out")            # and outputs that could not be saved
     check_output_file(timing_cache, "--timing-cache")
     check_output_dir(cache_dir, "--cache-dir")
