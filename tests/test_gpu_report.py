@@ -97,3 +97,19 @@ def test_options_are_checked_before_anything_runs(tmp_path, capsys, args, what):
     assert exc.value.code == 2 and what in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     assert gr.KERNEL_BACKENDS == tuple(__import__("sdk.kernels.gpu", fromlist=["gpu_backends"]).gpu_backends())
+
+
+def test_markdown_shows_every_triage_section_and_only_requested_ones():
+    """gpu.md renders each Triage section (auto and every further --lungs method), and sections
+    that were not requested are not listed as "missing"."""
+    t = {"status": "ok", "device": "cuda", "series": "P001", "rounds": 3, "runtime": {"lungs": "x"},
+         "from_files": {"total": {"p50": 400.0, "p95": 410.0}}, "from_volume": {"total": {"p50": 25.0, "p95": 26.0}},
+         "goals": {"volume_30ms": True}}
+    rep = {"command": "c", "date": "d", "sections": {
+        "environment": {"status": "ok"}, "triage": t,
+        "triage-hybrid3d": dict(t, from_volume={"total": {"p50": 20.0, "p95": 21.0}}),
+        "triage-hybrid": {"status": "error", "error": "boom"}}}
+    md = gr.to_markdown(rep)
+    assert 'lung_method="auto"' in md and 'lung_method="hybrid3d"' in md and "20.0" in md
+    assert "### triage-hybrid" in md and "boom" in md
+    assert "### kernels" not in md and "### ort" not in md and "missing" not in md

@@ -12,8 +12,8 @@
 # Options (environment): ROUNDS=5, LUNGS=auto,hybrid,hybrid3d, SECTIONS=environment,kernels,ort,triage,
 #   PYTEST_ARGS (default: the whole suite; e.g. "-m gpu" for the GPU tests only), SKIP_PYTEST=1.
 # $OUT gets results.tar.gz (rewritten after every step, so a run cut by the tool still returns what
-# it did) and run_d.log. The report's gpu.md shows the `auto` Triage section only; the hybrid and
-# hybrid3d sections are in report/gpu_report.json ("triage-hybrid", "triage-hybrid3d").
+# it did) and run_d.log. The report's gpu.md shows one Triage section per lung method (auto, hybrid,
+# hybrid3d); report/gpu_report.json holds them as "triage", "triage-hybrid", "triage-hybrid3d".
 source .cache/device/bin/env.sh
 if [ ! -f sdk/bundles/default/classifier_fp16.onnx ] && ls $D/bundle/*.onnx > /dev/null 2>&1; then
     cp $D/bundle/*.onnx sdk/bundles/default/ && echo "bundle: $(ls $D/bundle/*.onnx | wc -l) carried ONNX files copied into sdk/bundles/default"

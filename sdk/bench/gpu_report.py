@@ -735,6 +735,25 @@ def _ms(d: Any, key: str = "p50") -> str:
     return "-"
 
 
+def _triage_md(t: Dict[str, Any], lungs: str) -> List[str]:
+    """The markdown of one Triage section (``lungs``: its lung method)."""
+    L: List[str] = []
+    L += [f"### Triage(device=\"{t['device']}\", lung_method=\"{lungs}\") on {t['series']} (ms, {t['rounds']} warm runs each)", "",
+          f"runtime: `{json.dumps(t.get('runtime'))}`", "",
+          "| stage | from files p50 | p95 | from Volume p50 | p95 |", "|---|---|---|---|---|"]
+    stages = list(t["from_files"]) + [s for s in t["from_volume"] if s not in t["from_files"]]
+    for s in stages:
+        a, b = t["from_files"].get(s), t["from_volume"].get(s)
+        L.append(f"| {s} | {_ms(a)} | {_ms(a, 'p95')} | {_ms(b)} | {_ms(b, 'p95')} |")
+    L += ["", f"- host<->device bytes (from a Volume): {t.get('transfers')}",
+          f"- host<->device bytes (from files): {t.get('transfers_from_files')}",
+          f"- GPU memory: {t.get('gpu_memory')}",
+          f"- agreement with Triage(device=\"cpu\", precision=\"fp32\"): {t.get('agreement_vs_cpu_fp32')}",
+          f"- init {t.get('init_ms')} ms; label {t.get('label')} {t.get('probabilities')}",
+          f"- issue 13 goals (True = met): {t.get('goals')}", ""]
+    return L
+
+
 def to_markdown(rep: Dict[str, Any]) -> str:
     L: List[str] = [f"<!-- written by {rep.get('command')} on {rep.get('date')} -->", ""]
     env = rep["sections"].get("environment", {})
@@ -746,8 +765,10 @@ def to_markdown(rep: Dict[str, Any]) -> str:
           f"- onnxruntime {ortv.get('version', '-')} ({', '.join(ortv.get('providers', []))}); "
           + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
           f"- Python {env.get('python')}, {env.get('cpu_cores')} cores", ""]
-    for name in SECTIONS[1:]:
-        s = rep["sections"].get(name, {})
+    # every Triage section: "triage" (lung method auto) and one "triage-<method>" per further --lungs
+    triage_keys = [n for n in rep["sections"] if n == "triage" or n.startswith("triage-")]
+    for name in [n for n in SECTIONS[1:] if n in rep["sections"] and n != "triage"] + triage_keys:
+        s = rep["sections"][name]
         if s.get("status") != "ok":
             L += [f"### {name}", "", f"**{s.get('status', 'missing')}**: {s.get('reason') or s.get('error', '')}", ""]
     k = rep["sections"].get("kernels", {})
@@ -785,21 +806,10 @@ def to_markdown(rep: Dict[str, Any]) -> str:
             elif isinstance(p, dict) and p.get("status") == "error":
                 L.append(f"\nProfile ({tag}): error {p['error']}")
         L.append("")
-    t = rep["sections"].get("triage", {})
-    if t.get("status") == "ok":
-        L += [f"### Triage(device=\"{t['device']}\") on {t['series']} (ms, {t['rounds']} warm runs each)", "",
-              f"runtime: `{json.dumps(t.get('runtime'))}`", "",
-              "| stage | from files p50 | p95 | from Volume p50 | p95 |", "|---|---|---|---|---|"]
-        stages = list(t["from_files"]) + [s for s in t["from_volume"] if s not in t["from_files"]]
-        for s in stages:
-            a, b = t["from_files"].get(s), t["from_volume"].get(s)
-            L.append(f"| {s} | {_ms(a)} | {_ms(a, 'p95')} | {_ms(b)} | {_ms(b, 'p95')} |")
-        L += ["", f"- host<->device bytes (from a Volume): {t.get('transfers')}",
-              f"- host<->device bytes (from files): {t.get('transfers_from_files')}",
-              f"- GPU memory: {t.get('gpu_memory')}",
-              f"- agreement with Triage(device=\"cpu\", precision=\"fp32\"): {t.get('agreement_vs_cpu_fp32')}",
-              f"- init {t.get('init_ms')} ms; label {t.get('label')} {t.get('probabilities')}",
-              f"- issue 13 goals (True = met): {t.get('goals')}", ""]
+    for key in triage_keys:
+        t = rep["sections"][key]
+        if t.get("status") == "ok":
+            L += _triage_md(t, "auto" if key == "triage" else key[len("triage-"):])
     if rep.get("charts"):
         L += [f"![GPU report]({Path(c).name})" for c in rep["charts"].values()] + [""]
     return "\n".join(L)
