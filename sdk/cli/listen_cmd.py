@@ -144,13 +144,9 @@ def _serve(cfg: Any, tls_cert: Optional[str], tls_key: Optional[str], triage_fn:
            ray_address: Optional[str], cpus_per_worker: float, gpus_per_worker: float, as_json: bool) -> None:
     """Run the listener until SIGINT/SIGTERM, keep OUT/listener.json current, print the summary."""
     import os
-    import time
 
     from ..integration.listener import Listener, load_triage_factory
-    from ..integration.storage import atomic_write_json
-
-    def now() -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    from ..integration.storage import atomic_write_json, utc_now as now
 
     dispatcher = None
     if engine == "ray":

@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError
-from .storage import SeriesStore, atomic_write_json, instance_set_digest, position_token
+from .storage import SeriesStore, atomic_write_json, instance_set_digest, position_token, utc_now
 from .triage_fns import TriageFn, TriageOutput, normalise_output
 
 log = logging.getLogger("sdk.integration.listener")
@@ -129,10 +129,6 @@ def forward_pending(marker: Optional[Dict[str, Any]]) -> bool:
     if isinstance(fwd, dict):
         return fwd.get("state") == "pending"
     return "forward_error" in marker and "forwarded_to" not in marker
-
-
-def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 @dataclass
@@ -598,7 +594,7 @@ class Listener:
             self._forward_given_up.discard(key)
         self.store.log_run({**record, "state": state, "revision": revision,
                             "instances_digest": marker.get("instances_digest", instance_set_digest(names)),
-                            "at": _utc_now()})
+                            "at": utc_now()})
         if state == "done":  # one line: INFO, or WARNING / ERROR when the forward failed (the failure's only line)
             level = logging.INFO
             if forwarded is None:
@@ -623,7 +619,7 @@ class Listener:
         from .results import forward_files
 
         target = self.cfg.forward
-        entry: Dict[str, Any] = {"at": _utc_now(), "target": str(target)}
+        entry: Dict[str, Any] = {"at": utc_now(), "target": str(target)}
         try:
             entry["sent"] = forward_files(files, target, calling_ae=self.cfg.ae_title)
         except Exception as exc:  # a forward failure never fails the series

@@ -51,6 +51,7 @@ __all__ = [
     "SeriesStore",
     "StoredInstance",
     "position_token",
+    "utc_now",
 ]
 
 #: DICOM UID grammar (PS3.5 section 9.1).
@@ -154,6 +155,11 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def utc_now() -> str:
+    """The time now as the listener's files write it: ``YYYY-MM-DDTHH:MM:SSZ`` (UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def position_token(position: Any) -> Optional[str]:
@@ -412,7 +418,7 @@ class SeriesStore:
                 "n_instances": len(names),
                 "instances_digest": instance_set_digest(names),
                 "revision": int(prev.get("revision", 0)) + 1 if prev else 1,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "finished_at": utc_now(),
                 **extra,
             }
             name = DONE_MARKER if state == "done" else FAILED_MARKER
@@ -441,7 +447,7 @@ class SeriesStore:
             for k in remove:
                 m.pop(k, None)
             m.update({k: v for k, v in changes.items() if k not in ("revision", "instances_digest", "n_instances")})
-            m["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            m["updated_at"] = utc_now()
             atomic_write_json(self.series_dir(series_key) / DONE_MARKER, m)
             return True
 

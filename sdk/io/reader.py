@@ -548,11 +548,16 @@ def _split_acquisitions(part: List[_Slice]) -> List[List[_Slice]]:
     return [[s for s in part if s.acquisition == a] for a in acqs]
 
 
+def _n_positions(slices: Sequence[_Slice]) -> int:
+    """Distinct ImagePositionPatient values (to 1e-3 mm) among ``slices`` that have one."""
+    return len({tuple(round(v, 3) for v in s.ipp) for s in slices if s.ipp is not None})
+
+
 def _describe_rank(g: _Group) -> str:
     it = "\\".join(g.first.image_type[:2]) or "no ImageType"
     thick = f"{g.thickness:g} mm" if g.thickness else "thickness unknown"
     n = len(g.slices)
-    at = len({tuple(round(v, 3) for v in s.ipp) for s in g.slices if s.ipp is not None})
+    at = _n_positions(g.slices)
     planes = f"{n} planes" if at in (0, n) else f"{n} planes at {at} position(s)"  # copies are counted by file
     return f"{g.modality or 'no modality'}, {g.orientation}, {it}, {planes}, {thick}"
 
@@ -823,13 +828,13 @@ def _identity_warnings(gid: str, slices: List[_Slice]) -> List[str]:
         by_uid.setdefault(s.sop_uid, []).append(s)
     shared = [(uid, m) for uid, m in by_uid.items() if len(m) > 1]
     for uid, members in shared[:MAX_SHARED_UID_NOTES]:
-        where = {tuple(round(v, 3) for v in s.ipp) for s in members if s.ipp is not None}
-        if len(where) <= 1:  # copies of one instance: said as such, not as distinct slices
+        where = _n_positions(members)
+        if where <= 1:  # copies of one instance: said as such, not as distinct slices
             out.append(f"series {gid}: {len(members)} files share SOPInstanceUID {uid} at one position: copies of one "
                        "image - one is kept when their pixels are identical, different pixels are refused (checked "
                        "when decoded)")
             continue
-        out.append(f"series {gid}: {len(members)} files share SOPInstanceUID {uid} at {len(where)} distinct "
+        out.append(f"series {gid}: {len(members)} files share SOPInstanceUID {uid} at {where} distinct "
                    "position(s): kept as distinct slices; only a copy at the same position with identical "
                    "pixels is dropped as a duplicate")
     if len(shared) > MAX_SHARED_UID_NOTES:
