@@ -91,19 +91,26 @@ class _Timer:
 
 
 # --- classifier session ------------------------------------------------------------------------
+def choose_classifier_runtime(bundle: Any, device: str, precision: str, *, threads: Optional[int] = None,
+                              lanes: int = 1) -> Tuple[Any, Any, List[str]]:
+    """:func:`sdk.runtime.select_runtime` fed from ``bundle`` as Triage feeds it (its classifier
+    files, calibration verdict and measured INT8 speed-up): ``(loader, info, reasons)``; nothing is
+    built until ``loader()`` is called (the bench asks it what the default would run)."""
+    from .runtime import select_runtime
+
+    int8 = bundle.manifest.get("int8", {}) or {}
+    return select_runtime(device, precision, bundle.classifier_paths(), bundle.calibration_passed,
+                          int8_speedup=int8.get("speedup"), threads=threads,
+                          engine_cache_dir=bundle.engine_cache_dir(), lanes=lanes)
+
+
 def _open_classifier(bundle: Any, device: str, precision: str, threads: Optional[int],
                      lanes: int = 1) -> Tuple[Any, Dict[str, str], List[str]]:
     """Open the classifier through :func:`sdk.runtime.select_runtime`; returns (session, runtime, reasons).
 
     ``runtime`` is what really runs (the session's own ``info``: ORT may fall back to CPU).
     """
-    from .runtime import select_runtime
-
-    int8 = bundle.manifest.get("int8", {})
-    loader, info, reasons = select_runtime(
-        device, precision, bundle.classifier_paths(), bundle.calibration_passed,
-        int8_speedup=int8.get("speedup"), threads=threads, engine_cache_dir=bundle.engine_cache_dir(), lanes=lanes,
-    )
+    loader, info, reasons = choose_classifier_runtime(bundle, device, precision, threads=threads, lanes=lanes)
     session = loader()
     real = getattr(session, "info", info)
     runtime = real.to_dict()

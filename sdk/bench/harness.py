@@ -548,14 +548,12 @@ def bundle_info(path: Optional[str]) -> Dict[str, Any]:
 def product_default_cpu(bundle: Optional[str]) -> Dict[str, Any]:
     """Which bench runtime ``sdk.Triage(device="cpu")`` runs by default (``precision="auto"``) with
     this bundle, and why: ``{"runtime": "ort-fp32", "precision": "fp32", "reason": ...}``. Decided
-    by the product's own rule (:func:`sdk.runtime.select_runtime`; nothing is built)."""
+    by the product's own rule (:func:`sdk.triage.choose_classifier_runtime`; nothing is built)."""
     try:
         from ..bundle import load_bundle
-        from ..runtime import select_runtime
+        from ..triage import choose_classifier_runtime
 
-        b = load_bundle(bundle, verify=False)
-        _, info, reasons = select_runtime("cpu", "auto", b.classifier_paths(), b.calibration_passed,
-                                          int8_speedup=(b.manifest.get("int8") or {}).get("speedup"))
+        _, info, reasons = choose_classifier_runtime(load_bundle(bundle, verify=False), "cpu", "auto")
     except Exception as exc:  # noqa: BLE001 - context for the report, never fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
     name = f"ort-{info.precision}"
