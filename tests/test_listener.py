@@ -256,8 +256,14 @@ def test_crafted_uid_cannot_escape_out(run, sources, tmp_path):
 
 def test_restart_does_not_redo_finished_series(run):
     out = run["out"]
-    assert wait_for(lambda: all((d / "DONE").exists() or (d / "FAILED").exists()
-                                for d in out.glob("series/*") if d.is_dir()), 30)
+
+    def finished() -> bool:  # every series has its marker and its ledger line (written after the marker)
+        dirs = [d for d in out.glob("series/*") if d.is_dir()]
+        ledger = out / "triage-log.jsonl"
+        logged = {json.loads(l)["series_key"] for l in ledger.read_text().splitlines()} if ledger.exists() else set()
+        return all(((d / "DONE").exists() or (d / "FAILED").exists()) and d.name in logged for d in dirs)
+
+    assert wait_for(finished, 30)
     before = (out / "triage-log.jsonl").read_text()
     summary = run["listener"].terminate()
     assert summary["rejected_associations"] >= 1

@@ -572,7 +572,7 @@ class Listener:
                 record.update(set_fields)
             record["label"] = result.get("label")
             record["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            self.store.mark(key, "done", names, record)
+            marker = self.store.mark(key, "done", names, record)
             self._count("triaged")
             state = "done"
         except Exception as exc:  # recorded, never blocks other series
@@ -580,20 +580,19 @@ class Listener:
             if not isinstance(exc, CtsdkError):
                 record["error"]["traceback"] = traceback.format_exc(limit=8)
             record["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            self.store.mark(key, "failed", names, record)
+            marker = self.store.mark(key, "failed", names, record)
             self._count("failed")
             state = "failed"
             forwarded = None
             log.error("series %s failed after %.0f ms (%d instances): %s: %s", key, record["total_ms"], len(names),
                       type(exc).__name__, exc)
-        marker = self.store.marker(key) or {}
-        revision = int(marker.get("revision", 0))
+        revision = int(marker["revision"])  # as written just now: no read-back
         with self._lock:
             self._settled[key] = version  # instances that arrived during the run re-open the series
             self._forward_due.pop(key, None)  # this run's results replace any older ones waiting
             self._forward_given_up.discard(key)
         self.store.log_run({**record, "state": state, "revision": revision,
-                            "instances_digest": marker.get("instances_digest", instance_set_digest(names)),
+                            "instances_digest": marker["instances_digest"],
                             "at": utc_now()})
         if state == "done":  # one line: INFO, or WARNING / ERROR when the forward failed (the failure's only line)
             level = logging.INFO

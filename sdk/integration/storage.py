@@ -406,8 +406,9 @@ class SeriesStore:
             return False
         return m.get("instances_digest") == instance_set_digest(self.instance_names(series_key))
 
-    def mark(self, series_key: str, state: str, names: List[str], extra: Dict[str, Any]) -> Path:
-        """Write the DONE (or FAILED) marker atomically, removing the other one."""
+    def mark(self, series_key: str, state: str, names: List[str], extra: Dict[str, Any]) -> Dict[str, Any]:
+        """Write the DONE (or FAILED) marker atomically, removing the other one; returns what was
+        written (its ``revision`` and ``instances_digest`` go into the ledger line)."""
         if state not in ("done", "failed"):
             raise ConfigError(f"unknown series state {state!r}; expected 'done' or 'failed'")
         d = self.series_dir(series_key)
@@ -423,13 +424,13 @@ class SeriesStore:
             }
             name = DONE_MARKER if state == "done" else FAILED_MARKER
             other = FAILED_MARKER if state == "done" else DONE_MARKER
-            path = atomic_write_json(d / name, payload)
+            atomic_write_json(d / name, payload)
             try:
                 (d / other).unlink()
                 _fsync_dir(d)
             except FileNotFoundError:
                 pass
-            return path
+            return payload
 
     def update_marker(self, series_key: str, changes: Dict[str, Any], remove: Sequence[str] = (),
                       expect_revision: Optional[int] = None) -> bool:
