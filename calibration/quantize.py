@@ -27,6 +27,12 @@ Recipe (FIELD_NOTES: only unsigned activations + signed weights pay on this CPU)
 6. optional (``bias_correction``): each quantised convolution's bias absorbs the mean output shift
    of its INT8 weights, ``sum (Q(W) - W) * E[x]`` with ``E[x]`` the per-channel input means on the
    calibration slices (:func:`weight_bias_shift`).
+
+Targets (``CalibrationOptions.target``, ``ctsdk calibrate --target``; :func:`quant_target`): "cpu"
+(default, the recipe above: U8 activations, S8 weights, INT32 biases) or "tensorrt": symmetric signed
+INT8 everywhere (S8 activations and S8 per-channel weights, all zero points 0, float biases), the
+only Q/DQ TensorRT builds (:func:`sdk.export.qdq_check.check_qdq_for_tensorrt`). ONNX Runtime's
+CPU EP runs that S8S8 graph too, so steps 4-6 judge it the same way.
 """
 from __future__ import annotations
 
@@ -62,6 +68,58 @@ CALIB_BATCH = 8
 
 class CalibrationError(CtsdkError):
     """INT8 calibration or its evaluation failed."""
+
+
+# --- targets ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantTarget:
+    """What ``quantize_static`` is asked for on one deployment target.
+
+    Attributes:
+        name: "cpu" | "tensorrt".
+        activation_type: ``onnxruntime.quantization.QuantType`` member for activations.
+        activation_symmetric: symmetric activation ranges (zero point 0); also makes the
+            calibrator collect symmetric ranges (ORT's ``CalibTensorRangeSymmetric``).
+        extra: ``quantize_static`` extra options beyond the two symmetry flags.
+    """
+
+    name: str
+    activation_type: str
+    activation_symmetric: bool
+    extra: Tuple[Tuple[str, Any], ...] = ()
+
+    def extra_options(self) -> Dict[str, Any]:
+        """``quantize_static(extra_options=...)`` (weights always symmetric: zero point 0)."""
+        return {"ActivationSymmetric": self.activation_symmetric, "WeightSymmetric": True, **dict(self.extra)}
+
+
+#: "cpu": U8 activations / S8 weights - the only mix that pays on this CPU (module docstring).
+#: "tensorrt": TensorRT builds only symmetric signed INT8 Q/DQ (int8 zero points, all 0: the
+#: onnx-tensorrt parser asserts "TRT only supports symmetric quantization - zeroPt must be all
+#: zeros"). ONNX Runtime's quantize_static options for it (its docstring, and the PRs that added
+#: them for the TensorRT EP, microsoft/onnxruntime#9616 and #9720, used together with
+#: ActivationSymmetric in onnxruntime-inference-examples' TensorRT BERT example):
+#: - AddQDQPairToWeight: weights stay float with a Q->DQ pair ("In some cases, for example QDQ BERT
+#:   model for TensorRT, QDQ should always appear as a pair"); TensorRT quantises them with the Q
+#:   scale. TensorRT 8.x rejects a DequantizeLinear fed by an INT8 initializer ("only activation
+#:   types allowed as input to this layer", microsoft/onnxruntime#14229); TensorRT 10 takes both.
+#: - DedicatedQDQPair: one Q/DQ pair per consumer ("In TRT, QDQ pair can't be shared between nodes").
+#: - QuantizeBias=False: biases stay float; an INT32 bias DequantizeLinear (ORT's default) fails the
+#:   TensorRT parse (onnx/onnx-tensorrt#850, NVIDIA/TensorRT#3360).
+#: Per-channel weight axes are ORT's defaults (Conv: 0, the output channel); the classifier's head
+#: (Gemm/MatMul) stays FP32, so no QDQOpTypePerChannelSupportToAxis entry is needed.
+TARGETS: Dict[str, QuantTarget] = {
+    "cpu": QuantTarget("cpu", "QUInt8", False),
+    "tensorrt": QuantTarget("tensorrt", "QInt8", True,
+                            (("AddQDQPairToWeight", True), ("DedicatedQDQPair", True), ("QuantizeBias", False))),
+}
+
+
+def quant_target(name: str) -> QuantTarget:
+    """The :class:`QuantTarget` called ``name`` ("cpu" | "tensorrt"); ConfigError otherwise."""
+    if name not in TARGETS:
+        raise ConfigError(f"--target must be one of {tuple(TARGETS)}, got {name!r}")
+    return TARGETS[name]
 
 
 # --- data reader --------------------------------------------------------------------------------
@@ -120,13 +178,15 @@ def _method(method: str) -> Any:
 
 def calibrate_ranges(prepped: PathLike, x_calib: np.ndarray, method: str, cache: PathLike, *,
                      percentile: float = 99.999, num_bins: int = 2048, num_quantized_bins: int = 128,
-                     chunk: int = 32) -> Path:
+                     chunk: int = 32, target: str = "cpu") -> Path:
     """Activation ranges of ``prepped`` on ``x_calib`` with ``method``, saved as ORT's range cache.
 
     Data is collected in chunks of ``chunk`` slices (histograms merge across chunks), so memory
     holds one chunk's activations. Entropy uses 2048 histogram bins folded to 128 (TensorRT's
     choice); ``quantize_static`` does not forward ``num_bins`` and its default of 128/128 makes
-    Entropy equal to MinMax, hence this function.
+    Entropy equal to MinMax, hence this function. ``target`` "tensorrt" collects symmetric ranges
+    (Percentile: the percentile of |x|, ORT's own default for that method), as its symmetric
+    activations use only max |range|.
     """
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -135,7 +195,7 @@ def calibrate_ranges(prepped: PathLike, x_calib: np.ndarray, method: str, cache:
     cm = _method(method)
     name = _input_name(prepped)
     cache = Path(cache)
-    extra: Dict[str, Any] = {"symmetric": False}
+    extra: Dict[str, Any] = {"symmetric": quant_target(target).activation_symmetric}
     if method == "entropy":
         extra.update(num_bins=num_bins, num_quantized_bins=num_quantized_bins)
     elif method == "percentile":
@@ -249,13 +309,16 @@ def apply_bias_shift(prepped: PathLike, out: PathLike, shifts: Dict[str, np.ndar
 
 
 def quantize(prepped: PathLike, out: PathLike, method: str, exclude: Sequence[str], ranges: PathLike, *,
-             metadata: Optional[Dict[str, Any]] = None, bias_shift: Optional[Dict[str, np.ndarray]] = None) -> Path:
+             metadata: Optional[Dict[str, Any]] = None, bias_shift: Optional[Dict[str, np.ndarray]] = None,
+             target: str = "cpu") -> Path:
     """QDQ static quantisation of ``prepped`` with precomputed ``ranges`` (see
-    :func:`calibrate_ranges`): per-channel QInt8 weights, QUInt8 activations; ``exclude`` nodes
-    stay FP32. ``bias_shift`` (from :func:`weight_bias_shift`): the quantised convolutions' biases
-    are corrected first (the excluded ones keep theirs)."""
+    :func:`calibrate_ranges`): per-channel QInt8 weights, activations as ``target`` says (cpu:
+    QUInt8; tensorrt: symmetric QInt8, float biases; :data:`TARGETS`); ``exclude`` nodes stay FP32.
+    ``bias_shift`` (from :func:`weight_bias_shift`): the quantised convolutions' biases are
+    corrected first (the excluded ones keep theirs)."""
     q = require("onnxruntime.quantization", "INT8 calibration")
     onnx = require("onnx", "INT8 calibration")
+    qt = quant_target(target)
     out = Path(out)
     if bias_shift:
         skip = set(exclude)
@@ -263,22 +326,24 @@ def quantize(prepped: PathLike, out: PathLike, method: str, exclude: Sequence[st
         apply_bias_shift(prepped, corrected, bias_shift, [c for c in bias_shift if c not in skip])
         try:
             return quantize(corrected, out, method, exclude, ranges,
-                            metadata={"bias_correction": "weights", **(metadata or {})})
+                            metadata={"bias_correction": "weights", **(metadata or {})}, target=target)
         finally:
             corrected.unlink(missing_ok=True)
     with contextlib.redirect_stdout(sys.stderr):
         q.quantize_static(str(prepped), str(out), None, quant_format=q.QuantFormat.QDQ, per_channel=True,
-                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          activation_type=getattr(q.QuantType, qt.activation_type), weight_type=q.QuantType.QInt8,
                           nodes_to_exclude=list(exclude), calibrate_method=_method(method),
-                          extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-                          calibration_cache_path=str(ranges))
+                          extra_options=qt.extra_options(), calibration_cache_path=str(ranges))
     proto = onnx.load(str(out))
     from ..export.onnx import set_metadata
 
     src = onnx.load(str(prepped), load_external_data=False)
     meta = {p.key[len("ctsdk."):]: p.value for p in src.metadata_props if p.key.startswith("ctsdk.")}
-    meta.update({"precision": "int8", "calibration_method": method, "activation_type": "QUInt8",
-                 "weight_type": "QInt8 per-channel", "fp32_nodes": len(exclude), **(metadata or {})})
+    meta.update({"precision": "int8", "calibration_method": method, "activation_type": qt.activation_type,
+                 "weight_type": "QInt8 per-channel", "fp32_nodes": len(exclude)})
+    if qt.name != "cpu":  # the default target's file stays byte for byte what it was before targets existed
+        meta.update({"quant_target": qt.name, "activation_symmetric": "true", "bias": "float"})
+    meta.update(metadata or {})
     set_metadata(proto, meta)
     onnx.save_model(proto, str(out))
     return out
@@ -466,6 +531,9 @@ class CalibrationOptions:
             probability error of the 0.2.0 classifier (docs/benchmarks/int8.md, 2026-12-04).
         percentile: the Percentile method's upper percentile of |activation| (ORT's default
             99.999; 99.99 clips more outliers).
+        target: "cpu" (U8 activations, INT32 biases: ORT CPU's fast path) or "tensorrt"
+            (symmetric S8 activations and weights, zero points 0, float biases: what
+            ``ctsdk build-engine --precision int8`` accepts); see :data:`TARGETS`.
         bench: measure FP32 vs INT8 speed (batch 1 and 32, ``threads`` threads).
         threads: ORT CPU threads for evaluation and timing.
         seed: sampling seed.
@@ -484,6 +552,7 @@ class CalibrationOptions:
     exclude_per_step: int = 2
     bias_correction: bool = False
     percentile: float = 99.999
+    target: str = "cpu"
     bench: bool = True
     threads: int = 2
     seed: int = 0
@@ -507,6 +576,7 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
     max_test, sensitivity_steps, exclude_per_step, bench = o.max_test, o.sensitivity_steps, o.exclude_per_step, o.bench
     threads, seed, preprocess, report_path, progress = o.threads, o.seed, o.preprocess, o.report_path, o.progress
     t0 = time.perf_counter()
+    qt = quant_target(o.target)  # ConfigError before any work
     src, out = Path(fp32_onnx), Path(out)
     if not src.is_file():
         raise ConfigError(f"{src}: FP32 ONNX not found (export it with `ctsdk export`)")
@@ -547,8 +617,9 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
         ranges: Dict[str, Path] = {}
         for m in methods:
             tm = time.perf_counter()
-            ranges[m] = calibrate_ranges(prepped, x_cal, m, work / f"ranges_{m}.json", percentile=o.percentile)
-            path = quantize(prepped, work / f"int8_{m}.onnx", m, head, ranges[m], bias_shift=shifts)
+            ranges[m] = calibrate_ranges(prepped, x_cal, m, work / f"ranges_{m}.json", percentile=o.percentile,
+                                         target=qt.name)
+            path = quantize(prepped, work / f"int8_{m}.onnx", m, head, ranges[m], bias_shift=shifts, target=qt.name)
             cmp = compare(fp32_pred, predict(path, x_test, threads), y_test, pos)
             cmp["seconds"] = round(time.perf_counter() - tm, 2)
             results[m] = cmp
@@ -578,7 +649,7 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
                     break
                 excl = list(head) + add
                 path = quantize(prepped, work / f"int8_{chosen_m}_x{step}.onnx", chosen_m, excl, ranges[chosen_m],
-                                bias_shift=shifts)
+                                bias_shift=shifts, target=qt.name)
                 cmp = compare(fp32_pred, predict(path, x_test, threads), y_test, pos)
                 steps.append({"step": step, "excluded": add, **cmp})
                 ok = _passes(cmp, max_auc_drop, min_agreement)
@@ -588,6 +659,8 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
                     break
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(chosen_path, out)
+        if qt.name == "tensorrt":
+            notes += _tensorrt_verdict(out)
         speed = benchmark(src, out, x_test[:32] if len(x_test) >= 1 else x_cal[:32], threads=threads) if bench else {}
     passed = _passes(chosen, max_auc_drop, min_agreement)
     import onnxruntime
@@ -604,7 +677,8 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
         criteria={"max_auc_drop": max_auc_drop, "min_top1_agreement": min_agreement},
         split_source=split_how,
         calibration={"n": len(calib_rows), "split": "train", "composition": composition(calib_rows), "seed": seed,
-                     "activation_type": "QUInt8", "weight_type": "QInt8 per-channel", "format": "QDQ",
+                     "target": qt.name, "activation_type": qt.activation_type,
+                     "activation_symmetric": qt.activation_symmetric, "weight_type": "QInt8 per-channel", "format": "QDQ",
                      "bias_correction": o.bias_correction, "percentile": o.percentile},
         test={"n": len(test_rows), "composition": composition(test_rows), "positive_class_index": pos},
         fp32=fp32_metrics, methods=results, chosen=chosen, excluded_nodes=exclude, sensitivity_steps=steps,
@@ -613,6 +687,17 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
     if report_path:
         report.save(report_path)
     return report
+
+
+def _tensorrt_verdict(path: PathLike) -> List[str]:
+    """The report note for a "tensorrt" file: what :func:`check_qdq_for_tensorrt` says of it."""
+    from ..export.qdq_check import check_qdq_for_tensorrt
+
+    problems = check_qdq_for_tensorrt(path)
+    if not problems:
+        return ["TensorRT Q/DQ check: clean (symmetric signed INT8, all zero points 0; not built on a GPU here)"]
+    log.warning("TensorRT Q/DQ check of %s: %d problems, first: %s", path, len(problems), problems[0])
+    return [f"TensorRT Q/DQ check: {len(problems)} problems, first: {problems[0]}"]
 
 
 def runtime_hints(report: Union[PathLike, Dict[str, Any]]) -> Dict[str, Any]:
@@ -646,6 +731,6 @@ def _rank(c: Dict[str, Any]) -> Tuple[float, float]:
     return (round(c["top1_agreement"], 6), -abs(d) if d == d else -1.0)
 
 
-__all__ = ["CalibrationError", "CalibrationOptions", "CalibrationReport", "METHODS", "apply_bias_shift", "benchmark", "calibrate",
-           "calibrate_ranges", "compare", "conv_input_means", "predict", "prepare", "quantize", "runtime_hints", "sensitivity",
-           "weight_bias_shift"]
+__all__ = ["CalibrationError", "CalibrationOptions", "CalibrationReport", "METHODS", "QuantTarget", "TARGETS", "apply_bias_shift",
+           "benchmark", "calibrate", "calibrate_ranges", "compare", "conv_input_means", "predict", "prepare", "quant_target",
+           "quantize", "runtime_hints", "sensitivity", "weight_bias_shift"]

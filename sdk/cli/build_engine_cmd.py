@@ -1,7 +1,7 @@
 """``ctsdk build-engine``: build (or fetch from the cache) a TensorRT engine on this GPU (needs ctsdk[gpu])."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import click
 
@@ -14,6 +14,13 @@ Examples:
   ctsdk build-engine --model ONNX_PATH --precision fp16 --out /tmp/classifier_fp16.engine
   ctsdk build-engine --model QDQ_ONNX --precision int8 --batch 1,8,32
   (needs an NVIDIA GPU and ctsdk[gpu]; ONNX_PATH: an FP16 ONNX; QDQ_ONNX: a symmetric INT8 Q/DQ ONNX)
+
+\b
+An INT8 file for TensorRT (symmetric signed INT8, zero points 0; made on any CPU machine):
+  ctsdk calibrate --onnx FP32_ONNX --images IMAGES_CSV --target tensorrt --out /tmp/classifier_int8_trt.onnx
+  ctsdk build-engine --model /tmp/classifier_int8_trt.onnx --precision int8
+  (the bundle file classifier_int8.onnx is the CPU one, U8 activations: --precision int8 refuses it
+  in a second, before TensorRT is loaded, and prints this calibrate command; docs/deployment.md)
 
 \b
 Check an engine against ONNX Runtime (parity; docs/deployment.md section 4):
@@ -44,7 +51,8 @@ def _human(d: Dict[str, Any]) -> str:
               help="An ONNX path, or a NAME resolved as <bundle>/<NAME>_<precision>.onnx (e.g. classifier).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16", show_default=True,
               help="Engine precision; NAME resolves to <bundle>/<NAME>_<precision>.onnx (fp16: the FP16 ONNX, int8: a "
-                   "symmetric Q/DQ ONNX); on TensorRT 11 the file decides the precision.")
+                   "symmetric signed INT8 Q/DQ ONNX from ctsdk calibrate --target tensorrt, checked before TensorRT "
+                   "loads); on TensorRT 11 the file decides the precision.")
 @click.option("--batch", default="1,8,32", show_default=True, help="Optimisation profile MIN,OPT,MAX batch sizes.")
 @click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True, help="Builder workspace (MB).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
@@ -68,10 +76,12 @@ def build_engine(model: str, precision: str, batch: str, workspace_mb: int, timi
 
     Precision: TensorRT 11 has no FP16/INT8 builder flags and builds strongly typed networks, so
     the precision comes from the ONNX - fp16 needs the FP16 ONNX (its Casts, `ctsdk export
-    --fp16`), int8 a Q/DQ ONNX (`ctsdk calibrate`); a file of the wrong kind is refused.
-    TensorRT 10 builds weakly typed and sets the FP16 (int8: INT8 + FP16) flags. TensorRT takes
-    only symmetric INT8 Q/DQ (zero point 0); the bundle's CPU INT8 file (QUInt8 activations) is
-    not one, so an int8 build of it is expected to fail (docs/deployment.md).
+    --fp16`), int8 a Q/DQ ONNX (`ctsdk calibrate --target tensorrt`); a file of the wrong kind is
+    refused. TensorRT 10 builds weakly typed and sets the FP16 (int8: INT8 + FP16) flags. TensorRT
+    takes only symmetric signed INT8 Q/DQ (int8 zero points, all 0; float biases); --precision int8
+    checks the file for that before TensorRT is imported and refuses the bundle's CPU INT8 file
+    (QUInt8 activations, INT32 biases) with the calibrate command that makes a TensorRT one
+    (docs/deployment.md).
 
     Cache: --cache-dir; else, for a file of a ctsdk bundle, the bundle's engine folder (where
     sdk.Triage loads engines: $CTSDK_ENGINE_CACHE/<name>-<version>, <bundle>.engines/ beside a
@@ -92,9 +102,22 @@ def build_engine(model: str, precision: str, batch: str, workspace_mb: int, timi
     check_output_file(out_path, "--out")            # and outputs that could not be saved
     check_output_file(timing_cache, "--timing-cache")
     check_output_dir(cache_dir, "--cache-dir")
-    import_tensorrt("ctsdk build-engine")           # then: is TensorRT here at all? (exit 2, one line)
     onnx = resolve_model(model, precision, bundle_dir)
+    warnings = _int8_preflight(onnx) if precision == "int8" else []  # a non-TensorRT Q/DQ file: exit 2 here
+    import_tensorrt("ctsdk build-engine")           # then: is TensorRT here at all? (exit 2, one line)
     cfg = BuildConfig(onnx=onnx, precision=precision, batch=profile, workspace_mb=workspace_mb,
                       timing_cache=timing_cache, out=out_path, cache_dir=cache_dir, force=force, measure_warm=measure_warm)
     report = run(cfg)
+    report.warnings[:0] = warnings
     emit(report.to_dict(), as_json, _human)
+
+
+def _int8_preflight(onnx: Any) -> List[str]:
+    """The TensorRT Q/DQ check of an INT8 build's ONNX (sdk.export.qdq_check): raises ConfigError
+    for a file TensorRT would reject; returns (and prints on stderr) a warning when it cannot run."""
+    from ..export.qdq_check import require_tensorrt_qdq
+
+    warnings = require_tensorrt_qdq(onnx)
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+    return warnings

@@ -15,7 +15,10 @@ Examples:
       --max-test 64 --no-bench
   ctsdk calibrate --onnx FP32_ONNX --images ../shared/data/images_index.csv --out /tmp/int8.onnx \\
       --report /tmp/int8.json --json
-  (FP32_ONNX: a classifier exported by `ctsdk export`)
+  ctsdk calibrate --onnx FP32_ONNX --images ../shared/data/images_index.csv --target tensorrt \\
+      --out /tmp/classifier_int8_trt.onnx --report /tmp/classifier_int8_trt.json --no-bench
+  (FP32_ONNX: a classifier exported by `ctsdk export`; --target tensorrt: the file
+  `ctsdk build-engine --precision int8` takes, symmetric S8 activations and weights)
 
 \b
 Exit codes: 0 the INT8 model passed the accuracy bar; 1 it missed the bar (the file is still
@@ -23,7 +26,8 @@ written, the report says so); 2 bad arguments or an output that cannot be writte
 
 
 def _human(d: Dict[str, Any]) -> str:
-    lines = [f"INT8 {d['int8_onnx']} from {d['fp32_onnx']}: {'PASS' if d['passed'] else 'FAIL'} "
+    lines = [f"INT8 ({d['calibration'].get('target', 'cpu')} target) {d['int8_onnx']} from {d['fp32_onnx']}: "
+             f"{'PASS' if d['passed'] else 'FAIL'} "
              f"(AUC drop <= {d['criteria']['max_auc_drop']}, top-1 agreement >= {d['criteria']['min_top1_agreement']})",
              f"  calibration: {d['calibration']['n']} train slices ("
              + ", ".join(f"{k} {v}" for k, v in d["calibration"]["composition"].items()) + ")",
@@ -64,14 +68,20 @@ def _human(d: Dict[str, Any]) -> str:
                    "(per-channel input means of the calibration slices; docs/benchmarks/int8.md).")
 @click.option("--percentile", type=float, default=99.999, show_default=True,
               help="Upper percentile of |activation| for --method percentile.")
+@click.option("--target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True,
+              help="cpu: U8 activations / S8 weights / INT32 biases (ONNX Runtime CPU's fast path); tensorrt: "
+                   "symmetric S8 activations and S8 weights, zero points 0, float biases - the only Q/DQ TensorRT "
+                   "builds (ctsdk build-engine --precision int8). The accuracy bar is judged on ORT CPU either way.")
 @json_option
 @handle_errors
 def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: str, splits_csv: Optional[str],
-              report_path: Optional[str], max_test: Optional[int], threads: int, no_bench: bool, render: str, bias_correction: bool, percentile: float, as_json: bool) -> None:
-    """Quantise a classifier to INT8 (QDQ, per-channel, U8 activations / S8 weights) with
-    calibration slices from the train split, compare MinMax / Entropy / Percentile on the test
-    split, and report AUC/accuracy delta, top-1 agreement and the speed ratio. Exit 1 when the
-    INT8 model misses the accuracy bar (the file is still written, marked by the report)."""
+              report_path: Optional[str], max_test: Optional[int], threads: int, no_bench: bool, render: str, bias_correction: bool,
+              percentile: float, target: str, as_json: bool) -> None:
+    """Quantise a classifier to INT8 (QDQ, per-channel S8 weights; U8 activations for --target cpu,
+    symmetric S8 for --target tensorrt) with calibration slices from the train split, compare
+    MinMax / Entropy / Percentile on the test split, and report AUC/accuracy delta, top-1
+    agreement and the speed ratio. Exit 1 when the INT8 model misses the accuracy bar (the file is
+    still written, marked by the report)."""
     check_output_file(out_path, "--out")  # before the calibration runs: the model must be savable
     check_output_file(report_path, "--report")
     from ..calibration.dataset import HuRenderPreprocessor
@@ -81,7 +91,7 @@ def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: st
     opts = CalibrationOptions(n=n, method=method, splits_csv=None if splits_csv == "none" else splits_csv, max_test=max_test,
                               bench=not no_bench, threads=threads, report_path=report_path, progress=not as_json,
                               preprocess=HuRenderPreprocessor() if render == "hu" else None,
-                              bias_correction=bias_correction, percentile=percentile)
+                              bias_correction=bias_correction, percentile=percentile, target=target)
     report = run(onnx_path, images_csv, out_path, opts)
     emit(report.to_dict(), as_json, _human)
     if not report.passed:
