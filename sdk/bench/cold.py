@@ -57,25 +57,51 @@ def measure_cold(runtime: str, source: str, bundle: Optional[str] = None, thread
     }
 
 
+def stop_child(proc: "subprocess.Popen[str]", grace_s: float = 2.0) -> None:
+    """End ``proc`` if it still runs (SIGTERM, then SIGKILL after ``grace_s``), reap it and close
+    its pipes: nothing is left running or as a zombie."""
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def run_fresh(runtime: str, source: str, bundle: Optional[str] = None, threads: Optional[int] = None,
               timeout_s: float = 900.0) -> Dict[str, Any]:
-    """Run :func:`measure_cold` in a child interpreter; returns its JSON or ``{"error": ...}``."""
+    """Run :func:`measure_cold` in a child interpreter; returns its JSON or ``{"error": ...}``.
+
+    Whatever stops the wait - the timeout, or an interrupt (Ctrl-C, the bench's SIGTERM) that is
+    then re-raised - the child is terminated and reaped first (:func:`stop_child`).
+    """
     cmd: List[str] = [sys.executable, "-m", "sdk.bench.cold", "--runtime", runtime, "--source", str(source)]
     if bundle:
         cmd += ["--bundle", str(bundle)]
     if threads:
         cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        stop_child(proc)
         return {"runtime": runtime, "error": f"fresh-process cold start exceeded {timeout_s:.0f} s"}
+    except BaseException:  # KeyboardInterrupt / BenchInterrupted: no child outlives the bench
+        stop_child(proc)
+        raise
     if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no message"]
+        tail = (stderr or "").strip().splitlines()[-1:] or ["no message"]
         return {"runtime": runtime, "error": f"fresh-process cold start failed (exit {proc.returncode}): {tail[0]}"}
     try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return {"runtime": runtime, "error": f"fresh-process cold start printed no JSON: {proc.stdout[-200:]!r}"}
+        return {"runtime": runtime, "error": f"fresh-process cold start printed no JSON: {stdout[-200:]!r}"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

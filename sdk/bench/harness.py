@@ -18,6 +18,13 @@ Order of work (one process, so ratios are fair on a noisy machine):
 5. **scaling** - the source resampled along z to each slice count (:mod:`sdk.bench.scaling`),
    written as a temporary DICOM series, one call per runtime (round-robin), total latency and
    peak memory recorded; the temporary series is deleted afterwards.
+
+**Interrupted runs.** A ``KeyboardInterrupt`` (Ctrl-C; ``ctsdk bench`` turns SIGTERM into one
+too, :class:`BenchInterrupted`) stops the run where it is: the call in flight is dropped, every
+runtime built so far is closed, and :func:`run_bench` raises :class:`BenchInterrupted` carrying
+the partial report - the calls and sections that finished, ``"interrupted": {"at", "signal"}`` at
+the top level, each unfinished series' ``"unfinished"`` sections, and every goal "not judged".
+The phase the report names is :attr:`Bench.phase`, the one place that knows where the run is.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import datetime as _dt
 import gc
 import logging
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -112,9 +120,40 @@ class BenchConfig:
 
 ProgressFn = Callable[[str], None]
 
+#: the sections of one series, in the order they run (a series' ``"unfinished"`` lists those of
+#: them it planned and did not finish)
+SECTIONS = ("cold", "cold_fresh", "rounds", "batches", "scaling")
+#: what an interrupted report's goal block says instead of a verdict
+NOT_JUDGED = "the run was interrupted"
+
 
 def _noop(_: str) -> None:
     pass
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """The bench was stopped by a signal.
+
+    Raised by whoever catches the signal (``ctsdk bench`` raises it for SIGTERM; a plain
+    ``KeyboardInterrupt`` counts as SIGINT), then re-raised by :func:`run_bench` with ``at`` (the
+    phase it stopped in) and ``report`` (the partial report). A ``KeyboardInterrupt``, so a caller
+    that does not catch it stops as on any Ctrl-C.
+    """
+
+    def __init__(self, signal_name: str = "SIGINT", at: Optional[str] = None,
+                 report: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.at = at
+        self.report = report
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
+        try:
+            return 128 + int(signal.Signals[self.signal_name])
+        except KeyError:
+            return 130
 
 
 @dataclass
@@ -136,6 +175,51 @@ class _Live:
     batch_totals: Dict[int, List[float]] = field(default_factory=dict)
     batch_cls: Dict[int, List[float]] = field(default_factory=dict)
     errors: List[str] = field(default_factory=list)
+
+    def trim(self) -> None:
+        """Keep whole calls only: an interrupt between the appends of one call leaves one list a
+        call longer than the others."""
+        n = min(len(self.runs), len(self.totals), len(self.mems))
+        del self.runs[n:], self.totals[n:], self.mems[n:]
+        for b in list(self.batch_totals):
+            m = min(len(self.batch_totals[b]), len(self.batch_cls.get(b, [])))
+            del self.batch_totals[b][m:]
+            if not m:
+                self.batch_totals.pop(b)
+                self.batch_cls.pop(b, None)
+            else:
+                del self.batch_cls[b][m:]
+
+
+@dataclass
+class _Series:
+    """One source while it runs: what its report entry is built from, finished or not."""
+
+    path: str
+    kind: Dict[str, Any]
+    index: int
+    planned: List[str]
+    live: List[_Live] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    batch_notes: Dict[str, str] = field(default_factory=dict)
+    scaling: Optional[Dict[str, Any]] = None
+    done: List[str] = field(default_factory=list)
+    entry: Optional[Dict[str, Any]] = None  # set once every section finished
+
+    def close(self) -> None:
+        """Close every runtime built for this series (each once)."""
+        while self.live:
+            self.live.pop().driver.close()
+
+
+@dataclass
+class _RunState:
+    """The whole run so far: what :meth:`Bench._report` needs, complete or interrupted."""
+
+    started: _dt.datetime
+    load_before: Dict[str, Any] = field(default_factory=dict)
+    series: List[_Series] = field(default_factory=list)
+    not_started: List[str] = field(default_factory=list)
 
 
 def _call(driver: Driver, source: Any, interval: float) -> Tuple[Dict[str, float], Dict[str, Any], float, Dict[str, Any]]:
@@ -215,19 +299,29 @@ class Bench:
         config.validate()
         self.cfg = config
         self.progress = progress
+        #: what the run is doing now, in the words an interrupted report uses ("measuring round 3/5
+        #: (ort-int8)", "scaling 150 (ort-fp32)"); set only through :meth:`_enter`
+        self.phase = "starting"
+        self._series_prefix = ""
+        self._default_cpu: Dict[str, Any] = {}
+
+    def _enter(self, phase: str) -> None:
+        """The run starts ``phase`` (within the current series when there are several)."""
+        self.phase = self._series_prefix + phase
 
     # --- building ----------------------------------------------------------------------------------
-    def _build(self, names: Sequence[str], source: str) -> Tuple[List[_Live], Dict[str, str]]:
-        live: List[_Live] = []
-        skipped: Dict[str, str] = {}
+    def _build(self, names: Sequence[str], series: _Series) -> None:
+        """Build each runtime and run its first call; fills ``series.live`` / ``series.skipped``."""
+        source = series.path
         for name in names:
             spec = RUNTIMES[name]
             why = precheck(spec)
             if why:
-                skipped[name] = why
+                series.skipped[name] = why
                 self.progress(f"{name}: skipped ({why})")
                 continue
             driver = make_driver(name, bundle=self.cfg.bundle, threads=self.cfg.threads)
+            self._enter(f"cold start of {name}")
             self.progress(f"{name}: building (cold start)")
             gc.collect()
             try:
@@ -237,35 +331,43 @@ class Bench:
                     setup_ms = (time.perf_counter() - t0) * 1000.0
             except Exception as exc:  # noqa: BLE001 - reported as the skip reason, never swallowed
                 why = str(exc) if isinstance(exc, CtsdkError) else f"{type(exc).__name__}: {exc}"
-                skipped[name] = why
+                series.skipped[name] = why
                 self.progress(f"{name}: skipped ({why})")
                 log.debug("%s failed to build", name, exc_info=True)
                 driver.close()
                 continue
+            except BaseException:  # interrupted: not in series.live yet, so close it here
+                driver.close()
+                raise
             item = _Live(name=name, driver=driver, setup_ms=setup_ms, setup_mem=mem.result())
             try:
                 stages, summary, total, cmem = _call(driver, source, self.cfg.mem_interval_s)
             except SeriesError:
+                driver.close()
                 raise  # the input is bad for everyone: stop with the product's message
             except Exception as exc:  # noqa: BLE001 - reported as the skip reason, never swallowed
                 why = str(exc) if isinstance(exc, CtsdkError) else f"{type(exc).__name__}: {exc}"
-                skipped[name] = f"first call failed: {why}"
+                series.skipped[name] = f"first call failed: {why}"
                 self.progress(f"{name}: skipped (first call failed: {why})")
                 log.debug("%s failed on its first call", name, exc_info=True)
                 driver.close()
                 continue
+            except BaseException:
+                driver.close()
+                raise
             item.cold_stages, item.cold_total_ms, item.summary = stages, total, summary
             item.cold_mem = {**cmem, "peak_rss_mb": max(cmem["peak_rss_mb"], item.setup_mem["peak_rss_mb"])}
-            live.append(item)
+            series.live.append(item)
             self.progress(f"{name}: cold {setup_ms + total:.0f} ms (setup {setup_ms:.0f} + first call {total:.0f})")
-        return live, skipped
 
     # --- phases ------------------------------------------------------------------------------------
     def _fresh_cold(self, live: List[_Live], source: str) -> None:
-        """Cold start of each runtime in a fresh interpreter (this process waits meanwhile)."""
+        """Cold start of each runtime in a fresh interpreter (this process waits meanwhile; an
+        interrupt stops the child, :func:`sdk.bench.cold.run_fresh`)."""
         from .cold import run_fresh
 
         for item in live:
+            self._enter(f"fresh-process cold start of {item.name}")
             self.progress(f"{item.name}: cold start in a fresh process")
             item.fresh = run_fresh(item.name, source, self.cfg.bundle, self.cfg.threads)
             if "error" in item.fresh:
@@ -276,13 +378,16 @@ class Bench:
     def _rounds(self, live: List[_Live], source: str) -> None:
         for item in live:
             if self.cfg.warmup:
+                self._enter(f"warm-up of {item.name}")
                 self.progress(f"{item.name}: warm-up ({self.cfg.warmup} unrecorded call(s))")
             for _ in range(self.cfg.warmup):
                 item.driver.run(source)
+        self._enter(f"measuring round 1/{self.cfg.repeat}")
         self.progress(f"measuring: {self.cfg.repeat} round(s) of {', '.join(i.name for i in live)}, order rotating")
         for r in range(self.cfg.repeat):
             order = live[r % len(live):] + live[: r % len(live)]
             for item in order:
+                self._enter(f"measuring round {r + 1}/{self.cfg.repeat} ({item.name})")
                 stages, summary, total, mem = _call(item.driver, source, self.cfg.mem_interval_s)
                 item.runs.append(stages)
                 item.totals.append(total)
@@ -290,17 +395,18 @@ class Bench:
                 item.summary = summary
             self.progress(f"round {r + 1}/{self.cfg.repeat}: " + ", ".join(f"{i.name} {i.totals[-1]:.0f} ms" for i in live))
 
-    def _batches(self, live: List[_Live], source: str) -> Dict[str, str]:
-        notes: Dict[str, str] = {}
+    def _batches(self, live: List[_Live], source: str, notes: Dict[str, str]) -> None:
+        """Calls at each classifier batch size; a runtime that refuses one is noted in ``notes``."""
         product = [i for i in live if isinstance(i.driver, TriageDriver)]
         if not product or not self.cfg.batch_sizes:
-            return notes
+            return
         for b in self.cfg.batch_sizes:
             for r in range(self.cfg.batch_repeat):
                 order = product[r % len(product):] + product[: r % len(product)]
                 for item in order:
                     drv = item.driver
                     assert isinstance(drv, TriageDriver)
+                    self._enter(f"batch size {b}, call {r + 1}/{self.cfg.batch_repeat} ({item.name})")
                     try:
                         drv.set_batch(b)
                         stages, _, total, _ = _call(drv, source, self.cfg.mem_interval_s)
@@ -316,12 +422,10 @@ class Bench:
                     item.batch_cls.setdefault(b, []).append(stages.get("classify", 0.0))
             self.progress(f"batch {b}: " + ", ".join(
                 f"{i.name} {summarize(i.batch_totals[b])['p50']:.0f} ms" for i in product if i.batch_totals.get(b)))
-        return notes
 
-    def _scaling(self, live: List[_Live], source: str, tmp: Path) -> Dict[str, Any]:
-        from .scaling import write_z_resampled
-
-        out: Dict[str, Any] = {
+    def _scaling_header(self, live: List[_Live]) -> Dict[str, Any]:
+        """The scaling section before any point (:meth:`_scaling` fills its ``runtimes``)."""
+        return {
             "method": ("source loaded with sdk.io.load_series, resampled along z only (linear, same physical "
                        "extent) to each slice count, written as a temporary DICOM series (explicit VR little "
                        "endian, int16); SliceThickness = min(original, new spacing)"),
@@ -329,14 +433,21 @@ class Bench:
             "repeat": self.cfg.scaling_repeat,
             "runtimes": {i.name: [] for i in live},
         }
+
+    def _scaling(self, live: List[_Live], source: str, tmp: Path, out: Dict[str, Any]) -> None:
+        """Append one point per call to ``out["runtimes"]`` (so an interrupt keeps those done)."""
+        from .scaling import write_z_resampled
+
         for n in self.cfg.scaling:
             folder = tmp / f"z{n}"
+            self._enter(f"scaling {n} (writing the series)")
             self.progress(f"scaling: writing {n}-slice series")
             write_z_resampled(source, n, folder)
             gc.collect()
             for r in range(self.cfg.scaling_repeat):
                 order = live[r % len(live):] + live[: r % len(live)]
                 for item in order:
+                    self._enter(f"scaling {n} ({item.name})")
                     try:
                         stages, summary, total, mem = _call(item.driver, str(folder), self.cfg.mem_interval_s)
                     except CtsdkError as exc:
@@ -352,7 +463,6 @@ class Bench:
             self.progress(f"scaling {n}: " + ", ".join(
                 f"{k} {v[-1].get('total_ms', float('nan')):.0f} ms" for k, v in out["runtimes"].items() if v))
             shutil.rmtree(folder, ignore_errors=True)
-        return out
 
     # --- reporting ---------------------------------------------------------------------------------
     def _runtime_report(self, item: _Live, naive: Optional[_Live], paper: Optional[_Live] = None) -> Dict[str, Any]:
@@ -410,86 +520,187 @@ class Bench:
                 }
         return rep
 
-    def run(self) -> Dict[str, Any]:
-        """Run everything; returns the JSON-safe report (schema ``ctsdk.bench/1``)."""
+    def _sources(self, tmp: Path) -> List[Tuple[str, Dict[str, Any]]]:
         cfg = self.cfg
-        started = _dt.datetime.now(_dt.timezone.utc)
-        load_before = machine_mod.load_snapshot()
-        busy_before = machine_mod.busy_processes()
+        if cfg.sources:
+            for s in cfg.sources:
+                if not Path(s).exists():
+                    raise SeriesError("no such file or folder", path=s, hint="give a DICOM series folder")
+            return [(s, {"kind": "dicom"}) for s in cfg.sources]
+        self._enter("writing the phantom series")
+        return [_phantom_source(cfg, tmp)]
+
+    def _planned(self, index: int) -> List[str]:
+        """The sections series ``index`` runs (see :data:`SECTIONS`)."""
+        cfg = self.cfg
+        want = {"cold": True, "cold_fresh": cfg.cold_fresh, "rounds": True, "batches": bool(cfg.batch_sizes),
+                "scaling": bool(cfg.scaling) and index == 0}
+        return [s for s in SECTIONS if want[s]]
+
+    def _product_default(self) -> Dict[str, Any]:
+        if not self._default_cpu:  # after the timed calls: it may import onnxruntime
+            self._default_cpu = product_default_cpu(self.cfg.bundle)
+        return self._default_cpu
+
+    def _run_series(self, series: _Series, n_sources: int, tmp: Path) -> Dict[str, Any]:
+        """Every section of one source, in order; returns its report entry."""
+        cfg = self.cfg
+        self._series_prefix = f"series {series.index + 1}/{n_sources}: " if n_sources > 1 else ""
+        self.progress(f"series {series.index + 1}/{n_sources}: {series.path}")
+        self._build(cfg.runtimes, series)
+        if not series.live:
+            hint = ("; the CPU runtimes run on any machine: --runtimes ort-fp32,ort-int8"
+                    if all(RUNTIMES[k].gpu for k in series.skipped) else "")
+            raise ConfigError("no runtime could run here: " + "; ".join(f"{k}: {v}" for k, v in series.skipped.items()) + hint)
+        series.done.append("cold")
+        if "cold_fresh" in series.planned:
+            self._fresh_cold(series.live, series.path)
+            series.done.append("cold_fresh")
+        self._rounds(series.live, series.path)
+        series.done.append("rounds")
+        if "batches" in series.planned:
+            self._batches(series.live, series.path, series.batch_notes)
+            series.done.append("batches")
+        self._enter("summarising the series")
+        entry = self._entry(series)
+        for w in entry["warnings"]:
+            self.progress(f"warning: {w}")
+        if "scaling" in series.planned:
+            series.scaling = self._scaling_header(series.live)
+            self._scaling(series.live, series.path, tmp, series.scaling)
+            series.done.append("scaling")
+            entry["scaling"] = series.scaling
+        return entry
+
+    def _entry(self, series: _Series, interrupted: bool = False) -> Dict[str, Any]:
+        """The report entry of ``series`` from what it measured. ``interrupted``: only whole calls
+        count, a runtime without a measured call gets no warm numbers (status "interrupted"), one
+        never built "not run", and the entry lists its ``unfinished`` sections."""
+        cfg = self.cfg
+        for item in series.live:
+            item.trim()
+        measured = [i for i in series.live if i.totals]
+        naive = next((i for i in measured if i.name == "naive"), None)
+        paper = next((i for i in measured if i.name == "naive-paper"), None)
+        rts: Dict[str, Any] = {}
+        for name in cfg.runtimes:
+            item = next((i for i in series.live if i.name == name), None)
+            if item is not None and item.totals:
+                rts[name] = self._runtime_report(item, naive, paper)
+                if name in series.batch_notes:
+                    rts[name]["throughput_note"] = series.batch_notes[name]
+            elif item is not None:
+                rts[name] = _unmeasured_report(item)
+            elif name in series.skipped or not interrupted:
+                rts[name] = {"status": "skipped", "reason": series.skipped.get(name, "not run"),
+                             "description": RUNTIMES[name].description}
+            else:
+                rts[name] = {"status": "not run", "reason": f"not built: {NOT_JUDGED} before its cold start",
+                             "description": RUNTIMES[name].description}
+        default_cpu = self._product_default()
+        desc = {**describe_source(series.path), **series.kind}
+        warns = source_warnings(desc) + consistency_warnings(rts)
+        entry: Dict[str, Any] = {
+            "source": desc, "runtimes": rts,
+            "goal": goal_status(rts, comparable=not warns, source_kind=series.kind.get("kind", "dicom"),
+                                default_runtime=default_cpu.get("runtime")),
+            "warnings": warns}
+        if interrupted:
+            entry["unfinished"] = [s for s in series.planned if s not in series.done]
+            if series.scaling is not None and any(series.scaling["runtimes"].values()):
+                entry["scaling"] = {**series.scaling, "complete": "scaling" in series.done}
+        return entry
+
+    def _report(self, state: _RunState, interrupted: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The JSON-safe report of everything in ``state``; ``interrupted`` (``{"at", "signal"}``)
+        makes it the partial report: unfinished series summarised from what they measured, every
+        goal "not judged"."""
+        cfg = self.cfg
+        results = []
+        for series in state.series:
+            entry = series.entry if series.entry is not None else self._entry(series, interrupted=True)
+            if interrupted:
+                entry = {**entry, "goal": goal_not_judged(entry["goal"], NOT_JUDGED)}
+            results.append(entry)
+        finished = _dt.datetime.now(_dt.timezone.utc)
+        head: Dict[str, Any] = {"schema": SCHEMA}
+        if interrupted:
+            head["interrupted"] = {
+                **interrupted,
+                "note": ("partial results: the sections and calls that finished before the signal (the call in "
+                         "flight is dropped); percentiles are over the calls completed; the goal is not judged"),
+                **({"series_not_run": list(state.not_started)} if state.not_started else {}),
+            }
+        return {
+            **head,
+            "started_utc": state.started.isoformat(timespec="seconds"),
+            "finished_utc": finished.isoformat(timespec="seconds"),
+            "wall_s": round((finished - state.started).total_seconds(), 1),
+            "command": None,  # the CLI fills in the exact command line
+            "config": {k: v for k, v in asdict(cfg).items()},
+            "stages": list(STAGES),
+            "machine": machine_mod.machine_info(),
+            "bundle": bundle_info(cfg.bundle),
+            "product_default_cpu": self._product_default(),
+            "load": {"before": state.load_before,
+                     "after": {**machine_mod.load_snapshot(), "busy_processes": machine_mod.busy_processes()}},
+            "decode_hu_split": ("product: the reader's own split of Triage's load (sdk.io.load_series(timings=...)): "
+                                "decode = scan (file listing + headers) + pixel decoding, hu = stored -> HU + "
+                                "geometry (ordering, checks, re-orientation) + bookkeeping; a reader without "
+                                "the split leaves load whole in decode (each run's notes say so). naive: dcmread + "
+                                "pixel_array vs sort + rescale + stack"),
+            "series": results,
+        }
+
+    def _run(self, state: _RunState, tmp: Path) -> Dict[str, Any]:
+        state.load_before = {**machine_mod.load_snapshot(), "busy_processes": machine_mod.busy_processes()}
+        sources = self._sources(tmp)
+        state.not_started = [src for src, _ in sources]
+        for idx, (src, kind) in enumerate(sources):
+            series = _Series(path=src, kind=kind, index=idx, planned=self._planned(idx))
+            state.series.append(series)
+            state.not_started.remove(src)
+            series.entry = self._run_series(series, len(sources), tmp)
+            series.close()
+        self._series_prefix = ""
+        self._enter("summarising the run")
+        return self._report(state)
+
+    def run(self) -> Dict[str, Any]:
+        """Run everything; returns the JSON-safe report (schema ``ctsdk.bench/1``).
+
+        Raises:
+            BenchInterrupted: on a ``KeyboardInterrupt`` (or a :class:`BenchInterrupted` raised by a
+                signal handler), with ``.report`` the partial report and ``.at`` the phase.
+        """
+        self.phase, self._series_prefix, self._default_cpu = "starting", "", {}
+        state = _RunState(started=_dt.datetime.now(_dt.timezone.utc))
         tmp = Path(tempfile.mkdtemp(prefix="ctsdk-bench-"))
         try:
-            if cfg.sources:
-                for s in cfg.sources:
-                    if not Path(s).exists():
-                        raise SeriesError("no such file or folder", path=s, hint="give a DICOM series folder")
-                sources = [(s, {"kind": "dicom"}) for s in cfg.sources]
-            else:
-                sources = [_phantom_source(cfg, tmp)]
-            results = []
-            all_live: List[_Live] = []
-            default_cpu: Dict[str, Any] = {}
-            for idx, (src, kind) in enumerate(sources):
-                self.progress(f"series {idx + 1}/{len(sources)}: {src}")
-                live, skipped = self._build(cfg.runtimes, src)
-                all_live += live
-                if not live:
-                    hint = ("; the CPU runtimes run on any machine: --runtimes ort-fp32,ort-int8"
-                            if all(RUNTIMES[k].gpu for k in skipped) else "")
-                    raise ConfigError("no runtime could run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + hint)
-                if cfg.cold_fresh:
-                    self._fresh_cold(live, src)
-                self._rounds(live, src)
-                batch_notes = self._batches(live, src)
-                naive = next((i for i in live if i.name == "naive"), None)
-                paper = next((i for i in live if i.name == "naive-paper"), None)
-                rts: Dict[str, Any] = {}
-                for name in cfg.runtimes:
-                    item = next((i for i in live if i.name == name), None)
-                    if item is None:
-                        rts[name] = {"status": "skipped", "reason": skipped.get(name, "not run"),
-                                     "description": RUNTIMES[name].description}
-                    else:
-                        rts[name] = self._runtime_report(item, naive, paper)
-                        if name in batch_notes:
-                            rts[name]["throughput_note"] = batch_notes[name]
-                if not default_cpu:  # after the timed calls: it may import onnxruntime
-                    default_cpu = product_default_cpu(cfg.bundle)
-                desc = {**describe_source(src), **kind}
-                warns = source_warnings(desc) + consistency_warnings(rts)
-                for w in warns:
-                    self.progress(f"warning: {w}")
-                entry = {"source": desc, "runtimes": rts,
-                         "goal": goal_status(rts, comparable=not warns, source_kind=kind.get("kind", "dicom"),
-                                             default_runtime=default_cpu.get("runtime")),
-                         "warnings": warns}
-                if cfg.scaling and idx == 0:
-                    entry["scaling"] = self._scaling(live, src, tmp)
-                results.append(entry)
-                for item in live:
-                    item.driver.close()
-            finished = _dt.datetime.now(_dt.timezone.utc)
-            return {
-                "schema": SCHEMA,
-                "started_utc": started.isoformat(timespec="seconds"),
-                "finished_utc": finished.isoformat(timespec="seconds"),
-                "wall_s": round((finished - started).total_seconds(), 1),
-                "command": None,  # the CLI fills in the exact command line
-                "config": {k: v for k, v in asdict(cfg).items()},
-                "stages": list(STAGES),
-                "machine": machine_mod.machine_info(),
-                "bundle": bundle_info(cfg.bundle),
-                "product_default_cpu": default_cpu or product_default_cpu(cfg.bundle),
-                "load": {"before": {**load_before, "busy_processes": busy_before},
-                         "after": {**machine_mod.load_snapshot(), "busy_processes": machine_mod.busy_processes()}},
-                "decode_hu_split": ("product: the reader's own split of Triage's load (sdk.io.load_series(timings=...)): "
-                                    "decode = scan (file listing + headers) + pixel decoding, hu = stored -> HU + "
-                                    "geometry (ordering, checks, re-orientation) + bookkeeping; a reader without "
-                                    "the split leaves load whole in decode (each run's notes say so). naive: dcmread + "
-                                    "pixel_array vs sort + rescale + stack"),
-                "series": results,
-            }
+            try:
+                return self._run(state, tmp)
+            except KeyboardInterrupt as exc:
+                sig = getattr(exc, "signal_name", "SIGINT")
+                at = self.phase
+                log.debug("bench interrupted (%s) during %s", sig, at)
+                report = self._report(state, interrupted={"at": at, "signal": sig})
+                raise BenchInterrupted(sig, at=at, report=report) from exc
         finally:
+            for series in state.series:
+                series.close()
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unmeasured_report(item: _Live) -> Dict[str, Any]:
+    """A runtime built (cold start measured) but interrupted before its first measured call: no
+    warm numbers, so no p50."""
+    cold = item.setup_ms + item.cold_total_ms
+    return {"status": "interrupted",
+            "reason": f"{NOT_JUDGED} before its first measured call, so no warm p50 (cold start in the bench "
+                      f"process {cold:,.0f} ms)",
+            "description": RUNTIMES[item.name].description,
+            "cold": {"setup_ms": round(item.setup_ms, 1), "first_call_ms": round(item.cold_total_ms, 1),
+                     "total_ms": round(cold, 1), "fresh_process": item.fresh or None}}
 
 
 def source_warnings(source: Dict[str, Any]) -> List[str]:
@@ -606,6 +817,15 @@ def goal_status(runtimes: Dict[str, Any], comparable: bool = True, source_kind: 
     return out
 
 
+def goal_not_judged(goal: Dict[str, Any], why: str) -> Dict[str, Any]:
+    """``goal`` (from :func:`goal_status`) without any verdict: the targets and context stay,
+    ``judged`` is False, ``status`` says why, ``met`` / ``default_met`` are None (an interrupted
+    run's numbers are partial: nothing is "met" from them)."""
+    keep = ("target_speedup", "target_total_ms", "target_peak_rss_mb", "comparable", "source_kind", "default_runtime")
+    return {**{k: goal.get(k) for k in keep}, "judged": False, "status": f"not judged: {why}", "met": None,
+            "default_met": None}
+
+
 def _cold_ms(item: _Live) -> float:
     """Fresh-process cold total when measured, else the in-process one."""
     fresh = item.fresh.get("total_ms") if item.fresh else None
@@ -618,9 +838,14 @@ def _r(v: Optional[float], sig: int = 3) -> Optional[float]:
 
 
 def run_bench(config: BenchConfig, progress: ProgressFn = _noop) -> Dict[str, Any]:
-    """Run the benchmark described by ``config``; returns the report dict."""
+    """Run the benchmark described by ``config``; returns the report dict.
+
+    Raises:
+        BenchInterrupted: when interrupted (Ctrl-C), with the partial report as ``.report``.
+    """
     return Bench(config, progress).run()
 
 
-__all__ = ["BenchConfig", "Bench", "run_bench", "goal_status", "consistency_warnings", "source_warnings",
-           "product_default_cpu", "describe_source", "SCHEMA", "GOAL_SPEEDUP", "GOAL_TOTAL_MS"]
+__all__ = ["BenchConfig", "Bench", "BenchInterrupted", "run_bench", "goal_status", "goal_not_judged",
+           "consistency_warnings", "source_warnings", "product_default_cpu", "describe_source", "SCHEMA",
+           "GOAL_SPEEDUP", "GOAL_TOTAL_MS", "NOT_JUDGED"]

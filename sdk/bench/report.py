@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -151,7 +152,34 @@ def skipped_list(series: Dict[str, Any]) -> str:
     sk = {k: v for k, v in series["runtimes"].items() if v.get("status") != "ok"}
     if not sk:
         return "_none_"
-    return "\n".join(f"- **{k}**: {v.get('reason', '')}" for k, v in sk.items())
+    return "\n".join(f"- **{k}**" + (f" ({v['status']})" if v.get("status") not in (None, "skipped") else "")
+                     + f": {v.get('reason', '')}" for k, v in sk.items())
+
+
+#: a series' section keys (sdk.bench.harness.SECTIONS) as the reader knows them
+SECTION_NAMES = {"cold": "cold starts in the bench process", "cold_fresh": "fresh-process cold starts",
+                 "rounds": "measured rounds", "batches": "batch sizes", "scaling": "scaling"}
+
+
+def interrupted_text(report: Dict[str, Any]) -> Optional[str]:
+    """The first lines of an interrupted run's report (None for a complete run)."""
+    intr = report.get("interrupted")
+    if not intr:
+        return None
+    text = (f"Interrupted during {intr.get('at')}: partial results; percentiles are over the calls completed (the "
+            f"call in flight was dropped), and the goal is not judged. Stopped by {intr.get('signal')}.")
+    if intr.get("series_not_run"):
+        text += " Series not run: " + ", ".join(f"`{p}`" for p in intr["series_not_run"]) + "."
+    return text
+
+
+def unfinished_text(series: Dict[str, Any]) -> Optional[str]:
+    """Which sections of an interrupted series did not finish (None when all did)."""
+    left = series.get("unfinished")
+    if not left:
+        return None
+    return ("Unfinished when the run was interrupted: " + ", ".join(SECTION_NAMES.get(s, s) for s in left)
+            + "; their tables hold the calls that finished, or nothing.")
 
 
 def scaling_points(pts: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -232,7 +260,12 @@ def _one_verdict(name: str, v: Dict[str, Any], goal: Dict[str, Any]) -> str:
 
 
 def goal_text(goal: Dict[str, Any]) -> str:
-    """The goal block: the product's CPU default first, then the fastest CPU runtime if it is another."""
+    """The goal block: the product's CPU default first, then the fastest CPU runtime if it is another.
+    A goal that is not judged (an interrupted run, :func:`sdk.bench.harness.goal_not_judged`) says
+    so and gives no verdict."""
+    if goal.get("judged") is False:
+        return (f"Goal {goal.get('status', 'not judged')}: the numbers are partial, so no verdict (met or not) "
+                "is given; rerun the bench to the end to judge it.")
     if "best_runtime" not in goal:
         return f"Goal not assessed: {goal.get('status', 'no CPU runtime ran')}."
     by = goal.get("by_runtime") or {goal["best_runtime"]: goal}
@@ -271,9 +304,13 @@ def to_markdown(report: Dict[str, Any], charts: Optional[Dict[str, str]] = None)
     charts = charts or {}
     cfg = report["config"]
     out: List[str] = [f"# ctsdk bench - {report['started_utc']}", ""]
+    intr = interrupted_text(report)
+    if intr:
+        out += [f"**{intr}**", ""]
     if report.get("command"):
         out += ["Command:", "", "```", report["command"], "```", ""]
-    out += [f"Schema `{report['schema']}`; {cfg['repeat']} measured calls per runtime after {cfg['warmup']} warm-up call(s), "
+    planned = " planned (see above: the run was interrupted)" if intr else ""
+    out += [f"Schema `{report['schema']}`; {cfg['repeat']} measured calls per runtime{planned} after {cfg['warmup']} warm-up call(s), "
             f"runtimes interleaved round-robin in one process; wall time of the whole bench {report['wall_s']:.0f} s.", "",
             "## Machine", "", machine_text(report["machine"]), "", "Machine load during the run:", "", load_text(report["load"]), ""]
     threads = cfg.get("threads")
@@ -301,18 +338,23 @@ def to_markdown(report: Dict[str, Any], charts: Optional[Dict[str, str]] = None)
                 f"{src.get('transfer_syntax_name') or src.get('transfer_syntax', '?')}, "
                 f"{(src.get('bytes') or 0) / 2**20:.1f} MiB on disk ({src.get('kind', 'dicom')}).", "",
                 "### Goal", "", goal_text(s["goal"]), ""]
+        left = unfinished_text(s)
+        if left:
+            out += [f"**{left}**", ""]
         if s.get("warnings"):
             out += ["**Warnings:**", ""] + [f"- {w}" for w in s["warnings"]] + [""]
-        out += [
-                "### Warm per-stage latency", "", stage_table(s), "", percentile_note(s), ""]
-        if f"stages_{i}" in charts:
-            out += [f"![per-stage latency]({charts[f'stages_{i}']})", ""]
-        out += ["### Speed-up over the naive baselines", "", speedup_table(s), "",
-                "### Cold start and memory", "", cold_memory_table(s), "",
-                "### Throughput by classifier batch size", "",
-                throughput_table(s, cfg["batch_sizes"], cfg.get("batch_repeat")), "",
-                "### Skipped runtimes", "", skipped_list(s), ""]
         ok = _ok(s)
+        if ok:
+            out += ["### Warm per-stage latency", "", stage_table(s), "", percentile_note(s), ""]
+            if f"stages_{i}" in charts:
+                out += [f"![per-stage latency]({charts[f'stages_{i}']})", ""]
+            out += ["### Speed-up over the naive baselines", "", speedup_table(s), "",
+                    "### Cold start and memory", "", cold_memory_table(s), "",
+                    "### Throughput by classifier batch size", "",
+                    throughput_table(s, cfg["batch_sizes"], cfg.get("batch_repeat")), ""]
+        else:
+            out += ["_No runtime finished a measured call before the run was interrupted: no warm numbers._", ""]
+        out += ["### Skipped runtimes", "", skipped_list(s), ""]
         out += ["### What ran", ""]
         for n, r in ok.items():
             rt = r.get("runtime") or {}
@@ -469,11 +511,27 @@ def write_outputs(report: Dict[str, Any], out_dir: PathLike) -> Dict[str, str]:
     paths = {"json": str(out / "bench.json"), "markdown": str(out / "bench.md"),
              "charts": [str(out / c) for c in charts.values()]}
     report["outputs"] = paths
-    (out / "bench.md").write_text(to_markdown(report, charts) + "\n")
-    (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    _write_atomic(out / "bench.md", to_markdown(report, charts) + "\n")
+    _write_atomic(out / "bench.json", json.dumps(report, indent=1) + "\n")
     return paths
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a reader
+    (or a run killed mid-write) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(): the usual permissions, as the file had
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 __all__ = ["to_markdown", "stage_table", "speedup_table", "cold_memory_table", "throughput_table", "scaling_table",
            "stage_chart", "scaling_chart", "write_outputs", "goal_text", "runtime_text", "percentile_note",
-           "scaling_points"]
+           "scaling_points", "interrupted_text", "unfinished_text"]

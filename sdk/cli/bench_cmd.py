@@ -1,9 +1,12 @@
 """``ctsdk bench [SOURCE...]``: per-stage latency of every usable runtime against a naive baseline."""
 from __future__ import annotations
 
+import contextlib
 import shlex
+import signal
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import click
 
@@ -22,8 +25,15 @@ Examples:
   run here are reported as skipped with the reason)
 
 \b
+Ctrl-C (SIGINT) or SIGTERM stops the bench at once, dropping the call in flight and any
+fresh-process cold start child, and still writes the report (--out, --json) with what finished:
+"interrupted" at the top of bench.json, the first lines of bench.md, percentiles over the calls
+completed, the goal not judged. Further signals are ignored while it is written.
+
+\b
 Exit codes: 0 the report was printed (skipped runtimes included); 2 bad arguments or an output
-folder that cannot be written (one line on stderr)."""
+folder that cannot be written (one line on stderr); 130 interrupted by SIGINT, 143 by SIGTERM
+(the partial report printed and written, one line on stderr)."""
 
 
 def _ints(text: Optional[str], what: str) -> List[int]:
@@ -39,18 +49,24 @@ def _ints(text: Optional[str], what: str) -> List[int]:
 
 def _human(report: Dict[str, Any]) -> str:
     """Short terminal summary: per runtime warm p50 total, speed-ups, skipped reasons, warnings, goal."""
-    from ..bench.report import BASELINES, FEW_CALLS, goal_text
+    from ..bench.report import BASELINES, FEW_CALLS, goal_text, interrupted_text, unfinished_text
 
     lines = []
+    intr = interrupted_text(report)
+    if intr:
+        lines.append(intr)
     for s in report["series"]:
         lines.append(f"series {s['source'].get('path')}:")
+        left = unfinished_text(s)
+        if left:
+            lines.append(f"  {left}")
         default = (s.get("goal") or {}).get("default_runtime")
         ran = {k for k, v in s["runtimes"].items() if v.get("status") == "ok"}
         few = False
         for name, r in s["runtimes"].items():
             label = f"{name}*" if name == default else name
             if r.get("status") != "ok":
-                lines.append(f"  {label:14s} skipped: {r.get('reason')}")
+                lines.append(f"  {label:14s} {r.get('status', 'skipped')}: {r.get('reason')}")
                 continue
             w = r["warm"]["total"]
             few = few or int(w.get("n") or 0) < FEW_CALLS
@@ -78,6 +94,42 @@ def _human(report: Dict[str, Any]) -> str:
     if report.get("outputs"):
         lines.append(f"report: {report['outputs']['markdown']}")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """For the bench command only: SIGINT and SIGTERM raise :class:`~sdk.bench.harness.BenchInterrupted`
+    (SIGTERM would otherwise kill the process with nothing written), and once one has, both are
+    ignored (:func:`_hold_signals`) so a second Ctrl-C cannot cut the partial report short. A signal
+    the caller ignores stays ignored (a shell's background job ignores SIGINT); the previous handlers
+    come back on exit. Outside the main thread (signals cannot be handled there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from ..bench.harness import BenchInterrupted
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        _hold_signals()
+        raise BenchInterrupted(signal.Signals(signum).name)
+
+    try:
+        for s, handler in previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(s, _on_signal)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def _hold_signals() -> None:
+    """Ignore SIGINT and SIGTERM (until :func:`_interruptible` restores them): the report is being
+    written, which takes a second or two."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
 
 
 @click.command("bench", epilog=EXAMPLES)
@@ -138,9 +190,24 @@ def bench(sources: Tuple[str, ...], runtimes: str, repeat: int, warmup: int, bat
         scaling=_ints(scaling, "--scaling"), scaling_repeat=scaling_repeat, bundle=bundle_path, threads=threads,
         phantom_slices=phantom_slices, phantom_size=phantom_size, cold_fresh=cold_fresh,
     )
+    from ..bench.harness import BenchInterrupted
+
     progress = (lambda msg: click.echo(f"bench: {msg}", err=True))
-    report = run_bench(cfg, progress=progress)
-    report["command"] = "ctsdk " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if "bench" in sys.argv[1:3] else None
-    if out_dir:
-        write_outputs(report, out_dir)
-    emit(report, as_json, _human)
+    stopped: Optional[BenchInterrupted] = None
+    with _interruptible():
+        try:
+            report = run_bench(cfg, progress=progress)
+        except BenchInterrupted as exc:
+            if exc.report is None:  # stopped before the run began: nothing measured, nothing to write
+                click.echo(f"ctsdk: bench interrupted ({exc.signal_name}) before it started; nothing written", err=True)
+                sys.exit(exc.exit_code)
+            report, stopped = exc.report, exc
+        _hold_signals()  # a complete or partial report is written whole, whatever is pressed meanwhile
+        report["command"] = "ctsdk " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if "bench" in sys.argv[1:3] else None
+        if out_dir:
+            write_outputs(report, out_dir)
+        emit(report, as_json, _human)
+    if stopped is not None:
+        where = report["outputs"]["json"] if out_dir else "stdout only (no --out)"
+        click.echo(f"ctsdk: bench interrupted during {stopped.at}; partial report: {where}", err=True)
+        sys.exit(stopped.exit_code)
