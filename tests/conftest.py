@@ -58,3 +58,18 @@ def covid_p001() -> Path:
 #: by default (IR 14 with onnx 1.23), which older ONNX Runtime builds refuse ("max supported IR version:
 #: 13" with onnxruntime-gpu 1.31); IR 10 is read by every ONNX Runtime ctsdk supports (>= 1.18).
 PORTABLE_IR = 10
+
+
+#: the test files that take longest (``pytest --durations=60``, 2-core box, 2026-12-05), longest
+#: first. ``pytest -n 2`` (README) hands out whole files (``--dist loadfile``, pyproject) in
+#: collection order (``--no-loadscope-reorder``), so these start first and the two workers end
+#: together instead of one waiting for a long file handed out last. Order only: every test runs.
+LONG_FILES = ("test_cluster.py", "test_device_path.py", "test_listener.py", "test_bench_cli.py", "test_triage.py",
+              "test_listener_state.py", "test_models.py", "test_io_real.py", "test_calibration.py",
+              "test_examples.py", "test_export.py", "test_kernels_build.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Long files first (:data:`LONG_FILES`); a stable sort, so each file keeps its own order."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
