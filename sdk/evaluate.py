@@ -127,6 +127,7 @@ class EvalReport:
     source: Dict[str, Any] = field(default_factory=dict)
     slice_level: Dict[str, Any] = field(default_factory=dict)
     slice_scores: Dict[str, Any] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
     wall_s: float = 0.0
 
     def to_dict(self, with_cases: bool = True) -> Dict[str, Any]:
@@ -136,6 +137,7 @@ class EvalReport:
             d["slice_level"] = self.slice_level
         if self.slice_scores:
             d["slice_scores"] = self.slice_scores
+        d["warnings"] = self.warnings
         if with_cases:
             d["cases"] = self.cases
         return json_safe(d)
@@ -185,6 +187,22 @@ def _report(kind: str, bundle: Any, y: np.ndarray, p: np.ndarray, sources: List[
             rep.files["roc_png"] = str(plot_roc(curves, out / f"roc_{kind}.png", title=f"{bundle.name} {bundle.version}: {kind}"))
         rep.files["report_json"] = str(out / f"evaluation_{kind}.json")
     return rep
+
+
+#: below this many positive or negative cases a bootstrap CI says little (a resample often holds
+#: one class only, or the same few cases): the report warns instead of letting "[1.000, 1.000]" pass
+MIN_CASES_PER_CLASS = 5
+
+
+def few_cases_warning(y: np.ndarray, what: str) -> List[str]:
+    """A warning when ``y`` holds fewer than :data:`MIN_CASES_PER_CLASS` cases of either class."""
+    n_pos = int(np.sum(y == 1))
+    n_neg = int(np.sum(y == 0))
+    if min(n_pos, n_neg) >= MIN_CASES_PER_CLASS:
+        return []
+    return [f"{what}-level metrics rest on {n_pos} positive and {n_neg} negative {what}: with fewer than "
+            f"{MIN_CASES_PER_CLASS} of a class the AUC, sensitivity, specificity and their bootstrap CIs are not "
+            f"informative (the slice-level tables, if any, carry more cases but are correlated within a {what})"]
 
 
 # --- evaluation runs ---------------------------------------------------------------------------
@@ -377,6 +395,7 @@ def evaluate_series(
         raise ConfigError(f"{csv_path}: no eligible series to evaluate ({len(excluded)} excluded)")
     rep = _report("series", b, np.asarray(ys), np.asarray(ps), sources, b.threshold, cases, out, n_boot, seed)
     rep.per_source = {k: v for k, v in rep.per_source.items()}  # per original label
+    rep.warnings += few_cases_warning(np.asarray(ys), "series")
     rep.excluded = excluded
     rep.source = {"csv": str(csv_path), "n": len(items), "runtime": triage.runtime,
                   "per_row_bundles": sorted(per_row)}

@@ -16,17 +16,45 @@ from .errors import ConfigError
 from .tables import read_csv_rows
 
 PathLike = Union[str, Path]
-POSITIVE = {"covid", "covid-19", "covid19"}
+#: label words, compared lower-case with "_" read as "-": the positive class and the negatives
+POSITIVE = frozenset({"covid", "covid-19", "covid19"})
+NEGATIVE = frozenset({"non-covid", "noncovid", "normal", "cap"})
+LABEL_WORDS = "covid (or covid-19, covid19) = positive; non-covid, normal or cap = negative"
+
+
+def _word(label: str) -> str:
+    return str(label).strip().lower().replace("_", "-")
+
+
+def is_known_label(label: str) -> bool:
+    """``label`` is one of :data:`POSITIVE` / :data:`NEGATIVE`."""
+    return _word(label) in POSITIVE | NEGATIVE
 
 
 def is_positive(label: str) -> int:
-    return 1 if str(label).strip().lower().replace("_", "-") in POSITIVE else 0
+    """1 for a positive label, 0 for a negative one; ConfigError for any other word (a typo or
+    another vocabulary, e.g. "positive", would otherwise count silently as negative)."""
+    word = _word(label)
+    if word in POSITIVE:
+        return 1
+    if word in NEGATIVE:
+        return 0
+    raise ConfigError(f"unknown label {label!r}: expected {LABEL_WORDS}")
+
+
+def _check_labels(path: Path, rows: List[Dict[str, str]], what: str) -> None:
+    """Every row's label is a known word, else one ConfigError naming the CSV, the rows and the words."""
+    bad = [(i + 2, r["label"]) for i, r in enumerate(rows) if not is_known_label(r["label"])]
+    if bad:
+        shown = ", ".join(f"line {n}: {lab!r}" for n, lab in bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise ConfigError(f"{path}: {len(bad)} {what} row(s) with an unknown label - {shown}; expected {LABEL_WORDS}")
 
 
 def read_images_csv(path: PathLike, split: Optional[str] = None, data_root: Optional[PathLike] = None) -> List[Dict[str, str]]:
     """Rows of an images CSV with ``abspath`` added (relative to data_root or the CSV's folder)."""
     path = Path(path)
     rows = read_csv_rows(path, ("path", "label"), "images CSV (format of images_index.csv: path,label,source,split,patient)")
+    _check_labels(path, rows, "image")
     if split is not None:
         if "split" not in rows[0]:
             raise ConfigError(f"{path}: --split {split!r} given but the CSV has no 'split' column")
@@ -49,6 +77,7 @@ def read_series_csv(path: PathLike) -> List[Tuple[Path, str]]:
     """``path,label`` rows -> [(series path, label)], paths relative to the CSV's folder."""
     path = Path(path)
     rows = read_csv_rows(path, ("path", "label"), "series CSV")
+    _check_labels(path, rows, "series")
     out = []
     for r in rows:
         p = Path(r["path"])
@@ -102,9 +131,16 @@ def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
         if f:
             fp = Path(f) if Path(f).is_absolute() else path.parent / f
             row = (r.get("slice_labels_row") or "").strip()
-            if not fp.is_file() or not row.lstrip("-").isdigit():
-                raise ConfigError(f"{path}: row {p}: slice_labels {fp} must exist and slice_labels_row must be an integer")
-            labels = np.asarray(np.load(fp)[int(row)]).astype(np.int64).reshape(-1)
+            if not fp.is_file():
+                raise ConfigError(f"{path}: row {p}: slice_labels file not found: {fp.resolve()} (relative paths are "
+                                  f"read from the CSV's folder, {path.parent.resolve()})")
+            if not row.lstrip("-").isdigit():
+                raise ConfigError(f"{path}: row {p}: slice_labels_row must be the integer row of this series in "
+                                  f"{fp.name}, got {row!r}")
+            table = np.load(fp)
+            if not -len(table) <= int(row) < len(table):
+                raise ConfigError(f"{path}: row {p}: slice_labels_row {row} is outside {fp.name}'s {len(table)} rows")
+            labels = np.asarray(table[int(row)]).astype(np.int64).reshape(-1)
         order = (r.get("slice_labels_order") or "z").strip() or "z"
         if order not in LABEL_ORDERS:
             raise ConfigError(f"{path}: row {p}: slice_labels_order must be one of {LABEL_ORDERS}, not {order!r}")

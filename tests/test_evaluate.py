@@ -256,3 +256,46 @@ def test_covid_ct_md_labels_run_head_to_feet() -> None:
     rll = align_slice_labels(lobes[:, 2], n, LABEL_ORDER).nonzero()[0]       # lobes: LLL, LUL, RLL, RML, RUL
     rul = align_slice_labels(lobes[:, 4], n, LABEL_ORDER).nonzero()[0]
     assert rll.size and rul.size and np.median(rul) > np.median(rll)
+
+
+def test_unknown_labels_are_refused_before_any_work(tmp_path: Path) -> None:
+    """A label outside the vocabulary ("positive", a typo) was counted silently as negative; now
+    the CSV is refused, naming its lines and the accepted words. Spellings of the classes pass."""
+    from sdk.labels import is_positive, read_series_rows
+
+    assert [is_positive(w) for w in ("covid", "COVID-19", "covid_19", "non_covid", "Normal", "cap")] == [1, 1, 1, 0, 0, 0]
+    with pytest.raises(ConfigError, match="unknown label 'positive'"):
+        is_positive("positive")
+    (tmp_path / "s.csv").write_text("path,label\na,covid\nb,positive\nc,nromal\n")
+    with pytest.raises(ConfigError, match=r"2 series row\(s\) with an unknown label - line 3: 'positive', line 4: 'nromal'"):
+        read_series_rows(tmp_path / "s.csv")
+    with open(tmp_path / "i.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label"], ["a.png", "covid19"], ["b.png", "healthy"]])
+    with pytest.raises(ConfigError, match="line 3: 'healthy'"):
+        read_images_csv(tmp_path / "i.csv")
+
+
+def test_slice_label_errors_say_which_part_is_wrong(tmp_path: Path) -> None:
+    from sdk.labels import read_series_rows
+
+    np.save(tmp_path / "labels.npy", np.zeros((2, 10), np.int64))
+    cases = {"missing.npy,0": f"slice_labels file not found: {tmp_path.resolve() / 'missing.npy'}",
+             "labels.npy,x": "slice_labels_row must be the integer row of this series in labels.npy, got 'x'",
+             "labels.npy,5": "slice_labels_row 5 is outside labels.npy's 2 rows"}
+    for cols, msg in cases.items():
+        (tmp_path / "s.csv").write_text(f"path,label,slice_labels,slice_labels_row\na,covid,{cols}\n")
+        with pytest.raises(ConfigError) as exc:
+            read_series_rows(tmp_path / "s.csv")
+        assert msg in str(exc.value)
+    (tmp_path / "s.csv").write_text("path,label,slice_labels,slice_labels_row\na,covid,labels.npy,1\n")
+    assert read_series_rows(tmp_path / "s.csv")[0]["slice_labels"].shape == (10,)
+
+
+def test_few_series_per_class_warn() -> None:
+    from sdk.evaluate import MIN_CASES_PER_CLASS, few_cases_warning
+
+    n = MIN_CASES_PER_CLASS
+    assert few_cases_warning(np.array([1] * n + [0] * n), "series") == []
+    (w,) = few_cases_warning(np.array([1, 0, 0]), "series")
+    assert "1 positive and 2 negative series" in w and "not informative" in w
+    assert len(few_cases_warning(np.array([1] * (n - 1) + [0] * 50), "series")) == 1

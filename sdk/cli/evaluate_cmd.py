@@ -12,7 +12,20 @@ Examples:
   ctsdk evaluate --images docs/data/splits.csv --split test --data-root ../shared/data
   ctsdk evaluate --images docs/data/splits.csv --split test --data-root ../shared/data --out /tmp/ctsdk-eval --json
   ctsdk evaluate --series SERIES_CSV --images docs/data/splits.csv --split test --data-root ../shared/data
-  (SERIES_CSV: path,label rows of series folders, label covid = positive)
+  (SERIES_CSV: path,label rows of series folders; optional columns below)
+
+\b
+Series CSV columns (paths relative to the CSV's folder):
+  path, label               the series folder; label covid (or covid-19, covid19) = positive,
+                            non-covid, normal or cap = negative; any other word is refused
+  slice_labels, slice_labels_row
+                            a .npy of per-slice 0/1 labels (rows = cases) and this series' row:
+                            adds slice-level metrics
+  slice_labels_order        z (default: the row runs in ascending slice location) or reversed
+                            (head to feet, as COVID-CT-MD's label files run)
+  bundle                    a bundle folder that scores this row (a leave-one-series-out fold)
+With fewer than 5 positive or 5 negative series the report warns that the series-level metrics
+are not informative.
 
 \b
 Exit codes: 0 the report was printed; 2 bad arguments, unreadable CSV or an --out folder that
@@ -69,6 +82,8 @@ def _human(d: Dict[str, Any]) -> str:
             lines.append(f"  slice scores of {name} ({m['comparison']}): " + aucs(m["auc"]))
     if "leave_one_series_out" in sc:
         lines.append("leave-one-series-out: " + sc["leave_one_series_out"]["note"])
+    for w in d.get("warnings", []):
+        lines.append(f"warning: {w}")
     excluded = d.get("excluded", [])
     for e in excluded[:5]:
         lines.append(f"excluded: {e}")
@@ -86,8 +101,9 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), default=None,
               help="With --images: folder the CSV paths are relative to (default: the CSV's folder).")
 @click.option("--series", "series_csv", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Series CSV: path,label[,slice_labels,slice_labels_row] (paths relative to the CSV's folder; "
-                   "label covid = positive; optional .npy slice labels add slice-level metrics).")
+              help="Series CSV: path,label[,slice_labels,slice_labels_row,slice_labels_order,bundle] (paths "
+                   "relative to the CSV's folder; label covid = positive, non-covid / normal / cap = negative; "
+                   "optional .npy slice labels add slice-level metrics; columns below).")
 @click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model bundle folder (default: the bundle shipped in the package).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
