@@ -435,8 +435,9 @@ def test_examples_parse_and_name_real_paths(name, tmp_path, monkeypatch):
 
 
 def test_console_script_usage_error_is_a_json_object_with_json(tmp_path):
-    """Click's own usage errors (here: SOURCE does not exist) through the console script entry
-    point: click's message and exit 2, plus one {"error": ...} object on stdout with --json."""
+    """Click's own usage errors (here: SOURCE does not exist, an unknown option) through the console
+    script entry point: one ``ctsdk: error:`` line naming the command's help and exit 2, plus one
+    {"error": ...} object on stdout with --json; ``ctsdk`` alone still prints the help."""
     import subprocess
     import sys
 
@@ -450,6 +451,15 @@ def test_console_script_usage_error_is_a_json_object_with_json(tmp_path):
     plain = subprocess.run([sys.executable, "-c", code, "triage", missing], capture_output=True, text=True,
                            cwd=SDK_HOME, timeout=60)
     assert plain.returncode == 2 and plain.stdout == "" and "does not exist" in plain.stderr
+    assert plain.stderr.splitlines() == [f"ctsdk: error: Invalid value for 'SOURCE': Path '{missing}' does not exist. "
+                                         "(see 'ctsdk triage --help')"]
+    unknown = subprocess.run([sys.executable, "-c", code, "bench", "--repeats", "3"], capture_output=True, text=True,
+                             cwd=SDK_HOME, timeout=60)
+    (line,) = unknown.stderr.splitlines()
+    assert unknown.returncode == 2 and line.startswith("ctsdk: error: No such option '--repeats'.")
+    assert "'--repeat'" in line and line.endswith("(see 'ctsdk bench --help')")  # click's suggestions kept
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=SDK_HOME, timeout=60)
+    assert bare.returncode == 2 and "Usage: ctsdk [OPTIONS] COMMAND" in bare.stdout + bare.stderr
     version = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True,
                              cwd=SDK_HOME, timeout=60)
     assert version.returncode == 0 and "ctsdk, version" in version.stdout

@@ -79,21 +79,32 @@ def cli(verbose: int) -> None:
     setup_logging(verbose)
 
 
+def usage_error_line(exc: click.ClickException) -> str:
+    """``ctsdk: error: <click's message> (see 'ctsdk CMD --help')``: one line, as the README promises."""
+    msg = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    return f"ctsdk: error: {msg}" + (f" (see '{ctx.command_path} --help')" if ctx is not None else "")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """The console script. Click's own usage errors (an unknown option, a path that does not
-    exist, a bad choice) keep click's message and exit code 2; with ``--json`` on the command line
-    they are also one ``{"error": {...}}`` object on stdout, as every other error is."""
+    exist, a bad choice) are one ``ctsdk: error: ...`` line on stderr naming the command's help,
+    exit code 2, like every other error (:func:`usage_error_line`); with ``--json`` on the command
+    line they are also one ``{"error": {...}}`` object on stdout. ``ctsdk`` alone prints the help."""
     import json
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         rv = cli.main(args=args, prog_name="ctsdk", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `ctsdk` / `ctsdk train` alone: the help
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         if "--json" in args:
             click.echo(json.dumps({"error": {"type": type(exc).__name__, "message": exc.format_message(),
                                              "exit_code": exc.exit_code}}))
-        exc.show()
+        click.echo(usage_error_line(exc), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("ctsdk: interrupted", err=True)
