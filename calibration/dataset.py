@@ -2,10 +2,13 @@
 
 The calibration set comes from the TRAIN split only (default 256 slices, stratified by source and
 class); the accuracy delta is measured on the TEST split. Splits come from the classifier's own
-split file (``runs/classifier/splits.csv``: columns ``path`` and ``split``) when it exists, so
-calibration never sees a test image; without it the dataset's official split is used where one
-exists (UCSD train/val/test) and a deterministic hash of the patient id (or path) elsewhere
-(70 / 15 / 15), so one patient never straddles splits.
+split file (columns ``path`` and ``split``; ``"auto"``: ``runs/classifier/splits.csv`` under the
+current working directory, where ``ctsdk train classifier`` writes it with its default
+``--out-dir``), so calibration never sees a test image. Without one, the dataset's official split
+is used where one exists (UCSD train/val/test) and a deterministic hash of the patient id (or
+path) elsewhere (70 / 15 / 15), so one patient never straddles splits - but that is NOT the
+classifier's split: its test and calibration images may be the classifier's training images, and
+``"auto"`` says so (:func:`resolve_splits` returns the warning).
 
 Preprocessing equals training's evaluation transform (``sdk.train.data.eval_input``: letterbox
 to S x S, lung mask from the classifier's cache ``runs/classifier/masks/masks.npz`` or the same
@@ -30,9 +33,14 @@ from ..errors import ConfigError
 log = logging.getLogger("sdk.calibration")
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SPLITS = REPO / "runs" / "classifier" / "splits.csv"
+#: ``--splits auto``: where ``ctsdk train classifier`` writes its split with its default
+#: ``--out-dir runs/classifier`` - relative to the current working directory, as that default is
+#: (``sdk.train.classifier.ClassifierTrainConfig.out_dir``; tests/test_training_cli_guards.py keeps them equal)
+DEFAULT_SPLITS = Path("runs") / "classifier" / "splits.csv"
 DEFAULT_MASKS = REPO / "runs" / "classifier" / "masks"
 POSITIVE = "covid"
+#: how the rows are split when no split file is used
+HASH_SPLIT = "official split where present, else sha256(patient or path) 70/15/15"
 
 
 @dataclass
@@ -54,27 +62,72 @@ def _hash_split(key: str) -> str:
     return "train" if h < 70 else ("val" if h < 85 else "test")
 
 
+@dataclass(frozen=True)
+class SplitChoice:
+    """Which split file a ``splits_csv`` value means (:func:`resolve_splits`).
+
+    Attributes:
+        path: the split file to read; None = the images CSV's own split column (hash split where
+            it has none).
+        how: where the split comes from, for reports ("classifier split file PATH", ...).
+        warning: one line, non-empty when ``"auto"`` found no split file and fell back to the
+            hash split (test / calibration images may then be the classifier's training images).
+    """
+
+    path: Optional[Path]
+    how: str
+    warning: str = ""
+
+
+def resolve_splits(splits_csv: Optional[Any]) -> SplitChoice:
+    """``splits_csv`` -> :class:`SplitChoice`: a path is used as given (ConfigError when missing),
+    None / "" = the images CSV's split column, ``"auto"`` = :data:`DEFAULT_SPLITS` under the current
+    working directory when it is a file, else the hash split with a warning naming ``--splits PATH``."""
+    if splits_csv == "auto":
+        found = Path.cwd() / DEFAULT_SPLITS
+        if found.is_file():
+            return SplitChoice(found, f"classifier split file {found} (--splits auto)")
+        return SplitChoice(None, f"{HASH_SPLIT} (--splits auto: no {found})", (
+            f"--splits auto: no classifier split file {found} (ctsdk train classifier writes "
+            f"OUT_DIR/splits.csv, default --out-dir runs/classifier under the working directory); using the "
+            f"images CSV's split column and a sha256(patient or path) 70/15/15 split instead, so the test and "
+            f"calibration images may overlap the classifier's training images and the accuracy check can "
+            f"pass falsely: pass --splits PATH with the splits.csv of the run that trained this classifier "
+            f"(docs/data/splits.csv for the shipped one)"))
+    if not splits_csv:
+        return SplitChoice(None, HASH_SPLIT)
+    split_file = Path(splits_csv)
+    if not split_file.is_file():
+        raise ConfigError(f"{split_file}: splits CSV not found (--splits: the splits.csv a ctsdk train classifier "
+                          "run wrote to its --out-dir, or docs/data/splits.csv)")
+    return SplitChoice(split_file, f"classifier split file {split_file}")
+
+
 def load_rows(images_csv: os.PathLike, splits_csv: Optional[Any] = None) -> Tuple[List[Row], str]:
     """All rows of an images CSV (``path,label,source,split,patient``) with a train/val/test split.
 
     ``splits_csv``: a ``path,split`` file (rows not in it are dropped), ``"auto"`` for
-    ``runs/classifier/splits.csv`` when it exists, or None for the CSV's own split column (hash
-    split where it is empty). Returns ``(rows, how)`` where ``how`` says where the split came from.
+    ``runs/classifier/splits.csv`` under the working directory when it exists (else the hash split,
+    with a logged warning: see :func:`resolve_splits`), or None for the CSV's own split column
+    (hash split where it is empty). Returns ``(rows, how)`` where ``how`` says where the split came from.
     """
     csv_path = Path(images_csv)
     raw = read_csv_rows(csv_path, ("path", "label"), "images CSV (format of ../shared/data/images_index.csv: path,label,source,split,patient)")
-    if splits_csv == "auto":
-        splits_csv = DEFAULT_SPLITS if DEFAULT_SPLITS.is_file() else None
-    split_file = Path(splits_csv) if splits_csv else None
+    choice = resolve_splits(splits_csv)
+    if choice.warning:
+        log.warning("%s", choice.warning)
+    split_file = choice.path
     given: Dict[str, str] = {}
-    how = "official split where present, else sha256(patient or path) 70/15/15"
+    how = choice.how
     if split_file is not None:
-        if not split_file.is_file():
-            raise ConfigError(f"{split_file}: splits CSV not found")
         with open(split_file, newline="") as f:
-            for r in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            missing = [c for c in ("path", "split") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ConfigError(f"{split_file}: not a splits CSV: missing column(s) {missing} (it needs path and split, "
+                                  "as in the splits.csv a ctsdk train classifier run writes, or docs/data/splits.csv)")
+            for r in reader:
                 given[r["path"]] = r["split"]
-        how = f"classifier split file {split_file}"
     rows = []
     for r in raw:
         src = r.get("source", "")
@@ -272,4 +325,5 @@ def preprocess_batched(pre: Preprocessor, rows: Sequence[Row], batch: int = 64, 
     return np.concatenate(parts) if parts else np.zeros((0, 3, 224, 224), np.float32)
 
 
-__all__ = ["HuRenderPreprocessor", "SimplePreprocessor", "TrainingPreprocessor", "Row", "composition", "load_rows", "preprocess_batched", "preprocessor", "stratified_sample"]
+__all__ = ["DEFAULT_SPLITS", "HuRenderPreprocessor", "SimplePreprocessor", "SplitChoice", "TrainingPreprocessor", "Row", "composition",
+           "load_rows", "preprocess_batched", "preprocessor", "resolve_splits", "stratified_sample"]

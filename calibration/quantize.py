@@ -47,14 +47,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError
 from ..tables import json_safe
-from .dataset import Preprocessor, composition, load_rows, preprocess_batched, preprocessor, stratified_sample
+from .dataset import Preprocessor, Row, composition, load_rows, preprocess_batched, preprocessor, resolve_splits, stratified_sample
 from .metrics import binary_summary
 
 log = logging.getLogger("sdk.calibration")
@@ -64,6 +64,12 @@ METHODS: Tuple[str, ...] = ("minmax", "entropy", "percentile")
 MAX_AUC_DROP = 0.01
 MIN_AGREEMENT = 0.99
 CALIB_BATCH = 8
+#: calibration sets smaller than this get a warning (the run goes on): the activation ranges are
+#: maxima / histograms over the calibration slices' activations, so a few slices miss the tails
+#: other images reach (MinMax then clips them; Entropy / Percentile histograms are sparse), and a
+#: stratified sample that small cannot hold several slices of each source/class stratum (6 in
+#: images_index.csv). 64 = 8 calibration batches, about 10 slices per stratum; the default is 256.
+MIN_CALIBRATION_SLICES = 64
 
 
 class CalibrationError(CtsdkError):
@@ -488,6 +494,7 @@ class CalibrationReport:
     seconds: float = 0.0
     versions: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return json_safe(asdict(self))
@@ -519,8 +526,9 @@ class CalibrationOptions:
         n: calibration slices from the TRAIN split (stratified by source and class).
         method: "minmax" | "entropy" | "percentile", a comma list of them, or "all" (compare all,
             keep the best).
-        splits_csv: ``path,split`` file; "auto" (default) = ``runs/classifier/splits.csv`` when
-            present; None = the images CSV's own split column.
+        splits_csv: ``path,split`` file; "auto" (default) = ``runs/classifier/splits.csv`` under the
+            working directory when present, else the hash split with a warning
+            (:func:`dataset.resolve_splits`); None = the images CSV's own split column.
         max_auc_drop / min_agreement: pass criteria on the TEST split.
         max_test: cap on test slices (stratified), None = all.
         sensitivity_steps / exclude_per_step: the exclusion loop keeps the first
@@ -540,6 +548,9 @@ class CalibrationOptions:
         preprocess: rows -> (N, 3, S, S); default training's (see :func:`dataset.preprocessor`).
         report_path: also write the report as JSON there.
         progress: progress bars on stderr.
+        on_warning: called with each warning (one line) as soon as it is known - the split
+            fallback of "auto", a small calibration set, a coarse test AUC (:func:`data_warnings`);
+            default: logged. Every warning is also in ``CalibrationReport.warnings``.
     """
 
     n: int = 256
@@ -559,6 +570,47 @@ class CalibrationOptions:
     preprocess: Optional[Preprocessor] = None
     report_path: Optional[PathLike] = None
     progress: bool = True
+    on_warning: Optional[Callable[[str], None]] = None
+
+
+def check_test_classes(test_rows: Sequence[Row], max_test: Optional[int], how: str) -> None:
+    """ConfigError unless the test rows hold at least one slice of each class: the AUC (and so the
+    accuracy bar) cannot be computed from one class."""
+    n_pos = sum(r.y for r in test_rows)
+    n_neg = len(test_rows) - n_pos
+    if n_pos and n_neg:
+        return
+    missing = "covid" if not n_pos else "non-covid"
+    cap = f"raise --max-test (now {max_test}) or " if max_test else ""
+    raise ConfigError(f"the test set ({len(test_rows)} slice{'' if len(test_rows) == 1 else 's'}, split from {how}) has no {missing} slice, so its AUC "
+                      f"cannot be computed and the INT8 model cannot be judged; {cap}pass --images / --splits with "
+                      "test rows of both classes (nothing was calibrated)")
+
+
+def data_warnings(calib_rows: Sequence[Row], train_rows: Sequence[Row], test_rows: Sequence[Row],
+                  max_auc_drop: float = MAX_AUC_DROP) -> List[str]:
+    """One-line warnings about sizes that make the verdict weak (the run goes on):
+
+    - fewer than :data:`MIN_CALIBRATION_SLICES` calibration slices, or source/class strata of the
+      train split missing from them;
+    - a test set whose AUC moves in steps of ``1 / (n_pos * n_neg)`` larger than ``max_auc_drop``
+      (one swapped pair can decide PASS / FAIL).
+    """
+    out: List[str] = []
+    strata, seen = set(composition(train_rows)), set(composition(calib_rows))
+    if len(calib_rows) < MIN_CALIBRATION_SLICES or strata - seen:
+        what = f"only {len(calib_rows)} calibration slices" if len(calib_rows) < MIN_CALIBRATION_SLICES else \
+            f"{len(calib_rows)} calibration slices"
+        out.append(f"{what} covering {len(seen)} of the train split's {len(strata)} source/class strata: activation "
+                   f"ranges from so few slices miss what other images reach (INT8 clips it); use --n "
+                   f"{MIN_CALIBRATION_SLICES} or more (default 256)")
+    n_pos = sum(r.y for r in test_rows)
+    n_neg = len(test_rows) - n_pos
+    if n_pos and n_neg and 1.0 / (n_pos * n_neg) > max_auc_drop:
+        out.append(f"the test set has {n_pos} covid and {n_neg} non-covid slices: its AUC moves in steps of "
+                   f"{1.0 / (n_pos * n_neg):.3g}, coarser than the {max_auc_drop} bar, so PASS / FAIL rests on single "
+                   "slices; raise --max-test (or leave it out: the whole test split)")
+    return out
 
 
 def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
@@ -575,6 +627,12 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
     n, method, splits_csv, max_auc_drop, min_agreement = o.n, o.method, o.splits_csv, o.max_auc_drop, o.min_agreement
     max_test, sensitivity_steps, exclude_per_step, bench = o.max_test, o.sensitivity_steps, o.exclude_per_step, o.bench
     threads, seed, preprocess, report_path, progress = o.threads, o.seed, o.preprocess, o.report_path, o.progress
+    warnings: List[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        (o.on_warning or (lambda m: log.warning("%s", m)))(message)
+
     t0 = time.perf_counter()
     qt = quant_target(o.target)  # ConfigError before any work
     src, out = Path(fp32_onnx), Path(out)
@@ -583,17 +641,25 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
     methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):
         raise ConfigError(f"--method must be one of {METHODS + ('all',)}, got {method!r}")
-    require("onnxruntime", "INT8 calibration")  # fail early, naming the feature
-    sess = _session(src, threads)
-    shape = sess.inputs[0].shape
-    size = int(shape[-1]) if isinstance(shape[-1], int) else 224
-    rows, split_how = load_rows(images_csv, splits_csv)
+    # the data is checked before any model work: a test set of one class is refused, weak sizes warned
+    choice = resolve_splits(splits_csv)
+    if choice.warning:
+        warn(choice.warning)
+    rows, _ = load_rows(images_csv, choice.path)
+    split_how = choice.how
     train = [r for r in rows if r.split == "train"]
     test = [r for r in rows if r.split == "test"]
     if not train or not test:
         raise ConfigError(f"{images_csv}: need train and test rows (found {len(train)} train, {len(test)} test; split from {split_how})")
     calib_rows = stratified_sample(train, n, seed)
     test_rows = stratified_sample(test, max_test, seed) if max_test else test
+    check_test_classes(test_rows, max_test, split_how)
+    for message in data_warnings(calib_rows, train, test_rows, max_auc_drop):
+        warn(message)
+    require("onnxruntime", "INT8 calibration")  # fail early, naming the feature
+    sess = _session(src, threads)
+    shape = sess.inputs[0].shape
+    size = int(shape[-1]) if isinstance(shape[-1], int) else 224
     pre = preprocess or preprocessor(size)
     x_cal = preprocess_batched(pre, calib_rows, progress=progress)
     x_test = preprocess_batched(pre, test_rows, progress=progress)
@@ -683,6 +749,7 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
         test={"n": len(test_rows), "composition": composition(test_rows), "positive_class_index": pos},
         fp32=fp32_metrics, methods=results, chosen=chosen, excluded_nodes=exclude, sensitivity_steps=steps,
         sensitivity=sens[:10], speed=speed, seconds=round(time.perf_counter() - t0, 1), versions=versions, notes=notes,
+        warnings=warnings,
     )
     if report_path:
         report.save(report_path)
@@ -713,7 +780,11 @@ def runtime_hints(report: Union[PathLike, Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _passes(c: Dict[str, Any], max_auc_drop: float, min_agreement: float) -> bool:
-    return bool(-c["auc_delta"] <= max_auc_drop and c["top1_agreement"] >= min_agreement)
+    """The accuracy bar; never met by an AUC delta that could not be computed (None / NaN)."""
+    d = c.get("auc_delta")
+    if d is None or not np.isfinite(d):
+        return False
+    return bool(-d <= max_auc_drop and c["top1_agreement"] >= min_agreement)
 
 
 def backbone_convs(prepped: PathLike, head: Sequence[str]) -> List[str]:
@@ -731,6 +802,7 @@ def _rank(c: Dict[str, Any]) -> Tuple[float, float]:
     return (round(c["top1_agreement"], 6), -abs(d) if d == d else -1.0)
 
 
-__all__ = ["CalibrationError", "CalibrationOptions", "CalibrationReport", "METHODS", "QuantTarget", "TARGETS", "apply_bias_shift",
-           "benchmark", "calibrate", "calibrate_ranges", "compare", "conv_input_means", "predict", "prepare", "quant_target",
-           "quantize", "runtime_hints", "sensitivity", "weight_bias_shift"]
+__all__ = ["CalibrationError", "CalibrationOptions", "CalibrationReport", "METHODS", "MIN_CALIBRATION_SLICES", "QuantTarget",
+           "TARGETS", "apply_bias_shift", "benchmark", "calibrate", "calibrate_ranges", "check_test_classes", "compare",
+           "conv_input_means", "data_warnings", "predict", "prepare", "quant_target", "quantize", "runtime_hints", "sensitivity",
+           "weight_bias_shift"]

@@ -111,7 +111,7 @@ from ..bundle import sha256_file  # noqa: E402  (one streamed-hash helper for bu
 def classifier_metadata(
     model: Any = None,
     *,
-    bundle_version: str = "0.1.0",
+    bundle_version: Optional[str] = None,
     name: str = "",
     window: Sequence[float] = DEFAULT_WINDOW,
     size: int = 224,
@@ -121,6 +121,8 @@ def classifier_metadata(
 ) -> Dict[str, Any]:
     """Metadata for a classifier export: bundle version and preprocessing.
 
+    ``bundle_version`` is written only when given (None: no ``bundle_version`` key - an export
+    does not know which bundle it will ship in; nothing in ctsdk reads the key back).
     Values found on the model (``model.cfg`` / ``model.pretrained_cfg`` attributes or dict keys
     ``window``, ``input_size``, ``classes``, ``mean``, ``std``) override the defaults, so the ONNX
     carries what the network was trained with.
@@ -130,8 +132,9 @@ def classifier_metadata(
     size_v = cfg.get("input_size", cfg.get("size", size))
     if isinstance(size_v, (list, tuple)):
         size_v = size_v[-1]
+    meta: Dict[str, Any] = {} if bundle_version is None else {"bundle_version": str(bundle_version)}
     return {
-        "bundle_version": str(bundle_version),
+        **meta,
         "model": name or cfg.get("name", type(model).__name__ if model is not None else ""),
         "preprocessing": {
             "window_hu": [float(v) for v in win],

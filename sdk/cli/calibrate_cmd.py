@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import check_output_file, emit, handle_errors, json_option
+from ._common import check_output_file, emit, handle_errors, json_option, warn
 
 EXAMPLES = """\b
 Examples:
@@ -21,27 +21,52 @@ Examples:
   `ctsdk build-engine --precision int8` takes, symmetric S8 activations and weights)
 
 \b
+Splits: --splits auto reads runs/classifier/splits.csv under the working directory (where
+`ctsdk train classifier` writes it with its default --out-dir). Without it the images CSV's split
+column and a hash split are used, with a warning: test and calibration images may then be the
+classifier's training images. Pass --splits PATH (the run's OUT_DIR/splits.csv) to be sure.
+A test set without both classes is refused (exit 2); fewer than 64 calibration slices, or a test
+set too small to resolve the AUC bar, give a warning (stderr and the report's "warnings").
+
+\b
 Exit codes: 0 the INT8 model passed the accuracy bar; 1 it missed the bar (the file is still
-written, the report says so); 2 bad arguments or an output that cannot be written."""
+written, the report says so); 2 bad arguments, a test set without both classes, or an output
+that cannot be written."""
+
+
+def _num(v: Any, spec: str = ".4f") -> str:
+    """``v`` formatted with ``spec``, or "n/a" for a value that could not be computed (None, NaN)."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    return format(v, spec)
+
+
+def _verdict(d: Dict[str, Any]) -> str:
+    """PASS only when the bar was met on AUCs that could be computed."""
+    computed = d.get("fp32", {}).get("auc") is not None and d.get("chosen", {}).get("auc_delta") is not None
+    return "PASS" if d["passed"] and computed else "FAIL"
 
 
 def _human(d: Dict[str, Any]) -> str:
     lines = [f"INT8 ({d['calibration'].get('target', 'cpu')} target) {d['int8_onnx']} from {d['fp32_onnx']}: "
-             f"{'PASS' if d['passed'] else 'FAIL'} "
+             f"{_verdict(d)} "
              f"(AUC drop <= {d['criteria']['max_auc_drop']}, top-1 agreement >= {d['criteria']['min_top1_agreement']})",
+             f"  split: {d.get('split_source', 'n/a')}",
              f"  calibration: {d['calibration']['n']} train slices ("
              + ", ".join(f"{k} {v}" for k, v in d["calibration"]["composition"].items()) + ")",
-             f"  test: {d['test']['n']} slices; FP32 AUC {d['fp32']['auc']:.4f}, accuracy {d['fp32']['accuracy']:.4f}"]
+             f"  test: {d['test']['n']} slices; FP32 AUC {_num(d['fp32']['auc'])}, accuracy {_num(d['fp32']['accuracy'])}"]
     for m, r in d["methods"].items():
-        lines.append(f"  {m:10s} AUC {r['auc']:.4f} ({r['auc_delta']:+.4f}), accuracy {r['accuracy']:.4f} "
-                     f"({r['accuracy_delta']:+.4f}), top-1 agreement {r['top1_agreement']:.4f}")
+        lines.append(f"  {m:10s} AUC {_num(r['auc'])} ({_num(r['auc_delta'], '+.4f')}), accuracy {_num(r['accuracy'])} "
+                     f"({_num(r['accuracy_delta'], '+.4f')}), top-1 agreement {_num(r['top1_agreement'])}")
     c = d["chosen"]
-    lines.append(f"  chosen: {c['method']} (AUC delta {c['auc_delta']:+.4f}, agreement {c['top1_agreement']:.4f}, "
+    lines.append(f"  chosen: {c['method']} (AUC delta {_num(c['auc_delta'], '+.4f')}, agreement {_num(c['top1_agreement'])}, "
                  f"{len(d['excluded_nodes'])} nodes FP32)")
     for b in ("batch1", "batch32"):
         s = d.get("speed", {}).get(b)
         if s:
             lines.append(f"  speed {b}: FP32 {s['fp32_ms']:.1f} ms, INT8 {s['int8_ms']:.1f} ms -> {s['speedup']:.2f}x")
+    if d.get("warnings"):
+        lines.append(f"  warnings: {len(d['warnings'])} (on stderr, and in the report's \"warnings\")")
     return "\n".join(lines)
 
 
@@ -50,14 +75,18 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--images", "images_csv", type=click.Path(exists=True, dir_okay=False), required=True,
               help="Labelled slices CSV (format of ../shared/data/images_index.csv).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="INT8 QDQ ONNX to write.")
-@click.option("--n", "n", type=int, default=256, show_default=True, help="Calibration slices from the TRAIN split.")
+@click.option("--n", "n", type=int, default=256, show_default=True,
+              help="Calibration slices from the TRAIN split (fewer than 64 give a warning).")
 @click.option("--method", default="all", show_default=True,
               help="minmax | entropy | percentile | all, or a comma list (e.g. minmax,percentile); the best on the test split is kept.")
 @click.option("--splits", "splits_csv", default="auto", show_default=True,
-              help="path,split CSV; 'auto' = runs/classifier/splits.csv when present; 'none' = the images CSV's split column.")
+              help="path,split CSV (the OUT_DIR/splits.csv of the ctsdk train classifier run); 'auto' = "
+                   "runs/classifier/splits.csv under the working directory, else a hash split WITH A WARNING (test "
+                   "images may be training images); 'none' = the images CSV's split column.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report JSON here.")
-@click.option("--max-test", type=int, default=None, help="Cap on test slices (stratified); default all.")
+@click.option("--max-test", type=int, default=None,
+              help="Cap on test slices (stratified); default all. The test set must hold both classes.")
 @click.option("--threads", type=int, default=2, show_default=True, help="ORT CPU threads for evaluation and timing.")
 @click.option("--no-bench", is_flag=True, help="Skip the FP32 vs INT8 speed measurement.")
 @click.option("--render", type=click.Choice(["8bit", "hu"]), default="8bit", show_default=True,
@@ -91,7 +120,7 @@ def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: st
     opts = CalibrationOptions(n=n, method=method, splits_csv=None if splits_csv == "none" else splits_csv, max_test=max_test,
                               bench=not no_bench, threads=threads, report_path=report_path, progress=not as_json,
                               preprocess=HuRenderPreprocessor() if render == "hu" else None,
-                              bias_correction=bias_correction, percentile=percentile, target=target)
+                              bias_correction=bias_correction, percentile=percentile, target=target, on_warning=warn)
     report = run(onnx_path, images_csv, out_path, opts)
     emit(report.to_dict(), as_json, _human)
     if not report.passed:

@@ -41,13 +41,15 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--fp16", "fp16", is_flag=True, help="Also write <out stem>_fp16.onnx (FP16 backbone, FP32 head and I/O).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17).")
 @click.option("--input-size", type=int, default=None, help="Input side S (default: the model's cfg, else 224).")
-@click.option("--bundle-version", default="0.1.0", show_default=True, help="Written to the ONNX metadata.")
+@click.option("--bundle-version", default=None,
+              help="Version of the bundle this model will ship in, written to the ONNX metadata as "
+                   "ctsdk.bundle_version (default: not written - an export does not know its bundle).")
 @click.option("--n-parity", type=int, default=16, show_default=True, help="Real slices used for the parity check.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @json_option
 @handle_errors
 def export(model_name: str, checkpoint: Optional[str], out_path: str, fp16: bool, opset: int, input_size: Optional[int],
-           bundle_version: str, n_parity: int, no_simplify: bool, as_json: bool) -> None:
+           bundle_version: Optional[str], n_parity: int, no_simplify: bool, as_json: bool) -> None:
     """Export a model to ONNX with onnx.checker, onnxslim, metadata and a parity check against
     PyTorch eager on real CT slices. Exit 1 when the parity check fails."""
     import sys
@@ -63,7 +65,9 @@ def export(model_name: str, checkpoint: Optional[str], out_path: str, fp16: bool
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "classes"):
         meta = classifier_metadata(model, bundle_version=bundle_version, name=model_name, size=size)
     else:
-        meta = {"bundle_version": bundle_version, "model": model_name, "input_range": [0.0, 1.0]}
+        meta = {"model": model_name, "input_range": [0.0, 1.0]}
+        if bundle_version is not None:
+            meta["bundle_version"] = bundle_version
     if checkpoint:
         meta["checkpoint"] = Path(checkpoint).name
     report = export_onnx(model, out_path, opset=opset, input_size=size, metadata=meta, simplify=not no_simplify,

@@ -9,6 +9,11 @@ field ``progress`` becomes ``--progress/--no-progress``, a ``Tuple[int, int]`` t
 resolved config and exits. The config modules are imported only when a subcommand is used, and the
 heavy packages only when training starts: without torch, ``seg`` / ``classifier`` exit 2 with
 "... pip install 'ctsdk[train]'".
+
+Before any work the output location is checked: it must be writable, and it must not hold an
+earlier run's outputs (each trainer module's ``earlier_run_files(cfg)``: the classifier's
+``OUT_DIR/<model>/best.pt`` or ``metrics.json``, ...) unless ``--overwrite`` - the contract of
+``python -m sdk.bundle build``.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from ..errors import MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError
 from ._common import check_output_dir, check_output_file, emit, handle_errors, json_option
 
 # subcommand -> (module, config class, train function, packages needed to train, help)
@@ -64,8 +69,11 @@ FIELD_HELP_BY_COMMAND: Dict[str, Dict[str, str]] = {
         "model": "Classifier architecture from sdk.models (e.g. effnet_lite0_mgap, resnet50_mgap).",
         "data_root": "Folder the image paths are relative to ('' = $CTSDK_SHARED_DATA or ../shared/data).",
         "index_csv": "Images CSV path,label,source,split,patient ('' = DATA_ROOT/images_index.csv).",
-        "splits_csv": "path,split CSV that fixes the split ('' = computed and written to OUT_DIR/splits.csv).",
-        "out_dir": "Runs folder: the run is written to OUT_DIR/<model> (best.pt, metrics.json, predictions.csv).",
+        "splits_csv": ("Splits CSV with the columns path,label,source,split,patient,source_split,group that fixes the "
+                       "split: the OUT_DIR/splits.csv an earlier ctsdk train classifier run wrote, or docs/data/splits.csv "
+                       "('' = computed and written to OUT_DIR/splits.csv)."),
+        "out_dir": ("Runs folder: the run is written to OUT_DIR/<model> (best.pt, metrics.json, predictions.csv; an "
+                    "earlier run there is refused without --overwrite), the split to OUT_DIR/splits.csv."),
         "masks_dir": "Lung-mask cache folder ('' = OUT_DIR/masks).",
         "seg_onnx": "2D lung U-Net ONNX that builds the mask cache ('' = use the cache only).",
         "input_size": "Input side in pixels (a multiple of 32, >= 64).",
@@ -77,7 +85,7 @@ FIELD_HELP_BY_COMMAND: Dict[str, Dict[str, str]] = {
         "drop_rate": "Dropout rate before the classifier head.",
         "pretrained": "Start from ImageNet weights (--no-pretrained: random initialisation).",
         "max_minutes": "Cap of the training loop in minutes; stops before an epoch that would overrun it (0 = no cap).",
-        "limit": "Keep at most this many images per split (0 = all; for smoke tests).",
+        "limit": "Keep at most this many images per split (0 = all; for smoke tests); only their lung masks are computed.",
         "predict_all": "After training, write predictions.csv for every image (the aggregator's input).",
         "n_boot": "Bootstrap resamples for the confidence intervals of the val/test metrics.",
         "progress": "Progress bars on stderr.",
@@ -117,11 +125,13 @@ FIELD_HELP_BY_COMMAND: Dict[str, Dict[str, str]] = {
 #: the "Examples:" epilog of each subcommand (run from the repository root)
 EXAMPLES: Dict[str, str] = {
     "seg": """  ctsdk train seg --print-config
-  ctsdk train seg --epochs 1 --max-minutes 2 --out-dir /tmp/ctsdk-seg""",
+  ctsdk train seg --epochs 1 --max-minutes 2 --out-dir /tmp/ctsdk-seg --overwrite""",
     "classifier": """  ctsdk train classifier --print-config
-  ctsdk train classifier --epochs 1 --limit 64 --out-dir /tmp/ctsdk-classifier
-  ctsdk train classifier --config RUN_CONFIG_JSON --epochs 2
-  (RUN_CONFIG_JSON: the config.json of an earlier run)""",
+  ctsdk train classifier --epochs 1 --limit 64 --out-dir /tmp/ctsdk-classifier --overwrite
+  ctsdk train classifier --config RUN_CONFIG_JSON --epochs 2 --out-dir /tmp/ctsdk-classifier-2
+  ctsdk train classifier --splits-csv docs/data/splits.csv --epochs 1 --limit 64 --out-dir /tmp/ctsdk-classifier-3
+  (RUN_CONFIG_JSON: the config.json of an earlier run; --overwrite replaces an earlier run in the
+  same folder, without it that folder is refused)""",
     "seg3d": """  ctsdk train seg3d --print-config
   ctsdk train seg3d --data-dir CUBES_DIR --seconds 600 --out-dir /tmp/ctsdk-seg3d
   (CUBES_DIR: the output of `python -m sdk.train.seg3d prep`)""",
@@ -131,7 +141,9 @@ EXAMPLES: Dict[str, str] = {
 }
 
 _TRAIN_EXIT = ("\b\nExit codes: 0 trained (or config printed); 2 bad options or config, a missing package\n"
-               "(ctsdk[train]) or an output folder that cannot be written (one line on stderr).")
+               "(ctsdk[train]), an output folder that cannot be written or that holds an earlier run\n"
+               "(pass --overwrite to replace it); one line on stderr. These are checked before anything\n"
+               "is written.")
 
 
 def field_help(command: str, name: str) -> str:
@@ -196,6 +208,19 @@ def resolve_config(cls: type, config_file: Optional[str], given: Dict[str, Any])
     return config_from_dict(cls, values)
 
 
+def check_no_earlier_run(module: Any, cfg: Any, overwrite: bool) -> None:
+    """ConfigError (exit 2, before any work) when the run would replace an earlier run's outputs
+    (``module.earlier_run_files(cfg)``) and ``overwrite`` is not set."""
+    finder = getattr(module, "earlier_run_files", None)
+    found = finder(cfg) if finder is not None and not overwrite else []
+    if not found:
+        return
+    option, value = ("--out", cfg.out) if getattr(cfg, "out", None) else ("--out-dir", getattr(cfg, "out_dir", ""))
+    folder = found[0].parent
+    raise ConfigError(f"{option} {value}: {folder} holds an earlier run ({', '.join(p.name for p in found)}); pass "
+                      f"--overwrite to replace it or give another {option} (checked before starting: nothing was run)")
+
+
 def _human(payload: Dict[str, Any]) -> str:
     keep = {k: v for k, v in payload.items() if not isinstance(v, (list, dict))}
     lines = [f"{k}: {v}" for k, v in keep.items()]
@@ -215,7 +240,7 @@ def make_subcommand(name: str) -> click.Command:
     fields = dataclasses.fields(cls)
 
     @handle_errors
-    def command(config_file: Optional[str], print_config: bool, as_json: bool, **given: Any) -> None:
+    def command(config_file: Optional[str], print_config: bool, overwrite: bool, as_json: bool, **given: Any) -> None:
         cfg = resolve_config(cls, config_file, given)
         if print_config:
             from ..tables import json_safe
@@ -225,6 +250,7 @@ def make_subcommand(name: str) -> click.Command:
         require_train_deps(needs, f"ctsdk train {name}")
         check_output_dir(getattr(cfg, "out_dir", None) or None, "--out-dir")  # before training: results must be savable
         check_output_file(getattr(cfg, "out", None) or None, "--out")
+        check_no_earlier_run(mod, cfg, overwrite)
         train = getattr(mod, fn_name)
         result = train(cfg)
         emit(result if isinstance(result, dict) else {"result": result}, as_json, _human)
@@ -234,6 +260,9 @@ def make_subcommand(name: str) -> click.Command:
     command = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                            help="JSON config (e.g. a saved config.json); command-line options override it.")(command)
     command = click.option("--print-config", is_flag=True, help="Print the resolved config and exit.")(command)
+    command = click.option("--overwrite", is_flag=True,
+                           help="Replace an earlier run's outputs in the output folder (without it such a folder is "
+                                "refused before any work).")(command)
     command = json_option(command)
     epilog = f"\b\nExamples:\n{EXAMPLES[name]}\n\n{_TRAIN_EXIT}" if name in EXAMPLES else None
     return click.command(name=name, help=f"{help_text}\n\nOptions mirror {module}.{cls_name}.", epilog=epilog)(command)
@@ -273,10 +302,10 @@ def _unavailable(name: str, exc: ImportError) -> click.Command:
 @click.group(cls=TrainGroup, name="train", epilog="""\b
 Examples:
   ctsdk train classifier --print-config
-  ctsdk train seg --epochs 1 --max-minutes 2 --out-dir /tmp/ctsdk-seg
+  ctsdk train seg --epochs 1 --max-minutes 2 --out-dir /tmp/ctsdk-seg --overwrite
   ctsdk train classifier --help""")
 def train() -> None:
     """Train the 2D or 3D lung segmenter, the slice classifier or the aggregator (needs ctsdk[train])."""
 
 
-__all__ = ["train", "make_subcommand", "resolve_config", "require_train_deps", "SUBCOMMANDS"]
+__all__ = ["train", "make_subcommand", "resolve_config", "require_train_deps", "check_no_earlier_run", "SUBCOMMANDS"]

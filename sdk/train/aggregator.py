@@ -40,7 +40,8 @@ from ..errors import ConfigError
 CLASSES = ["non_covid", "covid"]
 POSITIVE_LABELS = {"covid", "covid-19", "covid19"}
 
-__all__ = ["AggTrainConfig", "train_aggregator", "make_bags", "read_predictions", "series_label", "compare_aggregators"]
+__all__ = ["AggTrainConfig", "train_aggregator", "make_bags", "read_predictions", "series_label", "compare_aggregators",
+           "earlier_run_files"]
 
 
 @dataclass
@@ -66,6 +67,13 @@ class AggTrainConfig:
     early_stopping_rounds: int = 30
     n_bootstrap: int = 2000
     seed: int = 0
+
+
+def earlier_run_files(cfg: AggTrainConfig) -> List[Path]:
+    """Files of an earlier run that this one would replace: ``cfg.out`` itself and the
+    ``metrics.json`` written beside it (``ctsdk train aggregator`` refuses them unless --overwrite)."""
+    out = Path(cfg.out)
+    return [p for p in (out, out.parent / "metrics.json") if p.exists()]
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -208,8 +216,7 @@ def train_aggregator(cfg: AggTrainConfig) -> Dict[str, Any]:
         raise ConfigError("nothing to train on: give predictions (bags of labelled slices) and/or series (path,label CSV)")
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # its folder is created when the model is saved: a failed run leaves none
     bag_kw = dict(min_slices=cfg.min_slices, max_slices=cfg.max_slices, covid_fraction_min=cfg.covid_fraction_min)
     sets: Dict[str, Tuple[List[np.ndarray], np.ndarray]] = {}
     steps = [s for s, on in (("train", cfg.predictions), ("val", cfg.predictions and cfg.val_splits),
@@ -240,6 +247,7 @@ def train_aggregator(cfg: AggTrainConfig) -> Dict[str, Any]:
     agg = fit_aggregator(x_train, train_y, CLASSES, n_groups=cfg.n_groups, eval_set=eval_set,
                          params={"max_depth": cfg.max_depth, "eta": cfg.eta}, num_boost_round=cfg.num_boost_round,
                          early_stopping_rounds=cfg.early_stopping_rounds, seed=cfg.seed, info=info)
+    out.parent.mkdir(parents=True, exist_ok=True)
     agg.save(out)
     metrics: Dict[str, Any] = {"classes": CLASSES, "n_groups": cfg.n_groups, "rounds": int(agg.booster.num_boosted_rounds())}
     # threshold: Youden on validation bags if any, else 0.5

@@ -13,7 +13,11 @@ CIs -> ``p_covid`` for every image of the index.
 
 Outputs in ``<out_dir>/<model>/``: ``best.pt`` (``{"model", "cfg", "state_dict", "threshold",
 "train_config", "epoch", "val_auc"}``), ``config.json``, ``metrics.json``, ``predictions.csv``
-(path,label,source,split,patient,p_covid), ``train.log`` (when run via nohup), ``READY``.
+(path,label,source,split,patient,p_covid; removed when ``predict_all`` is off, so it never belongs
+to an earlier run), ``READY``. The per-epoch lines go to stderr (redirect them to keep a log).
+The config, the split and the lung-mask source are checked before anything is written, so a run
+that fails on them leaves no folder behind; ``ctsdk train classifier`` also refuses a run folder
+that holds an earlier run (:func:`earlier_run_files`) unless ``--overwrite``.
 
 This module imports torch only inside functions, so the config dataclass is importable (and the
 CLI options can be generated) on a core install.
@@ -27,7 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -44,6 +48,8 @@ __all__ = [
     "evaluate_covid_ct_md",
     "compare_runs",
     "default_data_root",
+    "earlier_run_files",
+    "split_rows",
 ]
 
 log = logging.getLogger("sdk.train.classifier")
@@ -132,25 +138,68 @@ class ClassifierTrainConfig:
         return Path(self.masks_dir) if self.masks_dir else Path(self.out_dir) / "masks"
 
 
+#: files of ``<out_dir>/<model>/`` that mark an earlier run (``ctsdk train classifier`` refuses to
+#: write over them unless --overwrite; README: output folders are checked before the work starts)
+RUN_MARKERS: Tuple[str, ...] = ("best.pt", "metrics.json")
+
+
+def earlier_run_files(cfg: ClassifierTrainConfig) -> List[Path]:
+    """The :data:`RUN_MARKERS` files already in the run folder ``cfg.run_dir`` (empty: a fresh run)."""
+    return [cfg.run_dir / name for name in RUN_MARKERS if (cfg.run_dir / name).exists()]
+
+
 # --- data -----------------------------------------------------------------------------------------
-def load_split_rows(cfg: ClassifierTrainConfig) -> List[Dict[str, str]]:
-    """The split assignment: read ``cfg.splits_csv`` or compute it and write ``<out_dir>/splits.csv``."""
+def split_rows(cfg: ClassifierTrainConfig) -> Tuple[List[Dict[str, str]], bool]:
+    """The split assignment, nothing written: ``(rows, computed)`` - read from ``cfg.splits_csv``
+    (``computed`` False) or computed by :func:`sdk.train.data.assign_splits` (``computed`` True:
+    the caller writes it to ``<out_dir>/splits.csv``)."""
     if cfg.splits_csv:
         rows = D.read_splits_csv(cfg.splits_csv)
         D.check_no_leakage(rows)
-        return rows
-    rows = D.assign_splits(D.read_images_index(cfg.index), seed=0)
-    D.write_splits_csv(rows, Path(cfg.out_dir) / "splits.csv")
+        return rows, False
+    return D.assign_splits(D.read_images_index(cfg.index), seed=0), True
+
+
+def load_split_rows(cfg: ClassifierTrainConfig) -> List[Dict[str, str]]:
+    """The split assignment: read ``cfg.splits_csv`` or compute it and write ``<out_dir>/splits.csv``."""
+    rows, computed = split_rows(cfg)
+    if computed:
+        D.write_splits_csv(rows, Path(cfg.out_dir) / "splits.csv")
     return rows
+
+
+def _cached_mask_paths(cache_dir: Path) -> Set[str]:
+    """The image paths ``<cache_dir>/masks.npz`` holds (reads only its ``paths`` array)."""
+    p = D.mask_cache_path(cache_dir)
+    if not p.is_file():
+        D.load_mask_cache(cache_dir)  # raises the ConfigError that says how to build it
+    with np.load(p) as z:
+        return {str(k) for k in z["paths"]}
+
+
+def check_mask_source(rows: Sequence[Dict[str, str]], cache_dir: Path, seg_onnx: str) -> None:
+    """ConfigError, before anything is written, when :func:`build_mask_cache` could not produce a
+    mask for every row: ``seg_onnx`` names no file, or (``seg_onnx=""``) the cache lacks images."""
+    if seg_onnx:
+        if not Path(seg_onnx).is_file():
+            raise ConfigError(f"{seg_onnx}: lung U-Net ONNX not found; train it with `ctsdk train seg` or pass --seg-onnx")
+        return
+    cached = _cached_mask_paths(cache_dir)
+    missing = [r["path"] for r in rows if r["path"] not in cached]
+    if missing:
+        raise ConfigError(f"{D.mask_cache_path(cache_dir)}: no lung mask for {len(missing)} image(s), e.g. {missing[0]}; "
+                          "pass --seg-onnx to segment them")
 
 
 def build_mask_cache(rows: Sequence[Dict[str, str]], data_root: Path, cache_dir: Path, seg_onnx: str,
                      show_progress: bool = True) -> Dict[str, np.ndarray]:
-    """Lung masks (uint8, native size) for every image, from the 2D lung U-Net; cached once.
+    """Lung masks (uint8, native size) for every image of ``rows``, from the 2D lung U-Net; cached once.
 
-    Reuses ``<cache_dir>/masks.npz`` when it holds every path and was made by the same ONNX file
-    (sha256 recorded); otherwise segments every image and rewrites it. ``seg_onnx=""`` uses the
-    cache as it is (every image must be in it).
+    Reuses ``<cache_dir>/masks.npz`` when it was made by the same ONNX file (sha256 recorded):
+    only the images it lacks are segmented and added (each image is segmented on its own, so a
+    mask does not depend on which others were segmented with it); a cache of another ONNX is
+    replaced by the masks of ``rows``. ``seg_onnx=""`` uses the cache as it is (every image must be
+    in it).
     """
     import hashlib
 
@@ -166,20 +215,21 @@ def build_mask_cache(rows: Sequence[Dict[str, str]], data_root: Path, cache_dir:
         raise ConfigError(f"{onnx}: lung U-Net ONNX not found; train it with `ctsdk train seg` or pass --seg-onnx")
     digest = hashlib.sha256(onnx.read_bytes()).hexdigest()
     p = D.mask_cache_path(cache_dir)
+    masks: Dict[str, np.ndarray] = {}
     if p.is_file():
         with np.load(p) as z:
             same = "meta_seg_sha256" in z.files and str(z["meta_seg_sha256"]) == digest
         if same:
-            cached = D.load_mask_cache(cache_dir)
-            if all(r["path"] in cached for r in rows):
-                return cached
+            masks = D.load_mask_cache(cache_dir)
+            if all(r["path"] in masks for r in rows):
+                return masks
     from ..lungs import segment_slices_2d
     from ..lungs.unet2d import open_session
 
+    todo = [r for r in rows if r["path"] not in masks]
     session = open_session(onnx, threads=1)
-    masks: Dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
-    for r in common.progress(rows, desc="lung masks", enabled=show_progress):
+    for r in common.progress(todo, desc="lung masks", enabled=show_progress):
         grey = D.load_grey(data_root / r["path"])
         masks[r["path"]] = segment_slices_2d(grey[None], session)[0]
     D.save_mask_cache(masks, cache_dir, meta={"seg_sha256": digest, "seg_onnx": str(onnx),
@@ -275,21 +325,31 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     common.seed_everything(cfg.seed)
-    run = cfg.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "READY").unlink(missing_ok=True)
-    common.save_config(cfg, run / "config.json", extra=_versions())
-
-    rows = load_split_rows(cfg)
-    masks = build_mask_cache(rows, cfg.root, cfg.mask_dir, cfg.seg_onnx, cfg.progress)
-    t_data = time.perf_counter()
+    # checks first (config, split, classes, mask source): a run that fails on them writes nothing
+    rows, split_computed = split_rows(cfg)
     train_rows = _subset(rows, "train", cfg.limit, cfg.seed)
     val_rows = _subset(rows, "val", cfg.limit, cfg.seed)
     test_rows = _subset(rows, "test", cfg.limit, cfg.seed)
+    for name, part in (("train", train_rows), ("val", val_rows)):
+        if len({D.binary_label(r["label"]) for r in part}) < 2:
+            raise ConfigError(f"the {name} split ({len(part)} images) needs both classes; raise --limit or check the "
+                              "index / --splits-csv (nothing was written)")
+    # --limit: masks only for the images this run reads (the limited splits; predict_all predicts those)
+    used_rows = rows if not cfg.limit else train_rows + val_rows + test_rows
+    check_mask_source(used_rows, cfg.mask_dir, cfg.seg_onnx)
+
+    run = cfg.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "READY").unlink(missing_ok=True)
+    if not cfg.predict_all:  # an earlier run's predictions must not pass for this run's
+        (run / "predictions.csv").unlink(missing_ok=True)
+    common.save_config(cfg, run / "config.json", extra=_versions())
+    if split_computed:
+        D.write_splits_csv(rows, Path(cfg.out_dir) / "splits.csv")
+    masks = build_mask_cache(used_rows, cfg.root, cfg.mask_dir, cfg.seg_onnx, cfg.progress)
+    t_data = time.perf_counter()
     tr = _ImageSet(train_rows, cfg.root, masks, cfg.input_size)
     va = _ImageSet(val_rows, cfg.root, masks, cfg.input_size)
-    if len(set(tr.y.tolist())) < 2 or len(set(va.y.tolist())) < 2:
-        raise ConfigError("train and val splits each need both classes; raise --limit or check the index")
 
     model = create_model(cfg.model, pretrained=cfg.pretrained, drop_rate=cfg.drop_rate, input_size=cfg.input_size)
     if cfg.freeze_stages:
@@ -380,9 +440,8 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
     torch.save(ckpt, run / "best.pt")
 
     if cfg.predict_all:
-        all_rows = rows if not cfg.limit else train_rows + val_rows + test_rows
-        p_all = predict_images(model, all_rows, cfg.root, masks, cfg.input_size, show_progress=cfg.progress)
-        write_predictions(all_rows, p_all, run / "predictions.csv")
+        p_all = predict_images(model, used_rows, cfg.root, masks, cfg.input_size, show_progress=cfg.progress)
+        write_predictions(used_rows, p_all, run / "predictions.csv")
     metrics["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (run / "READY").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")

@@ -217,13 +217,25 @@ def write_splits_csv(rows: Sequence[Mapping[str, str]], path: PathLike) -> Path:
     return p
 
 
+#: where a valid splits CSV comes from (the error messages of :func:`read_splits_csv` name it)
+SPLITS_CSV_SOURCES = ("the splits.csv a ctsdk train classifier run wrote to its --out-dir (run it without "
+                      "--splits-csv to compute one), or docs/data/splits.csv (the shipped classifier's split)")
+
+
 def read_splits_csv(path: PathLike) -> List[Dict[str, str]]:
-    """Read a splits CSV written by :func:`write_splits_csv` (``group`` holds the leakage group)."""
-    rows = read_images_index(path)
-    missing = [c for c in SPLIT_COLUMNS if c not in rows[0]]
+    """Read a splits CSV written by :func:`write_splits_csv`: every column of ``SPLIT_COLUMNS``
+    (``split`` = ours, ``source_split`` = the dataset's own, ``group`` = the leakage group).
+    ConfigError names the missing columns and where a valid file comes from."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: splits CSV not found; use {SPLITS_CSV_SOURCES}")
+    with p.open(newline="") as fh:
+        header = csv.DictReader(fh).fieldnames or []
+    missing = [c for c in SPLIT_COLUMNS if c not in header]
     if missing:
-        raise ConfigError(f"{path}: not a splits CSV: missing column(s) {missing}; write one with assign_splits + write_splits_csv")
-    return rows
+        raise ConfigError(f"{p}: not a splits CSV: missing column(s) {missing}; a splits CSV has the columns "
+                          f"{','.join(SPLIT_COLUMNS)}: use {SPLITS_CSV_SOURCES}")
+    return read_images_index(p)
 
 
 # --- images ---------------------------------------------------------------------------------------

@@ -13,13 +13,18 @@ random window / contrast / gamma, re-preparation with or without CLAHE, flips, s
 (rotation, scale, shift, with black borders), blur and Gaussian noise. Loss: Dice + BCE. Early
 stopping on validation Dice. Outputs in ``out``: ``unet2d_lung.pt`` (best state dict),
 ``unet2d_lung.onnx`` (opset 17, dynamic batch, parity-checked vs eager), ``config.json``,
-``metrics.json``, ``train.log`` lines via the caller's redirection.
+``metrics.json``. The data is read and split before anything is written. Progress (one JSON line
+per epoch, the stopping reason, a progress bar) goes to stderr; :func:`train_seg` prints nothing on
+stdout (``ctsdk train seg`` prints the summary there, one format; ``python -m sdk.train.seg`` one
+JSON object). ``ctsdk train seg`` refuses an ``out_dir`` holding an earlier run
+(:func:`earlier_run_files`) unless ``--overwrite``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +61,20 @@ class SegTrainConfig:
     p_reclahe: float = 0.5
     opset: int = 17
     notes: List[str] = field(default_factory=list)
+
+
+#: files of ``out_dir`` that mark an earlier run (``ctsdk train seg`` refuses them unless --overwrite)
+RUN_MARKERS: Tuple[str, ...] = ("unet2d_lung.pt", "unet2d_lung.onnx", "metrics.json")
+
+
+def earlier_run_files(cfg: SegTrainConfig) -> List[Path]:
+    """The :data:`RUN_MARKERS` files already in ``cfg.out_dir`` (empty: a fresh run)."""
+    return [Path(cfg.out_dir) / name for name in RUN_MARKERS if (Path(cfg.out_dir) / name).exists()]
+
+
+def _progress(record: Any) -> None:
+    """One progress line on stderr (a dict as one JSON line): stdout is left to the summary."""
+    print(record if isinstance(record, str) else json.dumps(record), file=sys.stderr, flush=True)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -164,6 +183,17 @@ def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
 
     from ..models.unet import unet2d_lung
 
+    # data and split first: a run that fails on them writes nothing
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, not {getattr(cfg, name)}")
+    nums, imgs, masks = load_seg2d(cfg.data_dir)
+    split = split_blocks(nums, cfg.val_block, cfg.test_block)
+    empty = [k for k in ("train", "val", "test") if not len(split[k])]
+    if empty:
+        raise ConfigError(f"{cfg.data_dir}: no {'/'.join(empty)} slices with --val-block {list(cfg.val_block)} "
+                          f"--test-block {list(cfg.test_block)} (file numbers {int(nums.min())}..{int(nums.max())}); "
+                          "choose blocks inside that range (nothing was written)")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -171,8 +201,6 @@ def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
 
-    nums, imgs, masks = load_seg2d(cfg.data_dir)
-    split = split_blocks(nums, cfg.val_block, cfg.test_block)
     x_val = np.stack([prepare_eval(imgs[i], cfg.size) for i in split["val"]])[:, None]
     model = unet2d_lung(base=cfg.base, levels=cfg.levels)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -200,15 +228,15 @@ def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
         val_dice = float(np.mean(evaluate_dice(_predict(torch, model, x_val), masks[split["val"]])))
         elapsed = (time.perf_counter() - t_start) / 60
         history.append({"epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(np.mean(losses)), "val_dice": val_dice, "minutes": round(elapsed, 2)})
-        print(json.dumps(history[-1]), flush=True)
+        _progress(history[-1])
         if val_dice > best:
             best, best_epoch = val_dice, epoch
             torch.save(model.state_dict(), out / "unet2d_lung.pt")
         if epoch - best_epoch >= cfg.patience:
-            print(f"early stop at epoch {epoch} (best {best:.4f} at {best_epoch})", flush=True)
+            _progress(f"early stop at epoch {epoch} (best {best:.4f} at {best_epoch})")
             break
         if elapsed > cfg.max_minutes:
-            print(f"time budget {cfg.max_minutes} min reached at epoch {epoch}", flush=True)
+            _progress(f"time budget {cfg.max_minutes} min reached at epoch {epoch}")
             break
     train_minutes = (time.perf_counter() - t_start) / 60
 
@@ -236,7 +264,6 @@ def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
         "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2), flush=True)
     if parity > 1e-4:
         raise ConfigError(f"ONNX parity {parity:.2e} exceeds 1e-4 for {onnx_path}; do not ship this export")
     return metrics
@@ -257,7 +284,9 @@ def main(argv: List[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=SegTrainConfig.max_minutes)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    train_seg(SegTrainConfig(data_dir=a.data, out_dir=a.out, epochs=a.epochs, base=a.base, size=a.size, max_minutes=a.max_minutes, seed=a.seed))
+    metrics = train_seg(SegTrainConfig(data_dir=a.data, out_dir=a.out, epochs=a.epochs, base=a.base, size=a.size,
+                                       max_minutes=a.max_minutes, seed=a.seed))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}), flush=True)
 
 
 if __name__ == "__main__":

@@ -251,14 +251,47 @@ class Seg3DTrainConfig:
     init: str = ""               # start from this state dict
 
 
+#: files of ``out_dir`` that mark an earlier run (``ctsdk train seg3d`` refuses them unless --overwrite)
+RUN_MARKERS: Tuple[str, ...] = ("unet3d_lung.pt", "train_log.json")
+
+
+def earlier_run_files(cfg: Seg3DTrainConfig) -> List[Path]:
+    """The :data:`RUN_MARKERS` files already in ``cfg.out_dir`` (empty: a fresh run)."""
+    return [Path(cfg.out_dir) / name for name in RUN_MARKERS if (Path(cfg.out_dir) / name).exists()]
+
+
+def check_train_config(cfg: Seg3DTrainConfig) -> None:
+    """ConfigError before the kit creates ``out_dir``: the cubes' manifest must exist and list
+    train samples, ``device`` must be auto / cuda / cpu, ``init`` must name a file."""
+    manifest = Path(cfg.data_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(f"{manifest}: not found; --data-dir must be the cubes folder written by "
+                          "`python -m sdk.train.seg3d prep` (nothing was written)")
+    try:
+        samples = json.loads(manifest.read_text()).get("samples", [])
+    except ValueError as exc:
+        raise ConfigError(f"{manifest}: not JSON ({exc}); rerun `python -m sdk.train.seg3d prep`") from exc
+    if not any(s.get("split") == "train" for s in samples):
+        raise ConfigError(f"{manifest}: lists no train samples; rerun `python -m sdk.train.seg3d prep`")
+    if cfg.device not in ("auto", "cuda", "cpu") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cuda or cpu, not {cfg.device!r}")
+    if cfg.init and not Path(cfg.init).is_file():
+        raise ConfigError(f"--init {cfg.init}: state dict not found (e.g. a previous run's unet3d_lung.pt)")
+
+
 def train_seg3d(cfg: Seg3DTrainConfig) -> Dict[str, Any]:
-    """Train with the kit (CPU or CUDA); returns its JSON log."""
+    """Train with the kit (CPU or CUDA); returns its JSON log. The kit's progress lines go to
+    stderr (stdout is left to the caller's summary)."""
+    import contextlib
+
     from .._lazy import require
 
     require("torch", "training the 3D lung U-Net")
+    check_train_config(cfg)
     from . import seg3d_kit
 
-    return seg3d_kit.train(seg3d_kit.KitConfig(**asdict(cfg)))
+    with contextlib.redirect_stdout(sys.stderr):
+        return seg3d_kit.train(seg3d_kit.KitConfig(**asdict(cfg)))
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -534,7 +567,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                           "resampler_check": man["resampler_check"]}, indent=2))
     elif args.cmd == "train":
         cfg = Seg3DTrainConfig(**{f: getattr(args, f) for f in asdict(Seg3DTrainConfig())})
-        train_seg3d(cfg)
+        log = train_seg3d(cfg)
+        print(json.dumps({k: v for k, v in log.items() if k != "history"}), flush=True)
     else:
         rep = export(Path(args.ckpt), Path(args.out), Path(args.data_dir))
         print(json.dumps(rep, indent=2))
