@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..labels import is_positive
 from ..tables import read_csv_rows
 from ..volume.resample import LUNG_WINDOW  # the runtime's classifier window (one owner)
 from ..errors import ConfigError
@@ -38,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 #: (``sdk.train.classifier.ClassifierTrainConfig.out_dir``; tests/test_training_cli_guards.py keeps them equal)
 DEFAULT_SPLITS = Path("runs") / "classifier" / "splits.csv"
 DEFAULT_MASKS = REPO / "runs" / "classifier" / "masks"
-POSITIVE = "covid"
 #: how the rows are split when no split file is used
 HASH_SPLIT = "official split where present, else sha256(patient or path) 70/15/15"
 
@@ -54,7 +54,7 @@ class Row:
 
     @property
     def y(self) -> int:
-        return int(self.label == POSITIVE)
+        return is_positive(self.label)
 
 
 def _hash_split(key: str) -> str:

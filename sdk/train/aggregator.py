@@ -36,9 +36,9 @@ import numpy as np
 
 from ..tables import read_csv_rows
 from ..errors import ConfigError
+from ..labels import is_positive
 
 CLASSES = ["non_covid", "covid"]
-POSITIVE_LABELS = {"covid", "covid-19", "covid19"}
 
 __all__ = ["AggTrainConfig", "train_aggregator", "make_bags", "read_predictions", "series_label", "compare_aggregators",
            "earlier_run_files"]
@@ -78,8 +78,9 @@ def earlier_run_files(cfg: AggTrainConfig) -> List[Path]:
 
 # --- data --------------------------------------------------------------------------------------
 def series_label(label: str) -> int:
-    """Index into CLASSES: covid -> 1, anything else (normal, non-covid, cap) -> 0."""
-    return 1 if str(label).strip().lower().replace("_", "-") in POSITIVE_LABELS else 0
+    """Index into CLASSES: covid -> 1; normal, non-covid, cap -> 0; another word raises ConfigError
+    (the label words are :mod:`sdk.labels`')."""
+    return is_positive(label)
 
 
 def read_predictions(path: str) -> List[Dict[str, str]]:

@@ -39,6 +39,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from ..errors import ConfigError
+from ..labels import is_positive
 
 __all__ = [
     "CLASSES",
@@ -66,19 +67,13 @@ CLASSES: Tuple[str, str] = ("non_covid", "covid")
 INDEX_COLUMNS = ("path", "label", "source", "split", "patient")
 SPLIT_COLUMNS = ("path", "label", "source", "split", "patient", "source_split", "group")
 SPLITS = ("train", "val", "test")
-_POSITIVE = {"covid"}
-_NEGATIVE = {"non-covid", "non_covid", "normal"}
 
 
 # --- index and labels -----------------------------------------------------------------------------
 def binary_label(label: str) -> int:
-    """``covid`` -> 1; ``non-covid`` / ``normal`` -> 0. Anything else raises ConfigError."""
-    key = label.strip().lower()
-    if key in _POSITIVE:
-        return 1
-    if key in _NEGATIVE:
-        return 0
-    raise ConfigError(f"unknown image label {label!r}: expected covid, non-covid or normal")
+    """``covid`` -> 1; ``non-covid`` / ``normal`` -> 0; anything else raises ConfigError - the label
+    words are :mod:`sdk.labels`' (one owner for training, calibration and evaluation)."""
+    return is_positive(label)
 
 
 def read_images_index(csv_path: PathLike) -> List[Dict[str, str]]:
