@@ -19,7 +19,7 @@ def load_seg2d(data_dir: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     root = Path(data_dir)
     index = root / "seg2d_index.csv"
     if not index.is_file():
-        raise ConfigError(f"seg2d index not found: {index} (set --data to the seg2d folder)")
+        raise ConfigError(f"seg2d index not found: {index} (ctsdk train seg --data-dir: the seg2d folder of ../shared/data)")
     nums, imgs, masks = [], [], []
     with index.open() as fh:
         for row in csv.DictReader(fh):
