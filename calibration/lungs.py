@@ -134,7 +134,9 @@ def add_to_bundle(bundle_dir: Path, int8_path: Path, block: Dict[str, Any]) -> A
         dst = Path(tmp) / INT8_FILE
         shutil.copyfile(int8_path, dst)
         files[FILES_KEY] = (str(dst), "lungs", "int8")
-        return write_bundle(bundle_dir, files, meta, overwrite=True)
+        # the lungs_int8 block was measured here, on this file (a re-run that replaces the file under
+        # the same name and version is refused by write_bundle: a bundle with other models needs a new version)
+        return write_bundle(bundle_dir, files, meta, overwrite=True, remeasured=[MANIFEST_KEY])
 
 
 def quantize_bundle(bundle_dir: Path, data_root: Path, *, n_calib: int = CALIB_N, seed: int = CALIB_SEED,

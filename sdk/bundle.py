@@ -23,12 +23,20 @@ Assemble a bundle with :func:`write_bundle` or from the shell::
     python -m sdk.bundle build --out sdk/bundles/default --meta bundle_meta.json \\
         --file lungs=runs/seg/unet2d_lung.onnx:lungs:fp32 ... --card MODEL_CARD.md
     python -m sdk.bundle verify sdk/bundles/default
+
+The build (and ``verify``) also checks what the manifest *claims* about the files
+(:mod:`sdk.bundle_check`): ONNX metadata / graph inputs against ``preprocessing`` / ``inputs`` /
+``classes``, no pass verdict without its INT8 file, ``thresholds.series`` present; a build from a
+previous manifest whose model files changed refuses to carry the blocks measured on the old files
+(``--remeasured BLOCK`` / ``--keep-stale-metadata``) or to keep the shipped bundle's name and version.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,11 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from . import bundle_check as check
+from .bundle_check import LUNGS_INT8_KEY
 from .hashing import sha256_file  # noqa: F401 - part of this module's API
 from .errors import BundleError, ConfigError
 from .preprocessing import Preprocessing
 
 PathLike = Union[str, Path]
+log = logging.getLogger("sdk.bundle")
 
 FORMAT = "ctsdk-bundle/1"
 MANIFEST = "manifest.json"
@@ -56,13 +67,11 @@ __all__ = [
     "write_bundle",
     "refresh_card",
     "verify_bundle",
+    "find_model_card",
     "sha256_file",
     "DEFAULT_BUNDLE_DIR",
+    "LUNGS_INT8_KEY",
 ]
-
-
-#: manifest block (and ``files`` key) of the INT8 lung U-Net and its Dice gate
-LUNGS_INT8_KEY = "lungs_int8"
 
 
 def lungs_int8_gate_passed(manifest: Mapping[str, Any]) -> bool:
@@ -144,7 +153,8 @@ class Bundle:
 
     @property
     def threshold(self) -> float:
-        """Series-level operating threshold on P(positive class) from the aggregator."""
+        """Series-level operating threshold on P(positive class) from the aggregator; 0.5 when
+        the manifest has no ``thresholds.series`` (the build refuses that; :attr:`warnings` says so)."""
         return float(self.manifest.get("thresholds", {}).get("series", 0.5))
 
     @property
@@ -162,7 +172,21 @@ class Bundle:
 
     @property
     def calibration_passed(self) -> bool:
-        return bool(self.manifest.get("int8", {}).get("passed", False))
+        """The INT8 classifier passed its calibration bar: manifest ``int8.passed`` is true and the
+        bundle lists a role-"classifier" file of precision "int8" (a verdict about a file the bundle
+        does not hold, or one recorded in ``stale_metadata``, is ignored; :attr:`warnings` says so)."""
+        return ("int8" in self.classifier_paths() and (self.manifest.get("int8") or {}).get("passed") is True
+                and not check.is_stale(self.manifest, "int8"))
+
+    @property
+    def warnings(self) -> List[str]:
+        """What this bundle falls back on or ignores at load time (a missing ``thresholds.series``,
+        a pass verdict without its file, blocks carried over as stale); :class:`sdk.Triage` adds them
+        to ``runtime_reasons`` and to every result's ``warnings``. Empty for the shipped bundle."""
+        return check.load_warnings(self.manifest, self._entries())
+
+    def _entries(self) -> Dict[str, Dict[str, Any]]:
+        return {k: f.to_dict() for k, f in self.files.items()}
 
     # --- files -----------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -199,7 +223,8 @@ class Bundle:
     def lungs_int8_passed(self) -> bool:
         """The INT8 lung U-Net passed its Dice gate (manifest ``lungs_int8.passed`` is true and
         the bundle lists a role-"lungs" file of precision "int8"); see :mod:`sdk.lungs.int8`."""
-        return "int8" in self.lungs_paths() and lungs_int8_gate_passed(self.manifest)
+        return ("int8" in self.lungs_paths() and lungs_int8_gate_passed(self.manifest)
+                and not check.is_stale(self.manifest, LUNGS_INT8_KEY))
 
     @property
     def aggregator_path(self) -> Optional[Path]:
@@ -288,11 +313,7 @@ def _parse_files(root: Path, manifest: Mapping[str, Any]) -> Dict[str, BundleFil
     return out
 
 
-def verify_bundle(root: PathLike, files: Optional[Mapping[str, BundleFile]] = None) -> None:
-    """Check every listed file exists with its recorded size and sha256; raise BundleError if not."""
-    root = Path(root)
-    if files is None:
-        files = _parse_files(root, _read_manifest(root))
+def _verify_hashes(root: Path, files: Mapping[str, BundleFile]) -> None:
     for name, bf in sorted(files.items()):
         p = root / bf.path
         if not p.is_file():
@@ -303,6 +324,45 @@ def verify_bundle(root: PathLike, files: Optional[Mapping[str, BundleFile]] = No
                 f"{p}: bundle file {name!r} was changed: expected sha256 {bf.sha256}, found {actual} "
                 f"({p.stat().st_size} bytes, manifest says {bf.bytes}); refusing to load it - restore the file or rebuild the bundle"
             )
+
+
+def _content_problems(root: Path, manifest: Mapping[str, Any],
+                      entries: Mapping[str, Mapping[str, Any]]) -> Tuple[List[str], List[str]]:
+    """(problems, warnings): what the manifest claims about its files that they contradict
+    (:mod:`sdk.bundle_check`: ONNX metadata and inputs, pass verdicts without their file, a
+    missing series threshold)."""
+    problems = check.verdict_problems(manifest, entries)
+    thr = check.threshold_problem(manifest, entries)
+    if thr:
+        problems.append(thr)
+    onnx_problems, warnings = check.check_model_files(root, manifest, entries)
+    stale = [w for w in check.load_warnings(manifest, entries) if check.STALE_KEY in w]
+    return problems + onnx_problems, warnings + stale
+
+
+def verify_bundle(root: PathLike, files: Optional[Mapping[str, BundleFile]] = None, *, models: bool = True) -> List[str]:
+    """Check every listed file exists with its recorded size and sha256 and, with ``models``
+    (``python -m sdk.bundle verify``), that the manifest's claims hold for them: each ONNX file's
+    metadata and graph input against ``preprocessing`` / ``inputs`` / ``classes``, no pass verdict
+    (``int8.passed``, ``lungs_int8.passed``) without its file, ``thresholds.series`` when the bundle
+    has an aggregator. :func:`load_bundle` checks hashes only (``models=False``; ``sdk.Triage``
+    checks the classifier it opens). Returns warnings (blocks recorded as stale, a file ONNX
+    Runtime cannot open).
+
+    Raises:
+        BundleError: a missing or changed file, or every contradiction found (one message).
+    """
+    root = Path(root)
+    manifest = _read_manifest(root) if (files is None or models) else {}
+    if files is None:
+        files = _parse_files(root, manifest)
+    _verify_hashes(root, files)
+    if not models:
+        return []
+    problems, warnings = _content_problems(root, manifest, {k: f.to_dict() for k, f in files.items()})
+    if problems:
+        raise BundleError(f"{root / MANIFEST}: {len(problems)} problem(s): " + " | ".join(problems))
+    return warnings
 
 
 def load_bundle(path: Optional[PathLike] = None, *, verify: bool = True) -> Bundle:
@@ -316,11 +376,67 @@ def load_bundle(path: Optional[PathLike] = None, *, verify: bool = True) -> Bund
     manifest = _read_manifest(root)
     files = _parse_files(root, manifest)
     if verify:
-        verify_bundle(root, files)
+        verify_bundle(root, files, models=False)
     return Bundle(root=root.resolve(), manifest=manifest, files=files, verified=verify)
 
 
 # --- writing -----------------------------------------------------------------------------------
+def _check_sources(out: Path, files: Mapping[str, Tuple[PathLike, str, str]], meta: Mapping[str, Any]) -> None:
+    for key in ("name", "version", "classes"):
+        if key not in meta:
+            raise ConfigError(f"bundle meta lacks {key!r}")
+    inside = [str(src) for src, _, _ in files.values() if out.resolve() in Path(src).resolve().parents]
+    if inside:
+        raise ConfigError(f"{out}: bundle sources must live outside the output folder (it is emptied first): {inside}")
+    names = [Path(src).name for src, _, _ in files.values()]
+    dupes = sorted({n for n in names if names.count(n) > 1} | ({MANIFEST} & set(names)))
+    if dupes:
+        raise ConfigError(f"bundle files must have distinct names (other than {MANIFEST}); clashing: {dupes}")
+    for name, (src, role, precision) in files.items():
+        if not Path(src).is_file():
+            raise ConfigError(f"{src}: bundle input {name!r} not found")
+        if role not in ROLES:
+            raise ConfigError(f"bundle file {name!r}: role {role!r} not in {ROLES}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"bundle file {name!r}: precision {precision!r} not in {PRECISIONS}")
+
+
+def _known_identities(out: Path) -> List[Tuple[str, Mapping[str, Any]]]:
+    """Bundles whose name + version may not be reused with other model files: the shipped one and
+    the one at ``out`` (overwritten)."""
+    known = []
+    for where, root in (("the shipped bundle", DEFAULT_BUNDLE_DIR), (f"the bundle at {out}", out)):
+        try:
+            known.append((where, json.loads((root / MANIFEST).read_text())))
+        except (OSError, ValueError):
+            continue
+    return known
+
+
+def _check_meta(out: Path, files: Mapping[str, Tuple[PathLike, str, str]], meta: Mapping[str, Any],
+                remeasured: Sequence[str], keep_stale: bool) -> Optional[Dict[str, Any]]:
+    """Refuse, before ``out`` is touched, a meta whose claims do not fit the new files (missing series
+    threshold, a pass verdict without its file, blocks measured on replaced files, the shipped
+    bundle's name and version with other models); returns the new ``stale_metadata`` block."""
+    planned = {name: {"path": Path(src).name, "sha256": sha256_file(src), "role": role, "precision": precision}
+               for name, (src, role, precision) in files.items()}
+    problems = check.verdict_problems(meta, planned)
+    thr = check.threshold_problem(meta, planned)
+    if thr:
+        problems.append(thr)
+    if problems:
+        raise ConfigError(f"{out}: refusing to build: " + " | ".join(problems))
+    return check.check_rebuild(meta, planned, remeasured=remeasured, keep_stale=keep_stale, known=_known_identities(out))
+
+
+def _empty(out: Path) -> None:
+    for child in out.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def write_bundle(
     out_dir: PathLike,
     files: Mapping[str, Tuple[PathLike, str, str]],
@@ -328,8 +444,11 @@ def write_bundle(
     *,
     overwrite: bool = False,
     max_bytes: int = MAX_BUNDLE_BYTES,
+    remeasured: Sequence[str] = (),
+    keep_stale_metadata: bool = False,
 ) -> Bundle:
-    """Assemble a bundle folder: copy files, hash them, write manifest.json, verify.
+    """Assemble a bundle folder: copy files, hash them, check what the meta claims about them,
+    write manifest.json, verify.
 
     Args:
         out_dir: destination folder (created; must be empty unless ``overwrite``).
@@ -339,51 +458,79 @@ def write_bundle(
             training_data, licences, metrics, ...); ``files``, ``format``, ``total_bytes`` and
             ``created`` (build time, UTC) are set here, so a previous manifest can be passed as meta.
         max_bytes: refuse bundles larger than this (40 MB).
+        remeasured: blocks of ``meta`` whose values were measured on these files (``thresholds``,
+            ``metrics``, ``int8``, ...), when ``meta`` is a previous manifest whose model files changed.
+        keep_stale_metadata: carry the blocks measured on replaced files over anyway, recorded in
+            the manifest's ``stale_metadata`` (loaders warn about them).
+
+    Refused (ConfigError, before ``out_dir`` is touched): a bundle with an aggregator and no
+    ``thresholds.series``; ``int8.passed`` / ``lungs_int8.passed`` without the INT8 file; when
+    ``meta`` is a previous manifest (it has ``files``), the blocks of
+    :data:`sdk.bundle_check.MEASURED_ON` measured on files whose content changed, unless
+    ``remeasured`` or ``keep_stale_metadata``; the name and version of the shipped bundle, or of the
+    bundle being overwritten, with other model files. Refused (BundleError, the copied files
+    removed): an ONNX file whose metadata or graph input contradicts the manifest
+    (:func:`sdk.bundle_check.model_problems`).
     """
     out = Path(out_dir)
-    for key in ("name", "version", "classes"):
-        if key not in meta:
-            raise ConfigError(f"bundle meta lacks {key!r}")
-    inside = [str(src) for src, _, _ in files.values() if out.resolve() in Path(src).resolve().parents]
-    if inside:
-        raise ConfigError(f"{out}: bundle sources must live outside the output folder (it is emptied first): {inside}")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{out}: folder is not empty; pass overwrite=True (--overwrite) to replace the bundle")
-        for child in out.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+    _check_sources(out, files, meta)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: folder is not empty; pass overwrite=True (--overwrite) to replace the bundle")
+    stale = _check_meta(out, files, meta, list(remeasured), keep_stale_metadata)
+    if out.exists():
+        _empty(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [Path(src).name for src, _, _ in files.values()]
-    dupes = sorted({n for n in names if names.count(n) > 1} | ({MANIFEST} & set(names)))
-    if dupes:
-        raise ConfigError(f"bundle files must have distinct names (other than {MANIFEST}); clashing: {dupes}")
     entries: Dict[str, Dict[str, Any]] = {}
     total = 0
     for name, (src, role, precision) in files.items():
         src = Path(src)
-        if not src.is_file():
-            raise ConfigError(f"{src}: bundle input {name!r} not found")
-        if role not in ROLES:
-            raise ConfigError(f"bundle file {name!r}: role {role!r} not in {ROLES}")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"bundle file {name!r}: precision {precision!r} not in {PRECISIONS}")
         dst = out / src.name
-        if src.resolve() != dst.resolve():
-            shutil.copyfile(src, dst)
+        shutil.copyfile(src, dst)
         size = dst.stat().st_size
         total += size
         entries[name] = {"path": dst.name, "sha256": sha256_file(dst), "bytes": size, "role": role, "precision": precision}
-    if total > max_bytes:
-        raise ConfigError(f"{out}: bundle would be {total / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit")
-    manifest = {"format": FORMAT, **{k: v for k, v in meta.items() if k not in ("files", "format", "total_bytes")}}
+    manifest = {"format": FORMAT, **{k: v for k, v in meta.items() if k not in ("files", "format", "total_bytes", check.STALE_KEY)}}
+    if stale:
+        manifest[check.STALE_KEY] = stale
     manifest["created"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     manifest["total_bytes"] = total
     manifest["files"] = entries
+    try:
+        if total > max_bytes:
+            raise ConfigError(f"{out}: bundle would be {total / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit")
+        problems, warnings = check.check_model_files(out, manifest, entries)
+        if problems:
+            raise BundleError(f"{out}: refusing to build: {len(problems)} problem(s): " + " | ".join(problems))
+    except (BundleError, ConfigError):
+        _empty(out)
+        raise
+    for w in warnings:
+        log.warning("%s", w)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return load_bundle(out)
+
+
+def find_model_card(card: PathLike) -> Path:
+    """``card`` as given, else (a relative path such as the default ``docs/model_card.md``) the
+    same path in the source checkout that holds this package, so commands work from any folder.
+
+    Raises:
+        ConfigError: neither exists.
+    """
+    from .paths import source_checkout
+
+    given = Path(card)
+    if given.is_file():
+        return given
+    checkout = source_checkout()
+    tried = [str(given.resolve())]
+    if not given.is_absolute() and checkout is not None:
+        candidate = checkout / given
+        if candidate.is_file():
+            return candidate
+        tried.append(str(candidate))
+    raise ConfigError(f"{card}: model card not found (looked at {' and '.join(tried)}); pass an existing card file "
+                      f"(the shipped one is docs/model_card.md in the source checkout)")
 
 
 def refresh_card(bundle_dir: Union[str, Path], card: Union[str, Path]) -> "Bundle":
@@ -395,9 +542,11 @@ def refresh_card(bundle_dir: Union[str, Path], card: Union[str, Path]) -> "Bundl
     Raises:
         ConfigError: ``card`` is not a file, or the bundle has no card entry.
     """
-    out, src = Path(bundle_dir), Path(card)
-    if not src.is_file():
-        raise ConfigError(f"{src}: no such model card file")
+    out = Path(bundle_dir)
+    try:
+        src = find_model_card(card)
+    except ConfigError as exc:
+        raise ConfigError(f"{card}: no such model card file ({exc})") from exc
     manifest = json.loads((out / MANIFEST).read_text())
     names = [n for n, e in manifest.get("files", {}).items() if e.get("role") == "card"]
     if len(names) != 1:
@@ -436,7 +585,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--meta", required=True, help="JSON file with the manifest fields")
     b.add_argument("--file", action="append", default=[], help="name=path:role[:precision] (repeat)")
     b.add_argument("--overwrite", action="store_true")
-    v = sub.add_parser("verify", help="verify every sha256 of a bundle")
+    b.add_argument("--remeasured", action="append", default=[], metavar="BLOCK",
+                   help="a block of the meta measured on these files (thresholds.series, metrics, int8, ...) when the meta "
+                        "is a previous manifest whose model files changed (repeat)")
+    b.add_argument("--keep-stale-metadata", action="store_true",
+                   help="carry blocks measured on replaced files over anyway, recorded in the manifest's stale_metadata")
+    v = sub.add_parser("verify", help="verify every sha256 of a bundle and what its manifest says about the files")
     v.add_argument("path", nargs="?")
     s = sub.add_parser("show", help="print the bundle summary as JSON")
     s.add_argument("path", nargs="?")
@@ -448,9 +602,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "build":
             meta = json.loads(Path(args.meta).read_text())
             files = dict(_parse_file_arg(f) for f in args.file)
-            bundle = write_bundle(args.out, files, meta, overwrite=args.overwrite)
+            bundle = write_bundle(args.out, files, meta, overwrite=args.overwrite, remeasured=args.remeasured,
+                                  keep_stale_metadata=args.keep_stale_metadata)
         elif args.cmd == "card":
             bundle = refresh_card(args.path, args.card)
+        elif args.cmd == "verify":
+            for w in verify_bundle(args.path if args.path else DEFAULT_BUNDLE_DIR):
+                print(f"ctsdk: warning: {w}", file=sys.stderr)
+            bundle = dataclasses.replace(load_bundle(args.path, verify=False), verified=True)
         else:
             bundle = load_bundle(args.path)
         print(json.dumps(bundle.summary(), indent=2))

@@ -289,6 +289,12 @@ class Triage:
         self.lanes = 1 if kernels in PATH_KERNELS else cpu_lanes(threads, lanes)
         self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads,
                                                                                  self.lanes)
+        from .bundle_check import check_classifier_session
+
+        check_classifier_session(self.bundle, self._classifier)  # its ONNX metadata / input vs the manifest (no I/O)
+        #: what the bundle falls back on or ignores (e.g. no thresholds.series): in every result's warnings
+        self.bundle_warnings = self.bundle.warnings
+        self.runtime_reasons.extend(self.bundle_warnings)
         on_cpu = self.runtime.get("provider") == "CPUExecutionProvider" or self.runtime.get("device") == "cpu"
         self.classifier_batch = int(classifier_batch) if classifier_batch is not None else (
             CLASSIFIER_BATCH_CPU if on_cpu else CLASSIFIER_BATCH)
@@ -495,7 +501,7 @@ class Triage:
 
     def _triage_volume(self, volume: Any, timer: _Timer) -> Tuple[TriageResult, Optional[np.ndarray]]:
         """Every stage after loading; returns the result (timings filled by the caller) and the lung mask."""
-        warnings: List[str] = list(volume.warnings)
+        warnings: List[str] = list(volume.warnings) + self.bundle_warnings
         base = self._base(volume)
         from .eligibility import check, header_eligible, lung_fraction
 

@@ -21,6 +21,7 @@ def test_machine_info_without_opening_triage(monkeypatch, tmp_path: Path) -> Non
     assert d["bundle"]["name"] == bundle.name and d["bundle"]["version"] == bundle.version and d["bundle"]["verified"]
     assert d["bundle"]["int8_classifier_passed"] == bundle.calibration_passed
     assert d["bundle"]["int8_lungs_passed"] == bundle.lungs_int8_passed
+    assert d["bundle"]["warnings"] == bundle.warnings == []  # the shipped bundle falls back on nothing
     assert d["runtimes"]["ort-cpu"]["available"] is True
     assert d["shared_data"]["path"] == str(shared_data_root())
     assert d["env"]["CTSDK_THREADS"] == "1"

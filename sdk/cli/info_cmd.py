@@ -70,7 +70,8 @@ def machine_info(bundle_path: Optional[str] = None, *, open_triage: bool = True)
         "packages": _packages(),
         "bundle": {"name": bundle.name, "version": bundle.version, "path": str(bundle.root), "verified": bundle.verified,
                    "files": sorted(bundle.files), "classes": bundle.classes,
-                   "int8_classifier_passed": bundle.calibration_passed, "int8_lungs_passed": bundle.lungs_int8_passed},
+                   "int8_classifier_passed": bundle.calibration_passed, "int8_lungs_passed": bundle.lungs_int8_passed,
+                   "warnings": bundle.warnings},
         "tensorrt_engines": _engines(bundle),
         "shared_data": {"path": str(data), "exists": data.is_dir(), "looked_in": [str(p) for p in shared_data_candidates()]},
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CTSDK_")},
@@ -106,6 +107,7 @@ def _human(d: Dict[str, Any]) -> str:
     lines.append(f"bundle: {b['name']} {b['version']} ({'verified' if b['verified'] else 'NOT verified'}) at {b['path']}; "
                  f"INT8 classifier gate {'passed' if b['int8_classifier_passed'] else 'not passed'}, "
                  f"INT8 lung U-Net gate {'passed' if b['int8_lungs_passed'] else 'not passed'}")
+    lines.extend(f"  bundle warning: {w}" for w in b.get("warnings", []))
     e = d["tensorrt_engines"]
     lines.append(f"TensorRT engines for it: {len(e['engines'])} in {e['dir']}")
     for eng in e["engines"]:

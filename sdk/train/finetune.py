@@ -532,8 +532,11 @@ def fold_bundle(checkpoint: Path, out_dir: Path, name: str, parity: Optional[np.
     b = load_bundle(base)
     onnx_path = Path(checkpoint).with_name("classifier_fp32.onnx")
     export_checkpoint(Path(checkpoint), onnx_path, parity)
-    files = {k: (str(b.root / f.path), f.role, f.precision) for k, f in b.files.items()
-             if f.role != "classifier"}
+    # the base classifier's files and what is derived from them (the GPU path's features / head
+    # graphs) stay out; the fold's own slice threshold is re-measured, the rest (series threshold,
+    # metrics, slice_score, ...) is the base's and recorded as such in the manifest's stale_metadata
+    derived = ("classifier", "classifier_features", "classifier_head")
+    files = {k: (str(b.root / f.path), f.role, f.precision) for k, f in b.files.items() if f.role not in derived}
     files["classifier_fp32"] = (str(onnx_path), "classifier", "fp32")
     meta = json.loads(json.dumps(b.manifest))
     meta["name"] = name
@@ -541,44 +544,52 @@ def fold_bundle(checkpoint: Path, out_dir: Path, name: str, parity: Optional[np.
     thr = float(torch.load(checkpoint, map_location="cpu", weights_only=False)["threshold"])
     meta.setdefault("thresholds", {})["slice"] = thr
     meta.pop("int8", None)
-    write_bundle(out_dir, files, meta, overwrite=True)
+    meta.pop("classifier_features", None)
+    write_bundle(out_dir, files, meta, overwrite=True, remeasured=["thresholds.slice"], keep_stale_metadata=True)
     return out_dir
 
 
 def build_hu_bundle(out: Path, export_dir: Path, checkpoint: Path, card: Path, metrics: Optional[Path] = None,
-                    version: str = "0.2.0", base: Optional[str] = None) -> Path:
+                    version: Optional[str] = None, base: Optional[str] = None) -> Path:
     """The shipped bundle (``base``) with the HU-trained classifier files of ``export_dir``
     (``classifier_fp32/fp16/int8.onnx`` + ``calibration_report.json``), its slice threshold,
     ``image_render: hu``, the INT8 verdict, ``metrics`` (JSON) and ``card`` as MODEL_CARD.md -
-    assembled with :func:`sdk.bundle.write_bundle` (sha256 of every file in the manifest)."""
+    assembled with :func:`sdk.bundle.write_bundle` (sha256 of every file in the manifest).
+
+    The blocks re-measured here (``thresholds.slice``, ``image_render``, ``int8`` with a report,
+    ``metrics`` when given) are declared as such; the others that describe the base classifier
+    (the aggregator's ``thresholds.series``, ``slice_score``, ``metrics`` without ``metrics``) are
+    carried over recorded in the manifest's ``stale_metadata``. The base's classifier_features /
+    classifier_head files (derived from the base classifier) are not copied: they are re-derived
+    from the new classifier (``python -m sdk.export.features``). ``version`` None: the base's when
+    the classifier files are the base's, else ``<base version>+hu.<sha256[:8]>`` (a bundle with
+    other models never takes the base's name and version). ``card`` relative and not found here:
+    looked up in the source checkout (:func:`sdk.bundle.find_model_card`)."""
     import shutil
     import tempfile
 
     import torch
 
-    from ..bundle import load_bundle, write_bundle
+    from ..bundle import find_model_card, load_bundle, sha256_file, write_bundle
+    from ..export.features import FEATURES_ROLE, HEAD_ROLE, add_features_to_bundle
 
+    card = find_model_card(card)
     b = load_bundle(base)
-    staging = Path(tempfile.mkdtemp(prefix="ctsdk-bundle-"))      # sources must live outside ``out``
-    files = {}
-    for k, f in b.files.items():
-        if f.role in ("classifier", "card"):
-            continue
-        shutil.copyfile(b.root / f.path, staging / f.path)
-        files[k] = (str(staging / f.path), f.role, f.precision)
-    for prec in ("fp32", "fp16", "int8"):
-        src = Path(export_dir) / f"classifier_{prec}.onnx"
-        if src.is_file():
-            files[f"classifier_{prec}"] = (str(src), "classifier", prec)
-    shutil.copyfile(card, staging / "MODEL_CARD.md")
-    files["model_card"] = (str(staging / "MODEL_CARD.md"), "card", "")
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    new = {prec: Path(export_dir) / f"classifier_{prec}.onnx" for prec in ("fp32", "fp16", "int8")}
+    new = {prec: p for prec, p in new.items() if p.is_file()}
+    if "fp32" not in new:
+        raise ConfigError(f"{export_dir}: no classifier_fp32.onnx to build the bundle from (run the export step first)")
+    if version is None:
+        shas = {prec: sha256_file(p) for prec, p in new.items()}
+        same = set(shas.values()) <= {f.sha256 for f in b.role("classifier")}
+        version = b.version if same else f"{b.version}+hu.{shas['fp32'][:8]}"
     meta = json.loads(json.dumps(b.manifest))
     meta["version"] = version
     meta["description"] = ("Chest-CT series triage, non_covid vs covid: 2D lung U-Net, EfficientNet-Lite0 with lung-mask-weighted "
                            "GAP trained on HU re-renderings of the 2D images (grey->HU estimated per image), XGBoost over 20 slice "
                            "groups. Research use only - not for diagnosis.")
     meta["image_render"] = "hu"
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     meta.setdefault("thresholds", {})["slice"] = float(ck["threshold"])
     meta["thresholds"]["slice_rule"] = "Youden J on the val split (HU re-rendered images)"
     for d in meta.get("training_data", []):
@@ -589,9 +600,11 @@ def build_hu_bundle(out: Path, export_dir: Path, checkpoint: Path, card: Path, m
     meta.setdefault("provenance", {})["classifier"] = (f"{Path(checkpoint).parent} (python -m sdk.train.finetune final "
                                                        "--real-weight 0: from the 0.1.0 classifier, conv_head + head fine-tuned "
                                                        "on HU re-rendered images)")
+    meta.pop("classifier_features", None)   # re-derived below from the new classifier
+    remeasured = ["thresholds.slice", "image_render"]
     report = Path(export_dir) / "calibration_report.json"
     meta.pop("int8", None)
-    if "classifier_int8" in files and report.is_file():
+    if "int8" in new and report.is_file():
         cal = json.loads(report.read_text())
         sp = cal.get("speed", {})
         meta["provenance"]["int8"] = f"{export_dir} (ctsdk calibrate --render hu)"
@@ -600,10 +613,24 @@ def build_hu_bundle(out: Path, export_dir: Path, checkpoint: Path, card: Path, m
                         "extra_excluded_layers": cal["chosen"].get("extra_excluded", 0), "criteria": cal["criteria"],
                         "speedup": sp.get("batch32", {}).get("speedup"), "speedup_batch1": sp.get("batch1", {}).get("speedup"),
                         "note": f"{report}: ctsdk calibrate --render hu (HU re-rendered images)"}
+        remeasured.append("int8")
     if metrics is not None:
         meta["metrics"] = json.loads(Path(metrics).read_text())
-    write_bundle(out, files, meta, overwrite=True)
-    shutil.rmtree(staging, ignore_errors=True)
+        remeasured.append("metrics")
+    with tempfile.TemporaryDirectory(prefix="ctsdk-bundle-") as tmp:   # sources must live outside ``out``
+        staging = Path(tmp)
+        files = {}
+        for k, f in b.files.items():
+            if f.role in ("classifier", "card", FEATURES_ROLE, HEAD_ROLE):
+                continue
+            shutil.copyfile(b.root / f.path, staging / f.path)
+            files[k] = (str(staging / f.path), f.role, f.precision)
+        for prec, src in new.items():
+            files[f"classifier_{prec}"] = (str(src), "classifier", prec)
+        shutil.copyfile(card, staging / "MODEL_CARD.md")
+        files["model_card"] = (str(staging / "MODEL_CARD.md"), "card", "")
+        write_bundle(out, files, meta, overwrite=True, remeasured=remeasured, keep_stale_metadata=True)
+    add_features_to_bundle(out, [p for p in ("fp32", "fp16") if p in new])
     return Path(out)
 
 
