@@ -114,7 +114,7 @@ def classifier_metadata(
     bundle_version: Optional[str] = None,
     name: str = "",
     window: Sequence[float] = DEFAULT_WINDOW,
-    size: int = 224,
+    size: Optional[int] = None,
     classes: Sequence[str] = DEFAULT_CLASSES,
     mean: Sequence[float] = DEFAULT_MEAN,
     std: Sequence[float] = DEFAULT_STD,
@@ -125,11 +125,13 @@ def classifier_metadata(
     does not know which bundle it will ship in; nothing in ctsdk reads the key back).
     Values found on the model (``model.cfg`` / ``model.pretrained_cfg`` attributes or dict keys
     ``window``, ``input_size``, ``classes``, ``mean``, ``std``) override the defaults, so the ONNX
-    carries what the network was trained with.
+    carries what the network was trained with - except ``size``: given, it is the export's input
+    size (the graph's), which wins over the training size on the model (a 224-trained network
+    exported at 256 runs on 256 inputs); None = the model's, else 224.
     """
     cfg = _model_cfg(model)
     win = cfg.get("window", cfg.get("hu_window", window))
-    size_v = cfg.get("input_size", cfg.get("size", size))
+    size_v = size if size is not None else cfg.get("input_size", cfg.get("size", 224))
     if isinstance(size_v, (list, tuple)):
         size_v = size_v[-1]
     meta: Dict[str, Any] = {} if bundle_version is None else {"bundle_version": str(bundle_version)}

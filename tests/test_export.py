@@ -200,3 +200,18 @@ def test_fp32_head_nodes_excludes_backbone():
     m = helper.make_model(_graph(nodes, [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)], ir_version=PORTABLE_IR)
     head = fp32_head_nodes(m)
     assert head == {"mask_slice", "gauss", "weight", "pool"}
+
+
+def test_metadata_size_is_the_exports_not_the_trainings() -> None:
+    """A network trained at 224 and exported at 256 runs on 256 inputs: the metadata says 256 (it
+    said the model's 224, so the bundle check compared the manifest with the wrong number)."""
+    class Cfg:
+        input_size = 224
+        window = (-1000.0, 400.0)
+
+    class Net:
+        cfg = Cfg()
+
+    assert classifier_metadata(Net(), size=256)["preprocessing"]["size"] == 256
+    assert classifier_metadata(Net())["preprocessing"]["size"] == 224      # no export size: the model's
+    assert classifier_metadata(None)["preprocessing"]["size"] == 224       # neither: the default
