@@ -354,11 +354,16 @@ def _input_mismatches(manifest: Mapping[str, Any], view: ModelView, section: str
     return out
 
 
+def _meta_preprocessing(view: ModelView) -> Mapping[str, Any]:
+    """The file's ``ctsdk.preprocessing`` metadata as a mapping ({} when absent or not an object)."""
+    meta_pre = _json(view.metadata.get("ctsdk.preprocessing"))
+    return meta_pre if isinstance(meta_pre, Mapping) else {}
+
+
 def _classifier_mismatches(manifest: Mapping[str, Any], view: ModelView) -> List[Mismatch]:
     pre = Preprocessing()
     typed = Preprocessing.from_manifest(manifest)
-    meta_pre = _json(view.metadata.get("ctsdk.preprocessing"))
-    meta_pre = meta_pre if isinstance(meta_pre, Mapping) else {}
+    meta_pre = _meta_preprocessing(view)
     out: List[Mismatch] = []
     _compare(out, "ctsdk.preprocessing.window_hu", meta_pre.get("window_hu"), manifest, "preprocessing.classifier.window",
              pre.classifier_window)
@@ -384,8 +389,7 @@ def _classifier_mismatches(manifest: Mapping[str, Any], view: ModelView) -> List
 
 def _lungs_mismatches(manifest: Mapping[str, Any], view: ModelView) -> List[Mismatch]:
     typed = Preprocessing.from_manifest(manifest)
-    meta_pre = _json(view.metadata.get("ctsdk.preprocessing"))
-    meta_pre = meta_pre if isinstance(meta_pre, Mapping) else {}
+    meta_pre = _meta_preprocessing(view)
     out: List[Mismatch] = []
     _compare(out, "ctsdk.preprocessing.window_hu", meta_pre.get("window_hu"), manifest, "preprocessing.lungs.window",
              typed.segmenter_window)
