@@ -89,7 +89,8 @@ def test_failed_forward_is_retried_by_the_running_listener_without_triage(series
         first = _marker(tmp_path / "node")
         assert first["forward"]["state"] == "pending" and first["forward"]["n_attempts"] == 1
         assert "association not established" in first["forward_error"] and "forwarded_to" not in first
-        assert node.summary()["forward_pending"] == 1
+        # the retry is scheduled just after the DONE marker is written (it needs the marker's revision)
+        assert _wait(lambda: node.summary()["forward_pending"] == 1)
         pacs = _pacs(tmp_path / "pacs", port)  # the PACS comes up (before the first retry, or the second)
         assert _wait(lambda: "forwarded_to" in _marker(tmp_path / "node"))  # the PACS stored them before Success
         summary = node.summary()

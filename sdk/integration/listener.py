@@ -683,6 +683,9 @@ class Listener:
         fwd = m.get("forward") if isinstance(m.get("forward"), dict) else {}
         n_before = int(fwd.get("n_attempts", 0) or 0) or (1 if "forward_error" in m else 0)  # older markers: 1 try
         ok, entry = self._forward_once(files)
+        if ok:  # delivered: no longer due - dropped before the marker says "sent", so whoever reads that
+            with self._lock:  # marker and then summary() never sees the series still pending
+                self._forward_due.pop(key, None)
         set_fields, remove = _forward_fields(fwd.get("attempts") or [], entry, ok, n_before)
         if not self.store.update_marker(key, set_fields, remove, expect_revision=due.revision):
             with self._lock:
@@ -690,8 +693,6 @@ class Listener:
             return
         n = int(set_fields["forward"]["n_attempts"])
         if ok:
-            with self._lock:
-                self._forward_due.pop(key, None)
             log.info("series %s: results forwarded to %s (%d objects, attempt %d)", key, self.cfg.forward,
                      entry["sent"], n)
             return
