@@ -33,12 +33,13 @@ from ..errors import ConfigError
 
 log = logging.getLogger("sdk.calibration")
 
-REPO = Path(__file__).resolve().parents[1]
 #: ``--splits auto``: where ``ctsdk train classifier`` writes its split with its default
 #: ``--out-dir runs/classifier`` - relative to the current working directory, as that default is
 #: (``sdk.train.classifier.ClassifierTrainConfig.out_dir``; tests/test_training_cli_guards.py keeps them equal)
 DEFAULT_SPLITS = Path("runs") / "classifier" / "splits.csv"
-DEFAULT_MASKS = REPO / "runs" / "classifier" / "masks"
+#: the lung-mask cache ``ctsdk train classifier`` writes with its default ``--out-dir`` (under the
+#: working directory, like :data:`DEFAULT_SPLITS`); ``ctsdk calibrate --masks-dir`` names another
+DEFAULT_MASKS = Path("runs") / "classifier" / "masks"
 #: how the rows are split when no split file is used
 HASH_SPLIT = "official split where present, else sha256(patient or path) 70/15/15"
 
@@ -199,7 +200,7 @@ class TrainingPreprocessor:
     """
 
     size: int = 224
-    mask_dir: Path = DEFAULT_MASKS
+    mask_dir: Optional[Path] = None    # None: DEFAULT_MASKS
     mask_sources: Dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -211,9 +212,10 @@ class TrainingPreprocessor:
             from ..train import data as D
 
             try:
-                self._cache = D.load_mask_cache(self.mask_dir)
+                self._cache = D.load_mask_cache(Path(self.mask_dir or DEFAULT_MASKS))
             except ConfigError as exc:
-                log.warning("%s; segmenting calibration images with the lung U-Net instead", exc)
+                log.warning("%s; segmenting calibration images with the lung U-Net instead (--masks-dir names the "
+                            "classifier run's OUT_DIR/masks)", exc)
                 self._cache = {}
         return self._cache
 

@@ -548,6 +548,9 @@ class CalibrationOptions:
         preprocess: rows -> (N, 3, S, S); default training's (see :func:`dataset.preprocessor`).
         report_path: also write the report as JSON there.
         progress: progress bars on stderr.
+        masks_dir: the classifier's lung-mask cache (``<dir>/masks.npz``); None =
+            :data:`dataset.DEFAULT_MASKS` under the working directory (only the default
+            preprocessing uses it; a ``preprocess`` brings its own).
         on_warning: called with each warning (one line) as soon as it is known - the split
             fallback of "auto", a small calibration set, a coarse test AUC (:func:`data_warnings`);
             default: logged. Every warning is also in ``CalibrationReport.warnings``.
@@ -571,6 +574,7 @@ class CalibrationOptions:
     report_path: Optional[PathLike] = None
     progress: bool = True
     on_warning: Optional[Callable[[str], None]] = None
+    masks_dir: Optional[PathLike] = None
 
 
 def check_test_classes(test_rows: Sequence[Row], max_test: Optional[int], how: str) -> None:
@@ -660,7 +664,7 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
     sess = _session(src, threads)
     shape = sess.inputs[0].shape
     size = int(shape[-1]) if isinstance(shape[-1], int) else 224
-    pre = preprocess or preprocessor(size)
+    pre = preprocess or preprocessor(size, o.masks_dir)
     x_cal = preprocess_batched(pre, calib_rows, progress=progress)
     x_test = preprocess_batched(pre, test_rows, progress=progress)
     y_test = np.array([r.y for r in test_rows])

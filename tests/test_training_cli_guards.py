@@ -203,6 +203,30 @@ def test_calibrate_cli_auto_fallback_warns_and_names_the_split(tiny_onnx, tmp_pa
     assert "warnings: " in res.stdout
 
 
+def test_calibrate_masks_follow_the_training_run(tiny_onnx, tmp_path, monkeypatch):
+    """The audit: calibration read the repository's runs/classifier/masks whatever the training run's
+    --out-dir was. The default is training's default under the working directory, and --masks-dir
+    names another run's cache - its masks are used (the report counts them)."""
+    from sdk.calibration.dataset import DEFAULT_MASKS
+    from sdk.train import data as D
+    from sdk.train.classifier import ClassifierTrainConfig
+
+    assert not DEFAULT_MASKS.is_absolute() and DEFAULT_MASKS == ClassifierTrainConfig().mask_dir
+    labels = ["covid" if i % 2 else "non-covid" for i in range(24)]
+    img = _calib_csv(tmp_path / "imgs", labels, ["train"] * 12 + ["test"] * 12)
+    with open(img, newline="") as fh:
+        paths = [r["path"] for r in csv.DictReader(fh)]
+    D.save_mask_cache({p: np.ones((48, 48), np.uint8) for p in paths}, tmp_path / "run" / "masks")
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "report.json"
+    res = _invoke("calibrate", "--onnx", tiny_onnx, "--images", img, "--out", tmp_path / "int8.onnx", "--report", report,
+                  "--n", "12", "--method", "minmax", "--no-bench", "--splits", "none",
+                  "--masks-dir", tmp_path / "run" / "masks")
+    assert res.exit_code in (0, 1), res.output
+    notes = json.loads(report.read_text())["notes"]
+    assert "lung masks: {'cache': 24}" in notes, notes
+
+
 # === 2. too few images ============================================================================
 def test_calibrate_refuses_a_test_set_of_one_class(tiny_onnx, tmp_path):
     img = _calib_csv(tmp_path / "imgs", ["covid", "non-covid", "covid", "covid"], ["train", "train", "test", "test"])

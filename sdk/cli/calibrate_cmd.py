@@ -97,6 +97,10 @@ def _human(d: Dict[str, Any]) -> str:
                    "(per-channel input means of the calibration slices; docs/benchmarks/int8.md).")
 @click.option("--percentile", type=float, default=99.999, show_default=True,
               help="Upper percentile of |activation| for --method percentile.")
+@click.option("--masks-dir", type=click.Path(file_okay=False), default=None,
+              help="Lung-mask cache of the classifier's training run (its OUT_DIR/masks, holding masks.npz); default "
+                   "runs/classifier/masks under the working directory. Images without a cached mask are segmented "
+                   "with the bundle's lung U-Net (the report counts both).")
 @click.option("--target", type=click.Choice(["cpu", "tensorrt"]), default="cpu", show_default=True,
               help="cpu: U8 activations / S8 weights / INT32 biases (ONNX Runtime CPU's fast path); tensorrt: "
                    "symmetric S8 activations and S8 weights, zero points 0, float biases - the only Q/DQ TensorRT "
@@ -105,7 +109,7 @@ def _human(d: Dict[str, Any]) -> str:
 @handle_errors
 def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: str, splits_csv: Optional[str],
               report_path: Optional[str], max_test: Optional[int], threads: int, no_bench: bool, render: str, bias_correction: bool,
-              percentile: float, target: str, as_json: bool) -> None:
+              percentile: float, masks_dir: Optional[str], target: str, as_json: bool) -> None:
     """Quantise a classifier to INT8 (QDQ, per-channel S8 weights; U8 activations for --target cpu,
     symmetric S8 for --target tensorrt) with calibration slices from the train split, compare
     MinMax / Entropy / Percentile on the test split, and report AUC/accuracy delta, top-1
@@ -119,8 +123,9 @@ def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: st
 
     opts = CalibrationOptions(n=n, method=method, splits_csv=None if splits_csv == "none" else splits_csv, max_test=max_test,
                               bench=not no_bench, threads=threads, report_path=report_path, progress=not as_json,
-                              preprocess=HuRenderPreprocessor() if render == "hu" else None,
-                              bias_correction=bias_correction, percentile=percentile, target=target, on_warning=warn)
+                              preprocess=HuRenderPreprocessor(mask_dir=masks_dir) if render == "hu" else None,
+                              masks_dir=masks_dir, bias_correction=bias_correction, percentile=percentile,
+                              target=target, on_warning=warn)
     report = run(onnx_path, images_csv, out_path, opts)
     emit(report.to_dict(), as_json, _human)
     if not report.passed:
