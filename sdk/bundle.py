@@ -284,7 +284,10 @@ def _read_manifest(root: Path) -> Dict[str, Any]:
     if not root.is_dir():
         raise BundleError(f"{root}: bundle folder not found (pass a folder containing {MANIFEST}; leave the bundle out - bundle=None, no --bundle - for the one shipped in the package)")
     if not mpath.is_file():
-        raise BundleError(f"{mpath}: manifest not found; a bundle is a folder with {MANIFEST} (build one with `python -m sdk.bundle build`)")
+        inside = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))[:5]
+        hint = f"; bundles in it: {', '.join(inside)}" if inside else ""
+        raise BundleError(f"{mpath}: manifest not found; a bundle is a folder with {MANIFEST} (build one with "
+                          f"`python -m sdk.bundle build`){hint}")
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -96,10 +96,16 @@ def choose_classifier_runtime(bundle: Any, device: str, precision: str, *, threa
     """:func:`sdk.runtime.select_runtime` fed from ``bundle`` as Triage feeds it (its classifier
     files, calibration verdict and measured INT8 speed-up): ``(loader, info, reasons)``; nothing is
     built until ``loader()`` is called (the bench asks it what the default would run)."""
+    from .errors import BundleError
     from .runtime import select_runtime
 
+    files = bundle.classifier_paths()
+    if not files:
+        raise BundleError(f"{bundle.root}: bundle {bundle.name} {bundle.version} lists no file of role 'classifier' "
+                          "(a triage needs the slice classifier: add it with python -m sdk.bundle build --file "
+                          "classifier_fp32=PATH:classifier:fp32)")
     int8 = bundle.manifest.get("int8", {}) or {}
-    return select_runtime(device, precision, bundle.classifier_paths(), bundle.calibration_passed,
+    return select_runtime(device, precision, files, bundle.calibration_passed,
                           int8_speedup=int8.get("speedup"), threads=threads,
                           engine_cache_dir=bundle.engine_cache_dir(), lanes=lanes)
 

@@ -304,3 +304,21 @@ def test_build_hu_bundle_outside_the_repo(src: Path, tmp_path: Path, monkeypatch
     assert "thresholds.slice" not in b.manifest["stale_metadata"]["blocks"]
     assert verify_bundle(out) and all("stale_metadata" in w for w in verify_bundle(out))
     assert os.getcwd() == str(tmp_path)
+
+
+def test_a_bundle_without_classifier_names_the_role_and_a_parent_folder_lists_its_bundles(tmp_path: Path) -> None:
+    """The audit: a bundle with no classifier failed in the runtime registry ("bundle_files must map
+    precisions ...", naming neither bundle nor role); --bundle at a folder of bundles said only
+    "manifest not found"."""
+    import sdk
+
+    root = tmp_path / "bundles" / "noclf"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if v["role"] != "classifier"}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="lists no file of role 'classifier'") as exc:
+        sdk.Triage(str(root), device="cpu")
+    assert str(root) in str(exc.value)
+    with pytest.raises(BundleError, match="manifest not found.*bundles in it: noclf"):
+        load_bundle(tmp_path / "bundles")

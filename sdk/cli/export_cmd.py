@@ -27,8 +27,10 @@ def _human(d: Dict[str, Any]) -> str:
         p = r.get("parity") or {}
         lines.append(f"{key}: {r['path']} ({r['size_bytes'] / 1e6:.1f} MB, opset {r['opset']}, {r['nodes_final']} nodes)")
         if p:
+            # a segmentation network has no top-1 class: its parity is the logit difference alone
+            top1 = "" if p.get("top1_agreement") is None else f", top-1 agreement {p['top1_agreement']}"
             lines.append(f"  parity vs {p['reference']} on {p['n']} inputs ({p['source']}): max |dlogit| "
-                         f"{p['max_abs_logit_diff']:.2e}, top-1 agreement {p['top1_agreement']}, "
+                         f"{p['max_abs_logit_diff']:.2e}{top1}, "
                          f"{'PASS' if p['passed'] else 'FAIL'} (tol {p['tolerance']:g})")
     return "\n".join(lines)
 
