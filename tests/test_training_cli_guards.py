@@ -55,26 +55,12 @@ def _lung(h: int, w: int) -> np.ndarray:
             | (((yy - h / 2) / (h * 0.3)) ** 2 + ((xx - w * 0.67) / (w * 0.12)) ** 2 < 1))
 
 
-def _make_images(root: Path, n: int = 28, splits: List[str] = None) -> List[Dict[str, str]]:
-    """``n`` 8-bit PNGs under ``root/images`` (alternating covid / non-covid), their splits.csv
-    (every SPLIT_COLUMNS column), images CSV and lung-mask cache."""
-    from sdk.train import data as D
+def _make_images(root: Path) -> List[Dict[str, str]]:
+    """tests/test_train_classifier.py's 28 synthetic PNGs (splits.csv with every SPLIT_COLUMNS
+    column, lung-mask cache) plus the images CSV those rows make."""
+    from test_train_classifier import _make_set
 
-    rng = np.random.default_rng(0)
-    splits = splits or (["train"] * 12 + ["val"] * 8 + ["test"] * 8)
-    rows, masks = [], {}
-    for i, split in enumerate(splits[:n]):
-        label = "covid" if i % 2 else "non-covid"
-        lung = _lung(48, 48)
-        grey = np.full((48, 48), 0.8) - 0.6 * lung + rng.normal(0, 0.03, (48, 48)) + 0.2 * (label == "covid") * lung
-        rel = f"images/syn/{label}/{i}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(root / rel), np.clip(grey * 255, 0, 255).astype(np.uint8))
-        rows.append({"path": rel, "label": label, "source": "syn", "split": split, "patient": f"P{i}",
-                     "source_split": "", "group": f"syn:P{i}"})
-        masks[rel] = lung.astype(np.uint8)
-    D.write_splits_csv(rows, root / "splits.csv")
-    D.save_mask_cache(masks, root / "masks")
+    rows = _make_set(root)
     with open(root / "index.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["path", "label", "source", "split", "patient"], extrasaction="ignore")
         w.writeheader()
