@@ -120,6 +120,8 @@ class EvalReport:
     kind: str                                 # "images" | "series"
     bundle: Dict[str, Any]
     overall: Dict[str, Any]
+    #: metrics per group: the image's source dataset (images), the CSV's label word (series); the
+    #: JSON names it ``per_source`` or ``per_label`` accordingly (:attr:`breakdown_key`)
     per_source: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     cases: List[Dict[str, Any]] = field(default_factory=list)
     excluded: List[Dict[str, Any]] = field(default_factory=list)
@@ -130,9 +132,14 @@ class EvalReport:
     warnings: List[str] = field(default_factory=list)
     wall_s: float = 0.0
 
+    @property
+    def breakdown_key(self) -> str:
+        """JSON key of :attr:`per_source`: ``per_source`` (images: by dataset) or ``per_label`` (series)."""
+        return "per_label" if self.kind == "series" else "per_source"
+
     def to_dict(self, with_cases: bool = True) -> Dict[str, Any]:
         d = {"kind": self.kind, "bundle": self.bundle, "input": self.source, "overall": self.overall,
-             "per_source": self.per_source, "excluded": self.excluded, "files": self.files, "wall_s": round(self.wall_s, 2)}
+             self.breakdown_key: self.per_source, "excluded": self.excluded, "files": self.files, "wall_s": round(self.wall_s, 2)}
         if self.slice_level:
             d["slice_level"] = self.slice_level
         if self.slice_scores:
@@ -394,7 +401,7 @@ def evaluate_series(
     if not ys:
         raise ConfigError(f"{csv_path}: no eligible series to evaluate ({len(excluded)} excluded)")
     rep = _report("series", b, np.asarray(ys), np.asarray(ps), sources, b.threshold, cases, out, n_boot, seed)
-    rep.per_source = {k: v for k, v in rep.per_source.items()}  # per original label
+    # rep.per_source holds one entry per label word of the CSV (written as "per_label")
     rep.warnings += few_cases_warning(np.asarray(ys), "series")
     rep.excluded = excluded
     rep.source = {"csv": str(csv_path), "n": len(items), "runtime": triage.runtime,

@@ -159,6 +159,8 @@ def test_evaluate_series_on_phantoms(tmp_path: Path) -> None:
     d = rep.to_dict()
     json.dumps(d, allow_nan=False)
     assert d["overall"]["n"] == 2 and d["overall"]["n_pos"] == 1
+    # the breakdown is by the CSV's label word, and says so (images: per_source, by dataset)
+    assert "per_source" not in d and set(d["per_label"]) == {"covid", "normal"}
     assert [e["path"] for e in d["excluded"]] == [str(tmp_path / "thick")] and d["excluded"][0]["reasons"]
     a, b = d["cases"]
     # "indeterminate" (sdk.decision): the phantom's ~1 l lungs are below the small-lungs bar

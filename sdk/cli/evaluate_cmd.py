@@ -50,7 +50,7 @@ def _fmt(m: Dict[str, Any]) -> str:
 def _human(d: Dict[str, Any]) -> str:
     lines = [f"{d['kind']} evaluation of bundle {d['bundle']['name']} {d['bundle']['version']}",
              "overall: " + _fmt(d["overall"])]
-    for s, m in d["per_source"].items():
+    for s, m in d.get("per_source", d.get("per_label", {})).items():
         lines.append(f"  {s}: " + _fmt(m))
     for c in d.get("cases", []) if d["kind"] == "series" else []:
         lines.append(f"  series {c['path']}: truth {c['label']}, decision {c['predicted']} (P(covid) {c['p_covid']:.3f})")
