@@ -226,6 +226,23 @@ def test_unet2d_on_heldout_seg2d_block() -> None:
     np.testing.assert_array_equal(one, pred[0])
 
 
+def test_seg2d_infection_masks_lie_inside_the_lungs() -> None:
+    """The infection column (``train seg --target infection``) reads the lesion masks: non-empty on
+    every slice (the source kept infected slices only), a small part of the lungs, nearly all inside them."""
+    from sdk.lungs.data import load_seg2d
+
+    root = str(shared_path("seg2d"))
+    nums, _, lungs = load_seg2d(root)
+    nums_i, _, lesions = load_seg2d(root, "infection_mask")
+    np.testing.assert_array_equal(nums, nums_i)
+    assert lesions.dtype == np.uint8 and set(np.unique(lesions)) == {0, 1}
+    assert (lesions.sum(axis=(1, 2)) > 0).mean() > 0.95
+    inside = np.logical_and(lesions, lungs).sum() / lesions.sum()
+    assert inside > 0.9 and lesions.sum() < 0.3 * lungs.sum()
+    with pytest.raises(ConfigError, match="ggo_mask"):
+        load_seg2d(root, "ggo_mask")   # an empty column for this source
+
+
 @needs_onnx
 def test_segment_slices_2d_validates_input() -> None:
     from sdk.lungs import segment_slices_2d

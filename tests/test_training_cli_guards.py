@@ -308,6 +308,22 @@ def test_other_trainers_refuse_an_earlier_run(tmp_path, sub, files, option):
     assert all((run / f).read_text() == "earlier" for f in files)
 
 
+def test_train_seg_target_names_its_files_and_refuses_unknown_targets(tmp_path):
+    """--target infection guards its own files (a lung run beside it is not an earlier infection run)."""
+    pytest.importorskip("torch")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "unet2d_lung.onnx").write_text("earlier lungs")
+    res = _invoke("train", "seg", "--target", "infection", "--out-dir", run, "--data-dir", tmp_path / "nodata")
+    assert res.exit_code == 2 and "holds an earlier run" not in _one_error_line(res)   # fails on the data instead
+    (run / "unet2d_infection.onnx").write_text("earlier lesions")
+    res = _invoke("train", "seg", "--target", "infection", "--out-dir", run, "--data-dir", tmp_path / "nodata")
+    assert "holds an earlier run (unet2d_infection.onnx)" in _one_error_line(res)
+    res = _invoke("train", "seg", "--target", "vessels", "--out-dir", tmp_path / "new", "--data-dir", tmp_path / "nodata")
+    assert res.exit_code == 2 and "target must be one of ['infection', 'lung']" in _one_error_line(res)
+    assert not (tmp_path / "new").exists()
+
+
 def test_check_no_earlier_run_lists_what_it_found(tmp_path):
     from sdk.cli.train_cmd import check_no_earlier_run
     from sdk.train import aggregator, classifier

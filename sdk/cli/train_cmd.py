@@ -57,6 +57,8 @@ FIELD_HELP: Dict[str, str] = {
 FIELD_HELP_BY_COMMAND: Dict[str, Dict[str, str]] = {
     "seg": {
         "data_dir": "Folder of the 2D lung training slices and masks (shared data seg2d).",
+        "target": ("What to segment: lung (the lung U-Net, seg2d lung masks) or infection (a lesion U-Net, seg2d's "
+                   "COVID-19 infection masks; files unet2d_infection.*)."),
         "size": "Network input side in pixels (slices are resized to SIZE x SIZE).",
         "val_block": "File-number range LO HI (HI excluded) of the validation slices.",
         "test_block": "File-number range LO HI (HI excluded) of the test slices.",

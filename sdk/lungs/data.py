@@ -12,8 +12,11 @@ import numpy as np
 from ..errors import ConfigError
 
 
-def load_seg2d(data_dir: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read seg2d: (numbers (N,), images (N, 256, 256) uint8, lung masks (N, 256, 256) uint8 0/1)."""
+def load_seg2d(data_dir: str, column: str = "lung_mask") -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read seg2d: (numbers (N,), images (N, 256, 256) uint8, masks (N, 256, 256) uint8 0/1).
+
+    ``column`` names the index column of the masks: ``lung_mask`` (both lungs) or
+    ``infection_mask`` (COVID-19 lesions, drawn on every slice of this source)."""
     import cv2
 
     root = Path(data_dir)
@@ -24,9 +27,11 @@ def load_seg2d(data_dir: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     with index.open() as fh:
         for row in csv.DictReader(fh):
             img = cv2.imread(str(root / row["image"]), cv2.IMREAD_GRAYSCALE)
-            msk = cv2.imread(str(root / row["lung_mask"]), cv2.IMREAD_GRAYSCALE)
+            if not row.get(column):
+                raise ConfigError(f"{index}: row {row['image']} has no {column!r} (columns: {', '.join(row)})")
+            msk = cv2.imread(str(root / row[column]), cv2.IMREAD_GRAYSCALE)
             if img is None or msk is None:
-                raise ConfigError(f"cannot read {root / row['image']} or its lung mask {row['lung_mask']}")
+                raise ConfigError(f"cannot read {root / row['image']} or its {column} {row[column]}")
             nums.append(int(Path(row["image"]).stem))
             imgs.append(img)
             masks.append((msk > 127).astype(np.uint8))

@@ -1,6 +1,7 @@
 """Train the 2D lung U-Net on seg2d (``/work/shared/data/seg2d``) and export it to ONNX.
 
     python -m sdk.train.seg --out runs/seg            # ~5-9 min on 2 CPU cores
+    python -m sdk.train.seg --target infection --out runs/infection   # a lesion U-Net (not shipped)
     python -m sdk.calibration.lungs --bundle sdk/bundles/default   # INT8 U-Net + Dice gate
 
 Data: 404 slices (256^2, min-max + CLAHE by the source) with manual lung masks of COVID-19
@@ -11,7 +12,9 @@ nothing is tuned on it), ``train`` = the rest.
 Augmentation (NumPy/OpenCV) makes the net work on lung-windowed HU slices and 8-bit screenshots:
 random window / contrast / gamma, re-preparation with or without CLAHE, flips, small affine
 (rotation, scale, shift, with black borders), blur and Gaussian noise. Loss: Dice + BCE. Early
-stopping on validation Dice. Outputs in ``out``: ``unet2d_lung.pt`` (best state dict),
+stopping on validation Dice. ``--target infection`` trains the same net on seg2d's COVID-19
+infection masks instead (files ``unet2d_infection.*``; measured on real HU slices and not shipped:
+docs/training.md, *A lesion U-Net*). Outputs in ``out``: ``unet2d_lung.pt`` (best state dict),
 ``unet2d_lung.onnx`` (opset 17, dynamic batch, parity-checked vs eager), ``config.json``,
 ``metrics.json``. The data is read and split before anything is written. Progress (one JSON line
 per epoch, the stopping reason, a progress bar) goes to stderr; :func:`train_seg` prints nothing on
@@ -45,6 +48,7 @@ class SegTrainConfig:
 
     data_dir: str = str(DEFAULT_DATA)
     out_dir: str = "runs/seg"  # relative to the working directory, like every runs/ default
+    target: str = "lung"       # "lung" (lung masks) or "infection" (COVID-19 lesion masks of seg2d)
     size: int = NET_SIZE
     base: int = 16
     levels: int = 4
@@ -63,13 +67,21 @@ class SegTrainConfig:
     notes: List[str] = field(default_factory=list)
 
 
+#: what each training target reads from seg2d's index (its mask column)
+TARGETS: Dict[str, str] = {"lung": "lung_mask", "infection": "infection_mask"}
 #: files of ``out_dir`` that mark an earlier run (``ctsdk train seg`` refuses them unless --overwrite)
 RUN_MARKERS: Tuple[str, ...] = ("unet2d_lung.pt", "unet2d_lung.onnx", "metrics.json")
 
 
+def model_stem(cfg: SegTrainConfig) -> str:
+    """File stem of the run's weights: ``unet2d_lung`` or ``unet2d_infection``."""
+    return f"unet2d_{cfg.target}"
+
+
 def earlier_run_files(cfg: SegTrainConfig) -> List[Path]:
-    """The :data:`RUN_MARKERS` files already in ``cfg.out_dir`` (empty: a fresh run)."""
-    return [Path(cfg.out_dir) / name for name in RUN_MARKERS if (Path(cfg.out_dir) / name).exists()]
+    """The files of an earlier run already in ``cfg.out_dir`` (empty: a fresh run)."""
+    names = [n.replace("unet2d_lung", model_stem(cfg)) for n in RUN_MARKERS]
+    return [Path(cfg.out_dir) / name for name in names if (Path(cfg.out_dir) / name).exists()]
 
 
 def _progress(record: Any) -> None:
@@ -187,7 +199,10 @@ def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
     for name in ("epochs", "batch_size", "threads"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, not {getattr(cfg, name)}")
-    nums, imgs, masks = load_seg2d(cfg.data_dir)
+    if cfg.target not in TARGETS:
+        raise ConfigError(f"target must be one of {sorted(TARGETS)}, not {cfg.target!r}")
+    stem = model_stem(cfg)
+    nums, imgs, masks = load_seg2d(cfg.data_dir, TARGETS[cfg.target])
     split = split_blocks(nums, cfg.val_block, cfg.test_block)
     empty = [k for k in ("train", "val", "test") if not len(split[k])]
     if empty:
@@ -231,7 +246,7 @@ def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
         _progress(history[-1])
         if val_dice > best:
             best, best_epoch = val_dice, epoch
-            torch.save(model.state_dict(), out / "unet2d_lung.pt")
+            torch.save(model.state_dict(), out / f"{stem}.pt")
         if epoch - best_epoch >= cfg.patience:
             _progress(f"early stop at epoch {epoch} (best {best:.4f} at {best_epoch})")
             break
@@ -240,15 +255,16 @@ def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
             break
     train_minutes = (time.perf_counter() - t_start) / 60
 
-    model.load_state_dict(torch.load(out / "unet2d_lung.pt"))
+    model.load_state_dict(torch.load(out / f"{stem}.pt"))
     model.eval()
-    onnx_path = out / "unet2d_lung.onnx"
+    onnx_path = out / f"{stem}.onnx"
     parity = export_onnx(model, onnx_path, cfg.size, cfg.opset)
     x_test = np.stack([prepare_eval(imgs[i], cfg.size) for i in split["test"]])[:, None]
     test_d = evaluate_dice(_predict(torch, model, x_test), masks[split["test"]])
     val_d = evaluate_dice(_predict(torch, model, x_val), masks[split["val"]])
     metrics = {
-        "model": "unet2d_lung",
+        "model": stem,
+        "target": cfg.target,
         "onnx": str(onnx_path),
         "input": {"name": INPUT_NAME, "shape": ["batch", 1, cfg.size, cfg.size], "prep": "min-max + CLAHE(7) @256, area to size"},
         "params": int(sum(p.numel() for p in model.parameters())),
@@ -278,13 +294,15 @@ def main(argv: List[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--out", default="runs/seg")
+    p.add_argument("--target", choices=sorted(TARGETS), default="lung",
+                   help="lung masks (the lung U-Net) or seg2d's COVID-19 infection masks")
     p.add_argument("--epochs", type=int, default=SegTrainConfig.epochs)
     p.add_argument("--base", type=int, default=SegTrainConfig.base)
     p.add_argument("--size", type=int, default=SegTrainConfig.size)
     p.add_argument("--max-minutes", type=float, default=SegTrainConfig.max_minutes)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    metrics = train_seg(SegTrainConfig(data_dir=a.data, out_dir=a.out, epochs=a.epochs, base=a.base, size=a.size,
+    metrics = train_seg(SegTrainConfig(data_dir=a.data, out_dir=a.out, target=a.target, epochs=a.epochs, base=a.base, size=a.size,
                                        max_minutes=a.max_minutes, seed=a.seed))
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}), flush=True)
 
