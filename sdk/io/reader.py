@@ -272,6 +272,48 @@ def _floats(value: Any, n: int) -> Optional[Tuple[float, ...]]:
     return vals if len(vals) == n else None
 
 
+#: rescale values beyond these are no CT's (stored values of at most 16 bits map to HU in the tens of
+#: thousands); a header that says otherwise is damaged, and the int16 fast path could overflow on it
+MAX_ABS_SLOPE = 1e4
+MAX_ABS_INTERCEPT = 1e5
+
+
+def _number(obj: Any, keyword: str, label: str, default: Optional[float],
+            notes: Optional[List[str]] = None) -> Optional[float]:
+    """The header element ``keyword`` of ``obj`` as a finite float; ``default`` when it is absent or
+    empty. One value or nothing: a multi-valued, non-numeric or infinite value is a damaged header -
+    :class:`CorruptFileError` naming the file, the element and the value, or, for an element the
+    reader can do without (``notes`` given), ``default`` and a note saying it was ignored."""
+    raw = getattr(obj, keyword, None) if obj is not None else None
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is not None and np.isfinite(value):
+        return value
+    many = hasattr(raw, "__iter__") and not isinstance(raw, (str, bytes))
+    shown = ("\\".join(str(v) for v in raw) if many else str(raw))[:40]
+    if notes is not None:
+        notes.append(f"{label}: {keyword} '{shown}' is not one finite number; ignored")
+        return default
+    raise CorruptFileError(f"{keyword} '{shown}' is not one finite number", label,
+                           f"correct {keyword} in the header or re-export the series")
+
+
+def _rescale(obj: Any, label: str) -> Tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of ``obj``: 1 and 0 when absent (a slope of 0, never valid,
+    reads as 1, as before); values no CT can have are refused (:data:`MAX_ABS_SLOPE`)."""
+    slope = _number(obj, "RescaleSlope", label, 1.0) or 1.0
+    intercept = _number(obj, "RescaleIntercept", label, 0.0) or 0.0
+    if abs(slope) > MAX_ABS_SLOPE or abs(intercept) > MAX_ABS_INTERCEPT:
+        raise CorruptFileError(f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} are no CT's "
+                               f"(|slope| <= {MAX_ABS_SLOPE:g}, |intercept| <= {MAX_ABS_INTERCEPT:g})", label,
+                               "correct the rescale elements in the header or re-export the series")
+    return slope, intercept
+
+
 def _seq_item(ds: Any, *names: str) -> Any:
     """ds.names[0][0].names[1][0]... or None."""
     cur = ds
@@ -314,7 +356,7 @@ def _slices_from(ds: Any, path: str, label: str) -> List[_Slice]:
         acquisition=str(getattr(ds, "AcquisitionNumber", "") or ""), uid_source=uid_source,
         instance_number=str(getattr(ds, "InstanceNumber", "") or "") or None,
     )
-    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    n_frames = int(_number(ds, "NumberOfFrames", label, 1.0) or 1)
     if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         return _frames_from(ds, label, sop, notes, n_frames, common)
     spacing = _floats(getattr(ds, "PixelSpacing", None), 2)
@@ -323,11 +365,9 @@ def _slices_from(ds: Any, path: str, label: str) -> List[_Slice]:
         notes.append(f"{label}: no PixelSpacing; assumed 1 mm")
     iop = _floats(getattr(ds, "ImageOrientationPatient", None), 6)
     ipp = _floats(getattr(ds, "ImagePositionPatient", None), 3)
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    thick = getattr(ds, "SliceThickness", None)
+    slope, intercept = _rescale(ds, label)
     return [_Slice(frame=None, sop_uid=sop, iop=iop, ipp=ipp, spacing=spacing, slope=slope, intercept=intercept,
-                   thickness=float(thick) if thick not in (None, "") else None, notes=notes, **common)]
+                   thickness=_number(ds, "SliceThickness", label, None, notes), notes=notes, **common)]
 
 
 def _instance_uid(ds: Any, label: str) -> Tuple[str, str]:
@@ -369,11 +409,9 @@ def _frames_from(ds: Any, label: str, sop: str, notes: List[str], n_frames: int,
         if ipp is None or iop is None or spacing is None:
             raise GeometryError(f"frame {k + 1} of {n_frames} lacks position, orientation or pixel spacing", label,
                                 "export the series as single-frame images")
-        thick = getattr(meas, "SliceThickness", None) if meas is not None else None
-        slope = float(getattr(pvt, "RescaleSlope", 1) or 1) if pvt is not None else float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(pvt, "RescaleIntercept", 0) or 0) if pvt is not None else float(getattr(ds, "RescaleIntercept", 0) or 0)
+        slope, intercept = _rescale(pvt if pvt is not None else ds, label)
         out.append(_Slice(frame=k, sop_uid=f"{sop}#{k + 1}", iop=iop, ipp=ipp, spacing=spacing, slope=slope,
-                          intercept=intercept, thickness=float(thick) if thick not in (None, "") else None,
+                          intercept=intercept, thickness=_number(meas, "SliceThickness", label, None, notes if k == 0 else []),
                           notes=notes if k == 0 else [], **common))
     return out
 
@@ -773,7 +811,7 @@ def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_
     clock = _Clock({"scan": (time.perf_counter() - t0) * 1000.0})
     vol = _load_group(group, warnings, allow_tilt=allow_tilt, allow_gaps=allow_gaps, workers=workers,
                       progress=progress, single=scan.single_file, decode=decode, clock=clock,
-                      alloc=alloc)
+                      alloc=alloc, skipped=scan.bad)
     if timings is not None:
         timings.update(clock.ms)
     return infos, vol
@@ -1079,7 +1117,9 @@ def _resolve_collisions(extras: List[Tuple[int, _Slice]], slices: List[_Slice], 
 
 
 def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allow_gaps: bool,
-                warnings: List[str]) -> None:
+                warnings: List[str], skipped: Sequence[Tuple[str, SeriesError]] = ()) -> None:
+    """Refuse (or, with ``allow_gaps``, warn about) missing slice positions. ``skipped``: the files
+    of the source the scan could not use - named in the error, as they may be the missing slices."""
     gaps = geo.find_gaps(sg.w_mm, [s.thickness for s in slices])
     if not gaps:
         return
@@ -1087,16 +1127,22 @@ def _check_gaps(slices: List[_Slice], sg: geo.StackGeometry, group: _Group, allo
     name = lambda i: Path(slices[i].path).name if slices[i].path else f"slice {i}"  # noqa: E731
     msg = (f"{len(gaps)} gap(s) in slice positions, first {gap:.2f} mm between {name(k)} and {name(k + 1)} "
            f"(> {thr:.2f} mm = 1.5 x reference spacing)")
+    if skipped:
+        listing = "; ".join(f"{Path(p).name}: {e.problem}" for p, e in skipped[:3])
+        more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        msg += f"; {len(skipped)} file(s) of the source could not be used and may be the missing slices: {listing}{more}"
     if not allow_gaps:
+        hint = "slices are missing: re-send the complete series, or pass allow_gaps=True"
         raise MissingSlicesError(msg, slices[k].path or group.uid,
-                                 "slices are missing: re-send the complete series, or pass allow_gaps=True")
+                                 ("repair or re-export the unusable file(s); " + hint) if skipped else hint)
     warnings.append(f"series {group.uid}: missing slices: {msg}")
 
 
 def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_gaps: bool,
                 workers: Optional[int], progress: bool, single: bool, decode: str = "auto",
                 clock: Optional[_Clock] = None,
-                alloc: Optional[Callable[[Tuple[int, ...], Any], np.ndarray]] = None) -> Volume:
+                alloc: Optional[Callable[[Tuple[int, ...], Any], np.ndarray]] = None,
+                skipped: Sequence[Tuple[str, SeriesError]] = ()) -> Volume:
     clock = clock or _Clock()
     slices = list(group.slices)
     warnings.extend(group.errors)
@@ -1117,7 +1163,7 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
                                 lacking[0].path or group.uid, "re-export the series with full image plane headers")
     # order and check gaps from the headers alone (fail fast), then decode in slice order
     slices, sg, extras = _order(slices)
-    _check_gaps(slices, sg, group, allow_gaps, [])
+    _check_gaps(slices, sg, group, allow_gaps, [], skipped)
     n_workers = workers if workers is not None else default_workers(decode)
     mode = _decode_mode(slices, decode, n_workers)
     shape = (len(slices), slices[0].rows, slices[0].cols)
@@ -1147,7 +1193,8 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
         hu = hu[keep]
         slices = [slices[k] for k in keep]
         sg = geo.stack_geometry(np.array([s.ipp for s in slices]), slices[0].iop, slices[0].spacing)
-    _check_gaps(slices, sg, group, allow_gaps, warnings)
+    undecoded = [(r.path or "", r) for _, r in sorted(failures.items())]
+    _check_gaps(slices, sg, group, allow_gaps, warnings, list(skipped) + undecoded)
     d = np.diff(sg.w_mm)
     if d.size > 1 and not np.allclose(d, np.median(d), rtol=0.01, atol=0.01):
         warnings.append(f"series {group.uid}: uneven slice spacing {d.min():.3f}-{d.max():.3f} mm "
