@@ -289,3 +289,29 @@ def test_header_warnings_are_logged_not_shown(phantom, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "while building the DICOM results" in r.getMessage()]
     assert lines and all(str(tmp_path / "out") in l for l in lines) and any("Lung_Dx-A0002" in l for l in lines)
     assert len(lines) == len(set(lines))
+
+
+def test_damaged_instance_numbers_do_not_stop_the_results(phantom, tmp_path):
+    """InstanceNumber only breaks position ties: a UID or a word written there (a fuzzer's find:
+    ValueError from the writer and from inventory mode) orders by position alone."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from sdk.integration.triage_fns import instance_number, inventory
+
+    damaged = []
+    for i, src in enumerate(phantom):
+        ds = pydicom.dcmread(str(src))
+        raw = b"1.2.3.abc " if i % 2 else b"7\\8 "
+        ds[Tag(0x00200013)] = RawDataElement(Tag(0x00200013), "IS", len(raw), raw, 0, False, True)
+        damaged.append(tmp_path / "src" / src.name)
+        damaged[-1].parent.mkdir(exist_ok=True)
+        ds.save_as(damaged[-1])
+    assert [instance_number(pydicom.dcmread(str(p))) for p in damaged[:2]] == [None, None]
+    clean = write_dicom_results(phantom, {"label": "not_eligible", "eligible": False, "reasons": ["x"]}, [], tmp_path / "a")
+    paths = write_dicom_results(damaged, {"label": "not_eligible", "eligible": False, "reasons": ["x"]}, [], tmp_path / "b")
+    key = lambda p: pydicom.dcmread(str(p)).SourceImageSequence[0].ReferencedSOPInstanceUID  # noqa: E731
+    assert key(paths[1]) == key(clean[1])   # the same middle slice as the key image
+    inv = inventory(damaged)
+    assert inv["n_instances"] == len(phantom) and inv["instance_numbers"] == []
+    assert inventory(phantom)["instance_numbers"] == [1, len(phantom)]

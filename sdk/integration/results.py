@@ -42,7 +42,7 @@ import numpy as np
 from .._lazy import require
 from ..errors import ConfigError, CorruptFileError, DicomNetworkError, NotDicomError, ResultWriteError
 from .storage import atomic_write_bytes, instance_set_digest
-from .triage_fns import RESEARCH_ONLY, Overlay
+from .triage_fns import RESEARCH_ONLY, Overlay, instance_number
 
 log = logging.getLogger("sdk.integration.results")
 
@@ -97,7 +97,7 @@ def _slice_order_key(ds: Any) -> Tuple[float, int]:
         pos = float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient]))
     except (AttributeError, ValueError, TypeError):
         pos = 0.0
-    return pos, int(ds.get("InstanceNumber", 0) or 0)
+    return pos, instance_number(ds) or 0
 
 
 def patient_orientation(ds: Any) -> Tuple[str, str]:

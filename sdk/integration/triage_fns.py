@@ -172,6 +172,15 @@ make_batch_triage_fn.is_factory = True  # type: ignore[attr-defined]
 BATCH_TRIAGE_FN = "sdk.integration.triage_fns:make_batch_triage_fn"
 
 
+def instance_number(ds: Any) -> Optional[int]:
+    """The source's InstanceNumber as an int; None when absent or not one integer (anonymisers and
+    damaged exports write UIDs, words or several values there; the number only breaks ties)."""
+    try:
+        return int(str(ds.get("InstanceNumber", "")).strip())
+    except (TypeError, ValueError):
+        return None
+
+
 def inventory(files: Sequence[Path]) -> Dict[str, Any]:
     """Model-free commissioning result: what arrived, read from the headers only.
 
@@ -185,8 +194,9 @@ def inventory(files: Sequence[Path]) -> Dict[str, Any]:
         ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=True)
         uids.add(str(ds.get("SeriesInstanceUID", "")))
         modalities.add(str(ds.get("Modality", "")))
-        if ds.get("InstanceNumber") is not None:
-            numbers.append(int(ds.InstanceNumber))
+        number = instance_number(ds)
+        if number is not None:
+            numbers.append(number)
     return {
         "label": "not_triaged",
         "probabilities": {},
