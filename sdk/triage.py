@@ -203,6 +203,20 @@ def _infer(session: Any, x: np.ndarray) -> Dict[str, np.ndarray]:
 
 
 # --- facade ------------------------------------------------------------------------------------
+def _check_finite(volume: Any) -> None:
+    """A caller's float Volume must hold finite HU (the reader's never holds NaN / inf; a volume built
+    by the integrator's own decoder might): ConfigError naming how many values and the first slice,
+    instead of NaN slice probabilities further on. Integer volumes are finite by construction."""
+    hu = volume.hu
+    if not np.issubdtype(hu.dtype, np.floating):
+        return
+    bad = ~np.isfinite(hu)
+    if bad.any():
+        first = int(np.argmax(bad.any(axis=(1, 2))))
+        raise ConfigError(f"Volume.hu holds {int(bad.sum())} NaN / inf values (first in slice {first} of {hu.shape[0]}); "
+                          "pass finite HU (e.g. np.nan_to_num(hu, nan=-1024.0)) - the models cannot score them")
+
+
 class Triage:
     """Load a bundle once, then triage many series.
 
@@ -500,6 +514,7 @@ class Triage:
         from .volume import Volume
 
         if isinstance(series, Volume):
+            _check_finite(series)
             return series
         from .io import load_series
 

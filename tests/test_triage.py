@@ -311,3 +311,22 @@ def test_gpu_kernels_requested_without_gpu_fall_back_with_a_reason() -> None:
     assert any("GPU kernels unavailable" in r for r in eng.runtime_reasons)
     with pytest.raises(ConfigError):
         sdk.Triage(kernels="opencl")
+
+
+def test_a_float_volume_with_nan_is_refused_naming_the_slice(engine, phantom, phantom_result) -> None:
+    """An integrator's own Volume with NaN / inf HU: a ConfigError at the door naming the count and
+    the first slice (it surfaced later as 'slice probabilities contain NaN or inf'); the same
+    volume with finite float HU triages as the int16 one does."""
+    import dataclasses
+
+    from sdk.io import load_series
+
+    vol = load_series(phantom)
+    hu = vol.hu.astype(np.float32)
+    finite = engine.run(dataclasses.replace(vol, hu=hu))
+    assert finite.label == phantom_result.label
+    assert finite.probabilities == pytest.approx(phantom_result.probabilities, abs=1e-6)
+    hu[7, 3, 5] = np.nan
+    hu[9, 0, 0] = np.inf
+    with pytest.raises(ConfigError, match=r"Volume.hu holds 2 NaN / inf values \(first in slice 7 of"):
+        engine.run(dataclasses.replace(vol, hu=hu))
