@@ -73,6 +73,12 @@ class GeometryError(SeriesError):
     """Inconsistent geometry inside one series (orientation, pixel spacing or matrix differ)."""
 
 
+class VolumeError(CtsdkError, ValueError):
+    """An :class:`sdk.volume.Volume` breaks its contract (built by a caller, not read from DICOM):
+    hu not a 3-D numeric array, z_mm not finite and strictly ascending, pixel spacing not two finite
+    positive numbers. Also a ``ValueError``, as the constructor's checks always were."""
+
+
 # --- models / bundles / runtime ----------------------------------------------------------------
 class BundleError(CtsdkError):
     """A model bundle is missing, malformed, or a file in it does not match its sha256."""

@@ -164,3 +164,27 @@ def test_kernel_path_overlaps_the_lung_fraction_and_still_reports_ineligible(pha
     assert engine.run(nolung).reasons == check(nolung).reasons
     with pytest.raises(RuntimeError, match="kernel path failed"):
         engine.run(eligible)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(pixel_spacing_mm=(0.0, 0.7)), r"pixel_spacing_mm must be two finite positive numbers .* not \(0.0, 0.7\)"),
+    (dict(pixel_spacing_mm=(float("nan"), 0.7)), r"pixel_spacing_mm must be two finite positive"),
+    (dict(pixel_spacing_mm=(0.7,)), r"pixel_spacing_mm must be two"),
+    (dict(z_mm=np.arange(8.0)[::-1].copy()), r"z_mm must ascend strictly .* z_mm\[0\] = 7 and z_mm\[1\] = 6"),
+    (dict(z_mm=np.array([0, 2, 2, 4, 6, 8, 10, 12.0])), r"z_mm\[1\] = 2 and z_mm\[2\] = 2; sort the slices"),
+    (dict(z_mm=np.array([0, 2, np.nan, 4, 6, 8, 10, 12.0])), r"z_mm holds NaN / inf \(slice 2\)"),
+    (dict(z_mm=np.arange(7.0)), r"z_mm has 7 positions for 8 slices"),
+    (dict(hu=np.zeros((8, 4, 4), bool)), r"Volume.hu must hold HU numbers, not bool"),
+    (dict(hu=np.zeros((4, 4), np.int16)), r"Volume.hu must be 3-D"),
+])
+def test_a_volume_that_breaks_its_contract_is_a_typed_error(change, message):
+    """A caller's own Volume (the reader's meet the contract by construction): a VolumeError - a
+    CtsdkError and still a ValueError - instead of ZeroDivisionError / a misleading 'no lung found'."""
+    from sdk.errors import CtsdkError, VolumeError
+
+    args = dict(hu=np.zeros((8, 4, 4), np.int16), z_mm=np.arange(8.0), pixel_spacing_mm=(0.7, 0.7))
+    args.update(change)
+    with pytest.raises(VolumeError, match=message) as err:
+        Volume(**args)
+    assert isinstance(err.value, CtsdkError) and isinstance(err.value, ValueError)
+    Volume(hu=np.zeros((8, 4, 4), np.float32), z_mm=np.array([0, 1, 2.5, 4, 6, 7, 9, 12.0]), pixel_spacing_mm=(0.7, 0.7))  # uneven is fine

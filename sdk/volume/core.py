@@ -129,10 +129,28 @@ class Volume:
     files: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.hu.ndim != 3:
-            raise ValueError(f"Volume.hu must be 3-D (z, y, x), not shape {self.hu.shape}")
-        if len(self.z_mm) != self.hu.shape[0]:
-            raise ValueError(f"z_mm has {len(self.z_mm)} positions for {self.hu.shape[0]} slices")
+        """The contract every stage relies on (the reader's volumes meet it by construction; a
+        caller's own Volume is checked here): :class:`~sdk.errors.VolumeError` naming what is wrong."""
+        from ..errors import VolumeError
+
+        hu = np.asarray(self.hu)
+        if hu.ndim != 3:
+            raise VolumeError(f"Volume.hu must be 3-D (z, y, x), not shape {hu.shape}")
+        if hu.dtype == np.bool_ or not np.issubdtype(hu.dtype, np.number):
+            raise VolumeError(f"Volume.hu must hold HU numbers, not {hu.dtype}")
+        z = np.asarray(self.z_mm, dtype=np.float64)
+        if z.ndim != 1 or len(z) != hu.shape[0]:
+            raise VolumeError(f"z_mm has {z.size} positions for {hu.shape[0]} slices")
+        if not np.isfinite(z).all():
+            raise VolumeError(f"z_mm holds NaN / inf (slice {int(np.argmax(~np.isfinite(z)))})")
+        steps = np.diff(z)
+        if steps.size and not (steps > 0).all():
+            k = int(np.argmax(steps <= 0))
+            raise VolumeError(f"z_mm must ascend strictly (slice positions in mm, bottom to top): z_mm[{k}] = {z[k]:g} "
+                              f"and z_mm[{k + 1}] = {z[k + 1]:g}; sort the slices by position and drop duplicates")
+        spacing = tuple(self.pixel_spacing_mm)
+        if len(spacing) != 2 or not all(np.isfinite(float(v)) and float(v) > 0 for v in spacing):
+            raise VolumeError(f"pixel_spacing_mm must be two finite positive numbers (row, column) in mm, not {spacing}")
 
     # --- derived geometry ---------------------------------------------------------------------
     @property
