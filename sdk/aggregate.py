@@ -28,7 +28,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -200,12 +200,15 @@ class Aggregator:
             booster.load_model(str(path))
         except Exception as exc:  # xgboost raises its own XGBoostError
             raise BundleError(f"{path}: not a readable XGBoost model ({exc})") from exc
-        classes_attr = booster.attr("ctsdk_classes")
+        classes_attr = _attr(booster, path, "ctsdk_classes")
         if not classes_attr:
             raise BundleError(f"{path}: XGBoost model lacks the 'ctsdk_classes' attribute; write it with sdk.aggregate.Aggregator.save")
-        classes = json.loads(classes_attr)
-        n_groups = int(booster.attr("ctsdk_n_groups") or N_GROUPS)
-        info = json.loads(booster.attr("ctsdk_info") or "{}")
+        classes = _attr_json(path, "ctsdk_classes", classes_attr, "a JSON list of class names",
+                             lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v))
+        n_groups = _attr_json(path, "ctsdk_n_groups", _attr(booster, path, "ctsdk_n_groups") or str(N_GROUPS),
+                              "a whole number of groups >= 1", lambda v: type(v) is int and v >= 1)
+        info = _attr_json(path, "ctsdk_info", _attr(booster, path, "ctsdk_info") or "{}", "a JSON object",
+                          lambda v: isinstance(v, dict))
         # one row per series: a single thread is fastest and does not compete with ORT's threads
         booster.set_param({"nthread": 1})
         agg = cls(booster=booster, classes=list(classes), n_groups=n_groups, info=info)
@@ -213,6 +216,29 @@ class Aggregator:
         if n_feat and n_feat != agg.n_features:
             raise BundleError(f"{path}: model has {n_feat} features, expected {agg.n_features} ({n_groups} groups x {len(classes)} classes)")
         return agg
+
+
+def _attr(booster: Any, path: Path, key: str) -> Optional[str]:
+    """A ctsdk attribute of a loaded booster (None when absent); BundleError where xgboost cannot read it."""
+    try:
+        return booster.attr(key)
+    except Exception as exc:  # xgboost asserts on an empty attribute value
+        raise BundleError(f"{path}: XGBoost model attribute {key!r} cannot be read ({type(exc).__name__}); write the model "
+                          f"with sdk.aggregate.Aggregator.save (ctsdk train aggregator)") from exc
+
+
+def _attr_json(path: Path, key: str, text: str, want: str, ok: Callable[[Any], bool]) -> Any:
+    """Attribute ``key`` parsed as JSON and checked by ``ok``; BundleError naming the file, the key and ``want``."""
+    try:
+        value = json.loads(text)
+        good = bool(ok(value))
+    except (ValueError, RecursionError):
+        good = False
+    if not good:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise BundleError(f"{path}: XGBoost model attribute {key!r} = {shown!r} is not {want}; write the model with "
+                          f"sdk.aggregate.Aggregator.save (ctsdk train aggregator)")
+    return value
 
 
 def fit_aggregator(

@@ -37,6 +37,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -131,13 +132,13 @@ class Bundle:
     def preprocessing(self) -> Preprocessing:
         """The models' preprocessing, typed (:class:`sdk.preprocessing.Preprocessing`): the one
         object every stage, kernel and renderer reads windows, sizes and mean/std from."""
-        return Preprocessing.from_manifest(self.manifest)
+        return Preprocessing.from_manifest(self.manifest, where=str(self.root / MANIFEST))
 
     @property
     def classifier_preprocessing(self) -> Dict[str, Any]:
-        pre = self.manifest.get("preprocessing", {}).get("classifier", {})
-        typed = self.preprocessing
-        return {"window": list(typed.classifier_window), "size": typed.classifier_size, **pre}
+        typed = self.preprocessing   # BundleError for a malformed section, before it is read here
+        return {"window": list(typed.classifier_window), "size": typed.classifier_size,
+                **(check.get_key(self.manifest, "preprocessing.classifier") or {})}
 
     @property
     def window(self) -> Tuple[float, float]:
@@ -149,18 +150,19 @@ class Bundle:
 
     @property
     def lungs_preprocessing(self) -> Dict[str, Any]:
-        return dict(self.manifest.get("preprocessing", {}).get("lungs", {}))
+        Preprocessing.from_manifest(self.manifest, where=str(self.root / MANIFEST))  # BundleError if malformed
+        return dict(check.get_key(self.manifest, "preprocessing.lungs") or {})
 
     @property
     def threshold(self) -> float:
         """Series-level operating threshold on P(positive class) from the aggregator; 0.5 when
         the manifest has no ``thresholds.series`` (the build refuses that; :attr:`warnings` says so)."""
-        return float(self.manifest.get("thresholds", {}).get("series", 0.5))
+        return manifest_number(self.manifest, "thresholds.series", self.root / MANIFEST, default=0.5)
 
     @property
     def slice_threshold(self) -> float:
         """Slice-level operating threshold on the classifier's P(positive class)."""
-        return float(self.manifest.get("thresholds", {}).get("slice", 0.5))
+        return manifest_number(self.manifest, "thresholds.slice", self.root / MANIFEST, default=0.5)
 
     @property
     def slice_score_model(self) -> Any:
@@ -168,14 +170,14 @@ class Bundle:
         manifest's ``slice_score`` block; None when the bundle has none."""
         from .slice_score import SliceScoreModel
 
-        return SliceScoreModel.from_manifest(self.manifest.get("slice_score"))
+        return SliceScoreModel.from_manifest(self.manifest.get("slice_score"), where=str(self.root / MANIFEST))
 
     @property
     def calibration_passed(self) -> bool:
         """The INT8 classifier passed its calibration bar: manifest ``int8.passed`` is true and the
         bundle lists a role-"classifier" file of precision "int8" (a verdict about a file the bundle
         does not hold, or one recorded in ``stale_metadata``, is ignored; :attr:`warnings` says so)."""
-        return ("int8" in self.classifier_paths() and (self.manifest.get("int8") or {}).get("passed") is True
+        return ("int8" in self.classifier_paths() and check.get_key(self.manifest, "int8.passed") is True
                 and not check.is_stale(self.manifest, "int8"))
 
     @property
@@ -289,15 +291,86 @@ def _read_manifest(root: Path) -> Dict[str, Any]:
         raise BundleError(f"{mpath}: manifest not found; a bundle is a folder with {MANIFEST} (build one with "
                           f"`python -m sdk.bundle build`){hint}")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{mpath}: manifest is not valid JSON ({exc})") from exc
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise BundleError(f"{mpath}: manifest is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); restore it "
+                          f"or rebuild the bundle (`python -m sdk.bundle build`)") from exc
+    check_manifest(manifest, mpath)
+    return manifest
+
+
+#: manifest blocks the runtime reads: each, when present and not null, must be a JSON object
+OBJECT_KEYS = ("thresholds", "preprocessing", "preprocessing.classifier", "preprocessing.lungs", "inputs",
+               "inputs.classifier", "inputs.lungs", check.INT8_KEY, LUNGS_INT8_KEY, "slice_score")
+#: manifest numbers the runtime reads: key -> (lowest, highest, lowest excluded); absent or null = its default
+NUMBER_KEYS: Dict[str, Tuple[float, float, bool]] = {
+    "thresholds.series": (0.0, 1.0, False),
+    "thresholds.slice": (0.0, 1.0, False),
+    f"{check.INT8_KEY}.speedup": (0.0, float("inf"), True),
+}
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type as the manifest's author wrote it (``list``, ``string``, ``null``...)."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def manifest_number(manifest: Mapping[str, Any], key: str, where: PathLike, default: Optional[float] = None) -> Optional[float]:
+    """The number at ``key`` (one of :data:`NUMBER_KEYS`), ``default`` when absent or null.
+
+    Raises:
+        BundleError: naming ``where``, the key and its value, when it is not a finite number in range.
+    """
+    value = check.get_key(manifest, key)
+    if value is None:
+        return default
+    lo, hi, open_lo = NUMBER_KEYS[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (lo < value if open_lo else lo <= value) or not value <= hi:
+        shown = json.dumps(value)[:80] if isinstance(value, (str, int, float)) else f"a {_kind(value)}"
+        span = f"> {lo:g}" if hi == float("inf") else f"in ({lo:g}, {hi:g}]" if open_lo else f"in [{lo:g}, {hi:g}]"
+        raise BundleError(f"{where}: manifest key {key} = {shown} is not a number {span}; correct it or rebuild "
+                          f"the bundle (`python -m sdk.bundle build`)")
+    return float(value)
+
+
+def check_manifest(manifest: Any, where: PathLike) -> None:
+    """The structure of a parsed manifest that the loader and the runtime rely on: one JSON object
+    with ``name``, ``version``, ``classes`` (distinct class names) and a non-empty ``files`` object;
+    the blocks of :data:`OBJECT_KEYS` objects, the numbers of :data:`NUMBER_KEYS` in range, and the
+    ``preprocessing`` and ``slice_score`` blocks readable (the parsers the runtime uses).
+
+    Raises:
+        BundleError: naming ``where``, the key, what it holds and what it should hold.
+    """
+    from .slice_score import SliceScoreModel
+
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: manifest must be one JSON object, found a {_kind(manifest)}; restore it or rebuild "
+                          f"the bundle (`python -m sdk.bundle build`)")
     for key in ("name", "version", "classes", "files"):
         if key not in manifest:
-            raise BundleError(f"{mpath}: manifest lacks the required key {key!r}")
+            raise BundleError(f"{where}: manifest lacks the required key {key!r}")
+    classes = manifest["classes"]
+    if (not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise BundleError(f"{where}: manifest key 'classes' must be a list of distinct class names (e.g. "
+                          f"[\"non_covid\", \"covid\"]), found {json.dumps(classes)[:80]}")
     if not isinstance(manifest["files"], dict) or not manifest["files"]:
-        raise BundleError(f"{mpath}: manifest 'files' must be a non-empty object")
-    return manifest
+        raise BundleError(f"{where}: manifest 'files' must be a non-empty object")
+    for key in OBJECT_KEYS:
+        value = check.get_key(manifest, key)
+        if value is not None and not isinstance(value, Mapping):
+            raise BundleError(f"{where}: manifest key {key} must be an object, found a {_kind(value)}; correct it or "
+                              f"rebuild the bundle (`python -m sdk.bundle build`)")
+    for key in NUMBER_KEYS:
+        manifest_number(manifest, key, where)
+    Preprocessing.from_manifest(manifest, where=str(where))
+    try:
+        SliceScoreModel.from_manifest(manifest.get("slice_score"), where=str(where))
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from exc
 
 
 def _parse_files(root: Path, manifest: Mapping[str, Any]) -> Dict[str, BundleFile]:
@@ -307,9 +380,18 @@ def _parse_files(root: Path, manifest: Mapping[str, Any]) -> Dict[str, BundleFil
             rel = str(spec["path"])
             bf = BundleFile(name=name, path=rel, sha256=str(spec["sha256"]).lower(), bytes=int(spec["bytes"]),
                             role=str(spec.get("role", "other")), precision=str(spec.get("precision", "")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{root / MANIFEST}: file entry {name!r} is malformed ({exc}); need path, sha256, bytes, role") from exc
-        target = (root / rel).resolve()
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise BundleError(f"{root / MANIFEST}: file entry {name!r} is malformed ({type(exc).__name__}: {exc}); "
+                              f"need path, sha256, bytes, role") from exc
+        if bf.bytes < 0:
+            raise BundleError(f"{root / MANIFEST}: file entry {name!r} is malformed (bytes = {bf.bytes}); need path, "
+                              f"sha256, bytes (the file's size, >= 0), role")
+        try:
+            target = (root / rel).resolve()
+            target.exists()   # a name the file system refuses (too long) raises here, not later
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{root / MANIFEST}: file entry {name!r} has a path the file system refuses "
+                              f"({rel[:80]!r}{'...' if len(rel) > 80 else ''}: {str(exc)[:60]})") from exc
         if root.resolve() not in target.parents:
             raise BundleError(f"{root / MANIFEST}: file entry {name!r} points outside the bundle ({rel})")
         out[name] = bf
@@ -423,6 +505,10 @@ def _check_meta(out: Path, files: Mapping[str, Tuple[PathLike, str, str]], meta:
     bundle's name and version with other models); returns the new ``stale_metadata`` block."""
     planned = {name: {"path": Path(src).name, "sha256": sha256_file(src), "role": role, "precision": precision}
                for name, (src, role, precision) in files.items()}
+    try:   # what load_bundle will require of the manifest written from this meta
+        check_manifest({**meta, "files": planned}, f"{out}: bundle meta")
+    except BundleError as exc:
+        raise ConfigError(f"refusing to build: {exc}") from exc
     problems = check.verdict_problems(meta, planned)
     thr = check.threshold_problem(meta, planned)
     if thr:
@@ -544,14 +630,16 @@ def refresh_card(bundle_dir: Union[str, Path], card: Union[str, Path]) -> "Bundl
 
     Raises:
         ConfigError: ``card`` is not a file, or the bundle has no card entry.
+        BundleError: the bundle's manifest is missing or malformed (nothing is copied).
     """
     out = Path(bundle_dir)
     try:
         src = find_model_card(card)
     except ConfigError as exc:
         raise ConfigError(f"{card}: no such model card file ({exc})") from exc
-    manifest = json.loads((out / MANIFEST).read_text())
-    names = [n for n, e in manifest.get("files", {}).items() if e.get("role") == "card"]
+    manifest = _read_manifest(out)
+    _parse_files(out, manifest)   # BundleError for a malformed file entry, before anything is copied
+    names = [n for n, e in manifest["files"].items() if e.get("role") == "card"]
     if len(names) != 1:
         raise ConfigError(f"{out}: expected one file of role 'card' in {MANIFEST}, found {len(names)}")
     entry = manifest["files"][names[0]]
@@ -567,7 +655,7 @@ def refresh_card(bundle_dir: Union[str, Path], card: Union[str, Path]) -> "Bundl
 # --- command line ------------------------------------------------------------------------------
 def _parse_file_arg(text: str) -> Tuple[str, Tuple[str, str, str]]:
     """``name=path:role[:precision]``."""
-    if "=" not in text:
+    if "=" not in text or ":" not in text.split("=", 1)[1]:
         raise ConfigError(f"--file {text!r}: expected name=path:role[:precision]")
     name, rest = text.split("=", 1)
     parts = rest.rsplit(":", 2)
@@ -577,6 +665,18 @@ def _parse_file_arg(text: str) -> Tuple[str, Tuple[str, str, str]]:
         path, role = rest.rsplit(":", 1)
         precision = ""
     return name, (path, role, precision)
+
+
+def _read_meta(path: PathLike) -> Dict[str, Any]:
+    """The ``--meta`` JSON file of ``build``: one object; ConfigError naming the file otherwise."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"--meta {path}: not a readable JSON file ({type(exc).__name__}: {str(exc)[:160]}); give "
+                          f"the manifest fields as one UTF-8 JSON object (a previous manifest.json will do)") from exc
+    if not isinstance(meta, dict):
+        raise ConfigError(f"--meta {path}: must hold one JSON object of manifest fields, found a {_kind(meta)}")
+    return meta
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -603,7 +703,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
-            meta = json.loads(Path(args.meta).read_text())
+            meta = _read_meta(args.meta)
             files = dict(_parse_file_arg(f) for f in args.file)
             bundle = write_bundle(args.out, files, meta, overwrite=args.overwrite, remeasured=args.remeasured,
                                   keep_stale_metadata=args.keep_stale_metadata)

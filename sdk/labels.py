@@ -42,6 +42,39 @@ def is_positive(label: str) -> int:
     raise ConfigError(f"unknown label {label!r}: expected {LABEL_WORDS}")
 
 
+def _is_file(p: Path) -> bool:
+    """``p.is_file()``, False for a name the file system refuses (too long, a NUL byte)."""
+    try:
+        return p.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _shown(p: Path) -> str:
+    """``p`` resolved for a message (as given when the file system refuses the name)."""
+    try:
+        return str(p.resolve())
+    except (OSError, ValueError):
+        return repr(str(p)[:120])
+
+
+def _load_label_table(csv_path: Path, series: Path, fp: Path) -> np.ndarray:
+    """The ``slice_labels`` array of a series CSV row: a numeric .npy of 0/1 with one row per case."""
+    where = f"{csv_path}: row {series}: slice_labels file {fp}"
+    try:
+        table = np.load(fp)
+    except (OSError, ValueError, EOFError) as exc:  # not .npy, truncated, pickled / object data
+        raise ConfigError(f"{where} is not a readable NumPy .npy array ({str(exc)[:120]}); save the labels with "
+                          f"numpy.save (rows = cases, columns = slices, values 0/1)") from exc
+    if not isinstance(table, np.ndarray) or table.ndim < 1:
+        kind = "a .npz archive" if not isinstance(table, np.ndarray) else "a single number"
+        raise ConfigError(f"{where} holds {kind}; give a .npy array written by numpy.save (rows = cases, "
+                          f"columns = slices, values 0/1)")
+    if not (np.issubdtype(table.dtype, np.number) or table.dtype == np.bool_):
+        raise ConfigError(f"{where} holds {table.dtype} values; slice labels are numbers 0/1")
+    return table
+
+
 def _check_labels(path: Path, rows: List[Dict[str, str]], what: str) -> None:
     """Every row's label is a known word, else one ConfigError naming the CSV, the rows and the words."""
     bad = [(i + 2, r["label"]) for i, r in enumerate(rows) if not is_known_label(r["label"])]
@@ -58,7 +91,7 @@ def read_images_csv(path: PathLike, split: Optional[str] = None, data_root: Opti
     if split is not None:
         if "split" not in rows[0]:
             raise ConfigError(f"{path}: --split {split!r} given but the CSV has no 'split' column")
-        available = sorted({r["split"] for r in rows})
+        available = sorted({r["split"] or "" for r in rows})   # a short row has no split (None)
         rows = [r for r in rows if r["split"] == split]
         if not rows:
             raise ConfigError(f"{path}: no rows with split {split!r}; splits present: {available}")
@@ -66,7 +99,7 @@ def read_images_csv(path: PathLike, split: Optional[str] = None, data_root: Opti
     for r in rows:
         p = Path(r["path"])
         r["abspath"] = str(p if p.is_absolute() else root / p)
-    missing = [r["abspath"] for r in rows if not Path(r["abspath"]).is_file()]
+    missing = [r["abspath"] for r in rows if not _is_file(Path(r["abspath"]))]
     if missing:
         raise ConfigError(f"{path}: {len(missing)} image(s) not found, first {missing[0]} (paths are relative to "
                           f"{'--data-root' if data_root else 'the CSV folder'}; pass --data-root)")
@@ -131,16 +164,20 @@ def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
         if f:
             fp = Path(f) if Path(f).is_absolute() else path.parent / f
             row = (r.get("slice_labels_row") or "").strip()
-            if not fp.is_file():
-                raise ConfigError(f"{path}: row {p}: slice_labels file not found: {fp.resolve()} (relative paths are "
+            if not _is_file(fp):
+                raise ConfigError(f"{path}: row {p}: slice_labels file not found: {_shown(fp)} (relative paths are "
                                   f"read from the CSV's folder, {path.parent.resolve()})")
             if not row.lstrip("-").isdigit():
                 raise ConfigError(f"{path}: row {p}: slice_labels_row must be the integer row of this series in "
                                   f"{fp.name}, got {row!r}")
-            table = np.load(fp)
+            table = _load_label_table(path, p, fp)
             if not -len(table) <= int(row) < len(table):
                 raise ConfigError(f"{path}: row {p}: slice_labels_row {row} is outside {fp.name}'s {len(table)} rows")
-            labels = np.asarray(table[int(row)]).astype(np.int64).reshape(-1)
+            values = np.asarray(table[int(row)]).reshape(-1)
+            if not np.isin(values, (0, 1)).all():
+                raise ConfigError(f"{path}: row {p}: slice_labels row {row} of {fp.name} holds values other than 0/1 "
+                                  f"(e.g. {values[~np.isin(values, (0, 1))][0].item()!r}); slice labels are 0 or 1")
+            labels = values.astype(np.int64)
         order = (r.get("slice_labels_order") or "z").strip() or "z"
         if order not in LABEL_ORDERS:
             raise ConfigError(f"{path}: row {p}: slice_labels_order must be one of {LABEL_ORDERS}, not {order!r}")
@@ -148,7 +185,7 @@ def read_series_rows(path: PathLike) -> List[Dict[str, Any]]:
         bcol = (r.get("bundle") or "").strip()
         if bcol:
             bundle = Path(bcol) if Path(bcol).is_absolute() else path.parent / bcol
-            if not (bundle / "manifest.json").is_file():
+            if not _is_file(bundle / "manifest.json"):
                 raise ConfigError(f"{path}: row {p}: bundle {bundle} is not a bundle folder (no manifest.json)")
         out.append({"path": p, "label": label, "slice_labels": labels, "slice_labels_order": order, "bundle": bundle})
     return out

@@ -14,6 +14,7 @@ This module imports nothing from the rest of ``sdk`` (it sits below every stage:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Tuple
 
@@ -32,14 +33,53 @@ CLASSIFIER_STD: Tuple[float, float, float] = (0.5, 0.5, 0.5)
 SEGMENTER_SIZE = 128
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _window(value: Any, where: str) -> Tuple[float, float]:
     try:
         lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{where}: a window must be [lo, hi] in HU, got {value!r}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BundleError(f"{where}: a window must be [lo, hi] in HU, got {_shown(value)}") from exc
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise BundleError(f"{where}: a window must be [lo, hi] in HU (finite numbers), got {_shown(value)}")
     if not hi > lo:
-        raise BundleError(f"{where}: window [lo, hi] needs hi > lo, got {value!r}")
+        raise BundleError(f"{where}: window [lo, hi] needs hi > lo, got {_shown(value)}")
     return lo, hi
+
+
+def _size(value: Any, where: str) -> int:
+    """A side in pixels: a positive whole number."""
+    ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+    try:
+        n = int(value) if ok else 0
+        ok = ok and n >= 1 and float(value) == n
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise BundleError(f"{where}: a size must be a positive whole number of pixels, got {_shown(value)}")
+    return n
+
+
+def _numbers(value: Any, where: str) -> Tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BundleError(f"{where}: must be a list of numbers (one per channel), got {_shown(value)}") from exc
+    if not out or not all(math.isfinite(v) for v in out):
+        raise BundleError(f"{where}: must be a list of finite numbers (one per channel), got {_shown(value)}")
+    return out
+
+
+def _section(value: Any, where: str, key: str) -> Mapping[str, Any]:
+    """A manifest block that must be an object ({} when absent or null)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise BundleError(f"{where}: manifest key {key} must be an object, got {_shown(value)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -62,27 +102,32 @@ class Preprocessing:
     segmenter_size: int = SEGMENTER_SIZE
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> "Preprocessing":
+    def from_manifest(cls, manifest: Mapping[str, Any], where: str = "bundle manifest") -> "Preprocessing":
         """From a bundle manifest: ``preprocessing.classifier`` (window, size, mean, std) and
         ``preprocessing.lungs`` (window; size from ``inputs.lungs.shape``); missing keys keep the
-        defaults. Raises BundleError for malformed values."""
-        pre = dict(manifest.get("preprocessing", {}) or {})
-        cls_pre = dict(pre.get("classifier", {}) or {})
-        lung_pre = dict(pre.get("lungs", {}) or {})
+        defaults. Raises BundleError for malformed values, naming ``where`` (the manifest file) and
+        the key."""
+        if not isinstance(manifest, Mapping):
+            raise BundleError(f"{where}: a manifest must be one JSON object, got {_shown(manifest)}")
+        pre = _section(manifest.get("preprocessing"), where, "preprocessing")
+        cls_pre = _section(pre.get("classifier"), where, "preprocessing.classifier")
+        lung_pre = _section(pre.get("lungs"), where, "preprocessing.lungs")
+        lung_in = _section(_section(manifest.get("inputs"), where, "inputs").get("lungs"), where, "inputs.lungs")
         d = cls()
-        lung_shape = (((manifest.get("inputs") or {}).get("lungs") or {}).get("shape")) or []
+        lung_shape = lung_in.get("shape")
+        if lung_shape is not None and not isinstance(lung_shape, (list, tuple)):
+            raise BundleError(f"{where}: manifest key inputs.lungs.shape must be a list [batch, 1, H, W], got "
+                              f"{_shown(lung_shape)}")
         lung_size = lung_shape[-1] if lung_shape and isinstance(lung_shape[-1], int) else d.segmenter_size
-        try:
-            return cls(
-                classifier_window=_window(cls_pre.get("window", d.classifier_window), "preprocessing.classifier"),
-                classifier_size=int(cls_pre.get("size", d.classifier_size)),
-                classifier_mean=tuple(float(v) for v in cls_pre.get("mean", d.classifier_mean)),
-                classifier_std=tuple(float(v) for v in cls_pre.get("std", d.classifier_std)),
-                segmenter_window=_window(lung_pre.get("window", d.segmenter_window), "preprocessing.lungs"),
-                segmenter_size=int(lung_pre.get("size", lung_size)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise BundleError(f"bundle manifest: malformed preprocessing section ({exc})") from exc
+        return cls(
+            classifier_window=_window(cls_pre.get("window", d.classifier_window), f"{where}: preprocessing.classifier"),
+            classifier_size=_size(cls_pre.get("size", d.classifier_size), f"{where}: preprocessing.classifier.size"),
+            classifier_mean=_numbers(cls_pre.get("mean", d.classifier_mean), f"{where}: preprocessing.classifier.mean"),
+            classifier_std=_numbers(cls_pre.get("std", d.classifier_std), f"{where}: preprocessing.classifier.std"),
+            segmenter_window=_window(lung_pre.get("window", d.segmenter_window), f"{where}: preprocessing.lungs"),
+            segmenter_size=_size(lung_pre.get("size", lung_size),
+                                 f"{where}: {'preprocessing.lungs.size' if 'size' in lung_pre else 'inputs.lungs.shape'}"),
+        )
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe dict (tuples as lists)."""

@@ -80,8 +80,9 @@ class SliceScoreModel:
 
     # --- manifest ---------------------------------------------------------------------------------
     @classmethod
-    def from_manifest(cls, block: Optional[Mapping[str, Any]]) -> Optional["SliceScoreModel"]:
-        """Parse a manifest ``slice_score`` block; None when the bundle has none.
+    def from_manifest(cls, block: Optional[Mapping[str, Any]], where: str = "") -> Optional["SliceScoreModel"]:
+        """Parse a manifest ``slice_score`` block; None when the bundle has none. ``where``: the
+        manifest file, named in the ConfigError of a malformed block.
 
         Block::
 
@@ -92,12 +93,13 @@ class SliceScoreModel:
         """
         if block is None:
             return None
+        at = f"{where}: " if where else ""
         if not isinstance(block, Mapping):
-            raise ConfigError(f"manifest slice_score must be an object, got {type(block).__name__}")
+            raise ConfigError(f"{at}manifest slice_score must be an object, got {type(block).__name__}")
         coef = block.get("coefficients")
         need = ("intercept", "cnn_logit", "ggo", "consolidation")
         if not isinstance(coef, Mapping) or any(k not in coef for k in need):
-            raise ConfigError(f"manifest slice_score.coefficients must hold {list(need)}")
+            raise ConfigError(f"{at}manifest slice_score.coefficients must hold {list(need)}")
         try:
             vals = {k: float(coef[k]) for k in need}
             known = ("form", "transform", "scale", "p_clip", "missing_fraction", "coefficients", "source", "command")
@@ -107,8 +109,10 @@ class SliceScoreModel:
                        p_clip=float(block.get("p_clip", 1e-4)), missing_fraction=float(block.get("missing_fraction", 0.0)),
                        source=str(block.get("source", "")), command=str(block.get("command", "")),
                        extra={k: v for k, v in block.items() if k not in known})
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"manifest slice_score: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{at}manifest {exc}") from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(f"{at}manifest slice_score: {exc}") from exc
 
     def to_manifest(self) -> Dict[str, Any]:
         """The manifest block (inverse of :meth:`from_manifest`)."""

@@ -16,15 +16,24 @@ PathLike = Union[str, Path]
 
 def read_csv_rows(path: PathLike, required: Iterable[str], what: str) -> List[Dict[str, str]]:
     """All rows of a CSV as dicts, after checking the file exists and has the ``required`` columns.
+    UTF-8 text; a byte-order mark (Excel's "CSV UTF-8") is dropped.
 
-    Raises ConfigError naming the file, ``what`` it should be, and the columns found.
+    Raises ConfigError naming the file, ``what`` it should be, and the columns found - also for a
+    file that is not UTF-8 text or not CSV (a decoding error is never passed on).
     """
     path = Path(path)
     need = list(required)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found (columns: {','.join(need)})")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as a UTF-8 "
+                          f"CSV with the columns {','.join(need)}") from exc
+    except csv.Error as exc:
+        raise ConfigError(f"{path}: {what} is not a readable CSV ({exc}); give a comma-separated file with the "
+                          f"columns {','.join(need)}") from exc
     if not rows or not set(need) <= set(rows[0]):
         found = sorted(rows[0]) if rows else "(no rows)"
         raise ConfigError(f"{path}: {what} needs the columns {','.join(need)}; found {found}")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import math
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -190,13 +192,89 @@ def _field_option(f: "dataclasses.Field[Any]", hint: Any, text: str = "") -> Cal
     return click.option(name, dest, type=str, default=None, help=f"(JSON) {shown}")
 
 
+def _type_text(hint: Any) -> str:
+    """What a config value of type ``hint`` must be, in words (for messages)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_text(a) for a in args)
+    names = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if origin in (tuple, Tuple) and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} values ({', '.join(_type_text(a) for a in args)})"
+    if origin in (tuple, Tuple, list, List):
+        return f"a list (each {_type_text(args[0]) if args else 'a value'})"
+    return getattr(hint, "__name__", str(hint))
+
+
+_BAD = object()   # a value that does not fit its field's type (see _typed)
+
+
+def _typed(value: Any, hint: Any) -> Any:
+    """``value`` read from a JSON config as the field type ``hint`` takes it (a whole float for an
+    int, a list for a tuple), or :data:`_BAD` - the checks click applies to the command-line option."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:   # Optional[X]: null, or an X
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            out = _typed(value, a)
+            if out is not _BAD:
+                return out
+        return _BAD
+    if hint is bool:
+        return value if isinstance(value, bool) else _BAD
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return int(value) if number and float(value).is_integer() else _BAD
+    if hint is float:
+        return value if number else _BAD
+    if hint is str:
+        return value if isinstance(value, str) else _BAD
+    if origin in (tuple, Tuple, list, List):
+        if not isinstance(value, (list, tuple)):
+            return _BAD
+        fixed = origin in (tuple, Tuple) and bool(args) and args[-1] is not Ellipsis
+        if fixed and len(value) != len(args):
+            return _BAD
+        kinds = args if fixed else [args[0] if args else Any] * len(value)
+        items = [v if k is Any else _typed(v, k) for v, k in zip(value, kinds)]
+        if any(i is _BAD for i in items):
+            return _BAD
+        return tuple(items) if origin in (tuple, Tuple) else items
+    return value
+
+
+def _config_file_values(cls: type, config_file: str) -> Dict[str, Any]:
+    """The values of a ``--config`` JSON file, each checked against its field's type; ConfigError
+    (exit 2, before any work) naming the file, the key, the type it needs and the value found.
+    Unknown keys are left to :func:`sdk.train.common.config_from_dict` (it lists the valid ones)."""
+    from ..train.common import load_config
+
+    raw = load_config(config_file)   # ConfigError for a missing / non-JSON / non-UTF-8 file
+    hints = typing.get_type_hints(cls)
+    out: Dict[str, Any] = {}
+    for key, value in raw.items():
+        typed = _typed(value, hints[key]) if key in hints else value
+        if typed is _BAD:
+            shown = json.dumps(value, default=str)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            option = "--" + key.replace("_", "-")
+            raise ConfigError(f"{config_file}: config key {key!r} must be {_type_text(hints[key])} (as {option} "
+                              f"takes), got {shown}; correct it in the file or give {option} on the command line "
+                              f"(checked before starting: nothing was run)")
+        out[key] = typed
+    return out
+
+
 def resolve_config(cls: type, config_file: Optional[str], given: Dict[str, Any]) -> Any:
-    """Dataclass defaults <- ``config_file`` (JSON) <- explicitly given options."""
-    from ..train.common import config_from_dict, load_config
+    """Dataclass defaults <- ``config_file`` (JSON; each value checked against its field's type)
+    <- explicitly given options."""
+    from ..train.common import config_from_dict
 
     values: Dict[str, Any] = {}
     if config_file:
-        values.update(load_config(config_file))
+        values.update(_config_file_values(cls, config_file))
     hints = typing.get_type_hints(cls)
     for k, v in given.items():
         if v is None or v == ():  # not given (multiple=True options give ())

@@ -34,6 +34,25 @@ def read_manifest(csv_path: PathLike) -> List[Tuple[str, Path]]:
     p = Path(csv_path)
     if not p.is_file():
         raise ConfigError(f"--manifest {p}: no such file; give a CSV with a 'path' column")
+    try:
+        return _read_manifest_rows(p)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--manifest {p}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as a UTF-8 CSV "
+                          f"with a 'path' column") from exc
+    except csv.Error as exc:
+        raise ConfigError(f"--manifest {p}: not a readable CSV ({exc}); give a comma-separated file with a 'path' "
+                          f"column") from exc
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a name the file system refuses (too long, a NUL byte)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_manifest_rows(p: Path) -> List[Tuple[str, Path]]:
     with open(p, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
@@ -48,7 +67,7 @@ def read_manifest(csv_path: PathLike) -> List[Tuple[str, Path]]:
             if not raw or raw.startswith("#"):
                 continue
             path = Path(raw) if Path(raw).is_absolute() else (p.parent / raw)
-            if not path.exists():
+            if not _exists(path):
                 missing.append(raw)
                 continue
             entries.append((raw, path))

@@ -145,6 +145,8 @@ def load_config(path: Union[str, Path]) -> Dict[str, Any]:
         raise ConfigError(f"{p}: config file not found") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{p}: not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:   # not UTF-8 text; nested past the parser's depth
+        raise ConfigError(f"{p}: not a readable JSON config ({type(exc).__name__}: {str(exc)[:120]})") from exc
     if not isinstance(d, dict):
         raise ConfigError(f"{p}: a config file holds one JSON object, found {type(d).__name__}")
     d.pop("_meta", None)
