@@ -324,6 +324,33 @@ def test_train_seg_target_names_its_files_and_refuses_unknown_targets(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_the_python_trainers_refuse_an_earlier_run_too(tmp_path):
+    """The audit's gap: only `ctsdk train` refused; train_seg(cfg) & co. replaced a run silently. Now
+    each trainer refuses before writing anything unless overwrite=True (then it goes on: here to the
+    missing data, a ConfigError of its own)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("xgboost")
+    from sdk.train import aggregator, seg, seg3d
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cases = [
+        (seg.train_seg, seg.SegTrainConfig(out_dir=str(run), data_dir=str(tmp_path / "nodata")), "unet2d_lung.onnx"),
+        (seg3d.train_seg3d, seg3d.Seg3DTrainConfig(out_dir=str(run), data_dir=str(tmp_path / "nodata")), "train_log.json"),
+        (aggregator.train_aggregator, aggregator.AggTrainConfig(out=str(run / "aggregator.json"),
+                                                                predictions=str(tmp_path / "none.csv")), "aggregator.json"),
+    ]
+    for train, cfg, marker in cases:
+        (run / marker).write_text("earlier")
+        with pytest.raises(ConfigError, match=rf"holds an earlier run \({marker}.*overwrite=True"):
+            train(cfg)
+        with pytest.raises(ConfigError) as err:   # overwrite=True: past the guard, stopped by the data
+            train(cfg, overwrite=True)
+        assert "earlier run" not in str(err.value)
+        assert (run / marker).read_text() == "earlier"
+        (run / marker).unlink()
+
+
 def test_check_no_earlier_run_lists_what_it_found(tmp_path):
     from sdk.cli.train_cmd import check_no_earlier_run
     from sdk.train import aggregator, classifier

@@ -332,7 +332,7 @@ def make_subcommand(name: str) -> click.Command:
         check_output_file(getattr(cfg, "out", None) or None, "--out")
         check_no_earlier_run(mod, cfg, overwrite)
         train = getattr(mod, fn_name)
-        result = train(cfg)
+        result = train(cfg, overwrite=overwrite)   # the trainer refuses an earlier run too (checked above)
         emit(result if isinstance(result, dict) else {"result": result}, as_json, _human)
 
     for f in reversed(fields):

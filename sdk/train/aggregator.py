@@ -204,8 +204,9 @@ def _features(bags: Sequence[np.ndarray], n_groups: int) -> np.ndarray:
     return np.stack([group_features(b, n_groups) for b in bags]) if bags else np.zeros((0, n_groups * 2), np.float32)
 
 
-def train_aggregator(cfg: AggTrainConfig) -> Dict[str, Any]:
-    """Train, save and report (see the module docstring). Returns the metrics dict."""
+def train_aggregator(cfg: AggTrainConfig, *, overwrite: bool = False) -> Dict[str, Any]:
+    """Train, save and report (see the module docstring). Returns the metrics dict. An earlier
+    run's files at ``cfg.out`` (:func:`earlier_run_files`) are refused unless ``overwrite``."""
     from tqdm import tqdm
 
     from ..aggregate import fit_aggregator
@@ -215,6 +216,9 @@ def train_aggregator(cfg: AggTrainConfig) -> Dict[str, Any]:
         raise ConfigError(f"series_role must be 'train' or 'eval', not {cfg.series_role!r}")
     if not cfg.predictions and not cfg.series:
         raise ConfigError("nothing to train on: give predictions (bags of labelled slices) and/or series (path,label CSV)")
+    from .common import refuse_earlier_run
+
+    refuse_earlier_run(earlier_run_files(cfg), overwrite)
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     out = Path(cfg.out)  # its folder is created when the model is saved: a failed run leaves none
@@ -341,9 +345,11 @@ def main(argv: Sequence[str] = None) -> int:  # type: ignore[assignment]
     ap = argparse.ArgumentParser(prog="python -m sdk.train.aggregator", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(AggTrainConfig):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run at --out")
     args = vars(ap.parse_args(argv))
+    overwrite = args.pop("overwrite")
     try:
-        metrics = train_aggregator(AggTrainConfig(**args))
+        metrics = train_aggregator(AggTrainConfig(**args), overwrite=overwrite)
     except ConfigError as exc:
         print(f"ctsdk: error: {exc}", file=sys.stderr)
         return 2

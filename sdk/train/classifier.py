@@ -313,15 +313,17 @@ def _versions() -> Dict[str, str]:
 
 
 # --- training -------------------------------------------------------------------------------------
-def train_classifier(cfg: ClassifierTrainConfig) -> Dict[str, Any]:
+def train_classifier(cfg: ClassifierTrainConfig, *, overwrite: bool = False) -> Dict[str, Any]:
     """Train, select on val AUC, evaluate on test, predict every image. Returns the summary dict
-    (also written as ``metrics.json``)."""
+    (also written as ``metrics.json``). A run folder holding an earlier run
+    (:func:`earlier_run_files`) is refused unless ``overwrite``."""
     from .._lazy import require
 
     torch = require("torch", "training the slice classifier")
     from ..models import create_model
 
     cfg.validate()
+    common.refuse_earlier_run(earlier_run_files(cfg), overwrite)
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     common.seed_everything(cfg.seed)

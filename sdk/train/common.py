@@ -136,6 +136,15 @@ def save_config(cfg: Any, path: Union[str, Path], extra: Optional[Dict[str, Any]
     return p
 
 
+def refuse_earlier_run(found: Sequence[Path], overwrite: bool) -> None:
+    """ConfigError when a training run would replace ``found`` (an earlier run's files, from the
+    trainer's ``earlier_run_files(cfg)``) and ``overwrite`` is false: the Python functions refuse as
+    ``ctsdk train`` does (there with its option names; here before anything is written)."""
+    if found and not overwrite:
+        raise ConfigError(f"{found[0].parent} holds an earlier run ({', '.join(p.name for p in found)}); pass "
+                          f"overwrite=True to replace it or choose another output folder (nothing was written)")
+
+
 def load_config(path: Union[str, Path]) -> Dict[str, Any]:
     """Read a JSON config file into a dict (``_meta`` dropped)."""
     p = Path(path)

@@ -186,8 +186,9 @@ def export_onnx(model: Any, path: Path, size: int, opset: int = 17) -> float:
     return float(np.abs(got - ref).max())
 
 
-def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
-    """Train, early-stop on validation Dice, export ONNX, write config/metrics; returns metrics."""
+def train_seg(cfg: SegTrainConfig, *, overwrite: bool = False) -> Dict[str, Any]:
+    """Train, early-stop on validation Dice, export ONNX, write config/metrics; returns metrics.
+    ``cfg.out_dir`` holding an earlier run (:func:`earlier_run_files`) is refused unless ``overwrite``."""
     from .._lazy import require
 
     torch = require("torch", "training the lung U-Net")
@@ -202,6 +203,9 @@ def train_seg(cfg: SegTrainConfig) -> Dict[str, Any]:
     if cfg.target not in TARGETS:
         raise ConfigError(f"target must be one of {sorted(TARGETS)}, not {cfg.target!r}")
     stem = model_stem(cfg)
+    from .common import refuse_earlier_run
+
+    refuse_earlier_run(earlier_run_files(cfg), overwrite)
     nums, imgs, masks = load_seg2d(cfg.data_dir, TARGETS[cfg.target])
     split = split_blocks(nums, cfg.val_block, cfg.test_block)
     empty = [k for k in ("train", "val", "test") if not len(split[k])]
@@ -301,9 +305,10 @@ def main(argv: List[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=SegTrainConfig.size)
     p.add_argument("--max-minutes", type=float, default=SegTrainConfig.max_minutes)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     a = p.parse_args(argv)
     metrics = train_seg(SegTrainConfig(data_dir=a.data, out_dir=a.out, target=a.target, epochs=a.epochs, base=a.base, size=a.size,
-                                       max_minutes=a.max_minutes, seed=a.seed))
+                                       max_minutes=a.max_minutes, seed=a.seed), overwrite=a.overwrite)
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}), flush=True)
 
 

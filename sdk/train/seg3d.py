@@ -279,14 +279,18 @@ def check_train_config(cfg: Seg3DTrainConfig) -> None:
         raise ConfigError(f"--init {cfg.init}: state dict not found (e.g. a previous run's unet3d_lung.pt)")
 
 
-def train_seg3d(cfg: Seg3DTrainConfig) -> Dict[str, Any]:
+def train_seg3d(cfg: Seg3DTrainConfig, *, overwrite: bool = False) -> Dict[str, Any]:
     """Train with the kit (CPU or CUDA); returns its JSON log. The kit's progress lines go to
-    stderr (stdout is left to the caller's summary)."""
+    stderr (stdout is left to the caller's summary). An ``out_dir`` holding an earlier run
+    (:func:`earlier_run_files`) is refused unless ``overwrite``."""
     import contextlib
 
     from .._lazy import require
 
     require("torch", "training the 3D lung U-Net")
+    from .common import refuse_earlier_run
+
+    refuse_earlier_run(earlier_run_files(cfg), overwrite)
     check_train_config(cfg)
     from . import seg3d_kit
 
@@ -538,6 +542,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     t = sub.add_parser("train", help="train (CPU or CUDA)")
     for f, v in asdict(Seg3DTrainConfig()).items():
         t.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out-dir")
     e = sub.add_parser("export", help="FP32/FP16 ONNX (+ add to a bundle)")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--out", default="runs/seg3d")
@@ -567,7 +572,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                           "resampler_check": man["resampler_check"]}, indent=2))
     elif args.cmd == "train":
         cfg = Seg3DTrainConfig(**{f: getattr(args, f) for f in asdict(Seg3DTrainConfig())})
-        log = train_seg3d(cfg)
+        log = train_seg3d(cfg, overwrite=args.overwrite)
         print(json.dumps({k: v for k, v in log.items() if k != "history"}), flush=True)
     else:
         rep = export(Path(args.ckpt), Path(args.out), Path(args.data_dir))
