@@ -7,7 +7,7 @@ checks that the manifest's *claims about* those files hold:
   manifest's ``preprocessing`` / ``inputs`` / ``classes`` and its ``files`` entry (precision, the
   file it was derived from). Called by :func:`sdk.bundle.write_bundle` (refuses to build),
   :func:`sdk.bundle.verify_bundle` / ``python -m sdk.bundle verify``, and by :class:`sdk.Triage`
-  through :func:`check_classifier_session` on the ONNX Runtime session it opens anyway (no file
+  through :func:`check_session` on the classifier and lung U-Net sessions it opens anyway (no file
   is read twice; microseconds).
 - :func:`verdict_problems` - pass verdicts (``int8.passed``, ``lungs_int8.passed``) for a
   precision whose file the bundle does not hold.
@@ -476,22 +476,22 @@ def check_model_files(root: Path, manifest: Mapping[str, Any], entries: Entries)
     return problems, warnings
 
 
-def check_classifier_session(bundle: Any, session: Any) -> None:
-    """The classifier session :class:`sdk.Triage` opened, against its bundle's manifest: the
-    session's own metadata (``OrtSession.metadata``, read by ONNX Runtime when it loaded the file)
-    and input specs; nothing is read from disk. TensorRT sessions carry no ONNX metadata: only
-    their inputs are compared.
+def check_session(bundle: Any, session: Any, role: str = "classifier") -> None:
+    """A session :class:`sdk.Triage` opened (the ``classifier``, or the 2D ``lungs`` U-Net) against
+    its bundle's manifest: the session's own metadata (``OrtSession.metadata``, read by ONNX Runtime
+    when it loaded the file) and input specs; nothing is read from disk. TensorRT sessions carry no
+    ONNX metadata: only their inputs are compared.
 
     Raises:
         BundleError: naming the bundle, the file, the ONNX and manifest keys and both values.
     """
     entries = {k: f.to_dict() for k, f in bundle.files.items()}
     fname = Path(str(getattr(session, "path", "") or "")).name
-    name = next((k for k, e in entries.items() if e["role"] == "classifier" and Path(e["path"]).name == fname), None)
+    name = next((k for k, e in entries.items() if e["role"] == role and Path(e["path"]).name == fname), None)
     if name is None:   # e.g. a TensorRT engine: the bundle file of the precision it runs
         prec = str(getattr(getattr(session, "info", None), "precision", "") or "")
         name = next((k for k, e in entries.items()
-                     if e["role"] == "classifier" and precision_of("classifier", e["precision"]) == prec), None)
+                     if e["role"] == role and precision_of(role, e["precision"]) == prec), None)
     if name is None:
         return
     inputs = [(str(t.name), tuple(t.shape)) for t in getattr(session, "inputs", [])]
@@ -501,6 +501,6 @@ def check_classifier_session(bundle: Any, session: Any) -> None:
         raise BundleError("; ".join(problems))
 
 
-__all__ = ["MEASURED_ON", "ModelView", "STALE_KEY", "bundle_label", "changed_models", "check_classifier_session",
+__all__ = ["MEASURED_ON", "ModelView", "STALE_KEY", "bundle_label", "changed_models", "check_session",
            "check_model_files", "check_rebuild", "get_key", "load_warnings", "is_stale", "model_key", "model_problems", "read_model",
            "stale_blocks", "threshold_problem", "verdict_problems"]

@@ -309,9 +309,9 @@ class Triage:
         self.lanes = 1 if kernels in PATH_KERNELS else cpu_lanes(threads, lanes)
         self._classifier, self.runtime, self.runtime_reasons = _open_classifier(self.bundle, device, precision, threads,
                                                                                  self.lanes)
-        from .bundle_check import check_classifier_session
+        from .bundle_check import check_session
 
-        check_classifier_session(self.bundle, self._classifier)  # its ONNX metadata / input vs the manifest (no I/O)
+        check_session(self.bundle, self._classifier, "classifier")  # its ONNX metadata / input vs the manifest (no I/O)
         #: what the bundle falls back on or ignores (e.g. no thresholds.series): in every result's warnings
         self.bundle_warnings = self.bundle.warnings
         self.runtime_reasons.extend(self.bundle_warnings)
@@ -324,6 +324,8 @@ class Triage:
             lpath, lprec = _choose_lungs(self.bundle, lungs_precision, self.runtime, self.runtime_reasons)
             self._lungs = _open_lungs(lpath, threads, lprec, self.lanes)
             self.lungs_precision = lprec if self._lungs is not None else None
+            if self._lungs is not None:   # its metadata / input vs the manifest, as for the classifier
+                check_session(self.bundle, self._lungs, "lungs")
         self._kpath = self._open_kernel_path(kernels, device, pooling, sync_timings)
         if self.runtime.get("device") == "cpu" or self._lungs is not None:
             self.runtime["cpu_lanes"] = str(self.lanes)

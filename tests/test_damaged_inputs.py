@@ -364,3 +364,19 @@ def test_train_config_of_the_right_types_still_resolves(tmp_path: Path) -> None:
     c = resolve_config(SegTrainConfig, str(cfg), {"seed": 4})
     assert (c.epochs, c.lr, c.val_block, c.notes, c.seed) == (3, 1, (0, 100), ["a"], 4)
     assert type(c.epochs) is int
+
+
+def test_triage_checks_the_lung_unet_against_the_manifest_at_open(shipped: Path, tmp_path: Path) -> None:
+    """A manifest whose lung input says 64 x 64 beside the 128 x 128 U-Net: Triage() refuses at
+    construction naming the bundle, the file and the key (it failed only in run(), naming neither)."""
+    import sdk
+
+    def small(m: Dict[str, Any]) -> None:
+        m["inputs"]["lungs"]["shape"] = ["batch", 1, 64, 64]
+
+    root = _bundle(shipped, tmp_path / "b", small)
+    with pytest.raises(BundleError) as err:
+        sdk.Triage(root, device="cpu", precision="fp32")
+    msg = str(err.value)
+    assert "lungs_fp32.onnx" in msg and "inputs.lungs.shape" in msg
+    sdk.Triage(root, device="cpu", precision="fp32", lung_method="classical")   # no U-Net session: nothing to check
