@@ -5,13 +5,29 @@ from __future__ import annotations
 import csv
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Union
+from typing import Any, Dict, Iterable, List, Tuple, Union
 
 import numpy as np
 
 from .errors import ConfigError
 
 PathLike = Union[str, Path]
+
+
+def read_csv_table(path: Path, subject: str, columns: str) -> Tuple[List[str], List[Dict[str, str]]]:
+    """(header, rows as dicts) of a UTF-8 CSV file (a byte-order mark - Excel's "CSV UTF-8" - is
+    dropped). ConfigError ``"<subject> is not UTF-8 text ..."`` / ``"... not a readable CSV ..."``
+    (saying it needs ``columns``) for anything else: a decoding error is never passed on."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{subject} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as a UTF-8 CSV "
+                          f"with {columns}") from exc
+    except csv.Error as exc:
+        raise ConfigError(f"{subject} is not a readable CSV ({exc}); give a comma-separated file with {columns}") from exc
 
 
 def read_csv_rows(path: PathLike, required: Iterable[str], what: str) -> List[Dict[str, str]]:
@@ -25,15 +41,7 @@ def read_csv_rows(path: PathLike, required: Iterable[str], what: str) -> List[Di
     need = list(required)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found (columns: {','.join(need)})")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as a UTF-8 "
-                          f"CSV with the columns {','.join(need)}") from exc
-    except csv.Error as exc:
-        raise ConfigError(f"{path}: {what} is not a readable CSV ({exc}); give a comma-separated file with the "
-                          f"columns {','.join(need)}") from exc
+    _, rows = read_csv_table(path, f"{path}: {what}", f"the columns {','.join(need)}")
     if not rows or not set(need) <= set(rows[0]):
         found = sorted(rows[0]) if rows else "(no rows)"
         raise ConfigError(f"{path}: {what} needs the columns {','.join(need)}; found {found}")

@@ -258,7 +258,7 @@ def test_other_csv_readers_refuse_what_is_not_utf8_csv(tmp_path: Path, data: byt
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_bytes(data)
-    with pytest.raises(ConfigError, match=re.escape(f"--manifest {manifest}: {words}")):
+    with pytest.raises(ConfigError, match=re.escape(f"--manifest {manifest} is {words}")):
         read_manifest(manifest)
     predictions = tmp_path / "predictions.csv"
     predictions.write_bytes(data.replace(b"path", b"label,split,patient,p_covid", 1))

@@ -13,16 +13,24 @@ series (one row per file, or a folder listed twice) are merged into one series.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Optional, Tuple, Union
 
 from ..errors import ConfigError
+from ..tables import read_csv_table
 
 PathLike = Union[str, Path]
 
 __all__ = ["read_manifest", "discover_manifest", "discover_source"]
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a name the file system refuses (too long, a NUL byte)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def read_manifest(csv_path: PathLike) -> List[Tuple[str, Path]]:
@@ -34,43 +42,23 @@ def read_manifest(csv_path: PathLike) -> List[Tuple[str, Path]]:
     p = Path(csv_path)
     if not p.is_file():
         raise ConfigError(f"--manifest {p}: no such file; give a CSV with a 'path' column")
-    try:
-        return _read_manifest_rows(p)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--manifest {p}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as a UTF-8 CSV "
-                          f"with a 'path' column") from exc
-    except csv.Error as exc:
-        raise ConfigError(f"--manifest {p}: not a readable CSV ({exc}); give a comma-separated file with a 'path' "
-                          f"column") from exc
-
-
-def _exists(path: Path) -> bool:
-    """``path.exists()``, False for a name the file system refuses (too long, a NUL byte)."""
-    try:
-        return path.exists()
-    except (OSError, ValueError):
-        return False
-
-
-def _read_manifest_rows(p: Path) -> List[Tuple[str, Path]]:
-    with open(p, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-        if "path" not in fields:
-            raise ConfigError(f"--manifest {p}: no 'path' column in the header (found {reader.fieldnames}); "
-                              f"the first row must name the columns, one of them 'path'")
-        col = (reader.fieldnames or [])[fields.index("path")]
-        entries: List[Tuple[str, Path]] = []
-        missing: List[str] = []
-        for row in reader:
-            raw = (row.get(col) or "").strip()
-            if not raw or raw.startswith("#"):
-                continue
-            path = Path(raw) if Path(raw).is_absolute() else (p.parent / raw)
-            if not _exists(path):
-                missing.append(raw)
-                continue
-            entries.append((raw, path))
+    fieldnames, rows = read_csv_table(p, f"--manifest {p}", "a 'path' column")
+    fields = [f.strip().lower() for f in fieldnames]
+    if "path" not in fields:
+        raise ConfigError(f"--manifest {p}: no 'path' column in the header (found {fieldnames}); "
+                          f"the first row must name the columns, one of them 'path'")
+    col = fieldnames[fields.index("path")]
+    entries: List[Tuple[str, Path]] = []
+    missing: List[str] = []
+    for row in rows:
+        raw = (row.get(col) or "").strip()
+        if not raw or raw.startswith("#"):
+            continue
+        path = Path(raw) if Path(raw).is_absolute() else (p.parent / raw)
+        if not _exists(path):
+            missing.append(raw)
+            continue
+        entries.append((raw, path))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConfigError(f"--manifest {p}: {len(missing)} path(s) do not exist: {shown} "
