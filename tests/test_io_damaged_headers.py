@@ -133,3 +133,30 @@ def test_random_header_damage_raises_only_typed_errors(tmp_path, seed) -> None:
             load_series(work)
         except CtsdkError:
             pass   # typed: what the product promises (any other exception fails the test)
+
+
+def test_optional_numbers_that_cannot_be_converted_are_ignored_with_a_note(tmp_path) -> None:
+    """pydicom raises OverflowError converting an IS of '-inf' (InstanceNumber, AcquisitionNumber):
+    the reader needs neither (slices are ordered by position), so they read as absent with a note."""
+    from sdk.io import load_series
+
+    files = _series(tmp_path)
+    reference = load_series(tmp_path)
+    for f in files:
+        _damage(f, "InstanceNumber", "-inf")
+        _damage(f, "AcquisitionNumber", "inf")
+    vol = load_series(tmp_path)
+    np.testing.assert_array_equal(vol.hu, reference.hu)
+    assert sum("InstanceNumber cannot be read; ignored" in w for w in vol.warnings) == len(files)
+    assert sum("AcquisitionNumber cannot be read; ignored" in w for w in vol.warnings) == len(files)
+
+
+def test_a_multi_valued_matrix_size_is_a_corrupt_file(tmp_path) -> None:
+    """Rows / Columns must be one positive whole number (a list raised TypeError in int())."""
+    from sdk.io import load_series
+
+    files = _series(tmp_path)
+    for f in files:
+        _damage(f, "Rows", " \\ ")   # US, 4 bytes: two values
+    with pytest.raises(CorruptFileError, match=r"no usable CT image file among 24: .*Rows '\d+\\\d+' is not one finite number"):
+        load_series(tmp_path)

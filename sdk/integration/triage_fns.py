@@ -177,7 +177,7 @@ def instance_number(ds: Any) -> Optional[int]:
     damaged exports write UIDs, words or several values there; the number only breaks ties)."""
     try:
         return int(str(ds.get("InstanceNumber", "")).strip())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: pydicom converting an IS of 'inf'
         return None
 
 

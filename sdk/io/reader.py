@@ -302,6 +302,25 @@ def _number(obj: Any, keyword: str, label: str, default: Optional[float],
                            f"correct {keyword} in the header or re-export the series")
 
 
+def _optional_text(ds: Any, keyword: str, label: str, notes: List[str]) -> str:
+    """An element the reader can do without (InstanceNumber, AcquisitionNumber) as text; "" when
+    absent, or - with a note - when its value cannot be converted (an IS of 'inf' raises in pydicom)."""
+    try:
+        return str(getattr(ds, keyword, "") or "")
+    except (ValueError, TypeError, OverflowError):
+        notes.append(f"{label}: {keyword} cannot be read; ignored")
+        return ""
+
+
+def _matrix_size(ds: Any, keyword: str, label: str) -> int:
+    """Rows / Columns: one positive whole number (CorruptFileError naming the file otherwise)."""
+    value = _number(ds, keyword, label, None)
+    if value is None or value < 1 or not float(value).is_integer():
+        raise CorruptFileError(f"{keyword} {value if value is not None else 'empty'} is not a positive whole number", label,
+                               "the image header is damaged; re-export the file")
+    return int(value)
+
+
 def _rescale(obj: Any, label: str) -> Tuple[float, float]:
     """(RescaleSlope, RescaleIntercept) of ``obj``: 1 and 0 when absent (a slope of 0, never valid,
     reads as 1, as before); values no CT can have are refused (:data:`MAX_ABS_SLOPE`)."""
@@ -352,9 +371,9 @@ def _slices_from(ds: Any, path: str, label: str) -> List[_Slice]:
     image_type = tuple(str(v).upper() for v in (getattr(ds, "ImageType", None) or ()))
     common = dict(
         path=path, ds=ds, series_uid=str(getattr(ds, "SeriesInstanceUID", "") or ""), modality=modality,
-        rows=int(ds.Rows), cols=int(ds.Columns), syntax=syntax, image_type=image_type,
-        acquisition=str(getattr(ds, "AcquisitionNumber", "") or ""), uid_source=uid_source,
-        instance_number=str(getattr(ds, "InstanceNumber", "") or "") or None,
+        rows=_matrix_size(ds, "Rows", label), cols=_matrix_size(ds, "Columns", label), syntax=syntax, image_type=image_type,
+        acquisition=_optional_text(ds, "AcquisitionNumber", label, notes), uid_source=uid_source,
+        instance_number=_optional_text(ds, "InstanceNumber", label, notes) or None,
     )
     n_frames = int(_number(ds, "NumberOfFrames", label, 1.0) or 1)
     if n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
@@ -416,6 +435,17 @@ def _frames_from(ds: Any, label: str, sop: str, notes: List[str], n_frames: int,
     return out
 
 
+def _interpret(ds: Any, path: str, label: str) -> List[_Slice]:
+    """:func:`_slices_from`, with a header element whose value cannot be converted (pydicom's value
+    conversion raising e.g. OverflowError for an IS of 'inf', TypeError for a VM it does not expect)
+    as a CorruptFileError naming the file: the file is unusable, the scan goes on."""
+    try:
+        return _slices_from(ds, path, label)
+    except (ValueError, TypeError, OverflowError, UnicodeError) as exc:
+        raise CorruptFileError(f"a header element cannot be read ({type(exc).__name__}: {str(exc)[:120]})", label,
+                               "re-export the file") from exc
+
+
 def _scan(source: Source) -> _Scan:
     items, single, notes = _expand(source)
     slices: List[_Slice] = []
@@ -425,7 +455,7 @@ def _scan(source: Source) -> _Scan:
             label = item
             try:
                 ds, read_notes = _read(item)
-                found = _slices_from(ds, item, label)
+                found = _interpret(ds, item, label)
             except SeriesError as exc:
                 bad.append((label, exc))
                 continue
@@ -433,7 +463,7 @@ def _scan(source: Source) -> _Scan:
         else:
             label = str(getattr(item, "filename", "") or f"<dataset {idx}>")
             try:
-                found = _slices_from(item, "", label)
+                found = _interpret(item, "", label)
             except SeriesError as exc:
                 bad.append((label, exc))
                 continue
