@@ -26,15 +26,28 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import ConfigError, CtsdkError
+from .errors import ConfigError, ResultWriteError
 
 PathLike = Union[str, Path]
 
-__all__ = ["discriminative_cam", "upsample_cam", "slice_heatmap", "overlay", "write_png", "window_to_unit",
+__all__ = ["check_alpha", "discriminative_cam", "upsample_cam", "slice_heatmap", "overlay", "write_png", "window_to_unit",
            "robust_scale", "opacity_overlay", "colour_bar", "reading_panel", "GGO_BGR", "CONSOLIDATION_BGR"]
 
 GGO_BGR = (0, 215, 255)            # yellow-orange
 CONSOLIDATION_BGR = (40, 40, 230)  # red
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """``alpha`` as a float when it is a number from 0 to 1 (the colour map's weight), else
+    ConfigError naming it (NaN, inf, a negative or a string would blend garbage or fail in NumPy)."""
+    import math
+    import numbers
+
+    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0
+    if not ok:
+        raise ConfigError(f"{name} must be a number from 0 (no colour) to 1 (full weight), got {alpha!r} "
+                          f"({type(alpha).__name__})")
+    return float(alpha)
 
 
 def discriminative_cam(cam: np.ndarray, k: int) -> np.ndarray:
@@ -99,6 +112,7 @@ def overlay(
     """
     import cv2
 
+    alpha = check_alpha(alpha)
     g = np.asarray(grey01, dtype=np.float32)
     h = np.asarray(heat, dtype=np.float32)
     if g.shape != h.shape:
@@ -136,6 +150,7 @@ def opacity_overlay(grey01: np.ndarray, labels: np.ndarray, mask: Optional[np.nd
     plus the lung outline (thin green) when a mask is given."""
     import cv2
 
+    alpha = check_alpha(alpha)
     g = np.asarray(grey01, dtype=np.float32)
     base = cv2.cvtColor((np.clip(g, 0, 1) * 255.0 + 0.5).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     out = base.astype(np.float32)
@@ -212,12 +227,17 @@ def reading_panel(cam_bgr: np.ndarray, opacity_bgr: Optional[np.ndarray], vmax: 
 
 
 def write_png(path: PathLike, image: np.ndarray) -> Path:
-    """Write a uint8 image as PNG; an OpenCV failure becomes a CtsdkError naming the path."""
+    """Write a uint8 image as PNG; a folder that cannot be made or an OpenCV failure becomes a
+    ResultWriteError (a CtsdkError) naming the path."""
     import cv2
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultWriteError(f"{path}: could not write PNG: cannot make its folder {path.parent} "
+                               f"({exc.strerror or exc}); give a folder you can create and write to") from exc
     ok = cv2.imwrite(str(path), image)
     if not ok:
-        raise CtsdkError(f"{path}: could not write PNG (check the folder is writable)")
+        raise ResultWriteError(f"{path}: could not write PNG (check the folder is writable)")
     return path

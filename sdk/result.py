@@ -6,6 +6,7 @@ path) both build these, so neither has to import the other for its result types.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -22,6 +23,25 @@ NOT_ELIGIBLE = "not_eligible"
 
 
 # --- result ------------------------------------------------------------------------------------
+def _heatmap_folder(out_dir: Any) -> Path:
+    """The folder ``save_heatmaps`` writes into, created now: ConfigError for a value that is no
+    path (None, a number, bytes, ``""`` - which would mean the working directory), ResultWriteError
+    when it cannot be created (a file is in the way, a read-only place), before any slice is drawn."""
+    from .errors import ResultWriteError
+
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+        raise ConfigError(f"out_dir must be a folder path (str or Path; '.' for the working directory), got "
+                          f"{out_dir!r} ({type(out_dir).__name__})")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file, not a folder" if out.is_file() else (exc.strerror or str(exc))
+        raise ResultWriteError(f"{out}: cannot write heat maps there ({why}); give a folder you can create and "
+                               "write to") from exc
+    return out
+
+
 def _opt(v: Any) -> Optional[float]:
     """A finite float, or None (NaN / missing)."""
     if v is None:
@@ -170,6 +190,9 @@ class TriageResult:
 
         src = self._source()
         n = len(self.slice_scores)
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise ConfigError(f"heat map index must be a whole number (a position in slice_scores), got {i!r} "
+                              f"({type(i).__name__})")
         if not -n <= i < n:
             raise ConfigError(f"heat map index {i} out of range: {n} selected slices (0..{n - 1})")
         z = self.slice_scores[i].index
@@ -197,15 +220,25 @@ class TriageResult:
         red, with the slice's fractions); a colour bar in logit/pixel. One robust colour scale for
         the whole series (99th percentile of the positive evidence in the lungs over all selected
         slices) so slices compare. Returns the written paths.
+
+        Raises:
+            ConfigError: no heat-map data kept, ``top`` not a whole number >= 1, ``alpha`` not a
+                number from 0 to 1, ``out_dir`` not a path (or empty).
+            ResultWriteError: ``out_dir`` cannot be created or written.
         """
-        from .heatmap import opacity_overlay, overlay, reading_panel, robust_scale, slice_heatmap, window_to_unit, write_png
+        from .heatmap import (check_alpha, opacity_overlay, overlay, reading_panel, robust_scale, slice_heatmap,
+                              window_to_unit, write_png)
 
         src = self._source()
-        out = Path(out_dir)
+        alpha = check_alpha(alpha)
+        if top is not None and (not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 1):
+            raise ConfigError(f"top must be a whole number >= 1 (the slices with the highest P(positive)) or None "
+                              f"(every selected slice), got {top!r} ({type(top).__name__})")
+        out = _heatmap_folder(out_dir)
         pos = self.bundle.get("positive_class", "")
         order = list(range(len(self.slice_scores)))
         if top is not None:
-            order = sorted(order, key=lambda j: -self.slice_scores[j].probabilities.get(pos, 0.0))[: max(0, int(top))]
+            order = sorted(order, key=lambda j: -self.slice_scores[j].probabilities.get(pos, 0.0))[: int(top)]
         # the series scale, on every 8th pixel of every selected slice (cheap, same distribution)
         rows, cols = src.hu.shape[1:]
         small = [slice_heatmap(src.cams[j], src.class_index, None, ((rows + 7) // 8, (cols + 7) // 8))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -66,6 +67,13 @@ LUNGS_PRECISIONS = ("auto", "fp32", "int8")
 #: eligibility on the kernel path (:mod:`sdk.device_path`): resample, classifier inputs, mask
 #: weights and masked GAP by that kernel set, device-resident with "cuda"
 KERNELS = ("auto", "numpy", "gpu", "cuda", "cpu-harness", "reference")
+#: most intra-op threads one session may be given: ONNX Runtime starts them all when the session
+#: opens (``threads=100000`` kept a 2-core machine busy for minutes; a number past 2**31 is refused by
+#: ORT with a TypeError)
+MAX_THREADS = 1024
+#: most slices per classifier call: more than any chest CT selects, and the warm-up allocates one
+#: batch (1024 x 3 x 224 x 224 float32 = 0.6 GB)
+MAX_CLASSIFIER_BATCH = 1024
 
 __all__ = ["Triage", "TriageResult", "SliceScore", "slice_scores", "STAGES", "NOT_ELIGIBLE"]
 
@@ -203,6 +211,23 @@ def _infer(session: Any, x: np.ndarray) -> Dict[str, np.ndarray]:
 
 
 # --- facade ------------------------------------------------------------------------------------
+def whole_number(name: str, value: Any, *, maximum: Optional[int] = None) -> Optional[int]:
+    """``value`` as an int when it is None or a whole number from 1 to ``maximum``; else ConfigError
+    naming ``name``, the value and its type (a float such as 1.5, NaN, a string or a bool is refused,
+    not rounded). Shared by the count arguments of :class:`Triage` (threads, lanes, classifier_batch)."""
+    import math
+    import numbers
+
+    if value is None:
+        return None
+    bound = f" and <= {maximum}" if maximum is not None else ""
+    whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if not whole or not 1 <= int(value) <= (maximum if maximum is not None else int(value)):
+        raise ConfigError(f"{name} must be a whole number >= 1{bound}, or None, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def _check_finite(volume: Any) -> None:
     """A caller's float Volume must hold finite HU (the reader's never holds NaN / inf; a volume built
     by the integrator's own decoder might): ConfigError naming how many values and the first slice,
@@ -236,20 +261,25 @@ class Triage:
         heatmaps: keep references to the volume, mask and CAMs in each result so that
             ``heatmap(i)`` / ``save_heatmaps(dir)`` work (costs no time, holds memory until the
             result is dropped).
-        threads: intra-op threads per ONNX Runtime session (None: the runtime's default; on the
-            CPU that is the cores shared out between ``lanes``).
+        threads: intra-op threads per ONNX Runtime session, 1 to :data:`MAX_THREADS` (None: the
+            runtime's default; on the CPU that is the cores shared out between ``lanes``).
         lanes: CPU sessions (classifier, 2D lung U-Net): batches run side by side, each on its
             own intra-op threads (:func:`sdk.runtime.ort.cpu_lanes`). None: one lane per core (at
             most 4) when ``threads`` is None, else 1 (batches one after the other on ``threads``).
             Same results either way; reported as ``runtime["cpu_lanes"]``.
         kernels: who builds the classifier inputs, see :data:`KERNELS`; reported as
             ``runtime["kernels"]``.
-        classifier_batch: slices per classifier call (the sessions are warmed up at this batch);
-            None: 8 when the classifier runs on the CPU, 16 on a GPU.
+        classifier_batch: slices per classifier call, 1 to :data:`MAX_CLASSIFIER_BATCH` (the
+            sessions are warmed up at this batch); None: 4 when the classifier runs on the CPU, 16 on
+            a GPU.
         pooling: kernel path only: "auto" | "kernel" (features graph + mask-weights / masked-GAP
             kernels + head) | "graph" (the classifier graph's own pooling).
         sync_timings: kernel path on a GPU: synchronise the device at stage boundaries so
             ``timings_ms`` are per-stage device times (otherwise launches stay asynchronous).
+
+    Raises:
+        ConfigError: an argument out of its range or of the wrong kind (a count that is not a whole
+            number, an unknown name), before anything is loaded.
     """
 
     def __init__(
@@ -278,16 +308,17 @@ class Triage:
             raise ConfigError(f"lung_method {lung_method!r} not in {LUNG_METHODS}")
         if lungs_precision not in LUNGS_PRECISIONS:
             raise ConfigError(f"lungs_precision {lungs_precision!r} not in {LUNGS_PRECISIONS}")
-        if classifier_batch is not None and int(classifier_batch) < 1:
-            raise ConfigError(f"classifier_batch must be >= 1, got {classifier_batch}")
+        classifier_batch = whole_number("classifier_batch", classifier_batch, maximum=MAX_CLASSIFIER_BATCH)
         if kernels not in KERNELS:
             raise ConfigError(f"kernels {kernels!r} not in {KERNELS}")
         if pooling not in ("auto", "kernel", "graph"):
             raise ConfigError(f"pooling {pooling!r} not in ('auto', 'kernel', 'graph')")
-        if threads is not None and int(threads) < 1:
-            raise ConfigError(f"threads must be >= 1 or None, got {threads}")
-        if lanes is not None and int(lanes) < 1:
-            raise ConfigError(f"lanes must be >= 1 or None, got {lanes}")
+        threads = whole_number("threads", threads, maximum=MAX_THREADS)
+        lanes = whole_number("lanes", lanes)
+        if bundle is not None and not isinstance(bundle, Bundle) and (
+                not isinstance(bundle, (str, os.PathLike)) or not str(bundle).strip()):
+            raise ConfigError(f"bundle must be a bundle folder (str or Path), a loaded sdk.bundle.Bundle or None "
+                              f"(the packaged default), got {type(bundle).__name__} {bundle!r:.60}")
         t0 = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.device, self.precision, self.lung_method = device, precision, lung_method

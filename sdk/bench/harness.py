@@ -53,6 +53,10 @@ SCHEMA = "ctsdk.bench/1"
 GOAL_SPEEDUP = 10.0
 GOAL_TOTAL_MS = 1500.0
 GOAL_PEAK_RSS_MB = 800.0
+#: most slices of the phantom and of a scaling point (a long chest CT at 0.5 mm has ~800)
+MAX_SLICES = 4096
+#: largest matrix of the phantom (clinical CT reconstructs 512 or 1024; 2048 x 2048 x 64 int16 is 0.5 GB)
+MAX_PHANTOM_SIZE = 2048
 #: field of view of the default phantom (mm), so any matrix size is an adult chest
 PHANTOM_FOV_MM = 350.0
 
@@ -95,22 +99,30 @@ class BenchConfig:
     cold_fresh: bool = True
 
     def validate(self) -> None:
+        from ..triage import MAX_CLASSIFIER_BATCH, MAX_THREADS
+
         if self.repeat < 1:
             raise ConfigError(f"--repeat must be >= 1, got {self.repeat}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
-        bad = [b for b in self.batch_sizes if b < 1]
+        bad = [b for b in self.batch_sizes if not 1 <= b <= MAX_CLASSIFIER_BATCH]
         if bad:
-            raise ConfigError(f"--batch-sizes must be positive integers, got {bad}")
-        bad = [n for n in self.scaling if n < 2]
+            raise ConfigError(f"--batch-sizes must be positive integers <= {MAX_CLASSIFIER_BATCH}, got {bad}")
+        bad = [n for n in self.scaling if not 2 <= n <= MAX_SLICES]
         if bad:
-            raise ConfigError(f"--scaling slice counts must be >= 2, got {bad}")
+            raise ConfigError(f"--scaling slice counts must be >= 2 and <= {MAX_SLICES}, got {bad}")
+        if not 1 <= self.phantom_slices <= MAX_SLICES:
+            raise ConfigError(f"--phantom-slices must be >= 1 and <= {MAX_SLICES}, got {self.phantom_slices}")
+        if not 8 <= self.phantom_size <= MAX_PHANTOM_SIZE:
+            raise ConfigError(f"--phantom-size must be >= 8 and <= {MAX_PHANTOM_SIZE} (the phantom's matrix, "
+                              f"pixels per side), got {self.phantom_size}")
         if self.batch_repeat < 1:
             raise ConfigError(f"--batch-repeat must be >= 1, got {self.batch_repeat} (use --batch-sizes none to skip the throughput table)")
         if self.scaling_repeat < 1:
             raise ConfigError(f"--scaling-repeat must be >= 1, got {self.scaling_repeat} (leave --scaling out to skip the curve)")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads} (leave it out for each library's default)")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ConfigError(f"--threads must be >= 1 and <= {MAX_THREADS}, got {self.threads} (leave it out for "
+                              "each library's default)")
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
         if unknown:
             raise ConfigError(f"unknown runtime(s) {unknown}; valid: {', '.join(RUNTIMES)}")

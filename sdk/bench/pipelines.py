@@ -64,8 +64,9 @@ DEFAULT_RUNTIMES = tuple(RUNTIMES)
 
 
 def parse_runtimes(text: Optional[str]) -> List[str]:
-    """``"naive,ort-fp32"`` -> ["naive", "ort-fp32"]; unknown names raise ConfigError listing the valid ones."""
-    if not text:
+    """``"naive,ort-fp32"`` -> ["naive", "ort-fp32"]; unknown names raise ConfigError listing the valid ones.
+    None: the default runtimes; an empty text (``--runtimes ""``) is refused like ``--runtimes ,``."""
+    if text is None:
         return list(DEFAULT_RUNTIMES)
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in RUNTIMES]

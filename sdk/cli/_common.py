@@ -9,8 +9,10 @@ with ``--json`` also one ``{"error": {...}}`` object on stdout); 130 interrupted
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -19,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import click
 
-from ..errors import CtsdkError, ResultWriteError
+from ..errors import ConfigError, CtsdkError, ResultWriteError
 
 log = logging.getLogger("sdk")
 
@@ -126,6 +128,83 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# --- option types: what click's own types let through --------------------------------------------
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange (bounds optional) that also refuses ``nan`` and ``inf``: click parses both
+    as floats and NaN passes every range check (``nan < 0`` is False)."""
+
+    def __init__(self, min: Optional[float] = None, max: Optional[float] = None, *, min_open: bool = False,
+                 max_open: bool = False) -> None:
+        super().__init__(min, max, min_open=min_open, max_open=max_open)
+        if min is None and max is None:
+            self.name = "float"  # metavar FLOAT, as type=float shows
+
+    def _describe_range(self) -> str:
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class Threads(click.ParamType):
+    """``--threads``: a whole number from 1 to :data:`sdk.triage.MAX_THREADS` (ONNX Runtime starts
+    every thread when a session opens; read lazily, so ``--help`` does not import NumPy)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        from ..triage import MAX_THREADS
+
+        return click.IntRange(1, MAX_THREADS).convert(click.INT.convert(value, param, ctx), param, ctx)
+
+
+THREADS = Threads()
+
+
+def check_triage_fn(spec: Optional[str], option: str = "--triage-fn") -> None:
+    """ConfigError (exit 2, before any series is read or a socket opened) unless ``spec`` is None or
+    names an importable callable as ``module:function`` (the triage function or its factory); without
+    this check every series would fail alike, one error line each."""
+    if not spec:
+        return
+    from ..integration.listener import load_triage_factory
+
+    load_triage_factory(spec)  # ConfigError: not module:function, or it cannot be imported
+    module, _, attr = spec.partition(":")
+    obj = getattr(importlib.import_module(module), attr)
+    if not callable(obj):
+        raise ConfigError(f"{option} {spec!r}: {type(obj).__name__} object is not callable; name a triage function "
+                          "or factory, e.g. sdk.integration.triage_fns:inventory (checked before starting: nothing was run)")
+
+
+def check_not_input(path: Optional[str], option: str, inputs: Dict[str, Optional[str]]) -> None:
+    """ConfigError unless output ``path`` (an ``option`` value) is a file other than every input
+    (``{option: path}``): writing it would replace the input being read."""
+    if path is None:
+        return
+    out = Path(path)
+    for other, value in inputs.items():
+        if value is None:
+            continue
+        same = out.resolve() == Path(value).resolve()
+        if not same and out.exists() and Path(value).exists():
+            try:
+                same = os.path.samefile(out, value)
+            except OSError:
+                same = False
+        if same:
+            raise ConfigError(f"{option} {path} is also {other}: writing it would replace that input; give another "
+                              f"file for {option} (checked before starting: nothing was run)")
+
+
+def _check_not_empty(path: str, option: str, what: str) -> None:
+    if not str(path).strip():
+        raise ConfigError(f"{option} {path!r}: an empty path; give {what} (checked before starting: nothing was run)")
+
+
 # --- output locations, checked before the long work starts ---------------------------------------
 def _probe_dir(folder: Path) -> Optional[str]:
     """None when ``folder`` exists or can be created and a file can be written in it, else the
@@ -162,6 +241,7 @@ def check_output_dir(path: Optional[str], option: str) -> None:
     results never starts."""
     if path is None:
         return
+    _check_not_empty(path, option, "a folder ('.' for the working directory)")
     folder = Path(path)
     reason = f"{folder} is a file, not a folder" if folder.is_file() else _probe_dir(folder)
     if reason:
@@ -174,6 +254,7 @@ def check_output_file(path: Optional[str], option: str) -> None:
     file must be a writable file (its content is not touched here)."""
     if path is None:
         return
+    _check_not_empty(path, option, "a file name")
     f = Path(path)
     if f.is_dir():
         reason: Optional[str] = f"{f} is a folder; give a file name"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from ._common import check_output_file, emit, handle_errors, json_option
+from ._common import FiniteFloat, check_not_input, check_output_file, check_triage_fn, emit, handle_errors, json_option
 
 EXAMPLES = """\b
 Examples:
@@ -38,8 +38,8 @@ Exit codes:
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: a process pool here; ray: a Ray cluster (needs ctsdk[cluster], see sdk.cluster).")
 @click.option("--ray-address", default=None, help="--engine ray: 'auto', HOST:PORT of a head node, or none for a private Ray.")
-@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="--engine ray: logical CPUs per actor.")
-@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="--engine ray: GPUs per actor.")
+@click.option("--cpus-per-worker", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True, help="--engine ray: logical CPUs per actor.")
+@click.option("--gpus-per-worker", type=FiniteFloat(min=0), default=0.0, show_default=True, help="--engine ray: GPUs per actor.")
 @click.option("--resume", is_flag=True, help="Skip series whose key is already in --out (after an interruption).")
 @click.option("--overwrite", is_flag=True, help="Start --out afresh when it exists.")
 @click.option("--triage-fn", default=None, help="module:function triage hook (default: sdk.triage.Triage).")
@@ -61,7 +61,13 @@ def triage_batch(root: Optional[str], manifest: Optional[str], out_path: str, wo
 
     if (root is None) == (manifest is None):
         raise ConfigError("give either ROOT (an archive folder) or --manifest CSV, not both and not neither")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues --out (finished series "
+                          "are kept), --overwrite starts it afresh; give one of them")
+    check_not_input(out_path, "--out", {"--manifest": manifest, "ROOT": root})
     check_output_file(out_path, "--out")  # before any series is read: the run must be able to save
+    if engine == "local":
+        check_triage_fn(triage_fn)  # (a Ray cluster imports it on its nodes)
     out_existed = Path(out_path).exists()
     from ..integration.batch import BatchOptions
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import click
 
-from ._common import check_output_dir, emit, handle_errors, json_option
+from ._common import THREADS, check_output_dir, emit, handle_errors, json_option
 
 _RUNTIME_NAMES = "naive,ort-fp32,ort-int8,ort-cuda-fp16,trt-fp16,trt-int8"
 
@@ -147,7 +147,7 @@ def _hold_signals() -> None:
 @click.option("--scaling-repeat", type=int, default=1, show_default=True, help="Calls per runtime and slice count.")
 @click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model bundle folder (default: the bundle shipped in the package).")
-@click.option("--threads", type=int, default=None, help="Intra-op threads for ONNX Runtime and torch (default: each library's; the product then runs its CPU "
+@click.option("--threads", type=THREADS, default=None, help="Intra-op threads for ONNX Runtime and torch (default: each library's; the product then runs its CPU "
                    "sessions in lanes, one per core - given, one batch at a time on THREADS).")
 @click.option("--phantom-slices", type=int, default=64, show_default=True, help="Slices of the default phantom (no SOURCE).")
 @click.option("--phantom-size", type=int, default=256, show_default=True, help="Matrix of the default phantom (no SOURCE).")

@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional
 
 import click
 
-from ._common import check_output_dir, check_output_file, emit, handle_errors, json_option
+from ._common import check_not_input, check_output_dir, check_output_file, emit, handle_errors, json_option
 
 EXAMPLES = """\b
 Examples:
@@ -54,7 +54,7 @@ def _human(d: Dict[str, Any]) -> str:
                    "symmetric signed INT8 Q/DQ ONNX from ctsdk calibrate --target tensorrt, checked before TensorRT "
                    "loads); on TensorRT 11 the file decides the precision.")
 @click.option("--batch", default="1,8,32", show_default=True, help="Optimisation profile MIN,OPT,MAX batch sizes.")
-@click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True, help="Builder workspace (MB).")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=2048, show_default=True, help="Builder workspace (MB).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file: loaded if present, updated after the build (cold vs warm build time).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
@@ -103,6 +103,8 @@ def build_engine(model: str, precision: str, batch: str, workspace_mb: int, timi
     check_output_file(timing_cache, "--timing-cache")
     check_output_dir(cache_dir, "--cache-dir")
     onnx = resolve_model(model, precision, bundle_dir)
+    check_not_input(out_path, "--out", {"--model": str(onnx)})
+    check_not_input(timing_cache, "--timing-cache", {"--model": str(onnx), "--out": out_path})
     warnings = _int8_preflight(onnx) if precision == "int8" else []  # a non-TensorRT Q/DQ file: exit 2 here
     import_tensorrt("ctsdk build-engine")           # then: is TensorRT here at all? (exit 2, one line)
     cfg = BuildConfig(onnx=onnx, precision=precision, batch=profile, workspace_mb=workspace_mb,

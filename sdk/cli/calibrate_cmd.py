@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import check_output_file, emit, handle_errors, json_option, warn
+from ._common import THREADS, FiniteFloat, check_not_input, check_output_file, emit, handle_errors, json_option, warn
 
 EXAMPLES = """\b
 Examples:
@@ -85,9 +85,9 @@ def _human(d: Dict[str, Any]) -> str:
                    "images may be training images); 'none' = the images CSV's split column.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report JSON here.")
-@click.option("--max-test", type=int, default=None,
+@click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Cap on test slices (stratified); default all. The test set must hold both classes.")
-@click.option("--threads", type=int, default=2, show_default=True, help="ORT CPU threads for evaluation and timing.")
+@click.option("--threads", type=THREADS, default=2, show_default=True, help="ORT CPU threads for evaluation and timing.")
 @click.option("--no-bench", is_flag=True, help="Skip the FP32 vs INT8 speed measurement.")
 @click.option("--render", type=click.Choice(["8bit", "hu"]), default="8bit", show_default=True,
               help="How images become inputs: '8bit' = the 8-bit letterbox transform; 'hu' = grey->HU estimate, "
@@ -95,7 +95,7 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--bias-correction", is_flag=True,
               help="Correct each quantised convolution's bias for the mean output shift of its INT8 weights "
                    "(per-channel input means of the calibration slices; docs/benchmarks/int8.md).")
-@click.option("--percentile", type=float, default=99.999, show_default=True,
+@click.option("--percentile", type=FiniteFloat(min=0, max=100, min_open=True), default=99.999, show_default=True,
               help="Upper percentile of |activation| for --method percentile.")
 @click.option("--masks-dir", type=click.Path(file_okay=False), default=None,
               help="Lung-mask cache of the classifier's training run (its OUT_DIR/masks, holding masks.npz); default "
@@ -115,6 +115,8 @@ def calibrate(onnx_path: str, images_csv: str, out_path: str, n: int, method: st
     MinMax / Entropy / Percentile on the test split, and report AUC/accuracy delta, top-1
     agreement and the speed ratio. Exit 1 when the INT8 model misses the accuracy bar (the file is
     still written, marked by the report)."""
+    check_not_input(out_path, "--out", {"--onnx": onnx_path, "--images": images_csv})
+    check_not_input(report_path, "--report", {"--onnx": onnx_path, "--images": images_csv, "--out": out_path})
     check_output_file(out_path, "--out")  # before the calibration runs: the model must be savable
     check_output_file(report_path, "--report")
     from ..calibration.dataset import HuRenderPreprocessor

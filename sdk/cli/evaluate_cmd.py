@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import check_output_dir, emit, handle_errors, json_option
+from ._common import THREADS, check_output_dir, emit, handle_errors, json_option
 
 EXAMPLES = """\b
 Examples:
@@ -115,8 +115,8 @@ def _human(d: Dict[str, Any]) -> str:
                    "runtime's window (images it cannot estimate are excluded and listed), 'auto' = the bundle's choice.")
 @click.option("--n-bootstrap", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Bootstrap resamples for the 95 % confidence intervals.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the bootstrap (same seed, same CIs).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime threads (images mode).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed of the bootstrap (same seed, same CIs).")
+@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime threads (images mode).")
 @click.option("--cases/--no-cases", default=False, show_default=True, help="Include per-case scores in the printed JSON.")
 @json_option
 @handle_errors

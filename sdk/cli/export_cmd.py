@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import check_output_file, emit, handle_errors, json_option
+from ._common import check_not_input, check_output_file, emit, handle_errors, json_option
 
 EXAMPLES = """\b
 Examples:
@@ -42,11 +42,11 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="ONNX file to write (one file).")
 @click.option("--fp16", "fp16", is_flag=True, help="Also write <out stem>_fp16.onnx (FP16 backbone, FP32 head and I/O).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17).")
-@click.option("--input-size", type=int, default=None, help="Input side S (default: the model's cfg, else 224).")
+@click.option("--input-size", type=click.IntRange(min=1), default=None, help="Input side S (default: the model's cfg, else 224).")
 @click.option("--bundle-version", default=None,
               help="Version of the bundle this model will ship in, written to the ONNX metadata as "
                    "ctsdk.bundle_version (default: not written - an export does not know its bundle).")
-@click.option("--n-parity", type=int, default=16, show_default=True, help="Real slices used for the parity check.")
+@click.option("--n-parity", type=click.IntRange(min=1), default=16, show_default=True, help="Real slices used for the parity check.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @json_option
 @handle_errors
@@ -57,12 +57,15 @@ def export(model_name: str, checkpoint: Optional[str], out_path: str, fp16: bool
     import sys
     from pathlib import Path
 
+    check_not_input(out_path, "--out", {"--checkpoint": checkpoint})
     check_output_file(out_path, "--out")  # before the model is built: the ONNX must be savable
     from ..export.onnx import classifier_metadata, export_fp16, export_onnx
 
     model = load_model(model_name, checkpoint)
     cfg_size = getattr(getattr(model, "cfg", None), "input_size", None)
     size = input_size or cfg_size or (128 if model_name.startswith("unet") else 224)
+    if input_size is not None:
+        _check_input_size(model, model_name, input_size)
     meta: Dict[str, Any]
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "classes"):
         meta = classifier_metadata(model, bundle_version=bundle_version, name=model_name, size=size)
@@ -88,6 +91,27 @@ def export(model_name: str, checkpoint: Optional[str], out_path: str, fp16: bool
         sys.exit(1)
 
 
+def _check_input_size(model: Any, name: str, size: int) -> None:
+    """ConfigError when ``model`` cannot run on one input of side ``size`` (a U-Net needs a side its
+    poolings halve evenly, e.g. 33 or 7 fail): one forward pass, before the export starts."""
+    import torch
+
+    from ..errors import ConfigError
+
+    conv = next((m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
+    if conv is None:
+        return
+    dims = 3 if isinstance(conv, torch.nn.Conv3d) else 2
+    forward = model.forward_onnx if callable(getattr(model, "forward_onnx", None)) else model
+    try:
+        with torch.no_grad():
+            forward(torch.zeros(1, conv.in_channels, *([size] * dims)))
+    except RuntimeError as exc:  # shapes that do not fit, or an input too large to allocate
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--input-size {size}: model {name!r} cannot run on {'x'.join([str(size)] * dims)} inputs "
+                          f"({first}); give a side its layers divide evenly, e.g. 128 or 224") from None
+
+
 def load_model(name: str, checkpoint: Optional[str]) -> Any:
     """A registry model, with the trained weights of ``checkpoint`` when given.
 
@@ -101,7 +125,12 @@ def load_model(name: str, checkpoint: Optional[str]) -> Any:
         return create_model(name).eval()
     import torch
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and torch errors of a file that is no checkpoint
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise BundleError(f"{checkpoint}: cannot be loaded as a PyTorch checkpoint ({type(exc).__name__}: {first}); "
+                          "give the best.pt of a ctsdk train run") from None
     if isinstance(ckpt, dict) and "cfg" in ckpt and "model" in ckpt and "state_dict" in ckpt:
         from ..models.classifier import load_checkpoint
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import click
 
-from ._common import check_output_dir, emit, handle_errors, json_option
+from ._common import FiniteFloat, check_output_dir, check_triage_fn, emit, handle_errors, json_option
 
 EXAMPLES = """\b
 Examples:
@@ -61,6 +61,25 @@ def _start(listener: Any, bind: str, port: int, tls_cert: Optional[str], tls_key
         raise ConfigError(f"cannot listen on {bind}:{port} ({exc.strerror or exc}); {hint}") from exc
 
 
+def _check_addresses(bind: str, allow_ip: Tuple[str, ...]) -> None:
+    """ConfigError for an empty --bind (the socket would listen on every interface, not on none) and
+    an --allow-ip that is no IP address (a sender's address is compared with it as written, so a host
+    name or a network would silently refuse every sender)."""
+    import ipaddress
+
+    from ..errors import ConfigError
+
+    if not bind.strip():
+        raise ConfigError("--bind '': an empty address would listen on every interface; give an address of this "
+                          "machine, e.g. 127.0.0.1 (or 0.0.0.0 to listen on every interface on purpose)")
+    for ip in allow_ip:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ConfigError(f"--allow-ip {ip!r}: not an IP address; give the sender's address as it connects, e.g. "
+                              "10.0.0.7 (host names and networks are not matched)") from None
+
+
 def _human(d: Dict[str, Any]) -> str:
     return "\n".join(f"{k}: {v}" for k, v in d.items())
 
@@ -78,7 +97,7 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="Server private key (PEM).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CA bundle (PEM): require and verify client certificates (mutual TLS).")
-@click.option("--quiet-seconds", type=float, default=10.0, show_default=True,
+@click.option("--quiet-seconds", type=FiniteFloat(min=0), default=10.0, show_default=True,
               help="A series is complete when no new instance arrived for this long.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Triage worker threads (one model per worker).")
 @click.option("--queue-size", type=int, default=8, show_default=True, help="Complete series waiting for a worker (bounded).")
@@ -98,8 +117,8 @@ def _human(d: Dict[str, Any]) -> str:
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker threads here; ray: each worker's triage runs on a Ray actor (needs ctsdk[cluster]).")
 @click.option("--ray-address", default=None, help="--engine ray: 'auto', HOST:PORT of a head node, or none for a private Ray.")
-@click.option("--cpus-per-worker", type=float, default=1.0, show_default=True, help="--engine ray: logical CPUs per actor.")
-@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="--engine ray: GPUs per actor.")
+@click.option("--cpus-per-worker", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True, help="--engine ray: logical CPUs per actor.")
+@click.option("--gpus-per-worker", type=FiniteFloat(min=0), default=0.0, show_default=True, help="--engine ray: GPUs per actor.")
 @click.option("--no-dicom-results", is_flag=True, help="Write result.json only (no SR / SC objects).")
 @click.option("--quiet", "-q", is_flag=True, help="Log warnings and errors only (no INFO line per series).")
 @json_option
@@ -116,7 +135,10 @@ def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[st
     same --out resumes pending series, never redoes finished ones and retries forwards that did
     not get through. Research use only.
     """
+    _check_addresses(bind, allow_ip)
     check_output_dir(out_dir, "--out")  # before the socket opens: received series must be storable
+    if engine == "local":
+        check_triage_fn(triage_fn)  # (a Ray cluster imports it on its nodes)
     from ..integration.listener import ListenerConfig, parse_forward, parse_retry_schedule
 
     cfg = ListenerConfig(

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import click
 
 from ..errors import ConfigError, MissingDependencyError
-from ._common import check_output_dir, check_output_file, emit, handle_errors, json_option
+from ._common import FiniteFloat, check_output_dir, check_output_file, emit, handle_errors, json_option
 
 # subcommand -> (module, config class, train function, packages needed to train, help)
 SUBCOMMANDS: Dict[str, Tuple[str, str, str, Tuple[str, ...], str]] = {
@@ -163,6 +163,12 @@ def require_train_deps(packages: Sequence[str], feature: str) -> None:
         require(pkg, feature)
 
 
+def _click_type(hint: Any) -> Any:
+    """click's type for a config value of type ``hint``: a float must be finite, as a ``--config``
+    file's value must (:func:`_typed`); click's own float takes ``nan`` and ``inf``."""
+    return FiniteFloat() if hint is float else hint
+
+
 def _field_option(f: "dataclasses.Field[Any]", hint: Any, text: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """One click option for a dataclass field (default None = "not given", so --config can fill it);
     ``text``: its one-line help, followed by the field's default."""
@@ -181,14 +187,15 @@ def _field_option(f: "dataclasses.Field[Any]", hint: Any, text: str = "") -> Cal
         return click.option(f"{name}/--no-{f.name.replace('_', '-')}", dest, default=None, help=f"{shown}")
     if origin in (list, List):
         inner = args[0] if args else str
-        return click.option(name, dest, type=inner, multiple=True, help=f"(repeatable) {shown}")
+        return click.option(name, dest, type=_click_type(inner), multiple=True, help=f"(repeatable) {shown}")
     if origin in (tuple, Tuple):
         if args and args[-1] is not Ellipsis:
-            return click.option(name, dest, type=tuple(args), default=None, help=f"({len(args)} values) {shown}")
+            return click.option(name, dest, type=tuple(_click_type(a) for a in args), default=None,
+                                help=f"({len(args)} values) {shown}")
         inner = args[0] if args else str
-        return click.option(name, dest, type=inner, multiple=True, help=f"(repeatable) {shown}")
+        return click.option(name, dest, type=_click_type(inner), multiple=True, help=f"(repeatable) {shown}")
     if hint in (int, float, str):
-        return click.option(name, dest, type=hint, default=None, help=shown)
+        return click.option(name, dest, type=_click_type(hint), default=None, help=shown)
     return click.option(name, dest, type=str, default=None, help=f"(JSON) {shown}")
 
 

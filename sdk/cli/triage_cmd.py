@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from ._common import check_output_dir, emit, handle_errors, json_option, warn
+from ._common import THREADS, check_output_dir, emit, handle_errors, json_option, warn
 
 EXAMPLES = """\b
 Examples:
@@ -98,7 +98,7 @@ def _human(d: Dict[str, Any]) -> str:
               help="Write one PNG heat-map overlay per selected slice into this folder.")
 @click.option("--top", type=click.IntRange(min=1), default=None,
               help="With --heatmaps: only the TOP slices with the highest P(covid) (default: every selected slice).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session.")
+@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads per session.")
 @click.option("--lanes", type=click.IntRange(min=1), default=None,
               help="CPU: classifier / lung U-Net batches run side by side (default: one per core, at most 4, "
                    "unless --threads is given; runtime.cpu_lanes says what ran).")

@@ -150,11 +150,48 @@ def _is_dataset(obj: Any) -> bool:
     return isinstance(obj, Dataset)
 
 
+def _check_source(source: Any) -> None:
+    """NotDicomError naming the type for a source that is no folder, file, list of those or of
+    pydicom Datasets (None, a number, bytes, a mapping, an array): before it is iterated, which would
+    raise a bare TypeError or read a bytes object as a list of integers. SourceNotFoundError for an
+    empty path (it would scan the working directory)."""
+    hint = "pass a folder or file path, or a list of paths / pydicom Datasets"
+    if isinstance(source, (str, os.PathLike)):
+        if not str(source).strip():  # Path("") is the working directory: never what was meant
+            raise SourceNotFoundError("an empty path given", None, f"{hint} ('.' for the working directory)")
+        return
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raise NotDicomError(f"unsupported source of type {type(source).__name__}", None,
+                            f"{hint}; for DICOM bytes in memory pass pydicom.dcmread(io.BytesIO(data))")
+    if isinstance(source, np.ndarray):
+        raise NotDicomError(f"unsupported source of type ndarray (shape {source.shape})", None,
+                            f"{hint}; an HU array is triaged as sdk.volume.Volume(hu, ...), not read as DICOM")
+    if isinstance(source, dict) or not isinstance(source, Iterable):
+        raise NotDicomError(f"unsupported source of type {type(source).__name__}: {source!r:.60}", None, hint)
+
+
+def _check_arguments(workers: Any, timings: Any, alloc: Any) -> None:
+    """ConfigError for a ``workers`` / ``timings`` / ``alloc`` argument of :func:`load_series` that
+    breaks its contract (before the source is scanned)."""
+    import numbers
+
+    if workers is not None and (not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1):
+        raise ConfigError(f"workers must be a whole number >= 1 (1: decode in the calling thread) or None (the "
+                          f"default for the decode mode), got {workers!r} ({type(workers).__name__})")
+    if timings is not None and not callable(getattr(timings, "update", None)):
+        raise ConfigError(f"timings must be a dict to fill with milliseconds per stage, or None, got "
+                          f"{type(timings).__name__}")
+    if alloc is not None and not callable(alloc):
+        raise ConfigError(f"alloc must be a callable alloc(shape, dtype) -> ndarray, or None, got "
+                          f"{type(alloc).__name__}")
+
+
 def _expand(source: Source) -> Tuple[List[Any], bool, List[str]]:
     """Source -> list of paths / datasets; whether it was one file; notes on skipped names."""
     notes: List[str] = []
     if _is_dataset(source):
         return [source], True, notes
+    _check_source(source)
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.is_dir():
@@ -761,6 +798,8 @@ def regroup_single_files(files: Sequence[str]) -> List[Tuple[str, Tuple[str, ...
     more images of one geometry at distinct positions) - ``(reader id, files)`` for each group of
     two or more, for callers that group files before reading them (the batch's discovery, the
     listener's store). Empty when fewer files are given or none of them is a DICOM image."""
+    if isinstance(files, (str, bytes, os.PathLike)) or not isinstance(files, Sequence):
+        raise ConfigError(f"files must be a list of file paths, got {type(files).__name__} {files!r:.60}")
     if len(files) < MIN_SPLIT_SERIES:
         return []
     try:
@@ -810,8 +849,10 @@ def load_series(source: Source, series_uid: Optional[str] = None, *, allow_tilt:
             The ``processes`` mode decodes into its own shared mapping and ignores it.
 
     Raises:
-        SeriesError subclass naming the file(s) and the problem (see sdk.errors).
-        ConfigError: unknown ``decode`` mode.
+        SeriesError subclass naming the file(s) and the problem (see sdk.errors); NotDicomError
+            also for a source of the wrong kind (None, a number, bytes, a mapping, an array).
+        ConfigError: unknown ``decode`` mode; ``workers`` not a whole number >= 1; ``timings`` not
+            a dict; ``alloc`` not callable or returning a buffer of another shape / dtype.
     """
     return inspect_and_load(source, series_uid, allow_tilt=allow_tilt, allow_gaps=allow_gaps,
                             workers=workers, progress=progress, decode=decode, timings=timings, alloc=alloc)[1]
@@ -826,6 +867,7 @@ def inspect_and_load(source: Source, series_uid: Optional[str] = None, *, allow_
     and ``timings`` keys as :func:`load_series`)."""
     if decode not in DECODE_MODES:
         raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
+    _check_arguments(workers, timings, alloc)
     t0 = time.perf_counter()
     scan, groups, where = _scan_groups(source)
     infos = _infos(scan, groups, where)
@@ -1194,10 +1236,15 @@ def _load_group(group: _Group, warnings: List[str], *, allow_tilt: bool, allow_g
     # order and check gaps from the headers alone (fail fast), then decode in slice order
     slices, sg, extras = _order(slices)
     _check_gaps(slices, sg, group, allow_gaps, [], skipped)
-    n_workers = workers if workers is not None else default_workers(decode)
+    # never more workers than planes (``decode="processes"`` forks workers - 1 children up front)
+    n_workers = min(workers if workers is not None else default_workers(decode), len(slices))
     mode = _decode_mode(slices, decode, n_workers)
     shape = (len(slices), slices[0].rows, slices[0].cols)
     hu = parallel.shared_empty(shape, _hu_dtype(slices)) if mode == "processes" else (alloc or np.empty)(shape, _hu_dtype(slices))
+    if not (isinstance(hu, np.ndarray) and hu.shape == shape and hu.dtype == _hu_dtype(slices)):
+        raise ConfigError(f"alloc({shape}, {_hu_dtype(slices)}) returned {type(hu).__name__} of shape "
+                          f"{getattr(hu, 'shape', None)}, dtype {getattr(hu, 'dtype', None)}; it must return an "
+                          "ndarray of exactly that shape and dtype")
     clock.lap("geometry")
     stats = DecodeStats()
     failures, overflow = _decode_into(slices, hu, n_workers, progress, mode, stats)
