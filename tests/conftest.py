@@ -69,6 +69,15 @@ LONG_FILES = ("test_cluster.py", "test_device_path.py", "test_listener.py", "tes
               "test_examples.py", "test_export.py", "test_kernels_build.py")
 
 
+@pytest.fixture()
+def a_file(tmp_path: Path) -> Path:
+    """A regular file: a folder "under" it can be neither created nor written (root included), and
+    an option that wants a folder gets a file."""
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    return f
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     """Long files first (:data:`LONG_FILES`); a stable sort, so each file keeps its own order."""
     rank = {name: i for i, name in enumerate(LONG_FILES)}

@@ -65,13 +65,6 @@ def result(series) -> "sdk.TriageResult":
     return res
 
 
-@pytest.fixture()
-def a_file(tmp_path) -> Path:
-    f = tmp_path / "a-file"
-    f.write_text("x")
-    return f
-
-
 # --- ctsdk triage ------------------------------------------------------------------------------
 def test_triage_threads_past_the_int_range_is_a_usage_error(series):
     # was: TypeError from onnxruntime's SessionOptions (a traceback); 100000 kept ORT busy for minutes

@@ -65,11 +65,9 @@ def small_series(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def blocked(tmp_path) -> Path:
-    """A regular file: any folder 'under' it can be neither created nor written (root included)."""
-    f = tmp_path / "a-file"
-    f.write_text("x")
-    return f
+def blocked(a_file) -> Path:
+    """A regular file (conftest's ``a_file``): any folder 'under' it can be neither created nor written."""
+    return a_file
 
 
 def _tree(root: Path) -> List[str]:
