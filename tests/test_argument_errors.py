@@ -355,3 +355,25 @@ def test_regroup_single_files_needs_a_list_of_paths():
     for bad in (None, 123, "abc"):  # was: TypeError "object of type 'NoneType' has no len()" / [] for a str
         with pytest.raises(ConfigError, match="files must be a list of file paths"):
             regroup_single_files(bad)
+
+
+# --- the API behind the CLI's float options --------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
+def test_listener_and_ray_settings_refuse_nan_and_inf_in_the_api_too(tmp_path, value):
+    """The CLI refuses nan / inf (FiniteFloat); the API objects behind it compared with '<', which
+    NaN passes - so ListenerConfig(quiet_seconds=nan), a retry delay of inf or RayOptions with a NaN
+    CPU count were accepted by Python callers."""
+    from sdk.cluster.batch import RayOptions, run_batch_ray
+    from sdk.integration.batch import BatchOptions
+    from sdk.integration.listener import ListenerConfig
+
+    with pytest.raises(ConfigError, match="--quiet-seconds .* must be a finite number >= 0"):
+        ListenerConfig(out=tmp_path / "store", port=0, quiet_seconds=value).validate()
+    with pytest.raises(ConfigError, match="--forward-retry .* each >= 0 seconds"):
+        ListenerConfig(out=tmp_path / "store", port=0, forward_retry_s=(30.0, value)).validate()
+    opts = BatchOptions(progress=False, png=False)
+    with pytest.raises(ConfigError, match="--cpus-per-worker .* must be a finite number > 0"):
+        run_batch_ray(tmp_path, tmp_path / "out.jsonl", opts, RayOptions(cpus_per_worker=value))
+    with pytest.raises(ConfigError, match="--gpus-per-worker .* must be a finite number >= 0"):
+        run_batch_ray(tmp_path, tmp_path / "out.jsonl", opts, RayOptions(gpus_per_worker=value))
+    ListenerConfig(out=tmp_path / "store", port=0, quiet_seconds=0.0, forward_retry_s=(0.0, 30.0)).validate()

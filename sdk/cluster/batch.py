@@ -308,10 +308,10 @@ def run_batch_ray(
     max_task_retries, tasks_in_flight_per_actor, retry_rounds = c.max_task_retries, c.tasks_in_flight_per_actor, c.retry_rounds
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
-    if cpus_per_worker <= 0:
-        raise ConfigError(f"--cpus-per-worker {cpus_per_worker}: must be > 0")
-    if gpus_per_worker < 0:
-        raise ConfigError(f"--gpus-per-worker {gpus_per_worker}: must be >= 0")
+    if not 0 < cpus_per_worker < float("inf"):   # "not 0 < x" also refuses NaN (NaN compares False)
+        raise ConfigError(f"--cpus-per-worker {cpus_per_worker}: must be a finite number > 0")
+    if not 0 <= gpus_per_worker < float("inf"):
+        raise ConfigError(f"--gpus-per-worker {gpus_per_worker}: must be a finite number >= 0")
     if retry_rounds < 0:
         raise ConfigError(f"retry_rounds {retry_rounds}: must be >= 0")
     if max_task_retries < 0:

@@ -111,7 +111,7 @@ def parse_retry_schedule(text: str) -> Tuple[float, ...]:
 
 def _check_retry_schedule(delays: Sequence[float]) -> None:
     try:
-        bad = len(delays) > 20 or any(not float(d) >= 0 for d in delays)  # "not >=" also refuses NaN
+        bad = len(delays) > 20 or any(not 0 <= float(d) < float("inf") for d in delays)  # "not <=" also refuses NaN
     except (TypeError, ValueError):
         bad = True
     if bad:
@@ -173,8 +173,8 @@ class ListenerConfig:
         for aet in self.allow_ae:
             if not aet.strip() or len(aet) > 16:
                 raise ConfigError(f"--allow-ae {aet!r}: expected 1-16 characters")
-        if self.quiet_seconds < 0:
-            raise ConfigError(f"--quiet-seconds {self.quiet_seconds}: must be >= 0")
+        if not 0 <= self.quiet_seconds < float("inf"):   # "not 0 <= x" also refuses NaN
+            raise ConfigError(f"--quiet-seconds {self.quiet_seconds}: must be a finite number >= 0")
         if self.workers < 1:
             raise ConfigError(f"--workers {self.workers}: must be >= 1")
         if self.queue_size < 1:
