@@ -645,6 +645,10 @@ def calibrate(fp32_onnx: PathLike, images_csv: PathLike, out: PathLike,
     methods = list(METHODS) if method == "all" else [m.strip() for m in method.split(",") if m.strip()]
     if not methods or any(m not in METHODS for m in methods):
         raise ConfigError(f"--method must be one of {METHODS + ('all',)}, got {method!r}")
+    if not 0 < o.percentile <= 100:   # "not 0 < x" also refuses NaN
+        raise ConfigError(f"--percentile {o.percentile}: the Percentile method's upper percentile must be in (0, 100]")
+    if o.max_test is not None and o.max_test < 1:
+        raise ConfigError(f"--max-test {o.max_test}: give at least 1 test slice (None: all)")
     # the data is checked before any model work: a test set of one class is refused, weak sizes warned
     choice = resolve_splits(splits_csv)
     if choice.warning:

@@ -213,6 +213,16 @@ def few_cases_warning(y: np.ndarray, what: str) -> List[str]:
 
 
 # --- evaluation runs ---------------------------------------------------------------------------
+def check_bootstrap(n_boot: Any, seed: Any) -> None:
+    """ConfigError unless ``n_boot`` and ``seed`` are whole numbers >= 0 - checked before any
+    series is triaged (a negative seed failed in NumPy after all the work)."""
+    import numbers
+
+    for name, value in (("n_boot", n_boot), ("seed", seed)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
+
+
 def evaluate_images(
     csv_path: PathLike,
     bundle: Any = None,
@@ -236,6 +246,7 @@ def evaluate_images(
     re-rendered through the runtime's window, :func:`hu_image_input`; images whose map cannot be
     estimated are listed in ``excluded``), or ``"auto"`` (the bundle manifest's
     ``image_render``, default ``"8bit"``)."""
+    check_bootstrap(n_boot, seed)
     from tqdm import tqdm
 
     from .bundle import Bundle, load_bundle
@@ -324,6 +335,7 @@ def evaluate_series(
     progress: bool = True,
 ) -> EvalReport:
     """Series-level evaluation through :class:`sdk.Triage` (aggregator P(covid) at the series threshold)."""
+    check_bootstrap(n_boot, seed)
     from tqdm import tqdm
 
     from .triage import Triage

@@ -377,3 +377,25 @@ def test_listener_and_ray_settings_refuse_nan_and_inf_in_the_api_too(tmp_path, v
     with pytest.raises(ConfigError, match="--gpus-per-worker .* must be a finite number >= 0"):
         run_batch_ray(tmp_path, tmp_path / "out.jsonl", opts, RayOptions(gpus_per_worker=value))
     ListenerConfig(out=tmp_path / "store", port=0, quiet_seconds=0.0, forward_retry_s=(0.0, 30.0)).validate()
+
+
+def test_evaluate_and_calibrate_check_their_numbers_in_the_api(tmp_path):
+    """evaluate: a negative seed failed in NumPy after every series was triaged; calibrate: a NaN or
+    out-of-range percentile and max_test 0 reached ONNX Runtime / meant 'all' (the CLI checked them,
+    the Python functions did not)."""
+    from sdk.calibration.quantize import CalibrationOptions, calibrate
+    from sdk.evaluate import evaluate_images, evaluate_series
+
+    csv_path = tmp_path / "series.csv"
+    csv_path.write_text("path,label\ns1,covid\n")
+    with pytest.raises(ConfigError, match="seed must be a whole number >= 0, got -1"):
+        evaluate_series(csv_path, seed=-1, progress=False)
+    with pytest.raises(ConfigError, match="n_boot must be a whole number >= 0, got 2.5"):
+        evaluate_images(csv_path, n_boot=2.5)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"x")
+    for opts, words in ((CalibrationOptions(percentile=math.nan), "--percentile nan"),
+                        (CalibrationOptions(percentile=200.0), "--percentile 200.0"),
+                        (CalibrationOptions(max_test=0), "--max-test 0")):
+        with pytest.raises(ConfigError, match=words):
+            calibrate(onnx, csv_path, tmp_path / "out.onnx", opts)
