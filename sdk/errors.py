@@ -151,3 +151,28 @@ class DicomNetworkError(CtsdkError):
 
 class ResultWriteError(CtsdkError):
     """A result object (JSON, DICOM SR/SC, PNG, JSONL line) could not be built or written."""
+
+
+# --- argument checks shared by the API ------------------------------------------------------------
+def whole_number(name: str, value: object, *, minimum: int = 1, maximum: Optional[int] = None,
+                 allow_none: bool = True, what: str = "") -> Optional[int]:
+    """``value`` as an int when it is a whole number from ``minimum`` to ``maximum`` (a whole float
+    such as 2.0 counts; 1.5, NaN, a string or a bool do not), or None when ``allow_none``; else a
+    ConfigError naming ``name``, the value and its type (``what``: what the number means). The one
+    check of the API's count arguments (Triage threads / lanes / classifier_batch, load_series
+    workers, save_heatmaps top, evaluate n_boot / seed)."""
+    import math
+    import numbers
+
+    if value is None and allow_none:
+        return None
+    whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if whole and int(value) >= minimum and (maximum is None or int(value) <= maximum):  # type: ignore[call-overload]
+        return int(value)  # type: ignore[call-overload]
+    bound = f" and <= {maximum}" if maximum is not None else ""
+    meaning = f" ({what})" if what else ""
+    none = ", or None" if allow_none else ""
+    raise ConfigError(f"{name} must be a whole number >= {minimum}{bound}{meaning}{none}, got {value!r} "
+                      f"({type(value).__name__})")
+

@@ -47,7 +47,7 @@ from .metrics import (  # noqa: F401 - part of this module's API since 0.1
     auc, auc_with_ci, binary_metrics, bootstrap_ci, paired_auc_difference, roc_curve, youden_threshold,
 )
 from .tables import json_safe
-from .errors import ConfigError, CtsdkError
+from .errors import ConfigError, CtsdkError, whole_number
 
 PathLike = Union[str, Path]
 
@@ -216,11 +216,8 @@ def few_cases_warning(y: np.ndarray, what: str) -> List[str]:
 def check_bootstrap(n_boot: Any, seed: Any) -> None:
     """ConfigError unless ``n_boot`` and ``seed`` are whole numbers >= 0 - checked before any
     series is triaged (a negative seed failed in NumPy after all the work)."""
-    import numbers
-
-    for name, value in (("n_boot", n_boot), ("seed", seed)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
+    whole_number("n_boot", n_boot, minimum=0, allow_none=False)
+    whole_number("seed", seed, minimum=0, allow_none=False)
 
 
 def evaluate_images(

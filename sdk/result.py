@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, whole_number
 
 #: The statement every result object carries (result JSON, human output, DICOM objects).
 RESEARCH_ONLY = "Research use only - not for diagnosis"
@@ -231,9 +231,7 @@ class TriageResult:
 
         src = self._source()
         alpha = check_alpha(alpha)
-        if top is not None and (not isinstance(top, (int, np.integer)) or isinstance(top, bool) or top < 1):
-            raise ConfigError(f"top must be a whole number >= 1 (the slices with the highest P(positive)) or None "
-                              f"(every selected slice), got {top!r} ({type(top).__name__})")
+        top = whole_number("top", top, what="the slices with the highest P(positive); None: every selected slice")
         out = _heatmap_folder(out_dir)
         pos = self.bundle.get("positive_class", "")
         order = list(range(len(self.slice_scores)))

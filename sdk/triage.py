@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import ConfigError, RuntimeUnavailableError
+from .errors import ConfigError, RuntimeUnavailableError, whole_number
 from .pools import shared_pool
 
 log = logging.getLogger("sdk.triage")
@@ -211,23 +211,6 @@ def _infer(session: Any, x: np.ndarray) -> Dict[str, np.ndarray]:
 
 
 # --- facade ------------------------------------------------------------------------------------
-def whole_number(name: str, value: Any, *, maximum: Optional[int] = None) -> Optional[int]:
-    """``value`` as an int when it is None or a whole number from 1 to ``maximum``; else ConfigError
-    naming ``name``, the value and its type (a float such as 1.5, NaN, a string or a bool is refused,
-    not rounded). Shared by the count arguments of :class:`Triage` (threads, lanes, classifier_batch)."""
-    import math
-    import numbers
-
-    if value is None:
-        return None
-    bound = f" and <= {maximum}" if maximum is not None else ""
-    whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
-        isinstance(value, float) and math.isfinite(value) and value.is_integer())
-    if not whole or not 1 <= int(value) <= (maximum if maximum is not None else int(value)):
-        raise ConfigError(f"{name} must be a whole number >= 1{bound}, or None, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
 def _check_finite(volume: Any) -> None:
     """A caller's float Volume must hold finite HU (the reader's never holds NaN / inf; a volume built
     by the integrator's own decoder might): ConfigError naming how many values and the first slice,

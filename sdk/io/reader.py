@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import (
     ConfigError, CorruptFileError, CtsdkError, SourceNotFoundError, GantryTiltError, GeometryError, MissingSlicesError, MixedSeriesError,
-    NoImageSeriesError, NotCTError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError,
+    NoImageSeriesError, NotCTError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError, whole_number,
 )
 from ..volume.core import SeriesMeta, StudyIdentity, Volume
 from . import geometry as geo
@@ -173,11 +173,7 @@ def _check_source(source: Any) -> None:
 def _check_arguments(workers: Any, timings: Any, alloc: Any) -> None:
     """ConfigError for a ``workers`` / ``timings`` / ``alloc`` argument of :func:`load_series` that
     breaks its contract (before the source is scanned)."""
-    import numbers
-
-    if workers is not None and (not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1):
-        raise ConfigError(f"workers must be a whole number >= 1 (1: decode in the calling thread) or None (the "
-                          f"default for the decode mode), got {workers!r} ({type(workers).__name__})")
+    whole_number("workers", workers, what="1: decode in the calling thread; None: the default for the decode mode")
     if timings is not None and not callable(getattr(timings, "update", None)):
         raise ConfigError(f"timings must be a dict to fill with milliseconds per stage, or None, got "
                           f"{type(timings).__name__}")
