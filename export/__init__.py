@@ -14,6 +14,7 @@ from sdk._lazy import lazy_exports
 _LAZY = {
     "export_onnx": ".onnx", "export_fp16": ".onnx", "classifier_metadata": ".onnx", "read_metadata": ".onnx",
     "ExportReport": ".onnx", "ParityReport": ".onnx", "ExportError": ".onnx", "torch_parity": ".onnx",
+    "check_input_size": ".onnx",
     "BuildConfig": ".tensorrt", "build_engine": ".tensorrt", "CachedEngine": ".tensorrt", "EngineFromOnnx": ".tensorrt",
     "parse_batch": ".tensorrt",
 }

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 import numpy as np
 
 from .._lazy import require
-from ..errors import ConfigError, CtsdkError
+from ..errors import ConfigError, CtsdkError, whole_number
 from ..preprocessing import CLASSIFIER_MEAN, CLASSIFIER_STD, CLASSIFIER_WINDOW
 
 log = logging.getLogger("sdk.export")
@@ -189,6 +189,48 @@ def _first_conv(model: Any) -> Tuple[int, int]:
     raise ConfigError(f"{type(model).__name__}: no Conv2d/Conv3d found; pass in_channels= and a 2D/3D input_size to export_onnx")
 
 
+def input_shape(model: Any, input_size: Any, *, option: str = "input_size") -> Tuple[int, int, List[int]]:
+    """(in_channels, spatial dims, spatial shape) of the example input ``input_size`` gives ``model``:
+    S for a square / cube at the first convolution's dims, or the full spatial shape. ConfigError
+    naming ``option`` unless it is one whole number >= 1 or one per spatial dim."""
+    cin, dims = _first_conv(model)
+    listed = isinstance(input_size, Sequence) and not isinstance(input_size, str)
+    sizes = list(input_size) if listed else [input_size] * dims
+    if len(sizes) != dims:
+        raise ConfigError(f"{option} {input_size!r} has {len(sizes)} dims, the model's first conv is {dims}-D")
+    spatial = [int(whole_number(option, s, allow_none=False, what="input side in pixels"))  # type: ignore[arg-type]
+               for s in sizes]
+    return cin, dims, spatial
+
+
+def forward_or_refuse(model: Any, example: Any, input_size: Any, *, name: str = "", option: str = "input_size") -> Any:
+    """``model``'s output on ``example`` (no grad; ``forward_onnx`` when it has one), or a
+    ConfigError naming ``option``, its value and the model when the model cannot run on an input of
+    that size (a U-Net needs a side its poolings halve evenly: 33 or 7 fail; an input too large to
+    allocate) - the one check of an export's input size (:func:`export_onnx`, :func:`check_input_size`)."""
+    torch = require("torch", "ONNX export")
+    forward = model.forward_onnx if callable(getattr(model, "forward_onnx", None)) else model
+    try:
+        with torch.no_grad():
+            return forward(example)
+    except RuntimeError as exc:  # shapes that do not fit, or an input too large to allocate
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        shape = "x".join(str(int(d)) for d in example.shape[2:])
+        raise ConfigError(f"{option} {input_size}: model {name or type(model).__name__!r} cannot run on {shape} inputs "
+                          f"({first}); give a side its layers divide evenly, e.g. 128 or 224") from None
+
+
+def check_input_size(model: Any, input_size: Any, *, name: str = "", option: str = "input_size") -> List[int]:
+    """The spatial shape of ``input_size`` once ``model`` (put in eval mode) ran on one zero input of it:
+    :func:`input_shape` and :func:`forward_or_refuse` before any export work (``ctsdk export
+    --input-size`` calls it with ``option="--input-size"``; :func:`export_onnx` checks the same way)."""
+    torch = require("torch", "ONNX export")
+    model = model.eval()
+    cin, _, spatial = input_shape(model, input_size, option=option)
+    forward_or_refuse(model, torch.zeros(1, cin, *spatial), input_size, name=name, option=option)
+    return spatial
+
+
 def _adapter(model: Any) -> Any:
     """Wrap ``model`` so forward returns a tuple (dict outputs keep their key order)."""
     torch = require("torch", "ONNX export")
@@ -285,7 +327,9 @@ def export_onnx(
             return a tensor, a tuple or a dict; a ``forward_onnx`` method is preferred if present.
         out_path: the ``.onnx`` file to write (one file, weights inside).
         opset: ONNX opset (>= 17).
-        input_size: spatial size S (square / cube) or the full spatial shape.
+        input_size: spatial size S (square / cube) or the full spatial shape; one the model cannot
+            run on (e.g. 33 for a U-Net that halves it three times) is a ConfigError before any export
+            work (:func:`check_input_size`).
         metadata: written as ``ctsdk.<key>`` metadata_props (non-strings as JSON); see
             :func:`classifier_metadata`.
         simplify: run onnxslim on the exported graph.
@@ -311,15 +355,11 @@ def export_onnx(
     out = Path(out_path)
     t0 = time.perf_counter()
     model = model.eval()
-    cin, dims = _first_conv(model)
+    cin, dims, spatial = input_shape(model, input_size)
     cin = in_channels or cin
-    spatial = [int(input_size)] * dims if isinstance(input_size, (int, np.integer)) else [int(s) for s in input_size]
-    if len(spatial) != dims:
-        raise ConfigError(f"input_size {input_size!r} has {len(spatial)} dims, the model's first conv is {dims}-D")
     example = torch.rand(2, cin, *spatial)
     wrapped = _adapter(model)
-    with torch.no_grad():
-        raw = (model.forward_onnx(example) if callable(getattr(model, "forward_onnx", None)) else model(example))
+    raw = forward_or_refuse(model, example, input_size, name=str((metadata or {}).get("model") or ""))
     names = _output_names(model, raw, output_names)
     n_out = len(wrapped(example))
     if len(names) != n_out:
@@ -665,7 +705,8 @@ def export_fp16(
 
 
 __all__ = [
-    "CLASSIFIER_OUTPUTS", "ExportError", "ExportReport", "ParityReport", "classifier_metadata", "compare_outputs",
-    "export_fp16", "export_onnx", "fp32_head_nodes", "ort_cpu_session", "read_metadata", "run_onnx", "set_metadata", "sha256_file",
+    "CLASSIFIER_OUTPUTS", "ExportError", "ExportReport", "ParityReport", "check_input_size", "classifier_metadata",
+    "compare_outputs", "export_fp16", "export_onnx", "fp32_head_nodes", "ort_cpu_session", "read_metadata", "run_onnx",
+    "set_metadata", "sha256_file",
     "torch_parity",
 ]

@@ -160,7 +160,8 @@ def whole_number(name: str, value: object, *, minimum: int = 1, maximum: Optiona
     such as 2.0 counts; 1.5, NaN, a string or a bool do not), or None when ``allow_none``; else a
     ConfigError naming ``name``, the value and its type (``what``: what the number means). The one
     check of the API's count arguments (Triage threads / lanes / classifier_batch, load_series
-    workers, save_heatmaps top, evaluate n_boot / seed)."""
+    workers, save_heatmaps top, evaluate n_boot / seed, the worker counts of triage-batch and listen,
+    the training configs' counts)."""
     import math
     import numbers
 
@@ -176,3 +177,28 @@ def whole_number(name: str, value: object, *, minimum: int = 1, maximum: Optiona
     raise ConfigError(f"{name} must be a whole number >= {minimum}{bound}{meaning}{none}, got {value!r} "
                       f"({type(value).__name__})")
 
+
+def finite_number(name: str, value: object, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
+                  min_open: bool = False, max_open: bool = False, what: str = "") -> float:
+    """``value`` as a float when it is a finite real number from ``minimum`` to ``maximum``
+    (``min_open`` / ``max_open``: that bound itself excluded); NaN, an infinity, a string or a bool
+    is not. Else a ConfigError naming ``name``, the value and its type (``what``: what the number
+    means). :func:`whole_number`'s sibling for real-valued arguments (the training configs'
+    learning rates, fractions and time budgets)."""
+    import math
+    import numbers
+
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = real and math.isfinite(value)  # type: ignore[arg-type]
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (minimum is None or (v > minimum if min_open else v >= minimum)) and (
+            maximum is None or (v < maximum if max_open else v <= maximum))
+        if ok:
+            return v
+    bounds = [f"{'>' if min_open else '>='} {minimum:g}" if minimum is not None else "",
+              f"{'<' if max_open else '<='} {maximum:g}" if maximum is not None else ""]
+    shown = " and ".join(b for b in bounds if b)
+    meaning = f" ({what})" if what else ""
+    raise ConfigError(f"{name} must be a finite number{' ' + shown if shown else ''}{meaning}, got {value!r} "
+                      f"({type(value).__name__})")

@@ -44,7 +44,7 @@ from .labels import (  # noqa: F401 - part of this module's API since 0.1
     LABEL_ORDERS, POSITIVE, align_slice_labels, is_positive, read_images_csv, read_series_csv, read_series_rows,
 )
 from .metrics import (  # noqa: F401 - part of this module's API since 0.1
-    auc, auc_with_ci, binary_metrics, bootstrap_ci, paired_auc_difference, roc_curve, youden_threshold,
+    MAX_BOOTSTRAP, auc, auc_with_ci, binary_metrics, bootstrap_ci, paired_auc_difference, roc_curve, youden_threshold,
 )
 from .tables import json_safe
 from .errors import ConfigError, CtsdkError, whole_number
@@ -214,9 +214,11 @@ def few_cases_warning(y: np.ndarray, what: str) -> List[str]:
 
 # --- evaluation runs ---------------------------------------------------------------------------
 def check_bootstrap(n_boot: Any, seed: Any) -> None:
-    """ConfigError unless ``n_boot`` and ``seed`` are whole numbers >= 0 - checked before any
-    series is triaged (a negative seed failed in NumPy after all the work)."""
-    whole_number("n_boot", n_boot, minimum=0, allow_none=False)
+    """ConfigError unless ``n_boot`` is a whole number from 0 to :data:`sdk.metrics.MAX_BOOTSTRAP`
+    and ``seed`` one >= 0 - checked before any series is triaged (a negative seed failed in NumPy
+    after all the work; 10**9 resamples ran for hours after it)."""
+    whole_number("n_boot", n_boot, minimum=0, maximum=MAX_BOOTSTRAP, allow_none=False,
+                 what="bootstrap resamples; ctsdk evaluate --n-bootstrap")
     whole_number("seed", seed, minimum=0, allow_none=False)
 
 

@@ -13,6 +13,14 @@ import numpy as np
 
 from .errors import ConfigError
 
+#: Most bootstrap resamples a report may ask for (``ctsdk evaluate --n-bootstrap`` / ``n_boot``, the
+#: trainers' ``n_boot`` / ``n_bootstrap``). Each resample is a pass over every case (an AUC ranks them)
+#: and :func:`bootstrap_ci` keeps four Python floats per resample, for each table a report computes;
+#: the Monte-Carlo error of a percentile bound (~1/sqrt(n)) stops mattering long before 10**5 (the
+#: default is 2000), while 10**9 would run for days and hold over 100 GB - a typo, refused up front.
+MAX_BOOTSTRAP = 100_000
+
+
 def _check_binary(y: np.ndarray, p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y).astype(np.int64).reshape(-1)
     p = np.asarray(p, dtype=np.float64).reshape(-1)

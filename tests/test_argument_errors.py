@@ -201,12 +201,76 @@ def test_export_input_size_the_model_cannot_take_is_a_config_error(tmp_path):
     assert not (tmp_path / "u.onnx").exists()
 
 
+def test_export_onnx_refuses_an_input_size_the_model_cannot_take(tmp_path):
+    """Only ``ctsdk export --input-size`` checked this; export_onnx(model, input_size=33) raised
+    torch's RuntimeError from the U-Net's skip connection (-1: from torch.rand; 1.5: a TypeError)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from sdk.export import check_input_size, export_onnx
+    from sdk.models import create_model
+
+    unet = create_model("unet2d_lung", base=4, levels=3)
+    out = tmp_path / "u.onnx"
+    with pytest.raises(ConfigError) as err:
+        export_onnx(unet, out, input_size=33, metadata={"model": "unet2d_lung"})
+    assert "input_size 33: model 'unet2d_lung' cannot run on 33x33 inputs (" in str(err.value)
+    assert "give a side its layers divide evenly" in str(err.value)
+    with pytest.raises(ConfigError, match=r"input_size \[32, 30\]: model 'UNet' cannot run on 32x30 inputs"):
+        export_onnx(unet, out, input_size=[32, 30])
+    for bad in (-1, 0, 1.5, True, "64"):
+        with pytest.raises(ConfigError, match=r"input_size must be a whole number >= 1 \(input side in pixels\), got"):
+            export_onnx(unet, out, input_size=bad)
+    assert list(tmp_path.iterdir()) == []
+    # ctsdk export runs the same check, named as its option (the message test_export_input_size... reads)
+    with pytest.raises(ConfigError, match="--input-size 33: model 'unet2d_lung' cannot run on 33x33 inputs"):
+        check_input_size(unet, 33, name="unet2d_lung", option="--input-size")
+    assert check_input_size(unet, 32) == [32, 32] and not unet.training
+
+
 def test_build_engine_workspace_and_out_are_checked(tmp_path):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"model")
     assert "--workspace" in _error("build-engine", "--model", onnx, "--workspace", "0")
     line = _error("build-engine", "--model", onnx, "--out", onnx)
     assert "--out" in line and "is also --model" in line
+    # was: --workspace 5 passed the CLI (x>=1) and reached BuildConfig only after the TensorRT import
+    # ("needs TensorRT" here; elsewhere after the int8 pre-flight)
+    line = _error("build-engine", "--model", onnx, "--workspace", "5")
+    assert "workspace_mb (--workspace) must be a whole number >= 16 and <= 1048576" in line and "got 5 (int)" in line
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"workspace_mb": math.nan}, "got nan (float)"),        # was: ValueError from int()
+    ({"workspace_mb": "4096"}, "got '4096' (str)"),         # was: accepted
+    ({"workspace_mb": 100.5}, "got 100.5 (float)"),         # was: accepted (100 MB at build time)
+    ({"workspace_mb": None}, "got None (NoneType)"),        # was: TypeError from int()
+    ({"workspace_mb": 15}, "got 15 (int)"),
+    ({"workspace_mb": 2 ** 21}, "got 2097152 (int)"),
+    ({"batch": (1.5, 2, 3)}, "--batch must be MIN,OPT,MAX integers (e.g. 1,8,32), got (1.5, 2, 3)"),  # was: accepted
+    ({"batch": ("a",)}, "--batch must be MIN,OPT,MAX integers"),     # was: ValueError from int()
+    ({"onnx": None}, "onnx must be the path of an ONNX file, got None"),
+])
+def test_build_config_checks_its_fields_at_construction(kw, says):
+    """Pure logic, no TensorRT: BuildConfig (and CachedEngine, the runtime's loader) refuse a bad
+    value when made, whoever makes them."""
+    from sdk.export.tensorrt import BuildConfig, CachedEngine
+
+    args = {"onnx": "m.onnx", **kw}
+    with pytest.raises(ConfigError) as info:
+        BuildConfig(**args)
+    assert says in str(info.value)
+    if "workspace_mb" in kw:
+        assert "workspace_mb (--workspace) must be a whole number >= 16 and <= 1048576" in str(info.value)
+        with pytest.raises(ConfigError, match="workspace_mb"):
+            CachedEngine("m.onnx", workspace_mb=kw["workspace_mb"])
+
+
+def test_build_config_keeps_valid_values():
+    from sdk.export.tensorrt import BuildConfig
+
+    cfg = BuildConfig(onnx="m.onnx", workspace_mb=4096.0, batch=8)   # batch 8: was TypeError
+    assert cfg.workspace_mb == 4096 and type(cfg.workspace_mb) is int
+    assert BuildConfig(onnx="m.onnx", workspace_mb=16, batch=(1, 2, 4)).batch == (1, 2, 4)
 
 
 @pytest.mark.parametrize("args", [("seg", "--lr", "nan"), ("aggregator", "--eta", "inf")])
@@ -224,6 +288,11 @@ def test_train_float_options_must_be_finite(args):
     (("--quiet-seconds", "inf"), "not a finite number"),
     (("--triage-fn", "os:path"), "not callable"),
     (("--engine", "ray", "--cpus-per-worker", "nan"), "not a finite number"),
+    # was: the listener started (10**5 worker threads, one model each; 0: refused only inside it)
+    (("--workers", "100000"), "--workers must be a whole number >= 1 and <= 1024 (worker processes, Ray actors or "
+                              "listener threads, one model each), got 100000 (int)"),
+    (("--workers", "0"), "--workers must be a whole number >= 1 and <= 1024"),
+    (("--queue-size", "0"), "--queue-size 0: must be >= 1"),
 ])
 def test_listen_bad_values_are_refused_before_it_listens(tmp_path, monkeypatch, args, says):
     import sdk.cli.listen_cmd as listen_cmd
@@ -390,7 +459,7 @@ def test_evaluate_and_calibrate_check_their_numbers_in_the_api(tmp_path):
     csv_path.write_text("path,label\ns1,covid\n")
     with pytest.raises(ConfigError, match="seed must be a whole number >= 0, got -1"):
         evaluate_series(csv_path, seed=-1, progress=False)
-    with pytest.raises(ConfigError, match="n_boot must be a whole number >= 0, got 2.5"):
+    with pytest.raises(ConfigError, match=r"n_boot must be a whole number >= 0 and <= 100000 .*, got 2.5"):
         evaluate_images(csv_path, n_boot=2.5)
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"x")
@@ -399,3 +468,70 @@ def test_evaluate_and_calibrate_check_their_numbers_in_the_api(tmp_path):
                         (CalibrationOptions(max_test=0), "--max-test 0")):
         with pytest.raises(ConfigError, match=words):
             calibrate(onnx, csv_path, tmp_path / "out.onnx", opts)
+
+
+# --- upper bounds: bootstrap resamples and workers ----------------------------------------------------
+def test_evaluate_n_boot_has_an_upper_bound(series, tmp_path):
+    """n_boot / --n-bootstrap had no maximum: 10**9 triaged every series, then resampled for hours
+    (and held tens of GB of resampled statistics)."""
+    from sdk.evaluate import evaluate_images, evaluate_series
+    from sdk.metrics import MAX_BOOTSTRAP
+
+    assert MAX_BOOTSTRAP == 100_000
+    says = ("n_boot must be a whole number >= 0 and <= 100000 (bootstrap resamples; ctsdk evaluate --n-bootstrap), "
+            "got 1000000000 (int)")
+    csv_path = tmp_path / "series.csv"
+    csv_path.write_text("path,label\nnope,covid\n")   # fails fast after the check (the old code too)
+    for fn in (evaluate_series, evaluate_images):
+        with pytest.raises(ConfigError) as info:
+            fn(csv_path, n_boot=10 ** 9, progress=False)
+        assert says in str(info.value)
+    assert says in _error("evaluate", "--series", csv_path, "--n-bootstrap", 10 ** 9)
+    from sdk.evaluate import check_bootstrap
+
+    check_bootstrap(MAX_BOOTSTRAP, 0)   # the bound itself is allowed
+
+
+def test_batch_workers_have_an_upper_bound(series, tmp_path):
+    """triage-batch --workers had no maximum (10**6: a process per series until memory ran out); 0
+    was refused with another message by each of run_batch, run_batch_ray and ListenerConfig."""
+    out = tmp_path / "r.jsonl"
+    line = _error("triage-batch", series, "--out", out, "--workers", "1000000", "--triage-fn", INGEST, "--no-progress")
+    assert "--workers must be a whole number >= 1 and <= 1024" in line and "got 1000000 (int)" in line
+    assert not out.exists()
+    from sdk.integration.batch import MAX_WORKERS, BatchOptions, check_workers, run_batch
+    from sdk.integration.listener import ListenerConfig
+
+    assert MAX_WORKERS == 1024 and check_workers(MAX_WORKERS) == 1024 and check_workers(2.0) == 2
+    opts = BatchOptions(progress=False, png=False)
+    for bad in (0, 1025, 10 ** 6, 1.5, "2", None):
+        with pytest.raises(ConfigError, match="--workers must be a whole number >= 1 and <= 1024"):
+            run_batch(series, out, opts, workers=bad)
+        with pytest.raises(ConfigError, match="--workers must be a whole number >= 1 and <= 1024"):
+            ListenerConfig(out=tmp_path / "store", port=0, workers=bad).validate()
+    assert not out.exists() and not (tmp_path / "store").exists()
+
+
+def test_ray_workers_have_an_upper_bound(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import sdk.cluster._ray as ray_helpers
+    from sdk.cluster.batch import RayOptions, run_batch_ray
+    from sdk.integration.batch import BatchOptions
+
+    def past_the_checks(*a: Any, **k: Any) -> None:   # was: reached (and then started a Ray with 10**6 actors asked)
+        raise AssertionError("run_batch_ray went past its argument checks")
+
+    monkeypatch.setattr(ray_helpers, "check_address", past_the_checks)
+    with pytest.raises(ConfigError, match=r"--workers must be a whole number >= 1 and <= 1024 .*got 1000000 \(int\)"):
+        run_batch_ray(tmp_path, tmp_path / "out.jsonl", BatchOptions(progress=False, png=False),
+                      RayOptions(workers=10 ** 6))
+
+
+def test_help_documents_the_upper_bounds():
+    from sdk.integration.batch import MAX_WORKERS
+    from sdk.metrics import MAX_BOOTSTRAP
+
+    for command, words in ((("triage-batch",), f"1 to {MAX_WORKERS}"), (("listen",), f"1 to {MAX_WORKERS}"),
+                           (("evaluate",), f"1 to {MAX_BOOTSTRAP}")):
+        code, out, _ = _ctsdk(*command, "--help")
+        assert code == 0 and words in " ".join(out.split()), (command, out)

@@ -34,7 +34,8 @@ Exit codes:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
               help="JSONL file, one line per series (appended and flushed per line).")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Worker processes (local) or Ray actors (--engine ray), one model each.")
+              help="Worker processes (local) or Ray actors (--engine ray), one model each; 1 to 1024 "
+                   "(checked before any series is read).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: a process pool here; ray: a Ray cluster (needs ctsdk[cluster], see sdk.cluster).")
 @click.option("--ray-address", default=None, help="--engine ray: 'auto', HOST:PORT of a head node, or none for a private Ray.")

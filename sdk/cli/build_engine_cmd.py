@@ -54,7 +54,8 @@ def _human(d: Dict[str, Any]) -> str:
                    "symmetric signed INT8 Q/DQ ONNX from ctsdk calibrate --target tensorrt, checked before TensorRT "
                    "loads); on TensorRT 11 the file decides the precision.")
 @click.option("--batch", default="1,8,32", show_default=True, help="Optimisation profile MIN,OPT,MAX batch sizes.")
-@click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=2048, show_default=True, help="Builder workspace (MB).")
+@click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True,
+              help="Builder workspace (MB), 16 to 1048576.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file: loaded if present, updated after the build (cold vs warm build time).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
@@ -105,10 +106,11 @@ def build_engine(model: str, precision: str, batch: str, workspace_mb: int, timi
     onnx = resolve_model(model, precision, bundle_dir)
     check_not_input(out_path, "--out", {"--model": str(onnx)})
     check_not_input(timing_cache, "--timing-cache", {"--model": str(onnx), "--out": out_path})
+    cfg = BuildConfig(onnx=onnx, precision=precision, batch=profile, workspace_mb=workspace_mb,  # checks its values
+                      timing_cache=timing_cache, out=out_path, cache_dir=cache_dir, force=force,
+                      measure_warm=measure_warm)
     warnings = _int8_preflight(onnx) if precision == "int8" else []  # a non-TensorRT Q/DQ file: exit 2 here
     import_tensorrt("ctsdk build-engine")           # then: is TensorRT here at all? (exit 2, one line)
-    cfg = BuildConfig(onnx=onnx, precision=precision, batch=profile, workspace_mb=workspace_mb,
-                      timing_cache=timing_cache, out=out_path, cache_dir=cache_dir, force=force, measure_warm=measure_warm)
     report = run(cfg)
     report.warnings[:0] = warnings
     emit(report.to_dict(), as_json, _human)

@@ -114,7 +114,8 @@ def _human(d: Dict[str, Any]) -> str:
               help="With --images: '8bit' letterbox of the grey values, 'hu' = grey->HU estimate re-rendered through the "
                    "runtime's window (images it cannot estimate are excluded and listed), 'auto' = the bundle's choice.")
 @click.option("--n-bootstrap", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Bootstrap resamples for the 95 % confidence intervals.")
+              help="Bootstrap resamples for the 95 % confidence intervals, 1 to 100000 (more runs for hours "
+                   "and gains nothing; checked before any series is read).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed of the bootstrap (same seed, same CIs).")
 @click.option("--threads", type=THREADS, default=None, help="ONNX Runtime threads (images mode).")
 @click.option("--cases/--no-cases", default=False, show_default=True, help="Include per-case scores in the printed JSON.")

@@ -59,13 +59,13 @@ def export(model_name: str, checkpoint: Optional[str], out_path: str, fp16: bool
 
     check_not_input(out_path, "--out", {"--checkpoint": checkpoint})
     check_output_file(out_path, "--out")  # before the model is built: the ONNX must be savable
-    from ..export.onnx import classifier_metadata, export_fp16, export_onnx
+    from ..export.onnx import check_input_size, classifier_metadata, export_fp16, export_onnx
 
     model = load_model(model_name, checkpoint)
     cfg_size = getattr(getattr(model, "cfg", None), "input_size", None)
     size = input_size or cfg_size or (128 if model_name.startswith("unet") else 224)
-    if input_size is not None:
-        _check_input_size(model, model_name, input_size)
+    if input_size is not None:  # the API's check, named as this option (export_onnx checks the same way)
+        check_input_size(model, input_size, name=model_name, option="--input-size")
     meta: Dict[str, Any]
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "classes"):
         meta = classifier_metadata(model, bundle_version=bundle_version, name=model_name, size=size)
@@ -89,27 +89,6 @@ def export(model_name: str, checkpoint: Optional[str], out_path: str, fp16: bool
     emit(payload, as_json, _human)
     if not ok:
         sys.exit(1)
-
-
-def _check_input_size(model: Any, name: str, size: int) -> None:
-    """ConfigError when ``model`` cannot run on one input of side ``size`` (a U-Net needs a side its
-    poolings halve evenly, e.g. 33 or 7 fail): one forward pass, before the export starts."""
-    import torch
-
-    from ..errors import ConfigError
-
-    conv = next((m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
-    if conv is None:
-        return
-    dims = 3 if isinstance(conv, torch.nn.Conv3d) else 2
-    forward = model.forward_onnx if callable(getattr(model, "forward_onnx", None)) else model
-    try:
-        with torch.no_grad():
-            forward(torch.zeros(1, conv.in_channels, *([size] * dims)))
-    except RuntimeError as exc:  # shapes that do not fit, or an input too large to allocate
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"--input-size {size}: model {name!r} cannot run on {'x'.join([str(size)] * dims)} inputs "
-                          f"({first}); give a side its layers divide evenly, e.g. 128 or 224") from None
 
 
 def load_model(name: str, checkpoint: Optional[str]) -> Any:

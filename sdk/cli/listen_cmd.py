@@ -99,7 +99,8 @@ def _human(d: Dict[str, Any]) -> str:
               help="CA bundle (PEM): require and verify client certificates (mutual TLS).")
 @click.option("--quiet-seconds", type=FiniteFloat(min=0), default=10.0, show_default=True,
               help="A series is complete when no new instance arrived for this long.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Triage worker threads (one model per worker).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Triage worker threads or Ray actors (one model per worker); 1 to 1024 (checked before it listens).")
 @click.option("--queue-size", type=int, default=8, show_default=True, help="Complete series waiting for a worker (bounded).")
 @click.option("--forward", default=None,
               help="After each series, C-STORE every DICOM result (SR, measurements SR, SCs, SEG) to HOST:PORT:AET, "
@@ -148,6 +149,7 @@ def listen(port: int, ae_title: str, out_dir: str, bind: str, allow_ae: Tuple[st
         forward=parse_forward(forward) if forward else None, forward_retry_s=parse_retry_schedule(forward_retry),
         require_called_ae=require_called_ae, dicom_results=not no_dicom_results,
     )
+    cfg.validate()  # every value (--workers, --queue-size, ...) before a Ray cluster or the socket starts
     # the operator's log: INFO of the listener by default (ctsdk's own default is WARNING, -v INFO,
     # -vv DEBUG); --quiet: warnings only. Put back on return (in-process callers, tests).
     listener_log = logging.getLogger("sdk.integration.listener")

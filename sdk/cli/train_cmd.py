@@ -2,13 +2,14 @@
 
 Each subcommand's options are generated from its config dataclass's fields
 (``sdk.train.seg.SegTrainConfig``, ``sdk.train.classifier.ClassifierTrainConfig``,
-``sdk.train.aggregator.AggTrainConfig``): a field ``max_minutes`` becomes ``--max-minutes``, a bool
-field ``progress`` becomes ``--progress/--no-progress``, a ``Tuple[int, int]`` takes two values, a
-``List[str]`` may be repeated. ``--config FILE.json`` loads a config (e.g. a run's saved
-``config.json``); options given on the command line override it. ``--print-config`` prints the
-resolved config and exits. The config modules are imported only when a subcommand is used, and the
-heavy packages only when training starts: without torch, ``seg`` / ``classifier`` exit 2 with
-"... pip install 'ctsdk[train]'".
+``sdk.train.seg3d.Seg3DTrainConfig``, ``sdk.train.aggregator.AggTrainConfig``): a field
+``max_minutes`` becomes ``--max-minutes``, a bool field ``progress`` becomes
+``--progress/--no-progress``, a ``Tuple[int, int]`` takes two values, a ``List[str]`` may be repeated.
+``--config FILE.json`` loads a config (e.g. a run's saved ``config.json``); options given on the
+command line override it. The resolved config is checked by its ``validate()`` (a value training
+cannot use exits 2, one line on stderr); ``--print-config`` prints it and exits. The config modules
+are imported only when a subcommand is used, and the heavy packages only when training starts:
+without torch, ``seg`` / ``classifier`` exit 2 with "... pip install 'ctsdk[train]'".
 
 Before any work the output location is checked: it must be writable, and it must not hold an
 earlier run's outputs (each trainer module's ``earlier_run_files(cfg)``: the classifier's
@@ -276,7 +277,9 @@ def _config_file_values(cls: type, config_file: str) -> Dict[str, Any]:
 
 def resolve_config(cls: type, config_file: Optional[str], given: Dict[str, Any]) -> Any:
     """Dataclass defaults <- ``config_file`` (JSON; each value checked against its field's type)
-    <- explicitly given options."""
+    <- explicitly given options, then checked by the config's ``validate()`` (ConfigError naming
+    the field, its option and what is allowed): ``--print-config`` never prints a config that cannot
+    train, and training starts from a checked one (the trainer checks again, for Python callers)."""
     from ..train.common import config_from_dict
 
     values: Dict[str, Any] = {}
@@ -292,7 +295,9 @@ def resolve_config(cls: type, config_file: Optional[str], given: Dict[str, Any])
     for k, v in list(values.items()):  # JSON lists -> tuples where the field is a tuple
         if k in hints and typing.get_origin(hints[k]) in (tuple, Tuple) and isinstance(v, list):
             values[k] = tuple(v)
-    return config_from_dict(cls, values)
+    cfg = config_from_dict(cls, values)
+    cfg.validate()
+    return cfg
 
 
 def check_no_earlier_run(module: Any, cfg: Any, overwrite: bool) -> None:

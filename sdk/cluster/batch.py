@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 import numpy as np
 
 from ..errors import ConfigError, CtsdkError, RuntimeUnavailableError
-from ..integration.batch import BatchOptions, BatchSummary
+from ..integration.batch import BatchOptions, BatchSummary, check_workers
 
 log = logging.getLogger("sdk.cluster")
 
@@ -241,7 +241,8 @@ class RayOptions:
 
     Attributes:
         address: None: start a private Ray on this machine; ``auto``; ``HOST:PORT`` of a head.
-        workers: maximum actors (each loads one Triage); the pool starts with this many.
+        workers: maximum actors (each loads one Triage), 1 to
+            :data:`sdk.integration.batch.MAX_WORKERS`; the pool starts with this many.
         cpus_per_worker: logical CPUs per actor (also its ONNX Runtime threads).
         gpus_per_worker: GPUs per actor (0.5: two actors share a GPU; 0: CPU only).
         max_task_retries: Ray's re-runs of a series whose actor died (node loss, crash).
@@ -306,8 +307,7 @@ def run_batch_ray(
     c = cluster
     ray_address, workers, cpus_per_worker, gpus_per_worker = c.address, c.workers, c.cpus_per_worker, c.gpus_per_worker
     max_task_retries, tasks_in_flight_per_actor, retry_rounds = c.max_task_retries, c.tasks_in_flight_per_actor, c.retry_rounds
-    if workers < 1:
-        raise ConfigError(f"--workers {workers}: must be >= 1")
+    workers = check_workers(workers)
     if not 0 < cpus_per_worker < float("inf"):   # "not 0 < x" also refuses NaN (NaN compares False)
         raise ConfigError(f"--cpus-per-worker {cpus_per_worker}: must be a finite number > 0")
     if not 0 <= gpus_per_worker < float("inf"):

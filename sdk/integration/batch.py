@@ -29,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
-from ..errors import ConfigError, CorruptFileError, CtsdkError, NotDicomError, ResultWriteError
+from ..errors import ConfigError, CorruptFileError, CtsdkError, NotDicomError, ResultWriteError, whole_number
 
 log = logging.getLogger("sdk.integration.batch")
 
 PathLike = Union[str, Path]
 
 __all__ = ["SeriesRef", "discover_series", "JsonlWriter", "make_record", "error_record", "run_batch", "BatchOptions",
-           "triage_one", "failing_fn",
+           "triage_one", "failing_fn", "check_workers", "MAX_WORKERS",
            "BatchSummary", "NON_DICOM_SUFFIXES"]
 
 #: Files with these suffixes are documentation or companion data, not candidate DICOM: they are
@@ -261,7 +261,21 @@ def error_record(ref: SeriesRef, exc_type: str, message: str, wall_ms: float = 0
 
 
 # --- workers ------------------------------------------------------------------------------------
+#: Most workers one run may start: ``triage-batch --workers`` (local processes or Ray actors) and
+#: ``listen --workers`` (threads or Ray actors). Every worker loads its own triage model (~0.5 GB
+#: resident with the default bundle, docs/benchmarks/cpu.md), so 1024 workers already need ~0.5 TB
+#: - more than one machine has, and a Ray pool is capped at what the cluster hosts anyway; a larger
+#: number is a typo that would spawn processes / threads until memory or the process table ran out.
+MAX_WORKERS = 1024
 _WORKER_FN: Optional[Callable[..., Any]] = None
+
+
+def check_workers(workers: Any) -> int:
+    """``workers`` as an int, or a ConfigError naming ``--workers``, the value and 1 to
+    :data:`MAX_WORKERS`: the one check of the worker count of :func:`run_batch`,
+    :func:`sdk.cluster.run_batch_ray` and :class:`sdk.integration.listener.ListenerConfig`."""
+    return int(whole_number("--workers", workers, maximum=MAX_WORKERS, allow_none=False,  # type: ignore[arg-type]
+                            what="worker processes, Ray actors or listener threads, one model each"))
 
 
 def _init_worker(factory_spec: Optional[str], log_level: int) -> None:
@@ -414,7 +428,7 @@ def run_batch(
         out: JSONL path; the PNG goes beside it as ``<stem>.labels.png``.
         options: resume / overwrite / triage function / progress / PNG (:class:`BatchOptions`,
             shared with the Ray engine).
-        workers: worker processes (1: in this process, no pool).
+        workers: worker processes (1: in this process, no pool), at most :data:`MAX_WORKERS`.
         discovered: ``(refs, skipped)`` found elsewhere (``--manifest``:
             :func:`sdk.cluster.manifest.discover_manifest`); ``root`` is then not walked.
 
@@ -423,8 +437,7 @@ def run_batch(
     """
     from tqdm import tqdm
 
-    if workers < 1:
-        raise ConfigError(f"--workers {workers}: must be >= 1")
+    workers = check_workers(workers)
     resume, triage_fn, progress, png = options.resume, options.triage_fn, options.progress, options.png
     out = options.prepare_output(out)
     t0 = time.perf_counter()

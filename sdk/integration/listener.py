@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .._lazy import require
 from ..errors import ConfigError, CtsdkError
+from .batch import check_workers
 from .storage import SeriesStore, atomic_write_json, instance_set_digest, position_token, utc_now
 from .triage_fns import TriageFn, TriageOutput, normalise_output
 
@@ -175,8 +176,7 @@ class ListenerConfig:
                 raise ConfigError(f"--allow-ae {aet!r}: expected 1-16 characters")
         if not 0 <= self.quiet_seconds < float("inf"):   # "not 0 <= x" also refuses NaN
             raise ConfigError(f"--quiet-seconds {self.quiet_seconds}: must be a finite number >= 0")
-        if self.workers < 1:
-            raise ConfigError(f"--workers {self.workers}: must be >= 1")
+        check_workers(self.workers)
         if self.queue_size < 1:
             raise ConfigError(f"--queue-size {self.queue_size}: must be >= 1")
         _check_retry_schedule(tuple(self.forward_retry_s))

@@ -27,6 +27,7 @@ workplace (docs/deployment.md).
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .._lazy import require
-from ..errors import ConfigError, EngineBuildError, RuntimeUnavailableError
+from ..errors import ConfigError, EngineBuildError, RuntimeUnavailableError, whole_number
 from ..hashing import sha256_file
 from .engine_cache import PRECISIONS, EngineCache, EngineKey
 
@@ -44,6 +45,9 @@ PathLike = Union[str, os.PathLike]
 Shape = Tuple[Optional[int], ...]
 DEFAULT_BATCH: Tuple[int, int, int] = (1, 8, 32)
 DEFAULT_WORKSPACE_MB = 2048
+#: builder workspace bounds (MB) of ``BuildConfig.workspace_mb`` / ``--workspace``: 1 TiB is past any
+#: GPU's memory (the value caps TensorRT's scratch pool, so a larger one is a typo, not a plan)
+MIN_WORKSPACE_MB, MAX_WORKSPACE_MB = 16, 1 << 20
 MAX_BATCH = 4096
 
 
@@ -59,7 +63,7 @@ def parse_batch(text: Union[str, Sequence[int], None]) -> Tuple[int, int, int]:
         except ValueError:
             raise ConfigError(f"--batch must be MIN,OPT,MAX integers (e.g. 1,8,32), got {text!r}") from None
     else:
-        vals = [int(v) for v in text]
+        vals = _batch_ints(text)
     if len(vals) == 1:
         vals = vals * 3
     if len(vals) != 3:
@@ -68,6 +72,19 @@ def parse_batch(text: Union[str, Sequence[int], None]) -> Tuple[int, int, int]:
     if not (1 <= lo <= opt <= hi <= MAX_BATCH):
         raise ConfigError(f"--batch must satisfy 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}, got {lo},{opt},{hi}")
     return lo, opt, hi
+
+
+def _batch_ints(value: Any) -> List[int]:
+    """The integers of a non-text ``batch`` (one int, or a sequence of ints); ConfigError for
+    anything else (1.5 was truncated to 1, a bare int was a TypeError)."""
+    items = [value] if isinstance(value, numbers.Integral) else value
+    try:
+        items = list(items)
+    except TypeError:
+        items = [None]
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        raise ConfigError(f"--batch must be MIN,OPT,MAX integers (e.g. 1,8,32), got {value!r}")
+    return [int(v) for v in items]
 
 
 def profile_shapes(inputs: Sequence[Tuple[str, Shape]], batch: Tuple[int, int, int]) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]]:
@@ -208,11 +225,16 @@ class BuildConfig:
     measure_warm: bool = False
 
     def __post_init__(self) -> None:
+        """Every value is checked here, at construction - ``ctsdk build-engine``, :class:`CachedEngine`
+        and Python callers alike, before TensorRT is imported or a file is read."""
+        if not isinstance(self.onnx, (str, os.PathLike)) or not str(self.onnx).strip():
+            raise ConfigError(f"onnx must be the path of an ONNX file, got {self.onnx!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         parse_batch(self.batch)
-        if not (16 <= int(self.workspace_mb) <= 1 << 20):
-            raise ConfigError(f"--workspace must be 16..1048576 MB, got {self.workspace_mb}")
+        workspace = whole_number("workspace_mb (--workspace)", self.workspace_mb, minimum=MIN_WORKSPACE_MB,
+                                 maximum=MAX_WORKSPACE_MB, allow_none=False, what="TensorRT builder workspace in MB")
+        object.__setattr__(self, "workspace_mb", workspace)  # a whole float (2048.0) is kept as the int it means
 
     def engine_cache(self) -> EngineCache:
         """``cache_dir``; else, for a file of a ctsdk bundle, that bundle's

@@ -35,8 +35,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..tables import read_csv_rows
-from ..errors import ConfigError
+from ..errors import ConfigError, CtsdkError
 from ..labels import is_positive
+from . import common
 
 CLASSES = ["non_covid", "covid"]
 
@@ -67,6 +68,27 @@ class AggTrainConfig:
     early_stopping_rounds: int = 30
     n_bootstrap: int = 2000
     seed: int = 0
+
+    def validate(self) -> None:
+        """ConfigError naming the field (and its ``ctsdk train aggregator`` option), the value and what
+        is allowed - run by :func:`train_aggregator` before anything is read, and by ``ctsdk train
+        aggregator`` (``--print-config`` too). Before it, ``--eta 0`` trained a constant model and
+        ``--n-bootstrap -5`` reported no intervals (exit 0); ``--eta -1`` / ``--seed -1`` failed in
+        XGBoost / NumPy with their own errors."""
+        from ..metrics import MAX_BOOTSTRAP
+
+        common.check_choice(self, "series_role", ("train", "eval"))
+        if not self.predictions and not self.series:
+            raise ConfigError("nothing to train on: give predictions (bags of labelled slices) and/or series "
+                              "(path,label CSV)")
+        common.check_counts(self, ("bags_per_class", "min_slices", "n_groups", "num_boost_round",
+                                   "early_stopping_rounds"))
+        common.check_counts(self, ("max_slices",), minimum=int(self.min_slices), what="at least min_slices")
+        common.check_counts(self, ("max_depth",), minimum=0, what="0: no limit, XGBoost's hist trees")
+        common.check_counts(self, ("n_bootstrap",), minimum=0, maximum=MAX_BOOTSTRAP)
+        common.check_counts(self, ("seed",), minimum=0, maximum=common.MAX_SEED)
+        common.check_numbers(self, ("covid_fraction_min",), minimum=0, maximum=1)
+        common.check_numbers(self, ("eta",), minimum=0, maximum=1, min_open=True, what="XGBoost's learning rate")
 
 
 def earlier_run_files(cfg: AggTrainConfig) -> List[Path]:
@@ -207,15 +229,11 @@ def _features(bags: Sequence[np.ndarray], n_groups: int) -> np.ndarray:
 def train_aggregator(cfg: AggTrainConfig, *, overwrite: bool = False) -> Dict[str, Any]:
     """Train, save and report (see the module docstring). Returns the metrics dict. An earlier
     run's files at ``cfg.out`` (:func:`earlier_run_files`) are refused unless ``overwrite``."""
+    cfg.validate()   # every value first: nothing is read or written for a config that cannot train
     from tqdm import tqdm
 
     from ..aggregate import fit_aggregator
     from ..metrics import binary_metrics, youden_threshold
-
-    if cfg.series_role not in ("train", "eval"):
-        raise ConfigError(f"series_role must be 'train' or 'eval', not {cfg.series_role!r}")
-    if not cfg.predictions and not cfg.series:
-        raise ConfigError("nothing to train on: give predictions (bags of labelled slices) and/or series (path,label CSV)")
     from .common import refuse_earlier_run
 
     refuse_earlier_run(earlier_run_files(cfg), overwrite)
@@ -340,7 +358,6 @@ def compare_aggregators(predictions: str, aggregators: Dict[str, str], threshold
 def main(argv: Sequence[str] = None) -> int:  # type: ignore[assignment]
     """``python -m sdk.train.aggregator --field value ...`` (same fields as ``ctsdk train aggregator``)."""
     import argparse
-    import sys
 
     ap = argparse.ArgumentParser(prog="python -m sdk.train.aggregator", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(AggTrainConfig):
@@ -350,9 +367,8 @@ def main(argv: Sequence[str] = None) -> int:  # type: ignore[assignment]
     overwrite = args.pop("overwrite")
     try:
         metrics = train_aggregator(AggTrainConfig(**args), overwrite=overwrite)
-    except ConfigError as exc:
-        print(f"ctsdk: error: {exc}", file=sys.stderr)
-        return 2
+    except CtsdkError as exc:
+        return common.main_error(exc)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -105,20 +105,25 @@ class ClassifierTrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """ConfigError naming the field (and its ``ctsdk train classifier`` option), the value and what
+        is allowed - run by :func:`train_classifier` before anything is read and by ``ctsdk train
+        classifier`` (``--print-config`` too)."""
+        from ..metrics import MAX_BOOTSTRAP
         from ..models import list_models
 
         clf = [m for m in list_models() if "unet" not in m]
         if self.model not in clf:
             raise ConfigError(f"unknown classifier {self.model!r}; valid: {', '.join(clf)}")
-        if self.loss not in ("focal", "ce"):
-            raise ConfigError(f"loss must be 'focal' or 'ce', not {self.loss!r}")
-        if self.class_weighting not in ("balanced", "none"):
-            raise ConfigError(f"class_weighting must be 'balanced' or 'none', not {self.class_weighting!r}")
-        if self.input_size % 32 or self.input_size < 64:
-            raise ConfigError(f"input_size must be a multiple of 32 and >= 64, not {self.input_size}")
-        for name in ("epochs", "batch_size", "threads", "patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, not {getattr(self, name)}")
+        common.check_choice(self, "loss", ("focal", "ce"))
+        common.check_choice(self, "class_weighting", ("balanced", "none"))
+        common.check_multiple(self, "input_size", 32, minimum=64, why="the backbone's five stride-2 stages")
+        common.check_counts(self, ("epochs", "batch_size", "patience"))
+        common.check_counts(self, ("samples_per_epoch", "limit", "freeze_stages"), minimum=0)
+        common.check_counts(self, ("n_boot",), minimum=0, maximum=MAX_BOOTSTRAP)
+        common.check_run_basics(self)
+        common.check_numbers(self, ("lr",), minimum=0, min_open=True)
+        common.check_numbers(self, ("weight_decay", "focal_gamma", "max_minutes"), minimum=0)
+        common.check_numbers(self, ("drop_rate",), minimum=0, maximum=1, max_open=True)
 
     # resolved paths ---------------------------------------------------------------------------
     @property
@@ -317,12 +322,12 @@ def train_classifier(cfg: ClassifierTrainConfig, *, overwrite: bool = False) -> 
     """Train, select on val AUC, evaluate on test, predict every image. Returns the summary dict
     (also written as ``metrics.json``). A run folder holding an earlier run
     (:func:`earlier_run_files`) is refused unless ``overwrite``."""
+    cfg.validate()   # every value first: nothing is imported, read or written for a config that cannot train
     from .._lazy import require
 
     torch = require("torch", "training the slice classifier")
     from ..models import create_model
 
-    cfg.validate()
     common.refuse_earlier_run(earlier_run_files(cfg), overwrite)
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)

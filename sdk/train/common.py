@@ -34,6 +34,13 @@ __all__ = [
     "bootstrap_ci",
     "binary_report",
     "paired_bootstrap_diff",
+    "MAX_SEED",
+    "check_counts",
+    "check_numbers",
+    "check_choice",
+    "check_multiple",
+    "check_run_basics",
+    "main_error",
 ]
 
 T = TypeVar("T")
@@ -143,6 +150,74 @@ def refuse_earlier_run(found: Sequence[Path], overwrite: bool) -> None:
     if found and not overwrite:
         raise ConfigError(f"{found[0].parent} holds an earlier run ({', '.join(p.name for p in found)}); pass "
                           f"overwrite=True to replace it or choose another output folder (nothing was written)")
+
+
+# --- config checks (each trainer config's validate(); ctsdk train runs it before --print-config) ----
+#: seeds the trainers take: NumPy's and torch's seeding accept 0 .. 2**32 - 1 everywhere (a negative
+#: seed failed in NumPy's default_rng after the run folder was written)
+MAX_SEED = 2**32 - 1
+
+
+def _field(cfg: Any, name: str, what: str = "") -> Tuple[str, str, Any]:
+    """(how a message names config field ``name`` - its class and name -, the parenthesis after
+    "must be ...": its ``ctsdk train`` option and ``what``, its value)."""
+    option = f"--{name.replace('_', '-')}"
+    return f"{type(cfg).__name__}: {name}", f"{option}; {what}" if what else option, getattr(cfg, name)
+
+
+def check_counts(cfg: Any, names: Sequence[str], *, minimum: int = 1, maximum: Optional[int] = None,
+                 what: str = "") -> None:
+    """ConfigError unless each field of ``names`` is a whole number from ``minimum`` to ``maximum``."""
+    from ..errors import whole_number
+
+    for name in names:
+        label, note, value = _field(cfg, name, what)
+        whole_number(label, value, minimum=minimum, maximum=maximum, allow_none=False, what=note)
+
+
+def check_numbers(cfg: Any, names: Sequence[str], *, minimum: Optional[float] = None,
+                  maximum: Optional[float] = None, min_open: bool = False, max_open: bool = False,
+                  what: str = "") -> None:
+    """ConfigError unless each field of ``names`` is a finite number in the range (NaN and inf never)."""
+    from ..errors import finite_number
+
+    for name in names:
+        label, note, value = _field(cfg, name, what)
+        finite_number(label, value, minimum=minimum, maximum=maximum, min_open=min_open, max_open=max_open,
+                      what=note)
+
+
+def check_choice(cfg: Any, name: str, choices: Sequence[str]) -> None:
+    """ConfigError unless field ``name`` is one of ``choices``."""
+    label, note, value = _field(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"{label} must be one of {list(choices)} ({note}), got {value!r}")
+
+
+def check_multiple(cfg: Any, name: str, step: int, *, minimum: int, maximum: Optional[int] = None,
+                   why: str = "") -> None:
+    """ConfigError unless field ``name`` is a whole number from ``minimum`` to ``maximum`` and a
+    multiple of ``step`` (``why``: what needs it, e.g. a U-Net's poolings)."""
+    check_counts(cfg, (name,), minimum=minimum, maximum=maximum, what=why)
+    label, note, value = _field(cfg, name, why)
+    if int(value) % step:
+        raise ConfigError(f"{label} must be a multiple of {step} ({note}), got {value!r}")
+
+
+def check_run_basics(cfg: Any) -> None:
+    """The fields every torch trainer has: ``threads`` (1 to :data:`sdk.triage.MAX_THREADS`) and
+    ``seed`` (0 to :data:`MAX_SEED`)."""
+    from ..triage import MAX_THREADS
+
+    check_counts(cfg, ("threads",), maximum=MAX_THREADS)
+    check_counts(cfg, ("seed",), minimum=0, maximum=MAX_SEED)
+
+
+def main_error(exc: Exception) -> int:
+    """How a ``python -m sdk.train.*`` main reports a typed error (a bad config value, a run folder
+    holding an earlier run): one ``ctsdk: error:`` line on stderr and exit code 2, as ``ctsdk train``."""
+    print(f"ctsdk: error: {exc}", file=sys.stderr)
+    return int(getattr(exc, "exit_code", 2))
 
 
 def load_config(path: Union[str, Path]) -> Dict[str, Any]:

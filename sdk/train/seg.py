@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,9 +36,10 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, CtsdkError
 from ..paths import shared_data_root
 from ..lungs.unet2d import CLAHE_SIZE, INPUT_NAME, NET_SIZE, OUTPUT_NAME, prepare_slice
+from . import common
 
 DEFAULT_DATA = shared_data_root() / "seg2d"
 
@@ -66,11 +68,47 @@ class SegTrainConfig:
     opset: int = 17
     notes: List[str] = field(default_factory=list)
 
+    def validate(self) -> None:
+        """ConfigError naming the field (and its ``ctsdk train seg`` option), the value and what is
+        allowed - run by :func:`train_seg` before torch is imported or a slice read, and by ``ctsdk
+        train seg`` (``--print-config`` too). Before it, ``--lr -1`` failed in AdamW and ``--size 33``
+        in the U-Net's first batch, after the run folder was written."""
+        common.check_choice(self, "target", sorted(TARGETS))
+        common.check_counts(self, ("base", "epochs", "patience", "batch_size"))
+        common.check_counts(self, ("levels",), minimum=2, maximum=MAX_LEVELS)
+        side = 2 ** (int(self.levels) - 1)
+        common.check_multiple(self, "size", side, minimum=side,
+                              why=f"its {int(self.levels)} U-Net levels divide it by {side}")
+        common.check_run_basics(self)
+        common.check_counts(self, ("opset",), minimum=OPSETS[0], maximum=OPSETS[1],
+                            what="opsets of torch.onnx.export's TorchScript exporter")
+        common.check_numbers(self, ("lr", "max_minutes"), minimum=0, min_open=True)
+        common.check_numbers(self, ("weight_decay",), minimum=0)
+        common.check_numbers(self, ("p_reclahe",), minimum=0, maximum=1)
+        for name in ("val_block", "test_block"):
+            _check_block(self, name)
+
 
 #: what each training target reads from seg2d's index (its mask column)
 TARGETS: Dict[str, str] = {"lung": "lung_mask", "infection": "infection_mask"}
+#: most U-Net levels: 8 halves a 128-pixel input to 1 pixel (and keeps 2 ** (levels - 1) computable)
+MAX_LEVELS = 8
+#: opsets :func:`export_onnx` can write: torch.onnx.export(dynamo=False), the TorchScript exporter
+#: (torch.onnx._constants ONNX_MIN_OPSET .. ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.x)
+OPSETS: Tuple[int, int] = (7, 20)
 #: files of ``out_dir`` that mark an earlier run (``ctsdk train seg`` refuses them unless --overwrite)
 RUN_MARKERS: Tuple[str, ...] = ("unet2d_lung.pt", "unet2d_lung.onnx", "metrics.json")
+
+
+def _check_block(cfg: SegTrainConfig, name: str) -> None:
+    """ConfigError unless field ``name`` is a file-number range (LO, HI): whole numbers, 0 <= LO < HI."""
+    value = getattr(cfg, name)
+    pair = isinstance(value, (tuple, list)) and len(value) == 2
+    whole = pair and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    if not (whole and 0 <= value[0] < value[1]):
+        option = "--" + name.replace("_", "-")
+        raise ConfigError(f"{type(cfg).__name__}: {name} must be two whole numbers LO HI with 0 <= LO < HI "
+                          f"({option}; file numbers, HI excluded), got {value!r}")
 
 
 def model_stem(cfg: SegTrainConfig) -> str:
@@ -189,6 +227,7 @@ def export_onnx(model: Any, path: Path, size: int, opset: int = 17) -> float:
 def train_seg(cfg: SegTrainConfig, *, overwrite: bool = False) -> Dict[str, Any]:
     """Train, early-stop on validation Dice, export ONNX, write config/metrics; returns metrics.
     ``cfg.out_dir`` holding an earlier run (:func:`earlier_run_files`) is refused unless ``overwrite``."""
+    cfg.validate()   # every value first: nothing is imported, read or written for a config that cannot train
     from .._lazy import require
 
     torch = require("torch", "training the lung U-Net")
@@ -197,11 +236,6 @@ def train_seg(cfg: SegTrainConfig, *, overwrite: bool = False) -> Dict[str, Any]
     from ..models.unet import unet2d_lung
 
     # data and split first: a run that fails on them writes nothing
-    for name in ("epochs", "batch_size", "threads"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, not {getattr(cfg, name)}")
-    if cfg.target not in TARGETS:
-        raise ConfigError(f"target must be one of {sorted(TARGETS)}, not {cfg.target!r}")
     stem = model_stem(cfg)
     from .common import refuse_earlier_run
 
@@ -307,8 +341,12 @@ def main(argv: List[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     a = p.parse_args(argv)
-    metrics = train_seg(SegTrainConfig(data_dir=a.data, out_dir=a.out, target=a.target, epochs=a.epochs, base=a.base, size=a.size,
-                                       max_minutes=a.max_minutes, seed=a.seed), overwrite=a.overwrite)
+    try:
+        cfg = SegTrainConfig(data_dir=a.data, out_dir=a.out, target=a.target, epochs=a.epochs, base=a.base, size=a.size,
+                             max_minutes=a.max_minutes, seed=a.seed)
+        metrics = train_seg(cfg, overwrite=a.overwrite)
+    except CtsdkError as exc:
+        raise SystemExit(common.main_error(exc)) from None
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}), flush=True)
 
 

@@ -50,8 +50,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, CtsdkError
 from ..paths import shared_data_root
+from . import common
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = shared_data_root()
@@ -250,7 +251,38 @@ class Seg3DTrainConfig:
     eval_every: float = 0.0      # seconds between validations (0 = 20 on CUDA, 300 on CPU)
     init: str = ""               # start from this state dict
 
+    def validate(self) -> None:
+        """ConfigError naming the field (and its ``ctsdk train seg3d`` option), the value and what is
+        allowed - run by :func:`train_seg3d` before torch is imported or a cube read, and by ``ctsdk
+        train seg3d`` (``--print-config`` too). Before it, ``--lr -1`` failed in AdamW and ``--crop 50``
+        in the first step, after the cubes were loaded; ``--seconds -5`` trained for a second."""
+        device = self.device
+        if not isinstance(device, str) or (device not in ("auto", "cuda", "cpu") and not device.startswith("cuda:")):
+            raise ConfigError(f"{type(self).__name__}: device must be auto, cuda, cuda:N or cpu (--device), "
+                              f"got {device!r}")
+        common.check_numbers(self, ("seconds", "lr"), minimum=0, min_open=True)
+        common.check_numbers(self, ("eval_every",), minimum=0, what="0: 20 s on CUDA, 300 s on CPU")
+        common.check_counts(self, ("batch_size",), minimum=0, what="0: 4 on CUDA, 2 on CPU")
+        common.check_counts(self, ("base",))
+        common.check_counts(self, ("levels",), minimum=2, maximum=MAX_LEVELS)
+        common.check_run_basics(self)
+        side = 2 ** (int(self.levels) - 1)
+        if self.crop == 0:   # the kit picks AUTO_CROPS: each must pass the U-Net's poolings
+            if any(c % side for c in AUTO_CROPS):
+                raise ConfigError(f"{type(self).__name__}: levels {self.levels} (--levels) divide the input by "
+                                  f"{side}, which the automatic crop {min(AUTO_CROPS)} (CPU) cannot take; give "
+                                  f"--levels <= {MAX_LEVELS - 1} or a --crop that is a multiple of {side}")
+        else:
+            common.check_multiple(self, "crop", side, minimum=side, maximum=CUBE,
+                                  why=f"its {int(self.levels)} U-Net levels divide it by {side}; 0 = automatic")
 
+
+#: side of the training cubes (the kit's CUBE); ``crop`` takes at most this
+CUBE = 128
+#: the kit's crop for ``crop=0``: 64 voxels on CPU, the whole cube on CUDA
+AUTO_CROPS: Tuple[int, int] = (64, CUBE)
+#: most U-Net levels: 8 halves the 128-voxel cube to 1 voxel
+MAX_LEVELS = 8
 #: files of ``out_dir`` that mark an earlier run (``ctsdk train seg3d`` refuses them unless --overwrite)
 RUN_MARKERS: Tuple[str, ...] = ("unet3d_lung.pt", "train_log.json")
 
@@ -262,7 +294,7 @@ def earlier_run_files(cfg: Seg3DTrainConfig) -> List[Path]:
 
 def check_train_config(cfg: Seg3DTrainConfig) -> None:
     """ConfigError before the kit creates ``out_dir``: the cubes' manifest must exist and list
-    train samples, ``device`` must be auto / cuda / cpu, ``init`` must name a file."""
+    train samples, ``init`` must name a file (the values themselves: :meth:`Seg3DTrainConfig.validate`)."""
     manifest = Path(cfg.data_dir) / "manifest.json"
     if not manifest.is_file():
         raise ConfigError(f"{manifest}: not found; --data-dir must be the cubes folder written by "
@@ -273,8 +305,6 @@ def check_train_config(cfg: Seg3DTrainConfig) -> None:
         raise ConfigError(f"{manifest}: not JSON ({exc}); rerun `python -m sdk.train.seg3d prep`") from exc
     if not any(s.get("split") == "train" for s in samples):
         raise ConfigError(f"{manifest}: lists no train samples; rerun `python -m sdk.train.seg3d prep`")
-    if cfg.device not in ("auto", "cuda", "cpu") and not cfg.device.startswith("cuda:"):
-        raise ConfigError(f"--device must be auto, cuda or cpu, not {cfg.device!r}")
     if cfg.init and not Path(cfg.init).is_file():
         raise ConfigError(f"--init {cfg.init}: state dict not found (e.g. a previous run's unet3d_lung.pt)")
 
@@ -285,6 +315,7 @@ def train_seg3d(cfg: Seg3DTrainConfig, *, overwrite: bool = False) -> Dict[str, 
     (:func:`earlier_run_files`) is refused unless ``overwrite``."""
     import contextlib
 
+    cfg.validate()   # every value first: nothing is imported, read or written for a config that cannot train
     from .._lazy import require
 
     require("torch", "training the 3D lung U-Net")
@@ -572,7 +603,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                           "resampler_check": man["resampler_check"]}, indent=2))
     elif args.cmd == "train":
         cfg = Seg3DTrainConfig(**{f: getattr(args, f) for f in asdict(Seg3DTrainConfig())})
-        log = train_seg3d(cfg, overwrite=args.overwrite)
+        try:
+            log = train_seg3d(cfg, overwrite=args.overwrite)
+        except CtsdkError as exc:
+            raise SystemExit(common.main_error(exc)) from None
         print(json.dumps({k: v for k, v in log.items() if k != "history"}), flush=True)
     else:
         rep = export(Path(args.ckpt), Path(args.out), Path(args.data_dir))
