@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, Tuple
 
 import pytest
 
@@ -28,6 +28,31 @@ os.environ.setdefault("CTSDK_SHARED_DATA", str(SHARED_DATA))
 #: `python -c` / `-m` sys.path), so they import the same ctsdk as the tests - never the source tree
 #: of a checkout next to a non-editable install, which lacks sdk.kernels / sdk.export / sdk.calibration.
 SDK_HOME = Path(sdk.__file__).resolve().parents[1]
+
+
+def ctsdk_in_process(*args: Any) -> Tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the console script ``ctsdk ARGS``, run in this process."""
+    from click.testing import CliRunner
+
+    from sdk.cli import main
+
+    runner = CliRunner()
+    with runner.isolation() as streams:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
+
+
+def ctsdk_error(*args: Any) -> str:
+    """The one ``ctsdk: error:`` line of a command that must exit 2 (nothing else on stderr, no traceback)."""
+    code, out, err = ctsdk_in_process(*args)
+    assert "Traceback" not in out + err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ctsdk: error: "), (code, err)
+    return lines[0]
 
 
 def subprocess_env(**extra: str) -> Dict[str, str]:

@@ -14,38 +14,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import sdk
-from sdk.cli import main
 from sdk.errors import ConfigError, NotDicomError, ResultWriteError, SourceNotFoundError
+from conftest import ctsdk_error as _error, ctsdk_in_process as _ctsdk
 
 INGEST = "sdk.integration.triage_fns:ingest_check"  # decode + eligibility, no model
-
-
-def _ctsdk(*args: Any) -> Tuple[int, str, str]:
-    """(exit code, stdout, stderr) of the console script ``ctsdk ARGS``, in process."""
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
-
-
-def _error(*args: Any) -> str:
-    """The one ``ctsdk: error:`` line of a command that must exit 2 (nothing else on stderr)."""
-    code, out, err = _ctsdk(*args)
-    assert "Traceback" not in out + err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ctsdk: error: "), (code, err)
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -22,32 +22,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
-from click.testing import CliRunner
 
-from sdk.cli import main
 from sdk.cli.train_cmd import SUBCOMMANDS
 from sdk.errors import ConfigError
-
-
-def _ctsdk(*args: Any) -> Tuple[int, str, str]:
-    """(exit code, stdout, stderr) of the console script ``ctsdk ARGS``, in process."""
-    runner = CliRunner()
-    with runner.isolation() as streams:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
-
-
-def _error(*args: Any) -> str:
-    """The one ``ctsdk: error:`` line of a command that must exit 2 (nothing else on stderr)."""
-    code, out, err = _ctsdk(*args)
-    assert "Traceback" not in out + err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ctsdk: error: "), (code, err)
-    return lines[0]
+from conftest import ctsdk_error as _error, ctsdk_in_process as _ctsdk
 
 
 def _config_class(sub: str) -> type:
