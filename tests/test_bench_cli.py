@@ -195,3 +195,19 @@ def test_report_names_the_product_default_and_what_the_numbers_are_over(bench_ru
     assert f"{default}*" in text and "fresh-process peak RSS" in text and "(n=1)" in text
     fresh = _ok(report)[default]["cold"]["fresh_process"]["max_rss_mb"]
     assert f"fresh-process peak RSS {fresh:.0f} MiB" in text
+
+
+def test_cpu_use_of_every_runtime_is_consistent_with_its_wall_time(bench_run) -> None:
+    """Process CPU per call is positive, at most wall x usable cores (a process cannot use more), the
+    floor is CPU / cores, and the markdown has the table."""
+    report = bench_run["report"]
+    cores = report["machine"]["usable_cores"]
+    for name, rt in _ok(report).items():
+        c = rt["cpu"]
+        assert c["cores"] == cores and c["per_call_p50_ms"] > 0, name
+        wall = rt["warm"]["total"]["p50"]
+        assert c["per_call_p50_ms"] <= wall * cores * 1.05 + 5.0, (name, c, wall)  # clock granularity
+        assert 0 < c["cores_busy_p50"] <= cores * 1.05 + 0.05, (name, c)
+        assert c["floor_ms"] == pytest.approx(c["per_call_p50_ms"] / cores, abs=0.02)
+    md = (bench_run["out"] / "bench.md").read_text()
+    assert "### CPU use" in md and "floor: CPU / usable cores" in md

@@ -311,3 +311,35 @@ def test_product_default_cpu_follows_the_bundle() -> None:
     assert d["runtime"] in ("ort-fp32", "ort-int8") and d["reason"].startswith("precision auto")
     if not b.calibration_passed:
         assert d["runtime"] == "ort-fp32"
+
+
+def test_cpu_use_against_hand_computed_numbers() -> None:
+    from sdk.bench.stats import cpu_use
+    from sdk.errors import ConfigError
+
+    # three calls: CPU 200 / 300 / 400 ms over walls 100 / 200 / 200 ms -> busy 2.0 / 1.5 / 2.0
+    c = cpu_use([200.0, 300.0, 400.0], [100.0, 200.0, 200.0], cores=2)
+    assert c == {"per_call_p50_ms": 300.0, "cores_busy_p50": 2.0, "cores": 2.0, "floor_ms": 150.0}
+    assert cpu_use([90.0], [100.0], cores=4)["floor_ms"] == 22.5
+    with pytest.raises(ConfigError, match="2 CPU times for 1 calls"):
+        cpu_use([1.0, 2.0], [1.0], cores=2)
+    with pytest.raises(ConfigError, match="cores must be >= 1"):
+        cpu_use([1.0], [1.0], cores=0)
+
+
+def test_goal_reports_the_packing_floor_and_the_speedup_it_allows() -> None:
+    """The FP32 default at 1,355 ms using 2,316 ms of CPU on 2 cores: perfect packing would give
+    1,158 ms, i.e. at most 11,433 / 1,158 = 9.87x - below 10x whatever the scheduling."""
+    from sdk.bench.report import goal_text
+
+    fp32 = _rt(1355.0, paper=11433.0, rss=580.0)
+    fp32["cpu"] = {"per_call_p50_ms": 2316.0, "cores_busy_p50": 1.71, "cores": 2.0, "floor_ms": 1158.0}
+    s = _series({"naive-paper": _rt(11433.0), "ort-fp32": fp32})
+    v = s["goal"]["by_runtime"]["ort-fp32"]
+    assert v["floor_ms"] == 1158.0 and v["cores"] == 2 and v["floor_under_time"] is True
+    assert v["floor_speedup"] == pytest.approx(11433.0 / 1158.0, rel=1e-3)
+    text = goal_text(s["goal"])
+    assert "process CPU 2,316 ms per call (1.71 of 2 cores busy)" in text
+    assert "with perfect packing 1,158 ms, at most 9.87x the baseline" in text
+    # a report without the CPU block (older JSON) still renders, without the sentence
+    assert "perfect packing" not in goal_text(_series({"naive-paper": _rt(11433.0), "ort-fp32": _rt(1355.0, paper=11433.0)})["goal"])

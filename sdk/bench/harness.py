@@ -10,7 +10,8 @@ Order of work (one process, so ratios are fair on a noisy machine):
    (:mod:`sdk.bench.cold`: imports included, independent of build order, isolated peak RSS).
 2. **warm-up** - ``warmup`` more unrecorded calls per runtime.
 3. **measured rounds** - ``repeat`` rounds; in each, every runtime triages the series once, the
-   order rotating every round (round-robin), each call under PeakMemory. Per-stage p50/p95 come
+   order rotating every round (round-robin), each call under PeakMemory and a process-CPU clock
+   (cores busy, and the floor: that CPU over the usable cores). Per-stage p50/p95 come
    from these calls.
 4. **batch sizes** - for each classifier batch size, round-robin again over the product
    runtimes (``batch_repeat`` calls each): series per minute = 60 000 / p50 total. The naive
@@ -43,7 +44,7 @@ from ..errors import ConfigError, CtsdkError, SeriesError
 from . import machine as machine_mod
 from .memory import PeakMemory
 from .pipelines import RUNTIMES, STAGES, Driver, TriageDriver, make_driver, precheck
-from .stats import dominant, series_per_minute, speedup, summarize, summarize_stages
+from .stats import cpu_use, dominant, series_per_minute, speedup, summarize, summarize_stages
 
 log = logging.getLogger("sdk.bench")
 
@@ -181,6 +182,7 @@ class _Live:
     cold_mem: Dict[str, Any] = field(default_factory=dict)
     runs: List[Dict[str, float]] = field(default_factory=list)
     totals: List[float] = field(default_factory=list)
+    cpus: List[float] = field(default_factory=list)     # process CPU ms of each measured call
     mems: List[Dict[str, Any]] = field(default_factory=list)
     summary: Dict[str, Any] = field(default_factory=dict)
     fresh: Dict[str, Any] = field(default_factory=dict)
@@ -191,8 +193,8 @@ class _Live:
     def trim(self) -> None:
         """Keep whole calls only: an interrupt between the appends of one call leaves one list a
         call longer than the others."""
-        n = min(len(self.runs), len(self.totals), len(self.mems))
-        del self.runs[n:], self.totals[n:], self.mems[n:]
+        n = min(len(self.runs), len(self.totals), len(self.cpus), len(self.mems))
+        del self.runs[n:], self.totals[n:], self.cpus[n:], self.mems[n:]
         for b in list(self.batch_totals):
             m = min(len(self.batch_totals[b]), len(self.batch_cls.get(b, [])))
             del self.batch_totals[b][m:]
@@ -234,14 +236,27 @@ class _RunState:
     not_started: List[str] = field(default_factory=list)
 
 
-def _call(driver: Driver, source: Any, interval: float) -> Tuple[Dict[str, float], Dict[str, Any], float, Dict[str, Any]]:
-    """One measured call: (stages ms, summary, wall total ms, memory)."""
+@dataclass
+class _Measured:
+    """One measured call: per-stage ms, the result summary, wall and process-CPU ms, memory."""
+
+    stages: Dict[str, float]
+    summary: Dict[str, Any]
+    total_ms: float
+    cpu_ms: float
+    mem: Dict[str, Any]
+
+
+def _call(driver: Driver, source: Any, interval: float) -> _Measured:
+    """One measured call, under :class:`PeakMemory`; ``cpu_ms`` is the process CPU time around it
+    (``time.process_time``: every thread - the product's lanes and helpers, torch's pool -, plus the
+    memory sampler's few wake-ups)."""
     gc.collect()
     with PeakMemory(interval_s=interval) as mem:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         stages, summary = driver.run(source)
-        total = (time.perf_counter() - t0) * 1000.0
-    return stages, summary, total, mem.result()
+        total, cpu = (time.perf_counter() - t0) * 1000.0, (time.process_time() - c0) * 1000.0
+    return _Measured(stages, summary, total, cpu, mem.result())
 
 
 def _phantom_source(cfg: BenchConfig, tmp: Path) -> Tuple[str, Dict[str, Any]]:
@@ -353,7 +368,7 @@ class Bench:
                 raise
             item = _Live(name=name, driver=driver, setup_ms=setup_ms, setup_mem=mem.result())
             try:
-                stages, summary, total, cmem = _call(driver, source, self.cfg.mem_interval_s)
+                first = _call(driver, source, self.cfg.mem_interval_s)
             except SeriesError:
                 driver.close()
                 raise  # the input is bad for everyone: stop with the product's message
@@ -367,10 +382,10 @@ class Bench:
             except BaseException:
                 driver.close()
                 raise
-            item.cold_stages, item.cold_total_ms, item.summary = stages, total, summary
-            item.cold_mem = {**cmem, "peak_rss_mb": max(cmem["peak_rss_mb"], item.setup_mem["peak_rss_mb"])}
+            item.cold_stages, item.cold_total_ms, item.summary = first.stages, first.total_ms, first.summary
+            item.cold_mem = {**first.mem, "peak_rss_mb": max(first.mem["peak_rss_mb"], item.setup_mem["peak_rss_mb"])}
             series.live.append(item)
-            self.progress(f"{name}: cold {setup_ms + total:.0f} ms (setup {setup_ms:.0f} + first call {total:.0f})")
+            self.progress(f"{name}: cold {setup_ms + first.total_ms:.0f} ms (setup {setup_ms:.0f} + first call {first.total_ms:.0f})")
 
     # --- phases ------------------------------------------------------------------------------------
     def _fresh_cold(self, live: List[_Live], source: str) -> None:
@@ -400,11 +415,12 @@ class Bench:
             order = live[r % len(live):] + live[: r % len(live)]
             for item in order:
                 self._enter(f"measuring round {r + 1}/{self.cfg.repeat} ({item.name})")
-                stages, summary, total, mem = _call(item.driver, source, self.cfg.mem_interval_s)
-                item.runs.append(stages)
-                item.totals.append(total)
-                item.mems.append(mem)
-                item.summary = summary
+                m = _call(item.driver, source, self.cfg.mem_interval_s)
+                item.runs.append(m.stages)
+                item.totals.append(m.total_ms)
+                item.cpus.append(m.cpu_ms)
+                item.mems.append(m.mem)
+                item.summary = m.summary
             self.progress(f"round {r + 1}/{self.cfg.repeat}: " + ", ".join(f"{i.name} {i.totals[-1]:.0f} ms" for i in live))
 
     def _batches(self, live: List[_Live], source: str, notes: Dict[str, str]) -> None:
@@ -421,7 +437,7 @@ class Bench:
                     self._enter(f"batch size {b}, call {r + 1}/{self.cfg.batch_repeat} ({item.name})")
                     try:
                         drv.set_batch(b)
-                        stages, _, total, _ = _call(drv, source, self.cfg.mem_interval_s)
+                        m = _call(drv, source, self.cfg.mem_interval_s)
                     except ConfigError as exc:
                         notes[item.name] = str(exc)
                         continue
@@ -430,8 +446,8 @@ class Bench:
                             drv.set_batch(None)
                         except ConfigError:
                             pass
-                    item.batch_totals.setdefault(b, []).append(total)
-                    item.batch_cls.setdefault(b, []).append(stages.get("classify", 0.0))
+                    item.batch_totals.setdefault(b, []).append(m.total_ms)
+                    item.batch_cls.setdefault(b, []).append(m.stages.get("classify", 0.0))
             self.progress(f"batch {b}: " + ", ".join(
                 f"{i.name} {summarize(i.batch_totals[b])['p50']:.0f} ms" for i in product if i.batch_totals.get(b)))
 
@@ -461,16 +477,16 @@ class Bench:
                 for item in order:
                     self._enter(f"scaling {n} ({item.name})")
                     try:
-                        stages, summary, total, mem = _call(item.driver, str(folder), self.cfg.mem_interval_s)
+                        m = _call(item.driver, str(folder), self.cfg.mem_interval_s)
                     except CtsdkError as exc:
                         out["runtimes"][item.name].append({"n_slices": n, "error": str(exc)})
                         continue
                     out["runtimes"][item.name].append({
-                        "n_slices": n, "total_ms": round(total, 1),
-                        "stages_ms": {k: round(v, 1) for k, v in stages.items()},
-                        "peak_rss_mb": mem["peak_rss_mb"], "delta_rss_mb": mem["delta_rss_mb"],
-                        "gpu_peak_mb": mem["gpu_peak_mb"], "n_classified": summary.get("n_classified"),
-                        "label": summary.get("label"),
+                        "n_slices": n, "total_ms": round(m.total_ms, 1),
+                        "stages_ms": {k: round(v, 1) for k, v in m.stages.items()},
+                        "peak_rss_mb": m.mem["peak_rss_mb"], "delta_rss_mb": m.mem["delta_rss_mb"],
+                        "gpu_peak_mb": m.mem["gpu_peak_mb"], "n_classified": m.summary.get("n_classified"),
+                        "label": m.summary.get("label"),
                     })
             self.progress(f"scaling {n}: " + ", ".join(
                 f"{k} {v[-1].get('total_ms', float('nan')):.0f} ms" for k, v in out["runtimes"].items() if v))
@@ -504,6 +520,10 @@ class Bench:
                 "gpu_peak_mb": max((m["gpu_peak_mb"] for m in item.mems if m["gpu_peak_mb"] is not None), default=None),
                 "method": "psutil RSS sampled every %.0f ms in a thread during each call" % (self.cfg.mem_interval_s * 1000),
             },
+            "cpu": {**{k: round(v, 2) for k, v in cpu_use(item.cpus, item.totals, machine_mod.usable_cores()).items()},
+                    "method": "process CPU time (time.process_time: every thread of the bench process) around each "
+                              "measured call; cores busy = CPU / wall; floor = the p50 CPU spread perfectly over the "
+                              "usable cores (no scheduling gets below it, only less work)"},
             "dominant_stage": dominant({k: v["p50"] for k, v in warm.items() if k != "total"}),
             "result": {k: v for k, v in item.summary.items() if k != "triage_timings_ms"},
             "triage_timings_ms_last": item.summary.get("triage_timings_ms"),
@@ -800,6 +820,12 @@ def _verdict(rep: Dict[str, Any], comparable: bool) -> Dict[str, Any]:
         "dominant_stage": rep.get("dominant_stage"),
     }
     v["met"] = bool(v["under_time"] and v["fast_enough"] and v["small_enough"] is not False and comparable)
+    cpu = rep.get("cpu") or {}
+    if cpu.get("floor_ms"):  # what perfect packing of this call's CPU work would give (the goal's headroom)
+        floor = float(cpu["floor_ms"])
+        v.update(cpu_p50_ms=cpu["per_call_p50_ms"], cores_busy=cpu["cores_busy_p50"], cores=int(cpu["cores"]),
+                 floor_ms=round(floor, 1), floor_under_time=floor <= GOAL_TOTAL_MS,
+                 floor_speedup=None if sp is None else _r(sp * total / floor))
     return v
 
 

@@ -124,6 +124,23 @@ def cold_memory_table(series: Dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def cpu_table(series: Dict[str, Any]) -> str:
+    """Process CPU per warm call, cores busy and the packing floor per runtime."""
+    ok = {n: r for n, r in _ok(series).items() if r.get("cpu")}
+    if not ok:
+        return "_not measured in this report._"
+    rows = ["| runtime | warm p50 wall (ms) | process CPU per call, p50 (ms) | cores busy, p50 | floor: CPU / usable cores (ms) |",
+            "|---|---:|---:|---:|---:|"]
+    for n, r in ok.items():
+        c = r["cpu"]
+        rows.append(f"| {_name(n, series)} | {_fmt(r['warm']['total']['p50'])} | {_fmt(c['per_call_p50_ms'])} | "
+                    f"{c['cores_busy_p50']:.2f} of {c['cores']:.0f} | {_fmt(c['floor_ms'])} |")
+    rows += ["", "CPU time is the whole bench process's (every thread) around each measured call. The floor is that work "
+             "spread perfectly over the usable cores: a scheduling change cannot take a call below it, only less work "
+             "(fewer or cheaper operations) can."]
+    return "\n".join(rows)
+
+
 def throughput_table(series: Dict[str, Any], batch_sizes: Sequence[int], batch_repeat: Optional[int] = None) -> str:
     """Series per minute at each classifier batch size."""
     if not batch_sizes:
@@ -248,6 +265,11 @@ def _one_verdict(name: str, v: Dict[str, Any], goal: Dict[str, Any]) -> str:
                      f"fresh-process peak RSS **{rss:,.0f} MiB** ({'within' if v['small_enough'] else 'over'} "
                      f"the {goal['target_peak_rss_mb']:,.0f} MiB target)")
     parts.append(f"dominant stage: **{STAGE_LABELS.get(v.get('dominant_stage') or '', v.get('dominant_stage'))}**")
+    if v.get("floor_ms") is not None:
+        # two decimals: 9.96 must not read as "10.0x" beside a 10x target
+        best = f", at most {v['floor_speedup']:.2f}x the baseline" if v.get("floor_speedup") is not None else ""
+        parts.append(f"process CPU {v['cpu_p50_ms']:,.0f} ms per call ({v['cores_busy']:.2f} of {v['cores']} cores busy): "
+                     f"with perfect packing {v['floor_ms']:,.0f} ms{best}")
     if v.get("met"):
         verdict = "**met**"
     elif not goal.get("comparable", True):
@@ -350,6 +372,7 @@ def to_markdown(report: Dict[str, Any], charts: Optional[Dict[str, str]] = None)
                 out += [f"![per-stage latency]({charts[f'stages_{i}']})", ""]
             out += ["### Speed-up over the naive baselines", "", speedup_table(s), "",
                     "### Cold start and memory", "", cold_memory_table(s), "",
+                    "### CPU use", "", cpu_table(s), "",
                     "### Throughput by classifier batch size", "",
                     throughput_table(s, cfg["batch_sizes"], cfg.get("batch_repeat")), ""]
         else:

@@ -84,3 +84,24 @@ def dominant(stages_ms: Mapping[str, float], exclude: Sequence[str] = ("total",)
 
 
 __all__: List[str] = ["percentile", "summarize", "summarize_stages", "speedup", "series_per_minute", "dominant"]
+
+
+def cpu_use(cpu_ms: Sequence[float], wall_ms: Sequence[float], cores: int) -> Dict[str, float]:
+    """How busy the cores were during the measured calls, and the floor that leaves.
+
+    ``cpu_ms[i]`` is the process CPU time (every thread) of call ``i``, ``wall_ms[i]`` its wall
+    time. Returns the p50 CPU per call, the p50 of the calls' cores busy (CPU / wall), the usable
+    ``cores`` and ``floor_ms`` = p50 CPU / cores: the wall time of the same work spread perfectly
+    over every core - no scheduling change gets a call below it, only less CPU work does.
+
+    Raises:
+        ConfigError: no calls, lists of different lengths, or fewer than one core.
+    """
+    if len(cpu_ms) != len(wall_ms):
+        raise ConfigError(f"cpu_use: {len(cpu_ms)} CPU times for {len(wall_ms)} calls")
+    if cores < 1:
+        raise ConfigError(f"cpu_use: cores must be >= 1, not {cores}")
+    cpu50 = percentile(cpu_ms, 50.0)
+    busy = [c / w for c, w in zip(cpu_ms, wall_ms) if w > 0]
+    return {"per_call_p50_ms": cpu50, "cores_busy_p50": percentile(busy, 50.0) if busy else 0.0,
+            "cores": float(cores), "floor_ms": cpu50 / cores}
