@@ -28,6 +28,7 @@ need() {
             data)    [ -d "$D/data/dicom/covid-ct-md/covid-P001" ] || miss+=("covid-P001 in $D/data (call C)");;
             pycuda)  [ -f "$D/pycuda_build.log" ] || miss+=("the pycuda build started by call C");;
             bundle)  ls sdk/bundles/default/classifier_fp16.onnx >/dev/null 2>&1 || miss+=("the bundle's ONNX files: in sdk/bundles/default, or carried as .cache/device/bundle (call D)");;
+            docs)    [ -d docs ] || miss+=("docs/: in the tree, or carried as .cache/device/docs (call D)");;
             *)       [ -e "$D/$w" ] || miss+=("$D/$w");;
         esac
     done

@@ -46,8 +46,9 @@ say "$(wc -l < $D/bin/MANIFEST.sha256) carried files listed in $D/bin/MANIFEST.s
 bytes() { [ $# -eq 0 ] && { echo 0; return; }; du -sb "$@" 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
 onnx=$(git ls-files -z 'sdk/bundles/default/*.onnx' | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+docs=$(git ls-files -z docs | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
 held=$( [ -f sdk/bundles/default/classifier_fp32.onnx ] && echo no || echo yes )
-if [ "$held" = yes ]; then light=$tree; onnx=$(bytes $D/bundle); else light=$((tree - onnx)); fi
+if [ "$held" = yes ]; then light=$tree; onnx=$(( $(bytes $D/bundle) + $(bytes $D/docs) )); else light=$((tree - onnx - docs)); onnx=$((onnx + docs)); fi
 bin=$(bytes $D/bin)
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
 row() {  # name, tree bytes, carried paths...
@@ -57,11 +58,11 @@ row() {  # name, tree bytes, carried paths...
     [ $tot -gt $LIMIT ] && { mark="OVER 64 MiB"; bad=1; }
     printf 'prepare: call %s  tree %-10s + carried %-10s = %-10s %s   carry: %s %s\n' "$name" "$(mib $t)" "$(mib $((c + bin)))" "$(mib $tot)" "$mark" "$*" "$D/bin"
 }
-say "working tree now $(mib $tree) (bundle ONNX files held out in $D/bundle: $held); without them $(mib $light); the ONNX files $(mib $onnx)"
+say "working tree now $(mib $tree) (bundle ONNX files and docs/ held out in $D/bundle, $D/docs: $held); without them $(mib $light); they are $(mib $onnx)"
 row A "$light" $D/ort
 row B "$light" $D/whl
 row C "$light" $D/data $D/pycuda
-row D "$light" $D/bundle   # + the ONNX files, wherever they are now
+row D "$light" $D/bundle $D/docs   # + the ONNX files and docs/, wherever they are now
 
 [ $bad = 0 ] && say "ready" || say "NOT ready (see above)"
 exit $bad

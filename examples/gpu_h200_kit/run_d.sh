@@ -1,7 +1,7 @@
 #!/bin/bash
-# call D: the GPU checks. Carry: .cache/device/bin .cache/device/bundle (the bundle's ONNX files that
-# hold_bundle.sh took out of the working tree for calls A-C; copied back into sdk/bundles/default here;
-# when the tree already has them, the folder is absent and nothing is copied).
+# call D: the GPU checks. Carry: .cache/device/bin .cache/device/bundle .cache/device/docs (the bundle's
+# ONNX files and docs/ that hold_bundle.sh took out of the working tree for calls A-C; copied back into
+# sdk/bundles/default and docs/ here; when the tree already has them, nothing is copied).
 # Needs calls A-C on this (still warm) machine; stops in seconds (exit 3) when they are missing.
 #
 # Time: the whole script stays inside BUDGET_S (default 420 s; give the device call timeout_s 480):
@@ -18,7 +18,10 @@ source .cache/device/bin/env.sh
 if [ ! -f sdk/bundles/default/classifier_fp16.onnx ] && ls $D/bundle/*.onnx > /dev/null 2>&1; then
     cp $D/bundle/*.onnx sdk/bundles/default/ && echo "bundle: $(ls $D/bundle/*.onnx | wc -l) carried ONNX files copied into sdk/bundles/default"
 fi
-need ort wheels data bundle
+if [ ! -d docs ] && [ -d $D/docs ]; then  # docs/ held out for calls A-C (the suite checks its commands and links)
+    cp -r $D/docs docs && echo "docs: carried docs/ copied back ($(find docs -type f | wc -l) files)"
+fi
+need ort wheels data bundle docs
 exec > >(tee -a "$OUT/run_d.log") 2>&1
 BUDGET_S=${BUDGET_S:-420}; REPORT_S=${REPORT_S:-240}; PYTEST_S=${PYTEST_S:-200}
 R=/tmp/ctsdk_results; rm -rf $R; mkdir -p $R
