@@ -42,6 +42,9 @@ BAD: List[Tuple[str, Tuple[str, ...], str]] = [
     ("seg", ("--p-reclahe", "1.5"), "p_reclahe must be a finite number >= 0 and <= 1 (--p-reclahe), got 1.5"),
     ("seg", ("--val-block", "260", "0"), "val_block must be two whole numbers LO HI with 0 <= LO < HI (--val-block"),
     ("seg", ("--opset", "0"), "opset must be a whole number >= 7 and <= 20 (--opset;"),
+    ("seg", ("--size", "40960"), "size must be a whole number >= 8 and <= 1024 (--size;"),
+    ("aggregator", ("--bags-per-class", "1000000000"), "bags_per_class must be a whole number >= 1 and <= 100000"),
+    ("aggregator", ("--max-slices", "1000000000"), "max_slices must be a whole number >= 12 and <= 2000"),
     ("seg3d", ("--lr", "0"), "Seg3DTrainConfig: lr must be a finite number > 0 (--lr), got 0.0 (float)"),
     ("seg3d", ("--batch-size", "-3"), "batch_size must be a whole number >= 0 (--batch-size; 0: 4 on CUDA, 2 on CPU), "
                                       "got -3 (int)"),
@@ -55,8 +58,8 @@ BAD: List[Tuple[str, Tuple[str, ...], str]] = [
     ("aggregator", ("--n-bootstrap", "-5"), "n_bootstrap must be a whole number >= 0 and <= 100000 (--n-bootstrap), "
                                             "got -5 (int)"),
     ("aggregator", ("--n-bootstrap", "1000000000"), "n_bootstrap must be a whole number >= 0 and <= 100000"),
-    ("aggregator", ("--max-slices", "5"), "max_slices must be a whole number >= 12 (--max-slices; at least "
-                                          "min_slices), got 5 (int)"),
+    ("aggregator", ("--max-slices", "5"), "max_slices must be a whole number >= 12 and <= 2000 (--max-slices; "
+                                          "at least min_slices), got 5 (int)"),
     ("aggregator", ("--seed", "-1"), "seed must be a whole number >= 0 and <= 4294967295 (--seed), got -1 (int)"),
     ("classifier", ("--lr", "-1"), "ClassifierTrainConfig: lr must be a finite number > 0 (--lr), got -1.0 (float)"),
     ("classifier", ("--drop-rate", "1"), "drop_rate must be a finite number >= 0 and < 1 (--drop-rate), got 1.0"),

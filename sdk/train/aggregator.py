@@ -45,6 +45,15 @@ __all__ = ["AggTrainConfig", "train_aggregator", "make_bags", "read_predictions"
            "earlier_run_files"]
 
 
+#: most simulated bags per class: each bag is one row of group features drawn from up to max_slices
+#: slice probabilities; 10**5 is ~170x the default (600) and the trainer holds every bag in memory,
+#: so a larger number is a typo, refused before any work
+MAX_BAGS_PER_CLASS = 100_000
+#: longest simulated bag: no chest CT series the product triages has more slices (a 0.5 mm scan of
+#: a 40 cm field is 800 slices); a typo like 1e9 would allocate until memory ran out
+MAX_SLICES = 2000
+
+
 @dataclass
 class AggTrainConfig:
     """Configuration of ``ctsdk train aggregator`` (every field is a CLI option)."""
@@ -81,9 +90,10 @@ class AggTrainConfig:
         if not self.predictions and not self.series:
             raise ConfigError("nothing to train on: give predictions (bags of labelled slices) and/or series "
                               "(path,label CSV)")
-        common.check_counts(self, ("bags_per_class", "min_slices", "n_groups", "num_boost_round",
-                                   "early_stopping_rounds"))
-        common.check_counts(self, ("max_slices",), minimum=int(self.min_slices), what="at least min_slices")
+        common.check_counts(self, ("min_slices", "n_groups", "num_boost_round", "early_stopping_rounds"))
+        common.check_counts(self, ("bags_per_class",), maximum=MAX_BAGS_PER_CLASS)
+        common.check_counts(self, ("max_slices",), minimum=int(self.min_slices), maximum=MAX_SLICES,
+                            what="at least min_slices")
         common.check_counts(self, ("max_depth",), minimum=0, what="0: no limit, XGBoost's hist trees")
         common.check_counts(self, ("n_bootstrap",), minimum=0, maximum=MAX_BOOTSTRAP)
         common.check_counts(self, ("seed",), minimum=0, maximum=common.MAX_SEED)

@@ -77,7 +77,7 @@ class SegTrainConfig:
         common.check_counts(self, ("base", "epochs", "patience", "batch_size"))
         common.check_counts(self, ("levels",), minimum=2, maximum=MAX_LEVELS)
         side = 2 ** (int(self.levels) - 1)
-        common.check_multiple(self, "size", side, minimum=side,
+        common.check_multiple(self, "size", side, minimum=side, maximum=MAX_SIZE,
                               why=f"its {int(self.levels)} U-Net levels divide it by {side}")
         common.check_run_basics(self)
         common.check_counts(self, ("opset",), minimum=OPSETS[0], maximum=OPSETS[1],
@@ -93,6 +93,9 @@ class SegTrainConfig:
 TARGETS: Dict[str, str] = {"lung": "lung_mask", "infection": "infection_mask"}
 #: most U-Net levels: 8 halves a 128-pixel input to 1 pixel (and keeps 2 ** (levels - 1) computable)
 MAX_LEVELS = 8
+#: largest training side: seg2d's slices are 512 x 512, so a larger side only up-samples them, and a
+#: typo (--size 40960) would ask for GBs per batch before the first step
+MAX_SIZE = 1024
 #: opsets :func:`export_onnx` can write: torch.onnx.export(dynamo=False), the TorchScript exporter
 #: (torch.onnx._constants ONNX_MIN_OPSET .. ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET in torch 2.x)
 OPSETS: Tuple[int, int] = (7, 20)
