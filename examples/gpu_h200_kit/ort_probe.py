@@ -1,5 +1,5 @@
 """Checks that the carried onnxruntime-gpu (sm_90-only fatbin) really runs conv kernels on the GPU."""
-import time, numpy as np, onnx, onnxruntime as ort
+import time, numpy as np, onnxruntime as ort
 from onnx import helper, TensorProto, numpy_helper
 print("ort", ort.__version__, ort.__file__, ort.get_available_providers(), flush=True)
 rng = np.random.default_rng(0)
