@@ -83,9 +83,6 @@ def dominant(stages_ms: Mapping[str, float], exclude: Sequence[str] = ("total",)
     return best
 
 
-__all__: List[str] = ["percentile", "summarize", "summarize_stages", "speedup", "series_per_minute", "dominant"]
-
-
 def cpu_use(cpu_ms: Sequence[float], wall_ms: Sequence[float], cores: int) -> Dict[str, float]:
     """How busy the cores were during the measured calls, and the floor that leaves.
 
@@ -105,3 +102,6 @@ def cpu_use(cpu_ms: Sequence[float], wall_ms: Sequence[float], cores: int) -> Di
     busy = [c / w for c, w in zip(cpu_ms, wall_ms) if w > 0]
     return {"per_call_p50_ms": cpu50, "cores_busy_p50": percentile(busy, 50.0) if busy else 0.0,
             "cores": float(cores), "floor_ms": cpu50 / cores}
+
+
+__all__: List[str] = ["percentile", "summarize", "summarize_stages", "speedup", "series_per_minute", "dominant", "cpu_use"]
